@@ -1,0 +1,166 @@
+"""SIESTA run folders -> model-ready samples (structure, graphs, block layout, DM targets).
+
+A run folder holds an fdf, the converged ``<SystemLabel>.DM`` and optionally the
+``.HSX``; the species' ``.ion.xml`` files sit in the folder itself or in a
+``basis/`` folder next to it (the layout of ``../shared/datasets``). A dataset
+folder is a folder of run folders, optionally with an ``index.json`` that names
+each run's ``split`` (``train`` / ``val``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .basis import SpeciesBasis, find_basis_files, read_species_basis
+from .dm import BlockLayout, build_geometry, build_layout, read_density_matrix, reference_lookup
+from .errors import InputFileError
+from .graph import Edges, pattern_pairs, radius_pairs
+from .structure import Structure, fdf_sile, read_structure
+
+
+@dataclass
+class Sample:
+    """One structure, ready for the model; targets are present for training and evaluation."""
+
+    name: str
+    structure: Structure
+    species: np.ndarray  # (N,) index into the model's species list
+    mp_edges: Edges  # message-passing graph
+    pattern: Edges  # the DM's atom-pair blocks
+    layout: BlockLayout
+    fold: bool  # the reference (and the natural output) is folded into the unit cell
+    target_index: np.ndarray | None = None  # (M,) stored reference element of each flat element, or -1
+    target_values: np.ndarray | None = None  # (nnz,) stored reference elements (SIESTA basis)
+    meta: dict = field(default_factory=dict)
+
+
+def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species: list[str],
+                   mp_cutoff: float, dm_ref=None, name: str = "", meta: dict | None = None) -> Sample:
+    """Build graphs and the block layout for a structure; map a reference DM onto it if given."""
+    missing = sorted(set(structure.labels) - set(species))
+    if missing:
+        raise InputFileError(f"species {missing} are not covered (known: {species})", structure.source or None)
+    index = {s: k for k, s in enumerate(species)}
+    spec = np.array([index[l] for l in structure.labels], dtype=np.int64)
+    orbital_radius = np.array([basis[l].max_radius for l in structure.labels])
+    kb_radius = np.array([basis[l].max_kb_radius for l in structure.labels])
+    atoms = structure.atoms
+    pattern = pattern_pairs(atoms, orbital_radius, kb_radius)
+    mp_edges = radius_pairs(atoms, mp_cutoff)
+    lattice = build_geometry(structure, basis, nsc=pattern.nsc).lattice
+    layout = build_layout(structure, basis, pattern, lattice)
+    fold = True
+    target_index = target_values = None
+    if dm_ref is not None:
+        fold = bool(np.prod(dm_ref.geometry.lattice.nsc) == 1)
+        target_index, target_values = reference_lookup(layout, dm_ref)
+    return Sample(name, structure, spec, mp_edges, pattern, layout, fold, target_index, target_values, meta or {})
+
+
+@dataclass
+class RunRecord:
+    folder: Path
+    id: str
+    split: str = "train"
+    meta: dict = field(default_factory=dict)
+
+
+def list_runs(data_dir: str | Path) -> list[RunRecord]:
+    """The run folders of a dataset, with their split (from ``index.json`` when present)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputFileError("dataset folder not found", data_dir)
+    index = data_dir / "index.json"
+    if index.is_file():
+        try:
+            records = json.loads(index.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputFileError(f"index.json is not valid JSON ({exc})", index) from exc
+        return [RunRecord(data_dir / r["id"], str(r["id"]), r.get("split", "train"), r) for r in records]
+    runs = sorted(p.parent for p in data_dir.glob("*/*.fdf"))
+    if (data_dir / "input.fdf").is_file() or list(data_dir.glob("*.DM")):
+        runs = [data_dir]
+    if not runs:
+        raise InputFileError("no run folders (sub-folders with an .fdf) found", data_dir)
+    return [RunRecord(p, p.name) for p in sorted(set(runs))]
+
+
+def find_fdf(folder: Path) -> Path:
+    """The run's fdf: ``input.fdf`` if present, else the only ``*.fdf``."""
+    if (folder / "input.fdf").is_file():
+        return folder / "input.fdf"
+    fdfs = sorted(folder.glob("*.fdf"))
+    if len(fdfs) != 1:
+        raise InputFileError(f"expected one .fdf in the run folder, found {len(fdfs)}", folder)
+    return fdfs[0]
+
+
+def system_label(fdf: Path) -> str:
+    return str(fdf_sile(fdf).get("SystemLabel", "siesta"))
+
+
+def run_basis(folder: Path, labels) -> dict[str, SpeciesBasis]:
+    """Basis of every species of a run: ``.ion.xml`` in the run folder, else in ``../basis``."""
+    labels = sorted(set(labels))
+    found = find_basis_files(folder, labels)
+    for extra in (folder.parent / "basis", folder / "basis"):
+        rest = [l for l in labels if l not in found]
+        if rest and extra.is_dir():
+            found.update(find_basis_files(extra, rest))
+    missing = [l for l in labels if l not in found]
+    if missing:
+        raise InputFileError(f"no basis file for species {missing} (looked for {missing[0]}.ion.xml here and in "
+                             f"../basis)", folder)
+    return {l: read_species_basis(p) for l, p in found.items()}
+
+
+def load_run(folder: str | Path):
+    """Read a run folder: (structure, basis, reference DM or None, HSX path or None)."""
+    folder = Path(folder)
+    fdf = find_fdf(folder)
+    structure = read_structure(fdf)
+    basis = run_basis(folder, structure.labels)
+    label = system_label(fdf)
+    dm_path = folder / f"{label}.DM"
+    dm = None
+    if dm_path.is_file():
+        dm = read_density_matrix(dm_path, build_geometry(structure, basis))
+    hsx = folder / f"{label}.HSX"
+    return structure, basis, dm, (hsx if hsx.is_file() else None)
+
+
+def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], mp_cutoff: float,
+                 split: str | None = None, progress: bool = False) -> list[Sample]:
+    """Read every run of the given datasets (optionally one split) into samples with targets."""
+    from tqdm.auto import tqdm
+
+    records = [r for d in data_dirs for r in list_runs(d) if split is None or r.split == split]
+    samples = []
+    for rec in tqdm(records, desc="reading runs", disable=not progress):
+        structure, run_b, dm, _ = load_run(rec.folder)
+        check_basis_matches(run_b, basis, rec.folder)
+        if dm is None:
+            raise InputFileError("the run folder has no converged .DM", rec.folder)
+        samples.append(prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
+                                      meta={"split": rec.split, **rec.meta}))
+    return samples
+
+
+def check_basis_matches(run_basis_: dict[str, SpeciesBasis], model_basis: dict[str, SpeciesBasis], where) -> None:
+    """Error naming the species whose basis differs between a run and a model."""
+    for label, b in run_basis_.items():
+        if label not in model_basis:
+            from .errors import ModelCompatibilityError
+
+            raise ModelCompatibilityError(f"species {label!r} is not covered by the model "
+                                          f"(model species: {sorted(model_basis)})", where)
+        if b.hash != model_basis[label].hash:
+            from .errors import ModelCompatibilityError
+
+            raise ModelCompatibilityError(
+                f"basis of {label!r} differs from the model's: {b.describe()} (hash {b.hash}) vs "
+                f"{model_basis[label].describe()} (hash {model_basis[label].hash})", where)

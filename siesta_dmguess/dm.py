@@ -1,0 +1,248 @@
+"""Density matrices: orbital blocks <-> sisl ``DensityMatrix`` <-> SIESTA ``.DM`` files.
+
+All blocks of one structure live in one flat array (see :class:`BlockLayout`):
+first the on-site block of every atom, then one block per directed pattern edge,
+each stored row-major. Every element knows its orbital row, its supercell column
+(``orbital + image_index * no`` in sisl's ordering of the images) and its
+SIESTA/e3nn sign, so conversions are single vectorized operations.
+
+Units: the DM is dimensionless (electrons); SIESTA stores it per spin. Files are
+read and written with sisl's ``dmSileSiesta``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from .basis import SpeciesBasis
+from .conventions import orbital_signs
+from .errors import InputFileError
+from .graph import Edges
+from .structure import Structure
+
+log = logging.getLogger(__name__)
+
+
+def build_geometry(structure: Structure, basis: dict[str, SpeciesBasis], nsc=(1, 1, 1)):
+    """A sisl Geometry whose atoms carry the basis' orbitals (needed for every sisl DM read)."""
+    import sisl
+
+    missing = sorted(set(structure.labels) - set(basis))
+    if missing:
+        raise InputFileError(f"no basis for species {missing}", structure.source or None)
+    atoms = {label: basis[label].sisl_atom() for label in set(structure.labels)}
+    cell = np.asarray(structure.atoms.cell)
+    if np.linalg.matrix_rank(cell) < 3:  # isolated molecule without a box: any cell, no images
+        span = np.ptp(structure.atoms.positions, axis=0) + 2 * max(b.max_radius for b in basis.values()) + 1
+        cell = np.diag(span)
+        nsc = (1, 1, 1)
+    lattice = sisl.Lattice(cell, nsc=[int(n) for n in nsc])
+    return sisl.Geometry(structure.atoms.positions, [atoms[l] for l in structure.labels], lattice=lattice)
+
+
+@dataclass
+class BlockLayout:
+    """Where each element of the flat block array goes in the (supercell) DM."""
+
+    no: int  # orbitals in the unit cell
+    nsc: np.ndarray  # (3,) supercell needed by the pattern
+    block_i: np.ndarray  # (B,) row atom of each block (on-site blocks first)
+    block_j: np.ndarray  # (B,) column atom
+    block_shift: np.ndarray  # (B, 3) image of the column atom
+    block_offset: np.ndarray  # (B + 1,) start of each block in the flat array
+    rows: np.ndarray  # (M,) orbital row of each flat element
+    cols: np.ndarray  # (M,) supercell column, sisl image order for ``nsc``
+    signs: np.ndarray  # (M,) (-1)^(m_row + m_col): e3nn <-> SIESTA
+    atomic: np.ndarray  # (M,) SIESTA's atomic-guess DM (q0 on the on-site diagonals)
+    transpose: np.ndarray  # (M,) flat index of the transposed element: (j, i, -S)[b, a] of (i, j, S)[a, b]
+
+    @property
+    def n_onsite(self) -> int:
+        return int(np.sum((self.block_i == self.block_j) & np.all(self.block_shift == 0, axis=1)))
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.size)
+
+
+def image_index(lattice, shifts: np.ndarray) -> np.ndarray:
+    """sisl's supercell index of each integer image shift (rows of ``shifts``)."""
+    shifts = np.atleast_2d(shifts)
+    if shifts.shape[0] == 0:
+        return np.zeros(0, np.int64)
+    return np.asarray(lattice.sc_index(shifts), dtype=np.int64).reshape(-1)
+
+
+def build_layout(structure: Structure, basis: dict[str, SpeciesBasis], pattern: Edges, lattice) -> BlockLayout:
+    """Flat layout for on-site blocks + one block per pattern edge, in the image order of ``lattice``."""
+    labels = structure.labels
+    norb = np.array([basis[l].norb for l in labels])
+    first = np.concatenate([[0], np.cumsum(norb)[:-1]])
+    no = int(norb.sum())
+    nat = len(labels)
+    block_i = np.concatenate([np.arange(nat), pattern.src])
+    block_j = np.concatenate([np.arange(nat), pattern.dst])
+    block_shift = np.concatenate([np.zeros((nat, 3), np.int64), pattern.shift])
+    sizes = norb[block_i] * norb[block_j]
+    offset = np.concatenate([[0], np.cumsum(sizes)])
+    # Element coordinates inside each block, vectorized over blocks.
+    total = int(offset[-1])
+    blk = np.repeat(np.arange(block_i.size), sizes)
+    local = np.arange(total) - offset[blk]
+    ncol = norb[block_j][blk]
+    a, b = local // ncol, local % ncol
+    isc = image_index(lattice, block_shift)
+    rows = first[block_i][blk] + a
+    cols = first[block_j][blk] + b + isc[blk] * no
+    m_per_orbital = np.concatenate([basis[l].orbital_m for l in labels])
+    sign_per_orbital = orbital_signs(m_per_orbital)
+    signs = sign_per_orbital[rows] * sign_per_orbital[cols % no]
+    q0 = np.concatenate([basis[l].orbital_q0 for l in labels])
+    atomic = np.where((blk < nat) & (a == b), q0[rows], 0.0)
+    # D_ji(-S) = D_ij(S)^T: the partner of element (a, b) of block k is (b, a) of its reverse block.
+    reverse_block = np.concatenate([np.arange(nat), nat + pattern.reverse])
+    partner = reverse_block[blk]
+    transpose = offset[partner] + b * norb[block_j[partner]] + a
+    return BlockLayout(no, pattern.nsc, block_i, block_j, block_shift, offset, rows, cols, signs, atomic, transpose)
+
+
+def flat_to_csr(layout: BlockLayout, values: np.ndarray, fold: bool) -> sp.csr_matrix:
+    """Assemble flat SIESTA-basis values into a (no, no*n_images) or folded (no, no) CSR matrix."""
+    n_images = 1 if fold else int(np.prod(layout.nsc))
+    cols = layout.cols % layout.no if fold else layout.cols
+    mat = sp.coo_matrix((values, (layout.rows, cols)), shape=(layout.no, layout.no * n_images))
+    return mat.tocsr()  # duplicates (several images on one folded element) are summed
+
+
+def density_matrix_from_flat(structure: Structure, basis, layout: BlockLayout, values: np.ndarray, fold: bool):
+    """A sisl DensityMatrix (1 spin) from flat SIESTA-basis values.
+
+    ``fold=True`` sums periodic images into the unit cell (``nsc = 1``), the form a
+    Γ-only SIESTA run writes; ``fold=False`` keeps one column block per image.
+    """
+    import sisl
+
+    geometry = build_geometry(structure, basis, nsc=(1, 1, 1) if fold else layout.nsc)
+    csr = flat_to_csr(layout, values, fold)
+    return sisl.DensityMatrix.fromsp(geometry, [csr])
+
+
+def reference_lookup(layout: BlockLayout, dm_ref) -> tuple[np.ndarray, np.ndarray]:
+    """Map every flat element onto the stored elements of a reference DM.
+
+    Returns ``(target_index, ref_values)``: ``ref_values`` are the reference's stored
+    elements (spin 0) and ``target_index[k]`` the stored element that flat element
+    k contributes to (-1 if the reference does not store it). A folded reference
+    receives several images per element; summing over ``target_index`` folds.
+    """
+    csr = dm_ref.tocsr(0).tocsr()
+    csr.sort_indices()
+    no = dm_ref.no
+    ref_nsc = np.asarray(dm_ref.geometry.lattice.nsc)
+    # Translate our (row, image, column) into the reference's supercell columns.
+    if np.prod(ref_nsc) == 1:
+        cols = layout.cols % no
+        valid = np.ones(layout.size, bool)
+    else:
+        our_isc = layout.cols // no
+        offsets = _lattice_offsets(layout.nsc)[our_isc]
+        valid = np.all(np.abs(offsets) <= (ref_nsc // 2), axis=1)
+        ref_isc = np.full(layout.size, -1, np.int64)
+        ref_isc[valid] = image_index(dm_ref.geometry.lattice, offsets[valid])
+        cols = layout.cols % no + ref_isc * no
+    row_of_entry = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+    ncols = csr.shape[1]
+    ref_keys = row_of_entry.astype(np.int64) * ncols + csr.indices
+    our_keys = layout.rows.astype(np.int64) * ncols + cols
+    pos = np.searchsorted(ref_keys, our_keys)
+    pos = np.minimum(pos, max(ref_keys.size - 1, 0))
+    found = valid & (ref_keys.size > 0) & (ref_keys[pos] == our_keys)
+    return np.where(found, pos, -1), np.asarray(csr.data, dtype=np.float64)
+
+
+def _lattice_offsets(nsc) -> np.ndarray:
+    """sisl's integer offsets of every image for a supercell ``nsc`` (index = image index)."""
+    import sisl
+
+    return np.asarray(sisl.Lattice(np.eye(3), nsc=[int(n) for n in nsc]).sc_off, dtype=np.int64)
+
+
+def read_density_matrix(path: str | Path, geometry):
+    """Read a SIESTA ``.DM`` for a geometry whose atoms carry the basis; clear errors if it does not fit."""
+    import sisl
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError("density matrix file not found", path)
+    if path.stat().st_size < 16:
+        raise InputFileError("the .DM file is empty or truncated", path)
+    sile = sisl.get_sile(str(path))
+    try:
+        dm = sile.read_density_matrix(geometry=geometry)
+    except Exception as exc:
+        text = str(exc)
+        if "orbitals" in text or "no_u" in text or "shape" in text:
+            raise InputFileError(f"the .DM does not match the structure ({text})", path) from exc
+        raise InputFileError(f"the .DM file is truncated or corrupt ({type(exc).__name__}: {text})", path) from exc
+    if dm.no != geometry.no:
+        raise InputFileError(f"the .DM has {dm.no} orbitals but the structure has {geometry.no}", path)
+    return dm
+
+
+def read_dm_orbital_count(path: str | Path) -> int:
+    """Number of orbitals in a ``.DM`` file's header (without a geometry)."""
+    import sisl
+
+    path = Path(path)
+    try:
+        return int(sisl.get_sile(str(path)).read_density_matrix().no)
+    except Exception as exc:
+        raise InputFileError(f"the .DM file is truncated or corrupt ({type(exc).__name__}: {exc})", path) from exc
+
+
+def backup_path(path: Path) -> Path:
+    """First free ``<name>.bak``, ``<name>.bak1``, ... next to ``path``."""
+    cand = path.with_name(path.name + ".bak")
+    n = 1
+    while cand.exists():
+        cand = path.with_name(f"{path.name}.bak{n}")
+        n += 1
+    return cand
+
+
+def write_density_matrix(dm, path: str | Path, overwrite: bool = False) -> Path | None:
+    """Write a DM as a SIESTA ``.DM`` atomically.
+
+    The file is written to a temporary name in the same folder and renamed into
+    place, so a crash never leaves a half-written ``.DM``. An existing file is
+    kept as ``<name>.bak`` (numbered if needed) unless ``overwrite`` is True.
+    Returns the backup path, if one was made.
+    """
+    import sisl
+
+    path = Path(path)
+    if path.suffix != ".DM":
+        raise InputFileError("a SIESTA density matrix file must end in .DM", path)
+    if not path.parent.is_dir():
+        raise InputFileError("the output folder does not exist", path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".DM", dir=path.parent)
+    os.close(fd)
+    try:
+        sisl.get_sile(tmp, mode="w").write_density_matrix(dm)
+        backup = None
+        if path.exists() and not overwrite:
+            backup = backup_path(path)
+            os.replace(path, backup)
+            log.warning("kept the existing %s as %s", path, backup)
+        os.replace(tmp, path)
+        return backup
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,399 @@
+"""The equivariant density-matrix model (torch + e3nn).
+
+Pipeline for one batch of structures:
+
+1. species one-hot -> scalar node features;
+2. ``num_layers`` NequIP-style interactions on the message-passing graph: a
+   tensor product of neighbour features with the spherical harmonics of the edge
+   vector, weighted per edge by an MLP of a Bessel radial basis times a smooth
+   cutoff, summed over neighbours, gated nonlinearity, residual;
+3. readouts to irreps: ``node_head`` (species-dependent linear map) for on-site
+   blocks, ``EdgeReadout`` (tensor products of both end atoms' features with the
+   pair's spherical harmonics, weighted by an MLP of distance and both species)
+   for pair blocks;
+4. block assembly: each shell pair (l1, l2) of a species pair takes irreps
+   l = |l1-l2|..l1+l2 of parity (-1)^(l1+l2) and contracts them with e3nn's
+   Wigner 3j symbols into a (2l1+1) x (2l2+1) block; one batched matmul per
+   species pair (no loop over atoms or pairs);
+5. symmetrization ``D_ij(S) = D_ji(-S)^T`` (average with the transposed partner),
+   e3nn -> SIESTA signs, plus SIESTA's atomic guess on the on-site diagonal.
+
+The output is the flat SIESTA-basis array of :class:`siesta_dmguess.dm.BlockLayout`.
+Species enter through embeddings and one-hot conditioning, never as one module
+per species pair, so adding species only widens a few input layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from e3nn import nn as e3nn_nn
+from e3nn import o3
+from torch import nn
+
+from .basis import SpeciesBasis
+from .conventions import to_e3nn_frame
+
+
+@dataclass
+class ModelConfig:
+    species: list[str]
+    basis: dict[str, dict]  # label -> SpeciesBasis.to_dict()
+    mp_cutoff: float = 4.0  # Å, message-passing radius
+    num_layers: int = 2
+    hidden_irreps: str = "32x0e + 16x1o + 8x1e + 8x2e + 4x2o"
+    lmax_sh: int = 4
+    num_radial: int = 8
+    radial_hidden: int = 64
+    avg_num_neighbors: float = 10.0
+    pattern_cutoff: float = 0.0  # Å, longest pattern edge (set from the basis)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**d)
+
+    def species_basis(self) -> dict[str, SpeciesBasis]:
+        return {k: SpeciesBasis.from_dict(v) for k, v in self.basis.items()}
+
+
+# ---------------------------------------------------------------- irreps of blocks
+
+
+def block_irreps(basis_a: SpeciesBasis, basis_b: SpeciesBasis):
+    """(shell_a, shell_b, L, parity) for every irrep a block between two species needs."""
+    out = []
+    for sa, sha in enumerate(basis_a.shells):
+        for sb, shb in enumerate(basis_b.shells):
+            parity = (-1) ** (sha.l + shb.l)
+            for L in range(abs(sha.l - shb.l), sha.l + shb.l + 1):
+                out.append((sa, sb, L, parity))
+    return out
+
+
+def output_irreps(pairs) -> o3.Irreps:
+    """Smallest irreps that can hold every species pair's block (channels shared between pairs)."""
+    need: dict[tuple[int, int], int] = {}
+    for basis_a, basis_b in pairs:
+        count: dict[tuple[int, int], int] = {}
+        for _, _, L, p in block_irreps(basis_a, basis_b):
+            count[(L, p)] = count.get((L, p), 0) + 1
+        for key, n in count.items():
+            need[key] = max(need.get(key, 0), n)
+    return o3.Irreps([(n, (L, p)) for (L, p), n in sorted(need.items())]).simplify()
+
+
+def assembly_matrix(basis_a: SpeciesBasis, basis_b: SpeciesBasis, irreps: o3.Irreps) -> torch.Tensor:
+    """Fixed linear map (n_a * n_b, irreps.dim): irreps vector -> flattened e3nn-basis block.
+
+    Every (shell pair, L) takes the next free channel of irrep (L, parity); the
+    Clebsch-Gordan contraction uses ``o3.wigner_3j`` (scaled by sqrt(2L+1) so
+    that unit irreps give unit-size blocks).
+    """
+    starts, used = {}, {}
+    offset = 0
+    for mul, ir in irreps:
+        starts[(ir.l, ir.p)] = offset
+        offset += mul * ir.dim
+    shell_start_a = np.cumsum([0] + [s.size for s in basis_a.shells])
+    shell_start_b = np.cumsum([0] + [s.size for s in basis_b.shells])
+    na, nb = basis_a.norb, basis_b.norb
+    mat = torch.zeros(na, nb, irreps.dim, dtype=torch.float64)
+    for sa, sb, L, p in block_irreps(basis_a, basis_b):
+        la, lb = basis_a.shells[sa].l, basis_b.shells[sb].l
+        c = used.get((L, p), 0)
+        used[(L, p)] = c + 1
+        pos = starts[(L, p)] + c * (2 * L + 1)
+        w3j = o3.wigner_3j(la, lb, L, dtype=torch.float64) * math.sqrt(2 * L + 1)
+        ra, rb = shell_start_a[sa], shell_start_b[sb]
+        mat[ra:ra + 2 * la + 1, rb:rb + 2 * lb + 1, pos:pos + 2 * L + 1] += w3j
+    return mat.reshape(na * nb, irreps.dim)
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+class RadialBasis(nn.Module):
+    """Bessel functions sin(n pi r / rc) / r times a smooth polynomial cutoff (p = 6)."""
+
+    def __init__(self, num: int, cutoff: float):
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.register_buffer("freq", torch.arange(1, num + 1, dtype=torch.get_default_dtype()) * math.pi)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        x = (r / self.cutoff).clamp(min=1e-9, max=1.0)
+        bessel = math.sqrt(2.0 / self.cutoff) * torch.sin(self.freq * x[:, None]) / (x[:, None] * self.cutoff)
+        p = 6.0
+        envelope = 1 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
+        return bessel * (envelope * (r < self.cutoff))[:, None]
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    layers = []
+    for k in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[k], sizes[k + 1]))
+        if k < len(sizes) - 2:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+def uvu_tensor_product(irreps_in: o3.Irreps, irreps_sh: o3.Irreps, wanted: o3.Irreps):
+    """Channel-wise ('uvu') tensor product irreps_in x sh -> every wanted irrep, weights given per edge."""
+    wanted_set = {ir for _, ir in wanted}
+    mid, instructions = [], []
+    for i, (mul, ir_in) in enumerate(irreps_in):
+        for j, (_, ir_sh) in enumerate(irreps_sh):
+            for ir_out in ir_in * ir_sh:
+                if ir_out in wanted_set:
+                    instructions.append((i, j, len(mid), "uvu", True))
+                    mid.append((mul, ir_out))
+    mid = o3.Irreps(mid)
+    mid_sorted, perm, _ = mid.sort()
+    instructions = [(a, b, perm[c], mode, train) for a, b, c, mode, train in instructions]
+    tp = o3.TensorProduct(irreps_in, irreps_sh, mid_sorted, instructions, shared_weights=False,
+                          internal_weights=False)
+    return tp, mid_sorted
+
+
+def gate_for(irreps_out: o3.Irreps) -> e3nn_nn.Gate:
+    """Gated nonlinearity producing ``irreps_out``: SiLU on scalars, sigmoid gates on the rest."""
+    scalars = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l == 0])
+    gated = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l > 0])
+    gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps("")
+    return e3nn_nn.Gate(scalars, [torch.nn.functional.silu] * len(scalars), gates,
+                        [torch.sigmoid] * len(gates), gated)
+
+
+class Interaction(nn.Module):
+    """One message-passing layer: h_i <- gate(sum_j TP(h_j, Y(r_ij); R(|r_ij|)) + self(h_i, species))."""
+
+    def __init__(self, irreps_in, irreps_out, irreps_sh, num_radial, radial_hidden, num_species, avg_neighbors):
+        super().__init__()
+        self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        self.gate = gate_for(self.irreps_out)
+        self.linear_in = o3.Linear(self.irreps_in, self.irreps_in)
+        self.tp, mid = uvu_tensor_product(self.irreps_in, irreps_sh, self.gate.irreps_in)
+        self.radial = mlp([num_radial, radial_hidden, self.tp.weight_numel])
+        self.linear_out = o3.Linear(mid, self.gate.irreps_in)
+        self.self_connection = o3.FullyConnectedTensorProduct(self.irreps_in, o3.Irreps(f"{num_species}x0e"),
+                                                              self.gate.irreps_in)
+        self.norm = 1.0 / math.sqrt(avg_neighbors)
+
+    def forward(self, h, onehot, src, dst, sh, rbf):
+        x = self.linear_in(h)
+        msg = self.tp(x[src], sh, self.radial(rbf))
+        agg = torch.zeros(h.shape[0], msg.shape[1], dtype=msg.dtype, device=msg.device).index_add_(0, dst, msg)
+        out = self.gate(self.linear_out(agg * self.norm) + self.self_connection(h, onehot))
+        return out + h if self.irreps_in == self.irreps_out else out
+
+
+class EdgeReadout(nn.Module):
+    """Pair irreps from both end atoms' features and the pair's geometry, conditioned on both species."""
+
+    def __init__(self, irreps_node, irreps_sh, irreps_out, num_radial, radial_hidden, num_scalars):
+        super().__init__()
+        self.irreps_out = o3.Irreps(irreps_out)
+        self.gate = gate_for(self.irreps_out + o3.Irreps(f"{max(num_scalars, 8)}x0e"))
+        self.tp_src, mid = uvu_tensor_product(irreps_node, irreps_sh, self.gate.irreps_in)
+        self.tp_dst, _ = uvu_tensor_product(irreps_node, irreps_sh, self.gate.irreps_in)
+        inputs = num_radial + 2 * num_scalars
+        self.weights = mlp([inputs, radial_hidden, radial_hidden, 2 * self.tp_src.weight_numel])
+        self.linear_mid = o3.Linear(mid, self.gate.irreps_in)
+        self.linear_out = o3.Linear(self.gate.irreps_out, self.irreps_out)
+        self.num_scalars = num_scalars
+
+    def forward(self, h, src, dst, sh, rbf):
+        s = self.num_scalars
+        w = self.weights(torch.cat([rbf, h[src, :s], h[dst, :s]], dim=1))
+        w_src, w_dst = w.split(self.tp_src.weight_numel, dim=1)
+        x = self.tp_src(h[src], sh, w_src) + self.tp_dst(h[dst], sh, w_dst)
+        return self.linear_out(self.gate(self.linear_mid(x)))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class DensityMatrixModel(nn.Module):
+    """Equivariant model mapping a batch of structures to their flat SIESTA-basis DM blocks."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        torch.manual_seed(config.seed)
+        basis = config.species_basis()
+        self.species = list(config.species)
+        self.basis = [basis[s] for s in self.species]
+        ns = len(self.species)
+        hidden = o3.Irreps(config.hidden_irreps)
+        self.num_scalars = sum(m for m, ir in hidden if ir.l == 0 and ir.p == 1)
+        self.irreps_sh = o3.Irreps.spherical_harmonics(config.lmax_sh)
+        self.embed = nn.Linear(ns, self.num_scalars, bias=False)
+        self.rbf_mp = RadialBasis(config.num_radial, config.mp_cutoff)
+        layers, irreps = [], o3.Irreps(f"{self.num_scalars}x0e")
+        for _ in range(config.num_layers):
+            layers.append(Interaction(irreps, hidden, self.irreps_sh, config.num_radial, config.radial_hidden, ns,
+                                      config.avg_num_neighbors))
+            irreps = hidden
+        self.layers = nn.ModuleList(layers)
+        # Readouts: one irreps vector per atom (on-site) and per directed pattern edge.
+        self.node_irreps = output_irreps([(b, b) for b in self.basis])
+        self.edge_irreps = output_irreps([(a, b) for a in self.basis for b in self.basis])
+        self.node_head = o3.FullyConnectedTensorProduct(hidden, o3.Irreps(f"{ns}x0e"), self.node_irreps)
+        pattern_cutoff = config.pattern_cutoff or 2 * max(b.max_radius + b.max_kb_radius for b in self.basis)
+        self.rbf_pattern = RadialBasis(config.num_radial, pattern_cutoff + 1e-3)
+        self.edge_head = EdgeReadout(hidden, self.irreps_sh, self.edge_irreps, config.num_radial,
+                                     config.radial_hidden, self.num_scalars)
+        for a in range(ns):
+            self.register_buffer(f"node_assembly_{a}", assembly_matrix(self.basis[a], self.basis[a],
+                                                                       self.node_irreps).to(torch.get_default_dtype()))
+            for b in range(ns):
+                self.register_buffer(f"edge_assembly_{a}_{b}", assembly_matrix(
+                    self.basis[a], self.basis[b], self.edge_irreps).to(torch.get_default_dtype()))
+        # Scale of the raw outputs: DM elements are O(0.1).
+        self.output_scale = 0.1
+
+    def node_features(self, batch) -> torch.Tensor:
+        onehot = batch["onehot"]
+        h = self.embed(onehot)
+        src, dst = batch["mp_src"], batch["mp_dst"]
+        vec = to_e3nn_frame(batch["mp_vec"])
+        sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
+        rbf = self.rbf_mp(vec.norm(dim=1))
+        for layer in self.layers:
+            h = layer(h, onehot, src, dst, sh, rbf)
+        return h
+
+    def forward(self, batch) -> torch.Tensor:
+        """Flat SIESTA-basis DM values (``batch['n_flat']``,) for the batch's block layout."""
+        h = self.node_features(batch)
+        flat = torch.zeros(batch["n_flat"], dtype=h.dtype, device=h.device)
+        node_out = self.node_head(h, batch["onehot"])
+        for (a, idx_atoms, flat_idx) in batch["node_groups"]:
+            mat = getattr(self, f"node_assembly_{a}")
+            flat[flat_idx.reshape(-1)] = (node_out[idx_atoms] @ mat.T).reshape(-1)
+        src, dst = batch["pat_src"], batch["pat_dst"]
+        if src.numel():
+            vec = to_e3nn_frame(batch["pat_vec"])
+            sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
+            edge_out = self.edge_head(h, src, dst, sh, self.rbf_pattern(vec.norm(dim=1)))
+            for (a, b, idx_edges, flat_idx) in batch["edge_groups"]:
+                mat = getattr(self, f"edge_assembly_{a}_{b}")
+                flat[flat_idx.reshape(-1)] = (edge_out[idx_edges] @ mat.T).reshape(-1)
+        flat = 0.5 * (flat + flat[batch["transpose"]]) * self.output_scale
+        return flat * batch["signs"] + batch["atomic"]
+
+
+# ---------------------------------------------------------------- batching
+
+
+def collate(samples, num_species: int, dtype=torch.float32, with_targets: bool = True) -> dict:
+    """Concatenate samples into one disconnected graph with one flat block array.
+
+    Block groups (one per species, one per ordered species pair) are index
+    arrays into the flat array, so the model needs one matmul per group.
+    """
+    atom_off = flat_off = target_off = 0
+    parts: dict[str, list] = {k: [] for k in ("species", "mp_src", "mp_dst", "mp_vec", "pat_src", "pat_dst",
+                                                "pat_vec", "transpose", "signs", "atomic", "block_i", "block_j",
+                                                "block_start", "target_index", "target_values", "sample_of_flat")}
+    for k, s in enumerate(samples):
+        lay = s.layout
+        parts["species"].append(s.species)
+        parts["mp_src"].append(s.mp_edges.src + atom_off)
+        parts["mp_dst"].append(s.mp_edges.dst + atom_off)
+        parts["mp_vec"].append(s.mp_edges.vectors)
+        parts["pat_src"].append(s.pattern.src + atom_off)
+        parts["pat_dst"].append(s.pattern.dst + atom_off)
+        parts["pat_vec"].append(s.pattern.vectors)
+        parts["transpose"].append(lay.transpose + flat_off)
+        parts["signs"].append(lay.signs)
+        parts["atomic"].append(lay.atomic)
+        parts["block_i"].append(lay.block_i + atom_off)
+        parts["block_j"].append(lay.block_j + atom_off)
+        parts["block_start"].append(lay.block_offset[:-1] + flat_off)
+        parts["sample_of_flat"].append(np.full(lay.size, k))
+        if with_targets and s.target_index is not None:
+            parts["target_index"].append(np.where(s.target_index >= 0, s.target_index + target_off, -1))
+            parts["target_values"].append(s.target_values)
+            target_off += s.target_values.size
+        atom_off += s.species.size
+        flat_off += lay.size
+    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    species = cat["species"].astype(np.int64)
+    nat = species.size
+    # On-site blocks are the first n_atoms blocks of every sample.
+    is_onsite = np.concatenate([np.arange(s.layout.block_i.size) < s.species.size for s in samples])
+    node_groups, edge_groups = [], []
+    si, sj = species[cat["block_i"].astype(np.int64)], species[cat["block_j"].astype(np.int64)]
+    start = cat["block_start"].astype(np.int64)
+    for a in range(num_species):
+        sel = np.nonzero(is_onsite & (si == a))[0]
+        if sel.size:
+            atoms_idx = cat["block_i"][sel].astype(np.int64)
+            n = int(round(math.sqrt(_block_size(samples, a))))
+            flat_idx = start[sel][:, None] + np.arange(n * n)[None, :]
+            node_groups.append((a, torch.as_tensor(atoms_idx), torch.as_tensor(flat_idx)))
+        for b in range(num_species):
+            sel = np.nonzero(~is_onsite & (si == a) & (sj == b))[0]
+            if sel.size:
+                size = _pair_size(samples, a, b)
+                flat_idx = start[sel][:, None] + np.arange(size)[None, :]
+                edge_groups.append((a, b, torch.as_tensor(sel - _onsite_before(is_onsite, sel)),
+                                    torch.as_tensor(flat_idx)))
+    t = lambda x, dt=dtype: torch.as_tensor(np.asarray(x), dtype=dt)  # noqa: E731
+    batch = {
+        "onehot": torch.nn.functional.one_hot(torch.as_tensor(species), num_species).to(dtype),
+        "mp_src": t(cat["mp_src"], torch.long), "mp_dst": t(cat["mp_dst"], torch.long),
+        "mp_vec": t(cat["mp_vec"].reshape(-1, 3)),
+        "pat_src": t(cat["pat_src"], torch.long), "pat_dst": t(cat["pat_dst"], torch.long),
+        "pat_vec": t(cat["pat_vec"].reshape(-1, 3)),
+        "transpose": t(cat["transpose"], torch.long), "signs": t(cat["signs"]), "atomic": t(cat["atomic"]),
+        "n_flat": int(cat["signs"].size), "n_atoms": nat,
+        "node_groups": node_groups, "edge_groups": edge_groups,
+        "sample_of_flat": t(cat["sample_of_flat"], torch.long),
+    }
+    if with_targets and parts["target_index"]:
+        batch["target_index"] = t(cat["target_index"], torch.long)
+        batch["target_values"] = t(cat["target_values"])
+        sample_of_target = np.concatenate([np.full(s.target_values.size, k) for k, s in enumerate(samples)])
+        batch["sample_of_target"] = t(sample_of_target, torch.long)
+    return batch
+
+
+def _onsite_before(is_onsite: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """Number of on-site blocks before each selected block (turns block ids into edge ids)."""
+    return np.cumsum(is_onsite)[sel]
+
+
+def _block_size(samples, a: int) -> int:
+    for s in samples:
+        hit = np.nonzero(s.species == a)[0]
+        if hit.size:
+            i = hit[0]
+            return int(s.layout.block_offset[i + 1] - s.layout.block_offset[i])
+    raise KeyError(a)
+
+
+def _pair_size(samples, a: int, b: int) -> int:
+    for s in samples:
+        nat = s.species.size
+        e = np.nonzero((s.species[s.pattern.src] == a) & (s.species[s.pattern.dst] == b))[0]
+        if e.size:
+            k = nat + e[0]
+            return int(s.layout.block_offset[k + 1] - s.layout.block_offset[k])
+    raise KeyError((a, b))
+
+
+def fold_to_targets(pred_flat: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Sum flat predictions onto the reference's stored elements (folds images for Γ-only references)."""
+    idx = batch["target_index"]
+    valid = idx >= 0
+    out = torch.zeros_like(batch["target_values"])
+    return out.index_add_(0, idx[valid], pred_flat[valid])

@@ -1,0 +1,100 @@
+"""Reading structures: SIESTA fdf files (through sisl) or anything ASE reads.
+
+A structure is an :class:`ase.Atoms` plus one species label per atom; the label
+names the basis (``<label>.ion.xml``) and is the chemical symbol unless an fdf's
+``ChemicalSpeciesLabel`` block says otherwise.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from .errors import InputFileError
+
+
+@dataclass
+class Structure:
+    atoms: Atoms
+    labels: list[str]
+    source: str = ""
+    fdf_settings: dict = field(default_factory=dict)
+
+    @property
+    def periodic(self) -> bool:
+        return bool(np.any(self.atoms.pbc))
+
+
+# fdf keys that decide the basis and the electronic structure; compared with a model card.
+FDF_SETTING_KEYS = ("XC.functional", "XC.authors", "PAO.BasisSize", "PAO.EnergyShift", "Spin", "MeshCutoff")
+
+
+def _is_fdf(path: Path) -> bool:
+    return path.suffix.lower() == ".fdf"
+
+
+def fdf_sile(path: str | Path):
+    """sisl's fdf reader; its warning about sibling output files it could also read is noise here."""
+    import sisl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sisl.SislWarning)
+        return sisl.io.siesta.fdfSileSiesta(str(path))
+
+
+def read_fdf_settings(path: str | Path) -> dict:
+    """The basis- and XC-relevant settings of an fdf (strings, as written; absent keys omitted)."""
+    fdf = fdf_sile(path)
+    out = {}
+    for key in FDF_SETTING_KEYS:
+        value = fdf.get(key)
+        if value is not None:
+            out[key] = " ".join(str(value).split())
+    return out
+
+
+def read_structure(path: str | Path) -> Structure:
+    """Read an fdf (via sisl, keeping species labels and the lattice) or any file ASE reads.
+
+    Structures without a cell (e.g. an .xyz molecule) are treated as isolated: no
+    periodic images. SIESTA's own runs are always periodic boxes, and fdf input keeps that.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError("structure file not found", path)
+    if _is_fdf(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                geom = fdf_sile(path).read_geometry()
+        except Exception as exc:
+            raise InputFileError(f"sisl cannot read a geometry from this fdf ({exc})", path) from exc
+        if geom is None or geom.na == 0:
+            raise InputFileError("the fdf holds no atoms (AtomicCoordinatesAndAtomicSpecies missing?)", path)
+        labels = [str(geom.atoms[ia].tag) for ia in range(geom.na)]
+        atoms = Atoms(numbers=[int(geom.atoms[ia].Z) for ia in range(geom.na)], positions=geom.xyz,
+                      cell=geom.cell, pbc=True)
+        return Structure(atoms, labels, str(path), read_fdf_settings(path))
+    import ase.io
+
+    try:
+        atoms = ase.io.read(str(path))
+    except Exception as exc:
+        raise InputFileError(f"ASE cannot read this structure ({type(exc).__name__}: {exc})", path) from exc
+    if len(atoms) == 0:
+        raise InputFileError("the file holds no atoms", path)
+    if atoms.cell.rank < 3:
+        atoms.pbc = False
+    return Structure(atoms, list(atoms.get_chemical_symbols()), str(path))
+
+
+def structure_from_atoms(atoms: Atoms, labels=None) -> Structure:
+    """Wrap an in-memory ASE Atoms (e.g. from an ASE calculator) as a Structure."""
+    atoms = atoms.copy()
+    if atoms.cell.rank < 3:
+        atoms.pbc = False
+    return Structure(atoms, list(labels) if labels is not None else list(atoms.get_chemical_symbols()))
