@@ -134,20 +134,44 @@ def load_run(folder: str | Path):
 
 
 def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], mp_cutoff: float,
-                 split: str | None = None, progress: bool = False) -> list[Sample]:
-    """Read every run of the given datasets (optionally one split) into samples with targets."""
+                 split: str | None = None, progress: bool = False, with_overlap: bool = False) -> list[Sample]:
+    """Read every run of the given datasets (optionally one split) into samples with targets.
+
+    ``with_overlap`` also reads S from the run's ``.HSX`` (where present) into
+    ``sample.meta['overlap']``, aligned with the stored reference elements, for Tr(D S).
+    """
     from tqdm.auto import tqdm
 
     records = [r for d in data_dirs for r in list_runs(d) if split is None or r.split == split]
     samples = []
     for rec in tqdm(records, desc="reading runs", disable=not progress):
-        structure, run_b, dm, _ = load_run(rec.folder)
+        structure, run_b, dm, hsx = load_run(rec.folder)
         check_basis_matches(run_b, basis, rec.folder)
         if dm is None:
             raise InputFileError("the run folder has no converged .DM", rec.folder)
-        samples.append(prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
-                                      meta={"split": rec.split, **rec.meta}))
+        sample = prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
+                                meta={"split": rec.split, **rec.meta})
+        if with_overlap and hsx is not None:
+            sample.meta["overlap"] = read_overlap_at(hsx, dm)
+        samples.append(sample)
     return samples
+
+
+def read_overlap_at(hsx: Path, dm_ref) -> np.ndarray | None:
+    """S from an .HSX, at the reference DM's stored elements (None if the supercells differ)."""
+    import warnings
+
+    import sisl
+
+    from .dm import align_overlap
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            overlap = sisl.get_sile(str(hsx)).read_overlap(geometry=dm_ref.geometry)
+    except Exception as exc:
+        raise InputFileError(f"cannot read the overlap ({type(exc).__name__}: {exc})", hsx) from exc
+    return align_overlap(dm_ref, overlap)
 
 
 def check_basis_matches(run_basis_: dict[str, SpeciesBasis], model_basis: dict[str, SpeciesBasis], where) -> None:

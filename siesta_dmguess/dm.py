@@ -157,14 +157,30 @@ def reference_lookup(layout: BlockLayout, dm_ref) -> tuple[np.ndarray, np.ndarra
         ref_isc = np.full(layout.size, -1, np.int64)
         ref_isc[valid] = image_index(dm_ref.geometry.lattice, offsets[valid])
         cols = layout.cols % no + ref_isc * no
-    row_of_entry = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
     ncols = csr.shape[1]
-    ref_keys = row_of_entry.astype(np.int64) * ncols + csr.indices
+    ref_keys = csr_keys(csr)
     our_keys = layout.rows.astype(np.int64) * ncols + cols
     pos = np.searchsorted(ref_keys, our_keys)
     pos = np.minimum(pos, max(ref_keys.size - 1, 0))
     found = valid & (ref_keys.size > 0) & (ref_keys[pos] == our_keys)
     return np.where(found, pos, -1), np.asarray(csr.data, dtype=np.float64)
+
+
+def csr_keys(csr) -> np.ndarray:
+    """Row-major key (row * ncols + col) of every stored element of a CSR matrix with sorted indices."""
+    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr)).astype(np.int64)
+    return rows * csr.shape[1] + csr.indices
+
+
+def align_overlap(dm_ref, overlap) -> np.ndarray | None:
+    """Overlap S at every stored element of a reference DM (same supercell), for Tr(D S); None if layouts differ."""
+    d, s = dm_ref.tocsr(0).tocsr(), overlap.tocsr().tocsr()
+    if d.shape != s.shape:
+        return None
+    d.sort_indices(), s.sort_indices()
+    dk, sk = csr_keys(d), csr_keys(s)
+    pos = np.clip(np.searchsorted(sk, dk), 0, max(sk.size - 1, 0))
+    return np.where(sk[pos] == dk, s.data[pos], 0.0)
 
 
 def _lattice_offsets(nsc) -> np.ndarray:

@@ -54,7 +54,21 @@ def read_fdf_settings(path: str | Path) -> dict:
         value = fdf.get(key)
         if value is not None:
             out[key] = " ".join(str(value).split())
+    # k-point sampling: a Monkhorst-Pack block or a kgrid cutoff means the DM keeps its images.
+    kgrid = fdf.get("kgrid_Monkhorst_Pack") or fdf.get("kgrid.MonkhorstPack") or fdf.get("kgrid.Cutoff")
+    out["kgrid"] = bool(kgrid) and not _is_gamma_block(kgrid)
     return out
+
+
+def _is_gamma_block(kgrid) -> bool:
+    """A Monkhorst-Pack block of 1 1 1 is Γ only."""
+    if isinstance(kgrid, (list, tuple)):
+        try:
+            diag = [float(line.split()[k]) for k, line in enumerate(kgrid[:3])]
+            return all(d <= 1 for d in diag)
+        except (ValueError, IndexError):
+            return False
+    return False
 
 
 def read_structure(path: str | Path) -> Structure:

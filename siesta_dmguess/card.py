@@ -1,0 +1,164 @@
+"""Model files: weights + JSON config + model card, with a sha256 and a compatibility guard.
+
+A model folder holds
+
+* ``weights.pt``   the state dict (tensors only; loaded with ``weights_only=True``, never a pickled class),
+* ``config.json``  the :class:`~siesta_dmguess.model.ModelConfig` (species, per-species basis, hyperparameters),
+* ``card.json``    machine-readable card: format version, sha256 of the weights, per-species basis hash,
+                   XC functional and SIESTA settings, pseudopotential checksums, training data and command,
+                   validation metrics, measured SCF savings,
+* ``card.md``      the same card for people.
+
+Shipped models live in the package (``siesta_dmguess/models/<name>/``) and load by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputFileError, ModelCompatibilityError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, CARD, CARD_MD = "weights.pt", "config.json", "card.json", "card.md"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shipped_models_dir() -> Path:
+    """Folder of the models installed with the package (``models/`` in a source checkout)."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("siesta_dmguess.models")))
+        if path.is_dir():
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def list_shipped_models() -> list[str]:
+    root = shipped_models_dir()
+    return sorted(p.name for p in root.iterdir() if (p / CARD).is_file()) if root.is_dir() else []
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A model folder from a path or the name of a shipped model."""
+    p = Path(name_or_path)
+    if (p / CONFIG).is_file():
+        return p
+    shipped = shipped_models_dir() / str(name_or_path)
+    if (shipped / CONFIG).is_file():
+        return shipped
+    raise ModelCompatibilityError(f"no model folder or shipped model named {str(name_or_path)!r} "
+                                  f"(shipped: {list_shipped_models()})", p)
+
+
+@dataclass
+class LoadedModel:
+    model: "torch.nn.Module"
+    config: object
+    card: dict
+    path: Path
+    basis: dict = field(default_factory=dict)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_model(model, out_dir: str | Path, card: dict) -> Path:
+    """Write weights, config and card (json + md) into ``out_dir``; fills sha256, size and basis hashes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{WEIGHTS}.tmp"
+    state = {k: v.detach().to(torch.float32) for k, v in model.state_dict().items()}
+    torch.save(state, tmp)
+    os.replace(tmp, out_dir / WEIGHTS)
+    cfg = model.config.to_dict()
+    _atomic_write_text(out_dir / CONFIG, json.dumps(cfg, indent=1))
+    basis = model.config.species_basis()
+    card = dict(card)
+    card.update({
+        "format_version": FORMAT_VERSION,
+        "weights_sha256": sha256_file(out_dir / WEIGHTS),
+        "size_bytes": (out_dir / WEIGHTS).stat().st_size,
+        "species": list(model.config.species),
+        "basis": {k: {"hash": b.hash, "orbitals": b.norb, "shells": b.describe(),
+                      "cutoffs_ang": [round(s.radius, 5) for s in b.shells]} for k, b in basis.items()},
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+    })
+    _atomic_write_text(out_dir / CARD, json.dumps(card, indent=1))
+    _atomic_write_text(out_dir / CARD_MD, card_markdown(card))
+    return out_dir
+
+
+def card_markdown(card: dict) -> str:
+    """Human-readable model card."""
+    lines = [f"# Model card: {card.get('name', 'model')}", "", card.get("description", ""), ""]
+    lines += ["| field | value |", "| --- | --- |"]
+    for key in ("format_version", "species", "xc", "siesta_settings", "num_parameters", "size_bytes",
+                "weights_sha256", "created"):
+        if key in card:
+            lines.append(f"| {key} | {card[key]} |")
+    lines += ["", "## Basis per species", "", "| species | shells | hash | cutoffs (Å) |", "| --- | --- | --- | --- |"]
+    for k, b in card.get("basis", {}).items():
+        lines.append(f"| {k} | {b['shells']} | `{b['hash']}` | {b['cutoffs_ang']} |")
+    if card.get("pseudopotentials"):
+        lines += ["", "## Pseudopotentials (sha256)", ""]
+        lines += [f"- {k}: `{v}`" for k, v in card["pseudopotentials"].items()]
+    if card.get("training"):
+        lines += ["", "## Training", "", "```", json.dumps(card["training"], indent=1), "```"]
+    if card.get("validation"):
+        lines += ["", "## Validation (held-out structures, `siesta-dmguess evaluate`)", "", "```",
+                  json.dumps(card["validation"], indent=1), "```"]
+    if card.get("scf_benchmark"):
+        lines += ["", "## SCF iterations with a real SIESTA (`siesta-dmguess bench`)", "", "```",
+                  json.dumps(card["scf_benchmark"], indent=1), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = True) -> LoadedModel:
+    """Load a model folder (or shipped model by name); checks format version and weights sha256."""
+    from .model import DensityMatrixModel, ModelConfig
+
+    path = resolve_model(name_or_path)
+    try:
+        config = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
+        card = json.loads((path / CARD).read_text()) if (path / CARD).is_file() else {}
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise InputFileError(f"model config or card is not valid ({exc})", path) from exc
+    version = card.get("format_version", FORMAT_VERSION)
+    if version > FORMAT_VERSION:
+        raise ModelCompatibilityError(f"model format {version} is newer than this package reads ({FORMAT_VERSION})",
+                                      path)
+    weights = path / WEIGHTS
+    if verify and card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
+        raise ModelCompatibilityError("weights.pt does not match the sha256 in card.json (corrupt or altered)", path)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = DensityMatrixModel(config)
+    finally:
+        torch.set_default_dtype(prev)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    model.to(dtype).eval()
+    return LoadedModel(model, config, card, path, config.species_basis())

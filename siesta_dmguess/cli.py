@@ -1,0 +1,151 @@
+"""Command line: ``siesta-dmguess {train,predict,evaluate,models,bench}``.
+
+Argument parsing only: every command calls one documented function of the
+package. Errors derived from :class:`~siesta_dmguess.errors.DMGuessError` are
+printed as one line (file and problem) with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import DMGuessError
+
+
+def _cmd_train(args) -> int:
+    from .train import TrainOptions, train
+
+    overrides = json.loads(args.config) if args.config else {}
+    options = TrainOptions(epochs=args.epochs, lr=args.lr, batch_atoms=args.batch_atoms, seed=args.seed,
+                           threads=args.threads, progress=not args.quiet, max_train=args.max_train)
+    command = "siesta-dmguess " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    result = train(args.data_dirs, args.out, options, overrides, resume=not args.restart, command=command)
+    summary = result.validation.get("summary", {})
+    print(f"model written to {result.out_dir}")
+    if summary:
+        print(f"validation ({summary['structures']} structures): DM MAE {summary['mae']:.3e} "
+              f"(atomic guess {summary['atomic_mae']:.3e}, {summary['mae_ratio_atomic_over_model']:.1f}x better), "
+              f"max |error| {summary['max_abs']:.3e}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .predict import predict_to_file
+
+    fold = {"auto": None, "yes": True, "no": False}[args.fold]
+    out = Path(args.output) if args.output else Path(args.structure).with_suffix(".DM")
+    pred = predict_to_file(args.structure, out, model=args.model, overwrite=args.overwrite, fold=fold,
+                           force=args.force)
+    geom = pred.density_matrix.geometry
+    print(f"{out}: {geom.na} atoms, {geom.no} orbitals, nsc {list(geom.lattice.nsc)}, "
+          f"{pred.density_matrix.nnz} elements, predicted in {pred.seconds:.2f} s with {pred.model_path.name}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    split = None if args.split == "all" else args.split
+    result = evaluate(args.model, args.data_dirs, split=split, out_json=args.json, progress=not args.quiet)
+    print(f"{'structure':<48} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'dN(Tr DS)':>10}")
+    for m in result["structures"]:
+        dn = f"{m['electron_count_error']:+.2e}" if "electron_count_error" in m else "-"
+        print(f"{m['name'][-48:]:<48} {m['natoms']:>5} {m['mae']:>10.3e} {m['max_abs']:>10.3e} "
+              f"{m['atomic_mae']:>10.3e} {dn:>10}")
+    s = result["summary"]
+    print(f"mean over {s['structures']} structures: MAE {s['mae']:.3e}, max |error| {s['max_abs']:.3e}; "
+          f"atomic guess MAE {s['atomic_mae']:.3e} ({s['mae_ratio_atomic_over_model']:.1f}x the model's)")
+    if "electron_count_abs_error_mean" in s:
+        print(f"electron count |Tr(D S) - N|: mean {s['electron_count_abs_error_mean']:.2e}, "
+              f"max {s['electron_count_abs_error_max']:.2e}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .card import CARD_MD, list_shipped_models, load_model, resolve_model
+
+    if args.action == "show":
+        if not args.name:
+            raise DMGuessError("models show needs a model name")
+        print((resolve_model(args.name) / CARD_MD).read_text())
+        return 0
+    names = list_shipped_models()
+    if not names:
+        print("no shipped models found")
+    for name in names:
+        card = load_model(name, verify=False).card
+        val = card.get("validation", {})
+        mae = f"{val['mae']:.2e}" if "mae" in val else "-"
+        basis = "; ".join(f"{k} {v['shells']} [{v['hash']}]" for k, v in card.get("basis", {}).items())
+        print(f"{name:<16} species {','.join(card.get('species', []))}  val MAE {mae}  basis: {basis}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="siesta-dmguess", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug information")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on folders of converged SIESTA runs")
+    t.add_argument("data_dirs", nargs="+", help="dataset folders (run folders with fdf + .DM)")
+    t.add_argument("--out", required=True, help="model folder to write (resumes from its checkpoint)")
+    t.add_argument("--epochs", type=int, default=300)
+    t.add_argument("--lr", type=float, default=5e-3)
+    t.add_argument("--batch-atoms", type=int, default=96)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--max-train", type=int, default=0, help="use at most N training structures")
+    t.add_argument("--config", help='JSON of model settings, e.g. \'{"mp_cutoff": 4.0, "num_layers": 2}\'')
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("predict", help="predict the DM of a structure and write a SIESTA .DM")
+    r.add_argument("structure", help="an fdf or any file ASE reads")
+    r.add_argument("--model", default="water", help="shipped model name or model folder")
+    r.add_argument("-o", "--output", help="the .DM to write (default: STRUCTURE with suffix .DM)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing .DM without a backup")
+    r.add_argument("--fold", choices=["auto", "yes", "no"], default="auto",
+                   help="fold periodic images into the unit cell (auto: for Γ-only runs)")
+    r.add_argument("--force", action="store_true", help="use the model despite a basis/settings mismatch")
+    r.set_defaults(func=_cmd_predict)
+
+    e = sub.add_parser("evaluate", help="DM errors of a model on held-out SIESTA runs")
+    e.add_argument("model", help="shipped model name or model folder")
+    e.add_argument("data_dirs", nargs="+")
+    e.add_argument("--split", default="val", help="split to evaluate: val, train or all")
+    e.add_argument("--json", help="write all metrics to this JSON file")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)
+
+    m = sub.add_parser("models", help="list shipped models, or show one's card")
+    m.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    m.add_argument("name", nargs="?")
+    m.set_defaults(func=_cmd_models)
+
+    try:
+        from .bench import add_bench_parser
+    except ImportError:  # the benchmark module is optional for the core commands
+        pass
+    else:
+        add_bench_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except DMGuessError as exc:
+        print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

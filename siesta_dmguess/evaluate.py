@@ -1,0 +1,129 @@
+"""Accuracy of predicted density matrices against converged SIESTA references.
+
+Errors are measured on the elements stored in the reference ``.DM`` (after
+folding periodic images the way the reference is folded), in SIESTA's basis,
+for the model and for SIESTA's atomic guess (the baseline an ML guess replaces).
+Electron counts Tr(D S) use S from the run's ``.HSX`` where one exists.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import collate, fold_to_targets
+
+
+def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256) -> list[np.ndarray]:
+    """Flat SIESTA-basis predictions for each sample (batched, no gradients)."""
+    out = []
+    with torch.no_grad():
+        for batch_samples in atom_batches(samples, batch_atoms, shuffle=False):
+            batch = collate(batch_samples, len(model.species), dtype, with_targets=False)
+            flat = model(batch).double().numpy()
+            start = 0
+            for s in batch_samples:
+                out.append(flat[start:start + s.layout.size])
+                start += s.layout.size
+    return out
+
+
+def atom_batches(samples, max_atoms: int, shuffle: bool, rng=None):
+    """Group samples into batches of at most ``max_atoms`` atoms (a larger structure gets its own batch)."""
+    order = np.arange(len(samples))
+    if shuffle:
+        (rng or np.random.default_rng()).shuffle(order)
+    batch, n = [], 0
+    for k in order:
+        na = samples[k].species.size
+        if batch and n + na > max_atoms:
+            yield batch
+            batch, n = [], 0
+        batch.append(samples[k])
+        n += na
+    if batch:
+        yield batch
+
+
+def folded_to_reference(sample, flat: np.ndarray) -> np.ndarray:
+    """Sum flat values onto the reference's stored elements."""
+    idx = sample.target_index
+    out = np.zeros_like(sample.target_values)
+    np.add.at(out, idx[idx >= 0], flat[idx >= 0])
+    return out
+
+
+def sample_metrics(sample, flat: np.ndarray) -> dict:
+    """DM errors of one prediction and of the atomic guess; electron counts where S is known."""
+    ref = sample.target_values
+    pred = folded_to_reference(sample, flat)
+    atomic = folded_to_reference(sample, sample.layout.atomic)
+    err, err0 = np.abs(pred - ref), np.abs(atomic - ref)
+    m = {
+        "name": sample.name, "natoms": int(sample.species.size), "elements": int(ref.size),
+        "mae": float(err.mean()), "max_abs": float(err.max()),
+        "atomic_mae": float(err0.mean()), "atomic_max_abs": float(err0.max()),
+    }
+    overlap = sample.meta.get("overlap")
+    if overlap is not None:
+        n_ref = float(np.dot(ref, overlap))
+        m["electrons_ref"] = n_ref
+        m["electron_count_error"] = float(np.dot(pred, overlap) - n_ref)
+        m["atomic_electron_count_error"] = float(np.dot(atomic, overlap) - n_ref)
+    return m
+
+
+def summarize(per_structure: list[dict]) -> dict:
+    """Mean (MAE) and max over structures, weighting every stored element equally for the MAE."""
+    if not per_structure:
+        return {}
+    n = np.array([m["elements"] for m in per_structure], float)
+    out = {
+        "structures": len(per_structure),
+        "mae": float(np.sum(n * [m["mae"] for m in per_structure]) / n.sum()),
+        "max_abs": float(max(m["max_abs"] for m in per_structure)),
+        "atomic_mae": float(np.sum(n * [m["atomic_mae"] for m in per_structure]) / n.sum()),
+        "atomic_max_abs": float(max(m["atomic_max_abs"] for m in per_structure)),
+    }
+    out["mae_ratio_atomic_over_model"] = out["atomic_mae"] / max(out["mae"], 1e-30)
+    ne = [abs(m["electron_count_error"]) for m in per_structure if "electron_count_error" in m]
+    if ne:
+        out["electron_count_abs_error_mean"] = float(np.mean(ne))
+        out["electron_count_abs_error_max"] = float(np.max(ne))
+        out["structures_with_overlap"] = len(ne)
+    return out
+
+
+def evaluate_samples(model, samples, dtype=torch.float32) -> dict:
+    """Per-structure and summary metrics of a model on samples with targets."""
+    flats = predict_flat(model, samples, dtype)
+    per = [sample_metrics(s, f) for s, f in zip(samples, flats)]
+    return {"summary": summarize(per), "structures": per}
+
+
+def evaluate(model_name_or_path, data_dirs, split: str | None = "val", out_json: str | Path | None = None,
+             progress: bool = True) -> dict:
+    """Evaluate a model on the runs of one or more dataset folders (default: their ``val`` split).
+
+    Each dataset folder is checked against the model's species and basis first.
+    Returns ``{"summary": ..., "structures": [...], "datasets": {dir: summary}}``.
+    """
+    from .card import load_model
+    from .data import load_samples
+
+    loaded = load_model(model_name_or_path)
+    cfg = loaded.config
+    result = {"model": str(loaded.path), "split": split, "datasets": {}, "structures": []}
+    for d in data_dirs:
+        samples = load_samples([d], cfg.species, loaded.basis, cfg.mp_cutoff, split=split, progress=progress,
+                               with_overlap=True)
+        r = evaluate_samples(loaded.model, samples)
+        result["datasets"][str(d)] = r["summary"]
+        result["structures"].extend(r["structures"])
+    result["summary"] = summarize(result["structures"])
+    if out_json:
+        Path(out_json).write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,116 @@
+"""Prediction: structure + model -> sisl DensityMatrix -> SIESTA ``.DM`` file.
+
+Before predicting, :func:`check_compatibility` compares what can be known about
+the run with the model card: species, the basis in any ``.ion.xml`` next to an
+fdf (hash of shells, cutoffs and radial shapes), the fdf's basis and XC settings,
+and the pseudopotential checksums. A mismatch is a
+:class:`~siesta_dmguess.errors.ModelCompatibilityError` naming the differing item,
+unless ``force=True`` (logged as a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .basis import find_basis_files, read_species_basis
+from .card import LoadedModel, load_model, sha256_file
+from .data import Sample, prepare_sample
+from .dm import density_matrix_from_flat, write_density_matrix
+from .errors import ModelCompatibilityError
+from .evaluate import predict_flat
+from .structure import Structure, read_structure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """A predicted DM and what it took to make it."""
+
+    structure: Structure
+    sample: Sample
+    values: np.ndarray  # flat SIESTA-basis values (see dm.BlockLayout)
+    density_matrix: object  # sisl.DensityMatrix
+    model_path: Path
+    folded: bool
+    seconds: float
+    warnings: list = field(default_factory=list)
+
+    @property
+    def electrons_atomic_reference(self) -> float:
+        """Valence electrons of the neutral structure (sum of q0): what Tr(D S) should give."""
+        return float(self.sample.layout.atomic.sum())
+
+
+def _normalize_setting(value: str) -> str:
+    return " ".join(str(value).lower().replace("_", ".").split())
+
+
+def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool = False) -> list[str]:
+    """Compare a structure (and its fdf folder) with a model card; error or (force) warnings naming the item."""
+    problems = []
+    missing = sorted(set(structure.labels) - set(loaded.config.species))
+    if missing:
+        problems.append(f"species {missing} are not covered by model {loaded.path.name!r} "
+                        f"(model species: {loaded.config.species})")
+    card = loaded.card
+    if structure.source and Path(structure.source).suffix.lower() == ".fdf":
+        folder = Path(structure.source).parent
+        for label, path in find_basis_files(folder, set(structure.labels) & set(loaded.basis)).items():
+            b = read_species_basis(path)
+            if b.hash != loaded.basis[label].hash:
+                problems.append(f"basis of {label!r} in {path.name} differs from the model's "
+                                f"({b.describe()}, hash {b.hash} vs {loaded.basis[label].describe()}, "
+                                f"hash {loaded.basis[label].hash})")
+        expected = {**card.get("xc", {}), **card.get("siesta_settings", {})}
+        for key, value in expected.items():
+            if key == "MeshCutoff":
+                continue  # does not change the basis; a different mesh still starts well
+            got = structure.fdf_settings.get(key)
+            if got is not None and _normalize_setting(got) != _normalize_setting(value):
+                problems.append(f"fdf setting {key} is {got!r}, the model was trained with {value!r}")
+        for label, digest in card.get("pseudopotentials", {}).items():
+            psf = folder / f"{label}.psf"
+            if label in structure.labels and psf.is_file() and sha256_file(psf) != digest:
+                problems.append(f"pseudopotential {psf.name} differs from the one the model was trained with")
+    if problems and not force:
+        raise ModelCompatibilityError("; ".join(problems), structure.source or None)
+    for p in problems:
+        log.warning("--force: using the model although %s", p)
+    return problems
+
+
+def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel | str | Path = "water",
+                           fold: bool | None = None, force: bool = False) -> Prediction:
+    """Predict the DM of a structure (an fdf, any ASE-readable file, or a :class:`Structure`).
+
+    ``fold=None`` folds periodic images into the unit cell for Γ-only inputs (the
+    form SIESTA itself writes) and keeps them for k-point runs (an fdf with a
+    ``kgrid`` block) and for structures with no periodic images.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(structure, Structure):
+        structure = read_structure(structure)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    warnings = check_compatibility(structure, loaded, force=force)
+    cfg = loaded.config
+    sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.mp_cutoff, name=structure.source)
+    values = predict_flat(loaded.model, [sample], dtype=next(loaded.model.parameters()).dtype)[0]
+    if fold is None:
+        fold = not structure.fdf_settings.get("kgrid", False)
+    dm = density_matrix_from_flat(structure, loaded.basis, sample.layout, values, fold=fold)
+    return Prediction(structure, sample, values, dm, loaded.path, fold, time.perf_counter() - t0, warnings)
+
+
+def predict_to_file(structure, out: str | Path, model="water", overwrite: bool = False, fold: bool | None = None,
+                    force: bool = False) -> Prediction:
+    """Predict and write ``out`` (a ``.DM``) atomically; an existing file is kept as a backup."""
+    pred = predict_density_matrix(structure, model, fold=fold, force=force)
+    write_density_matrix(pred.density_matrix, out, overwrite=overwrite)
+    return pred

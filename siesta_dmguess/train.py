@@ -1,0 +1,212 @@
+"""Training: SIESTA run folders -> a model folder (weights, config, card).
+
+The loss is the mean squared error over the elements stored in each reference
+``.DM``, after folding the per-image prediction the way the reference is folded.
+Validation uses the datasets' own ``split`` (``index.json``); folders without one
+get a seeded random split. Training resumes from ``<out>/checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .card import save_model, sha256_file
+from .data import list_runs, load_samples, run_basis
+from .errors import InputFileError
+from .evaluate import atom_batches, evaluate_samples
+from .model import DensityMatrixModel, ModelConfig, collate, fold_to_targets, onsite_reference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 300
+    lr: float = 5e-3
+    lr_final: float = 5e-5
+    batch_atoms: int = 96
+    seed: int = 0
+    val_fraction: float = 0.2  # only for folders without a split in index.json
+    eval_every: int = 5
+    threads: int = 0  # 0: torch's default
+    progress: bool = True
+    max_train: int = 0  # keep at most this many training structures (0: all); for quick tests
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    validation: dict
+    history: list = field(default_factory=list)
+
+
+def dataset_basis(data_dirs) -> dict:
+    """Species basis of the datasets, read from their first run; all runs must agree (checked on load)."""
+    basis = {}
+    for d in data_dirs:
+        runs = list_runs(d)
+        from .data import find_fdf
+        from .structure import read_structure
+
+        first = runs[0].folder
+        labels = read_structure(find_fdf(first)).labels
+        for label, b in run_basis(first, labels).items():
+            if label in basis and basis[label].hash != b.hash:
+                raise InputFileError(f"species {label!r} has a different basis than in the other datasets", d)
+            basis[label] = b
+    return basis
+
+
+def _pseudopotential_checksums(data_dirs, species) -> dict:
+    out = {}
+    for d in data_dirs:
+        for label in species:
+            for cand in (Path(d) / "basis" / f"{label}.psf", Path(d) / f"{label}.psf"):
+                if cand.is_file():
+                    out[label] = sha256_file(cand)
+    return out
+
+
+def _split(records_samples, options: TrainOptions):
+    train = [s for s in records_samples if s.meta.get("split", "train") == "train"]
+    val = [s for s in records_samples if s.meta.get("split") == "val"]
+    if not val:  # no split given: seeded random hold-out
+        rng = np.random.default_rng(options.seed)
+        order = rng.permutation(len(train))
+        n_val = max(1, int(round(options.val_fraction * len(train))))
+        val = [train[k] for k in order[:n_val]]
+        train = [train[k] for k in order[n_val:]]
+    if options.max_train:
+        train = train[: options.max_train]
+    return train, val
+
+
+def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overrides: dict | None = None,
+          resume: bool = True, command: str | None = None) -> TrainResult:
+    """Train a density-matrix model on SIESTA run folders and save it to ``out_dir``.
+
+    ``config_overrides`` sets :class:`ModelConfig` fields (cutoff, irreps, layers, ...).
+    Progress is shown with a progress bar; a checkpoint is written every epoch so
+    an interrupted run continues where it stopped (``resume=True``).
+    """
+    from tqdm.auto import tqdm
+
+    options = options or TrainOptions()
+    data_dirs = [Path(d) for d in data_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+
+    basis = dataset_basis(data_dirs)
+    species = sorted(basis, key=lambda l: (basis[l].Z, l))
+    cfg = ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()}, seed=options.seed,
+                      **(config_overrides or {}))
+    samples = load_samples(data_dirs, species, basis, cfg.mp_cutoff, progress=options.progress, with_overlap=True)
+    train_set, val_set = _split(samples, options)
+    if not train_set:
+        raise InputFileError("no training structures found", data_dirs[0])
+    # Mean number of message-passing neighbours normalizes the aggregation.
+    cfg.avg_num_neighbors = float(np.mean([len(s.mp_edges) / s.species.size for s in train_set])) or 1.0
+    cfg.onsite_reference = onsite_reference(train_set, species, basis)
+    model = DensityMatrixModel(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=options.lr)
+    gamma = (options.lr_final / options.lr) ** (1.0 / max(options.epochs, 1))
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    start_epoch, history, best = 0, [], {"mae": math.inf, "state": None, "epoch": -1}
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("config") == cfg.to_dict():
+            model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
+            rng = np.random.default_rng([options.seed, start_epoch])
+            log.info("resuming from epoch %d", start_epoch)
+        else:
+            log.warning("checkpoint in %s is for another configuration; starting afresh", out_dir)
+
+    bar = tqdm(range(start_epoch, options.epochs), desc="training", disable=not options.progress,
+               initial=start_epoch, total=options.epochs, file=sys.stderr)
+    t0 = time.time()
+    for epoch in bar:
+        model.train()
+        losses = []
+        for group in atom_batches(train_set, options.batch_atoms, shuffle=True, rng=rng):
+            batch = collate(group, len(species), torch.float32)
+            pred = fold_to_targets(model(batch), batch)
+            loss = torch.mean((pred - batch["target_values"]) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+        record = {"epoch": epoch, "train_rmse": float(math.sqrt(np.mean(losses))), "lr": sched.get_last_lr()[0]}
+        if val_set and (epoch % options.eval_every == 0 or epoch == options.epochs - 1):
+            model.eval()
+            summary = evaluate_samples(model, val_set)["summary"]
+            record.update(val_mae=summary["mae"], val_max_abs=summary["max_abs"])
+            if summary["mae"] < best["mae"]:
+                best = {"mae": summary["mae"], "epoch": epoch,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        history.append(record)
+        bar.set_postfix(rmse=f"{record['train_rmse']:.2e}", val_mae=f"{best['mae']:.2e}")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict()}, ckpt_path)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    validation = evaluate_samples(model, val_set) if val_set else {"summary": {}, "structures": []}
+    card = {
+        "name": out_dir.name,
+        "description": f"Equivariant DM model for {', '.join(species)} trained on {', '.join(d.name for d in data_dirs)}.",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "xc": _first_setting(samples, ("XC.functional", "XC.authors")),
+        "siesta_settings": _first_setting(samples, ("PAO.BasisSize", "PAO.EnergyShift", "MeshCutoff", "Spin")),
+        "pseudopotentials": _pseudopotential_checksums(data_dirs, species),
+        "training": {"data": [str(d) for d in data_dirs], "train_structures": len(train_set),
+                     "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
+                     "wall_s": round(time.time() - t0, 1), "command": command},
+        "validation": {"split": "val", **validation["summary"]},
+    }
+    save_model(model, out_dir, card)
+    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    plot_history(history, out_dir / "training.png")
+    return TrainResult(out_dir, validation, history)
+
+
+def _first_setting(samples, keys) -> dict:
+    settings = samples[0].structure.fdf_settings if samples else {}
+    return {k: settings[k] for k in keys if k in settings}
+
+
+def plot_history(history: list, path: Path) -> None:
+    """Training RMSE and validation MAE per epoch (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy([h["epoch"] for h in history], [h["train_rmse"] for h in history], label="train RMSE")
+    val = [h for h in history if "val_mae" in h]
+    if val:
+        ax.semilogy([h["epoch"] for h in val], [h["val_mae"] for h in val], "o-", label="validation MAE")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("DM error (electrons)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,79 @@
+"""Shared fixtures: the reference datasets in ../shared (skipped when absent) and small in-code fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SIESTA_DMGUESS_SHARED", ROOT.parent / "shared"))
+DATASETS = SHARED / "datasets"
+
+
+def dataset(name: str) -> Path:
+    """Path of a shared dataset, or skip the test with the reason."""
+    path = DATASETS / name
+    if not (path / "index.json").is_file():
+        pytest.skip(f"shared dataset {name!r} not found at {path} (set SIESTA_DMGUESS_SHARED)")
+    return path
+
+
+def water_basis():
+    """DZP bases of H and O with SIESTA's shells, q0 and radii (Å), built in code: no files needed."""
+    from siesta_dmguess.basis import Shell, SpeciesBasis
+
+    h = SpeciesBasis("H", 1, (Shell(1, 0, 1, False, 1.0, 2.555), Shell(1, 0, 2, False, 0.0, 2.040),
+                              Shell(2, 1, 1, True, 0.0, 2.555)), kb_radii=(0.722, 0.759, 0.778), valence=1.0,
+                     mass=1.01)
+    o = SpeciesBasis("O", 8, (Shell(2, 0, 1, False, 2.0, 1.749), Shell(2, 0, 2, False, 0.0, 1.328),
+                              Shell(2, 1, 1, False, 4.0, 2.083), Shell(2, 1, 2, False, 0.0, 1.345),
+                              Shell(3, 2, 1, True, 0.0, 2.083)), kb_radii=(0.685, 0.685, 0.766, 0.826),
+                     valence=6.0, mass=16.0)
+    return {"H": h, "O": o}
+
+
+def small_config(basis=None, **kw):
+    from siesta_dmguess.model import ModelConfig
+
+    basis = basis or water_basis()
+    species = sorted(basis, key=lambda l: basis[l].Z)
+    opts = dict(hidden_irreps="8x0e + 4x1o + 2x1e + 2x2e + 2x2o", pair_irreps="4x0e + 2x1o + 2x1e + 2x2e + 2x2o",
+                num_layers=2, radial_hidden=16, mp_cutoff=3.0)
+    opts.update(kw)
+    return ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()}, **opts)
+
+
+@pytest.fixture
+def float64():
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(prev)
+
+
+def water_molecule(rng=None):
+    from ase import Atoms
+
+    rng = rng or np.random.default_rng(0)
+    pos = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]]) + rng.normal(scale=0.03, size=(3, 3))
+    return Atoms("OH2", positions=pos + 5.0, cell=np.eye(3) * 10.0, pbc=True)
+
+
+def water_box(n=4, seed=0, box=5.0):
+    """n randomly placed, randomly oriented water molecules in a small periodic box (images interact)."""
+    from ase import Atoms
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    mol = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]])
+    positions, symbols = [], []
+    for k in range(n):
+        rot = Rotation.random(random_state=seed * 100 + k).as_matrix()
+        positions.append(mol @ rot.T + rng.uniform(0, box, 3))
+        symbols += ["O", "H", "H"]
+    return Atoms(symbols, positions=np.concatenate(positions), cell=np.eye(3) * box + rng.normal(0, 0.1, (3, 3)),
+                 pbc=True)
