@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="model folder to write (resumes from its checkpoint)")
     t.add_argument("--epochs", type=int, default=300)
     t.add_argument("--lr", type=float, default=5e-3)
-    t.add_argument("--batch-atoms", type=int, default=96)
+    t.add_argument("--batch-atoms", type=int, default=24, help="atoms per optimizer step")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--max-train", type=int, default=0, help="use at most N training structures")

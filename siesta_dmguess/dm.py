@@ -190,6 +190,54 @@ def _lattice_offsets(nsc) -> np.ndarray:
     return np.asarray(sisl.Lattice(np.eye(3), nsc=[int(n) for n in nsc]).sc_off, dtype=np.int64)
 
 
+def check_dm_file(path: str | Path) -> tuple[int, int]:
+    """Validate a SIESTA ``.DM``'s record structure; return (orbitals, spins).
+
+    SIESTA writes it as Fortran sequential records: (no_u, nspin[, nsc(3)]),
+    numd(no_u), one listd record per row, then nspin * no_u value records. sisl
+    hands the file to compiled Fortran that can crash the interpreter (or try a
+    huge allocation) on a truncated or corrupt file, so the markers are checked
+    here first, in Python, without reading the values.
+    """
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+
+        def record(expect: int | None, what: str) -> bytes | None:
+            head = f.read(4)
+            if len(head) < 4:
+                raise InputFileError(f"the .DM file is truncated (missing {what})", path)
+            n = struct.unpack("<i", head)[0]
+            if n < 0 or f.tell() + n + 4 > size or (expect is not None and n != expect):
+                raise InputFileError(f"the .DM file is truncated or corrupt (bad record for {what})", path)
+            body = f.read(n) if expect is None or n <= 1 << 20 else None
+            if body is None:
+                f.seek(n, 1)
+            if f.read(4) != head:
+                raise InputFileError(f"the .DM file is corrupt (record markers of {what} disagree)", path)
+            return body
+
+        header = record(None, "the header")
+        if len(header) not in (8, 20):
+            raise InputFileError("the .DM file is corrupt (unexpected header)", path)
+        no, nspin = struct.unpack("<2i", header[:8])
+        if not (0 < no < 10**8 and 0 < nspin <= 8):
+            raise InputFileError(f"the .DM file is corrupt (header says {no} orbitals, {nspin} spins)", path)
+        numd = np.frombuffer(record(4 * no, "numd"), dtype="<i4")
+        if np.any(numd < 0):
+            raise InputFileError("the .DM file is corrupt (negative row lengths)", path)
+        for row in range(no):
+            record(4 * int(numd[row]), f"the columns of row {row + 1}")
+        for _ in range(nspin):
+            for row in range(no):
+                record(8 * int(numd[row]), f"the values of row {row + 1}")
+        if f.tell() != size:
+            raise InputFileError("the .DM file has trailing data after the last record", path)
+    return int(no), int(nspin)
+
+
 def read_density_matrix(path: str | Path, geometry):
     """Read a SIESTA ``.DM`` for a geometry whose atoms carry the basis; clear errors if it does not fit."""
     import sisl
@@ -199,6 +247,9 @@ def read_density_matrix(path: str | Path, geometry):
         raise InputFileError("density matrix file not found", path)
     if path.stat().st_size < 16:
         raise InputFileError("the .DM file is empty or truncated", path)
+    no, _ = check_dm_file(path)
+    if no != geometry.no:
+        raise InputFileError(f"the .DM has {no} orbitals but the structure has {geometry.no}", path)
     sile = sisl.get_sile(str(path))
     try:
         dm = sile.read_density_matrix(geometry=geometry)
@@ -217,10 +268,9 @@ def read_dm_orbital_count(path: str | Path) -> int:
     import sisl
 
     path = Path(path)
-    try:
-        return int(sisl.get_sile(str(path)).read_density_matrix().no)
-    except Exception as exc:
-        raise InputFileError(f"the .DM file is truncated or corrupt ({type(exc).__name__}: {exc})", path) from exc
+    if not path.is_file():
+        raise InputFileError("density matrix file not found", path)
+    return check_dm_file(path)[0]
 
 
 def backup_path(path: Path) -> Path:

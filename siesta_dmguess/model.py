@@ -44,7 +44,8 @@ class ModelConfig:
     basis: dict[str, dict]  # label -> SpeciesBasis.to_dict()
     mp_cutoff: float = 4.0  # Å, message-passing radius
     num_layers: int = 2
-    hidden_irreps: str = "32x0e + 16x1o + 8x1e + 8x2e + 4x2o"
+    # Every irrep an on-site block needs (up to 4e for d-d) must be present in the node features.
+    hidden_irreps: str = "32x0e + 16x1o + 8x1e + 8x2e + 8x2o + 4x3o + 4x3e + 2x4e"
     pair_irreps: str = "16x0e + 8x1o + 4x1e + 4x2e + 4x2o"
     lmax_sh_mp: int = 2  # spherical harmonics in message passing
     lmax_sh: int = 4  # spherical harmonics in the pair readout (d-d blocks need l = 4)
@@ -235,9 +236,9 @@ class EdgeReadout(nn.Module):
     def __init__(self, irreps_node, irreps_pair, irreps_sh, irreps_out, num_radial, radial_hidden, num_scalars):
         super().__init__()
         self.irreps_out = o3.Irreps(irreps_out)
-        irreps_pair = o3.Irreps(irreps_pair)
+        irreps_pair = o3.Irreps(irreps_pair).sort().irreps.simplify()  # e3nn's canonical order
         self.project = o3.Linear(irreps_node, irreps_pair)
-        both = (irreps_pair + irreps_pair).sort().irreps.simplify()
+        both = o3.Irreps([(2 * mul, ir) for mul, ir in irreps_pair])
         self.tp = ChannelwiseTensorProduct(both, irreps_sh, self.irreps_out)
         mid = self.tp.irreps_out
         self.weights = mlp([num_radial + 2 * num_scalars, radial_hidden, radial_hidden, self.tp.weight_numel])
@@ -288,7 +289,7 @@ class DensityMatrixModel(nn.Module):
         self.species = list(config.species)
         self.basis = [basis[s] for s in self.species]
         ns = len(self.species)
-        hidden = o3.Irreps(config.hidden_irreps)
+        hidden = o3.Irreps(config.hidden_irreps).sort().irreps.simplify()
         self.num_scalars = sum(m for m, ir in hidden if ir.l == 0 and ir.p == 1)
         self.irreps_sh = o3.Irreps.spherical_harmonics(config.lmax_sh)
         self.irreps_sh_mp = o3.Irreps.spherical_harmonics(config.lmax_sh_mp)

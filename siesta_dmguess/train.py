@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 class TrainOptions:
     epochs: int = 300
     lr: float = 5e-3
-    lr_final: float = 5e-5
-    batch_atoms: int = 96
+    lr_final: float = 2.5e-4
+    batch_atoms: int = 24
     seed: int = 0
     val_fraction: float = 0.2  # only for folders without a split in index.json
     eval_every: int = 5

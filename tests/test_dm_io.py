@@ -1,0 +1,130 @@
+"""DM sparsity pattern, .DM round trips, atomic writes with backups, and bad .DM files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from siesta_dmguess.data import load_run, prepare_sample
+from siesta_dmguess.dm import (build_geometry, density_matrix_from_flat, read_density_matrix,
+                               write_density_matrix)
+from siesta_dmguess.errors import InputFileError
+
+from .conftest import dataset
+
+ALL = ["h2o", "water8", "rotations", "g2", "si8"]
+
+
+def _runs(name, n):
+    root = dataset(name)
+    records = json.loads((root / "index.json").read_text())
+    step = max(1, len(records) // n)
+    return [root / r["id"] for r in records[::step][:n]]
+
+
+def reference_flat(sample):
+    """Flat values that reproduce the reference: each stored element on the first flat element mapped to it."""
+    vals = np.zeros(sample.layout.size)
+    idx = sample.target_index
+    first = {}
+    for k in np.nonzero(idx >= 0)[0]:
+        first.setdefault(idx[k], k)
+    keys = np.fromiter(first.keys(), int)
+    vals[np.fromiter(first.values(), int)] = sample.target_values[keys]
+    return vals
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_pattern_covers_reference(name):
+    """Pairs built from geometry + basis (orbital and KB-projector overlap) hold every stored DM element."""
+    worst = 0.0
+    for folder in _runs(name, 4):
+        structure, basis, dm, _ = load_run(folder)
+        sample = prepare_sample(structure, basis, sorted(basis), 3.0, dm)
+        covered = np.zeros(sample.target_values.size, bool)
+        covered[sample.target_index[sample.target_index >= 0]] = True
+        ref = sample.target_values
+        frac = np.sqrt(np.sum(ref[~covered] ** 2) / np.sum(ref**2))
+        worst = max(worst, frac)
+        # Our supercell is the one SIESTA chose (k-point runs store images).
+        if np.prod(dm.geometry.lattice.nsc) > 1:
+            assert list(sample.layout.nsc) == list(dm.geometry.lattice.nsc)
+    print(f"{name}: fraction of the reference Frobenius norm outside the pattern <= {worst:.1e}")
+    assert worst < 1e-4
+
+
+@pytest.mark.parametrize("name", ["h2o", "water8", "si8"])
+def test_read_write_read_is_identical(name, tmp_path):
+    folder = _runs(name, 1)[0]
+    structure, basis, dm, _ = load_run(folder)
+    out = tmp_path / "copy.DM"
+    write_density_matrix(dm, out)
+    again = read_density_matrix(out, dm.geometry)
+    a, b = dm.tocsr(0), again.tocsr(0)
+    assert a.shape == b.shape and (a != b).nnz == 0
+
+
+@pytest.mark.parametrize("name", ["water8", "si8"])
+def test_blocks_to_dm_reproduces_reference(name, tmp_path):
+    """Reference values placed into our blocks and written (folded for Γ runs, with images for k runs)."""
+    folder = _runs(name, 1)[0]
+    structure, basis, dm, _ = load_run(folder)
+    sample = prepare_sample(structure, basis, sorted(basis), 3.0, dm)
+    built = density_matrix_from_flat(structure, basis, sample.layout, reference_flat(sample), fold=sample.fold)
+    write_density_matrix(built, tmp_path / "built.DM")
+    again = read_density_matrix(tmp_path / "built.DM", build_geometry(structure, basis, built.geometry.lattice.nsc))
+    a, b = dm.tocsr(0).toarray(), again.tocsr(0).toarray()
+    assert a.shape == b.shape and np.abs(a - b).max() < 1e-12
+
+
+def test_existing_dm_is_kept_as_backup(tmp_path):
+    folder = _runs("h2o", 1)[0]
+    _, _, dm, _ = load_run(folder)
+    target = tmp_path / "siesta.DM"
+    target.write_bytes(b"previous run's DM")
+    backup = write_density_matrix(dm, target)
+    assert backup is not None and backup.read_bytes() == b"previous run's DM"
+    second = write_density_matrix(dm, target)
+    assert second != backup and second.exists()  # a second backup never clobbers the first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["siesta.DM", "siesta.DM.bak", "siesta.DM.bak1"]
+    write_density_matrix(dm, target, overwrite=True)
+    assert len(list(tmp_path.iterdir())) == 3  # overwrite: no new backup, no temporary left behind
+
+
+def test_write_refuses_wrong_suffix_and_missing_folder(tmp_path):
+    folder = _runs("h2o", 1)[0]
+    _, _, dm, _ = load_run(folder)
+    with pytest.raises(InputFileError, match="must end in .DM"):
+        write_density_matrix(dm, tmp_path / "out.txt")
+    with pytest.raises(InputFileError, match="does not exist"):
+        write_density_matrix(dm, tmp_path / "nope" / "x.DM")
+
+
+def test_dm_with_wrong_orbital_count_is_rejected(tmp_path):
+    h2o = _runs("h2o", 1)[0]
+    w8 = _runs("water8", 1)[0]
+    structure, basis, _, _ = load_run(w8)
+    with pytest.raises(InputFileError) as err:
+        read_density_matrix(h2o / "siesta.DM", build_geometry(structure, basis))
+    assert "siesta.DM" in str(err.value) and "orbitals" in str(err.value)
+
+
+@pytest.mark.parametrize("cut", [0, 10, 200])
+def test_truncated_dm_is_rejected(tmp_path, cut):
+    folder = _runs("h2o", 1)[0]
+    structure, basis, _, _ = load_run(folder)
+    data = (folder / "siesta.DM").read_bytes()
+    bad = tmp_path / "bad.DM"
+    bad.write_bytes(data[:cut])
+    with pytest.raises(InputFileError) as err:
+        read_density_matrix(bad, build_geometry(structure, basis))
+    assert "bad.DM" in str(err.value) and ("truncated" in str(err.value) or "corrupt" in str(err.value))
+
+
+def test_corrupt_dm_is_rejected(tmp_path):
+    folder = _runs("h2o", 1)[0]
+    structure, basis, _, _ = load_run(folder)
+    bad = tmp_path / "noise.DM"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 255, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(InputFileError, match="noise.DM"):
+        read_density_matrix(bad, build_geometry(structure, basis))
