@@ -1,0 +1,96 @@
+"""Parsing SIESTA's standard output: SCF history, DM restart, convergence, energies, timing."""
+
+from __future__ import annotations
+
+import gzip
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# "   scf:    3     -465.688652     -465.669509     -465.669509  0.029728 -2.552361  0.329929"
+_SCF = re.compile(r"^\s*scf:\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", re.M)
+_TOTAL = re.compile(r"^siesta:\s+Total =\s+(\S+)", re.M)
+_FERMI = re.compile(r"^siesta:\s+Fermi =\s+(\S+)", re.M)
+_WALL = re.compile(r"Elapsed wall time \(sec\) =\s+(\S+)")
+_VERSION = re.compile(r"Siesta Version\s*:\s*(\S+)")
+_DM_READ = re.compile(r"Attempting to read DM from file\.\.\.\s*(Succeeded|Failed)")
+
+
+@dataclass(frozen=True)
+class ScfStep:
+    iscf: int
+    e_harris_eV: float
+    e_ks_eV: float
+    free_energy_eV: float
+    dDmax: float
+    ef_eV: float
+    dHmax_eV: float
+
+
+@dataclass(frozen=True)
+class SiestaOutput:
+    """What one SIESTA run printed. ``scf_*`` refer to the last SCF cycle (geometry step)."""
+
+    scf_history: list[ScfStep] = field(default_factory=list)
+    scf_histories: list[list[ScfStep]] = field(default_factory=list)  # one per geometry step
+    dm_read_from_file: bool = False
+    converged: bool = False
+    total_energy_eV: float | None = None
+    fermi_eV: float | None = None
+    wall_s: float | None = None
+    version: str | None = None
+    job_completed: bool = False
+
+    @property
+    def scf_iterations(self) -> int:
+        return len(self.scf_history)
+
+    @property
+    def scf_iterations_per_step(self) -> list[int]:
+        return [len(h) for h in self.scf_histories]
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text.replace("D", "E"))
+    except ValueError:
+        return float("nan")
+
+
+def parse_output(source: str | Path) -> SiestaOutput:
+    """Parse a SIESTA output given as a path (plain or ``.gz``) or as its text.
+
+    Robust to truncated outputs (a crash): whatever was printed is returned, and
+    ``converged`` is False unless SIESTA said the SCF converged.
+    """
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and len(source) < 4096):
+        path = Path(source)
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", errors="replace") as f:
+            text = f.read()
+    else:
+        text = source
+    histories: list[list[ScfStep]] = []
+    for m in _SCF.finditer(text):
+        step = ScfStep(int(m.group(1)), *(_float(m.group(k)) for k in range(2, 8)))
+        if step.iscf == 1 or not histories:
+            histories.append([])
+        histories[-1].append(step)
+    dm_reads = _DM_READ.findall(text)
+    converged = ("SCF cycle converged" in text or "SCF Convergence reached" in text) and \
+        "SCF_NOT_CONV" not in text and "SCF did not converge" not in text
+    total = _TOTAL.findall(text)
+    fermi = _FERMI.findall(text)
+    wall = _WALL.findall(text)
+    version = _VERSION.search(text)
+    last = histories[-1] if histories else []
+    return SiestaOutput(
+        scf_history=last, scf_histories=histories,
+        dm_read_from_file=bool(dm_reads) and dm_reads[0] == "Succeeded",
+        converged=converged,
+        total_energy_eV=_float(total[-1]) if total else (last[-1].e_ks_eV if last else None),
+        fermi_eV=_float(fermi[-1]) if fermi else None,
+        wall_s=_float(wall[-1]) if wall else None,
+        version=version.group(1) if version else None,
+        job_completed="Job completed" in text,
+    )

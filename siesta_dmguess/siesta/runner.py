@@ -1,0 +1,137 @@
+"""Finding and running a SIESTA executable (never built or shipped by this package)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputFileError, SiestaError, SiestaNotFoundError
+from .output import SiestaOutput, parse_output
+
+
+def _ase_config_command() -> str | None:
+    """The siesta command from ASE's configuration file (ASE >= 3.23), if any."""
+    try:
+        from ase.config import cfg
+
+        section = cfg.parser["siesta"] if "siesta" in cfg.parser else None
+        return section.get("command") if section is not None else None
+    except Exception:  # no ASE config, or an older ASE
+        return None
+
+
+def find_siesta(command: str | None = None) -> list[str]:
+    """The SIESTA command as an argument list.
+
+    Looked up in order: the ``command`` argument, ``$SIESTA_COMMAND``, ASE's
+    configuration (``$ASE_SIESTA_COMMAND``, then the ``[siesta]`` section of ASE's
+    config file), then ``siesta`` on ``PATH``. ASE-style templates such as
+    ``siesta < PREFIX.fdf > PREFIX.out`` are reduced to the executable and its
+    arguments: the runner redirects input and output itself.
+    """
+    tried = []
+    candidates = [("argument", command), ("SIESTA_COMMAND", os.environ.get("SIESTA_COMMAND")),
+                  ("ASE_SIESTA_COMMAND", os.environ.get("ASE_SIESTA_COMMAND")),
+                  ("ASE config [siesta] command", _ase_config_command()), ("PATH", "siesta")]
+    for where, cmd in candidates:
+        if not cmd:
+            tried.append(f"{where}: not set")
+            continue
+        args = [a for a in shlex.split(cmd) if "PREFIX" not in a and a not in ("<", ">")]
+        if not args:
+            tried.append(f"{where}: empty command {cmd!r}")
+            continue
+        exe = shutil.which(args[0]) or (args[0] if os.access(args[0], os.X_OK) and Path(args[0]).is_file() else None)
+        if exe:
+            return [exe] + args[1:]
+        tried.append(f"{where}: {args[0]!r} is not an executable")
+    raise SiestaNotFoundError("no SIESTA executable found; looked at " + "; ".join(tried) +
+                              ". Install SIESTA (e.g. the container in integration/) and set SIESTA_COMMAND.")
+
+
+@dataclass
+class SiestaRun:
+    output: SiestaOutput
+    wall_s: float
+    workdir: Path
+    out_file: Path
+    returncode: int
+
+
+def fdf_value(fdf: Path, key: str, default: str | None = None) -> str | None:
+    """A top-level fdf value (fdf keys ignore case, '.', '_' and '-')."""
+    want = _norm_key(key)
+    for line in Path(fdf).read_text().splitlines():
+        parts = line.split("#")[0].split()
+        if len(parts) >= 2 and _norm_key(parts[0]) == want:
+            return " ".join(parts[1:])
+    return default
+
+
+def _norm_key(key: str) -> str:
+    return key.lower().replace(".", "").replace("_", "").replace("-", "")
+
+
+def species_labels(fdf: Path) -> list[str]:
+    """Labels of the ChemicalSpeciesLabel block."""
+    labels, inside = [], False
+    for line in Path(fdf).read_text().splitlines():
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        if words[0].lower() == "%block" and _norm_key(words[1]) == "chemicalspecieslabel":
+            inside = True
+        elif words[0].lower() == "%endblock":
+            inside = False
+        elif inside and len(words) >= 3:
+            labels.append(words[2])
+    return labels
+
+
+def check_pseudopotentials(fdf: Path) -> None:
+    """Every species needs a .psf/.psml (or a ready .ion basis) next to the fdf or in Pseudo.Directory."""
+    folder = Path(fdf).parent
+    pseudo_dir = fdf_value(fdf, "Pseudo.Directory")
+    dirs = [folder] + ([folder / pseudo_dir] if pseudo_dir else [])
+    for label in species_labels(fdf):
+        names = [f"{label}{ext}" for ext in (".psf", ".psml", ".ion", ".ion.xml", ".ion.nc")]
+        if not any((d / n).is_file() for d in dirs for n in names):
+            raise InputFileError(f"pseudopotential {label}.psf for species {label!r} not found next to the fdf",
+                                 folder / f"{label}.psf")
+
+
+def run_siesta(fdf: str | Path, command: str | None = None, timeout: float | None = None,
+               allow_unconverged: bool = False) -> SiestaRun:
+    """Run SIESTA on ``fdf`` in its folder (stdin = fdf, stdout = ``<SystemLabel>.out``) and parse the output.
+
+    Raises :class:`SiestaError` (with the output file and its last lines) when
+    SIESTA exits with an error, crashes, or does not converge (unless
+    ``allow_unconverged``).
+    """
+    fdf = Path(fdf)
+    if not fdf.is_file():
+        raise InputFileError("fdf file not found", fdf)
+    check_pseudopotentials(fdf)
+    exe = find_siesta(command)
+    label = fdf_value(fdf, "SystemLabel", "siesta")
+    out_file = fdf.parent / f"{label}.out"
+    t0 = time.perf_counter()
+    with open(fdf) as stdin, open(out_file, "w") as stdout:
+        try:
+            proc = subprocess.run(exe, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, cwd=fdf.parent,
+                                  timeout=timeout, text=True)
+        except subprocess.TimeoutExpired as exc:
+            raise SiestaError(f"SIESTA did not finish within {timeout} s", out_file) from exc
+    wall = time.perf_counter() - t0
+    output = parse_output(out_file)
+    tail = "\n".join(out_file.read_text(errors="replace").splitlines()[-8:] + (proc.stderr or "").splitlines()[-4:])
+    if proc.returncode != 0 or not output.job_completed and not output.converged:
+        raise SiestaError(f"SIESTA failed (exit status {proc.returncode}); last lines:\n{tail}", out_file)
+    if not output.converged and not allow_unconverged:
+        raise SiestaError(f"SCF did not converge after {output.scf_iterations} iterations", out_file)
+    return SiestaRun(output, wall, fdf.parent, out_file, proc.returncode)

@@ -1,0 +1,75 @@
+"""fdf DM-initialisation templates and self-contained run folders.
+
+Two runs that differ only by the template block are the fair comparison: the
+block is inlined (not %include'd) after removing any DM-initialisation keys the
+original fdf had, so nothing else changes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..errors import InputFileError
+from .runner import _norm_key, fdf_value, species_labels
+
+TEMPLATES = ("atomic", "ml", "extrapolation")
+_DM_INIT_KEYS = {_norm_key(k) for k in ("DM.UseSaveDM", "DM.AllowExtrapolation", "DM.History.Depth",
+                                        "DM.Init.File", "DM.FormattedFiles", "MD.UseSaveXV")}
+
+
+def template_path(name: str) -> Path:
+    """Path of ``dm_init_<name>.fdf`` (installed package data, or ``integration/templates`` in a checkout)."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown DM initialisation {name!r}; choose from {TEMPLATES}")
+    filename = f"dm_init_{name}.fdf"
+    try:
+        from importlib.resources import files
+
+        cand = Path(str(files("siesta_dmguess.templates") / filename))
+        if cand.is_file():
+            return cand
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / "integration" / "templates" / filename
+
+
+def apply_dm_init(fdf_text: str, init: str) -> str:
+    """fdf text with its DM-initialisation keys replaced by the template's block."""
+    kept = [line for line in fdf_text.splitlines()
+            if not (line.split() and _norm_key(line.split()[0]) in _DM_INIT_KEYS)]
+    block = template_path(init).read_text().rstrip()
+    return "\n".join(kept + ["", f"# --- siesta-dmguess: DM initialisation '{init}' ---", block]) + "\n"
+
+
+def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: str | Path | None = None,
+                pseudo_dirs=()) -> Path:
+    """Copy an fdf (with the DM-init block) and its pseudopotentials into ``workdir``; returns the new fdf.
+
+    ``init='atomic'`` removes any stale ``<SystemLabel>.DM``; ``init='ml'`` copies
+    ``dm_file`` to ``<SystemLabel>.DM``.
+    """
+    src_fdf, workdir = Path(src_fdf), Path(workdir)
+    if not src_fdf.is_file():
+        raise InputFileError("fdf file not found", src_fdf)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fdf = workdir / "input.fdf"
+    fdf.write_text(apply_dm_init(src_fdf.read_text(), init))
+    label = fdf_value(fdf, "SystemLabel", "siesta")
+    for label_ in species_labels(fdf):
+        for d in [src_fdf.parent, *map(Path, pseudo_dirs)]:
+            if (d / f"{label_}.psf").is_file():
+                shutil.copy(d / f"{label_}.psf", workdir / f"{label_}.psf")
+                break
+        else:
+            raise InputFileError(f"pseudopotential for species {label_!r} not found (looked next to the fdf and "
+                                 f"in {[str(p) for p in pseudo_dirs]})", src_fdf.parent / f"{label_}.psf")
+    dm_target = workdir / f"{label}.DM"
+    if init == "atomic":
+        dm_target.unlink(missing_ok=True)
+    elif init == "ml":
+        if dm_file is None or not Path(dm_file).is_file():
+            raise InputFileError("the ML initialisation needs a predicted .DM file", dm_file or workdir)
+        if Path(dm_file).resolve() != dm_target.resolve():
+            shutil.copy(dm_file, dm_target)
+    return fdf

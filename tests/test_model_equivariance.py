@@ -1,0 +1,115 @@
+"""End-to-end E(3) equivariance of the predicted DM in float64, symmetry and periodic images."""
+
+import numpy as np
+import pytest
+import torch
+from e3nn import o3
+from scipy.linalg import block_diag
+from scipy.spatial.transform import Rotation
+
+from siesta_dmguess.conventions import convert_blocks, rotation_to_e3nn, shell_signs
+from siesta_dmguess.data import prepare_sample
+from siesta_dmguess.evaluate import predict_flat
+from siesta_dmguess.model import DensityMatrixModel, collate
+from siesta_dmguess.structure import Structure
+
+from .conftest import small_config, water_basis, water_box, water_molecule
+
+
+@pytest.fixture
+def model(float64):
+    m = DensityMatrixModel(small_config())
+    # Random (not trained) weights, but non-zero everywhere: every path contributes.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def blocks(model, atoms):
+    """{(i, j, shift): block} in SIESTA's basis, for a structure."""
+    basis = water_basis()
+    st = Structure(atoms, list(atoms.get_chemical_symbols()))
+    sample = prepare_sample(st, basis, model.species, model.config.mp_cutoff)
+    flat = predict_flat(model, [sample], dtype=torch.float64)[0]
+    lay = sample.layout
+    out = {}
+    for k in range(lay.block_i.size):
+        i, j = lay.block_i[k], lay.block_j[k]
+        ni, nj = basis[st.labels[i]].norb, basis[st.labels[j]].norb
+        out[(int(i), int(j), tuple(lay.block_shift[k]))] = flat[lay.block_offset[k]:lay.block_offset[k + 1]].reshape(ni, nj)
+    return out, sample
+
+
+def wigner_siesta(label, rot):
+    """Block-diagonal rotation of one atom's orbitals, in SIESTA's basis (handles improper rotations)."""
+    det = np.linalg.det(rot)
+    proper = rot * det  # the proper part; inversion acts as (-1)^l
+    re3 = torch.tensor(rotation_to_e3nn(proper))
+    mats = []
+    for s in water_basis()[label].shells:
+        d = o3.Irrep(s.l, (-1) ** s.l).D_from_matrix(re3).numpy() * (det ** s.l)
+        mats.append(convert_blocks(d, shell_signs(s.l), shell_signs(s.l)))
+    return block_diag(*mats)
+
+
+@pytest.mark.parametrize("improper", [False, True])
+@pytest.mark.parametrize("periodic", [False, True])
+def test_rotation_translation_inversion(model, periodic, improper):
+    atoms = water_box(3, seed=2) if periodic else water_molecule()
+    rot = Rotation.random(random_state=3).as_matrix() * (-1 if improper else 1)
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ rot.T + np.array([0.7, -1.3, 2.1])
+    moved.cell = np.asarray(atoms.cell) @ rot.T
+    ref, _ = blocks(model, atoms)
+    got, _ = blocks(model, moved)
+    assert set(ref) == set(got)
+    labels = atoms.get_chemical_symbols()
+    worst = 0.0
+    for (i, j, S), b in ref.items():
+        expected = wigner_siesta(labels[i], rot) @ b @ wigner_siesta(labels[j], rot).T
+        worst = max(worst, np.abs(got[(i, j, S)] - expected).max())
+    assert worst < 1e-8
+    assert max(np.abs(b).max() for b in ref.values()) > 1e-3  # the test compares real numbers
+
+
+def test_atom_permutation(model):
+    atoms = water_box(3, seed=5)
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    ref, _ = blocks(model, atoms)
+    got, _ = blocks(model, atoms[perm])
+    inv = np.argsort(perm)
+    for (i, j, S), b in ref.items():
+        assert np.abs(got[(int(inv[i]), int(inv[j]), S)] - b).max() < 1e-10
+
+
+def test_symmetric_and_electron_reference(model):
+    atoms = water_box(3, seed=7)
+    ref, sample = blocks(model, atoms)
+    for (i, j, S), b in ref.items():
+        partner = ref[(j, i, tuple(-np.array(S)))]
+        assert np.abs(b - partner.T).max() < 1e-12
+    assert sample.layout.atomic.sum() == pytest.approx(8.0 * 3)  # q0: 6 (O) + 2 x 1 (H) per molecule
+
+
+def test_supercell_gives_same_blocks(model):
+    """A periodic structure and its 2x1x1 supercell: every pair block is the same."""
+    atoms = water_box(3, seed=9)
+    big = atoms.repeat((2, 1, 1))
+    ref, _ = blocks(model, atoms)
+    got, _ = blocks(model, big)
+    n = len(atoms)
+    cell, bigcell = np.asarray(atoms.cell), np.asarray(big.cell)
+    checked = 0
+    for (i, j, S), b in got.items():
+        # atom j + n*t of the supercell is atom j of the unit cell shifted by t along a1
+        if i >= n:
+            continue
+        jj, t = j % n, j // n
+        vec = big.positions[j] + np.array(S) @ bigcell - big.positions[i]
+        unit_shift = np.rint(np.linalg.solve(cell.T, vec - (atoms.positions[jj] - atoms.positions[i]))).astype(int)
+        key = (i, jj, tuple(unit_shift)) if (i != jj or np.any(unit_shift)) else (i, i, (0, 0, 0))
+        assert np.abs(ref[key] - b).max() < 1e-10
+        checked += 1
+    assert checked == sum(1 for k in got if k[0] < n)

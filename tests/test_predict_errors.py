@@ -1,0 +1,111 @@
+"""predict / CLI on a saved model: output file, and every bad-input path gives a clear error."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from siesta_dmguess.card import load_model, save_model
+from siesta_dmguess.cli import main
+from siesta_dmguess.dm import read_density_matrix, read_dm_orbital_count
+from siesta_dmguess.errors import InputFileError, ModelCompatibilityError
+from siesta_dmguess.model import DensityMatrixModel
+from siesta_dmguess.predict import predict_density_matrix, predict_to_file
+
+from .conftest import dataset, small_config, water_molecule
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "tiny-water"
+    model = DensityMatrixModel(small_config())
+    save_model(model, out, {"name": "tiny-water", "xc": {"XC.functional": "LDA", "XC.authors": "CA"},
+                            "siesta_settings": {"PAO.BasisSize": "DZP"}})
+    return out
+
+
+@pytest.fixture
+def xyz(tmp_path):
+    path = tmp_path / "water.xyz"
+    water_molecule().write(path)
+    return path
+
+
+def test_predict_writes_symmetric_dm_with_right_orbitals(model_dir, xyz, tmp_path):
+    out = tmp_path / "water.DM"
+    pred = predict_to_file(xyz, out, model=model_dir)
+    assert read_dm_orbital_count(out) == 13 + 2 * 5
+    dense = read_density_matrix(out, pred.density_matrix.geometry).tocsr(0).toarray()
+    assert np.abs(dense - dense.T).max() < 1e-6
+    # diagonal starts from SIESTA's atomic guess: O 2s has q0 = 2
+    assert dense.shape == (23, 23) and np.trace(dense) > 1.0
+
+
+def test_card_sha256_guards_weights(model_dir, tmp_path):
+    bad = tmp_path / "bad-model"
+    shutil.copytree(model_dir, bad)
+    state = torch.load(bad / "weights.pt", weights_only=True)
+    next(iter(state.values())).add_(1.0)
+    torch.save(state, bad / "weights.pt")
+    with pytest.raises(ModelCompatibilityError, match="sha256"):
+        load_model(bad)
+
+
+def test_species_missing_from_model(model_dir, tmp_path):
+    from ase import Atoms
+
+    path = tmp_path / "nh3.xyz"
+    Atoms("NH3", positions=[[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]).write(path)
+    with pytest.raises(ModelCompatibilityError) as err:
+        predict_density_matrix(path, model_dir)
+    assert "nh3.xyz" in str(err.value) and "'N'" in str(err.value)
+
+
+def test_structure_ase_cannot_read(model_dir, tmp_path):
+    path = tmp_path / "garbage.xyz"
+    path.write_text("this is not\na structure file\n")
+    with pytest.raises(InputFileError, match="garbage.xyz.*ASE cannot read"):
+        predict_density_matrix(path, model_dir)
+    assert main(["predict", str(path), "--model", str(model_dir)]) == 2
+
+
+def test_missing_structure_and_unknown_model(model_dir, tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "none.fdf"), "--model", str(model_dir)]) == 2
+    assert "none.fdf: structure file not found" in capsys.readouterr().err
+    with pytest.raises(ModelCompatibilityError, match="no-such-model"):
+        load_model("no-such-model")
+
+
+def test_basis_hash_mismatch_is_rejected_unless_forced(model_dir, tmp_path):
+    """An fdf whose folder holds an .ion.xml with another basis than the model's is refused."""
+    run = dataset("h2o") / "0000"
+    work = tmp_path / "run"
+    work.mkdir()
+    shutil.copy(run / "input.fdf", work / "input.fdf")
+    # The shared O basis differs from the in-code fixture basis (radial shapes, exact radii).
+    shutil.copy(run.parent / "basis" / "O.ion.xml", work / "O.ion.xml")
+    with pytest.raises(ModelCompatibilityError) as err:
+        predict_density_matrix(work / "input.fdf", model_dir)
+    assert "basis of 'O'" in str(err.value) and "input.fdf" in str(err.value)
+    pred = predict_density_matrix(work / "input.fdf", model_dir, force=True)
+    assert any("basis of 'O'" in w for w in pred.warnings)
+
+
+def test_fdf_setting_mismatch_names_the_setting(model_dir, tmp_path):
+    run = dataset("h2o") / "0000"
+    fdf = tmp_path / "input.fdf"
+    fdf.write_text((run / "input.fdf").read_text().replace("XC.functional LDA", "XC.functional GGA")
+                   .replace("XC.authors CA", "XC.authors PBE"))
+    with pytest.raises(ModelCompatibilityError, match="XC.functional is 'GGA'"):
+        predict_density_matrix(fdf, model_dir)
+
+
+def test_existing_output_is_backed_up_by_cli(model_dir, xyz, tmp_path, capsys):
+    out = tmp_path / "w.DM"
+    assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(out)]) == 0
+    first = out.read_bytes()
+    assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(out)]) == 0
+    assert (tmp_path / "w.DM.bak").read_bytes() == first
+    assert "23 orbitals" in capsys.readouterr().out
