@@ -9,4 +9,15 @@ __version__ = "0.1.0"
 
 from .errors import DMGuessError, InputFileError, ModelCompatibilityError, SiestaError  # noqa: F401
 
-__all__ = ["DMGuessError", "InputFileError", "ModelCompatibilityError", "SiestaError", "__version__"]
+
+
+def __getattr__(name):
+    # The ASE calculator pulls in torch and ASE's SIESTA interface: import it on first use.
+    if name in ("DMGuessSiesta", "GuessRecord"):
+        from . import calculator
+
+        return getattr(calculator, name)
+    raise AttributeError(name)
+
+
+__all__ = ["DMGuessSiesta", "GuessRecord", "DMGuessError", "InputFileError", "ModelCompatibilityError", "SiestaError", "__version__"]

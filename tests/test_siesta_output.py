@@ -1,0 +1,52 @@
+"""Parsing SIESTA outputs: the real ones in ../shared and truncated / failed ones."""
+
+import gzip
+import json
+
+import pytest
+
+from siesta_dmguess.siesta import parse_output
+
+from .conftest import DATASETS, dataset
+
+
+@pytest.mark.parametrize("name", ["h2o", "water8", "rotations", "g2", "si8"])
+def test_real_outputs_match_index(name):
+    root = dataset(name)
+    for rec in json.loads((root / "index.json").read_text()):
+        out = parse_output(root / rec["id"] / "siesta.out.gz")
+        assert out.scf_iterations == rec["scf_iterations_atomic_guess"]
+        assert out.total_energy_eV == pytest.approx(rec["total_energy_eV"], abs=1e-5)
+        assert out.converged and out.job_completed and not out.dm_read_from_file
+        assert out.version == "master-post-4.1-268"
+        assert out.scf_history[-1].dDmax <= 1e-5 < out.scf_history[0].dDmax  # printed with 6 decimals
+        assert out.wall_s == pytest.approx(rec["siesta_wall_s"], rel=0.05, abs=0.05)
+
+
+def _text():
+    path = dataset("h2o") / "0000" / "siesta.out.gz"
+    with gzip.open(path, "rt") as f:
+        return f.read()
+
+
+def test_truncated_output_is_not_converged():
+    text = _text()
+    cut = text[: text.index("   scf:    5")]
+    out = parse_output(cut)
+    assert out.scf_iterations == 4 and not out.converged and not out.job_completed
+    assert out.total_energy_eV == pytest.approx(out.scf_history[-1].e_ks_eV)
+
+
+def test_dm_read_succeeded_and_failed():
+    text = _text()
+    ok = parse_output(text.replace("redata:", "Attempting to read DM from file... Succeeded...\nredata:", 1))
+    failed = parse_output(text.replace("redata:", "Attempting to read DM from file... Failed...\nredata:", 1))
+    assert ok.dm_read_from_file and not failed.dm_read_from_file
+
+
+def test_multi_step_run_keeps_each_scf_cycle():
+    text = _text()
+    scf = text[text.index("        iscf"): text.index("SCF cycle converged")]
+    out = parse_output(text + scf.replace("   scf:    9", "") )
+    assert out.scf_iterations_per_step == [9, 8]
+    assert out.scf_iterations == 8

@@ -1,0 +1,120 @@
+"""Finding and running SIESTA, with small fake `siesta` scripts for the failure modes."""
+
+import os
+import stat
+import sys
+import textwrap
+
+import pytest
+
+from siesta_dmguess.errors import InputFileError, SiestaError, SiestaNotFoundError
+from siesta_dmguess.siesta import apply_dm_init, find_siesta, prepare_run, run_siesta
+
+FDF = textwrap.dedent("""\
+    SystemLabel water
+    NumberOfSpecies 2
+    %block ChemicalSpeciesLabel
+     1 8 O
+     2 1 H
+    %endblock ChemicalSpeciesLabel
+    DM.UseSaveDM F
+    """)
+
+GOOD = """\
+Siesta Version  : fake-1.0
+Attempting to read DM from file... Succeeded...
+   scf:    1     -465.9     -464.7     -464.7  0.010000 -4.7  0.2
+   scf:    2     -465.6     -465.6     -465.6  0.000008 -2.2  0.0001
+SCF cycle converged after 2 iterations
+siesta:         Total =    -465.674271
+siesta:         Fermi =      -2.241971
+timer: Elapsed wall time (sec) =       0.10
+Job completed
+"""
+
+
+def fake_siesta(tmp_path, body: str, exit_code: int = 0):
+    script = tmp_path / "fake_siesta"
+    script.write_text(f"#!{sys.executable}\nimport sys\nsys.stdin.read()\nsys.stdout.write({body!r})\n"
+                      f"sys.exit({exit_code})\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "input.fdf").write_text(FDF)
+    (d / "O.psf").write_text("fake")
+    (d / "H.psf").write_text("fake")
+    return d
+
+
+def test_find_siesta_order(tmp_path, monkeypatch):
+    exe = fake_siesta(tmp_path, GOOD)
+    monkeypatch.setenv("SIESTA_COMMAND", str(exe))
+    monkeypatch.setenv("ASE_SIESTA_COMMAND", "/nonexistent/siesta < PREFIX.fdf > PREFIX.out")
+    assert find_siesta() == [str(exe)]
+    monkeypatch.delenv("SIESTA_COMMAND")
+    monkeypatch.setenv("ASE_SIESTA_COMMAND", f"{exe} < PREFIX.fdf > PREFIX.out")
+    assert find_siesta() == [str(exe)]  # ASE's template reduced to the executable
+
+
+def test_missing_siesta_lists_where_it_looked(monkeypatch, tmp_path):
+    monkeypatch.delenv("SIESTA_COMMAND", raising=False)
+    monkeypatch.delenv("ASE_SIESTA_COMMAND", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr("siesta_dmguess.siesta.runner._ase_config_command", lambda: None)
+    with pytest.raises(SiestaNotFoundError) as err:
+        find_siesta()
+    msg = str(err.value)
+    assert "SIESTA_COMMAND" in msg and "ASE_SIESTA_COMMAND" in msg and "PATH" in msg
+
+
+def test_run_parses_output(run_dir, tmp_path):
+    run = run_siesta(run_dir / "input.fdf", command=str(fake_siesta(tmp_path, GOOD)))
+    assert run.output.scf_iterations == 2 and run.output.dm_read_from_file and run.output.converged
+    assert run.out_file == run_dir / "water.out"
+
+
+def test_crash_is_a_clear_error(run_dir, tmp_path):
+    exe = fake_siesta(tmp_path, "Siesta Version  : fake\n   scf:    1  1 1 1 1 1 1\nSegmentation fault\n", 139)
+    with pytest.raises(SiestaError) as err:
+        run_siesta(run_dir / "input.fdf", command=str(exe))
+    assert "exit status 139" in str(err.value) and "water.out" in str(err.value)
+
+
+def test_not_converged_is_an_error_unless_allowed(run_dir, tmp_path):
+    text = GOOD.replace("SCF cycle converged after 2 iterations", "SCF_NOT_CONV")
+    exe = fake_siesta(tmp_path, text)
+    with pytest.raises(SiestaError, match="did not converge after 2 iterations"):
+        run_siesta(run_dir / "input.fdf", command=str(exe))
+    assert not run_siesta(run_dir / "input.fdf", command=str(exe), allow_unconverged=True).output.converged
+
+
+def test_missing_pseudopotential_is_named_before_running(run_dir, tmp_path):
+    (run_dir / "H.psf").unlink()
+    with pytest.raises(InputFileError, match="H.psf"):
+        run_siesta(run_dir / "input.fdf", command=str(fake_siesta(tmp_path, GOOD)))
+
+
+def test_templates_replace_dm_keys(run_dir, tmp_path):
+    text = apply_dm_init(FDF + "dm.use-save-dm true\n", "ml")
+    keys = [l.split()[0].lower() for l in text.splitlines() if l.strip() and not l.startswith("#")]
+    assert keys.count("dm.usesavedm") == 1 and "DM.UseSaveDM T" in text
+    assert "dm.use-save-dm" not in keys and "DM.UseSaveDM F" not in text
+
+
+def test_prepare_run_atomic_removes_stale_dm_and_ml_copies_it(run_dir, tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "water.DM").write_bytes(b"stale")
+    fdf = prepare_run(run_dir / "input.fdf", work, "atomic")
+    assert not (work / "water.DM").exists() and "DM.UseSaveDM F" in fdf.read_text()
+    pred = tmp_path / "pred.DM"
+    pred.write_bytes(b"predicted")
+    prepare_run(run_dir / "input.fdf", work, "ml", dm_file=pred)
+    assert (work / "water.DM").read_bytes() == b"predicted"
+    with pytest.raises(InputFileError, match="needs a predicted .DM"):
+        prepare_run(run_dir / "input.fdf", tmp_path / "w2", "ml")
