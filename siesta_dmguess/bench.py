@@ -28,6 +28,7 @@ class GuessResult:
     siesta_wall_s: float
     prediction_s: float = 0.0
     dDmax: list = field(default_factory=list)
+    start_electron_error: float | None = None  # Tr[D S] - N of the starting DM, as SIESTA printed it
 
 
 @dataclass
@@ -61,7 +62,8 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
         out = run.output
         results[guess] = GuessResult(guess, out.scf_iterations, out.converged, out.dm_read_from_file,
                                      out.total_energy_eV, run.wall_s, prediction_s,
-                                     [s.dDmax for s in out.scf_history])
+                                     [s.dDmax for s in out.scf_history],
+                                     None if out.start_dm_electrons is None else out.start_dm_electrons - out.electrons)
     return StructureResult(fdf.parent.name, natoms, results)
 
 

@@ -172,9 +172,9 @@ class DMGuessSiesta(Siesta):
         return run_siesta(fdf, command=self._siesta_command()).output.scf_iterations
 
     def _siesta_command(self):
-        from .siesta.runner import find_siesta
-
-        try:
-            return " ".join(find_siesta())
-        except DMGuessError:
-            return None
+        """The command this calculator runs SIESTA with (ASE profile), so the baseline uses the same binary."""
+        profile = getattr(self, "profile", None)
+        command = getattr(profile, "command", None) or getattr(self, "command", None)
+        if isinstance(command, (list, tuple)):
+            command = " ".join(command)
+        return command

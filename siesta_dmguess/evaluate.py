@@ -17,8 +17,11 @@ import torch
 from .model import collate, fold_to_targets
 
 
-def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256) -> list[np.ndarray]:
-    """Flat SIESTA-basis predictions for each sample (batched, no gradients)."""
+def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256, novelty: list | None = None):
+    """Flat SIESTA-basis predictions for each sample (batched, no gradients).
+
+    If a list is passed as ``novelty``, each sample's largest per-atom novelty score is appended to it.
+    """
     out = []
     with torch.no_grad():
         for batch_samples in atom_batches(samples, batch_atoms, shuffle=False):
@@ -28,6 +31,12 @@ def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256) ->
             for s in batch_samples:
                 out.append(flat[start:start + s.layout.size])
                 start += s.layout.size
+            if novelty is not None:
+                scores = model.novelty(batch).double().numpy()
+                first = 0
+                for s in batch_samples:
+                    novelty.append(float(scores[first:first + s.species.size].max()))
+                    first += s.species.size
     return out
 
 
@@ -99,8 +108,9 @@ def summarize(per_structure: list[dict]) -> dict:
 
 def evaluate_samples(model, samples, dtype=torch.float32) -> dict:
     """Per-structure and summary metrics of a model on samples with targets."""
-    flats = predict_flat(model, samples, dtype)
-    per = [sample_metrics(s, f) for s, f in zip(samples, flats)]
+    novelty: list[float] = []
+    flats = predict_flat(model, samples, dtype, novelty=novelty)
+    per = [sample_metrics(s, f) | {"novelty": n} for s, f, n in zip(samples, flats, novelty)]
     return {"summary": summarize(per), "structures": per}
 
 

@@ -271,8 +271,16 @@ def dense_matrix(linear: o3.Linear) -> torch.Tensor:
     on edge-sized inputs it avoids e3nn's per-irrep slicing, whose backward pass
     zero-fills an input-sized tensor per slice.
     """
+    if not torch.is_grad_enabled():  # inference: reuse the matrix while the weights are unchanged
+        key = (linear.weight._version, linear.weight.dtype, linear.weight.data_ptr())
+        cached = getattr(linear, "_dense_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
     eye = torch.eye(linear.irreps_in.dim, dtype=linear.weight.dtype, device=linear.weight.device)
-    return linear(eye)
+    matrix = linear(eye)
+    if not torch.is_grad_enabled():
+        linear._dense_cache = (key, matrix)
+    return matrix
 
 
 # ---------------------------------------------------------------- the model
@@ -324,6 +332,40 @@ class DensityMatrixModel(nn.Module):
             self.register_buffer(f"onsite_shift_{a}", shift.reshape(-1).to(torch.get_default_dtype()))
         # Scale of the raw outputs: DM elements are O(0.1).
         self.output_scale = 0.1
+        # Out-of-distribution score: Mahalanobis distance of each atom's invariant features from the
+        # training atoms of its species (set by ``fit_novelty`` after training; zero means "not fitted").
+        self.register_buffer("novelty_mean", torch.zeros(ns, self.num_scalars))
+        self.register_buffer("novelty_precision", torch.eye(self.num_scalars).repeat(ns, 1, 1))
+        self.register_buffer("novelty_threshold", torch.zeros(()))
+
+    def novelty(self, batch) -> torch.Tensor:
+        """Per-atom novelty: mean squared Mahalanobis distance of the atom's scalar features (≈1 in distribution)."""
+        with torch.no_grad():
+            x = self.node_features(batch)[:, : self.num_scalars]
+            species = batch["onehot"].argmax(dim=1)
+            d = x - self.novelty_mean[species]
+            return torch.einsum("ni,nij,nj->n", d, self.novelty_precision[species], d) / self.num_scalars
+
+    def fit_novelty(self, batches, quantile: float = 0.995) -> None:
+        """Fit per-species mean and (shrunk) covariance of atom features on training batches."""
+        feats = {a: [] for a in range(len(self.species))}
+        with torch.no_grad():
+            for batch in batches:
+                x = self.node_features(batch)[:, : self.num_scalars]
+                sp = batch["onehot"].argmax(dim=1)
+                for a in feats:
+                    feats[a].append(x[sp == a])
+        for a, parts in feats.items():
+            x = torch.cat(parts) if parts else torch.zeros(0, self.num_scalars)
+            if x.shape[0] < 2:
+                continue
+            mean = x.mean(0)
+            cov = torch.cov(x.T) if x.shape[0] > 1 else torch.eye(self.num_scalars)
+            cov = 0.9 * cov + 0.1 * torch.diag(torch.diag(cov)) + 1e-6 * torch.eye(self.num_scalars)
+            self.novelty_mean[a] = mean
+            self.novelty_precision[a] = torch.linalg.inv(cov)
+        scores = torch.cat([self.novelty(b) for b in batches])
+        self.novelty_threshold.fill_(float(torch.quantile(scores, quantile)) if scores.numel() else 0.0)
 
     def node_features(self, batch) -> torch.Tensor:
         onehot = batch["onehot"]

@@ -41,6 +41,12 @@ class Prediction:
     folded: bool
     seconds: float
     warnings: list = field(default_factory=list)
+    novelty: float = 0.0  # largest per-atom out-of-distribution score (≈1 for training-like atoms)
+    novelty_threshold: float = 0.0  # the model's flag level (99.5% of training atoms score below it)
+
+    @property
+    def out_of_distribution(self) -> bool:
+        return self.novelty_threshold > 0 and self.novelty > self.novelty_threshold
 
     @property
     def electrons_atomic_reference(self) -> float:
@@ -101,11 +107,17 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     warnings = check_compatibility(structure, loaded, force=force)
     cfg = loaded.config
     sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.mp_cutoff, name=structure.source)
-    values = predict_flat(loaded.model, [sample], dtype=next(loaded.model.parameters()).dtype)[0]
+    novelty: list[float] = []
+    values = predict_flat(loaded.model, [sample], dtype=next(loaded.model.parameters()).dtype, novelty=novelty)[0]
     if fold is None:
         fold = not structure.fdf_settings.get("kgrid", False)
     dm = density_matrix_from_flat(structure, loaded.basis, sample.layout, values, fold=fold)
-    return Prediction(structure, sample, values, dm, loaded.path, fold, time.perf_counter() - t0, warnings)
+    pred = Prediction(structure, sample, values, dm, loaded.path, fold, time.perf_counter() - t0, warnings,
+                      novelty[0], float(loaded.model.novelty_threshold))
+    if pred.out_of_distribution:
+        log.warning("%s looks unlike the training data of %s (novelty %.1f > %.1f): the guess may be poor",
+                    structure.source or "structure", loaded.path.name, pred.novelty, pred.novelty_threshold)
+    return pred
 
 
 def predict_to_file(structure, out: str | Path, model="water", overwrite: bool = False, fold: bool | None = None,

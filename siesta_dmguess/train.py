@@ -130,7 +130,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt.get("config") == cfg.to_dict():
-            model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
+            _load_state(model, ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
             rng = np.random.default_rng([options.seed, start_epoch])
@@ -166,8 +166,10 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict()}, ckpt_path)
     if best["state"] is not None:
-        model.load_state_dict(best["state"])
+        _load_state(model, best["state"])
     model.eval()
+    model.fit_novelty([collate(g, len(species), torch.float32, with_targets=False)
+                       for g in atom_batches(train_set, 256, shuffle=False)])
     validation = evaluate_samples(model, val_set) if val_set else {"summary": {}, "structures": []}
     card = {
         "name": out_dir.name,
@@ -180,11 +182,20 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
                      "wall_s": round(time.time() - t0, 1), "command": command},
         "validation": {"split": "val", **validation["summary"]},
+        "novelty_threshold": float(model.novelty_threshold),
     }
     save_model(model, out_dir, card)
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     plot_history(history, out_dir / "training.png")
     return TrainResult(out_dir, validation, history)
+
+
+def _load_state(model, state: dict) -> None:
+    """Load weights; the novelty statistics are refitted after training, so a checkpoint may lack them."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith("novelty_")] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"checkpoint does not match the model: {bad[:5]}")
 
 
 def _first_setting(samples, keys) -> dict:

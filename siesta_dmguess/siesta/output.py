@@ -13,6 +13,7 @@ _TOTAL = re.compile(r"^siesta:\s+Total =\s+(\S+)", re.M)
 _FERMI = re.compile(r"^siesta:\s+Fermi =\s+(\S+)", re.M)
 _WALL = re.compile(r"Elapsed wall time \(sec\) =\s+(\S+)")
 _VERSION = re.compile(r"Siesta Version\s*:\s*(\S+)")
+_START_Q = re.compile(r"For starting DM, Qtot, Tr\[D\*S\] =\s+(\S+)\s+(\S+)")
 _DM_READ = re.compile(r"Attempting to read DM from file\.\.\.\s*(Succeeded|Failed)")
 
 
@@ -40,6 +41,9 @@ class SiestaOutput:
     wall_s: float | None = None
     version: str | None = None
     job_completed: bool = False
+    # Electrons of the starting DM, Tr[D S], and the neutral count Qtot: a predicted DM's charge error.
+    start_dm_electrons: float | None = None
+    electrons: float | None = None
 
     @property
     def scf_iterations(self) -> int:
@@ -84,6 +88,7 @@ def parse_output(source: str | Path) -> SiestaOutput:
     wall = _WALL.findall(text)
     version = _VERSION.search(text)
     last = histories[-1] if histories else []
+    start_q = _START_Q.findall(text)
     return SiestaOutput(
         scf_history=last, scf_histories=histories,
         dm_read_from_file=bool(dm_reads) and dm_reads[0] == "Succeeded",
@@ -93,4 +98,6 @@ def parse_output(source: str | Path) -> SiestaOutput:
         wall_s=_float(wall[-1]) if wall else None,
         version=version.group(1) if version else None,
         job_completed="Job completed" in text,
+        start_dm_electrons=_float(start_q[0][1]) if start_q else None,
+        electrons=_float(start_q[0][0]) if start_q else None,
     )

@@ -1,0 +1,65 @@
+"""Every shipped model: loads, matches its card's sha256, predicts a symmetric DM, and refuses what it does not cover."""
+
+import json
+
+import numpy as np
+import pytest
+from ase import Atoms
+
+from siesta_dmguess.basis import Shell, SpeciesBasis
+from siesta_dmguess.card import CARD, list_shipped_models, load_model, resolve_model, sha256_file
+from siesta_dmguess.cli import main
+from siesta_dmguess.errors import ModelCompatibilityError
+from siesta_dmguess.predict import check_compatibility, predict_density_matrix
+from siesta_dmguess.structure import structure_from_atoms
+
+SHIPPED = list_shipped_models()
+
+
+def test_models_are_shipped():
+    assert "water" in SHIPPED
+
+
+def example(species, cell=10.0):
+    """A small cluster of the model's species, 1 Å apart along a zig-zag."""
+    pos = [[1.1 * k, 0.3 * (k % 2), 0.2 * (k % 3)] for k in range(len(species))]
+    atoms = Atoms(species, positions=np.array(pos) + 3.0, cell=[cell] * 3, pbc=True)
+    return structure_from_atoms(atoms)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_loads_and_predicts(name):
+    folder = resolve_model(name)
+    card = json.loads((folder / CARD).read_text())
+    assert sha256_file(folder / "weights.pt") == card["weights_sha256"]
+    assert (folder / "weights.pt").stat().st_size < 8 * 2**20
+    loaded = load_model(name)
+    assert card["validation"]["mae"] < card["validation"]["atomic_mae"]
+    pred = predict_density_matrix(example(loaded.config.species), loaded)
+    dense = pred.density_matrix.tocsr(0).toarray()
+    assert dense.shape[0] == sum(loaded.basis[s].norb for s in loaded.config.species)
+    assert np.abs(dense - dense.T).max() < 1e-6
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_guard_rejects_foreign_species_and_other_basis(name, tmp_path):
+    loaded = load_model(name)
+    with pytest.raises(ModelCompatibilityError, match="'Xe'"):
+        check_compatibility(example(["Xe"]), loaded)
+    # A run folder whose .ion.xml holds another basis for the model's species.
+    label = loaded.config.species[0]
+    other = SpeciesBasis(label, loaded.basis[label].Z, (Shell(1, 0, 1, False, 1.0, 3.0),))
+    assert other.hash != loaded.basis[label].hash
+    with pytest.raises(ModelCompatibilityError, match=f"basis of '{label}'"):
+        from siesta_dmguess.data import check_basis_matches
+
+        check_basis_matches({label: other}, loaded.basis, tmp_path)
+
+
+def test_models_cli_lists_and_shows(capsys):
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    for name in SHIPPED:
+        assert name in listing
+    assert main(["models", "show", "water"]) == 0
+    assert "Model card" in capsys.readouterr().out
