@@ -11,7 +11,10 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
   does not cover the structure (species, basis, settings) — the atomic guess is
   used with a warning that says why;
 * ``compare_baseline``: also run SIESTA from the atomic guess (in a sub-folder)
-  and record the iterations saved.
+  and record the iterations saved;
+* ``novelty_limit``: with ``fallback="atomic"``, use the atomic guess when the
+  structure's novelty score (see ``Prediction.novelty``) exceeds this value
+  (``"model"``: the model card's threshold; ``None``: never).
 
 After each calculation ``calc.guess_record`` (a :class:`GuessRecord`) holds the
 SCF iterations, whether SIESTA read the DM, prediction and SCF times. The guess
@@ -55,7 +58,7 @@ class DMGuessSiesta(Siesta):
     """ASE's SIESTA calculator that starts every SCF from an ML-predicted density matrix."""
 
     def __init__(self, *args, model="water", guess: str = "ml", fallback: str = "error",
-                 compare_baseline: bool = False, **kwargs):
+                 compare_baseline: bool = False, novelty_limit="model", **kwargs):
         super().__init__(*args, **kwargs)
         if guess not in ("ml", "ml+residual", "atomic"):
             raise ValueError(f"guess must be 'ml', 'ml+residual' or 'atomic', not {guess!r}")
@@ -65,6 +68,7 @@ class DMGuessSiesta(Siesta):
         self.guess = guess
         self.fallback = fallback
         self.compare_baseline = compare_baseline
+        self.novelty_limit = novelty_limit
         self.guess_record: GuessRecord | None = None
         self.history: list[GuessRecord] = []
         self._loaded = None
@@ -104,6 +108,11 @@ class DMGuessSiesta(Siesta):
                 raise
             self._reason = str(exc)
             warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {exc}", stacklevel=3)
+            return
+        limit = pred.novelty_threshold if self.novelty_limit == "model" else self.novelty_limit
+        if self.fallback == "atomic" and limit and pred.novelty > limit:
+            self._reason = f"the structure looks unlike the model's training data (novelty {pred.novelty:.1f} > {limit:.1f})"
+            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {self._reason}", stacklevel=3)
             return
         dm = pred.density_matrix
         path = self._dm_path()

@@ -51,16 +51,18 @@ class TrainResult:
 
 
 def dataset_basis(data_dirs) -> dict:
-    """Species basis of the datasets, read from their first run; all runs must agree (checked on load)."""
+    """Species basis of the datasets: every species of every run, read once per species (checked on load)."""
+    from .data import find_fdf
+    from .structure import read_structure
+
     basis = {}
     for d in data_dirs:
-        runs = list_runs(d)
-        from .data import find_fdf
-        from .structure import read_structure
-
-        first = runs[0].folder
-        labels = read_structure(find_fdf(first)).labels
-        for label, b in run_basis(first, labels).items():
+        labels: dict[str, Path] = {}
+        for run in list_runs(d):
+            for label in read_structure(find_fdf(run.folder)).labels:
+                labels.setdefault(label, run.folder)
+        for label, folder in labels.items():
+            b = run_basis(folder, [label])[label]
             if label in basis and basis[label].hash != b.hash:
                 raise InputFileError(f"species {label!r} has a different basis than in the other datasets", d)
             basis[label] = b

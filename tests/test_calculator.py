@@ -52,3 +52,10 @@ def test_bad_options_are_rejected(model_dir, tmp_path):
         calc(model_dir, tmp_path, guess="magic")
     with pytest.raises(ValueError, match="fallback"):
         calc(model_dir, tmp_path, fallback="ignore")
+
+
+def test_novelty_above_limit_falls_back(model_dir, tmp_path):
+    c = calc(model_dir, tmp_path, fallback="atomic", novelty_limit=1e-12)
+    with pytest.warns(UserWarning, match="novelty"):
+        c._write_guess(water_molecule())
+    assert c._used == "atomic" and "novelty" in c._reason
