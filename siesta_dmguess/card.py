@@ -110,6 +110,16 @@ def save_model(model, out_dir: str | Path, card: dict) -> Path:
     return out_dir
 
 
+def update_card(model_dir: str | Path, updates: dict) -> dict:
+    """Merge ``updates`` into a model's card (JSON and Markdown); the weights and their sha256 are untouched."""
+    path = Path(model_dir)
+    card = json.loads((path / CARD).read_text())
+    card.update(updates)
+    _atomic_write_text(path / CARD, json.dumps(card, indent=1))
+    _atomic_write_text(path / CARD_MD, card_markdown(card))
+    return card
+
+
 def card_markdown(card: dict) -> str:
     """Human-readable model card."""
     lines = [f"# Model card: {card.get('name', 'model')}", "", card.get("description", ""), ""]
@@ -129,6 +139,8 @@ def card_markdown(card: dict) -> str:
     if card.get("validation"):
         lines += ["", "## Validation (held-out structures, `siesta-dmguess evaluate`)", "", "```",
                   json.dumps(card["validation"], indent=1), "```"]
+    if card.get("notes"):
+        lines += ["", "## Notes", "", card["notes"]]
     if card.get("scf_benchmark"):
         lines += ["", "## SCF iterations with a real SIESTA (`siesta-dmguess bench`)", "", "```",
                   json.dumps(card["scf_benchmark"], indent=1), "```"]
