@@ -80,9 +80,10 @@ class DMGuessSiesta(Siesta):
     # -- helpers -------------------------------------------------------------
     def _model(self):
         if self._loaded is None:
-            from .card import load_model
+            from .card import LoadedModel, load_model
 
-            self._loaded = load_model(self.model_name)
+            m = self.model_name
+            self._loaded = m if isinstance(m, LoadedModel) else load_model(m)
         return self._loaded
 
     def _dm_path(self) -> Path:

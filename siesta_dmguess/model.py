@@ -332,6 +332,7 @@ class DensityMatrixModel(nn.Module):
             self.register_buffer(f"onsite_shift_{a}", shift.reshape(-1).to(torch.get_default_dtype()))
         # Scale of the raw outputs: DM elements are O(0.1).
         self.output_scale = 0.1
+        self.edge_chunk = 32768  # pair-readout chunk at inference (memory, not results)
         # Out-of-distribution score: Mahalanobis distance of each atom's invariant features from the
         # training atoms of its species (set by ``fit_novelty`` after training; zero means "not fitted").
         self.register_buffer("novelty_mean", torch.zeros(ns, self.num_scalars))
@@ -390,7 +391,13 @@ class DensityMatrixModel(nn.Module):
         if src.numel():
             vec = to_e3nn_frame(batch["pat_vec"])
             sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
-            edge_out = self.edge_head(h, src, dst, sh, self.rbf_pattern(vec.norm(dim=1)))
+            rbf = self.rbf_pattern(vec.norm(dim=1))
+            if torch.is_grad_enabled() or src.numel() <= self.edge_chunk:
+                edge_out = self.edge_head(h, src, dst, sh, rbf)
+            else:  # inference on large systems: bound the per-edge intermediates' memory
+                edge_out = torch.cat([self.edge_head(h, src[k:k + self.edge_chunk], dst[k:k + self.edge_chunk],
+                                                     sh[k:k + self.edge_chunk], rbf[k:k + self.edge_chunk])
+                                      for k in range(0, src.numel(), self.edge_chunk)])
             for (a, b, idx_edges, flat_idx) in batch["edge_groups"]:
                 mat = getattr(self, f"edge_assembly_{a}_{b}")
                 flat[flat_idx.reshape(-1)] = (edge_out[idx_edges] @ mat.T).reshape(-1)
