@@ -187,7 +187,7 @@ class ChannelwiseTensorProduct(nn.Module):
         for k, (i, j, mul) in enumerate(self.paths):
             cg = getattr(self, f"cg_{k}")
             y = torch.einsum("ej,ijk->eik", shs[j], cg)  # (E, 2l_in+1, 2l_out+1)
-            outs.append((torch.bmm(xs[i], y) * ws[k][:, :, None]).reshape(n, -1))
+            outs.append((torch.bmm(xs[i], y) * ws[k][:, :, None]).reshape(n, mul * y.shape[-1]))
         return torch.cat(outs, dim=1)
 
 
