@@ -52,6 +52,9 @@ class SpeciesBasis:
     # Digest of the radial functions sampled on a fixed grid: two bases with the same
     # shells but different PAO shapes (other energy shift, other pseudopotential) differ.
     radial_digest: str = ""
+    # Per shell, R(r) (Å^-3/2, normalized: int R^2 r^2 dr = 1) on RADIAL_POINTS uniform points of [0, radius]:
+    # the model carries its basis' orbitals so that S can be computed without the .ion files.
+    radial_tables: tuple = field(default=(), compare=False, repr=False)
     source: str = field(default="", compare=False)
 
     @property
@@ -96,6 +99,7 @@ class SpeciesBasis:
         d.pop("hash", None)
         d["shells"] = tuple(Shell(**s) for s in d["shells"])
         d["kb_radii"] = tuple(d.get("kb_radii", ()))
+        d["radial_tables"] = tuple(tuple(t) for t in d.get("radial_tables", ()))
         return cls(**d)
 
     @cached_property
@@ -132,6 +136,20 @@ class SpeciesBasis:
         """Short human-readable shell list, e.g. 'O: 2s 2s 2p 2p 3d* (13 orbitals)'."""
         shells = " ".join(f"{s.n}{'spdf'[s.l]}{'*' if s.polarization else ''}" for s in self.shells)
         return f"{self.symbol}: {shells} ({self.norb} orbitals, rc <= {self.max_radius:.3f} Å)"
+
+
+RADIAL_POINTS = 400
+
+
+def _radial_tables(orbitals) -> tuple:
+    """Every shell's radial function on RADIAL_POINTS uniform points of [0, R] (8 significant digits)."""
+    tables = []
+    for orb in orbitals:
+        if orb.m != -orb.l:
+            continue
+        r = np.linspace(0.0, orb.R, RADIAL_POINTS)
+        tables.append(tuple(float(f"{v:.8g}") for v in np.asarray(orb.orb.radial(r), dtype=float)))
+    return tuple(tables)
 
 
 def _radial_digest(orbitals) -> str:
@@ -191,7 +209,8 @@ def read_species_basis(path: str | Path) -> SpeciesBasis:
     symbol = str(atom.tag) if atom.tag else atom.symbol
     return SpeciesBasis(symbol=symbol, Z=int(atom.Z), shells=tuple(shells), kb_radii=kb,
                         valence=valence or sum(s.q0 for s in shells), mass=float(atom.mass),
-                        radial_digest=_radial_digest(atom.orbitals), source=str(path))
+                        radial_digest=_radial_digest(atom.orbitals), radial_tables=_radial_tables(atom.orbitals),
+                        source=str(path))
 
 
 def find_basis_files(folder: str | Path, labels) -> dict[str, Path]:

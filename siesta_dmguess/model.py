@@ -52,6 +52,12 @@ class ModelConfig:
     num_radial: int = 8
     radial_hidden: int = 64
     avg_num_neighbors: float = 10.0
+    # Radial weights see both atoms' species (species-pair radial functions, MACE/Allegro style).
+    species_radial: bool = True
+    # Irreps of the per-atom many-body product (h ⊗ h of two projections) in each layer; "" disables it.
+    product_irreps: str = "8x0e + 4x1o + 4x1e + 4x2e + 4x2o"
+    # The pair readout also sees the product of both atoms' projected features (i-j correlations).
+    pair_product: bool = True
     pattern_cutoff: float = 0.0  # Å, longest pattern edge (set from the basis)
     seed: int = 0
     # Per species, the rotation-invariant mean on-site block of the training data (row-major,
@@ -61,9 +67,12 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    # Values of later-added fields for configs written before them (so older model folders still load).
+    LEGACY = {"species_radial": False, "product_irreps": "", "pair_product": False}
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**d)
+        return cls(**{**cls.LEGACY, **d})
 
     def species_basis(self) -> dict[str, SpeciesBasis]:
         return {k: SpeciesBasis.from_dict(v) for k, v in self.basis.items()}
@@ -201,26 +210,45 @@ def gate_for(irreps_out: o3.Irreps) -> e3nn_nn.Gate:
 
 
 class Interaction(nn.Module):
-    """One message-passing layer: h_i <- gate(sum_j TP(h_j, Y(r_ij); R(|r_ij|)) + self(h_i, species))."""
+    """One message-passing layer.
 
-    def __init__(self, irreps_in, irreps_out, irreps_sh, num_radial, radial_hidden, num_species, avg_neighbors):
+    m_i = sum_j TP(h_j, Y(r_ij); R(|r_ij|, Z_i, Z_j)); optionally a many-body term
+    P(m_i) = FCTP(A m_i, B m_i) (a body-order raising product of the aggregated
+    messages, as in MACE's symmetric contraction but of order 2); then
+    h_i <- gate(m_i + P(m_i) + self(h_i, species)) with a residual when shapes agree.
+    """
+
+    def __init__(self, irreps_in, irreps_out, irreps_sh, num_radial, radial_hidden, num_species, avg_neighbors,
+                 species_radial=True, product_irreps=""):
         super().__init__()
         self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
         self.gate = gate_for(self.irreps_out)
         self.linear_in = o3.Linear(self.irreps_in, self.irreps_in)
         self.tp = ChannelwiseTensorProduct(self.irreps_in, irreps_sh, self.gate.irreps_in)
         mid = self.tp.irreps_out
-        self.radial = mlp([num_radial, radial_hidden, self.tp.weight_numel])
+        self.species_radial = species_radial
+        n_in = num_radial + (2 * num_species if species_radial else 0)
+        self.radial = mlp([n_in, radial_hidden, self.tp.weight_numel])
         self.linear_out = o3.Linear(mid, self.gate.irreps_in)
+        self.product = None
+        if product_irreps:
+            prod = o3.Irreps(product_irreps).sort().irreps.simplify()
+            self.product_a = o3.Linear(self.gate.irreps_in, prod)
+            self.product_b = o3.Linear(self.gate.irreps_in, prod)
+            self.product = o3.FullyConnectedTensorProduct(prod, prod, self.gate.irreps_in)
         self.self_connection = o3.FullyConnectedTensorProduct(self.irreps_in, o3.Irreps(f"{num_species}x0e"),
                                                               self.gate.irreps_in)
         self.norm = 1.0 / math.sqrt(avg_neighbors)
 
     def forward(self, h, onehot, src, dst, sh, rbf):
         x = self.linear_in(h)
-        msg = self.tp(x[src], sh, self.radial(rbf))
+        radial_in = torch.cat([rbf, onehot[src], onehot[dst]], dim=1) if self.species_radial else rbf
+        msg = self.tp(x[src], sh, self.radial(radial_in))
         agg = torch.zeros(h.shape[0], msg.shape[1], dtype=msg.dtype, device=msg.device).index_add_(0, dst, msg)
-        out = self.gate(agg @ dense_matrix(self.linear_out) * self.norm + self.self_connection(h, onehot))
+        m = agg @ dense_matrix(self.linear_out) * self.norm
+        if self.product is not None:
+            m = m + self.product(self.product_a(m), self.product_b(m))
+        out = self.gate(m + self.self_connection(h, onehot))
         return out + h if self.irreps_in == self.irreps_out else out
 
 
@@ -228,39 +256,52 @@ class EdgeReadout(nn.Module):
     """Pair irreps from both end atoms' features and the pair's geometry, conditioned on both species.
 
     Both atoms' features are first projected to a small ``irreps_pair`` (cheap, per
-    atom), concatenated, and multiplied channel-wise with the pair's spherical
-    harmonics; the per-edge weights come from an MLP of the radial basis and both
-    atoms' scalar features, so every species pair gets its own radial functions.
+    atom), concatenated (optionally with their channel-wise product, which carries
+    i-j correlations such as the relative orientation of the two environments),
+    and multiplied channel-wise with the pair's spherical harmonics; the per-edge
+    weights come from an MLP of the radial basis and both atoms' scalar features,
+    so every species pair gets its own radial functions.
     """
 
-    def __init__(self, irreps_node, irreps_pair, irreps_sh, irreps_out, num_radial, radial_hidden, num_scalars):
+    def __init__(self, irreps_node, irreps_pair, irreps_sh, irreps_out, num_radial, radial_hidden, num_scalars,
+                 pair_product=False):
         super().__init__()
         self.irreps_out = o3.Irreps(irreps_out)
         irreps_pair = o3.Irreps(irreps_pair).sort().irreps.simplify()  # e3nn's canonical order
         self.project = o3.Linear(irreps_node, irreps_pair)
-        both = o3.Irreps([(2 * mul, ir) for mul, ir in irreps_pair])
+        self.pair_product = None
+        parts = [irreps_pair, irreps_pair]
+        if pair_product:
+            self.pair_product = o3.ElementwiseTensorProduct(irreps_pair, irreps_pair)
+            parts.append(self.pair_product.irreps_out)
+        cat = o3.Irreps([(mul, ir) for p in parts for mul, ir in p])
+        sorted_cat = cat.sort()
+        self.register_buffer("order", _sorted_columns(cat, sorted_cat.inv), persistent=False)
+        both = sorted_cat.irreps.simplify()
         self.tp = ChannelwiseTensorProduct(both, irreps_sh, self.irreps_out)
         mid = self.tp.irreps_out
         self.weights = mlp([num_radial + 2 * num_scalars, radial_hidden, radial_hidden, self.tp.weight_numel])
         self.linear_out = o3.Linear(mid, self.irreps_out)
-        self.register_buffer("interleave", _interleave_index(self.project.irreps_out), persistent=False)
         self.num_scalars = num_scalars
 
     def forward(self, h, src, dst, sh, rbf):
         s = self.num_scalars
         w = self.weights(torch.cat([rbf, h[src, :s], h[dst, :s]], dim=1))
         p = self.project(h)
-        # Both atoms' projected irreps, interleaved into the sorted layout the product expects.
-        x = torch.cat([p[src], p[dst]], dim=1)[:, self.interleave]
+        parts = [p[src], p[dst]]
+        if self.pair_product is not None:
+            parts.append(self.pair_product(p[src], p[dst]))
+        # Concatenated irreps, reordered into the sorted layout the product expects.
+        x = torch.cat(parts, dim=1)[:, self.order]
         return self.tp(x, sh, w) @ dense_matrix(self.linear_out)
 
 
-def _interleave_index(irreps: o3.Irreps) -> torch.Tensor:
-    """Column order that turns [a, b] (two copies of ``irreps``) into the layout of (irreps + irreps).sort()."""
-    order, dim = [], irreps.dim
-    for sl in irreps.slices():
-        order.extend(range(sl.start, sl.stop))
-        order.extend(range(dim + sl.start, dim + sl.stop))
+def _sorted_columns(irreps: o3.Irreps, inv) -> torch.Tensor:
+    """Column order that lays out the blocks of ``irreps`` in the order of ``irreps.sort()``."""
+    slices = irreps.slices()
+    order = []
+    for k in inv:  # inv[new position] = old index
+        order.extend(range(slices[k].start, slices[k].stop))
     return torch.tensor(order, dtype=torch.long)
 
 
@@ -306,7 +347,7 @@ class DensityMatrixModel(nn.Module):
         layers, irreps = [], o3.Irreps(f"{self.num_scalars}x0e")
         for _ in range(config.num_layers):
             layers.append(Interaction(irreps, hidden, self.irreps_sh_mp, config.num_radial, config.radial_hidden, ns,
-                                      config.avg_num_neighbors))
+                                      config.avg_num_neighbors, config.species_radial, config.product_irreps))
             irreps = hidden
         self.layers = nn.ModuleList(layers)
         # Readouts: one irreps vector per atom (on-site) and per directed pattern edge.
@@ -316,7 +357,7 @@ class DensityMatrixModel(nn.Module):
         pattern_cutoff = config.pattern_cutoff or 2 * max(b.max_radius + b.max_kb_radius for b in self.basis)
         self.rbf_pattern = RadialBasis(config.num_radial, pattern_cutoff + 1e-3)
         self.edge_head = EdgeReadout(hidden, config.pair_irreps, self.irreps_sh, self.edge_irreps,
-                                     config.num_radial, config.radial_hidden, self.num_scalars)
+                                     config.num_radial, config.radial_hidden, self.num_scalars, config.pair_product)
         for a in range(ns):
             self.register_buffer(f"node_assembly_{a}", assembly_matrix(self.basis[a], self.basis[a],
                                                                        self.node_irreps).to(torch.get_default_dtype()))
