@@ -158,9 +158,180 @@ def plot(rows: list[StructureResult], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- trajectories
+
+
+TRAJECTORY_GUESSES = ("atomic", "reuse", "extrapolation", "ml", "ml+residual")
+
+
+def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, command) -> tuple:
+    """Run SIESTA on one frame from ``start_dm`` (a folded CSR or None: atomic guess); return (result, D_scf)."""
+    import sisl
+
+    from .dm import read_density_matrix, write_density_matrix
+    from .siesta import prepare_run, run_siesta
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    src = workdir / "frame.fdf"
+    src.write_text(fdf_text)
+    dm_file = None
+    if start_dm is not None:
+        dm_file = workdir / "start.DM"
+        write_density_matrix(sisl.DensityMatrix.fromsp(geometry, [start_dm]), dm_file, overwrite=True)
+    fdf = prepare_run(src, workdir / "run", "atomic" if start_dm is None else "ml", dm_file=dm_file,
+                      pseudo_dirs=pseudo_dirs)
+    run = run_siesta(fdf, command=command)
+    out = run.output
+    label = _system_label(fdf)
+    converged = read_density_matrix(fdf.parent / f"{label}.DM", geometry).tocsr(0)
+    return out, run.wall_s, converged
+
+
+def _system_label(fdf: Path) -> str:
+    from .siesta.runner import fdf_value
+
+    return fdf_value(fdf, "SystemLabel", "siesta")
+
+
+def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="bench", guesses=TRAJECTORY_GUESSES,
+                             depth: int = 3, frames: slice = slice(None), command=None, progress: bool = True,
+                             pseudo_dirs=()) -> dict:
+    """SCF iterations along a trajectory for each starting guess (see :mod:`siesta_dmguess.history`).
+
+    Every frame of ``trajectory`` (any file ASE reads, or a list of Atoms) is run
+    with the settings of ``fdf_template`` (its geometry replaced), once per guess;
+    each guess keeps its own history of converged DMs. Γ-only runs only (the
+    history is kept in the folded layout). Results go to ``bench_<name>.json/.md/.png``.
+    """
+    import ase.io
+    from tqdm.auto import tqdm
+
+    from .card import load_model
+    from .dm import build_geometry
+    from .errors import InputFileError
+    from .history import TrajectoryHistory
+    from .predict import predict_density_matrix
+    from .siesta.templates import _species_order
+    from .structure import read_fdf_settings, structure_from_atoms
+
+    fdf_template, out_dir = Path(fdf_template), Path(out_dir)
+    if not fdf_template.is_file():
+        raise InputFileError("fdf template not found", fdf_template)
+    if read_fdf_settings(fdf_template).get("kgrid"):
+        raise InputFileError("trajectory benchmarks need a Γ-only fdf (the DM history is kept folded)", fdf_template)
+    images = list(ase.io.read(str(trajectory), index=":")) if not isinstance(trajectory, list) else trajectory
+    images = images[frames]
+    if not images:
+        raise InputFileError("the trajectory holds no frames", trajectory if not isinstance(trajectory, list) else None)
+    template = fdf_template.read_text()
+    by_symbol = {label.rstrip("0123456789_-.").capitalize(): label for label in _species_order(template)}
+    name = Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory"
+    loaded = load_model(model) if any(g.startswith("ml") for g in guesses) else None
+    pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
+    histories = {g: TrajectoryHistory(depth) for g in guesses}
+    rows = []
+    for t, atoms in enumerate(tqdm(images, desc=f"bench {name}", disable=not progress)):
+        labels = [by_symbol.get(sym, sym) for sym in atoms.get_chemical_symbols()]
+        text = fdf_with_geometry_text(template, atoms, labels)
+        structure = structure_from_atoms(atoms, labels)
+        structure.fdf_settings = read_fdf_settings(fdf_template)
+        predicted, prediction_s, basis = None, 0.0, None
+        if loaded is not None:
+            t0 = time.perf_counter()
+            pred = predict_density_matrix(structure, loaded, fold=True)
+            prediction_s = time.perf_counter() - t0
+            predicted, basis = pred.density_matrix.tocsr(0), loaded.basis
+        if basis is None:
+            from .data import run_basis
+
+            basis = run_basis(fdf_template.parent, set(labels))
+        geometry = build_geometry(structure, basis)
+        row = {"frame": t, "natoms": len(atoms)}
+        for g in guesses:
+            start = histories[g].guess(g, atoms.positions, predicted)
+            out, wall, converged = _run_frame(text, out_dir / name / f"{t:04d}" / g, start, geometry, pseudo_dirs,
+                                              command)
+            histories[g].push(atoms.positions, converged, predicted)
+            row[g] = asdict(GuessResult(g if start is not None else "atomic", out.scf_iterations, out.converged,
+                                        out.dm_read_from_file, out.total_energy_eV, wall,
+                                        prediction_s if g.startswith("ml") else 0.0,
+                                        [st.dDmax for st in out.scf_history]))
+        rows.append(row)
+    report = summarize_trajectory(rows, guesses, str(loaded.path) if loaded else "", str(trajectory))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
+    (out_dir / f"bench_{name}.md").write_text(trajectory_markdown(report))
+    plot_trajectory(report, out_dir / f"bench_{name}.png")
+    return report
+
+
+def fdf_with_geometry_text(template: str, atoms, labels) -> str:
+    from .siesta.templates import fdf_with_geometry
+
+    return fdf_with_geometry(template, atoms, labels)
+
+
+def summarize_trajectory(rows: list[dict], guesses, model: str, data: str) -> dict:
+    totals = {g: sum(r[g]["scf_iterations"] for r in rows) for g in guesses}
+    walls = {g: sum(r[g]["siesta_wall_s"] + r[g]["prediction_s"] for r in rows) for g in guesses}
+    base = totals.get("atomic")
+    energies = {g: [r[g]["total_energy_eV"] for r in rows] for g in guesses}
+    ref = energies.get("atomic") or next(iter(energies.values()))
+    de = {g: max(abs(a - b) for a, b in zip(energies[g], ref)) for g in guesses}
+    return {"model": model, "data": data, "frames": len(rows), "guesses": list(guesses),
+            "scf_iterations": totals, "wall_s_including_prediction": walls,
+            "iterations_saved_vs_atomic": {g: (1 - totals[g] / base) if base else None for g in guesses},
+            "max_abs_energy_difference_eV": de,
+            "all_converged": all(r[g]["converged"] for r in rows for g in guesses), "per_frame": rows}
+
+
+def trajectory_markdown(report: dict) -> str:
+    guesses = report["guesses"]
+    lines = [f"# SCF iterations along {Path(report['data']).name} ({report['frames']} frames)", "",
+             "| frame | " + " | ".join(guesses) + " |", "| --- |" + " --- |" * len(guesses)]
+    for r in report["per_frame"]:
+        lines.append(f"| {r['frame']} | " + " | ".join(str(r[g]["scf_iterations"]) for g in guesses) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{report['scf_iterations'][g]}**" for g in guesses) + " |")
+    saved = report["iterations_saved_vs_atomic"]
+    lines += ["", "| guess | SCF iterations | saved vs atomic | wall incl. prediction (s) | max abs(ΔE) vs atomic (eV) |",
+              "| --- | --- | --- | --- | --- |"]
+    for g in guesses:
+        frac = f"{100 * saved[g]:.0f} %" if saved[g] is not None else "-"
+        lines.append(f"| {g} | {report['scf_iterations'][g]} | {frac} | "
+                     f"{report['wall_s_including_prediction'][g]:.1f} | {report['max_abs_energy_difference_eV'][g]:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_trajectory(report: dict, path: Path) -> None:
+    """SCF iterations per frame for every guess."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    frames = [r["frame"] for r in report["per_frame"]]
+    for k, g in enumerate(report["guesses"]):
+        ax.plot(frames, [r[g]["scf_iterations"] for r in report["per_frame"]], "o-", color=f"C{k}",
+                label=f"{g} ({report['scf_iterations'][g]})")
+    ax.set_xlabel("trajectory frame")
+    ax.set_ylabel("SCF iterations")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title(Path(report["data"]).name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def add_bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="SCF iterations with the ML guess vs SIESTA's atomic guess (real SIESTA)")
-    b.add_argument("data_dir", help="dataset folder of run folders (fdf + basis/*.psf)")
+    b.add_argument("data_dir", help="dataset folder of run folders (fdf + basis/*.psf), or a trajectory file "
+                                    "(with --fdf)")
+    b.add_argument("--fdf", help="for a trajectory: the fdf whose settings every frame is run with")
+    b.add_argument("--guesses", default=",".join(TRAJECTORY_GUESSES),
+                   help="for a trajectory: comma-separated starting guesses to compare")
+    b.add_argument("--depth", type=int, default=3, help="for a trajectory: steps kept for extrapolation")
     b.add_argument("--model", default="water")
     b.add_argument("--out", default="bench", help="output folder for runs, JSON, Markdown and PNG")
     b.add_argument("--split", default="val", help="val, train or all")
@@ -170,6 +341,13 @@ def add_bench_parser(sub) -> None:
 
 
 def _cmd_bench(args) -> int:
+    if args.fdf:
+        report = run_trajectory_benchmark(args.data_dir, args.fdf, args.model, args.out,
+                                          tuple(g.strip() for g in args.guesses.split(",") if g.strip()),
+                                          depth=args.depth, command=args.siesta,
+                                          frames=slice(0, args.limit or None))
+        print(trajectory_markdown(report))
+        return 0
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,
                            args.limit, args.siesta)
     print(markdown(report))

@@ -3,10 +3,13 @@
 :class:`DMGuessSiesta` is ASE's :class:`ase.calculators.siesta.Siesta` (same
 constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
 
-* ``model``: a shipped model name or a model folder;
-* ``guess``: ``"ml"`` (the prediction for every geometry), ``"ml+residual"``
-  (for MD/relaxations: the prediction plus the previous step's correction
-  D_scf(prev) - D_ml(prev), Γ-only), or ``"atomic"``;
+* ``model``: a shipped model name, a model folder or a loaded model;
+* ``guess``: how each SCF starts (see :mod:`siesta_dmguess.history`):
+  ``"ml"`` (the prediction for every geometry), ``"ml+residual"`` (for MD and
+  relaxations: the prediction corrected by the model's error on the previous
+  steps, extrapolated with SIESTA's rule; Γ-only), ``"reuse"`` (SIESTA's
+  previous-step DM), ``"extrapolation"`` (SIESTA's DM extrapolation, applied
+  across ASE-driven steps; Γ-only) or ``"atomic"``;
 * ``fallback``: ``"error"`` (default) or ``"atomic"``: what to do when the model
   does not cover the structure (species, basis, settings) — the atomic guess is
   used with a warning that says why;
@@ -14,11 +17,13 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
   and record the iterations saved;
 * ``novelty_limit``: with ``fallback="atomic"``, use the atomic guess when the
   structure's novelty score (see ``Prediction.novelty``) exceeds this value
-  (``"model"``: the model card's threshold; ``None``: never).
+  (``"model"``: the model card's threshold; ``None``: never);
+* ``history_depth``: steps kept for extrapolation (SIESTA's ``DM.History.Depth``).
 
 After each calculation ``calc.guess_record`` (a :class:`GuessRecord`) holds the
-SCF iterations, whether SIESTA read the DM, prediction and SCF times. The guess
-never changes SIESTA's settings, so the converged answer is the same.
+SCF iterations, whether SIESTA read the DM, prediction and SCF times, and the
+prediction's uncertainty (electron-count error, novelty). The guess never
+changes SIESTA's settings, so the converged answer is the same.
 """
 
 from __future__ import annotations
@@ -39,13 +44,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GuessRecord:
-    guess: str  # what was used: ml, ml+residual, atomic
+    guess: str  # what was used: ml, ml+residual, reuse, extrapolation, atomic
     scf_iterations: int
     dm_read: bool
     prediction_s: float
     scf_s: float
     atomic_scf_iterations: int | None = None
     reason: str = ""  # why a fallback happened
+    electron_count_error: float | None = None  # Tr(D S) - N of the raw prediction
+    novelty: float | None = None  # the prediction's out-of-distribution score
 
     @property
     def iterations_saved(self) -> int | None:
@@ -57,13 +64,19 @@ class GuessRecord:
 class DMGuessSiesta(Siesta):
     """ASE's SIESTA calculator that starts every SCF from an ML-predicted density matrix."""
 
+    GUESSES = ("ml", "ml+residual", "reuse", "extrapolation", "atomic")
+
     def __init__(self, *args, model="water", guess: str = "ml", fallback: str = "error",
-                 compare_baseline: bool = False, novelty_limit="model", **kwargs):
+                 compare_baseline: bool = False, novelty_limit="model", history_depth: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
-        if guess not in ("ml", "ml+residual", "atomic"):
-            raise ValueError(f"guess must be 'ml', 'ml+residual' or 'atomic', not {guess!r}")
+        if guess not in self.GUESSES:
+            raise ValueError(f"guess must be one of {self.GUESSES}, not {guess!r}")
         if fallback not in ("error", "atomic"):
             raise ValueError(f"fallback must be 'error' or 'atomic', not {fallback!r}")
+        if guess in ("ml+residual", "extrapolation") and not self._gamma_only():
+            raise ValueError(f"guess={guess!r} keeps a Γ-only (folded) DM history; with k-points use 'ml' or 'reuse'")
+        from .history import TrajectoryHistory
+
         self.model_name = model
         self.guess = guess
         self.fallback = fallback
@@ -71,13 +84,19 @@ class DMGuessSiesta(Siesta):
         self.novelty_limit = novelty_limit
         self.guess_record: GuessRecord | None = None
         self.history: list[GuessRecord] = []
+        self.trajectory = TrajectoryHistory(history_depth)
         self._loaded = None
         self._used = "atomic"
         self._prediction_s = 0.0
         self._reason = ""
-        self._previous = None  # (ml prediction csr, structure labels) of the last step
+        self._prediction = None  # the current step's Prediction (ML guesses)
+        self._positions = None
 
     # -- helpers -------------------------------------------------------------
+    def _gamma_only(self) -> bool:
+        kpts = self["kpts"]
+        return kpts is None or all(int(k) == 1 for k in kpts)
+
     def _model(self):
         if self._loaded is None:
             from .card import LoadedModel, load_model
@@ -89,60 +108,83 @@ class DMGuessSiesta(Siesta):
     def _dm_path(self) -> Path:
         return Path(self.directory) / f"{self.prefix}.DM"
 
-    def _write_guess(self, atoms) -> None:
-        """Predict and write <prefix>.DM, or fall back to the atomic guess."""
-        from .dm import write_density_matrix
+    def _predict(self, atoms):
+        """The ML prediction for ``atoms``, or None (with ``self._reason``) when falling back."""
         from .predict import predict_density_matrix
         from .structure import structure_from_atoms
 
-        self._used, self._reason, self._prediction_s = "atomic", "", 0.0
-        if self.guess == "atomic":
-            return
-        structure = structure_from_atoms(atoms)
-        kpts = self["kpts"]
-        gamma_only = kpts is None or all(int(k) == 1 for k in kpts)
-        t0 = time.perf_counter()
         try:
-            pred = predict_density_matrix(structure, self._model(), fold=gamma_only)
+            pred = predict_density_matrix(structure_from_atoms(atoms), self._model(), fold=self._gamma_only())
         except DMGuessError as exc:
             if self.fallback == "error":
                 raise
             self._reason = str(exc)
-            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {exc}", stacklevel=3)
-            return
+            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {exc}", stacklevel=4)
+            return None
         limit = pred.novelty_threshold if self.novelty_limit == "model" else self.novelty_limit
         if self.fallback == "atomic" and limit and pred.novelty > limit:
             self._reason = f"the structure looks unlike the model's training data (novelty {pred.novelty:.1f} > {limit:.1f})"
-            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {self._reason}", stacklevel=3)
+            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {self._reason}", stacklevel=4)
+            return None
+        return pred
+
+    def _write_guess(self, atoms) -> None:
+        """Write <prefix>.DM for this step's guess, or leave none (atomic guess)."""
+        import sisl
+
+        from .dm import build_geometry, write_density_matrix
+
+        self._used, self._reason, self._prediction_s, self._prediction = "atomic", "", 0.0, None
+        self._positions = atoms.positions.copy()
+        if self.guess == "atomic":
             return
-        dm = pred.density_matrix
+        if self.guess == "reuse":  # SIESTA reads the DM it wrote at the previous step, if any
+            self._used = "reuse" if self._dm_path().is_file() else "atomic"
+            return
+        predicted = None
+        t0 = time.perf_counter()
+        if self.guess.startswith("ml"):
+            self._prediction = self._predict(atoms)
+            if self._prediction is None:
+                return
+            predicted = self._prediction.density_matrix.tocsr(0)
+        start = self.trajectory.guess(self.guess, atoms.positions, predicted)
+        if start is None:  # no history yet (extrapolation at the first step)
+            return
+        if self._prediction is not None:
+            geometry = self._prediction.density_matrix.geometry
+        else:
+            from .structure import structure_from_atoms
+
+            geometry = build_geometry(structure_from_atoms(atoms), self._model().basis)
         path = self._dm_path()
-        if self.guess == "ml+residual" and gamma_only and path.is_file() and self._previous is not None:
-            dm = self._add_residual(dm, path)
         if path.is_file():  # SIESTA's DM of the previous step: keep one copy, do not pile up backups
             shutil.copy(path, path.with_name(path.name + ".prev"))
-        write_density_matrix(dm, path, overwrite=True)
-        self._previous = pred.density_matrix.copy()
+        write_density_matrix(sisl.DensityMatrix.fromsp(geometry, [start]), path, overwrite=True)
         self._used = self.guess
         self._prediction_s = time.perf_counter() - t0
 
-    def _add_residual(self, dm, path: Path):
-        """ML(now) + [SCF(prev) - ML(prev)] on the elements of ML(now) (folded, same orbital count)."""
-        import sisl
-
+    def _record_converged(self) -> None:
+        """Keep this step's converged DM (and prediction) for the next step's guess."""
+        if self.guess not in ("ml+residual", "extrapolation") or not self._gamma_only():
+            return
         from .dm import read_density_matrix
 
+        pred = self._prediction
         try:
-            scf_prev = read_density_matrix(path, self._previous.geometry).tocsr(0)
-        except DMGuessError as exc:
-            log.warning("ml+residual: previous DM unusable (%s); using the plain ML guess", exc)
-            return dm
-        residual = scf_prev - self._previous.tocsr(0)
-        new = dm.tocsr(0)
-        mask = new.copy()
-        mask.data[:] = 1.0
-        combined = new + residual.multiply(mask)
-        return sisl.DensityMatrix.fromsp(dm.geometry, [combined.tocsr()])
+            if pred is not None:
+                geometry = pred.density_matrix.geometry
+            else:
+                from .dm import build_geometry
+                from .structure import structure_from_atoms
+
+                geometry = build_geometry(structure_from_atoms(self.atoms), self._model().basis)
+            converged = read_density_matrix(self._dm_path(), geometry).tocsr(0)
+        except (DMGuessError, OSError) as exc:
+            log.warning("could not read SIESTA's converged DM (%s); the next step starts without history", exc)
+            self.trajectory.clear()
+            return
+        self.trajectory.push(self._positions, converged, None if pred is None else pred.density_matrix.tocsr(0))
 
     def _apply_template(self, init: str) -> None:
         from .siesta.templates import apply_dm_init
@@ -165,9 +207,13 @@ class DMGuessSiesta(Siesta):
         from .siesta.output import parse_output
 
         out = parse_output(self.getpath(ext="out"))
+        self._record_converged()
         baseline = self._run_baseline() if self.compare_baseline and self._used != "atomic" else None
+        pred = self._prediction
         self.guess_record = GuessRecord(self._used, out.scf_iterations, out.dm_read_from_file, self._prediction_s,
-                                        scf_s, baseline, self._reason)
+                                        scf_s, baseline, self._reason,
+                                        None if pred is None else pred.electron_count_error,
+                                        None if pred is None else pred.novelty)
         self.history.append(self.guess_record)
         self.results["guess"] = self.guess_record
 

@@ -76,6 +76,17 @@ class LoadedModel:
     card: dict
     path: Path
     basis: dict = field(default_factory=dict)
+    _overlap: object = field(default=None, repr=False)
+
+    @property
+    def overlap(self):
+        """An :class:`~siesta_dmguess.overlap.OverlapCalculator` for the model's basis, or None if the
+        model's config carries no radial functions (models written before they were stored)."""
+        if self._overlap is None and all(len(b.radial_tables) == len(b.shells) for b in self.basis.values()):
+            from .overlap import OverlapCalculator
+
+            self._overlap = OverlapCalculator(self.basis)
+        return self._overlap
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

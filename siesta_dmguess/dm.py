@@ -64,6 +64,12 @@ class BlockLayout:
     transpose: np.ndarray  # (M,) flat index of the transposed element: (j, i, -S)[b, a] of (i, j, S)[a, b]
 
     @property
+    def orbitals_per_atom(self) -> np.ndarray:
+        """Orbitals of every atom (the on-site blocks are square and come first)."""
+        nat = self.n_onsite
+        return np.sqrt(np.diff(self.block_offset[: nat + 1])).round().astype(np.int64)
+
+    @property
     def n_onsite(self) -> int:
         return int(np.sum((self.block_i == self.block_j) & np.all(self.block_shift == 0, axis=1)))
 

@@ -58,6 +58,9 @@ class ModelConfig:
     product_irreps: str = "8x0e + 4x1o + 4x1e + 4x2e + 4x2o"
     # The pair readout also sees the product of both atoms' projected features (i-j correlations).
     pair_product: bool = True
+    radial_basis: str = "bessel"  # "bessel" or "gaussian" (narrow; resolves small bond changes)
+    feature_norm: bool = False  # per-species standardization of node features (fitted on training data)
+    embedding: str = "species"  # first layer: "species" (one-hot) or "density" (ACE atomic base + product)
     pattern_cutoff: float = 0.0  # Å, longest pattern edge (set from the basis)
     seed: int = 0
     # Per species, the rotation-invariant mean on-site block of the training data (row-major,
@@ -68,7 +71,8 @@ class ModelConfig:
         return asdict(self)
 
     # Values of later-added fields for configs written before them (so older model folders still load).
-    LEGACY = {"species_radial": False, "product_irreps": "", "pair_product": False}
+    LEGACY = {"species_radial": False, "product_irreps": "", "pair_product": False, "radial_basis": "bessel", "feature_norm": False,
+              "embedding": "species"}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -135,19 +139,35 @@ def assembly_matrix(basis_a: SpeciesBasis, basis_b: SpeciesBasis, irreps: o3.Irr
 
 
 class RadialBasis(nn.Module):
-    """Bessel functions sin(n pi r / rc) / r times a smooth polynomial cutoff (p = 6)."""
+    """Radial features times a smooth polynomial cutoff (p = 6).
 
-    def __init__(self, num: int, cutoff: float):
+    ``kind="bessel"``: sin(n pi r / rc) / r (NequIP). ``kind="gaussian"``: Gaussians
+    of width equal to their spacing on [0, rc]. Gaussians resolve small changes of
+    a bond length (a DM element moves by ~1e-2 per 0.01 Å) much better than the
+    long-wavelength Bessel functions, which the network then has to amplify.
+    """
+
+    def __init__(self, num: int, cutoff: float, kind: str = "bessel"):
         super().__init__()
         self.cutoff = float(cutoff)
-        self.register_buffer("freq", torch.arange(1, num + 1, dtype=torch.get_default_dtype()) * math.pi)
+        self.kind = kind
+        if kind == "bessel":
+            self.register_buffer("freq", torch.arange(1, num + 1, dtype=torch.get_default_dtype()) * math.pi)
+        elif kind == "gaussian":
+            self.register_buffer("centers", torch.linspace(0.0, self.cutoff, num, dtype=torch.get_default_dtype()))
+            self.width = self.cutoff / (num - 1)
+        else:
+            raise ValueError(f"unknown radial basis {kind!r}")
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         x = (r / self.cutoff).clamp(min=1e-9, max=1.0)
-        bessel = math.sqrt(2.0 / self.cutoff) * torch.sin(self.freq * x[:, None]) / (x[:, None] * self.cutoff)
+        if self.kind == "bessel":
+            features = math.sqrt(2.0 / self.cutoff) * torch.sin(self.freq * x[:, None]) / (x[:, None] * self.cutoff)
+        else:
+            features = torch.exp(-0.5 * ((r[:, None] - self.centers) / self.width) ** 2)
         p = 6.0
         envelope = 1 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
-        return bessel * (envelope * (r < self.cutoff))[:, None]
+        return features * (envelope * (r < self.cutoff))[:, None]
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -308,20 +328,130 @@ def _sorted_columns(irreps: o3.Irreps, inv) -> torch.Tensor:
 def dense_matrix(linear: o3.Linear) -> torch.Tensor:
     """The (dim_in, dim_out) matrix of an e3nn Linear (no biases), differentiable in its weights.
 
-    Applying it as one matmul gives the same equivariant map as ``linear(x)``;
-    on edge-sized inputs it avoids e3nn's per-irrep slicing, whose backward pass
-    zero-fills an input-sized tensor per slice.
+    Applying it as one matmul gives the same equivariant map as ``linear(x)``; on
+    edge-sized inputs it avoids e3nn's per-irrep slicing, whose backward pass
+    zero-fills an input-sized tensor per slice. Built block by block from the
+    Linear's instructions (weight block (mul_in, mul_out) times the identity on
+    the 2l+1 components, scaled by e3nn's path weight), never as ``linear(eye)``,
+    whose cost grows with dim_in squared.
     """
+    if linear.bias.numel():
+        raise ValueError("dense_matrix supports e3nn Linear layers without biases")
     if not torch.is_grad_enabled():  # inference: reuse the matrix while the weights are unchanged
         key = (linear.weight._version, linear.weight.dtype, linear.weight.data_ptr())
         cached = getattr(linear, "_dense_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-    eye = torch.eye(linear.irreps_in.dim, dtype=linear.weight.dtype, device=linear.weight.device)
-    matrix = linear(eye)
+    index = getattr(linear, "_dense_index", None)
+    if index is None:
+        index = linear._dense_index = _dense_index(linear)
+    position, weight_index, scale = index
+    values = linear.weight[weight_index] * scale.to(linear.weight.dtype)
+    matrix = linear.weight.new_zeros(linear.irreps_in.dim * linear.irreps_out.dim).index_put((position,), values)
+    matrix = matrix.reshape(linear.irreps_in.dim, linear.irreps_out.dim)
     if not torch.is_grad_enabled():
         linear._dense_cache = (key, matrix)
     return matrix
+
+
+class SpeciesNorm(nn.Module):
+    """Per-species standardization of equivariant features, fitted once on training data and then frozen.
+
+    Scalars are shifted by their per-species mean and scaled to unit variance;
+    every other irrep channel is scaled to unit mean squared norm (no shift, so
+    equivariance is kept). Distorted copies of one molecule differ by ~1e-3 in
+    raw features; standardized, the heads need O(1) weights instead of weights
+    that Adam (steps of ~lr per update) would take 1e5 steps to grow.
+    """
+
+    def __init__(self, irreps, num_species: int):
+        super().__init__()
+        self.irreps = o3.Irreps(irreps)
+        dim = self.irreps.dim
+        self.register_buffer("shift", torch.zeros(num_species, dim))
+        self.register_buffer("scale", torch.ones(num_species, dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, h, species):
+        return (h - self.shift[species]) * self.scale[species]
+
+    @torch.no_grad()
+    def fit(self, h, species, floor: float = 1e-4) -> None:
+        """Set shift and scale from features ``h`` (N, dim) of atoms with species index ``species`` (N,)."""
+        for a in range(self.shift.shape[0]):
+            x = h[species == a]
+            if x.shape[0] < 2:
+                continue
+            shift, scale = torch.zeros_like(x[0]), torch.ones_like(x[0])
+            for sl, (mul, ir) in zip(self.irreps.slices(), self.irreps):
+                block = x[:, sl].reshape(x.shape[0], mul, ir.dim)
+                if ir.l == 0 and ir.p == 1:
+                    mean = block.mean(dim=0)
+                    std = block.std(dim=0)
+                    shift[sl] = mean.reshape(-1)
+                else:
+                    mean = torch.zeros_like(block[0])
+                    std = block.pow(2).mean(dim=(0, 2)).sqrt()[:, None].expand(mul, ir.dim)
+                scale[sl] = (1.0 / std.clamp(min=floor)).reshape(-1)
+            self.shift[a], self.scale[a] = shift, scale
+        self.fitted.fill_(True)
+
+
+class DensityEmbedding(nn.Module):
+    """First layer: ACE's atomic base A_i = sum_j G_n(|r_ij|) Y_lm(r_ij) with one channel per radial function
+    and neighbour species, mapped linearly (per centre species) plus an order-2 product (bond angles) to
+    the hidden irreps.
+
+    Unlike a learned radial MLP at random initialization, the raw narrow Gaussians
+    make the first features respond at O(1) to the small bond and angle changes
+    that move the DM, so training does not have to amplify near-constant inputs.
+    """
+
+    def __init__(self, num_radial, irreps_sh, num_species, irreps_out, product_irreps=""):
+        super().__init__()
+        self.mul = num_radial * num_species
+        self.irreps_sh = o3.Irreps(irreps_sh)
+        self.irreps_a = o3.Irreps([(self.mul, ir) for _, ir in self.irreps_sh])
+        self.irreps_out = o3.Irreps(irreps_out)
+        onehot = o3.Irreps(f"{num_species}x0e")
+        self.linear = o3.FullyConnectedTensorProduct(self.irreps_a, onehot, self.irreps_out)
+        self.product = None
+        if product_irreps:
+            prod = o3.Irreps(product_irreps).sort().irreps.simplify()
+            self.product_a = o3.Linear(self.irreps_a, prod)
+            self.product_b = o3.Linear(self.irreps_a, prod)
+            self.product = o3.FullyConnectedTensorProduct(prod, prod, self.irreps_out)
+
+    def forward(self, onehot, src, dst, sh, rbf, avg_norm: float):
+        n = onehot.shape[0]
+        w = (rbf[:, :, None] * onehot[src][:, None, :]).reshape(rbf.shape[0], self.mul)
+        parts = [(w[:, :, None] * y[:, None, :]).reshape(w.shape[0], -1)
+                 for y in sh.split([ir.dim for _, ir in self.irreps_sh], dim=1)]
+        a = torch.zeros(n, self.irreps_a.dim, dtype=w.dtype, device=w.device).index_add_(0, dst, torch.cat(parts, 1))
+        a = a * avg_norm
+        h = self.linear(a, onehot)
+        if self.product is not None:
+            h = h + self.product(self.product_a(a), self.product_b(a))
+        return h
+
+
+def _dense_index(linear: o3.Linear):
+    """(flat matrix position, weight index, path weight) of every non-zero of an e3nn Linear's matrix."""
+    rows, cols = linear.irreps_in.slices(), linear.irreps_out.slices()
+    position, weight_index, scale = [], [], []
+    offset = 0
+    for ins in linear.instructions:
+        mul_in, mul_out = ins.path_shape
+        d = linear.irreps_in[ins.i_in].ir.dim
+        u, v, m = np.meshgrid(np.arange(mul_in), np.arange(mul_out), np.arange(d), indexing="ij")
+        row = rows[ins.i_in].start + u * d + m
+        col = cols[ins.i_out].start + v * d + m
+        position.append((row * linear.irreps_out.dim + col).ravel())
+        weight_index.append((offset + u * mul_out + v).ravel())
+        scale.append(np.full(u.size, ins.path_weight))
+        offset += mul_in * mul_out
+    cat = lambda parts, dt: torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0), dtype=dt)  # noqa: E731
+    return cat(position, torch.long), cat(weight_index, torch.long), cat(scale, torch.float64)
 
 
 # ---------------------------------------------------------------- the model
@@ -343,19 +473,27 @@ class DensityMatrixModel(nn.Module):
         self.irreps_sh = o3.Irreps.spherical_harmonics(config.lmax_sh)
         self.irreps_sh_mp = o3.Irreps.spherical_harmonics(config.lmax_sh_mp)
         self.embed = nn.Linear(ns, self.num_scalars, bias=False)
-        self.rbf_mp = RadialBasis(config.num_radial, config.mp_cutoff)
+        self.rbf_mp = RadialBasis(config.num_radial, config.mp_cutoff, config.radial_basis)
         layers, irreps = [], o3.Irreps(f"{self.num_scalars}x0e")
+        self.density = None
+        if config.embedding == "density":
+            self.density = DensityEmbedding(config.num_radial, self.irreps_sh_mp, ns, hidden, config.product_irreps)
+            irreps = hidden
+        elif config.embedding != "species":
+            raise ValueError(f"unknown embedding {config.embedding!r}")
         for _ in range(config.num_layers):
             layers.append(Interaction(irreps, hidden, self.irreps_sh_mp, config.num_radial, config.radial_hidden, ns,
                                       config.avg_num_neighbors, config.species_radial, config.product_irreps))
             irreps = hidden
         self.layers = nn.ModuleList(layers)
+        n_stages = len(layers) + (self.density is not None)
+        self.norms = nn.ModuleList([SpeciesNorm(hidden, ns) for _ in range(n_stages)]) if config.feature_norm else None
         # Readouts: one irreps vector per atom (on-site) and per directed pattern edge.
         self.node_irreps = output_irreps([(b, b) for b in self.basis])
         self.edge_irreps = output_irreps([(a, b) for a in self.basis for b in self.basis])
         self.node_head = o3.FullyConnectedTensorProduct(hidden, o3.Irreps(f"{ns}x0e"), self.node_irreps)
         pattern_cutoff = config.pattern_cutoff or 2 * max(b.max_radius + b.max_kb_radius for b in self.basis)
-        self.rbf_pattern = RadialBasis(config.num_radial, pattern_cutoff + 1e-3)
+        self.rbf_pattern = RadialBasis(config.num_radial, pattern_cutoff + 1e-3, config.radial_basis)
         self.edge_head = EdgeReadout(hidden, config.pair_irreps, self.irreps_sh, self.edge_irreps,
                                      config.num_radial, config.radial_hidden, self.num_scalars, config.pair_product)
         for a in range(ns):
@@ -409,16 +547,40 @@ class DensityMatrixModel(nn.Module):
         scores = torch.cat([self.novelty(b) for b in batches])
         self.novelty_threshold.fill_(float(torch.quantile(scores, quantile)) if scores.numel() else 0.0)
 
-    def node_features(self, batch) -> torch.Tensor:
+    def node_features(self, batch, raw_stage: int | None = None) -> torch.Tensor:
+        """Per-atom irreps features after the embedding and every interaction (each standardized).
+
+        ``raw_stage=k`` returns the features of stage k before its standardization (for fitting it).
+        """
         onehot = batch["onehot"]
-        h = self.embed(onehot)
+        species = onehot.argmax(dim=1)
         src, dst = batch["mp_src"], batch["mp_dst"]
         vec = to_e3nn_frame(batch["mp_vec"])
         sh = o3.spherical_harmonics(self.irreps_sh_mp, vec, normalize=True, normalization="component")
         rbf = self.rbf_mp(vec.norm(dim=1))
-        for layer in self.layers:
-            h = layer(h, onehot, src, dst, sh, rbf)
+        stages = list(self.layers)
+        if self.density is not None:
+            h = None
+            stages.insert(0, lambda _h, *args: self.density(*args, self.layers[0].norm if len(self.layers) else 1.0))
+        else:
+            h = self.embed(onehot)
+        for k, stage in enumerate(stages):
+            h = stage(h, onehot, src, dst, sh, rbf)
+            if k == raw_stage:
+                return h
+            if self.norms is not None:
+                h = self.norms[k](h, species)
         return h
+
+    @torch.no_grad()
+    def fit_feature_norms(self, batches) -> None:
+        """Data-dependent initialization: fit every stage's :class:`SpeciesNorm` on training batches, in order."""
+        if self.norms is None:
+            return
+        for k, norm in enumerate(self.norms):
+            feats = [self.node_features(batch, raw_stage=k) for batch in batches]
+            species = [batch["onehot"].argmax(dim=1) for batch in batches]
+            norm.fit(torch.cat(feats), torch.cat(species))
 
     def forward(self, batch) -> torch.Tensor:
         """Flat SIESTA-basis DM values (``batch['n_flat']``,) for the batch's block layout."""

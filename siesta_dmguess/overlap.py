@@ -174,11 +174,35 @@ class OverlapCalculator:
         return out
 
 
-def electron_count(layout, density: np.ndarray, overlap: np.ndarray, fold: bool) -> float:
-    """Tr(D S) from flat per-image D and S: folded (Γ-only) sums images before multiplying."""
-    if not fold:
-        return float(np.dot(density, overlap))
-    from .dm import flat_to_csr
+def block_vectors(structure, layout) -> np.ndarray:
+    """Vector (Å) from each block's row atom to its column atom's image (zero for on-site blocks)."""
+    pos = structure.atoms.positions
+    cell = np.asarray(structure.atoms.cell)
+    return pos[layout.block_j] + layout.block_shift @ cell - pos[layout.block_i]
 
-    d, s = flat_to_csr(layout, density, True), flat_to_csr(layout, overlap, True)
-    return float(d.multiply(s).sum())
+
+def orbital_populations(layout, density: np.ndarray, overlap: np.ndarray, fold: bool) -> np.ndarray:
+    """Mulliken orbital populations (D S)_mu,mu, from flat per-image D and S.
+
+    A Γ-only (folded) DM applies to every image pair, so D and S are folded
+    before they are multiplied; with images kept, each image pairs with its own S.
+    """
+    if fold:
+        from .dm import flat_to_csr
+
+        d, s = flat_to_csr(layout, density, True), flat_to_csr(layout, overlap, True)
+        return np.asarray(d.multiply(s).sum(axis=1)).ravel()
+    return np.bincount(layout.rows, weights=density * overlap, minlength=layout.no)
+
+
+def electron_count(layout, density: np.ndarray, overlap: np.ndarray, fold: bool) -> float:
+    """Tr(D S): the number of electrons a DM holds."""
+    return float(orbital_populations(layout, density, overlap, fold).sum())
+
+
+def mulliken_charges(layout, density, overlap, fold: bool, valence_per_atom: np.ndarray) -> np.ndarray:
+    """Mulliken net charge of every atom (valence electrons minus population; positive = electron-poor)."""
+    pop = orbital_populations(layout, density, overlap, fold)
+    atom_of_orbital = np.repeat(np.arange(len(valence_per_atom)), layout.orbitals_per_atom)
+    return np.asarray(valence_per_atom, float) - np.bincount(atom_of_orbital, weights=pop,
+                                                             minlength=len(valence_per_atom))

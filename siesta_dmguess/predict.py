@@ -41,8 +41,29 @@ class Prediction:
     folded: bool
     seconds: float
     warnings: list = field(default_factory=list)
+    sample_basis: dict = field(default_factory=dict, repr=False)
     novelty: float = 0.0  # largest per-atom out-of-distribution score (≈1 for training-like atoms)
     novelty_threshold: float = 0.0  # the model's flag level (99.5% of training atoms score below it)
+    overlap: np.ndarray | None = None  # flat S (same layout as ``values``), computed from the basis
+    electrons_expected: float = 0.0  # valence electrons minus the fdf's NetCharge: what Tr(D S) must be
+    electrons_predicted: float | None = None  # Tr(D S) of the raw prediction, before normalization
+    normalized: bool = False  # values were scaled so that Tr(D S) = electrons_expected
+
+    @property
+    def electron_count_error(self) -> float | None:
+        """Tr(D S) - N of the raw prediction: a cheap, physics-based uncertainty (0 for a perfect DM)."""
+        if self.electrons_predicted is None:
+            return None
+        return self.electrons_predicted - self.electrons_expected
+
+    def mulliken_charges(self) -> np.ndarray:
+        """Mulliken net charge per atom (e) of the written DM; needs the overlap."""
+        from .overlap import mulliken_charges
+
+        if self.overlap is None:
+            raise ValueError("no overlap: the model carries no radial functions")
+        valence = np.array([b.valence for b in (self.sample_basis[l] for l in self.structure.labels)])
+        return mulliken_charges(self.sample.layout, self.values, self.overlap, self.folded, valence)
 
     @property
     def out_of_distribution(self) -> bool:
@@ -93,12 +114,18 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
 
 
 def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel | str | Path = "water",
-                           fold: bool | None = None, force: bool = False) -> Prediction:
+                           fold: bool | None = None, force: bool = False, normalize: bool = True) -> Prediction:
     """Predict the DM of a structure (an fdf, any ASE-readable file, or a :class:`Structure`).
 
     ``fold=None`` folds periodic images into the unit cell for Γ-only inputs (the
     form SIESTA itself writes) and keeps them for k-point runs (an fdf with a
     ``kgrid`` block) and for structures with no periodic images.
+
+    ``normalize`` scales the DM so that Tr(D S) equals the valence electron count
+    (minus the fdf's ``NetCharge``), with S computed from the model's basis. SIESTA
+    rescales a DM whose charge is off anyway, but then skips mixing in its first
+    SCF step (``normalize_dm.F90``), which costs an iteration. The raw prediction's
+    Tr(D S) - N is kept as ``Prediction.electron_count_error``.
     """
     t0 = time.perf_counter()
     if not isinstance(structure, Structure):
@@ -111,13 +138,36 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     values = predict_flat(loaded.model, [sample], dtype=next(loaded.model.parameters()).dtype, novelty=novelty)[0]
     if fold is None:
         fold = not structure.fdf_settings.get("kgrid", False)
+    overlap, n_expected, n_predicted = None, _expected_electrons(structure, loaded.basis), None
+    if loaded.overlap is not None:
+        from .overlap import block_vectors, electron_count
+
+        overlap = loaded.overlap.flat(structure.labels, sample.layout, block_vectors(structure, sample.layout))
+        n_predicted = electron_count(sample.layout, values, overlap, fold)
+        if normalize and n_predicted > 0:
+            values = values * (n_expected / n_predicted)
+    elif normalize:
+        log.info("model %s carries no radial functions: the DM is not charge-normalized", loaded.path.name)
     dm = density_matrix_from_flat(structure, loaded.basis, sample.layout, values, fold=fold)
     pred = Prediction(structure, sample, values, dm, loaded.path, fold, time.perf_counter() - t0, warnings,
-                      novelty[0], float(loaded.model.novelty_threshold))
+                      sample_basis=loaded.basis, novelty=novelty[0],
+                      novelty_threshold=float(loaded.model.novelty_threshold), overlap=overlap,
+                      electrons_expected=n_expected, electrons_predicted=n_predicted,
+                      normalized=normalize and n_predicted is not None)
     if pred.out_of_distribution:
         log.warning("%s looks unlike the training data of %s (novelty %.1f > %.1f): the guess may be poor",
                     structure.source or "structure", loaded.path.name, pred.novelty, pred.novelty_threshold)
     return pred
+
+
+def _expected_electrons(structure: Structure, basis) -> float:
+    """Valence electrons of the structure's atoms (sum of q0) minus the fdf's NetCharge."""
+    total = float(sum(basis[label].q0_total for label in structure.labels))
+    net = structure.fdf_settings.get("NetCharge")
+    try:
+        return total - float(str(net).split()[0]) if net is not None else total
+    except ValueError:
+        return total
 
 
 def predict_to_file(structure, out: str | Path, model="water", overwrite: bool = False, fold: bool | None = None,

@@ -124,6 +124,9 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     cfg.avg_num_neighbors = float(np.mean([len(s.mp_edges) / s.species.size for s in train_set])) or 1.0
     cfg.onsite_reference = onsite_reference(train_set, species, basis)
     model = DensityMatrixModel(cfg)
+    # Data-dependent initialization of the feature standardization (a no-op for models without it).
+    model.fit_feature_norms([collate(g, len(species), torch.float32)
+                             for g in atom_batches(train_set, 256, shuffle=False)])
     opt = torch.optim.Adam(model.parameters(), lr=options.lr)
     gamma = (options.lr_final / options.lr) ** (1.0 / max(options.epochs, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)

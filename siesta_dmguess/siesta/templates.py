@@ -42,6 +42,61 @@ def apply_dm_init(fdf_text: str, init: str) -> str:
     return "\n".join(kept + ["", f"# --- siesta-dmguess: DM initialisation '{init}' ---", block]) + "\n"
 
 
+_GEOMETRY_KEYS = {_norm_key(k) for k in ("NumberOfAtoms", "LatticeConstant", "AtomicCoordinatesFormat",
+                                           "AtomicCoordinatesOrigin")}
+_GEOMETRY_BLOCKS = {_norm_key(k) for k in ("LatticeVectors", "LatticeParameters", "AtomicCoordinatesAndAtomicSpecies")}
+
+
+def fdf_with_geometry(fdf_text: str, atoms, labels: list[str]) -> str:
+    """The fdf text with its geometry replaced by ``atoms`` (Å, Cartesian), species by ``labels``.
+
+    Everything else (basis, XC, mesh, SCF and k-point settings) is kept, so a
+    trajectory's frames are run with exactly the settings of one reference fdf.
+    """
+    species = _species_order(fdf_text)
+    missing = sorted(set(labels) - set(species))
+    if missing:
+        raise InputFileError(f"species {missing} are not in the fdf's ChemicalSpeciesLabel block ({species})")
+    kept, skipping = [], False
+    for line in fdf_text.splitlines():
+        words = line.split("#")[0].split()
+        if skipping:
+            skipping = not (words and words[0].lower() == "%endblock")
+            continue
+        if words and words[0].lower() == "%block" and len(words) > 1 and _norm_key(words[1]) in _GEOMETRY_BLOCKS:
+            skipping = True
+            continue
+        if words and _norm_key(words[0]) in _GEOMETRY_KEYS:
+            continue
+        kept.append(line)
+    cell = atoms.cell.array if atoms.cell.rank == 3 else None
+    block = [f"NumberOfAtoms {len(atoms)}", "LatticeConstant 1.0 Ang"]
+    if cell is not None:
+        block += ["%block LatticeVectors", *(" ".join(f"{x:.10f}" for x in row) for row in cell),
+                  "%endblock LatticeVectors"]
+    block += ["AtomicCoordinatesFormat Ang", "%block AtomicCoordinatesAndAtomicSpecies"]
+    block += [" ".join(f"{x:.10f}" for x in pos) + f" {species.index(label) + 1}"
+              for pos, label in zip(atoms.positions, labels)]
+    block += ["%endblock AtomicCoordinatesAndAtomicSpecies"]
+    return "\n".join(kept + ["", "# --- siesta-dmguess: geometry ---", *block]) + "\n"
+
+
+def _species_order(fdf_text: str) -> list[str]:
+    """Labels of the ChemicalSpeciesLabel block, in the block's (index) order."""
+    rows, inside = [], False
+    for line in fdf_text.splitlines():
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        if words[0].lower() == "%block" and len(words) > 1 and _norm_key(words[1]) == "chemicalspecieslabel":
+            inside = True
+        elif words[0].lower() == "%endblock":
+            inside = False
+        elif inside and len(words) >= 3:
+            rows.append((int(words[0]), words[2]))
+    return [label for _, label in sorted(rows)]
+
+
 def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: str | Path | None = None,
                 pseudo_dirs=()) -> Path:
     """Copy an fdf (with the DM-init block) and its pseudopotentials into ``workdir``; returns the new fdf.

@@ -1,0 +1,64 @@
+"""How close must a starting DM be? SCF iterations of D* + t (D_ml - D*) for a range of t.
+
+D* is the run's converged DM, D_ml the model's prediction; every starting DM is
+charge-normalized with S from the basis, like a prediction. Prints the largest
+error of each starting DM, SIESTA's iteration count and its dDmax history:
+
+    SIESTA_COMMAND=/path/to/siesta python integration/benchmarks/error_vs_iterations.py \\
+        ../shared/datasets/h2o/0004 --model water
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    import sisl
+
+    from siesta_dmguess.card import load_model
+    from siesta_dmguess.data import find_fdf, load_run
+    from siesta_dmguess.dm import flat_to_csr, write_density_matrix
+    from siesta_dmguess.overlap import block_vectors
+    from siesta_dmguess.predict import predict_density_matrix
+    from siesta_dmguess.siesta import prepare_run, run_siesta
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="a converged run folder (fdf + .DM) of a Γ-only calculation")
+    p.add_argument("--model", default="water")
+    p.add_argument("--scales", default="1,0.1,0.03,0.01,0.003,0.001")
+    args = p.parse_args()
+
+    structure, basis, dm_ref, _ = load_run(args.run)
+    loaded = load_model(args.model)
+    pred = predict_density_matrix(find_fdf(args.run), loaded, fold=True)
+    if pred.overlap is None:
+        raise SystemExit("the model carries no radial functions: no overlap for the charge normalization")
+    s = flat_to_csr(pred.sample.layout, pred.overlap, fold=True)
+    exact = dm_ref.tocsr(0)
+    error = pred.density_matrix.tocsr(0) - exact
+    n = pred.electrons_expected
+    print(f"{args.run}: model max |error| {abs(error).max():.1e}; block vectors {len(block_vectors(structure, pred.sample.layout))}")
+    print(f"{'t':>7} {'max |error|':>12} {'SCF it.':>8}  dDmax per iteration")
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in [float(x) for x in args.scales.split(",")]:
+            start = exact + t * error
+            start = start * (n / start.multiply(s).sum())
+            work = Path(tmp) / f"t{t}"
+            work.mkdir()
+            dm_file = work / "start.DM"
+            write_density_matrix(sisl.DensityMatrix.fromsp(dm_ref.geometry, [start]), dm_file)
+            fdf = prepare_run(find_fdf(args.run), work / "run", "ml", dm_file=dm_file,
+                              pseudo_dirs=[args.run.parent / "basis"])
+            out = run_siesta(fdf).output
+            history = " ".join(f"{st.dDmax:.1e}" for st in out.scf_history)
+            print(f"{t:>7g} {abs(start - exact).max():>12.1e} {out.scf_iterations:>8d}  {history}", flush=True)
+    np.set_printoptions()
+
+
+if __name__ == "__main__":
+    main()

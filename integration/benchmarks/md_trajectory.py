@@ -1,0 +1,81 @@
+"""Run a short ASE molecular dynamics with DMGuessSiesta and write the trajectory.
+
+The trajectory is the input of the trajectory benchmark, which then compares
+starting guesses frame by frame on the same geometries:
+
+    SIESTA_COMMAND=/path/to/siesta python integration/benchmarks/md_trajectory.py \\
+        ../shared/datasets/water8/0004/input.fdf --steps 20 --out water8_md.traj
+    siesta-dmguess bench water8_md.traj --fdf ../shared/datasets/water8/0004/input.fdf --model water
+
+The SIESTA settings (basis, XC, mesh, SCF tolerances) are taken from the fdf, so
+the frames are computed exactly as the dataset's structures were. Prints the SCF
+iterations of every MD step.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from ase import units
+from ase.io import Trajectory
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.verlet import VelocityVerlet
+
+from siesta_dmguess import DMGuessSiesta
+from siesta_dmguess.siesta import find_siesta
+from siesta_dmguess.siesta.runner import fdf_value
+from siesta_dmguess.structure import read_structure
+
+
+def calculator_for(fdf: Path, model: str, guess: str, directory: Path) -> DMGuessSiesta:
+    """An ASE calculator with the fdf's SIESTA settings."""
+    settings = {k: fdf_value(fdf, k) for k in ("PAO.BasisSize", "XC.authors", "MeshCutoff", "DM.Tolerance",
+                                               "SCF.Mixer.Weight", "SCF.Mixer.History", "MaxSCFIterations")}
+    mesh = float(settings["MeshCutoff"].split()[0]) * units.Ry
+    pseudo_dir = fdf.parent.parent / "basis" if (fdf.parent.parent / "basis").is_dir() else fdf.parent
+    return DMGuessSiesta(
+        model=model, guess=guess, label="siesta", directory=str(directory), xc=settings["XC.authors"] or "CA",
+        basis_set=settings["PAO.BasisSize"] or "DZP", mesh_cutoff=mesh, energy_shift=0.02 * units.Ry,
+        pseudo_qualifier="", pseudo_path=str(pseudo_dir),
+        command=" ".join(find_siesta()) + " < PREFIX.fdf > PREFIX.out",
+        fdf_arguments={k: settings[k] for k in ("DM.Tolerance", "SCF.Mixer.Weight", "SCF.Mixer.History",
+                                                "MaxSCFIterations") if settings[k]})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("fdf", type=Path, help="starting structure and SIESTA settings")
+    p.add_argument("--model", default="water")
+    p.add_argument("--guess", default="ml+residual")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--dt", type=float, default=0.5, help="time step in fs")
+    p.add_argument("--temperature", type=float, default=300.0, help="initial Maxwell-Boltzmann temperature (K)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("md.traj"))
+    p.add_argument("--workdir", type=Path, default=Path("md_run"))
+    args = p.parse_args()
+
+    atoms = read_structure(args.fdf).atoms
+    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed))
+    Stationary(atoms)
+    atoms.calc = calculator_for(args.fdf, args.model, args.guess, args.workdir)
+    traj = Trajectory(str(args.out), "w", atoms)
+    dyn = VelocityVerlet(atoms, args.dt * units.fs)
+    dyn.attach(traj.write, interval=1)
+
+    def report():
+        r = atoms.calc.guess_record
+        print(f"step {dyn.nsteps:3d}  E_pot {atoms.get_potential_energy():.6f} eV  guess {r.guess:<12} "
+              f"SCF iterations {r.scf_iterations}", flush=True)
+
+    dyn.attach(report, interval=1)
+    dyn.run(args.steps)
+    iters = [r.scf_iterations for r in atoms.calc.history]
+    print(f"{len(iters)} SIESTA runs, {sum(iters)} SCF iterations ({np.mean(iters):.1f} per step) with guess "
+          f"{args.guess!r}; trajectory in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
