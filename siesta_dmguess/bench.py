@@ -72,7 +72,7 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     """Benchmark the ML guess against the atomic guess on a dataset folder's structures (default: val split)."""
     from tqdm.auto import tqdm
 
-    from .card import load_model
+    from .card import LoadedModel, load_model
     from .data import find_fdf, list_runs
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -82,7 +82,7 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
         records = records[:limit]
     if not records:
         raise InputFileError(f"no structures in split {split!r}", data_dir)
-    loaded = load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
     rows = []
     for rec in tqdm(records, desc=f"bench {data_dir.name}", disable=not progress):
         rows.append(bench_structure(find_fdf(rec.folder), out_dir / data_dir.name / rec.id, loaded, command=command))
@@ -206,7 +206,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     import ase.io
     from tqdm.auto import tqdm
 
-    from .card import load_model
+    from .card import LoadedModel, load_model
     from .dm import build_geometry
     from .errors import InputFileError
     from .history import TrajectoryHistory
@@ -226,7 +226,9 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     template = fdf_template.read_text()
     by_symbol = {label.rstrip("0123456789_-.").capitalize(): label for label in _species_order(template)}
     name = Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory"
-    loaded = load_model(model) if any(g.startswith("ml") for g in guesses) else None
+    loaded = None
+    if any(g.startswith("ml") for g in guesses):
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
     pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
     histories = {g: TrajectoryHistory(depth) for g in guesses}
     rows = []

@@ -42,10 +42,13 @@ def _cmd_predict(args) -> int:
     pred = predict_to_file(args.structure, out, model=args.model, overwrite=args.overwrite, fold=fold,
                            force=args.force)
     geom = pred.density_matrix.geometry
-    print(f"{out}: {geom.na} atoms, {geom.no} orbitals, nsc {list(geom.lattice.nsc)}, "
+    print(f"{out}: {geom.na} atoms, {geom.no} orbitals, nsc {[int(n) for n in geom.lattice.nsc]}, "
           f"{pred.density_matrix.nnz} elements, predicted in {pred.seconds:.2f} s with {pred.model_path.name}; "
           f"novelty {pred.novelty:.2f} (flag above {pred.novelty_threshold:.2f})"
           + (" -> OUT OF DISTRIBUTION" if pred.out_of_distribution else ""))
+    if pred.electron_count_error is not None:
+        print(f"electrons Tr(D S): {pred.electrons_predicted:.4f} predicted, {pred.electrons_expected:.4f} expected "
+              f"(error {pred.electron_count_error:+.2e})" + ("; written DM normalized" if pred.normalized else ""))
     return 0
 
 
@@ -54,18 +57,21 @@ def _cmd_evaluate(args) -> int:
 
     split = None if args.split == "all" else args.split
     result = evaluate(args.model, args.data_dirs, split=split, out_json=args.json, progress=not args.quiet)
-    print(f"{'structure':<44} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'dN(Tr DS)':>10} "
+    print(f"{'structure':<44} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'raw dN':>10} "
           f"{'novelty':>8}")
     for m in result["structures"]:
-        dn = f"{m['electron_count_error']:+.2e}" if "electron_count_error" in m else "-"
+        dn = f"{m['raw_electron_count_error']:+.2e}" if "raw_electron_count_error" in m else "-"
         print(f"{m['name'][-44:]:<44} {m['natoms']:>5} {m['mae']:>10.3e} {m['max_abs']:>10.3e} "
               f"{m['atomic_mae']:>10.3e} {dn:>10} {m.get('novelty', 0):>8.2f}")
     s = result["summary"]
     print(f"mean over {s['structures']} structures: MAE {s['mae']:.3e}, max |error| {s['max_abs']:.3e}; "
           f"atomic guess MAE {s['atomic_mae']:.3e} ({s['mae_ratio_atomic_over_model']:.1f}x the model's)")
+    if "raw_electron_count_abs_error_mean" in s:
+        print(f"raw prediction's electron count |Tr(D S) - N| (before normalization): mean "
+              f"{s['raw_electron_count_abs_error_mean']:.2e}, max {s['raw_electron_count_abs_error_max']:.2e}")
     if "electron_count_abs_error_mean" in s:
-        print(f"electron count |Tr(D S) - N|: mean {s['electron_count_abs_error_mean']:.2e}, "
-              f"max {s['electron_count_abs_error_max']:.2e}")
+        print(f"written DM's electron count with SIESTA's S (.HSX) |Tr(D S) - N|: mean "
+              f"{s['electron_count_abs_error_mean']:.2e}, max {s['electron_count_abs_error_max']:.2e}")
     return 0
 
 

@@ -98,6 +98,10 @@ def summarize(per_structure: list[dict]) -> dict:
         "atomic_max_abs": float(max(m["atomic_max_abs"] for m in per_structure)),
     }
     out["mae_ratio_atomic_over_model"] = out["atomic_mae"] / max(out["mae"], 1e-30)
+    raw = [abs(m["raw_electron_count_error"]) for m in per_structure if "raw_electron_count_error" in m]
+    if raw:
+        out["raw_electron_count_abs_error_mean"] = float(np.mean(raw))
+        out["raw_electron_count_abs_error_max"] = float(np.max(raw))
     ne = [abs(m["electron_count_error"]) for m in per_structure if "electron_count_error" in m]
     if ne:
         out["electron_count_abs_error_mean"] = float(np.mean(ne))
@@ -106,12 +110,33 @@ def summarize(per_structure: list[dict]) -> dict:
     return out
 
 
-def evaluate_samples(model, samples, dtype=torch.float32) -> dict:
-    """Per-structure and summary metrics of a model on samples with targets."""
+def evaluate_samples(model, samples, dtype=torch.float32, overlap=None) -> dict:
+    """Per-structure and summary metrics of a model on samples with targets.
+
+    With an :class:`~siesta_dmguess.overlap.OverlapCalculator` the predictions are
+    charge-normalized exactly as ``predict`` writes them, and the raw prediction's
+    Tr(D S) - N is reported as ``raw_electron_count_error`` (an uncertainty that
+    needs no reference).
+    """
     novelty: list[float] = []
     flats = predict_flat(model, samples, dtype, novelty=novelty)
-    per = [sample_metrics(s, f) | {"novelty": n} for s, f, n in zip(samples, flats, novelty)]
+    per = []
+    for sample, flat, nov in zip(samples, flats, novelty):
+        extra = {"novelty": nov}
+        if overlap is not None:
+            flat, extra["raw_electron_count_error"] = normalize_flat(sample, flat, overlap)
+        per.append(sample_metrics(sample, flat) | extra)
     return {"summary": summarize(per), "structures": per}
+
+
+def normalize_flat(sample, flat: np.ndarray, overlap) -> tuple[np.ndarray, float]:
+    """Scale a flat prediction to the neutral electron count; returns (scaled, raw Tr(D S) - N)."""
+    from .overlap import block_vectors, electron_count
+
+    s = overlap.flat(sample.structure.labels, sample.layout, block_vectors(sample.structure, sample.layout))
+    n_expected = float(sample.layout.atomic.sum())
+    n_raw = electron_count(sample.layout, flat, s, sample.fold)
+    return flat * (n_expected / n_raw), n_raw - n_expected
 
 
 def evaluate(model_name_or_path, data_dirs, split: str | None = "val", out_json: str | Path | None = None,
@@ -130,7 +155,7 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "val", out_json:
     for d in data_dirs:
         samples = load_samples([d], cfg.species, loaded.basis, cfg.mp_cutoff, split=split, progress=progress,
                                with_overlap=True)
-        r = evaluate_samples(loaded.model, samples)
+        r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap)
         result["datasets"][str(d)] = r["summary"]
         result["structures"].extend(r["structures"])
     result["summary"] = summarize(result["structures"])

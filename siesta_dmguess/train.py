@@ -175,7 +175,10 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     model.eval()
     model.fit_novelty([collate(g, len(species), torch.float32, with_targets=False)
                        for g in atom_batches(train_set, 256, shuffle=False)])
-    validation = evaluate_samples(model, val_set) if val_set else {"summary": {}, "structures": []}
+    from .overlap import OverlapCalculator
+
+    overlap = OverlapCalculator(basis) if all(b.radial_tables for b in basis.values()) else None
+    validation = evaluate_samples(model, val_set, overlap=overlap) if val_set else {"summary": {}, "structures": []}
     card = {
         "name": out_dir.name,
         "description": f"Equivariant DM model for {', '.join(species)} trained on {', '.join(d.name for d in data_dirs)}.",

@@ -72,3 +72,29 @@ def test_ase_calculator_md_steps(siesta_command, water_model, tmp_path):
     assert all(r.dm_read and r.guess == "ml" for r in calc.history)
     assert all(r.iterations_saved is not None and r.iterations_saved > 0 for r in calc.history)
     assert np.isfinite(atoms.get_forces()).all()
+
+
+def test_trajectory_benchmark_compares_guesses_on_the_same_frames(siesta_command, water_model, tmp_path):
+    """Three displaced frames of one molecule: every guess converges to the same energies; the history-based
+    guesses start from a DM SIESTA reads, and ML + residual never needs more iterations than the atomic guess."""
+    from siesta_dmguess.bench import run_trajectory_benchmark
+    from siesta_dmguess.structure import read_structure
+
+    root = dataset("h2o")
+    rec = next(r for r in json.loads((root / "index.json").read_text()) if r["split"] == "val")
+    fdf = root / rec["id"] / "input.fdf"
+    atoms = read_structure(fdf).atoms
+    direction = np.random.default_rng(1).normal(size=atoms.positions.shape)
+    frames = []
+    for t in range(3):
+        frame = atoms.copy()
+        frame.positions += 0.01 * t * direction / np.abs(direction).max()
+        frames.append(frame)
+    report = run_trajectory_benchmark(frames, fdf, water_model, tmp_path, ("atomic", "reuse", "ml+residual"),
+                                      command=siesta_command, progress=False)
+    assert report["all_converged"]
+    assert max(report["max_abs_energy_difference_eV"].values()) < 1e-4
+    rows = report["per_frame"]
+    assert all(r["reuse"]["dm_read"] and r["ml+residual"]["dm_read"] for r in rows[1:])
+    assert all(r["ml+residual"]["scf_iterations"] <= r["atomic"]["scf_iterations"] for r in rows)
+    assert report["scf_iterations"]["ml+residual"] < report["scf_iterations"]["atomic"]

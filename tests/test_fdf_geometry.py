@@ -1,0 +1,50 @@
+"""Trajectory frames are run with one fdf's settings: the geometry writer keeps everything else."""
+
+import numpy as np
+import pytest
+from ase import Atoms
+
+from siesta_dmguess.errors import InputFileError
+from siesta_dmguess.siesta.templates import fdf_with_geometry
+from siesta_dmguess.structure import read_structure
+
+FDF = """SystemLabel siesta
+NumberOfSpecies 2
+NumberOfAtoms 1
+%block ChemicalSpeciesLabel
+ 1 8 O
+ 2 1 H
+%endblock ChemicalSpeciesLabel
+LatticeConstant 1.0 Ang
+%block LatticeVectors
+ 9.0 0.0 0.0
+ 0.0 9.0 0.0
+ 0.0 0.0 9.0
+%endblock LatticeVectors
+AtomicCoordinatesFormat Ang
+%block AtomicCoordinatesAndAtomicSpecies
+ 0.0 0.0 0.0 1
+%endblock AtomicCoordinatesAndAtomicSpecies
+MeshCutoff 200 Ry
+DM.Tolerance 1.0d-5
+"""
+
+
+def test_geometry_is_replaced_and_settings_kept(tmp_path):
+    atoms = Atoms("OH2", positions=[[1.0, 1.0, 1.0], [1.96, 1.0, 1.0], [0.76, 1.93, 1.0]], cell=np.eye(3) * 11.0,
+                  pbc=True)
+    text = fdf_with_geometry(FDF, atoms, ["O", "H", "H"])
+    path = tmp_path / "frame.fdf"
+    path.write_text(text)
+    st = read_structure(path)
+    assert np.allclose(st.atoms.positions, atoms.positions, atol=1e-9)
+    assert np.allclose(st.atoms.cell.array, atoms.cell.array)
+    assert st.labels == ["O", "H", "H"]
+    assert "MeshCutoff 200 Ry" in text and "DM.Tolerance 1.0d-5" in text
+    assert text.count("%block AtomicCoordinatesAndAtomicSpecies") == 1 and text.count("NumberOfAtoms") == 1
+
+
+def test_unknown_species_is_a_clear_error():
+    atoms = Atoms("N", positions=[[0, 0, 0]], cell=np.eye(3) * 5, pbc=True)
+    with pytest.raises(InputFileError, match="'N'"):
+        fdf_with_geometry(FDF, atoms, ["N"])
