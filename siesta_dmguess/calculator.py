@@ -6,8 +6,8 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
 * ``model``: a shipped model name, a model folder or a loaded model;
 * ``guess``: how each SCF starts (see :mod:`siesta_dmguess.history`):
   ``"ml"`` (the prediction for every geometry), ``"ml+residual"`` (for MD and
-  relaxations: the prediction corrected by the model's error on the previous
-  steps, extrapolated with SIESTA's rule; Γ-only), ``"reuse"`` (SIESTA's
+  relaxations: SIESTA's DM extrapolation plus the model's prediction of the
+  change, weighted by how well it predicted the previous step; Γ-only), ``"reuse"`` (SIESTA's
   previous-step DM), ``"extrapolation"`` (SIESTA's DM extrapolation, applied
   across ASE-driven steps; Γ-only) or ``"atomic"``;
 * ``fallback``: ``"error"`` (default) or ``"atomic"``: what to do when the model

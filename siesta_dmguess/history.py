@@ -12,6 +12,12 @@ module builds that file from the trajectory's history, in four ways:
 ``ml+residual``    D_ml(t) + sum_k c_k [D_scf(t-k) - D_ml(t-k)]: the prediction corrected by the
                    model's own error on the previous steps, extrapolated like SIESTA's DMs. The
                    model's error changes slowly along a trajectory, the DM itself much faster.
+                   Equivalently: SIESTA's extrapolation E(t) plus the model's correction for the
+                   geometry change, C(t) = D_ml(t) - sum_k c_k D_ml(t-k). The correction is
+                   weighted by w in [0, 1], the least-squares weight that would have made the
+                   previous step's guess best (w = <D_scf - E, C> / <C, C>, starting at 1): a
+                   model that predicts the change well keeps w ~ 1, a poor one falls back
+                   towards SIESTA's extrapolation instead of making it worse.
 
 All matrices are sisl-free CSR matrices of one spin in the folded (Γ-only, ``nsc = 1``)
 layout, which does not change when atoms move or cross the cell boundary. Runs with
@@ -63,6 +69,7 @@ class TrajectoryHistory:
         if depth < 1:
             raise ValueError("the history needs a depth of at least 1")
         self.steps: deque[_Step] = deque(maxlen=depth)
+        self.correction_weight = 1.0  # w of the ML correction (see the module docstring)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -72,11 +79,37 @@ class TrajectoryHistory:
         converged = sp.csr_matrix(converged)
         if self.steps and self.steps[0].converged.shape != converged.shape:
             self.steps.clear()  # a different system: start a new history
+            self.correction_weight = 1.0
+        if predicted is not None:
+            self._update_weight(positions, converged, sp.csr_matrix(predicted))
         self.steps.appendleft(_Step(np.asarray(positions, float).copy(), converged,
                                     None if predicted is None else sp.csr_matrix(predicted)))
 
     def clear(self) -> None:
         self.steps.clear()
+        self.correction_weight = 1.0
+
+    def _parts(self, positions, predicted: sp.csr_matrix):
+        """(E, C): SIESTA's extrapolation of the converged DMs and the model's correction, on ``predicted``'s
+        pattern; None when there is no usable history."""
+        steps = [s for s in self.steps if s.predicted is not None]
+        if not steps or steps[0].converged.shape != predicted.shape:
+            return None
+        c = extrapolation_coefficients([s.positions for s in steps], positions)
+        extrapolated = _combine(c, [s.converged for s in steps], pattern=predicted)
+        correction = predicted - _combine(c, [s.predicted for s in steps], pattern=predicted)
+        return extrapolated, correction.tocsr()
+
+    def _update_weight(self, positions, converged: sp.csr_matrix, predicted: sp.csr_matrix) -> None:
+        """Least-squares weight of the ML correction that would have made this step's guess best."""
+        parts = self._parts(positions, predicted)
+        if parts is None:
+            return
+        extrapolated, correction = parts
+        norm = float(correction.multiply(correction).sum())
+        if norm > 0:
+            miss = (converged - extrapolated).multiply(correction).sum()
+            self.correction_weight = float(np.clip(miss / norm, 0.0, 1.0))
 
     def guess(self, kind: str, positions, predicted: sp.spmatrix | None = None) -> sp.csr_matrix | None:
         """The starting DM of the given kind for a step at ``positions``; None where there is no history.
@@ -100,13 +133,13 @@ class TrajectoryHistory:
             return predicted if kind == "ml+residual" else None
         if predicted is not None and steps[0].converged.shape != predicted.shape:
             return predicted if kind == "ml+residual" else None
-        c = extrapolation_coefficients([s.positions for s in steps], positions)
         if kind == "reuse":
             return steps[0].converged.copy()
         if kind == "extrapolation":
+            c = extrapolation_coefficients([s.positions for s in steps], positions)
             return _combine(c, [s.converged for s in steps], pattern=steps[0].converged)
-        residual = _combine(c, [s.converged - s.predicted for s in steps], pattern=predicted)
-        return (predicted + residual).tocsr()
+        extrapolated, correction = self._parts(positions, predicted)
+        return (extrapolated + self.correction_weight * correction).tocsr()
 
 
 def _combine(coefficients, matrices, pattern: sp.csr_matrix) -> sp.csr_matrix:

@@ -43,18 +43,37 @@ def test_reuse_and_extrapolation_use_converged_dms():
     assert np.allclose(h.guess("extrapolation", path(3)).toarray(), [[4.0, 0.3], [0.3, 2.0]])
 
 
-def test_ml_residual_cancels_a_slowly_changing_model_error():
-    """D_scf = D_ml + error, with the error drifting linearly: ML + extrapolated residual is exact."""
+def line(t):
+    return np.array([[0.0, 0, 0], [1.0, 0, 0]]) + t * 0.05
+
+
+def true_dm(t):
+    return matrix([[1.0 + 0.3 * t + 0.02 * t**2, 0.2], [0.2, 1.5 - 0.1 * t]])
+
+
+def test_ml_residual_cancels_the_model_error():
+    """D_scf = D_ml + a fixed error: ML + residual is exact (and beats SIESTA's extrapolation of a curved DM)."""
     h = TrajectoryHistory(depth=2)
-    true = lambda t: matrix([[1.0 + 0.3 * t, 0.2], [0.2, 1.5 - 0.1 * t]])  # noqa: E731
-    error = lambda t: matrix([[0.05 + 0.01 * t, -0.02], [-0.02, 0.03]])  # noqa: E731
-    ml = lambda t: true(t) - error(t)  # noqa: E731
-    line = lambda t: np.array([[0.0, 0, 0], [1.0, 0, 0]]) + t * 0.05  # noqa: E731
-    for t in range(2):
-        h.push(line(t), true(t), ml(t))
-    guess = h.guess("ml+residual", line(2), ml(2))
-    assert np.allclose(guess.toarray(), true(2).toarray())
-    assert abs(h.guess("ml", line(2), ml(2)) - true(2)).max() > 0.05  # plain ML keeps its error
+    error = matrix([[0.05, -0.02], [-0.02, 0.03]])
+    for t in range(3):
+        h.push(line(t), true_dm(t), true_dm(t) - error)
+    assert h.correction_weight == pytest.approx(1.0)
+    guess = h.guess("ml+residual", line(3), true_dm(3) - error)
+    assert np.allclose(guess.toarray(), true_dm(3).toarray())
+    assert abs(h.guess("ml", line(3), true_dm(3) - error) - true_dm(3)).max() > 0.01  # plain ML keeps its error
+    assert abs(h.guess("extrapolation", line(3)) - true_dm(3)).max() > 0.01
+
+
+def test_a_useless_model_correction_is_weighted_down():
+    """A model whose predicted changes are noise: the weight drops and the guess stays near the extrapolation."""
+    rng = np.random.default_rng(0)
+    h = TrajectoryHistory(depth=2)
+    for t in range(4):
+        h.push(line(t), true_dm(t), matrix(rng.normal(size=(2, 2))))
+    assert h.correction_weight < 0.2
+    noisy = matrix(rng.normal(size=(2, 2)))
+    gap = abs(h.guess("ml+residual", line(4), noisy) - h.guess("extrapolation", line(4))).max()
+    assert gap <= h.correction_weight * 10 + 1e-12
 
 
 def test_ml_guesses_need_the_prediction_and_unknown_kinds_fail():

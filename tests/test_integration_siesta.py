@@ -36,8 +36,8 @@ def water_model():
 
 
 @pytest.mark.parametrize("name", ["h2o", pytest.param("water8", marks=pytest.mark.xfail(
-    reason="known shortfall: the shipped water model saves ~2% of SCF iterations on periodic water boxes "
-           "(see README, Results)", strict=False))])
+    reason="known shortfall: the shipped water model saves ~9% of SCF iterations on periodic water boxes, "
+           "none on some boxes (see README, Results)", strict=False))])
 def test_ml_guess_is_read_and_saves_iterations(name, siesta_command, water_model, tmp_path):
     from siesta_dmguess.bench import bench_structure
 
