@@ -41,15 +41,12 @@ def sha256_file(path: str | Path) -> str:
 
 def shipped_models_dir() -> Path:
     """Folder of the models installed with the package (``models/`` in a source checkout)."""
-    try:
-        from importlib.resources import files
-
-        path = Path(str(files("siesta_dmguess.models")))
-        if path.is_dir():
-            return path
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "models"
+    # An installed package has them at siesta_dmguess/models (see pyproject's package-dir); a source checkout at
+    # the repo's top. Paths, not importlib.resources: models/ has no __init__.py, and a namespace package's
+    # MultiplexedPath has no usable str().
+    here = Path(__file__).resolve().parent
+    installed = here / "models"
+    return installed if installed.is_dir() else here.parent / "models"
 
 
 def list_shipped_models() -> list[str]:
@@ -150,6 +147,8 @@ def card_markdown(card: dict) -> str:
     if card.get("validation"):
         lines += ["", "## Validation (held-out structures, `siesta-dmguess evaluate`)", "", "```",
                   json.dumps(card["validation"], indent=1), "```"]
+    if card.get("validation_per_dataset"):
+        lines += ["", "## Validation per dataset", "", "```", json.dumps(card["validation_per_dataset"], indent=1), "```"]
     if card.get("notes"):
         lines += ["", "## Notes", "", card["notes"]]
     if card.get("scf_benchmark"):

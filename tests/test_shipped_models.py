@@ -17,7 +17,7 @@ SHIPPED = list_shipped_models()
 
 
 def test_models_are_shipped():
-    assert "water" in SHIPPED
+    assert {"water", "chno-molecules", "silicon"} <= set(SHIPPED)
 
 
 def example(species, cell=10.0):
