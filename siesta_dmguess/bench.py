@@ -41,8 +41,9 @@ class StructureResult:
         return self.results[base].scf_iterations - self.results[guess].scf_iterations
 
 
-def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), command=None) -> StructureResult:
-    """Run SIESTA on one fdf with each guess; the ML guess is predicted from the fdf."""
+def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), command=None,
+                    refine: str = "idempotent") -> StructureResult:
+    """Run SIESTA on one fdf with each guess; the ML guess is predicted from the fdf (refined with ``refine``)."""
     from .predict import predict_to_file
     from .siesta import prepare_run, run_siesta
 
@@ -53,7 +54,8 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
         prediction_s, dm_file = 0.0, None
         if guess == "ml":
             t0 = time.perf_counter()
-            pred = predict_to_file(fdf, run_dir.parent / "predicted.DM", model=model, overwrite=True)
+            pred = predict_to_file(fdf, run_dir.parent / "predicted.DM", model=model, overwrite=True,
+                                   refine=refine)
             prediction_s = time.perf_counter() - t0
             dm_file = run_dir.parent / "predicted.DM"
             natoms = len(pred.structure.atoms)
@@ -68,7 +70,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
 
 
 def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "val", limit: int = 0,
-                  command=None, progress: bool = True) -> dict:
+                  command=None, progress: bool = True, refine: str = "idempotent") -> dict:
     """Benchmark the ML guess against the atomic guess on a dataset folder's structures (default: val split)."""
     from tqdm.auto import tqdm
 
@@ -85,8 +87,9 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     rows = []
     for rec in tqdm(records, desc=f"bench {data_dir.name}", disable=not progress):
-        rows.append(bench_structure(find_fdf(rec.folder), out_dir / data_dir.name / rec.id, loaded, command=command))
-    report = summarize(rows, str(loaded.path), str(data_dir))
+        rows.append(bench_structure(find_fdf(rec.folder), out_dir / data_dir.name / rec.id, loaded, command=command,
+                                    refine=refine))
+    report = summarize(rows, str(loaded.path), str(data_dir)) | {"refine": refine}
     (out_dir / f"bench_{data_dir.name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{data_dir.name}.md").write_text(markdown(report))
     plot(rows, out_dir / f"bench_{data_dir.name}.png", title=f"{data_dir.name}: {Path(loaded.path).name}")
@@ -195,7 +198,7 @@ def _system_label(fdf: Path) -> str:
 
 def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="bench", guesses=TRAJECTORY_GUESSES,
                              depth: int = 3, frames: slice = slice(None), command=None, progress: bool = True,
-                             pseudo_dirs=()) -> dict:
+                             pseudo_dirs=(), refine: str = "idempotent") -> dict:
     """SCF iterations along a trajectory for each starting guess (see :mod:`siesta_dmguess.history`).
 
     Every frame of ``trajectory`` (any file ASE reads, or a list of Atoms) is run
@@ -240,7 +243,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         predicted, prediction_s, basis = None, 0.0, None
         if loaded is not None:
             t0 = time.perf_counter()
-            pred = predict_density_matrix(structure, loaded, fold=True)
+            pred = predict_density_matrix(structure, loaded, fold=True, refine=refine)
             prediction_s = time.perf_counter() - t0
             predicted, basis = pred.density_matrix.tocsr(0), loaded.basis
         if basis is None:
@@ -251,6 +254,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         row = {"frame": t, "natoms": len(atoms)}
         for g in guesses:
             start = histories[g].guess(g, atoms.positions, predicted)
+            if g == "ml+residual" and start is not None:
+                start = pred.refined(start)  # the combination is refined like the prediction itself
             out, wall, converged = _run_frame(text, out_dir / name / f"{t:04d}" / g, start, geometry, pseudo_dirs,
                                               command)
             histories[g].push(atoms.positions, converged, predicted)
@@ -259,7 +264,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
                                         prediction_s if g.startswith("ml") else 0.0,
                                         [st.dDmax for st in out.scf_history]))
         rows.append(row)
-    report = summarize_trajectory(rows, guesses, str(loaded.path) if loaded else "", str(trajectory))
+    report = summarize_trajectory(rows, guesses, str(loaded.path) if loaded else "", str(trajectory)) | {"refine": refine}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(trajectory_markdown(report))
@@ -327,6 +332,8 @@ def plot_trajectory(report: dict, path: Path) -> None:
 
 
 def add_bench_parser(sub) -> None:
+    from .cli import add_refine_argument
+
     b = sub.add_parser("bench", help="SCF iterations with the ML guess vs SIESTA's atomic guess (real SIESTA)")
     b.add_argument("data_dir", help="dataset folder of run folders (fdf + basis/*.psf), or a trajectory file "
                                     "(with --fdf)")
@@ -339,6 +346,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--split", default="val", help="val, train or all")
     b.add_argument("--limit", type=int, default=0, help="at most N structures")
     b.add_argument("--siesta", help="SIESTA command (default: SIESTA_COMMAND, ASE config, PATH)")
+    add_refine_argument(b)
     b.set_defaults(func=_cmd_bench)
 
 
@@ -347,10 +355,10 @@ def _cmd_bench(args) -> int:
         report = run_trajectory_benchmark(args.data_dir, args.fdf, args.model, args.out,
                                           tuple(g.strip() for g in args.guesses.split(",") if g.strip()),
                                           depth=args.depth, command=args.siesta,
-                                          frames=slice(0, args.limit or None))
+                                          frames=slice(0, args.limit or None), refine=args.refine)
         print(trajectory_markdown(report))
         return 0
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,
-                           args.limit, args.siesta)
+                           args.limit, args.siesta, refine=args.refine)
     print(markdown(report))
     return 0

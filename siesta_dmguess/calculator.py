@@ -151,6 +151,8 @@ class DMGuessSiesta(Siesta):
         start = self.trajectory.guess(self.guess, atoms.positions, predicted)
         if start is None:  # no history yet (extrapolation at the first step)
             return
+        if self.guess == "ml+residual":
+            start = self._prediction.refined(start)  # the combination is refined like the prediction itself
         if self._prediction is not None:
             geometry = self._prediction.density_matrix.geometry
         else:

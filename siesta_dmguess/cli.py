@@ -40,7 +40,7 @@ def _cmd_predict(args) -> int:
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
     out = Path(args.output) if args.output else Path(args.structure).with_suffix(".DM")
     pred = predict_to_file(args.structure, out, model=args.model, overwrite=args.overwrite, fold=fold,
-                           force=args.force)
+                           force=args.force, refine=args.refine)
     geom = pred.density_matrix.geometry
     print(f"{out}: {geom.na} atoms, {geom.no} orbitals, nsc {[int(n) for n in geom.lattice.nsc]}, "
           f"{pred.density_matrix.nnz} elements, predicted in {pred.seconds:.2f} s with {pred.model_path.name}; "
@@ -48,7 +48,8 @@ def _cmd_predict(args) -> int:
           + (" -> OUT OF DISTRIBUTION" if pred.out_of_distribution else ""))
     if pred.electron_count_error is not None:
         print(f"electrons Tr(D S): {pred.electrons_predicted:.4f} predicted, {pred.electrons_expected:.4f} expected "
-              f"(error {pred.electron_count_error:+.2e})" + ("; written DM normalized" if pred.normalized else ""))
+              f"(error {pred.electron_count_error:+.2e}); written DM refined: {pred.refinement}"
+              + (f" ({pred.refinement_note})" if pred.refinement_note else ""))
     return 0
 
 
@@ -56,7 +57,8 @@ def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
     split = None if args.split == "all" else args.split
-    result = evaluate(args.model, args.data_dirs, split=split, out_json=args.json, progress=not args.quiet)
+    result = evaluate(args.model, args.data_dirs, split=split, out_json=args.json, progress=not args.quiet,
+                      refine=args.refine)
     print(f"{'structure':<44} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'raw dN':>10} "
           f"{'novelty':>8}")
     for m in result["structures"]:
@@ -67,7 +69,7 @@ def _cmd_evaluate(args) -> int:
     print(f"mean over {s['structures']} structures: MAE {s['mae']:.3e}, max |error| {s['max_abs']:.3e}; "
           f"atomic guess MAE {s['atomic_mae']:.3e} ({s['mae_ratio_atomic_over_model']:.1f}x the model's)")
     if "raw_electron_count_abs_error_mean" in s:
-        print(f"raw prediction's electron count |Tr(D S) - N| (before normalization): mean "
+        print(f"raw prediction's electron count |Tr(D S) - N| (before refinement): mean "
               f"{s['raw_electron_count_abs_error_mean']:.2e}, max {s['raw_electron_count_abs_error_max']:.2e}")
     if "electron_count_abs_error_mean" in s:
         print(f"written DM's electron count with SIESTA's S (.HSX) |Tr(D S) - N|: mean "
@@ -93,6 +95,14 @@ def _cmd_models(args) -> int:
         basis = "; ".join(f"{k} {v['shells']} [{v['hash']}]" for k, v in card.get("basis", {}).items())
         print(f"{name:<16} species {','.join(card.get('species', []))}  val MAE {mae}  basis: {basis}")
     return 0
+
+
+def add_refine_argument(parser) -> None:
+    from .refine import REFINEMENTS
+
+    parser.add_argument("--refine", choices=REFINEMENTS, default=REFINEMENTS[0],
+                        help="analytic refinement of the predicted DM (docs/guesses.md): nearest idempotent DM "
+                             "with the right electron count, charge scaling only, or none")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fold", choices=["auto", "yes", "no"], default="auto",
                    help="fold periodic images into the unit cell (auto: for Γ-only runs)")
     r.add_argument("--force", action="store_true", help="use the model despite a basis/settings mismatch")
+    add_refine_argument(r)
     r.set_defaults(func=_cmd_predict)
 
     e = sub.add_parser("evaluate", help="DM errors of a model on held-out SIESTA runs")
@@ -130,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val", help="split to evaluate: val, train or all")
     e.add_argument("--json", help="write all metrics to this JSON file")
     e.add_argument("--quiet", action="store_true")
+    add_refine_argument(e)
     e.set_defaults(func=_cmd_evaluate)
 
     m = sub.add_parser("models", help="list shipped models, or show one's card")

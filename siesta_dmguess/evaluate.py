@@ -107,16 +107,19 @@ def summarize(per_structure: list[dict]) -> dict:
         out["electron_count_abs_error_mean"] = float(np.mean(ne))
         out["electron_count_abs_error_max"] = float(np.max(ne))
         out["structures_with_overlap"] = len(ne)
+    done = [m["refinement"] for m in per_structure if "refinement" in m]
+    if done:
+        out["refinements"] = {k: done.count(k) for k in sorted(set(done))}
     return out
 
 
-def evaluate_samples(model, samples, dtype=torch.float32, overlap=None) -> dict:
+def evaluate_samples(model, samples, dtype=torch.float32, overlap=None, refine: str = "idempotent") -> dict:
     """Per-structure and summary metrics of a model on samples with targets.
 
     With an :class:`~siesta_dmguess.overlap.OverlapCalculator` the predictions are
-    charge-normalized exactly as ``predict`` writes them, and the raw prediction's
-    Tr(D S) - N is reported as ``raw_electron_count_error`` (an uncertainty that
-    needs no reference).
+    refined (:mod:`siesta_dmguess.refine`) exactly as ``predict`` writes them, and the
+    raw prediction's Tr(D S) - N is reported as ``raw_electron_count_error`` (an
+    uncertainty that needs no reference).
     """
     novelty: list[float] = []
     flats = predict_flat(model, samples, dtype, novelty=novelty)
@@ -124,23 +127,24 @@ def evaluate_samples(model, samples, dtype=torch.float32, overlap=None) -> dict:
     for sample, flat, nov in zip(samples, flats, novelty):
         extra = {"novelty": nov}
         if overlap is not None:
-            flat, extra["raw_electron_count_error"] = normalize_flat(sample, flat, overlap)
+            flat, extra["raw_electron_count_error"], extra["refinement"] = refine_flat(sample, flat, overlap, refine)
         per.append(sample_metrics(sample, flat) | extra)
     return {"summary": summarize(per), "structures": per}
 
 
-def normalize_flat(sample, flat: np.ndarray, overlap) -> tuple[np.ndarray, float]:
-    """Scale a flat prediction to the neutral electron count; returns (scaled, raw Tr(D S) - N)."""
-    from .overlap import block_vectors, electron_count
+def refine_flat(sample, flat: np.ndarray, overlap, mode: str = "idempotent") -> tuple[np.ndarray, float, str]:
+    """Refine a flat prediction for the neutral electron count; returns (refined, raw Tr(D S) - N, what was done)."""
+    from .overlap import block_vectors
+    from .refine import refine
 
     s = overlap.flat(sample.structure.labels, sample.layout, block_vectors(sample.structure, sample.layout))
     n_expected = float(sample.layout.atomic.sum())
-    n_raw = electron_count(sample.layout, flat, s, sample.fold)
-    return flat * (n_expected / n_raw), n_raw - n_expected
+    done = refine(sample.layout, flat, s, n_expected, sample.fold, mode)
+    return done.values, done.electrons_raw - n_expected, done.applied
 
 
 def evaluate(model_name_or_path, data_dirs, split: str | None = "val", out_json: str | Path | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, refine: str = "idempotent") -> dict:
     """Evaluate a model on the runs of one or more dataset folders (default: their ``val`` split).
 
     Each dataset folder is checked against the model's species and basis first.
@@ -151,11 +155,11 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "val", out_json:
 
     loaded = load_model(model_name_or_path)
     cfg = loaded.config
-    result = {"model": str(loaded.path), "split": split, "datasets": {}, "structures": []}
+    result = {"model": str(loaded.path), "split": split, "refine": refine, "datasets": {}, "structures": []}
     for d in data_dirs:
         samples = load_samples([d], cfg.species, loaded.basis, cfg.mp_cutoff, split=split, progress=progress,
                                with_overlap=True)
-        r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap)
+        r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap, refine=refine)
         result["datasets"][str(d)] = r["summary"]
         result["structures"].extend(r["structures"])
     result["summary"] = summarize(result["structures"])

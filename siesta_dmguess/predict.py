@@ -46,8 +46,14 @@ class Prediction:
     novelty_threshold: float = 0.0  # the model's flag level (99.5% of training atoms score below it)
     overlap: np.ndarray | None = None  # flat S (same layout as ``values``), computed from the basis
     electrons_expected: float = 0.0  # valence electrons minus the fdf's NetCharge: what Tr(D S) must be
-    electrons_predicted: float | None = None  # Tr(D S) of the raw prediction, before normalization
-    normalized: bool = False  # values were scaled so that Tr(D S) = electrons_expected
+    electrons_predicted: float | None = None  # Tr(D S) of the raw prediction, before refinement
+    refinement: str = "none"  # what refine.refine did to the written DM: "idempotent", "charge" or "none"
+    refinement_note: str = ""  # why an idempotent projection fell back to charge normalization
+
+    @property
+    def normalized(self) -> bool:
+        """The written DM holds exactly ``electrons_expected`` electrons."""
+        return self.refinement != "none"
 
     @property
     def electron_count_error(self) -> float | None:
@@ -64,6 +70,17 @@ class Prediction:
             raise ValueError("no overlap: the model carries no radial functions")
         valence = np.array([b.valence for b in (self.sample_basis[l] for l in self.structure.labels)])
         return mulliken_charges(self.sample.layout, self.values, self.overlap, self.folded, valence)
+
+    def refined(self, density):
+        """Refine another folded DM of this structure (e.g. a trajectory guess built on this prediction) the way
+        the prediction itself was refined; returned unchanged without an overlap or for k-point DMs."""
+        if self.overlap is None or not self.folded or self.refinement == "none":
+            return density
+        from .dm import flat_to_csr
+        from .refine import refine_folded
+
+        overlap = flat_to_csr(self.sample.layout, self.overlap, True)
+        return refine_folded(density, overlap, self.electrons_expected, self.refinement)[0]
 
     @property
     def out_of_distribution(self) -> bool:
@@ -114,17 +131,20 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
 
 
 def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel | str | Path = "water",
-                           fold: bool | None = None, force: bool = False, normalize: bool = True) -> Prediction:
+                           fold: bool | None = None, force: bool = False, refine: str = "idempotent") -> Prediction:
     """Predict the DM of a structure (an fdf, any ASE-readable file, or a :class:`Structure`).
 
     ``fold=None`` folds periodic images into the unit cell for Γ-only inputs (the
     form SIESTA itself writes) and keeps them for k-point runs (an fdf with a
     ``kgrid`` block) and for structures with no periodic images.
 
-    ``normalize`` scales the DM so that Tr(D S) equals the valence electron count
-    (minus the fdf's ``NetCharge``), with S computed from the model's basis. SIESTA
-    rescales a DM whose charge is off anyway, but then skips mixing in its first
-    SCF step (``normalize_dm.F90``), which costs an iteration. The raw prediction's
+    ``refine`` (see :mod:`siesta_dmguess.refine`) makes the DM exact where physics
+    allows, with S computed from the model's basis: ``"idempotent"`` (default) projects
+    it onto the nearest pure state with the right electron count (Γ-only and molecular
+    DMs with a clear gap), falling back to ``"charge"``, which scales it so that
+    Tr(D S) equals the valence electron count minus the fdf's ``NetCharge``. SIESTA
+    rescales a DM whose charge is off anyway, but then skips mixing in its first SCF
+    step (``normalize_dm.F90``), which costs an iteration. The raw prediction's
     Tr(D S) - N is kept as ``Prediction.electron_count_error``.
     """
     t0 = time.perf_counter()
@@ -138,22 +158,25 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     values = predict_flat(loaded.model, [sample], dtype=next(loaded.model.parameters()).dtype, novelty=novelty)[0]
     if fold is None:
         fold = not structure.fdf_settings.get("kgrid", False)
-    overlap, n_expected, n_predicted = None, _expected_electrons(structure, loaded.basis), None
+    overlap, n_expected, n_predicted, done = None, _expected_electrons(structure, loaded.basis), None, None
     if loaded.overlap is not None:
-        from .overlap import block_vectors, electron_count
+        from .overlap import block_vectors
+        from .refine import refine as refine_dm
 
         overlap = loaded.overlap.flat(structure.labels, sample.layout, block_vectors(structure, sample.layout))
-        n_predicted = electron_count(sample.layout, values, overlap, fold)
-        if normalize and n_predicted > 0:
-            values = values * (n_expected / n_predicted)
-    elif normalize:
-        log.info("model %s carries no radial functions: the DM is not charge-normalized", loaded.path.name)
+        done = refine_dm(sample.layout, values, overlap, n_expected, fold, refine)
+        values, n_predicted = done.values, done.electrons_raw
+        if done.reason:
+            log.info("%s: idempotent projection skipped: %s; DM charge-normalized", structure.source or "structure",
+                     done.reason)
+    elif refine != "none":
+        log.info("model %s carries no radial functions: the DM is not refined", loaded.path.name)
     dm = density_matrix_from_flat(structure, loaded.basis, sample.layout, values, fold=fold)
     pred = Prediction(structure, sample, values, dm, loaded.path, fold, time.perf_counter() - t0, warnings,
                       sample_basis=loaded.basis, novelty=novelty[0],
                       novelty_threshold=float(loaded.model.novelty_threshold), overlap=overlap,
                       electrons_expected=n_expected, electrons_predicted=n_predicted,
-                      normalized=normalize and n_predicted is not None)
+                      refinement=done.applied if done else "none", refinement_note=done.reason if done else "")
     if pred.out_of_distribution:
         log.warning("%s looks unlike the training data of %s (novelty %.1f > %.1f): the guess may be poor",
                     structure.source or "structure", loaded.path.name, pred.novelty, pred.novelty_threshold)
@@ -171,8 +194,8 @@ def _expected_electrons(structure: Structure, basis) -> float:
 
 
 def predict_to_file(structure, out: str | Path, model="water", overwrite: bool = False, fold: bool | None = None,
-                    force: bool = False) -> Prediction:
+                    force: bool = False, refine: str = "idempotent") -> Prediction:
     """Predict and write ``out`` (a ``.DM``) atomically; an existing file is kept as a backup."""
-    pred = predict_density_matrix(structure, model, fold=fold, force=force)
+    pred = predict_density_matrix(structure, model, fold=fold, force=force, refine=refine)
     write_density_matrix(pred.density_matrix, out, overwrite=overwrite)
     return pred
