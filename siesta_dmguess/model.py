@@ -511,7 +511,7 @@ class DensityMatrixModel(nn.Module):
             self.register_buffer(f"onsite_shift_{a}", shift.reshape(-1).to(torch.get_default_dtype()))
         # Scale of the raw outputs: DM elements are O(0.1).
         self.output_scale = 0.1
-        self.edge_chunk = 32768  # pair-readout chunk at inference (memory, not results)
+        self.edge_chunk = 4096  # pair-readout chunk at inference: bounds memory (~0.2 GB), not results
         # Out-of-distribution score: Mahalanobis distance of each atom's invariant features from the
         # training atoms of its species (set by ``fit_novelty`` after training; zero means "not fitted").
         self.register_buffer("novelty_mean", torch.zeros(ns, self.num_scalars))

@@ -3,7 +3,11 @@
 Each size runs in a fresh subprocess so that its peak resident memory is its own.
 Prints one line per size and the fitted scaling exponent (time ∝ N^a).
 
-    python integration/benchmarks/predict_scaling.py [--model water] [--sizes 27 216 1000 3375]
+    python integration/benchmarks/predict_scaling.py [--model water] [--sizes 27 216 1000 3375] [--refine charge]
+
+``--refine charge`` (default here) times the O(N) path: model, S from the basis, charge scaling. The default
+of ``predict``, ``idempotent``, adds a dense O(n_orb³) projection for boxes of up to 6000 orbitals
+(``refine.MAX_DENSE_ORBITALS``); ``--refine idempotent`` shows its cost.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def water_box(n_molecules: int, seed: int = 0):
     return Atoms("OH2" * n_molecules, positions=np.concatenate(pos), cell=np.eye(3) * length, pbc=True)
 
 
-def one_size(model: str, n_molecules: int) -> dict:
+def one_size(model: str, n_molecules: int, refine: str) -> dict:
     import resource
     import time
 
@@ -48,33 +52,34 @@ def one_size(model: str, n_molecules: int) -> dict:
     loaded = load_model(model)
     structure = structure_from_atoms(water_box(n_molecules))
     t0 = time.perf_counter()
-    pred = predict_density_matrix(structure, loaded, fold=True)
+    pred = predict_density_matrix(structure, loaded, fold=True, refine=refine)
     seconds = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"atoms": len(structure.atoms), "pairs": len(pred.sample.pattern), "elements": int(pred.sample.layout.size),
-            "seconds": seconds, "peak_rss_mb": peak_mb}
+            "seconds": seconds, "peak_rss_mb": peak_mb, "refinement": pred.refinement}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="water")
     p.add_argument("--sizes", type=int, nargs="+", default=[27, 216, 1000, 3375], help="water molecules per box")
+    p.add_argument("--refine", default="charge", choices=["charge", "idempotent", "none"])
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(one_size(args.model, args.one)))
+        print(json.dumps(one_size(args.model, args.one, args.refine)))
         return
     import numpy as np
 
     rows = []
-    print(f"{'atoms':>7} {'pairs':>9} {'DM elements':>12} {'time (s)':>9} {'s/atom':>9} {'peak RSS (MB)':>14}")
+    print(f"{'atoms':>7} {'pairs':>9} {'DM elements':>12} {'time (s)':>9} {'s/atom':>9} {'peak RSS (MB)':>14} {'refinement':>11}")
     for n in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", str(n)], capture_output=True,
-                             text=True, check=True)
+        command = [sys.executable, __file__, "--model", args.model, "--one", str(n), "--refine", args.refine]
+        out = subprocess.run(command, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         print(f"{r['atoms']:>7} {r['pairs']:>9} {r['elements']:>12} {r['seconds']:>9.2f} "
-              f"{r['seconds'] / r['atoms']:>9.2e} {r['peak_rss_mb']:>14.0f}", flush=True)
+              f"{r['seconds'] / r['atoms']:>9.2e} {r['peak_rss_mb']:>14.0f} {r['refinement']:>11}", flush=True)
     if len(rows) > 1:
         n = np.log([r["atoms"] for r in rows[1:]])
         a_t = np.polyfit(n, np.log([r["seconds"] for r in rows[1:]]), 1)[0]
