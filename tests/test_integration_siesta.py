@@ -35,9 +35,7 @@ def water_model():
     return load_model("water")
 
 
-@pytest.mark.parametrize("name", ["h2o", pytest.param("water8", marks=pytest.mark.xfail(
-    reason="known shortfall: the shipped water model saves ~9% of SCF iterations on periodic water boxes, "
-           "none on some boxes (see README, Results)", strict=False))])
+@pytest.mark.parametrize("name", ["h2o", "water8"])
 def test_ml_guess_is_read_and_saves_iterations(name, siesta_command, water_model, tmp_path):
     from siesta_dmguess.bench import bench_structure
 
