@@ -97,6 +97,15 @@ class DMGuessSiesta(Siesta):
         kpts = self["kpts"]
         return kpts is None or all(int(k) == 1 for k in kpts)
 
+    def _run_settings(self) -> dict:
+        """The run's spin and fdf arguments as fdf settings, so the model's compatibility check sees them."""
+        from .structure import FDF_SETTING_KEYS
+
+        settings = {k: str(v) for k, v in (self["fdf_arguments"] or {}).items() if k in FDF_SETTING_KEYS}
+        if self["spin"]:
+            settings.setdefault("Spin", str(self["spin"]))
+        return settings
+
     def _model(self):
         if self._loaded is None:
             from .card import LoadedModel, load_model
@@ -114,7 +123,9 @@ class DMGuessSiesta(Siesta):
         from .structure import structure_from_atoms
 
         try:
-            pred = predict_density_matrix(structure_from_atoms(atoms), self._model(), fold=self._gamma_only())
+            structure = structure_from_atoms(atoms)
+            structure.fdf_settings = self._run_settings()
+            pred = predict_density_matrix(structure, self._model(), fold=self._gamma_only())
         except DMGuessError as exc:
             if self.fallback == "error":
                 raise

@@ -96,6 +96,16 @@ def _normalize_setting(value: str) -> str:
     return " ".join(str(value).lower().replace("_", ".").split())
 
 
+def _spin_setting(settings: dict) -> str:
+    """'' for a spin-unpolarized run, else the fdf's spin setting (``Spin`` or the legacy ``SpinPolarized``)."""
+    spin = _normalize_setting(settings.get("Spin", "non-polarized"))
+    if spin not in ("non-polarized", "nonpolarized", "unpolarized", "none"):
+        return f"Spin {settings['Spin']}"
+    if _normalize_setting(settings.get("SpinPolarized", "F")) in ("t", "true", ".true."):
+        return "SpinPolarized T"
+    return ""
+
+
 def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool = False) -> list[str]:
     """Compare a structure (and its fdf folder) with a model card; error or (force) warnings naming the item."""
     problems = []
@@ -103,6 +113,9 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
     if missing:
         problems.append(f"species {missing} are not covered by model {loaded.path.name!r} "
                         f"(model species: {loaded.config.species})")
+    spin = _spin_setting(structure.fdf_settings)
+    if spin:
+        problems.append(f"the fdf asks for a {spin} calculation; the models predict spin-unpolarized DMs only")
     card = loaded.card
     if structure.source and Path(structure.source).suffix.lower() == ".fdf":
         folder = Path(structure.source).parent

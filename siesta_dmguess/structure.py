@@ -30,8 +30,8 @@ class Structure:
 
 
 # fdf keys that decide the basis and the electronic structure; compared with a model card.
-FDF_SETTING_KEYS = ("XC.functional", "XC.authors", "PAO.BasisSize", "PAO.EnergyShift", "Spin", "MeshCutoff",
-                    "NetCharge")
+FDF_SETTING_KEYS = ("XC.functional", "XC.authors", "PAO.BasisSize", "PAO.EnergyShift", "Spin", "SpinPolarized",
+                    "MeshCutoff", "NetCharge")
 
 
 def _is_fdf(path: Path) -> bool:

@@ -59,3 +59,12 @@ def test_novelty_above_limit_falls_back(model_dir, tmp_path):
     with pytest.warns(UserWarning, match="novelty"):
         c._write_guess(water_molecule())
     assert c._used == "atomic" and "novelty" in c._reason
+
+
+def test_spin_polarized_run_is_refused_or_falls_back(model_dir, tmp_path):
+    with pytest.raises(ModelCompatibilityError, match="Spin collinear"):
+        calc(model_dir, tmp_path, spin="collinear")._write_guess(water_molecule())
+    c = calc(model_dir, tmp_path, spin="collinear", fallback="atomic")
+    with pytest.warns(UserWarning, match="spin-unpolarized"):
+        c._write_guess(water_molecule())
+    assert c._used == "atomic" and not (tmp_path / "siesta.DM").exists()

@@ -102,6 +102,44 @@ def test_fdf_setting_mismatch_names_the_setting(model_dir, tmp_path):
         predict_density_matrix(fdf, model_dir)
 
 
+WATER_FDF = """SystemLabel water
+NumberOfAtoms 3
+NumberOfSpecies 2
+%block ChemicalSpeciesLabel
+1 1 H
+2 8 O
+%endblock ChemicalSpeciesLabel
+LatticeConstant 1.0 Ang
+%block LatticeVectors
+10.0 0.0 0.0
+0.0 10.0 0.0
+0.0 0.0 10.0
+%endblock LatticeVectors
+AtomicCoordinatesFormat Ang
+%block AtomicCoordinatesAndAtomicSpecies
+5.000 5.000 5.000 2
+5.957 5.000 5.000 1
+4.760 5.927 5.000 1
+%endblock AtomicCoordinatesAndAtomicSpecies
+PAO.BasisSize DZP
+XC.functional LDA
+XC.authors CA
+"""
+
+
+@pytest.mark.parametrize("spin_line, named", [("Spin polarized", "Spin polarized"),
+                                              ("SpinPolarized T", "SpinPolarized T"), ("Spin non-polarized", None)])
+def test_spin_polarized_fdf_is_rejected(model_dir, tmp_path, spin_line, named):
+    fdf = tmp_path / "input.fdf"
+    fdf.write_text(WATER_FDF + spin_line + "\n")
+    if named is None:  # an explicitly unpolarized run is fine
+        assert predict_density_matrix(fdf, model_dir).density_matrix.spin.is_unpolarized
+        return
+    with pytest.raises(ModelCompatibilityError, match=f"{named}.*spin-unpolarized DMs only") as info:
+        predict_density_matrix(fdf, model_dir)
+    assert "input.fdf" in str(info.value)
+
+
 def test_existing_output_is_backed_up_by_cli(model_dir, xyz, tmp_path, capsys):
     out = tmp_path / "w.DM"
     assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(out)]) == 0
