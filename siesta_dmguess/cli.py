@@ -71,6 +71,8 @@ def _cmd_evaluate(args) -> int:
     if "raw_electron_count_abs_error_mean" in s:
         print(f"raw prediction's electron count |Tr(D S) - N| (before refinement): mean "
               f"{s['raw_electron_count_abs_error_mean']:.2e}, max {s['raw_electron_count_abs_error_max']:.2e}")
+    if "refinements" in s:
+        print("written DMs refined: " + ", ".join(f"{n} {kind}" for kind, n in s["refinements"].items()))
     if "electron_count_abs_error_mean" in s:
         print(f"written DM's electron count with SIESTA's S (.HSX) |Tr(D S) - N|: mean "
               f"{s['electron_count_abs_error_mean']:.2e}, max {s['electron_count_abs_error_max']:.2e}")
