@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import collate, fold_to_targets
+from .model import collate
 
 
 def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256, novelty: list | None = None):

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .basis import find_basis_files, read_species_basis
 from .card import LoadedModel, load_model, sha256_file
