@@ -68,3 +68,41 @@ def test_spin_polarized_run_is_refused_or_falls_back(model_dir, tmp_path):
     with pytest.warns(UserWarning, match="spin-unpolarized"):
         c._write_guess(water_molecule())
     assert c._used == "atomic" and not (tmp_path / "siesta.DM").exists()
+
+
+def test_ml_plus_residual_guess_is_written_refined(tmp_path):
+    """The second step's ML + residual DM holds N electrons and is idempotent, although the history it is built
+    from (a 'converged' DM with a non-idempotent error) is not."""
+    import numpy as np
+    import sisl
+
+    from siesta_dmguess.dm import flat_to_csr, read_density_matrix, write_density_matrix
+
+    c = DMGuessSiesta(model="water", guess="ml+residual", label="siesta", directory=str(tmp_path), xc="CA")
+    atoms = water_molecule()
+    c.atoms = atoms.copy()
+    c._write_guess(atoms)
+    first = c._prediction
+    geometry = first.density_matrix.geometry
+    d1 = first.density_matrix.tocsr(0)
+    noise = d1.copy()
+    noise.data = np.random.default_rng(1).normal(scale=2e-3, size=noise.data.size)
+    fake_converged = d1 + 0.5 * (noise + noise.T)  # stands in for SIESTA's converged DM of step 1
+    write_density_matrix(sisl.DensityMatrix.fromsp(geometry, [fake_converged]), c._dm_path(), overwrite=True)
+    c._record_converged()
+
+    moved = atoms.copy()
+    moved.positions[1] += [0.03, 0.0, 0.0]
+    c.atoms = moved
+    c._write_guess(moved)
+    assert c._used == "ml+residual"
+    pred = c._prediction
+    s = flat_to_csr(pred.sample.layout, pred.overlap, True).toarray()
+    d = read_density_matrix(c._dm_path(), pred.density_matrix.geometry).tocsr(0).toarray()
+    raw = c.trajectory.guess("ml+residual", moved.positions, pred.density_matrix.tocsr(0)).toarray()
+
+    def impurity(m):
+        return np.abs((m / 2) @ s @ (m / 2) - m / 2).max()
+
+    assert np.trace(d @ s) == pytest.approx(pred.electrons_expected, abs=1e-8)
+    assert impurity(d) < 1e-8 < 1e-4 < impurity(raw)
