@@ -171,6 +171,7 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
     """Run SIESTA on one frame from ``start_dm`` (a folded CSR or None: atomic guess); return (result, D_scf)."""
     import sisl
 
+    from .data import system_label
     from .dm import read_density_matrix, write_density_matrix
     from .siesta import prepare_run, run_siesta
 
@@ -185,15 +186,8 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
                       pseudo_dirs=pseudo_dirs)
     run = run_siesta(fdf, command=command)
     out = run.output
-    label = _system_label(fdf)
-    converged = read_density_matrix(fdf.parent / f"{label}.DM", geometry).tocsr(0)
+    converged = read_density_matrix(fdf.parent / f"{system_label(fdf)}.DM", geometry).tocsr(0)
     return out, run.wall_s, converged
-
-
-def _system_label(fdf: Path) -> str:
-    from .siesta.runner import fdf_value
-
-    return fdf_value(fdf, "SystemLabel", "siesta")
 
 
 def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="bench", guesses=TRAJECTORY_GUESSES,

@@ -34,11 +34,22 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def default_dm_path(structure: str | Path) -> Path:
+    """Where ``predict`` writes without ``-o``: for an fdf, the ``<SystemLabel>.DM`` next to it (the file SIESTA
+    reads with ``DM.UseSaveDM T``); for any other structure file, the same name with suffix ``.DM``."""
+    structure = Path(structure)
+    if structure.suffix.lower() == ".fdf" and structure.is_file():
+        from .data import system_label
+
+        return structure.parent / f"{system_label(structure)}.DM"
+    return structure.with_suffix(".DM")
+
+
 def _cmd_predict(args) -> int:
     from .predict import predict_to_file
 
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
-    out = Path(args.output) if args.output else Path(args.structure).with_suffix(".DM")
+    out = Path(args.output) if args.output else default_dm_path(args.structure)
     pred = predict_to_file(args.structure, out, model=args.model, overwrite=args.overwrite, fold=fold,
                            force=args.force, refine=args.refine)
     geom = pred.density_matrix.geometry
@@ -129,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="predict the DM of a structure and write a SIESTA .DM")
     r.add_argument("structure", help="an fdf or any file ASE reads")
     r.add_argument("--model", default="water", help="shipped model name or model folder")
-    r.add_argument("-o", "--output", help="the .DM to write (default: STRUCTURE with suffix .DM)")
+    r.add_argument("-o", "--output", help="the .DM to write (default: <SystemLabel>.DM next to an fdf, where "
+                                          "SIESTA reads it with DM.UseSaveDM T; else STRUCTURE with suffix .DM)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing .DM without a backup")
     r.add_argument("--fold", choices=["auto", "yes", "no"], default="auto",
                    help="fold periodic images into the unit cell (auto: for Γ-only runs)")

@@ -147,3 +147,15 @@ def test_existing_output_is_backed_up_by_cli(model_dir, xyz, tmp_path, capsys):
     assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(out)]) == 0
     assert (tmp_path / "w.DM.bak").read_bytes() == first
     assert "23 orbitals" in capsys.readouterr().out
+
+
+def test_predict_cli_writes_systemlabel_dm_next_to_an_fdf_and_keeps_the_old_one(model_dir, tmp_path, capsys):
+    """Without -o, an fdf's prediction goes where SIESTA looks for it (DM.UseSaveDM T): <SystemLabel>.DM."""
+    fdf = tmp_path / "input.fdf"
+    fdf.write_text(WATER_FDF)
+    assert main(["predict", str(fdf), "--model", str(model_dir)]) == 0
+    target = tmp_path / "water.DM"  # SystemLabel water
+    assert read_dm_orbital_count(target) == 23 and not (tmp_path / "input.DM").exists()
+    before = target.read_bytes()
+    assert main(["predict", str(fdf), "--model", str(model_dir)]) == 0
+    assert (tmp_path / "water.DM.bak").read_bytes() == before  # the previous file is kept, not overwritten
