@@ -46,22 +46,34 @@ def default_dm_path(structure: str | Path) -> Path:
 
 
 def _cmd_predict(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .card import load_model
     from .predict import predict_to_file
 
+    if args.output and len(args.structure) > 1:
+        raise DMGuessError("-o names one output file; with several structures each DM is written next to its input")
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
-    out = Path(args.output) if args.output else default_dm_path(args.structure)
-    pred = predict_to_file(args.structure, out, model=args.model, overwrite=args.overwrite, fold=fold,
-                           force=args.force, refine=args.refine)
+    model = load_model(args.model)  # once for all structures
+    many = len(args.structure) > 1
+    for structure in tqdm(args.structure, desc="predict", disable=not many):
+        out = Path(args.output) if args.output else default_dm_path(structure)
+        pred = predict_to_file(structure, out, model=model, overwrite=args.overwrite, fold=fold, force=args.force,
+                               refine=args.refine)
+        _report_prediction(out, pred, write=tqdm.write if many else print)
+    return 0
+
+
+def _report_prediction(out: Path, pred, write=print) -> None:
     geom = pred.density_matrix.geometry
-    print(f"{out}: {geom.na} atoms, {geom.no} orbitals, nsc {[int(n) for n in geom.lattice.nsc]}, "
+    write(f"{out}: {geom.na} atoms, {geom.no} orbitals, nsc {[int(n) for n in geom.lattice.nsc]}, "
           f"{pred.density_matrix.nnz} elements, predicted in {pred.seconds:.2f} s with {pred.model_path.name}; "
           f"novelty {pred.novelty:.2f} (flag above {pred.novelty_threshold:.2f})"
           + (" -> OUT OF DISTRIBUTION" if pred.out_of_distribution else ""))
     if pred.electron_count_error is not None:
-        print(f"electrons Tr(D S): {pred.electrons_predicted:.4f} predicted, {pred.electrons_expected:.4f} expected "
+        write(f"electrons Tr(D S): {pred.electrons_predicted:.4f} predicted, {pred.electrons_expected:.4f} expected "
               f"(error {pred.electron_count_error:+.2e}); written DM refined: {pred.refinement}"
               + (f" ({pred.refinement_note})" if pred.refinement_note else ""))
-    return 0
 
 
 def _cmd_evaluate(args) -> int:
@@ -138,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     r = sub.add_parser("predict", help="predict the DM of a structure and write a SIESTA .DM")
-    r.add_argument("structure", help="an fdf or any file ASE reads")
+    r.add_argument("structure", nargs="+", help="one or more fdf files or files ASE reads (the model is loaded once)")
     r.add_argument("--model", default="water", help="shipped model name or model folder")
     r.add_argument("-o", "--output", help="the .DM to write (default: <SystemLabel>.DM next to an fdf, where "
                                           "SIESTA reads it with DM.UseSaveDM T; else STRUCTURE with suffix .DM)")

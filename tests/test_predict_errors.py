@@ -159,3 +159,16 @@ def test_predict_cli_writes_systemlabel_dm_next_to_an_fdf_and_keeps_the_old_one(
     before = target.read_bytes()
     assert main(["predict", str(fdf), "--model", str(model_dir)]) == 0
     assert (tmp_path / "water.DM.bak").read_bytes() == before  # the previous file is kept, not overwritten
+
+
+def test_predict_cli_handles_several_structures_and_refuses_one_output_for_them(model_dir, tmp_path, capsys):
+    paths = []
+    for k in range(3):
+        path = tmp_path / f"w{k}.xyz"
+        water_molecule(np.random.default_rng(k)).write(path)
+        paths.append(str(path))
+    assert main(["predict", *paths, "--model", str(model_dir)]) == 0
+    for path in paths:
+        assert read_dm_orbital_count(path.replace(".xyz", ".DM")) == 23
+    assert main(["predict", *paths, "--model", str(model_dir), "-o", str(tmp_path / "one.DM")]) == 2
+    assert "-o names one output file" in capsys.readouterr().err
