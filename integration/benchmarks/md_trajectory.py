@@ -1,4 +1,4 @@
-"""Run a short ASE molecular dynamics with DMGuessSiesta and write the trajectory.
+"""Run a short ASE molecular dynamics (or, with --relax, a BFGS relaxation) with DMGuessSiesta; write the trajectory.
 
 The trajectory is the input of the trajectory benchmark, which then compares
 starting guesses frame by frame on the same geometries:
@@ -6,6 +6,10 @@ starting guesses frame by frame on the same geometries:
     SIESTA_COMMAND=/path/to/siesta python integration/benchmarks/md_trajectory.py \\
         ../shared/datasets/water8/0004/input.fdf --steps 20 --out water8_md.traj
     siesta-dmguess bench water8_md.traj --fdf ../shared/datasets/water8/0004/input.fdf --model water
+
+A relaxation from a rattled structure instead of MD:
+
+    python integration/benchmarks/md_trajectory.py FDF --relax 0.05 --rattle 0.1 --steps 20 --out relax.traj
 
 The SIESTA settings (basis, XC, mesh, SCF tolerances) are taken from the fdf, so
 the frames are computed exactly as the dataset's structures were. Prints the SCF
@@ -53,16 +57,26 @@ def main() -> None:
     p.add_argument("--dt", type=float, default=0.5, help="time step in fs")
     p.add_argument("--temperature", type=float, default=300.0, help="initial Maxwell-Boltzmann temperature (K)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--relax", type=float, metavar="FMAX",
+                   help="run a BFGS relaxation to max force FMAX (eV/Å) instead of MD")
+    p.add_argument("--rattle", type=float, default=0.0, help="random displacement (Å, std) of the start")
     p.add_argument("--out", type=Path, default=Path("md.traj"))
     p.add_argument("--workdir", type=Path, default=Path("md_run"))
     args = p.parse_args()
 
     atoms = read_structure(args.fdf).atoms
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed))
-    Stationary(atoms)
+    if args.rattle:
+        atoms.rattle(stdev=args.rattle, seed=args.seed)
     atoms.calc = calculator_for(args.fdf, args.model, args.guess, args.workdir)
     traj = Trajectory(str(args.out), "w", atoms)
-    dyn = VelocityVerlet(atoms, args.dt * units.fs)
+    if args.relax:
+        from ase.optimize import BFGS
+
+        dyn = BFGS(atoms)
+    else:
+        MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed))
+        Stationary(atoms)
+        dyn = VelocityVerlet(atoms, args.dt * units.fs)
     dyn.attach(traj.write, interval=1)
 
     def report():
@@ -71,7 +85,10 @@ def main() -> None:
               f"SCF iterations {r.scf_iterations}", flush=True)
 
     dyn.attach(report, interval=1)
-    dyn.run(args.steps)
+    if args.relax:
+        dyn.run(fmax=args.relax, steps=args.steps)
+    else:
+        dyn.run(args.steps)
     iters = [r.scf_iterations for r in atoms.calc.history]
     print(f"{len(iters)} SIESTA runs, {sum(iters)} SCF iterations ({np.mean(iters):.1f} per step) with guess "
           f"{args.guess!r}; trajectory in {args.out}")
