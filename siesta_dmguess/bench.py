@@ -208,7 +208,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     from .errors import InputFileError
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix
-    from .siesta.templates import _species_order
+    from .siesta.templates import _species_order, fdf_with_geometry
     from .structure import read_fdf_settings, structure_from_atoms
 
     fdf_template, out_dir = Path(fdf_template), Path(out_dir)
@@ -228,28 +228,30 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         loaded = model if isinstance(model, LoadedModel) else load_model(model)
     pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
     histories = {g: TrajectoryHistory(depth) for g in guesses}
+    settings = read_fdf_settings(fdf_template)
+    frame_labels = [[by_symbol.get(sym, sym) for sym in atoms.get_chemical_symbols()] for atoms in images]
+    if loaded is not None:
+        basis = loaded.basis
+    else:
+        from .data import run_basis
+
+        basis = run_basis(fdf_template.parent, {label for labels in frame_labels for label in labels})
     rows = []
-    for t, atoms in enumerate(tqdm(images, desc=f"bench {name}", disable=not progress)):
-        labels = [by_symbol.get(sym, sym) for sym in atoms.get_chemical_symbols()]
-        text = fdf_with_geometry_text(template, atoms, labels)
+    for t, (atoms, labels) in enumerate(tqdm(list(zip(images, frame_labels)), desc=f"bench {name}",
+                                             disable=not progress)):
+        text = fdf_with_geometry(template, atoms, labels)
         structure = structure_from_atoms(atoms, labels)
-        structure.fdf_settings = read_fdf_settings(fdf_template)
-        predicted, prediction_s, basis = None, 0.0, None
+        structure.fdf_settings = settings
+        pred, predicted, prediction_s = None, None, 0.0
         if loaded is not None:
             t0 = time.perf_counter()
             pred = predict_density_matrix(structure, loaded, fold=True, refine=refine)
             prediction_s = time.perf_counter() - t0
-            predicted, basis = pred.density_matrix.tocsr(0), loaded.basis
-        if basis is None:
-            from .data import run_basis
-
-            basis = run_basis(fdf_template.parent, set(labels))
+            predicted = pred.density_matrix.tocsr(0)
         geometry = build_geometry(structure, basis)
         row = {"frame": t, "natoms": len(atoms)}
         for g in guesses:
-            start = histories[g].guess(g, atoms.positions, predicted)
-            if g == "ml+residual" and start is not None:
-                start = pred.refined(start)  # the combination is refined like the prediction itself
+            start = histories[g].guess(g, atoms.positions, predicted, refine=pred.refined if pred else None)
             out, wall, converged = _run_frame(text, out_dir / name / f"{t:04d}" / g, start, geometry, pseudo_dirs,
                                               command)
             histories[g].push(atoms.positions, converged, predicted)
@@ -264,12 +266,6 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     (out_dir / f"bench_{name}.md").write_text(trajectory_markdown(report))
     plot_trajectory(report, out_dir / f"bench_{name}.png")
     return report
-
-
-def fdf_with_geometry_text(template: str, atoms, labels) -> str:
-    from .siesta.templates import fdf_with_geometry
-
-    return fdf_with_geometry(template, atoms, labels)
 
 
 def summarize_trajectory(rows: list[dict], guesses, model: str, data: str) -> dict:

@@ -117,6 +117,15 @@ class DMGuessSiesta(Siesta):
     def _dm_path(self) -> Path:
         return Path(self.directory) / f"{self.prefix}.DM"
 
+    def _geometry(self, atoms):
+        """The sisl geometry (with the model's basis) of this step's DM."""
+        if self._prediction is not None:
+            return self._prediction.density_matrix.geometry
+        from .dm import build_geometry
+        from .structure import structure_from_atoms
+
+        return build_geometry(structure_from_atoms(atoms), self._model().basis)
+
     def _predict(self, atoms):
         """The ML prediction for ``atoms``, or None (with ``self._reason``) when falling back."""
         from .predict import predict_density_matrix
@@ -143,7 +152,7 @@ class DMGuessSiesta(Siesta):
         """Write <prefix>.DM for this step's guess, or leave none (atomic guess)."""
         import sisl
 
-        from .dm import build_geometry, write_density_matrix
+        from .dm import write_density_matrix
 
         self._used, self._reason, self._prediction_s, self._prediction = "atomic", "", 0.0, None
         self._positions = atoms.positions.copy()
@@ -159,17 +168,11 @@ class DMGuessSiesta(Siesta):
             if self._prediction is None:
                 return
             predicted = self._prediction.density_matrix.tocsr(0)
-        start = self.trajectory.guess(self.guess, atoms.positions, predicted)
+        start = self.trajectory.guess(self.guess, atoms.positions, predicted,
+                                      refine=self._prediction.refined if self._prediction else None)
         if start is None:  # no history yet (extrapolation at the first step)
             return
-        if self.guess == "ml+residual":
-            start = self._prediction.refined(start)  # the combination is refined like the prediction itself
-        if self._prediction is not None:
-            geometry = self._prediction.density_matrix.geometry
-        else:
-            from .structure import structure_from_atoms
-
-            geometry = build_geometry(structure_from_atoms(atoms), self._model().basis)
+        geometry = self._geometry(atoms)
         path = self._dm_path()
         if path.is_file():  # SIESTA's DM of the previous step: keep one copy, do not pile up backups
             shutil.copy(path, path.with_name(path.name + ".prev"))
@@ -185,14 +188,7 @@ class DMGuessSiesta(Siesta):
 
         pred = self._prediction
         try:
-            if pred is not None:
-                geometry = pred.density_matrix.geometry
-            else:
-                from .dm import build_geometry
-                from .structure import structure_from_atoms
-
-                geometry = build_geometry(structure_from_atoms(self.atoms), self._model().basis)
-            converged = read_density_matrix(self._dm_path(), geometry).tocsr(0)
+            converged = read_density_matrix(self._dm_path(), self._geometry(self.atoms)).tocsr(0)
         except (DMGuessError, OSError) as exc:
             log.warning("could not read SIESTA's converged DM (%s); the next step starts without history", exc)
             self.trajectory.clear()

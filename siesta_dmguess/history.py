@@ -111,10 +111,13 @@ class TrajectoryHistory:
             miss = (converged - extrapolated).multiply(correction).sum()
             self.correction_weight = float(np.clip(miss / norm, 0.0, 1.0))
 
-    def guess(self, kind: str, positions, predicted: sp.spmatrix | None = None) -> sp.csr_matrix | None:
+    def guess(self, kind: str, positions, predicted: sp.spmatrix | None = None,
+              refine=None) -> sp.csr_matrix | None:
         """The starting DM of the given kind for a step at ``positions``; None where there is no history.
 
         ``predicted`` (the ML prediction of this step, folded) is needed for ``ml`` and ``ml+residual``.
+        ``refine`` (e.g. :meth:`~siesta_dmguess.predict.Prediction.refined`) is applied to the ``ml+residual``
+        combination, so that it is refined like the prediction it is built on.
         Elements outside the pattern of the newest matrix involved are dropped (SIESTA would drop them too).
         """
         if kind not in GUESSES:
@@ -139,7 +142,8 @@ class TrajectoryHistory:
             c = extrapolation_coefficients([s.positions for s in steps], positions)
             return _combine(c, [s.converged for s in steps], pattern=steps[0].converged)
         extrapolated, correction = self._parts(positions, predicted)
-        return (extrapolated + self.correction_weight * correction).tocsr()
+        combined = (extrapolated + self.correction_weight * correction).tocsr()
+        return refine(combined) if refine is not None else combined
 
 
 def _combine(coefficients, matrices, pattern: sp.csr_matrix) -> sp.csr_matrix:

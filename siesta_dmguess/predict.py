@@ -50,11 +50,6 @@ class Prediction:
     refinement_note: str = ""  # why an idempotent projection fell back to charge normalization
 
     @property
-    def normalized(self) -> bool:
-        """The written DM holds exactly ``electrons_expected`` electrons."""
-        return self.refinement != "none"
-
-    @property
     def electron_count_error(self) -> float | None:
         """Tr(D S) - N of the raw prediction: a cheap, physics-based uncertainty (0 for a perfect DM)."""
         if self.electrons_predicted is None:

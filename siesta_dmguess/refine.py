@@ -52,34 +52,20 @@ def refine(layout, values: np.ndarray, overlap: np.ndarray, n_electrons: float, 
 
     ``fold`` says whether the DM is Γ-only (images summed into the cell, as it is written).
     """
+    from .dm import flat_to_csr
     from .overlap import electron_count
 
-    if mode not in REFINEMENTS:
-        raise ValueError(f"unknown refinement {mode!r}; choose one of {REFINEMENTS}")
+    _check_mode(mode)
     n_raw = electron_count(layout, values, overlap, fold)
     if mode == "none" or n_raw <= 0:
         return Refinement(values, n_raw, "none")
-    reason, gap = "", None
-    if mode == "idempotent":
-        reason = _why_not_dense(layout, fold, n_electrons)
-        if not reason:
-            projected, gap = _idempotent_projection(layout, values, overlap, int(round(n_electrons / 2)))
-            if gap >= MIN_OCCUPATION_GAP:
-                return Refinement(projected, n_raw, "idempotent", occupation_gap=gap)
-            reason = f"no clear gap in the natural occupations (HOMO-LUMO occupation gap {gap:.2f})"
+    kpoint = not fold and int(np.prod(layout.nsc)) > 1
+    projected, dense, reason, gap = _try_projection(
+        mode, layout.no, kpoint, n_electrons,
+        lambda: (flat_to_csr(layout, values, True).toarray(), flat_to_csr(layout, overlap, True).toarray()))
+    if projected is not None:
+        return Refinement(_onto_flat(layout, values, dense, projected), n_raw, "idempotent", occupation_gap=gap)
     return Refinement(values * (n_electrons / n_raw), n_raw, "charge", reason, gap)
-
-
-def _why_not_dense(layout, fold: bool, n_electrons: float) -> str:
-    """Why the dense Γ projection cannot be done ('' if it can); ``layout`` is a BlockLayout or a folded matrix."""
-    if not fold and int(np.prod(layout.nsc)) > 1:
-        return "k-point DM (the projection is done at Γ only)"
-    no = layout.shape[0] if hasattr(layout, "shape") else layout.no
-    if no > MAX_DENSE_ORBITALS:
-        return f"{no} orbitals > {MAX_DENSE_ORBITALS} (dense projection skipped to stay O(N))"
-    if abs(n_electrons / 2 - round(n_electrons / 2)) > 1e-6:
-        return f"odd or fractional electron count {n_electrons:g}"
-    return ""
 
 
 def refine_folded(density: "sp.spmatrix", overlap: "sp.spmatrix", n_electrons: float,
@@ -90,19 +76,41 @@ def refine_folded(density: "sp.spmatrix", overlap: "sp.spmatrix", n_electrons: f
     """
     import scipy.sparse as sp
 
-    if mode not in REFINEMENTS:
-        raise ValueError(f"unknown refinement {mode!r}; choose one of {REFINEMENTS}")
-    d = sp.csr_matrix(density)
-    n_raw = float(d.multiply(sp.csr_matrix(overlap)).sum())
+    _check_mode(mode)
+    d, s = sp.csr_matrix(density), sp.csr_matrix(overlap)
+    n_raw = float(d.multiply(s).sum())
     if mode == "none" or n_raw <= 0:
         return d, "none"
-    if mode == "idempotent" and not _why_not_dense(d, True, n_electrons):
-        projected, gap = nearest_idempotent(d.toarray(), sp.csr_matrix(overlap).toarray(),
-                                            int(round(n_electrons / 2)))
-        if gap >= MIN_OCCUPATION_GAP:
-            coo = d.tocoo()
-            return sp.csr_matrix((projected[coo.row, coo.col], (coo.row, coo.col)), shape=d.shape), "idempotent"
+    projected, *_ = _try_projection(mode, d.shape[0], False, n_electrons, lambda: (d.toarray(), s.toarray()))
+    if projected is not None:
+        coo = d.tocoo()
+        return sp.csr_matrix((projected[coo.row, coo.col], (coo.row, coo.col)), shape=d.shape), "idempotent"
     return d * (n_electrons / n_raw), "charge"
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in REFINEMENTS:
+        raise ValueError(f"unknown refinement {mode!r}; choose one of {REFINEMENTS}")
+
+
+def _try_projection(mode: str, n_orbitals: int, kpoint: bool, n_electrons: float, dense_d_and_s):
+    """(projected D or None, the dense D it was made from, why not, occupation gap) for the requested mode.
+
+    ``dense_d_and_s()`` gives the folded dense D and S; it is only called when the projection applies.
+    """
+    if mode != "idempotent":
+        return None, None, "", None
+    if kpoint:
+        return None, None, "k-point DM (the projection is done at Γ only)", None
+    if n_orbitals > MAX_DENSE_ORBITALS:
+        return None, None, f"{n_orbitals} orbitals > {MAX_DENSE_ORBITALS} (dense projection skipped to stay O(N))", None
+    if abs(n_electrons / 2 - round(n_electrons / 2)) > 1e-6:
+        return None, None, f"odd or fractional electron count {n_electrons:g}", None
+    d, s = dense_d_and_s()
+    projected, gap = nearest_idempotent(d, s, int(round(n_electrons / 2)))
+    if gap < MIN_OCCUPATION_GAP:
+        return None, d, f"no clear gap in the natural occupations (HOMO-LUMO occupation gap {gap:.2f})", gap
+    return projected, d, "", gap
 
 
 def nearest_idempotent(d: np.ndarray, s: np.ndarray, n_occupied: int) -> tuple[np.ndarray, float]:
@@ -120,16 +128,14 @@ def nearest_idempotent(d: np.ndarray, s: np.ndarray, n_occupied: int) -> tuple[n
     return 2.0 * occupied @ occupied.T, gap
 
 
-def _idempotent_projection(layout, values, overlap, n_occupied: int) -> tuple[np.ndarray, float]:
-    """Flat values of the nearest idempotent DM (:func:`nearest_idempotent`) and the occupation gap."""
-    from .dm import flat_to_csr
+def _onto_flat(layout, values, folded: np.ndarray, projected: np.ndarray) -> np.ndarray:
+    """Flat per-image values that fold to ``projected``, given that ``values`` fold to ``folded``.
 
-    d = flat_to_csr(layout, values, True).toarray()
-    projected, gap = nearest_idempotent(d, flat_to_csr(layout, overlap, True).toarray(), n_occupied)
-    # Back to per-image flat values: several images can fold onto one element, so the whole change of a
-    # folded element goes onto its first flat element; folding the result gives the projected DM.
+    Several images can fold onto one element, so the whole change of a folded element goes onto its first flat
+    element.
+    """
     rows, cols = layout.rows, layout.cols % layout.no
     _, first = np.unique(rows * layout.no + cols, return_index=True)
     out = np.array(values, dtype=float, copy=True)
-    out[first] += projected[rows[first], cols[first]] - d[rows[first], cols[first]]
-    return out, gap
+    out[first] += projected[rows[first], cols[first]] - folded[rows[first], cols[first]]
+    return out
