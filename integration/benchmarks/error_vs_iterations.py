@@ -1,7 +1,7 @@
 """How close must a starting DM be? SCF iterations of D* + t (D_ml - D*) for a range of t.
 
-D* is the run's converged DM, D_ml the model's prediction; every starting DM is
-charge-normalized with S from the basis, like a prediction. Prints the largest
+D* is the run's converged DM, D_ml the model's (refined) prediction; every starting
+DM is charge-normalized with S from the basis. Prints the largest
 error of each starting DM, SIESTA's iteration count and its dDmax history:
 
     SIESTA_COMMAND=/path/to/siesta python integration/benchmarks/error_vs_iterations.py \\
@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 
 def main() -> None:
@@ -57,7 +55,6 @@ def main() -> None:
             out = run_siesta(fdf).output
             history = " ".join(f"{st.dDmax:.1e}" for st in out.scf_history)
             print(f"{t:>7g} {abs(start - exact).max():>12.1e} {out.scf_iterations:>8d}  {history}", flush=True)
-    np.set_printoptions()
 
 
 if __name__ == "__main__":
