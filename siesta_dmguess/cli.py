@@ -22,7 +22,8 @@ def _cmd_train(args) -> int:
 
     overrides = json.loads(args.config) if args.config else {}
     options = TrainOptions(epochs=args.epochs, lr=args.lr, batch_atoms=args.batch_atoms, seed=args.seed,
-                           threads=args.threads, progress=not args.quiet, max_train=args.max_train)
+                           threads=args.threads, progress=not args.quiet, max_train=args.max_train,
+                           init=args.init, correction_epochs=args.correction_epochs)
     command = "siesta-dmguess " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     result = train(args.data_dirs, args.out, options, overrides, resume=not args.restart, command=command)
     summary = result.validation.get("summary", {})
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-train", type=int, default=0, help="use at most N training structures")
     t.add_argument("--config", help='JSON of model settings, e.g. \'{"mp_cutoff": 4.0, "num_layers": 2}\'')
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--init", default="", help="start from this model's weights (model folder or shipped name)")
+    t.add_argument("--correction-epochs", type=int, default=0,
+                   help="then train a ΔH head through the idempotent projection for N epochs (Γ-only data)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 

@@ -17,19 +17,26 @@ import torch
 from .model import collate
 
 
-def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256, novelty: list | None = None):
+def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256, novelty: list | None = None,
+                 corrections: list | None = None):
     """Flat SIESTA-basis predictions for each sample (batched, no gradients).
 
-    If a list is passed as ``novelty``, each sample's largest per-atom novelty score is appended to it.
+    If a list is passed as ``novelty``, each sample's largest per-atom novelty score is appended to it;
+    if one is passed as ``corrections``, each sample's flat ΔH (None for a model without that head).
     """
     out = []
     with torch.no_grad():
         for batch_samples in atom_batches(samples, batch_atoms, shuffle=False):
             batch = collate(batch_samples, len(model.species), dtype, with_targets=False)
-            flat = model(batch).double().numpy()
+            h = model.node_features(batch)
+            flat = model.density_from_features(h, batch).double().numpy()
+            correction = model.correction_from_features(h, batch).double().numpy() \
+                if corrections is not None and model.correction_node_head is not None else None
             start = 0
             for s in batch_samples:
                 out.append(flat[start:start + s.layout.size])
+                if corrections is not None:
+                    corrections.append(None if correction is None else correction[start:start + s.layout.size])
                 start += s.layout.size
             if novelty is not None:
                 scores = model.novelty(batch).double().numpy()
@@ -122,24 +129,29 @@ def evaluate_samples(model, samples, dtype=torch.float32, overlap=None, refine: 
     uncertainty that needs no reference).
     """
     novelty: list[float] = []
-    flats = predict_flat(model, samples, dtype, novelty=novelty)
+    corrections: list = []
+    flats = predict_flat(model, samples, dtype, novelty=novelty, corrections=corrections)
     per = []
-    for sample, flat, nov in zip(samples, flats, novelty):
+    for sample, flat, nov, dh in zip(samples, flats, novelty, corrections):
         extra = {"novelty": nov}
         if overlap is not None:
-            flat, extra["raw_electron_count_error"], extra["refinement"] = refine_flat(sample, flat, overlap, refine)
+            flat, extra["raw_electron_count_error"], extra["refinement"] = refine_flat(sample, flat, overlap, refine,
+                                                                                      dh)
         per.append(sample_metrics(sample, flat) | extra)
     return {"summary": summarize(per), "structures": per}
 
 
-def refine_flat(sample, flat: np.ndarray, overlap, mode: str = "idempotent") -> tuple[np.ndarray, float, str]:
-    """Refine a flat prediction for the neutral electron count; returns (refined, raw Tr(D S) - N, what was done)."""
+def refine_flat(sample, flat: np.ndarray, overlap, mode: str = "idempotent",
+                correction: np.ndarray | None = None) -> tuple[np.ndarray, float, str]:
+    """Refine a flat prediction for the neutral electron count; returns (refined, raw Tr(D S) - N, what was done).
+
+    ``correction``: the model's flat ΔH for the idempotent projection, if it has that head."""
     from .overlap import block_vectors
     from .refine import refine
 
     s = overlap.flat(sample.structure.labels, sample.layout, block_vectors(sample.structure, sample.layout))
     n_expected = float(sample.layout.atomic.sum())
-    done = refine(sample.layout, flat, s, n_expected, sample.fold, mode)
+    done = refine(sample.layout, flat, s, n_expected, sample.fold, mode, correction)
     return done.values, done.electrons_raw - n_expected, done.applied
 
 

@@ -63,6 +63,11 @@ class ModelConfig:
     embedding: str = "species"  # first layer: "species" (one-hot) or "density" (ACE atomic base + product)
     pattern_cutoff: float = 0.0  # Å, longest pattern edge (set from the basis)
     seed: int = 0
+    # A second readout (same form as the DM's) for a Hamiltonian-like correction ΔH used by the
+    # idempotent projection (see refine.py): the occupied space of -S (D/2) S + ΔH. Folding a DM that is
+    # a local function of the geometry and projecting it cannot give a Γ-only DM in a small cell, which
+    # comes from diagonalizing a (local) Hamiltonian at Γ; a local ΔH can carry that.
+    correction_head: bool = False
     # Per species, the rotation-invariant mean on-site block of the training data (row-major,
     # SIESTA basis): the isolated-atom-like DM the on-site prediction is learned relative to.
     onsite_reference: dict = field(default_factory=dict)
@@ -72,7 +77,7 @@ class ModelConfig:
 
     # Values of later-added fields for configs written before them (so older model folders still load).
     LEGACY = {"species_radial": False, "product_irreps": "", "pair_product": False, "radial_basis": "bessel", "feature_norm": False,
-              "embedding": "species"}
+              "embedding": "species", "correction_head": False}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -496,6 +501,15 @@ class DensityMatrixModel(nn.Module):
         self.rbf_pattern = RadialBasis(config.num_radial, pattern_cutoff + 1e-3, config.radial_basis)
         self.edge_head = EdgeReadout(hidden, config.pair_irreps, self.irreps_sh, self.edge_irreps,
                                      config.num_radial, config.radial_hidden, self.num_scalars, config.pair_product)
+        self.correction_node_head = self.correction_edge_head = None
+        if config.correction_head:
+            self.correction_node_head = o3.FullyConnectedTensorProduct(hidden, o3.Irreps(f"{ns}x0e"), self.node_irreps)
+            self.correction_edge_head = EdgeReadout(hidden, config.pair_irreps, self.irreps_sh, self.edge_irreps,
+                                                    config.num_radial, config.radial_hidden, self.num_scalars,
+                                                    config.pair_product)
+            with torch.no_grad():  # starts at ΔH = 0: the plain natural-orbital projection
+                self.correction_node_head.weight.zero_()
+                self.correction_edge_head.linear_out.weight.zero_()
         for a in range(ns):
             self.register_buffer(f"node_assembly_{a}", assembly_matrix(self.basis[a], self.basis[a],
                                                                        self.node_irreps).to(torch.get_default_dtype()))
@@ -584,9 +598,30 @@ class DensityMatrixModel(nn.Module):
 
     def forward(self, batch) -> torch.Tensor:
         """Flat SIESTA-basis DM values (``batch['n_flat']``,) for the batch's block layout."""
+        return self.density_from_features(self.node_features(batch), batch)
+
+    def density_from_features(self, h, batch) -> torch.Tensor:
+        flat = self._blocks(h, batch, self.node_head, self.edge_head) * self.output_scale + batch["atomic"]
+        for (a, _, flat_idx) in batch["node_groups"]:
+            shift = getattr(self, f"onsite_shift_{a}")
+            flat = flat.index_add(0, flat_idx.reshape(-1), shift.expand(flat_idx.shape[0], -1).reshape(-1))
+        return flat
+
+    def correction_from_features(self, h, batch) -> torch.Tensor:
+        """Flat SIESTA-basis ΔH (same layout as the DM; dimensionless, like occupations) or zeros."""
+        if self.correction_node_head is None:
+            return torch.zeros(batch["n_flat"], dtype=h.dtype, device=h.device)
+        return self._blocks(h, batch, self.correction_node_head, self.correction_edge_head) * self.output_scale
+
+    def forward_with_correction(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(DM, ΔH) flat values from one pass of message passing."""
         h = self.node_features(batch)
+        return self.density_from_features(h, batch), self.correction_from_features(h, batch)
+
+    def _blocks(self, h, batch, node_head, edge_head) -> torch.Tensor:
+        """Symmetric SIESTA-basis blocks from the node and edge readouts (steps 3-5 of the module docstring)."""
         flat = torch.zeros(batch["n_flat"], dtype=h.dtype, device=h.device)
-        node_out = self.node_head(h, batch["onehot"])
+        node_out = node_head(h, batch["onehot"])
         for (a, idx_atoms, flat_idx) in batch["node_groups"]:
             mat = getattr(self, f"node_assembly_{a}")
             flat[flat_idx.reshape(-1)] = (node_out[idx_atoms] @ mat.T).reshape(-1)
@@ -596,19 +631,15 @@ class DensityMatrixModel(nn.Module):
             sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
             rbf = self.rbf_pattern(vec.norm(dim=1))
             if torch.is_grad_enabled() or src.numel() <= self.edge_chunk:
-                edge_out = self.edge_head(h, src, dst, sh, rbf)
+                edge_out = edge_head(h, src, dst, sh, rbf)
             else:  # inference on large systems: bound the per-edge intermediates' memory
-                edge_out = torch.cat([self.edge_head(h, src[k:k + self.edge_chunk], dst[k:k + self.edge_chunk],
-                                                     sh[k:k + self.edge_chunk], rbf[k:k + self.edge_chunk])
+                edge_out = torch.cat([edge_head(h, src[k:k + self.edge_chunk], dst[k:k + self.edge_chunk],
+                                                sh[k:k + self.edge_chunk], rbf[k:k + self.edge_chunk])
                                       for k in range(0, src.numel(), self.edge_chunk)])
             for (a, b, idx_edges, flat_idx) in batch["edge_groups"]:
                 mat = getattr(self, f"edge_assembly_{a}_{b}")
                 flat[flat_idx.reshape(-1)] = (edge_out[idx_edges] @ mat.T).reshape(-1)
-        flat = 0.5 * (flat + flat[batch["transpose"]]) * self.output_scale * batch["signs"] + batch["atomic"]
-        for (a, _, flat_idx) in batch["node_groups"]:
-            shift = getattr(self, f"onsite_shift_{a}")
-            flat = flat.index_add(0, flat_idx.reshape(-1), shift.expand(flat_idx.shape[0], -1).reshape(-1))
-        return flat
+        return 0.5 * (flat + flat[batch["transpose"]]) * batch["signs"]
 
 
 # ---------------------------------------------------------------- batching

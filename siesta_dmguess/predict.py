@@ -162,7 +162,9 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     cfg = loaded.config
     sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.mp_cutoff, name=structure.source)
     novelty: list[float] = []
-    values = predict_flat(loaded.model, [sample], dtype=next(loaded.model.parameters()).dtype, novelty=novelty)[0]
+    corrections: list = []
+    values = predict_flat(loaded.model, [sample], dtype=next(loaded.model.parameters()).dtype, novelty=novelty,
+                          corrections=corrections)[0]
     if fold is None:
         fold = not structure.fdf_settings.get("kgrid", False)
     overlap, n_expected, n_predicted, done = None, _expected_electrons(structure, loaded.basis), None, None
@@ -171,7 +173,7 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
         from .refine import refine as refine_dm
 
         overlap = loaded.overlap.flat(structure.labels, sample.layout, block_vectors(structure, sample.layout))
-        done = refine_dm(sample.layout, values, overlap, n_expected, fold, refine)
+        done = refine_dm(sample.layout, values, overlap, n_expected, fold, refine, corrections[0])
         values, n_predicted = done.values, done.electrons_raw
         if done.reason:
             log.info("%s: idempotent projection skipped: %s; DM charge-normalized", structure.source or "structure",

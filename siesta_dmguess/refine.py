@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 REFINEMENTS = ("idempotent", "charge", "none")
 MAX_DENSE_ORBITALS = 6000
@@ -47,10 +48,11 @@ class Refinement:
 
 
 def refine(layout, values: np.ndarray, overlap: np.ndarray, n_electrons: float, fold: bool,
-           mode: str = "idempotent") -> Refinement:
+           mode: str = "idempotent", correction: np.ndarray | None = None) -> Refinement:
     """Refine flat DM ``values`` (per image, see :class:`~siesta_dmguess.dm.BlockLayout`) with flat S ``overlap``.
 
     ``fold`` says whether the DM is Γ-only (images summed into the cell, as it is written).
+    ``correction`` is a model's flat ΔH for the projection (see :func:`nearest_idempotent`).
     """
     from .dm import flat_to_csr
     from .overlap import electron_count
@@ -62,7 +64,8 @@ def refine(layout, values: np.ndarray, overlap: np.ndarray, n_electrons: float, 
     kpoint = not fold and int(np.prod(layout.nsc)) > 1
     projected, dense, reason, gap = _try_projection(
         mode, layout.no, kpoint, n_electrons,
-        lambda: (flat_to_csr(layout, values, True).toarray(), flat_to_csr(layout, overlap, True).toarray()))
+        lambda: (flat_to_csr(layout, values, True).toarray(), flat_to_csr(layout, overlap, True).toarray()),
+        None if correction is None else lambda: flat_to_csr(layout, correction, True).toarray())
     if projected is not None:
         return Refinement(_onto_flat(layout, values, dense, projected), n_raw, "idempotent", occupation_gap=gap)
     return Refinement(values * (n_electrons / n_raw), n_raw, "charge", reason, gap)
@@ -93,7 +96,8 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown refinement {mode!r}; choose one of {REFINEMENTS}")
 
 
-def _try_projection(mode: str, n_orbitals: int, kpoint: bool, n_electrons: float, dense_d_and_s):
+def _try_projection(mode: str, n_orbitals: int, kpoint: bool, n_electrons: float, dense_d_and_s,
+                    dense_correction=None):
     """(projected D or None, the dense D it was made from, why not, occupation gap) for the requested mode.
 
     ``dense_d_and_s()`` gives the folded dense D and S; it is only called when the projection applies.
@@ -107,25 +111,73 @@ def _try_projection(mode: str, n_orbitals: int, kpoint: bool, n_electrons: float
     if abs(n_electrons / 2 - round(n_electrons / 2)) > 1e-6:
         return None, None, f"odd or fractional electron count {n_electrons:g}", None
     d, s = dense_d_and_s()
-    projected, gap = nearest_idempotent(d, s, int(round(n_electrons / 2)))
+    projected, gap = nearest_idempotent(d, s, int(round(n_electrons / 2)),
+                                        dense_correction() if dense_correction is not None else None)
     if gap < MIN_OCCUPATION_GAP:
         return None, d, f"no clear gap in the natural occupations (HOMO-LUMO occupation gap {gap:.2f})", gap
     return projected, d, "", gap
 
 
-def nearest_idempotent(d: np.ndarray, s: np.ndarray, n_occupied: int) -> tuple[np.ndarray, float]:
+def nearest_idempotent(d: np.ndarray, s: np.ndarray, n_occupied: int,
+                       correction: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """2 C_occ C_occᵀ, C_occ the ``n_occupied`` most occupied natural orbitals of P = D/2, and the gap
-    n(HOMO) - n(LUMO) of P's natural occupations."""
+    n(HOMO) - n(LUMO) of P's natural occupations.
+
+    Natural orbitals solve (S P S) c = n S c with cᵀ S c = 1, i.e. they are the eigenvectors of the
+    "Hamiltonian" -S P S. A model's ``correction`` ΔH (dense, folded) is added to it: the occupied space
+    is then the lowest ``n_occupied`` states of (-S P S + ΔH) c = ε S c and the gap is ε_LUMO - ε_HOMO.
+    """
     import scipy.linalg
 
     d, s = 0.5 * (d + d.T), 0.5 * (s + s.T)
-    # Natural orbitals: (S P S) c = n S c with cᵀ S c = 1.
-    occupations, orbitals = scipy.linalg.eigh(s @ (0.5 * d) @ s, s)
-    order = np.argsort(occupations)[::-1]
-    occupied = orbitals[:, order[:n_occupied]]
-    gap = float(occupations[order[n_occupied - 1]] - occupations[order[n_occupied]]) if n_occupied < len(order) \
-        else 1.0
+    h = -(s @ (0.5 * d) @ s)
+    if correction is not None:
+        h = h + 0.5 * (correction + correction.T)
+    energies, orbitals = scipy.linalg.eigh(h, s)
+    occupied = orbitals[:, :n_occupied]
+    gap = float(energies[n_occupied] - energies[n_occupied - 1]) if n_occupied < len(energies) else 1.0
     return 2.0 * occupied @ occupied.T, gap
+
+
+def projected_density_torch(d, s, correction, n_occupied: int):
+    """Differentiable :func:`nearest_idempotent` (dense torch tensors, S constant): the training loss of a
+    model's ``correction`` head goes through the same projection that ``predict`` applies."""
+    s = 0.5 * (s + s.T)
+    h = -(s @ (0.25 * (d + d.T)) @ s) + 0.5 * (correction + correction.T)
+    chol = torch.linalg.cholesky(s)
+    # A = L^-1 H L^-T: the generalized problem in an orthonormal basis; D = 2 L^-T P_occ(A) L^-1.
+    a = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, h, upper=False).T, upper=False)
+    p = _OccupiedProjector.apply(0.5 * (a + a.T), n_occupied)
+    x = torch.linalg.solve_triangular(chol.T, p, upper=True)
+    return 2.0 * torch.linalg.solve_triangular(chol.T, x.T, upper=True).T
+
+
+class _OccupiedProjector(torch.autograd.Function):
+    """P = U_occ U_occᵀ of a symmetric matrix with a hand-written backward.
+
+    torch's eigh backward divides by every eigenvalue difference, including those
+    inside the (often degenerate) occupied space, which gives NaN; the projector
+    only depends on occupied-empty pairs, separated by the gap (first-order
+    perturbation theory: dP = Σ_ia u_a u_aᵀ dA u_i u_iᵀ / (ε_i - ε_a) + h.c.).
+    """
+
+    @staticmethod
+    def forward(ctx, a, n_occupied):
+        energies, vectors = torch.linalg.eigh(a)
+        occ, emp = vectors[:, :n_occupied], vectors[:, n_occupied:]
+        ctx.save_for_backward(energies, occ, emp)
+        ctx.n_occupied = n_occupied
+        return occ @ occ.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        energies, occ, emp = ctx.saved_tensors
+        n = ctx.n_occupied
+        g = 0.5 * (grad + grad.T)
+        denom = energies[:n][None, :] - energies[n:][:, None]  # (empty, occupied): ε_i - ε_a < 0
+        denom = torch.where(denom.abs() < 1e-3, torch.full_like(denom, -1e-3), denom)
+        m = emp @ (2.0 * (emp.T @ g @ occ) / denom) @ occ.T
+        return 0.5 * (m + m.T), None
 
 
 def _onto_flat(layout, values, folded: np.ndarray, projected: np.ndarray) -> np.ndarray:

@@ -41,6 +41,9 @@ class TrainOptions:
     threads: int = 0  # 0: torch's default
     progress: bool = True
     max_train: int = 0  # keep at most this many training structures (0: all); for quick tests
+    init: str = ""  # start from this model's weights (a model folder or shipped name) instead of at random
+    correction_epochs: int = 0  # then train a ΔH head through the idempotent projection (frozen DM model)
+    correction_lr: float = 2e-3
 
 
 @dataclass
@@ -114,19 +117,27 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
 
     basis = dataset_basis(data_dirs)
     species = sorted(basis, key=lambda l: (basis[l].Z, l))
-    cfg = ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()}, seed=options.seed,
-                      **(config_overrides or {}))
+    overrides = dict(config_overrides or {})
+    if options.correction_epochs:
+        overrides["correction_head"] = True
+    init = _init_model(options.init, basis, overrides) if options.init else None
+    cfg = init.config if init else ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()},
+                                               seed=options.seed, **overrides)
+    species = cfg.species
     samples = load_samples(data_dirs, species, basis, cfg.mp_cutoff, progress=options.progress, with_overlap=True)
     train_set, val_set = _split(samples, options)
     if not train_set:
         raise InputFileError("no training structures found", data_dirs[0])
-    # Mean number of message-passing neighbours normalizes the aggregation.
-    cfg.avg_num_neighbors = float(np.mean([len(s.mp_edges) / s.species.size for s in train_set])) or 1.0
-    cfg.onsite_reference = onsite_reference(train_set, species, basis)
-    model = DensityMatrixModel(cfg)
-    # Data-dependent initialization of the feature standardization (a no-op for models without it).
-    model.fit_feature_norms([collate(g, len(species), torch.float32)
-                             for g in atom_batches(train_set, 256, shuffle=False)])
+    if init:
+        model = init
+    else:
+        # Mean number of message-passing neighbours normalizes the aggregation.
+        cfg.avg_num_neighbors = float(np.mean([len(s.mp_edges) / s.species.size for s in train_set])) or 1.0
+        cfg.onsite_reference = onsite_reference(train_set, species, basis)
+        model = DensityMatrixModel(cfg)
+        # Data-dependent initialization of the feature standardization (a no-op for models without it).
+        model.fit_feature_norms([collate(g, len(species), torch.float32)
+                                 for g in atom_batches(train_set, 256, shuffle=False)])
     opt = torch.optim.Adam(model.parameters(), lr=options.lr)
     gamma = (options.lr_final / options.lr) ** (1.0 / max(options.epochs, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
@@ -178,6 +189,10 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     from .overlap import OverlapCalculator
 
     overlap = OverlapCalculator(basis) if all(b.radial_tables for b in basis.values()) else None
+    if options.correction_epochs:
+        if overlap is None:
+            raise InputFileError("the ΔH head needs the basis' radial functions (.ion.xml) for S", data_dirs[0])
+        history.extend(train_correction(model, train_set, val_set, overlap, options))
     validation = evaluate_samples(model, val_set, overlap=overlap) if val_set else {"summary": {}, "structures": []}
     card = {
         "name": out_dir.name,
@@ -188,6 +203,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         "pseudopotentials": _pseudopotential_checksums(data_dirs, species),
         "training": {"data": [str(d) for d in data_dirs], "train_structures": len(train_set),
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
+                     **({"init_model_training": _init_training(options.init)} if options.init else {}),
                      "wall_s": round(time.time() - t0, 1), "command": command},
         "validation": {"split": "val", **validation["summary"]},
         "novelty_threshold": float(model.novelty_threshold),
@@ -196,6 +212,124 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     plot_history(history, out_dir / "training.png")
     return TrainResult(out_dir, validation, history)
+
+
+def _init_model(name_or_path: str, basis: dict, overrides: dict) -> DensityMatrixModel:
+    """A model built from another model's config (plus ``overrides``) with its weights; new heads start fresh."""
+    from .card import load_model
+
+    loaded = load_model(name_or_path)
+    for label, b in basis.items():
+        if label not in loaded.basis or loaded.basis[label].hash != b.hash:
+            raise InputFileError(f"--init model {name_or_path!r} has no or another basis for species {label!r}",
+                                 loaded.path)
+    cfg = ModelConfig.from_dict({**loaded.config.to_dict(), **overrides})
+    model = DensityMatrixModel(cfg)
+    missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("correction_") for k in missing):
+        raise InputFileError(f"--init model {name_or_path!r} does not fit this configuration", loaded.path)
+    return model
+
+
+def _init_training(name_or_path: str) -> dict:
+    from .card import load_model
+
+    return load_model(name_or_path).card.get("training", {})
+
+
+def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, options: TrainOptions) -> list:
+    """Train the model's ΔH head so that the idempotent projection of its DM matches the reference.
+
+    The DM model is frozen (its linear-scaling output stays what it was); only the
+    ΔH readouts learn, with the loss taken after the same dense projection that
+    ``predict`` applies (:func:`~siesta_dmguess.refine.projected_density_torch`,
+    float64). Structures whose projection does not apply (k-point references, odd
+    electron counts) are skipped. Keeps the weights with the best validation MAE.
+    """
+    from tqdm.auto import tqdm
+
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("correction_"))
+    prepared = [p for p in (_projection_inputs(model, s, overlap) for s in train_set) if p is not None]
+    if not prepared:
+        raise InputFileError("no training structure is Γ-only with an even electron count: nothing for ΔH to learn",
+                             train_set[0].name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=options.correction_lr)
+    gamma = (0.05) ** (1.0 / max(options.correction_epochs, 1))
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    rng = np.random.default_rng([options.seed, 1])
+    history, best = [], {"mae": math.inf, "state": None}
+    if val_set:  # ΔH = 0 (the plain projection) is a candidate too: the head can only improve on it
+        best = {"mae": evaluate_samples(model, val_set, overlap=overlap)["summary"]["mae"],
+                "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    bar = tqdm(range(options.correction_epochs), desc="training ΔH", disable=not options.progress, file=sys.stderr)
+    for epoch in bar:
+        losses = []
+        order = rng.permutation(len(prepared))
+        per_step = max(1, options.batch_atoms // max(1, int(np.mean([p["natoms"] for p in prepared]))))
+        for start in range(0, len(order), per_step):
+            loss = sum(_projection_loss(model, prepared[k]) for k in order[start:start + per_step])
+            loss = loss / len(order[start:start + per_step])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+        record = {"epoch": options.epochs + epoch, "stage": "ΔH", "train_rmse": float(math.sqrt(np.mean(losses)))}
+        if val_set and (epoch % options.eval_every == 0 or epoch == options.correction_epochs - 1):
+            summary = evaluate_samples(model, val_set, overlap=overlap)["summary"]
+            record["val_mae"] = summary["mae"]
+            if summary["mae"] < best["mae"]:
+                best = {"mae": summary["mae"], "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        history.append(record)
+        bar.set_postfix(rmse=f"{record['train_rmse']:.2e}", val_mae=f"{best['mae']:.2e}")
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return history
+
+
+def _projection_inputs(model, sample, overlap) -> dict | None:
+    """Everything the ΔH loss of one structure needs that does not change while ΔH trains (frozen DM model)."""
+    from .dm import flat_to_csr
+    from .overlap import block_vectors
+
+    lay = sample.layout
+    n_electrons = float(lay.atomic.sum())
+    kpoint = not sample.fold and int(np.prod(lay.nsc)) > 1
+    if kpoint or abs(n_electrons / 2 - round(n_electrons / 2)) > 1e-6:
+        return None
+    batch = collate([sample], len(model.species), torch.float32, with_targets=False)
+    with torch.no_grad():
+        h = model.node_features(batch)
+        density = model.density_from_features(h, batch).double().numpy()
+    s_flat = overlap.flat(sample.structure.labels, lay, block_vectors(sample.structure, lay))
+    covered = sample.target_index >= 0
+    ref_rows = np.zeros(sample.target_values.size, np.int64)
+    ref_cols = np.zeros(sample.target_values.size, np.int64)
+    ref_rows[sample.target_index[covered]] = lay.rows[covered]
+    ref_cols[sample.target_index[covered]] = lay.cols[covered] % lay.no
+    seen = np.zeros(sample.target_values.size, bool)
+    seen[sample.target_index[covered]] = True
+    as_t = lambda x: torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
+    return {"batch": batch, "h": h, "natoms": sample.species.size, "n_occupied": int(round(n_electrons / 2)),
+            "density": as_t(flat_to_csr(lay, density, True).toarray()),
+            "overlap": as_t(flat_to_csr(lay, s_flat, True).toarray()),
+            "fold_index": torch.as_tensor(lay.rows * lay.no + lay.cols % lay.no), "no": lay.no,
+            "ref_index": torch.as_tensor(ref_rows[seen] * lay.no + ref_cols[seen]),
+            "target": as_t(sample.target_values[seen])}
+
+
+def _projection_loss(model, p: dict) -> torch.Tensor:
+    from .refine import projected_density_torch
+
+    correction = model.correction_from_features(p["h"], p["batch"]).double()
+    folded = torch.zeros(p["no"] * p["no"], dtype=torch.float64).index_add(0, p["fold_index"], correction)
+    projected = projected_density_torch(p["density"], p["overlap"], folded.reshape(p["no"], p["no"]),
+                                        p["n_occupied"])
+    return torch.mean((projected.reshape(-1)[p["ref_index"]] - p["target"]) ** 2)
 
 
 def _load_state(model, state: dict) -> None:

@@ -16,9 +16,9 @@ from siesta_dmguess.structure import Structure
 from .conftest import small_config, water_basis, water_box, water_molecule
 
 
-@pytest.fixture
-def model(float64):
-    m = DensityMatrixModel(small_config())
+@pytest.fixture(params=[False, True], ids=["dm", "dm+correction"])
+def model(float64, request):
+    m = DensityMatrixModel(small_config(correction_head=request.param))
     # Random (not trained) weights, but non-zero everywhere: every path contributes.
     torch.manual_seed(1)
     with torch.no_grad():
@@ -27,12 +27,14 @@ def model(float64):
     return m.eval()
 
 
-def blocks(model, atoms):
-    """{(i, j, shift): block} in SIESTA's basis, for a structure."""
+def blocks(model, atoms, correction=False):
+    """{(i, j, shift): block} in SIESTA's basis, for a structure (of the DM, or of the ΔH head)."""
     basis = water_basis()
     st = Structure(atoms, list(atoms.get_chemical_symbols()))
     sample = prepare_sample(st, basis, model.species, model.config.mp_cutoff)
-    flat = predict_flat(model, [sample], dtype=torch.float64)[0]
+    corrections = []
+    flat = predict_flat(model, [sample], dtype=torch.float64, corrections=corrections)[0]
+    flat = corrections[0] if correction else flat
     lay = sample.layout
     out = {}
     for k in range(lay.block_i.size):
@@ -62,16 +64,17 @@ def test_rotation_translation_inversion(model, periodic, improper):
     moved = atoms.copy()
     moved.positions = atoms.positions @ rot.T + np.array([0.7, -1.3, 2.1])
     moved.cell = np.asarray(atoms.cell) @ rot.T
-    ref, _ = blocks(model, atoms)
-    got, _ = blocks(model, moved)
-    assert set(ref) == set(got)
-    labels = atoms.get_chemical_symbols()
-    worst = 0.0
-    for (i, j, S), b in ref.items():
-        expected = wigner_siesta(labels[i], rot) @ b @ wigner_siesta(labels[j], rot).T
-        worst = max(worst, np.abs(got[(i, j, S)] - expected).max())
-    assert worst < 1e-8
-    assert max(np.abs(b).max() for b in ref.values()) > 1e-3  # the test compares real numbers
+    for correction in [False, True] if model.correction_node_head is not None else [False]:
+        ref, _ = blocks(model, atoms, correction)
+        got, _ = blocks(model, moved, correction)
+        assert set(ref) == set(got)
+        labels = atoms.get_chemical_symbols()
+        worst = 0.0
+        for (i, j, S), b in ref.items():
+            expected = wigner_siesta(labels[i], rot) @ b @ wigner_siesta(labels[j], rot).T
+            worst = max(worst, np.abs(got[(i, j, S)] - expected).max())
+        assert worst < 1e-8
+        assert max(np.abs(b).max() for b in ref.values()) > 1e-3  # the test compares real numbers
 
 
 def test_atom_permutation(model):

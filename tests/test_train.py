@@ -32,3 +32,34 @@ def test_train_writes_model_learns_and_resumes(tmp_path):
     result2 = train([data], out, TrainOptions(**{**opts.__dict__, "epochs": 8}), TINY)
     assert [h["epoch"] for h in result2.history] == list(range(8))
     assert result2.history[:6] == result.history
+
+
+def test_correction_head_trains_through_the_projection_from_a_trained_model(tmp_path):
+    """--init + --correction-epochs: the DM model is kept, the ΔH head lowers the projected training error, and
+    the saved model's validation error is never worse than the plain projection's."""
+    import torch
+
+    from siesta_dmguess.evaluate import evaluate_samples
+
+    data = dataset("h2o")
+    base = tmp_path / "base"
+    train([data], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
+    opts = TrainOptions(epochs=0, max_train=8, progress=False, init=str(base), correction_epochs=4, eval_every=1,
+                        correction_lr=5e-3)
+    result = train([data], tmp_path / "corr", opts)
+    stage = [h for h in result.history if h.get("stage") == "ΔH"]
+    assert len(stage) == 4 and stage[-1]["train_rmse"] < stage[0]["train_rmse"]
+    new, old = load_model(tmp_path / "corr"), load_model(base)
+    assert new.config.correction_head and not old.config.correction_head
+    dm_weights = {k: v for k, v in new.model.state_dict().items() if not k.startswith(("correction_", "novelty_"))}
+    assert all(torch.equal(v, old.model.state_dict()[k]) for k, v in dm_weights.items())  # DM model frozen
+    card = json.loads((tmp_path / "corr" / "card.json").read_text())
+    plain = evaluate_samples(old.model, _val_samples(data, old), overlap=old.overlap)["summary"]["mae"]
+    assert card["validation"]["mae"] <= plain + 1e-12
+    assert card["training"]["init_model_training"]["train_structures"] == 8
+
+
+def _val_samples(data, loaded):
+    from siesta_dmguess.data import load_samples
+
+    return load_samples([data], loaded.config.species, loaded.basis, loaded.config.mp_cutoff, split="val")
