@@ -68,6 +68,7 @@ class ModelConfig:
     # a local function of the geometry and projecting it cannot give a Γ-only DM in a small cell, which
     # comes from diagonalizing a (local) Hamiltonian at Γ; a local ΔH can carry that.
     correction_head: bool = False
+    correction_scale: float = 0.02  # ΔH output scale: small, so first steps barely move a near-exact projection
     # Per species, the rotation-invariant mean on-site block of the training data (row-major,
     # SIESTA basis): the isolated-atom-like DM the on-site prediction is learned relative to.
     onsite_reference: dict = field(default_factory=dict)
@@ -77,7 +78,7 @@ class ModelConfig:
 
     # Values of later-added fields for configs written before them (so older model folders still load).
     LEGACY = {"species_radial": False, "product_irreps": "", "pair_product": False, "radial_basis": "bessel", "feature_norm": False,
-              "embedding": "species", "correction_head": False}
+              "embedding": "species", "correction_head": False, "correction_scale": 0.1}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -611,7 +612,8 @@ class DensityMatrixModel(nn.Module):
         """Flat SIESTA-basis ΔH (same layout as the DM; dimensionless, like occupations) or zeros."""
         if self.correction_node_head is None:
             return torch.zeros(batch["n_flat"], dtype=h.dtype, device=h.device)
-        return self._blocks(h, batch, self.correction_node_head, self.correction_edge_head) * self.output_scale
+        return self._blocks(h, batch, self.correction_node_head, self.correction_edge_head) * \
+            self.config.correction_scale
 
     def forward_with_correction(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(DM, ΔH) flat values from one pass of message passing."""

@@ -43,7 +43,7 @@ class TrainOptions:
     max_train: int = 0  # keep at most this many training structures (0: all); for quick tests
     init: str = ""  # start from this model's weights (a model folder or shipped name) instead of at random
     correction_epochs: int = 0  # then train a ΔH head through the idempotent projection (frozen DM model)
-    correction_lr: float = 2e-3
+    correction_lr: float = 1e-3
 
 
 @dataclass
@@ -223,6 +223,8 @@ def _init_model(name_or_path: str, basis: dict, overrides: dict) -> DensityMatri
         if label not in loaded.basis or loaded.basis[label].hash != b.hash:
             raise InputFileError(f"--init model {name_or_path!r} has no or another basis for species {label!r}",
                                  loaded.path)
+    if overrides.get("correction_head") and not loaded.config.correction_head:  # a new head: today's defaults
+        overrides = {"correction_scale": ModelConfig.correction_scale, **overrides}
     cfg = ModelConfig.from_dict({**loaded.config.to_dict(), **overrides})
     model = DensityMatrixModel(cfg)
     missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
@@ -243,9 +245,11 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
     The DM model is frozen (its linear-scaling output stays what it was); only the
     ΔH readouts learn, with the loss taken after the same dense projection that
     ``predict`` applies (:func:`~siesta_dmguess.refine.projected_density_torch`,
-    float64). The loss is the S-weighted squared error Tr(E S E S) / n_orb,
-    E = D - D_ref on the reference's elements: the error of the electron density
-    itself. In a condensed phase the basis is nearly linearly dependent (S has
+    float64). The loss has two terms, each taken relative to its value for ΔH = 0
+    so that molecules and periodic boxes, whose errors differ by 10x, weigh alike:
+    the S-weighted squared error Tr(E S E S), E = D - D_ref on the reference's
+    elements (the error of the electron density itself), and the plain mean
+    squared element error (what ``evaluate`` reports). In a condensed phase the basis is nearly linearly dependent (S has
     eigenvalues ~1e-3 in a DZP water box), and an element-wise loss would spend the
     head on DM components along those directions, which barely change the density
     or SIESTA's first Hamiltonian. Structures whose projection does not apply
@@ -281,17 +285,19 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
             loss = sum(_projection_loss(model, prepared[k]) for k in chunk) / len(chunk)
             opt.zero_grad()
             loss.backward()
+            # Relative losses of near-perfect molecules have steep gradients at ΔH = 0: bound the first steps.
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
             losses.append(loss.item())
         sched.step()
-        record = {"epoch": options.epochs + epoch, "stage": "ΔH", "train_density_rmse": math.sqrt(np.mean(losses))}
+        record = {"epoch": options.epochs + epoch, "stage": "ΔH", "train_density_error": np.mean(losses)}
         if prepared_val and (epoch % options.eval_every == 0 or epoch == options.correction_epochs - 1):
-            record["val_density_rmse"] = math.sqrt(val_loss())
-            if record["val_density_rmse"] ** 2 < best["loss"]:
-                best = {"loss": record["val_density_rmse"] ** 2,
+            record["val_density_error"] = val_loss()
+            if record["val_density_error"] < best["loss"]:
+                best = {"loss": record["val_density_error"],
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         history.append(record)
-        bar.set_postfix(train=f"{record['train_density_rmse']:.2e}", val=f"{math.sqrt(best['loss']):.2e}")
+        bar.set_postfix(train=f"{record['train_density_error']:.3f}", val=f"{best['loss']:.3f}")
     model.load_state_dict(best["state"])
     for param in model.parameters():
         param.requires_grad_(True)
@@ -319,23 +325,34 @@ def _projection_inputs(model, sample, overlap) -> dict | None:
     pattern = np.zeros((lay.no, lay.no))
     pattern[lay.rows, lay.cols % lay.no] = 1.0
     as_t = lambda x: torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
-    return {"batch": batch, "h": h, "natoms": sample.species.size, "n_occupied": int(round(n_electrons / 2)),
-            "density": as_t(flat_to_csr(lay, density, True).toarray()),
-            "overlap": as_t(flat_to_csr(lay, s_flat, True).toarray()),
-            "fold_index": torch.as_tensor(lay.rows * lay.no + lay.cols % lay.no), "no": lay.no,
-            "reference": as_t(reference), "pattern": as_t(pattern)}
+    inputs = {"batch": batch, "h": h, "natoms": sample.species.size, "n_occupied": int(round(n_electrons / 2)),
+              "density": as_t(flat_to_csr(lay, density, True).toarray()),
+              "overlap": as_t(flat_to_csr(lay, s_flat, True).toarray()),
+              "fold_index": torch.as_tensor(lay.rows * lay.no + lay.cols % lay.no), "no": lay.no,
+              "reference": as_t(reference), "pattern": as_t(pattern), "plain_loss": [1.0, 1.0]}
+    inputs["plain_loss"] = [float(x) for x in _projection_errors(model, inputs, plain=True)]
+    return inputs
 
 
 def _projection_loss(model, p: dict) -> torch.Tensor:
-    """Tr(E S E S) / n_orb of the projected prediction, E on the DM's sparsity pattern (what SIESTA reads)."""
+    """Density and element errors of the projected prediction, each relative to the plain projection's."""
+    density, elements = _projection_errors(model, p)
+    return density / p["plain_loss"][0] + elements / p["plain_loss"][1]
+
+
+def _projection_errors(model, p: dict, plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Tr(E S E S), mean E²) of the projected prediction (``plain=True``: ΔH = 0), E on the DM's sparsity
+    pattern (what SIESTA reads)."""
     from .refine import projected_density_torch
 
-    correction = model.correction_from_features(p["h"], p["batch"]).double()
+    correction = torch.zeros(p["fold_index"].shape[0], dtype=torch.float64) if plain else \
+        model.correction_from_features(p["h"], p["batch"]).double()
     folded = torch.zeros(p["no"] * p["no"], dtype=torch.float64).index_add(0, p["fold_index"], correction)
     projected = projected_density_torch(p["density"], p["overlap"], folded.reshape(p["no"], p["no"]),
                                         p["n_occupied"])
-    es = ((projected - p["reference"]) * p["pattern"]) @ p["overlap"]
-    return torch.sum(es * es.T) / p["no"]
+    error = (projected - p["reference"]) * p["pattern"]
+    es = error @ p["overlap"]
+    return torch.sum(es * es.T), torch.sum(error**2) / p["pattern"].sum()
 
 
 def _load_state(model, state: dict) -> None:
@@ -360,8 +377,8 @@ def plot_history(history: list, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     series = [("train_rmse", "-", "train RMSE (DM elements)"), ("val_mae", "o-", "validation MAE (DM elements)"),
-              ("train_density_rmse", "-", "ΔH head: train density RMSE"),
-              ("val_density_rmse", "o-", "ΔH head: validation density RMSE")]
+              ("train_density_error", "-", "ΔH head: train density error / plain projection's"),
+              ("val_density_error", "o-", "ΔH head: validation density error / plain projection's")]
     for key, style, label in series:
         points = [(h["epoch"], h[key]) for h in history if key in h]
         if points:

@@ -48,7 +48,7 @@ def test_correction_head_trains_through_the_projection_from_a_trained_model(tmp_
                         correction_lr=5e-3)
     result = train([data], tmp_path / "corr", opts)
     stage = [h for h in result.history if h.get("stage") == "ΔH"]
-    assert len(stage) == 4 and stage[-1]["train_density_rmse"] < stage[0]["train_density_rmse"]
+    assert len(stage) == 4 and stage[-1]["train_density_error"] < stage[0]["train_density_error"]
     new, old = load_model(tmp_path / "corr"), load_model(base)
     assert new.config.correction_head and not old.config.correction_head
     dm_weights = {k: v for k, v in new.model.state_dict().items() if not k.startswith(("correction_", "novelty_"))}
