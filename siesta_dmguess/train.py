@@ -245,16 +245,15 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
     The DM model is frozen (its linear-scaling output stays what it was); only the
     ΔH readouts learn, with the loss taken after the same dense projection that
     ``predict`` applies (:func:`~siesta_dmguess.refine.projected_density_torch`,
-    float64). The loss has two terms, each taken relative to its value for ΔH = 0
-    so that molecules and periodic boxes, whose errors differ by 10x, weigh alike:
-    the S-weighted squared error Tr(E S E S), E = D - D_ref on the reference's
-    elements (the error of the electron density itself), and the plain mean
-    squared element error (what ``evaluate`` reports). In a condensed phase the basis is nearly linearly dependent (S has
-    eigenvalues ~1e-3 in a DZP water box), and an element-wise loss would spend the
-    head on DM components along those directions, which barely change the density
-    or SIESTA's first Hamiltonian. Structures whose projection does not apply
-    (k-point references, odd electron counts) are skipped. Keeps the weights with
-    the lowest validation loss, starting from ΔH = 0 (the plain projection).
+    float64). The loss adds two errors of the projected DM, E = D - D_ref on the
+    DM's pattern: Tr(E S E S), the error of the electron density itself (in a
+    condensed phase S has eigenvalues ~1e-3, and element errors along those
+    directions barely change the density or SIESTA's first Hamiltonian), and the
+    mean squared element error that ``evaluate`` reports. Each is taken relative to
+    its value for ΔH = 0, so molecules and periodic boxes, whose errors differ by
+    10x, weigh alike. Structures whose projection does not apply (k-point
+    references, odd electron counts) are skipped. Keeps the weights with the
+    lowest validation loss; ΔH = 0 (the plain projection) is one of the candidates.
     """
     from tqdm.auto import tqdm
 
