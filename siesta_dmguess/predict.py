@@ -23,6 +23,7 @@ from .data import Sample, prepare_sample
 from .dm import density_matrix_from_flat, write_density_matrix
 from .errors import ModelCompatibilityError
 from .evaluate import predict_flat
+from .refine import projection_skipped
 from .structure import Structure, read_structure
 
 log = logging.getLogger(__name__)
@@ -161,19 +162,25 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     warnings = check_compatibility(structure, loaded, force=force)
     cfg = loaded.config
     sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.mp_cutoff, name=structure.source)
+    if fold is None:
+        fold = not structure.fdf_settings.get("kgrid", False)
+    n_expected = _expected_electrons(structure, loaded.basis)
+    # The ΔH head only steers the dense projection: skip it where that will not run (keeps large systems O(N)).
+    kpoint = not fold and int(np.prod(sample.layout.nsc)) > 1
+    wants_correction = loaded.overlap is not None and not projection_skipped(refine, sample.layout.no, kpoint,
+                                                                              n_expected)
     novelty: list[float] = []
     corrections: list = []
     values = predict_flat(loaded.model, [sample], dtype=next(loaded.model.parameters()).dtype, novelty=novelty,
-                          corrections=corrections)[0]
-    if fold is None:
-        fold = not structure.fdf_settings.get("kgrid", False)
-    overlap, n_expected, n_predicted, done = None, _expected_electrons(structure, loaded.basis), None, None
+                          corrections=corrections if wants_correction else None)[0]
+    overlap, n_predicted, done = None, None, None
     if loaded.overlap is not None:
         from .overlap import block_vectors
         from .refine import refine as refine_dm
 
         overlap = loaded.overlap.flat(structure.labels, sample.layout, block_vectors(structure, sample.layout))
-        done = refine_dm(sample.layout, values, overlap, n_expected, fold, refine, corrections[0])
+        done = refine_dm(sample.layout, values, overlap, n_expected, fold, refine,
+                         corrections[0] if corrections else None)
         values, n_predicted = done.values, done.electrons_raw
         if done.reason:
             log.info("%s: idempotent projection skipped: %s; DM charge-normalized", structure.source or "structure",

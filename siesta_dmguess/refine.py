@@ -96,20 +96,29 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown refinement {mode!r}; choose one of {REFINEMENTS}")
 
 
+def projection_skipped(mode: str, n_orbitals: int, kpoint: bool, n_electrons: float) -> str:
+    """Why the idempotent projection will not be applied ("" if it will be tried; it can still fall back for
+    want of an occupation gap). Lets callers skip work only the projection needs, such as a model's ΔH."""
+    if mode != "idempotent":
+        return f"refinement {mode!r} requested"
+    if kpoint:
+        return "k-point DM (the projection is done at Γ only)"
+    if n_orbitals > MAX_DENSE_ORBITALS:
+        return f"{n_orbitals} orbitals > {MAX_DENSE_ORBITALS} (dense projection skipped to stay O(N))"
+    if abs(n_electrons / 2 - round(n_electrons / 2)) > 1e-6:
+        return f"odd or fractional electron count {n_electrons:g}"
+    return ""
+
+
 def _try_projection(mode: str, n_orbitals: int, kpoint: bool, n_electrons: float, dense_d_and_s,
                     dense_correction=None):
     """(projected D or None, the dense D it was made from, why not, occupation gap) for the requested mode.
 
     ``dense_d_and_s()`` gives the folded dense D and S; it is only called when the projection applies.
     """
-    if mode != "idempotent":
-        return None, None, "", None
-    if kpoint:
-        return None, None, "k-point DM (the projection is done at Γ only)", None
-    if n_orbitals > MAX_DENSE_ORBITALS:
-        return None, None, f"{n_orbitals} orbitals > {MAX_DENSE_ORBITALS} (dense projection skipped to stay O(N))", None
-    if abs(n_electrons / 2 - round(n_electrons / 2)) > 1e-6:
-        return None, None, f"odd or fractional electron count {n_electrons:g}", None
+    reason = projection_skipped(mode, n_orbitals, kpoint, n_electrons)
+    if reason:
+        return None, None, "" if mode != "idempotent" else reason, None
     d, s = dense_d_and_s()
     projected, gap = nearest_idempotent(d, s, int(round(n_electrons / 2)),
                                         dense_correction() if dense_correction is not None else None)
