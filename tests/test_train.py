@@ -63,3 +63,11 @@ def _val_samples(data, loaded):
     from siesta_dmguess.data import load_samples
 
     return load_samples([data], loaded.config.species, loaded.basis, loaded.config.mp_cutoff, split="val")
+
+
+def test_init_from_a_model_of_other_species_is_a_clear_error(tmp_path):
+    from siesta_dmguess.errors import InputFileError
+
+    with pytest.raises(InputFileError, match="--init model 'silicon' has no or another basis for species '[HO]'"):
+        train([dataset("h2o")], tmp_path / "m", TrainOptions(epochs=0, progress=False, init="silicon",
+                                                             correction_epochs=1))
