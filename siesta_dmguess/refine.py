@@ -15,6 +15,10 @@ error drops (compare ``siesta-dmguess evaluate water ../shared/datasets/h2o
 --refine charge`` with ``--refine idempotent``; numbers in the README). It also
 fixes the count exactly.
 
+A model with a ΔH head (``ModelConfig.correction_head``) steers the projection: the
+occupied space is then that of the Hamiltonian-like -S P S + ΔH instead of -S P S
+(see :func:`nearest_idempotent`; trained through :func:`projected_density_torch`).
+
 The projection needs the dense Γ-point D and S (O(n_orb³)), so it applies to
 Γ-only and molecular DMs of up to :data:`MAX_DENSE_ORBITALS` orbitals with an
 even electron count, and only when the prediction's natural occupations show a
