@@ -124,8 +124,13 @@ def _try_projection(mode: str, n_orbitals: int, kpoint: bool, n_electrons: float
     if reason:
         return None, None, "" if mode != "idempotent" else reason, None
     d, s = dense_d_and_s()
-    projected, gap = nearest_idempotent(d, s, int(round(n_electrons / 2)),
-                                        dense_correction() if dense_correction is not None else None)
+    n_occupied = int(round(n_electrons / 2))
+    if dense_correction is not None:
+        projected, gap = nearest_idempotent(d, s, n_occupied, dense_correction())
+        if gap >= MIN_OCCUPATION_GAP:
+            return projected, d, "", gap
+        # ΔH would leave no clear occupied space (a structure unlike its training data): do without it.
+    projected, gap = nearest_idempotent(d, s, n_occupied)
     if gap < MIN_OCCUPATION_GAP:
         return None, d, f"no clear gap in the natural occupations (HOMO-LUMO occupation gap {gap:.2f})", gap
     return projected, d, "", gap

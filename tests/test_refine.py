@@ -125,6 +125,20 @@ def test_a_correction_steers_the_projection_and_zero_changes_nothing():
     assert np.allclose((steered / 2) @ s @ (steered / 2), steered / 2, atol=1e-10)
 
 
+def test_a_correction_that_closes_the_gap_is_dropped_for_the_plain_projection():
+    """A ΔH that leaves no clear occupied space (as on structures unlike the training data) is not used."""
+    layout = dense_layout()
+    s, d0 = pure_state(seed=2)
+    noisy = d0 + symmetric_noise(12, 0.01)
+    plain = refine(layout, noisy.ravel(), s.ravel(), 2.0 * N_OCC, fold=True)
+    closing = 2.0 * s @ (d0 / 2) @ s  # lifts the occupied levels onto the empty ones
+    done = refine(layout, noisy.ravel(), s.ravel(), 2.0 * N_OCC, fold=True, correction=closing.ravel())
+    assert done.applied == "idempotent"
+    assert np.allclose(done.values, plain.values, atol=1e-12)
+    helpful = refine(layout, noisy.ravel(), s.ravel(), 2.0 * N_OCC, fold=True, correction=(-closing).ravel())
+    assert not np.allclose(helpful.values, plain.values, atol=1e-6)  # a ΔH that keeps the gap is used
+
+
 def test_differentiable_projection_matches_numpy_and_its_gradient_is_exact():
     """The training loss's projection (torch, hand-written backward) is the one predict applies, and its
     gradient agrees with finite differences, also with a degenerate occupied space (where eigh's own fails)."""
