@@ -615,11 +615,6 @@ class DensityMatrixModel(nn.Module):
         return self._blocks(h, batch, self.correction_node_head, self.correction_edge_head) * \
             self.config.correction_scale
 
-    def forward_with_correction(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(DM, ΔH) flat values from one pass of message passing."""
-        h = self.node_features(batch)
-        return self.density_from_features(h, batch), self.correction_from_features(h, batch)
-
     def _blocks(self, h, batch, node_head, edge_head) -> torch.Tensor:
         """Symmetric SIESTA-basis blocks from the node and edge readouts (steps 3-5 of the module docstring)."""
         flat = torch.zeros(batch["n_flat"], dtype=h.dtype, device=h.device)

@@ -23,7 +23,7 @@ from .data import Sample, prepare_sample
 from .dm import density_matrix_from_flat, write_density_matrix
 from .errors import ModelCompatibilityError
 from .evaluate import predict_flat
-from .refine import projection_skipped
+from .refine import is_kpoint, projection_skipped
 from .structure import Structure, read_structure
 
 log = logging.getLogger(__name__)
@@ -166,9 +166,8 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
         fold = not structure.fdf_settings.get("kgrid", False)
     n_expected = _expected_electrons(structure, loaded.basis)
     # The ΔH head only steers the dense projection: skip it where that will not run (keeps large systems O(N)).
-    kpoint = not fold and int(np.prod(sample.layout.nsc)) > 1
-    wants_correction = loaded.overlap is not None and not projection_skipped(refine, sample.layout.no, kpoint,
-                                                                              n_expected)
+    wants_correction = loaded.overlap is not None and not projection_skipped(
+        refine, sample.layout.no, is_kpoint(sample.layout, fold), n_expected)
     novelty: list[float] = []
     corrections: list = []
     values = predict_flat(loaded.model, [sample], dtype=next(loaded.model.parameters()).dtype, novelty=novelty,

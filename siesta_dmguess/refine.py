@@ -65,9 +65,8 @@ def refine(layout, values: np.ndarray, overlap: np.ndarray, n_electrons: float, 
     n_raw = electron_count(layout, values, overlap, fold)
     if mode == "none" or n_raw <= 0:
         return Refinement(values, n_raw, "none")
-    kpoint = not fold and int(np.prod(layout.nsc)) > 1
     projected, dense, reason, gap = _try_projection(
-        mode, layout.no, kpoint, n_electrons,
+        mode, layout.no, is_kpoint(layout, fold), n_electrons,
         lambda: (flat_to_csr(layout, values, True).toarray(), flat_to_csr(layout, overlap, True).toarray()),
         None if correction is None else lambda: flat_to_csr(layout, correction, True).toarray())
     if projected is not None:
@@ -98,6 +97,11 @@ def refine_folded(density: "sp.spmatrix", overlap: "sp.spmatrix", n_electrons: f
 def _check_mode(mode: str) -> None:
     if mode not in REFINEMENTS:
         raise ValueError(f"unknown refinement {mode!r}; choose one of {REFINEMENTS}")
+
+
+def is_kpoint(layout, fold: bool) -> bool:
+    """A DM that keeps its periodic images (a k-point run): the dense projection, done at Γ, does not apply."""
+    return not fold and int(np.prod(layout.nsc)) > 1
 
 
 def projection_skipped(mode: str, n_orbitals: int, kpoint: bool, n_electrons: float) -> str:

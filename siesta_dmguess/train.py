@@ -120,7 +120,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     overrides = dict(config_overrides or {})
     if options.correction_epochs:
         overrides["correction_head"] = True
-    init = _init_model(options.init, basis, overrides) if options.init else None
+    init, init_training = _init_model(options.init, basis, overrides) if options.init else (None, None)
     cfg = init.config if init else ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()},
                                                seed=options.seed, **overrides)
     species = cfg.species
@@ -203,7 +203,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         "pseudopotentials": _pseudopotential_checksums(data_dirs, species),
         "training": {"data": [str(d) for d in data_dirs], "train_structures": len(train_set),
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
-                     **({"init_model_training": _init_training(options.init)} if options.init else {}),
+                     **({"init_model_training": init_training} if init else {}),
                      "wall_s": round(time.time() - t0, 1), "command": command},
         "validation": {"split": "val", **validation["summary"]},
         "novelty_threshold": float(model.novelty_threshold),
@@ -214,8 +214,9 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     return TrainResult(out_dir, validation, history)
 
 
-def _init_model(name_or_path: str, basis: dict, overrides: dict) -> DensityMatrixModel:
-    """A model built from another model's config (plus ``overrides``) with its weights; new heads start fresh."""
+def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[DensityMatrixModel, dict]:
+    """A model built from another model's config (plus ``overrides``) with its weights, new heads starting
+    fresh; and the other model's training record (for the card)."""
     from .card import load_model
 
     loaded = load_model(name_or_path)
@@ -230,13 +231,7 @@ def _init_model(name_or_path: str, basis: dict, overrides: dict) -> DensityMatri
     missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("correction_") for k in missing):
         raise InputFileError(f"--init model {name_or_path!r} does not fit this configuration", loaded.path)
-    return model
-
-
-def _init_training(name_or_path: str) -> dict:
-    from .card import load_model
-
-    return load_model(name_or_path).card.get("training", {})
+    return model, loaded.card.get("training", {})
 
 
 def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, options: TrainOptions) -> list:
@@ -262,7 +257,8 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
     prepared = [p for p in (_projection_inputs(model, s, overlap) for s in train_set) if p is not None]
     prepared_val = [p for p in (_projection_inputs(model, s, overlap) for s in val_set) if p is not None]
     if not prepared:
-        raise InputFileError("no training structure is Γ-only with an even electron count: nothing for ΔH to learn",
+        raise InputFileError("no training structure gets the dense projection (Γ-only, even electron count): "
+                             "nothing for ΔH to learn",
                              train_set[0].name)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.correction_lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.05 ** (1.0 / max(options.correction_epochs, 1)))
@@ -307,12 +303,12 @@ def _projection_inputs(model, sample, overlap) -> dict | None:
     """Everything the ΔH loss of one structure needs that does not change while ΔH trains (frozen DM model)."""
     from .dm import flat_to_csr
     from .overlap import block_vectors
+    from .refine import is_kpoint, projection_skipped
 
     lay = sample.layout
     n_electrons = float(lay.atomic.sum())
-    kpoint = not sample.fold and int(np.prod(lay.nsc)) > 1
-    if kpoint or abs(n_electrons / 2 - round(n_electrons / 2)) > 1e-6:
-        return None
+    if projection_skipped("idempotent", lay.no, is_kpoint(lay, sample.fold), n_electrons):
+        return None  # predict would not project this structure either
     batch = collate([sample], len(model.species), torch.float32, with_targets=False)
     with torch.no_grad():
         h = model.node_features(batch)
