@@ -96,3 +96,58 @@ def test_trajectory_benchmark_compares_guesses_on_the_same_frames(siesta_command
     assert all(r["reuse"]["dm_read"] and r["ml+residual"]["dm_read"] for r in rows[1:])
     assert all(r["ml+residual"]["scf_iterations"] <= r["atomic"]["scf_iterations"] for r in rows)
     assert report["scf_iterations"]["ml+residual"] < report["scf_iterations"]["atomic"]
+
+
+def test_ml_guess_far_outside_the_training_data_is_no_worse(siesta_command, water_model, tmp_path):
+    """Molecules rattled by 0.1 Å per coordinate, 2.5x the training spread (one of them, with an O-H bond
+    squeezed to 0.70 Å, is flagged as novel): the guess must still not cost more iterations than the atomic
+    guess, at the same energy."""
+    from siesta_dmguess.bench import run_trajectory_benchmark
+    from siesta_dmguess.predict import predict_density_matrix
+    from siesta_dmguess.structure import Structure, read_structure
+
+    root = dataset("h2o")
+    rec = next(r for r in json.loads((root / "index.json").read_text()) if r["split"] == "val")
+    fdf = root / rec["id"] / "input.fdf"
+    base = read_structure(fdf)
+    rng = np.random.default_rng(7)
+    frames = []
+    for _ in range(3):
+        frame = base.atoms.copy()
+        frame.positions += rng.normal(0, 0.1, frame.positions.shape)
+        frames.append(frame)
+    novelty = [predict_density_matrix(Structure(f, base.labels), water_model).novelty for f in frames]
+    assert max(novelty) > float(water_model.model.novelty_threshold)  # really outside the training data
+    report = run_trajectory_benchmark(frames, fdf, water_model, tmp_path, ("atomic", "ml"),
+                                      command=siesta_command, progress=False)
+    assert report["all_converged"]
+    assert max(report["max_abs_energy_difference_eV"].values()) < 1e-4
+    assert all(r["ml"]["dm_read"] for r in report["per_frame"])
+    assert all(r["ml"]["scf_iterations"] <= r["atomic"]["scf_iterations"] for r in report["per_frame"])
+
+
+def test_ml_guess_for_a_compressed_water_box_is_no_worse(siesta_command, water_model, tmp_path):
+    """A held-out water8 box with its molecules moved 4 % closer (a density the training boxes never had; each
+    molecule kept rigid): the guess is flagged as novel and must still not cost more than the atomic guess."""
+    from siesta_dmguess.bench import run_trajectory_benchmark
+    from siesta_dmguess.predict import predict_density_matrix
+    from siesta_dmguess.structure import Structure, read_structure
+
+    root = dataset("water8")
+    rec = next(r for r in json.loads((root / "index.json").read_text()) if r["split"] == "val")
+    fdf = root / rec["id"] / "input.fdf"
+    base = read_structure(fdf)
+    box = base.atoms.copy()
+    box.set_cell(box.cell * 0.96, scale_atoms=False)
+    positions = box.get_positions()
+    for o in np.flatnonzero(np.array(base.labels) == "O"):
+        assert base.labels[o + 1:o + 3] == ["H", "H"]  # each O is followed by its two H (water8's layout)
+        positions[o:o + 3] -= 0.04 * positions[o]
+    box.set_positions(positions)
+    assert predict_density_matrix(Structure(box, base.labels), water_model).out_of_distribution
+    report = run_trajectory_benchmark([box], fdf, water_model, tmp_path, ("atomic", "ml"), command=siesta_command,
+                                      progress=False)
+    row = report["per_frame"][0]
+    assert report["all_converged"] and row["ml"]["dm_read"]
+    assert max(report["max_abs_energy_difference_eV"].values()) < 1e-4
+    assert row["ml"]["scf_iterations"] <= row["atomic"]["scf_iterations"]
