@@ -146,10 +146,9 @@ def refine_flat(sample, flat: np.ndarray, overlap, mode: str = "idempotent",
     """Refine a flat prediction for the neutral electron count; returns (refined, raw Tr(D S) - N, what was done).
 
     ``correction``: the model's flat ΔH for the idempotent projection, if it has that head."""
-    from .overlap import block_vectors
     from .refine import refine
 
-    s = overlap.flat(sample.structure.labels, sample.layout, block_vectors(sample.structure, sample.layout))
+    s = overlap.flat(sample.structure, sample.layout)
     n_expected = float(sample.layout.atomic.sum())
     done = refine(sample.layout, flat, s, n_expected, sample.fold, mode, correction)
     return done.values, done.electrons_raw - n_expected, done.applied

@@ -155,11 +155,10 @@ class OverlapCalculator:
                                                 self._transform(b), self._bessel_matrix)
         return self._tables[(a, b)]
 
-    def flat(self, labels: list[str], layout, vectors_of_blocks: np.ndarray) -> np.ndarray:
-        """S at every element of a :class:`~siesta_dmguess.dm.BlockLayout` (SIESTA basis, per image).
-
-        ``vectors_of_blocks[b]`` is the vector from block b's row atom to its column atom (zero on-site).
-        """
+    def flat(self, structure, layout) -> np.ndarray:
+        """S at every element of ``structure``'s :class:`~siesta_dmguess.dm.BlockLayout` (SIESTA basis, per image)."""
+        labels = structure.labels
+        vectors_of_blocks = block_vectors(structure, layout)
         out = np.zeros(layout.size)
         bi, bj = layout.block_i, layout.block_j
         lab = np.asarray(labels)

@@ -174,10 +174,9 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
                           corrections=corrections if wants_correction else None)[0]
     overlap, n_predicted, done = None, None, None
     if loaded.overlap is not None:
-        from .overlap import block_vectors
         from .refine import refine as refine_dm
 
-        overlap = loaded.overlap.flat(structure.labels, sample.layout, block_vectors(structure, sample.layout))
+        overlap = loaded.overlap.flat(structure, sample.layout)
         done = refine_dm(sample.layout, values, overlap, n_expected, fold, refine,
                          corrections[0] if corrections else None)
         values, n_predicted = done.values, done.electrons_raw

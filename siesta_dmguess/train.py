@@ -302,7 +302,6 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
 def _projection_inputs(model, sample, overlap) -> dict | None:
     """Everything the ΔH loss of one structure needs that does not change while ΔH trains (frozen DM model)."""
     from .dm import flat_to_csr
-    from .overlap import block_vectors
     from .refine import is_kpoint, projection_skipped
 
     lay = sample.layout
@@ -313,7 +312,7 @@ def _projection_inputs(model, sample, overlap) -> dict | None:
     with torch.no_grad():
         h = model.node_features(batch)
         density = model.density_from_features(h, batch).double().numpy()
-    s_flat = overlap.flat(sample.structure.labels, lay, block_vectors(sample.structure, lay))
+    s_flat = overlap.flat(sample.structure, lay)
     covered = sample.target_index >= 0
     reference = np.zeros((lay.no, lay.no))
     reference[lay.rows[covered], lay.cols[covered] % lay.no] = sample.target_values[sample.target_index[covered]]

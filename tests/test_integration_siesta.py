@@ -16,6 +16,11 @@ from .conftest import dataset
 pytestmark = pytest.mark.siesta
 
 
+def first_val_record(root) -> dict:
+    """The first held-out structure of a shared dataset (its index.json record)."""
+    return next(r for r in json.loads((root / "index.json").read_text()) if r["split"] == "val")
+
+
 @pytest.fixture(scope="module")
 def siesta_command():
     from siesta_dmguess.siesta import find_siesta
@@ -40,7 +45,7 @@ def test_ml_guess_is_read_and_saves_iterations(name, siesta_command, water_model
     from siesta_dmguess.bench import bench_structure
 
     root = dataset(name)
-    rec = next(r for r in json.loads((root / "index.json").read_text()) if r["split"] == "val")
+    rec = first_val_record(root)
     result = bench_structure(root / rec["id"] / "input.fdf", tmp_path, water_model, command=siesta_command)
     ml, atomic = result.results["ml"], result.results["atomic"]
     assert ml.dm_read and not atomic.dm_read
@@ -79,7 +84,7 @@ def test_trajectory_benchmark_compares_guesses_on_the_same_frames(siesta_command
     from siesta_dmguess.structure import read_structure
 
     root = dataset("h2o")
-    rec = next(r for r in json.loads((root / "index.json").read_text()) if r["split"] == "val")
+    rec = first_val_record(root)
     fdf = root / rec["id"] / "input.fdf"
     atoms = read_structure(fdf).atoms
     direction = np.random.default_rng(1).normal(size=atoms.positions.shape)
@@ -107,7 +112,7 @@ def test_ml_guess_far_outside_the_training_data_is_no_worse(siesta_command, wate
     from siesta_dmguess.structure import Structure, read_structure
 
     root = dataset("h2o")
-    rec = next(r for r in json.loads((root / "index.json").read_text()) if r["split"] == "val")
+    rec = first_val_record(root)
     fdf = root / rec["id"] / "input.fdf"
     base = read_structure(fdf)
     rng = np.random.default_rng(7)
@@ -134,7 +139,7 @@ def test_ml_guess_for_a_compressed_water_box_is_no_worse(siesta_command, water_m
     from siesta_dmguess.structure import Structure, read_structure
 
     root = dataset("water8")
-    rec = next(r for r in json.loads((root / "index.json").read_text()) if r["split"] == "val")
+    rec = first_val_record(root)
     fdf = root / rec["id"] / "input.fdf"
     base = read_structure(fdf)
     box = base.atoms.copy()

@@ -82,13 +82,13 @@ def test_overlap_matches_siesta_hsx(name):
 
     from siesta_dmguess.data import load_run, prepare_sample
     from siesta_dmguess.dm import flat_to_csr
-    from siesta_dmguess.overlap import block_vectors, electron_count
+    from siesta_dmguess.overlap import electron_count
 
     root = dataset(name)
     rec = next(r for r in json.loads((root / "index.json").read_text()) if r.get("has_hsx"))
     structure, basis, dm, hsx = load_run(root / rec["id"])
     sample = prepare_sample(structure, basis, sorted(basis), 3.0, dm)
-    ours = OverlapCalculator(basis).flat(structure.labels, sample.layout, block_vectors(structure, sample.layout))
+    ours = OverlapCalculator(basis).flat(structure, sample.layout)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = sisl.get_sile(str(hsx)).read_overlap(geometry=dm.geometry).tocsr(0)
