@@ -92,6 +92,10 @@ def _cmd_evaluate(args) -> int:
     s = result["summary"]
     print(f"mean over {s['structures']} structures: MAE {s['mae']:.3e}, max |error| {s['max_abs']:.3e}; "
           f"atomic guess MAE {s['atomic_mae']:.3e} ({s['mae_ratio_atomic_over_model']:.1f}x the model's)")
+    if "density_operator_error_mean" in s:
+        print(f"density-operator error sqrt(Tr[(ΔD S)²]): mean {s['density_operator_error_mean']:.3e}; atomic guess "
+              f"{s['atomic_density_operator_error_mean']:.3e} ({s['density_operator_ratio_atomic_over_model']:.1f}x "
+              f"the model's)")
     if "raw_electron_count_abs_error_mean" in s:
         print(f"raw prediction's electron count |Tr(D S) - N| (before refinement): mean "
               f"{s['raw_electron_count_abs_error_mean']:.2e}, max {s['raw_electron_count_abs_error_max']:.2e}")

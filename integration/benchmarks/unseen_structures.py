@@ -1,0 +1,101 @@
+"""Write run folders of structures the shipped models never saw, with the shared datasets' SIESTA settings.
+
+    python integration/benchmarks/unseen_structures.py ../shared/datasets unseen
+    siesta-dmguess bench unseen/chno --model chno-molecules --split all --out bench_unseen
+    siesta-dmguess bench unseen/water64 --model water --split all --out bench_unseen
+    siesta-dmguess bench unseen/si16 --model silicon --split all --out bench_unseen
+
+The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
+
+* ``chno``: closed-shell CHNO molecules of ASE's G2 collection that are *not* in
+  ``g2`` (new molecules, not new conformers), rattled 0.04 Å and randomly
+  oriented in a 12 Å box;
+* ``water64``: two ``water8`` boxes repeated 2x2x2 (192 atoms, 12.4 Å, still
+  Γ only) and rattled 0.03 Å: a larger cell than any training box;
+* ``si16``: two ``si8`` cells repeated 2x1x1 and rattled 0.05 Å, with a
+  2x4x4 k-grid: a cell shape and k-grid the model never saw.
+
+Each folder is a dataset the benchmark reads directly (run folders with
+``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+from ase.collections import g2
+from ase.data import atomic_numbers
+
+from siesta_dmguess.siesta.templates import fdf_with_geometry
+from siesta_dmguess.structure import read_structure
+
+# Closed-shell (even electron count, no magnetic moments) CHNO molecules of ASE's G2 set absent from `g2`.
+UNSEEN_G2 = ["CH3CHO", "CH2NHCH2", "H3CNH2", "C3H6_D3h", "trans-butane", "butadiene", "CH3OCH3", "C3H4_D2d",
+             "2-butyne", "N2O", "C3H9N", "C3H6_Cs", "C3H4_C3v", "C3H4_C2v"]
+
+
+def with_species(fdf_text: str, labels: list[str]) -> str:
+    """The fdf text with its species block holding exactly ``labels`` (the template's may hold others)."""
+    block = "\n".join(f" {k + 1} {atomic_numbers[label]} {label}" for k, label in enumerate(labels))
+    fdf_text = re.sub(r"(?im)^NumberOfSpecies\s+\d+", f"NumberOfSpecies {len(labels)}", fdf_text)
+    return re.sub(r"(?is)(%block ChemicalSpeciesLabel\n).*?(%endblock)", lambda m: m.group(1) + block + "\n" + m.group(2),
+                  fdf_text)
+
+
+def with_kgrid(fdf_text: str, grid: tuple[int, int, int]) -> str:
+    rows = "".join(f" {' '.join(str(n if i == j else 0) for j in range(3))} 0.0\n" for i, n in enumerate(grid))
+    return re.sub(r"(?is)(%block kgrid_Monkhorst_Pack\n).*?(%endblock)", lambda m: m.group(1) + rows + m.group(2),
+                  fdf_text)
+
+
+def write_run(template: Path, atoms, dest: Path, kgrid=None) -> None:
+    labels = sorted(set(atoms.get_chemical_symbols()), key=lambda s: atomic_numbers[s])
+    text = with_species(template.read_text(), labels)
+    text = text.replace("SaveHS T\n", "")  # the benchmark needs no .HSX
+    if kgrid:
+        text = with_kgrid(text, kgrid)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "input.fdf").write_text(fdf_with_geometry(text, atoms, atoms.get_chemical_symbols()))
+
+
+def copy_basis(dataset: Path, dest: Path) -> None:
+    shutil.copytree(dataset / "basis", dest / "basis", dirs_exist_ok=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("datasets", type=Path, help="the shared datasets folder (../shared/datasets)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--sets", default="chno,water64,si16")
+    args = p.parse_args()
+    sets = args.sets.split(",")
+    rng = np.random.default_rng(11)
+    if "chno" in sets:
+        dest = args.out / "chno"
+        copy_basis(args.datasets / "g2", dest)
+        for k, name in enumerate(UNSEEN_G2):
+            atoms = g2[name].copy()
+            atoms.rattle(0.04, seed=k)
+            atoms.rotate(rng.uniform(0, 360), rng.normal(size=3))
+            atoms.set_cell([12.0, 12.0, 12.0])
+            atoms.center()
+            write_run(args.datasets / "g2/0000/input.fdf", atoms, dest / f"{k:04d}")
+    for name, source, ids, repeat, rattle, kgrid in (("water64", "water8", ("0001", "0010"), (2, 2, 2), 0.03, None),
+                                                     ("si16", "si8", ("0000", "0005"), (2, 1, 1), 0.05, (2, 4, 4))):
+        if name not in sets:
+            continue
+        dest = args.out / name
+        copy_basis(args.datasets / source, dest)
+        for k, run in enumerate(ids):
+            atoms = read_structure(args.datasets / source / run / "input.fdf").atoms.repeat(repeat)
+            atoms.rattle(rattle, seed=k)
+            write_run(args.datasets / source / "0000/input.fdf", atoms, dest / f"{k:04d}", kgrid)
+    print(f"wrote {', '.join(sets)} under {args.out}")
+
+
+if __name__ == "__main__":
+    main()

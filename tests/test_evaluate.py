@@ -1,0 +1,64 @@
+"""Accuracy metrics on a real SIESTA run: the density-operator error sqrt(Tr[(ΔD S)²]) (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from .conftest import dataset
+
+
+@pytest.fixture(scope="module")
+def h2o_sample():
+    from siesta_dmguess.data import load_samples, run_basis
+
+    path = dataset("h2o")
+    basis = run_basis(path / "0000", {"H", "O"})
+    samples = load_samples([path], ["H", "O"], basis, 4.0, split="val", with_overlap=True)
+    return samples[0]
+
+
+def dense_on_stored(sample, values):
+    """A (no, no) matrix holding ``values`` (on the reference's stored elements) at their positions."""
+    lay, idx = sample.layout, sample.target_index
+    out = np.zeros((lay.no, lay.no))
+    out[lay.rows[idx >= 0], lay.cols[idx >= 0] % lay.no] = values[idx[idx >= 0]]
+    return out
+
+
+def on_stored(sample, matrix):
+    lay, idx = sample.layout, sample.target_index
+    out = np.zeros(sample.target_values.size)
+    out[idx[idx >= 0]] = matrix[lay.rows[idx >= 0], lay.cols[idx >= 0] % lay.no]
+    return out
+
+
+def test_density_operator_error_is_the_dense_trace_and_weighs_errors_by_what_they_change(h2o_sample):
+    from siesta_dmguess.evaluate import density_operator_error
+
+    s = dense_on_stored(h2o_sample, h2o_sample.meta["overlap"])
+    assert np.allclose(s, s.T) and s.shape[0] == h2o_sample.layout.no
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=s.shape)
+    e = 1e-3 * (a + a.T)
+    got = density_operator_error(h2o_sample, on_stored(h2o_sample, e))
+    assert got == pytest.approx(np.sqrt(np.trace(e @ s @ e @ s)), rel=1e-10)
+    assert density_operator_error(h2o_sample, np.zeros(h2o_sample.target_values.size)) == 0.0
+    # An error along S's most nearly null direction barely changes ρ: it counts with S's eigenvalue,
+    # while the same-sized error along the largest eigenvector counts with that one.
+    lam, vec = np.linalg.eigh(s)
+    low = density_operator_error(h2o_sample, on_stored(h2o_sample, np.outer(vec[:, 0], vec[:, 0])))
+    high = density_operator_error(h2o_sample, on_stored(h2o_sample, np.outer(vec[:, -1], vec[:, -1])))
+    assert low == pytest.approx(lam[0], rel=1e-8)
+    assert high == pytest.approx(lam[-1], rel=1e-8)
+    assert lam[0] < 0.05 * lam[-1]
+
+
+def test_the_reference_dm_has_the_norm_of_a_pure_state(h2o_sample):
+    from siesta_dmguess.evaluate import density_operator_error
+
+    ref = h2o_sample.target_values
+    n_electrons = float(ref @ h2o_sample.meta["overlap"])
+    # ΔD = -D_ref: sqrt(Tr[(D S)²]) = sqrt(2 N) for an idempotent DS/2 (8 valence electrons in H2O).
+    assert n_electrons == pytest.approx(8.0, abs=1e-3)
+    assert density_operator_error(h2o_sample, -ref) == pytest.approx(np.sqrt(2 * n_electrons), rel=1e-3)
