@@ -79,7 +79,7 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = [r for r in list_runs(data_dir) if split is None or r.split == split]
+    records = [r for r in list_runs(data_dir) if r.in_split(split)]
     if limit:
         records = records[:limit]
     if not records:

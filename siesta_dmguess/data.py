@@ -65,8 +65,13 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
 class RunRecord:
     folder: Path
     id: str
-    split: str = "train"
+    split: str = ""  # "train" / "val" from index.json; "" for a folder without one
     meta: dict = field(default_factory=dict)
+
+    def in_split(self, split: str | None) -> bool:
+        """Whether the run belongs to ``split`` (None: all). A run without a recorded split belongs to every
+        split, so ``evaluate`` and ``bench`` (default: val) take all runs of a user's own folder."""
+        return split is None or not self.split or self.split == split
 
 
 def list_runs(data_dir: str | Path) -> list[RunRecord]:
@@ -80,7 +85,7 @@ def list_runs(data_dir: str | Path) -> list[RunRecord]:
             records = json.loads(index.read_text())
         except json.JSONDecodeError as exc:
             raise InputFileError(f"index.json is not valid JSON ({exc})", index) from exc
-        return [RunRecord(data_dir / r["id"], str(r["id"]), r.get("split", "train"), r) for r in records]
+        return [RunRecord(data_dir / r["id"], str(r["id"]), r.get("split", ""), r) for r in records]
     runs = sorted(p.parent for p in data_dir.glob("*/*.fdf"))
     if (data_dir / "input.fdf").is_file() or list(data_dir.glob("*.DM")):
         runs = [data_dir]
@@ -142,7 +147,7 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
     """
     from tqdm.auto import tqdm
 
-    records = [r for d in data_dirs for r in list_runs(d) if split is None or r.split == split]
+    records = [r for d in data_dirs for r in list_runs(d) if r.in_split(split)]
     samples = []
     for rec in tqdm(records, desc="reading runs", disable=not progress):
         structure, run_b, dm, hsx = load_run(rec.folder)

@@ -206,6 +206,10 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "val", out_json:
     for d in data_dirs:
         samples = load_samples([d], cfg.species, loaded.basis, cfg.mp_cutoff, split=split, progress=progress,
                                with_overlap=True)
+        if not samples:
+            from .errors import InputFileError
+
+            raise InputFileError(f"no runs in split {split!r} (index.json); --split all evaluates every run", d)
         r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap, refine=refine)
         result["datasets"][str(d)] = r["summary"]
         result["structures"].extend(r["structures"])

@@ -83,7 +83,7 @@ def _pseudopotential_checksums(data_dirs, species) -> dict:
 
 
 def _split(records_samples, options: TrainOptions):
-    train = [s for s in records_samples if s.meta.get("split", "train") == "train"]
+    train = [s for s in records_samples if s.meta.get("split") in ("train", "", None)]
     val = [s for s in records_samples if s.meta.get("split") == "val"]
     if not val:  # no split given: seeded random hold-out
         rng = np.random.default_rng(options.seed)

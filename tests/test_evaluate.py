@@ -62,3 +62,36 @@ def test_the_reference_dm_has_the_norm_of_a_pure_state(h2o_sample):
     # ΔD = -D_ref: sqrt(Tr[(D S)²]) = sqrt(2 N) for an idempotent DS/2 (8 valence electrons in H2O).
     assert n_electrons == pytest.approx(8.0, abs=1e-3)
     assert density_operator_error(h2o_sample, -ref) == pytest.approx(np.sqrt(2 * n_electrons), rel=1e-3)
+
+
+def copy_run(src, dest):
+    """A user's run folder (fdf, converged .DM, basis files) without the dataset's index.json."""
+    import shutil
+
+    dest.mkdir(parents=True)
+    for f in ("input.fdf", "siesta.DM", "siesta.HSX"):
+        shutil.copy(src / f, dest / f)
+    for f in (src.parent / "basis").glob("*.ion.xml"):
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_a_folder_without_index_is_evaluated_whole_and_an_empty_split_is_a_clear_error(tmp_path, capsys):
+    import json
+
+    from siesta_dmguess.cli import main
+
+    path = dataset("h2o")
+    records = json.loads((path / "index.json").read_text())
+    train_ids = [r["id"] for r in records if r["split"] == "train"][:2]
+    for rid in train_ids:
+        copy_run(path / rid, tmp_path / "mine" / rid)
+    # No index.json: the default split (val) must not drop the user's runs.
+    assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "mean over 2 structures" in out and "density-operator error" in out
+    # With an index.json whose runs are all 'train', asking for 'val' names the folder and the fix.
+    (tmp_path / "mine" / "index.json").write_text(json.dumps([{"id": rid, "split": "train"} for rid in train_ids]))
+    assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mine" in err and "no runs in split 'val'" in err and "--split all" in err

@@ -1,6 +1,7 @@
 """Every shipped model: loads, matches its card's sha256, predicts a symmetric DM, and refuses what it does not cover."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,3 +64,15 @@ def test_models_cli_lists_and_shows(capsys):
         assert name in listing
     assert main(["models", "show", "water"]) == 0
     assert "Model card" in capsys.readouterr().out
+
+
+def test_every_model_folder_is_packaged():
+    """A folder under models/ that pyproject.toml does not list would silently not install with `pip install .`."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python >= 3.11")
+    root = Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {p.name for p in (root / "models").iterdir() if (p / "card.json").is_file()}
+    listed = {name.rsplit(".", 1)[1] for name in setup["packages"] if name.startswith("siesta_dmguess.models.")}
+    assert folders == listed
+    for name in folders:
+        assert {"*.json", "*.pt"} <= set(setup["package-data"][f"siesta_dmguess.models.{name}"])
