@@ -13,7 +13,11 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 * ``water64``: two ``water8`` boxes repeated 2x2x2 (192 atoms, 12.4 Å, still
   Γ only) and rattled 0.03 Å: a larger cell than any training box;
 * ``si16``: two ``si8`` cells repeated 2x1x1 and rattled 0.05 Å, with a
-  2x4x4 k-grid: a cell shape and k-grid the model never saw.
+  2x4x4 k-grid: a cell shape and k-grid the model never saw;
+* ``water8-stress``: two ``water8`` val boxes compressed and expanded by 8 %
+  (density ±25 %) or rattled 0.12 Å;
+* ``h2o-stress``: three ``h2o`` val molecules rattled 0.15 Å (about 4x the
+  dataset's distortion).
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
@@ -70,7 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("datasets", type=Path, help="the shared datasets folder (../shared/datasets)")
     p.add_argument("out", type=Path)
-    p.add_argument("--sets", default="chno,water64,si16")
+    p.add_argument("--sets", default="chno,water64,si16,water8-stress,h2o-stress")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -94,6 +98,25 @@ def main() -> None:
             atoms = read_structure(args.datasets / source / run / "input.fdf").atoms.repeat(repeat)
             atoms.rattle(rattle, seed=k)
             write_run(args.datasets / source / "0000/input.fdf", atoms, dest / f"{k:04d}", kgrid)
+    if "water8-stress" in sets:
+        dest = args.out / "water8-stress"
+        copy_basis(args.datasets / "water8", dest)
+        k = 0
+        for run in ("0004", "0019"):
+            for scale, rattle in ((0.92, 0.0), (1.08, 0.0), (1.0, 0.12)):
+                atoms = read_structure(args.datasets / "water8" / run / "input.fdf").atoms
+                atoms.set_cell(atoms.cell * scale, scale_atoms=True)
+                if rattle:
+                    atoms.rattle(rattle, seed=k)
+                write_run(args.datasets / "water8/0000/input.fdf", atoms, dest / f"{k:04d}")
+                k += 1
+    if "h2o-stress" in sets:
+        dest = args.out / "h2o-stress"
+        copy_basis(args.datasets / "h2o", dest)
+        for k, run in enumerate(("0004", "0009", "0014")):
+            atoms = read_structure(args.datasets / "h2o" / run / "input.fdf").atoms
+            atoms.rattle(0.15, seed=100 + k)
+            write_run(args.datasets / "h2o/0000/input.fdf", atoms, dest / f"{k:04d}")
     print(f"wrote {', '.join(sets)} under {args.out}")
 
 
