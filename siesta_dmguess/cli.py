@@ -83,12 +83,13 @@ def _cmd_evaluate(args) -> int:
     split = None if args.split == "all" else args.split
     result = evaluate(args.model, args.data_dirs, split=split, out_json=args.json, progress=not args.quiet,
                       refine=args.refine)
-    print(f"{'structure':<44} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'raw dN':>10} "
-          f"{'novelty':>8}")
+    print(f"{'structure':<44} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'rho err':>9} "
+          f"{'raw dN':>10} {'novelty':>8}")
     for m in result["structures"]:
         dn = f"{m['raw_electron_count_error']:+.2e}" if "raw_electron_count_error" in m else "-"
+        rho = f"{m['density_operator_error']:.2e}" if "density_operator_error" in m else "-"
         print(f"{m['name'][-44:]:<44} {m['natoms']:>5} {m['mae']:>10.3e} {m['max_abs']:>10.3e} "
-              f"{m['atomic_mae']:>10.3e} {dn:>10} {m.get('novelty', 0):>8.2f}")
+              f"{m['atomic_mae']:>10.3e} {rho:>9} {dn:>10} {m.get('novelty', 0):>8.2f}")
     s = result["summary"]
     print(f"mean over {s['structures']} structures: MAE {s['mae']:.3e}, max |error| {s['max_abs']:.3e}; "
           f"atomic guess MAE {s['atomic_mae']:.3e} ({s['mae_ratio_atomic_over_model']:.1f}x the model's)")
