@@ -156,3 +156,36 @@ def test_ml_guess_for_a_compressed_water_box_is_no_worse(siesta_command, water_m
     assert report["all_converged"] and row["ml"]["dm_read"]
     assert max(report["max_abs_energy_difference_eV"].values()) < 1e-4
     assert row["ml"]["scf_iterations"] <= row["atomic"]["scf_iterations"]
+
+
+def test_ml_guess_for_a_molecule_not_in_the_training_set_saves_iterations(siesta_command, tmp_path):
+    """Acetaldehyde (CH3CHO, in ASE's G2 collection but not in the `g2` dataset) with `chno-molecules`: a new
+    molecule, not a new conformer, must be read and save iterations at the same energy."""
+    from ase.collections import g2
+
+    from siesta_dmguess.bench import run_trajectory_benchmark
+    from siesta_dmguess.card import list_shipped_models, load_model
+
+    if "chno-molecules" not in list_shipped_models():
+        pytest.skip("the shipped 'chno-molecules' model is not installed")
+    root = dataset("g2")
+    records = json.loads((root / "index.json").read_text())
+    assert not any(r["name"] == "CH3CHO" for r in records)
+    # Any held-out run with C, H and O serves as the settings template (its species block covers CH3CHO).
+    fdf = next(root / r["id"] / "input.fdf" for r in records
+               if r["split"] == "val" and {"C", "H", "O"} <= set(read_fdf_species(root / r["id"] / "input.fdf")))
+    molecule = g2["CH3CHO"].copy()
+    molecule.set_cell([12.0, 12.0, 12.0])
+    molecule.center()
+    report = run_trajectory_benchmark([molecule], fdf, load_model("chno-molecules"), tmp_path, ("atomic", "ml"),
+                                      command=siesta_command, progress=False)
+    row = report["per_frame"][0]
+    assert report["all_converged"] and row["ml"]["dm_read"]
+    assert max(report["max_abs_energy_difference_eV"].values()) < 1e-4
+    assert row["ml"]["scf_iterations"] < row["atomic"]["scf_iterations"]
+
+
+def read_fdf_species(fdf) -> list[str]:
+    from siesta_dmguess.siesta.templates import _species_order
+
+    return _species_order(fdf.read_text())
