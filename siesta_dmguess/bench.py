@@ -36,6 +36,8 @@ class StructureResult:
     name: str
     natoms: int
     results: dict  # guess -> GuessResult
+    novelty: float | None = None  # the prediction's out-of-distribution score (see Prediction.novelty)
+    flagged: bool = False  # novelty above the model's threshold
 
     def saved(self, guess: str = "ml", base: str = "atomic") -> int:
         return self.results[base].scf_iterations - self.results[guess].scf_iterations
@@ -48,7 +50,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
     from .siesta import prepare_run, run_siesta
 
     results = {}
-    natoms = 0
+    natoms, novelty, flagged = 0, None, False
     for guess in guesses:
         run_dir = workdir / guess
         prediction_s, dm_file = 0.0, None
@@ -59,6 +61,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
             prediction_s = time.perf_counter() - t0
             dm_file = run_dir.parent / "predicted.DM"
             natoms = len(pred.structure.atoms)
+            novelty, flagged = pred.novelty, pred.out_of_distribution
         new_fdf = prepare_run(fdf, run_dir, guess, dm_file=dm_file, pseudo_dirs=[fdf.parent.parent / "basis"])
         run = run_siesta(new_fdf, command=command)
         out = run.output
@@ -66,7 +69,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
                                      out.total_energy_eV, run.wall_s, prediction_s,
                                      [s.dDmax for s in out.scf_history],
                                      None if out.start_dm_electrons is None else out.start_dm_electrons - out.electrons)
-    return StructureResult(fdf.parent.name, natoms, results)
+    return StructureResult(fdf.parent.name, natoms, results, novelty, flagged)
 
 
 def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "val", limit: int = 0,
@@ -111,25 +114,29 @@ def summarize(rows: list[StructureResult], model: str, data: str) -> dict:
         "all_converged": all(g.converged for r in rows for g in r.results.values()),
         "wall_s_atomic": wall_a, "wall_s_ml_including_prediction": wall_m,
         "max_abs_energy_difference_eV": max(de) if de else 0.0,
-        "per_structure": [{"name": r.name, "natoms": r.natoms, **{g: asdict(v) for g, v in r.results.items()}}
+        "structures_flagged_novel": sum(r.flagged for r in rows),
+        "per_structure": [{"name": r.name, "natoms": r.natoms, "novelty": r.novelty, "flagged": r.flagged,
+                           **{g: asdict(v) for g, v in r.results.items()}}
                           for r in rows],
     }
 
 
 def markdown(report: dict) -> str:
     lines = [f"# SCF benchmark: {Path(report['data']).name} with {Path(report['model']).name}", "",
-             "| structure | atoms | SCF it. atomic | SCF it. ML | saved | wall atomic (s) | wall ML incl. prediction (s) "
-             "| abs(ΔE) (eV) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| structure | atoms | novelty | SCF it. atomic | SCF it. ML | saved | wall atomic (s) "
+             "| wall ML incl. prediction (s) | abs(ΔE) (eV) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["per_structure"]:
         a, m = r["atomic"], r["ml"]
-        lines.append(f"| {r['name']} | {r['natoms']} | {a['scf_iterations']} | {m['scf_iterations']} | "
+        novelty = "-" if r.get("novelty") is None else f"{r['novelty']:.2f}" + (" (flagged)" if r["flagged"] else "")
+        lines.append(f"| {r['name']} | {r['natoms']} | {novelty} | {a['scf_iterations']} | {m['scf_iterations']} | "
                      f"{a['scf_iterations'] - m['scf_iterations']} | {a['siesta_wall_s']:.2f} | "
                      f"{m['siesta_wall_s'] + m['prediction_s']:.2f} | "
                      f"{abs(m['total_energy_eV'] - a['total_energy_eV']):.1e} |")
     lines += ["", f"Total: {report['scf_iterations_atomic']} → {report['scf_iterations_ml']} SCF iterations "
               f"({100 * report['iterations_saved_fraction']:.0f}% saved); wall {report['wall_s_atomic']:.1f} s → "
               f"{report['wall_s_ml_including_prediction']:.1f} s; max |ΔE| "
-              f"{report['max_abs_energy_difference_eV']:.1e} eV; ML never worse: {report['ml_never_worse']}."]
+              f"{report['max_abs_energy_difference_eV']:.1e} eV; ML never worse: {report['ml_never_worse']}; "
+              f"flagged as novel: {report.get('structures_flagged_novel', 0)} of {report['structures']}."]
     return "\n".join(lines) + "\n"
 
 

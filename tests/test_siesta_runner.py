@@ -118,3 +118,39 @@ def test_prepare_run_atomic_removes_stale_dm_and_ml_copies_it(run_dir, tmp_path)
     assert (work / "water.DM").read_bytes() == b"predicted"
     with pytest.raises(InputFileError, match="needs a predicted .DM"):
         prepare_run(run_dir / "input.fdf", tmp_path / "w2", "ml")
+
+
+def test_benchmark_report_marks_structures_the_model_flags_as_novel(tmp_path):
+    """bench on a dataset folder with a fake SIESTA: per-structure rows carry the novelty score and the flag,
+    the Markdown table shows them and counts the flagged structures."""
+    from siesta_dmguess.bench import markdown, run_benchmark
+    from siesta_dmguess.card import save_model
+    from siesta_dmguess.model import DensityMatrixModel
+    from siesta_dmguess.siesta.templates import fdf_with_geometry
+
+    from .conftest import small_config, water_molecule
+
+    data = tmp_path / "data"
+    (data / "basis").mkdir(parents=True)
+    for label in ("O", "H"):
+        (data / "basis" / f"{label}.psf").write_text("fake")
+    molecule = water_molecule()
+    molecule.set_cell([10.0, 10.0, 10.0])
+    for k in range(2):
+        (data / f"{k:04d}").mkdir()
+        (data / f"{k:04d}" / "input.fdf").write_text(fdf_with_geometry(FDF, molecule, molecule.get_chemical_symbols()))
+    reports = []
+    for threshold in (1e-6, 1e6):  # flagged by a near-zero threshold, not by a huge one
+        model = DensityMatrixModel(small_config())
+        model.novelty_threshold.fill_(threshold)
+        save_model(model, tmp_path / f"model{threshold:g}", {"name": "tiny"})
+        reports.append(run_benchmark(data, tmp_path / f"model{threshold:g}", tmp_path / f"out{threshold:g}",
+                                     split=None, command=str(fake_siesta(tmp_path, GOOD)), progress=False))
+    flagged, calm = reports
+    assert [r["flagged"] for r in flagged["per_structure"]] == [True, True]
+    assert [r["flagged"] for r in calm["per_structure"]] == [False, False]
+    assert all(r["novelty"] > 0 for r in flagged["per_structure"])
+    assert flagged["structures_flagged_novel"] == 2 and calm["structures_flagged_novel"] == 0
+    table = markdown(flagged)
+    assert "(flagged)" in table and "flagged as novel: 2 of 2" in table
+    assert "(flagged)" not in markdown(calm)
