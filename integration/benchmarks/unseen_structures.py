@@ -15,7 +15,7 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 * ``si16``: two ``si8`` cells repeated 2x1x1 and rattled 0.05 Å, with a
   2x4x4 k-grid: a cell shape and k-grid the model never saw;
 * ``water8-stress``: two ``water8`` val boxes compressed and expanded by 8 %
-  (density ±25 %) or rattled 0.12 Å;
+  (density +28 % / −21 %) or rattled 0.12 Å;
 * ``h2o-stress``: three ``h2o`` val molecules rattled 0.15 Å (about 4x the
   dataset's distortion).
 
