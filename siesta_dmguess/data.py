@@ -37,6 +37,16 @@ class Sample:
     target_values: np.ndarray | None = None  # (nnz,) stored reference elements (SIESTA basis)
     meta: dict = field(default_factory=dict)
 
+    def stored_cell_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row, column in the unit cell) of every stored element of a folded reference; -1 for the few that
+        no flat element reaches (the pattern leaves < 1e-4 of the reference's norm outside it)."""
+        covered = self.target_index >= 0
+        rows = np.full(self.target_values.size, -1, np.int64)
+        cols = rows.copy()
+        rows[self.target_index[covered]] = self.layout.rows[covered]
+        cols[self.target_index[covered]] = self.layout.cols[covered] % self.layout.no
+        return rows, cols
+
 
 def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species: list[str],
                    mp_cutoff: float, dm_ref=None, name: str = "", meta: dict | None = None) -> Sample:

@@ -108,13 +108,9 @@ def density_operator_error(sample, error: np.ndarray) -> float:
     near-null directions are large, hard to learn and barely change ρ; this norm
     weighs them by what they change. S is the run's own (``sample.meta['overlap']``).
     """
-    layout, idx = sample.layout, sample.target_index
-    rows = np.full(error.size, -1, np.int64)
-    cols = np.full(error.size, -1, np.int64)
-    rows[idx[idx >= 0]] = layout.rows[idx >= 0]
-    cols[idx[idx >= 0]] = layout.cols[idx >= 0] % layout.no
-    keep = rows >= 0  # stored elements outside the pattern (< 1e-4 of the norm) have no coordinates here
-    shape = (layout.no, layout.no)
+    rows, cols = sample.stored_cell_positions()
+    keep = rows >= 0
+    shape = (sample.layout.no, sample.layout.no)
     e = sp.csr_matrix((error[keep], (rows[keep], cols[keep])), shape=shape)
     s = sp.csr_matrix((sample.meta["overlap"][keep], (rows[keep], cols[keep])), shape=shape)
     es = e @ s  # sparse: O(N) for a local DM

@@ -313,9 +313,9 @@ def _projection_inputs(model, sample, overlap) -> dict | None:
         h = model.node_features(batch)
         density = model.density_from_features(h, batch).double().numpy()
     s_flat = overlap.flat(sample.structure, lay)
-    covered = sample.target_index >= 0
+    rows, cols = sample.stored_cell_positions()
     reference = np.zeros((lay.no, lay.no))
-    reference[lay.rows[covered], lay.cols[covered] % lay.no] = sample.target_values[sample.target_index[covered]]
+    reference[rows[rows >= 0], cols[rows >= 0]] = sample.target_values[rows >= 0]
     pattern = np.zeros((lay.no, lay.no))
     pattern[lay.rows, lay.cols % lay.no] = 1.0
     as_t = lambda x: torch.as_tensor(x, dtype=torch.float64)  # noqa: E731

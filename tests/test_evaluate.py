@@ -20,16 +20,16 @@ def h2o_sample():
 
 def dense_on_stored(sample, values):
     """A (no, no) matrix holding ``values`` (on the reference's stored elements) at their positions."""
-    lay, idx = sample.layout, sample.target_index
-    out = np.zeros((lay.no, lay.no))
-    out[lay.rows[idx >= 0], lay.cols[idx >= 0] % lay.no] = values[idx[idx >= 0]]
+    rows, cols = sample.stored_cell_positions()
+    out = np.zeros((sample.layout.no, sample.layout.no))
+    out[rows[rows >= 0], cols[rows >= 0]] = values[rows >= 0]
     return out
 
 
 def on_stored(sample, matrix):
-    lay, idx = sample.layout, sample.target_index
+    rows, cols = sample.stored_cell_positions()
     out = np.zeros(sample.target_values.size)
-    out[idx[idx >= 0]] = matrix[lay.rows[idx >= 0], lay.cols[idx >= 0] % lay.no]
+    out[rows >= 0] = matrix[rows[rows >= 0], cols[rows >= 0]]
     return out
 
 
