@@ -142,8 +142,9 @@ def _try_projection(mode: str, n_orbitals: int, kpoint: bool, n_electrons: float
 
 def nearest_idempotent(d: np.ndarray, s: np.ndarray, n_occupied: int,
                        correction: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """2 C_occ C_occᵀ, C_occ the ``n_occupied`` most occupied natural orbitals of P = D/2, and the gap
-    n(HOMO) - n(LUMO) of P's natural occupations.
+    """2 C_occ C_occ†, C_occ the ``n_occupied`` most occupied natural orbitals of P = D/2, and the gap
+    n(HOMO) - n(LUMO) of P's natural occupations. Real symmetric (Γ) or complex Hermitian (one k-point
+    of a periodic DM, see ``integration/benchmarks/kpoint_projection.py``) matrices.
 
     Natural orbitals solve (S P S) c = n S c with cᵀ S c = 1, i.e. they are the eigenvectors of the
     "Hamiltonian" -S P S. A model's ``correction`` ΔH (dense, folded) is added to it: the occupied space
@@ -151,14 +152,14 @@ def nearest_idempotent(d: np.ndarray, s: np.ndarray, n_occupied: int,
     """
     import scipy.linalg
 
-    d, s = 0.5 * (d + d.T), 0.5 * (s + s.T)
+    d, s = 0.5 * (d + d.conj().T), 0.5 * (s + s.conj().T)
     h = -(s @ (0.5 * d) @ s)
     if correction is not None:
-        h = h + 0.5 * (correction + correction.T)
+        h = h + 0.5 * (correction + correction.conj().T)
     energies, orbitals = scipy.linalg.eigh(h, s)
     occupied = orbitals[:, :n_occupied]
     gap = float(energies[n_occupied] - energies[n_occupied - 1]) if n_occupied < len(energies) else 1.0
-    return 2.0 * occupied @ occupied.T, gap
+    return 2.0 * occupied @ occupied.conj().T, gap
 
 
 def projected_density_torch(d, s, correction, n_occupied: int):

@@ -194,3 +194,22 @@ def test_written_prediction_is_pure_and_closer_to_siesta_than_charge_scaling(nam
           f"SIESTA's converged DM {impurity(ref):.1e}")
     assert errors["idempotent"] < errors["charge"]
     assert impurities["idempotent"] < min(0.2 * impurities["charge"], 2 * impurity(ref) + 1e-5)
+
+
+def test_the_projection_at_one_k_point_takes_a_complex_hermitian_dm():
+    """At a k-point D(k) and S(k) are complex Hermitian: the projection must use the conjugate transpose
+    (``integration/benchmarks/kpoint_projection.py``), else it returns a non-Hermitian, non-idempotent matrix."""
+    from siesta_dmguess.refine import nearest_idempotent
+
+    rng = np.random.default_rng(5)
+    a = (rng.normal(size=(NO, NO)) + 1j * rng.normal(size=(NO, NO))) * 0.1
+    s = np.eye(NO) + 0.5 * (a + a.conj().T)
+    c = rng.normal(size=(NO, N_OCC)) + 1j * rng.normal(size=(NO, N_OCC))
+    c = c @ np.linalg.inv(np.linalg.cholesky(c.conj().T @ s @ c)).conj().T
+    d0 = 2 * c @ c.conj().T
+    noise = 0.03 * (rng.normal(size=(NO, NO)) + 1j * rng.normal(size=(NO, NO)))
+    projected, gap = nearest_idempotent(d0 + noise + noise.conj().T, s, N_OCC)
+    assert np.allclose(projected, projected.conj().T, atol=1e-12)
+    assert np.allclose((projected / 2) @ s @ (projected / 2), projected / 2, atol=1e-10)
+    assert np.trace(projected @ s).real == pytest.approx(2 * N_OCC, abs=1e-10) and gap > 0.5
+    assert np.abs(projected - d0).max() < np.abs(noise + noise.conj().T).max()
