@@ -72,16 +72,18 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
     return StructureResult(fdf.parent.name, natoms, results, novelty, flagged)
 
 
-def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "val", limit: int = 0,
+def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "auto", limit: int = 0,
                   command=None, progress: bool = True, refine: str = "idempotent") -> dict:
-    """Benchmark the ML guess against the atomic guess on a dataset folder's structures (default: val split)."""
+    """Benchmark the ML guess against the atomic guess on a dataset folder's structures (default ``"auto"``: the
+    val split, or every run where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`)."""
     from tqdm.auto import tqdm
 
     from .card import LoadedModel, load_model
-    from .data import find_fdf, list_runs
+    from .data import find_fdf, list_runs, resolve_split
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    split = resolve_split(data_dir, split)
     records = [r for r in list_runs(data_dir) if r.in_split(split)]
     if limit:
         records = records[:limit]
@@ -92,7 +94,7 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     for rec in tqdm(records, desc=f"bench {data_dir.name}", disable=not progress):
         rows.append(bench_structure(find_fdf(rec.folder), out_dir / data_dir.name / rec.id, loaded, command=command,
                                     refine=refine))
-    report = summarize(rows, str(loaded.path), str(data_dir)) | {"refine": refine}
+    report = summarize(rows, str(loaded.path), str(data_dir)) | {"refine": refine, "split": split or "all"}
     (out_dir / f"bench_{data_dir.name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{data_dir.name}.md").write_text(markdown(report))
     plot(rows, out_dir / f"bench_{data_dir.name}.png", title=f"{data_dir.name}: {Path(loaded.path).name}")
@@ -340,7 +342,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--depth", type=int, default=3, help="for a trajectory: steps kept for extrapolation")
     b.add_argument("--model", default="water")
     b.add_argument("--out", default="bench", help="output folder for runs, JSON, Markdown and PNG")
-    b.add_argument("--split", default="val", help="val, train or all")
+    b.add_argument("--split", default="auto", help="val, train, all, or auto (default): val where the folder's "
+                   "index.json records a val split, else all runs")
     b.add_argument("--limit", type=int, default=0, help="at most N structures")
     b.add_argument("--siesta", help="SIESTA command (default: SIESTA_COMMAND, ASE config, PATH)")
     add_refine_argument(b)

@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="DM errors of a model on held-out SIESTA runs")
     e.add_argument("model", help="shipped model name or model folder")
     e.add_argument("data_dirs", nargs="+")
-    e.add_argument("--split", default="val", help="split to evaluate: val, train or all")
+    e.add_argument("--split", default="auto", help="split to evaluate: val, train, all, or auto (default): val "
+                   "where the folder's index.json records a val split, else all runs")
     e.add_argument("--json", help="write all metrics to this JSON file")
     e.add_argument("--quiet", action="store_true")
     add_refine_argument(e)

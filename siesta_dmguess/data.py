@@ -10,6 +10,7 @@ each run's ``split`` (``train`` / ``val``).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from .dm import BlockLayout, build_geometry, build_layout, read_density_matrix, 
 from .errors import InputFileError
 from .graph import Edges, pattern_pairs, radius_pairs
 from .structure import Structure, fdf_sile, read_structure
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,6 +85,19 @@ class RunRecord:
         """Whether the run belongs to ``split`` (None: all). A run without a recorded split belongs to every
         split, so ``evaluate`` and ``bench`` (default: val) take all runs of a user's own folder."""
         return split is None or not self.split or self.split == split
+
+
+def resolve_split(data_dir: str | Path, split: str | None) -> str | None:
+    """The split to use in ``data_dir``: ``"auto"`` means ``"val"`` where its index.json records val runs and
+    every run (None) where it does not, e.g. a folder of new structures; other values are returned unchanged."""
+    if split != "auto":
+        return split
+    runs = list_runs(data_dir)
+    if any(r.split == "val" for r in runs):
+        return "val"
+    if any(r.split for r in runs):
+        log.warning("%s: index.json records no 'val' split; using all %d runs", data_dir, len(runs))
+    return None
 
 
 def list_runs(data_dir: str | Path) -> list[RunRecord]:

@@ -186,28 +186,30 @@ def refine_flat(sample, flat: np.ndarray, overlap, mode: str = "idempotent",
     return done.values, done.electrons_raw - n_expected, done.applied
 
 
-def evaluate(model_name_or_path, data_dirs, split: str | None = "val", out_json: str | Path | None = None,
+def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json: str | Path | None = None,
              progress: bool = True, refine: str = "idempotent") -> dict:
-    """Evaluate a model on the runs of one or more dataset folders (default: their ``val`` split).
+    """Evaluate a model on the runs of one or more dataset folders (default ``"auto"``: their ``val`` split, or
+    all their runs where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`).
 
     Each dataset folder is checked against the model's species and basis first.
     Returns ``{"summary": ..., "structures": [...], "datasets": {dir: summary}}``.
     """
     from .card import load_model
-    from .data import load_samples
+    from .data import load_samples, resolve_split
 
     loaded = load_model(model_name_or_path)
     cfg = loaded.config
     result = {"model": str(loaded.path), "split": split, "refine": refine, "datasets": {}, "structures": []}
     for d in data_dirs:
-        samples = load_samples([d], cfg.species, loaded.basis, cfg.mp_cutoff, split=split, progress=progress,
+        used = resolve_split(d, split)
+        samples = load_samples([d], cfg.species, loaded.basis, cfg.mp_cutoff, split=used, progress=progress,
                                with_overlap=True)
         if not samples:
             from .errors import InputFileError
 
-            raise InputFileError(f"no runs in split {split!r} (index.json); --split all evaluates every run", d)
+            raise InputFileError(f"no runs in split {used!r} (index.json); --split all evaluates every run", d)
         r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap, refine=refine)
-        result["datasets"][str(d)] = r["summary"]
+        result["datasets"][str(d)] = r["summary"] | {"split": used or "all"}
         result["structures"].extend(r["structures"])
     result["summary"] = summarize(result["structures"])
     if out_json:

@@ -76,7 +76,8 @@ def copy_run(src, dest):
     return dest
 
 
-def test_a_folder_without_index_is_evaluated_whole_and_an_empty_split_is_a_clear_error(tmp_path, capsys):
+def test_a_folder_without_index_or_val_split_is_evaluated_whole_and_an_empty_split_is_a_clear_error(
+        tmp_path, capsys, caplog):
     import json
 
     from siesta_dmguess.cli import main
@@ -90,8 +91,15 @@ def test_a_folder_without_index_is_evaluated_whole_and_an_empty_split_is_a_clear
     assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "mean over 2 structures" in out and "density-operator error" in out
-    # With an index.json whose runs are all 'train', asking for 'val' names the folder and the fix.
-    (tmp_path / "mine" / "index.json").write_text(json.dumps([{"id": rid, "split": "train"} for rid in train_ids]))
-    assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet"]) == 2
+    # An index.json with no 'val' run (e.g. new structures marked 'test'): the default takes every run and says so.
+    index = [{"id": rid, "split": s} for rid, s in zip(train_ids, ("train", "test"))]
+    (tmp_path / "mine" / "index.json").write_text(json.dumps(index))
+    assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet"]) == 0
+    assert "mean over 2 structures" in capsys.readouterr().out
+    assert "records no 'val' split; using all 2 runs" in caplog.text
+    # Asking for 'val' explicitly names the folder and the fix.
+    assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet", "--split", "val"]) == 2
     err = capsys.readouterr().err
     assert "mine" in err and "no runs in split 'val'" in err and "--split all" in err
+    assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet", "--split", "test"]) == 0
+    assert "mean over 1 structures" in capsys.readouterr().out
