@@ -14,6 +14,11 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
   Γ only) and rattled 0.03 Å: a larger cell than any training box;
 * ``si16``: two ``si8`` cells repeated 2x1x1 and rattled 0.05 Å, with a
   2x4x4 k-grid: a cell shape and k-grid the model never saw;
+* ``si2-fcc``: two primitive (2-atom, fcc, non-orthogonal) silicon cells,
+  strained 1 % and rattled 0.05 Å, with a 6x6x6 k-grid: a cell shape unlike
+  any training cell;
+* ``si64-gamma``: two ``si8`` cells repeated 2x2x2 and rattled 0.03 Å, run at
+  Γ only (the model learned from k-point DMs, this DM is folded);
 * ``water8-stress``: two ``water8`` val boxes compressed and expanded by 8 %
   (density +28 % / −21 %) or rattled 0.12 Å;
 * ``h2o-stress``: three ``h2o`` val molecules rattled 0.15 Å (about 4x the
@@ -31,6 +36,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from ase.build import bulk
 from ase.collections import g2
 from ase.data import atomic_numbers
 
@@ -74,7 +80,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("datasets", type=Path, help="the shared datasets folder (../shared/datasets)")
     p.add_argument("out", type=Path)
-    p.add_argument("--sets", default="chno,water64,si16,water8-stress,h2o-stress")
+    p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,water8-stress,h2o-stress")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -89,7 +95,8 @@ def main() -> None:
             atoms.center()
             write_run(args.datasets / "g2/0000/input.fdf", atoms, dest / f"{k:04d}")
     for name, source, ids, repeat, rattle, kgrid in (("water64", "water8", ("0001", "0010"), (2, 2, 2), 0.03, None),
-                                                     ("si16", "si8", ("0000", "0005"), (2, 1, 1), 0.05, (2, 4, 4))):
+                                                     ("si16", "si8", ("0000", "0005"), (2, 1, 1), 0.05, (2, 4, 4)),
+                                                     ("si64-gamma", "si8", ("0002", "0007"), (2, 2, 2), 0.03, (1, 1, 1))):
         if name not in sets:
             continue
         dest = args.out / name
@@ -98,6 +105,15 @@ def main() -> None:
             atoms = read_structure(args.datasets / source / run / "input.fdf").atoms.repeat(repeat)
             atoms.rattle(rattle, seed=k)
             write_run(args.datasets / source / "0000/input.fdf", atoms, dest / f"{k:04d}", kgrid)
+    if "si2-fcc" in sets:
+        dest = args.out / "si2-fcc"
+        copy_basis(args.datasets / "si8", dest)
+        for k in range(2):
+            atoms = bulk("Si", "diamond", a=5.43)
+            strain = np.eye(3) + 0.01 * np.random.default_rng(200 + k).normal(size=(3, 3))
+            atoms.set_cell(atoms.cell @ (0.5 * (strain + strain.T)), scale_atoms=True)
+            atoms.rattle(0.05, seed=200 + k)
+            write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", (6, 6, 6))
     if "water8-stress" in sets:
         dest = args.out / "water8-stress"
         copy_basis(args.datasets / "water8", dest)
