@@ -78,11 +78,13 @@ def _report_prediction(out: Path, pred, write=print) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, plot_evaluation
 
     split = None if args.split == "all" else args.split
     result = evaluate(args.model, args.data_dirs, split=split, out_json=args.json, progress=not args.quiet,
                       refine=args.refine)
+    if args.plot:
+        plot_evaluation(result, args.plot)
     print(f"{'structure':<44} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'rho err':>9} "
           f"{'raw dN':>10} {'novelty':>8}")
     for m in result["structures"]:
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="auto", help="split to evaluate: val, train, all, or auto (default): val "
                    "where the folder's index.json records a val split, else all runs")
     e.add_argument("--json", help="write all metrics to this JSON file")
+    e.add_argument("--plot", help="write a PNG: MAE per structure vs the atomic guess, and MAE vs novelty score")
     e.add_argument("--quiet", action="store_true")
     add_refine_argument(e)
     e.set_defaults(func=_cmd_evaluate)

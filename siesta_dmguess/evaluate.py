@@ -199,7 +199,8 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
 
     loaded = load_model(model_name_or_path)
     cfg = loaded.config
-    result = {"model": str(loaded.path), "split": split, "refine": refine, "datasets": {}, "structures": []}
+    result = {"model": str(loaded.path), "split": split, "refine": refine, "datasets": {}, "structures": [],
+              "novelty_threshold": float(loaded.model.novelty_threshold)}
     for d in data_dirs:
         used = resolve_split(d, split)
         samples = load_samples([d], cfg.species, loaded.basis, cfg.mp_cutoff, split=used, progress=progress,
@@ -215,3 +216,33 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
     if out_json:
         Path(out_json).write_text(json.dumps(result, indent=1))
     return result
+
+
+def plot_evaluation(result: dict, path: str | Path):
+    """Left: DM MAE per structure, model vs atomic guess. Right: the model's MAE against its novelty score, with
+    the model's flag level, i.e. whether the uncertainty points at the worst predictions. Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = result["structures"]
+    x = np.arange(len(per))
+    mae = [m["mae"] for m in per]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.semilogy(x, [m["atomic_mae"] for m in per], "s", color="C0", label="atomic guess")
+    ax1.semilogy(x, mae, "o", color="C1", label=f"model (refine: {result.get('refine', '?')})")
+    ax1.set_xticks(x, [Path(m["name"]).name for m in per], rotation=90, fontsize=6)
+    ax1.set_ylabel("DM MAE (stored elements)")
+    ax1.legend()
+    ax2.semilogy([m.get("novelty", np.nan) for m in per], mae, "o", color="C1")
+    if result.get("novelty_threshold"):
+        ax2.axvline(result["novelty_threshold"], color="k", ls=":", lw=1, label="flag level")
+        ax2.legend()
+    ax2.set_xlabel("novelty score (no reference needed)")
+    ax2.set_ylabel("DM MAE")
+    fig.suptitle(f"{Path(result['model']).name}: {len(per)} structures")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return fig

@@ -88,9 +88,21 @@ def test_a_folder_without_index_or_val_split_is_evaluated_whole_and_an_empty_spl
     for rid in train_ids:
         copy_run(path / rid, tmp_path / "mine" / rid)
     # No index.json: the default split (val) must not drop the user's runs.
-    assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet"]) == 0
+    report, png = tmp_path / "eval.json", tmp_path / "eval.png"
+    assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet", "--json", str(report), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "mean over 2 structures" in out and "density-operator error" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The plot shows the structures' own numbers: MAE of the atomic guess and the model, and MAE vs novelty.
+    from siesta_dmguess.evaluate import plot_evaluation
+
+    result = json.loads(report.read_text())
+    left, right = plot_evaluation(result, tmp_path / "again.png").axes
+    per = result["structures"]
+    assert np.allclose(left.lines[0].get_ydata(), [m["atomic_mae"] for m in per])
+    assert np.allclose(left.lines[1].get_ydata(), [m["mae"] for m in per])
+    assert np.allclose(right.lines[0].get_xdata(), [m["novelty"] for m in per])
+    assert result["novelty_threshold"] > 0 and right.lines[1].get_xdata()[0] == pytest.approx(result["novelty_threshold"])
     # An index.json with no 'val' run (e.g. new structures marked 'test'): the default takes every run and says so.
     index = [{"id": rid, "split": s} for rid, s in zip(train_ids, ("train", "test"))]
     (tmp_path / "mine" / "index.json").write_text(json.dumps(index))
