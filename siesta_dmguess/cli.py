@@ -110,6 +110,16 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def validation_mae_summary(card: dict) -> str:
+    """Validation MAE of a card, per dataset where the card has them (a mean over molecules and periodic boxes
+    would hide that their errors differ 20x)."""
+    per = {k: v["mae"] for k, v in card.get("validation_per_dataset", {}).items() if isinstance(v, dict) and "mae" in v}
+    if per:
+        return ", ".join(f"{k} {v:.2e}" for k, v in per.items())
+    val = card.get("validation", {})
+    return f"{val['mae']:.2e}" if "mae" in val else "-"
+
+
 def _cmd_models(args) -> int:
     from .card import CARD_MD, list_shipped_models, load_model, resolve_model
 
@@ -123,8 +133,7 @@ def _cmd_models(args) -> int:
         print("no shipped models found")
     for name in names:
         card = load_model(name, verify=False).card
-        val = card.get("validation", {})
-        mae = f"{val['mae']:.2e}" if "mae" in val else "-"
+        mae = validation_mae_summary(card)
         basis = "; ".join(f"{k} {v['shells']} [{v['hash']}]" for k, v in card.get("basis", {}).items())
         print(f"{name:<16} species {','.join(card.get('species', []))}  val MAE {mae}  basis: {basis}")
     return 0

@@ -62,6 +62,10 @@ def test_models_cli_lists_and_shows(capsys):
     listing = capsys.readouterr().out
     for name in SHIPPED:
         assert name in listing
+    # A model validated on several datasets lists each one's MAE from its card, not only their mean.
+    per = load_model("water", verify=False).card["validation_per_dataset"]
+    for dataset in ("h2o", "water8"):
+        assert f"{dataset} {per[dataset]['mae']:.2e}" in listing
     assert main(["models", "show", "water"]) == 0
     assert "Model card" in capsys.readouterr().out
 
