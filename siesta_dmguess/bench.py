@@ -177,11 +177,10 @@ TRAJECTORY_GUESSES = ("atomic", "reuse", "extrapolation", "ml", "ml+residual")
 
 
 def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, command) -> tuple:
-    """Run SIESTA on one frame from ``start_dm`` (a folded CSR or None: atomic guess); return (result, D_scf)."""
-    import sisl
-
+    """Run SIESTA on one frame from ``start_dm`` (an image-keyed CSR, see :func:`~siesta_dmguess.dm.to_image_keyed`,
+    or None: atomic guess); return (result, wall time, D_scf image-keyed)."""
     from .data import system_label
-    from .dm import read_density_matrix, write_density_matrix
+    from .dm import from_image_keyed, read_density_matrix, to_image_keyed, write_density_matrix
     from .siesta import prepare_run, run_siesta
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -190,12 +189,12 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
     dm_file = None
     if start_dm is not None:
         dm_file = workdir / "start.DM"
-        write_density_matrix(sisl.DensityMatrix.fromsp(geometry, [start_dm]), dm_file, overwrite=True)
+        write_density_matrix(from_image_keyed(start_dm, geometry), dm_file, overwrite=True)
     fdf = prepare_run(src, workdir / "run", "atomic" if start_dm is None else "ml", dm_file=dm_file,
                       pseudo_dirs=pseudo_dirs)
     run = run_siesta(fdf, command=command)
     out = run.output
-    converged = read_density_matrix(fdf.parent / f"{system_label(fdf)}.DM", geometry).tocsr(0)
+    converged = to_image_keyed(read_density_matrix(fdf.parent / f"{system_label(fdf)}.DM", geometry))
     return out, run.wall_s, converged
 
 
@@ -206,14 +205,14 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
 
     Every frame of ``trajectory`` (any file ASE reads, or a list of Atoms) is run
     with the settings of ``fdf_template`` (its geometry replaced), once per guess;
-    each guess keeps its own history of converged DMs. Γ-only runs only (the
-    history is kept in the folded layout). Results go to ``bench_<name>.json/.md/.png``.
+    each guess keeps its own history of converged DMs (folded for Γ-only runs, with
+    their periodic images for k-point runs). Results go to ``bench_<name>.json/.md/.png``.
     """
     import ase.io
     from tqdm.auto import tqdm
 
     from .card import LoadedModel, load_model
-    from .dm import build_geometry
+    from .dm import build_geometry, to_image_keyed
     from .errors import InputFileError
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix
@@ -223,8 +222,6 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     fdf_template, out_dir = Path(fdf_template), Path(out_dir)
     if not fdf_template.is_file():
         raise InputFileError("fdf template not found", fdf_template)
-    if read_fdf_settings(fdf_template).get("kgrid"):
-        raise InputFileError("trajectory benchmarks need a Γ-only fdf (the DM history is kept folded)", fdf_template)
     images = list(ase.io.read(str(trajectory), index=":")) if not isinstance(trajectory, list) else trajectory
     images = images[frames]
     if not images:
@@ -254,9 +251,9 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         pred, predicted, prediction_s = None, None, 0.0
         if loaded is not None:
             t0 = time.perf_counter()
-            pred = predict_density_matrix(structure, loaded, fold=True, refine=refine)
+            pred = predict_density_matrix(structure, loaded, refine=refine)  # folded unless the fdf has k-points
             prediction_s = time.perf_counter() - t0
-            predicted = pred.density_matrix.tocsr(0)
+            predicted = to_image_keyed(pred.density_matrix)
         geometry = build_geometry(structure, basis)
         row = {"frame": t, "natoms": len(atoms)}
         for g in guesses:

@@ -7,9 +7,9 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
 * ``guess``: how each SCF starts (see :mod:`siesta_dmguess.history`):
   ``"ml"`` (the prediction for every geometry), ``"ml+residual"`` (for MD and
   relaxations: SIESTA's DM extrapolation plus the model's prediction of the
-  change, weighted by how well it predicted the previous step; Γ-only), ``"reuse"`` (SIESTA's
+  change, weighted by how well it predicted the previous step), ``"reuse"`` (SIESTA's
   previous-step DM), ``"extrapolation"`` (SIESTA's DM extrapolation, applied
-  across ASE-driven steps; Γ-only) or ``"atomic"``;
+  across ASE-driven steps) or ``"atomic"``; with k-points too;
 * ``fallback``: ``"error"`` (default) or ``"atomic"``: what to do when the model
   does not cover the structure (species, basis, settings) — the atomic guess is
   used with a warning that says why;
@@ -73,8 +73,6 @@ class DMGuessSiesta(Siesta):
             raise ValueError(f"guess must be one of {self.GUESSES}, not {guess!r}")
         if fallback not in ("error", "atomic"):
             raise ValueError(f"fallback must be 'error' or 'atomic', not {fallback!r}")
-        if guess in ("ml+residual", "extrapolation") and not self._gamma_only():
-            raise ValueError(f"guess={guess!r} keeps a Γ-only (folded) DM history; with k-points use 'ml' or 'reuse'")
         from .history import TrajectoryHistory
 
         self.model_name = model
@@ -150,9 +148,7 @@ class DMGuessSiesta(Siesta):
 
     def _write_guess(self, atoms) -> None:
         """Write <prefix>.DM for this step's guess, or leave none (atomic guess)."""
-        import sisl
-
-        from .dm import write_density_matrix
+        from .dm import from_image_keyed, to_image_keyed, write_density_matrix
 
         self._used, self._reason, self._prediction_s, self._prediction = "atomic", "", 0.0, None
         self._positions = atoms.positions.copy()
@@ -167,7 +163,7 @@ class DMGuessSiesta(Siesta):
             self._prediction = self._predict(atoms)
             if self._prediction is None:
                 return
-            predicted = self._prediction.density_matrix.tocsr(0)
+            predicted = to_image_keyed(self._prediction.density_matrix)
         start = self.trajectory.guess(self.guess, atoms.positions, predicted,
                                       refine=self._prediction.refined if self._prediction else None)
         if start is None:  # no history yet (extrapolation at the first step)
@@ -176,24 +172,24 @@ class DMGuessSiesta(Siesta):
         path = self._dm_path()
         if path.is_file():  # SIESTA's DM of the previous step: keep one copy, do not pile up backups
             shutil.copy(path, path.with_name(path.name + ".prev"))
-        write_density_matrix(sisl.DensityMatrix.fromsp(geometry, [start]), path, overwrite=True)
+        write_density_matrix(from_image_keyed(start, geometry), path, overwrite=True)
         self._used = self.guess
         self._prediction_s = time.perf_counter() - t0
 
     def _record_converged(self) -> None:
         """Keep this step's converged DM (and prediction) for the next step's guess."""
-        if self.guess not in ("ml+residual", "extrapolation") or not self._gamma_only():
+        if self.guess not in ("ml+residual", "extrapolation"):
             return
-        from .dm import read_density_matrix
+        from .dm import read_density_matrix, to_image_keyed
 
         pred = self._prediction
         try:
-            converged = read_density_matrix(self._dm_path(), self._geometry(self.atoms)).tocsr(0)
+            converged = to_image_keyed(read_density_matrix(self._dm_path(), self._geometry(self.atoms)))
         except (DMGuessError, OSError) as exc:
             log.warning("could not read SIESTA's converged DM (%s); the next step starts without history", exc)
             self.trajectory.clear()
             return
-        self.trajectory.push(self._positions, converged, None if pred is None else pred.density_matrix.tocsr(0))
+        self.trajectory.push(self._positions, converged, None if pred is None else to_image_keyed(pred.density_matrix))
 
     def _apply_template(self, init: str) -> None:
         from .siesta.templates import apply_dm_init

@@ -196,6 +196,53 @@ def _lattice_offsets(nsc) -> np.ndarray:
     return np.asarray(sisl.Lattice(np.eye(3), nsc=[int(n) for n in nsc]).sc_off, dtype=np.int64)
 
 
+# Image offsets of up to ±HISTORY_REACH cells per axis are kept when DMs of different steps are combined.
+HISTORY_REACH = 4
+
+
+def to_image_keyed(dm) -> sp.csr_matrix:
+    """One spin of a sisl DM as a CSR matrix whose columns are keyed by (image offset, orbital) on a fixed grid
+    of offsets (-R..R per axis, R = :data:`HISTORY_REACH`), so that DMs whose sisl supercells differ (``nsc``
+    changes as atoms move, SIESTA writes its own) can be added and extrapolated along a trajectory.
+
+    A folded DM (``nsc = 1``, Γ-only runs) is returned as its (no, no) CSR. sisl's image order depends on
+    ``nsc``; this fixed key does not, hence written here.
+    """
+    csr = dm.tocsr(0)
+    nsc = np.asarray(dm.geometry.lattice.nsc)
+    if np.all(nsc == 1):
+        return sp.csr_matrix(csr)
+    no = dm.no
+    coo = csr.tocoo()
+    shifts = _lattice_offsets(nsc)[coo.col // no]
+    keep = np.all(np.abs(shifts) <= HISTORY_REACH, axis=1)
+    width = 2 * HISTORY_REACH + 1
+    key = np.ravel_multi_index((shifts[keep] + HISTORY_REACH).T, (width,) * 3)
+    return sp.csr_matrix((coo.data[keep], (coo.row[keep], key * no + coo.col[keep] % no)),
+                         shape=(no, no * width**3))
+
+
+def from_image_keyed(matrix: sp.spmatrix, geometry):
+    """The sisl DensityMatrix of an image-keyed matrix (:func:`to_image_keyed`) on ``geometry``, whose supercell
+    is widened to hold every image present (a folded (no, no) matrix keeps ``geometry`` as it is)."""
+    import sisl
+
+    matrix = sp.csr_matrix(matrix)
+    no = geometry.no
+    if matrix.shape[1] == no:
+        return sisl.DensityMatrix.fromsp(geometry, [matrix])
+    width = 2 * HISTORY_REACH + 1
+    coo = matrix.tocoo()
+    shifts = np.stack(np.unravel_index(coo.col // no, (width,) * 3), axis=1) - HISTORY_REACH
+    reach = np.abs(shifts).max(axis=0) if shifts.size else np.zeros(3, int)
+    nsc = [int(max(2 * r + 1, n)) for r, n in zip(reach, geometry.lattice.nsc)]
+    geometry = geometry.copy()
+    geometry.set_nsc(nsc)
+    image = image_index(geometry.lattice, shifts)
+    csr = sp.csr_matrix((coo.data, (coo.row, image * no + coo.col % no)), shape=(no, no * int(np.prod(nsc))))
+    return sisl.DensityMatrix.fromsp(geometry, [csr])
+
+
 def check_dm_file(path: str | Path) -> tuple[int, int]:
     """Validate a SIESTA ``.DM``'s record structure; return (orbitals, spins).
 

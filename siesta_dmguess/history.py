@@ -19,10 +19,11 @@ module builds that file from the trajectory's history, in four ways:
                    model that predicts the change well keeps w ~ 1, a poor one falls back
                    towards SIESTA's extrapolation instead of making it worse.
 
-All matrices are sisl-free CSR matrices of one spin in the folded (Γ-only, ``nsc = 1``)
-layout, which does not change when atoms move or cross the cell boundary. Runs with
-k-points keep image columns whose layout can change between steps; for them only
-``ml`` is offered (:class:`TrajectoryHistory` raises a clear error).
+All matrices are sisl-free CSR matrices of one spin in a layout that does not change
+between steps: folded (``nsc = 1``) for Γ-only runs, and for k-point runs, whose
+images and sisl supercell change as atoms move, keyed by image offset on a fixed grid
+(:func:`~siesta_dmguess.dm.to_image_keyed`). A change of shape (another system) starts a
+new history.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class TrajectoryHistory:
               refine=None) -> sp.csr_matrix | None:
         """The starting DM of the given kind for a step at ``positions``; None where there is no history.
 
-        ``predicted`` (the ML prediction of this step, folded) is needed for ``ml`` and ``ml+residual``.
+        ``predicted`` (the ML prediction of this step, in the history's layout) is needed for ``ml`` and
+        ``ml+residual``.
         ``refine`` (e.g. :meth:`~siesta_dmguess.predict.Prediction.refined`) is applied to the ``ml+residual``
         combination, so that it is refined like the prediction it is built on.
         Elements outside the pattern of the newest matrix involved are dropped (SIESTA would drop them too).

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from .basis import find_basis_files, read_species_basis
 from .card import LoadedModel, load_model, sha256_file
@@ -67,13 +68,19 @@ class Prediction:
         return mulliken_charges(self.sample.layout, self.values, self.overlap, self.folded, valence)
 
     def refined(self, density):
-        """Refine another folded DM of this structure (e.g. a trajectory guess built on this prediction) the way
-        the prediction itself was refined; returned unchanged without an overlap or for k-point DMs."""
-        if self.overlap is None or not self.folded or self.refinement == "none":
+        """Refine another DM of this structure in the trajectory history's layout (folded, or image-keyed for
+        k-points: :func:`~siesta_dmguess.dm.to_image_keyed`), e.g. a guess built on this prediction, the way the
+        prediction itself was refined (a k-point DM is charge-scaled); unchanged without an overlap."""
+        if self.overlap is None or self.refinement == "none":
             return density
-        from .dm import flat_to_csr
+        from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed
         from .refine import refine_folded
 
+        if not self.folded:
+            overlap = to_image_keyed(density_matrix_from_flat(self.structure, self.sample_basis, self.sample.layout,
+                                                              self.overlap, fold=False))
+            electrons = float(sp.csr_matrix(density).multiply(overlap).sum())
+            return density * (self.electrons_expected / electrons) if electrons > 0 else density
         overlap = flat_to_csr(self.sample.layout, self.overlap, True)
         return refine_folded(density, overlap, self.electrons_expected, self.refinement)[0]
 

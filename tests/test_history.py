@@ -94,3 +94,48 @@ def test_a_different_system_restarts_the_history():
     ml = matrix(np.eye(4))
     assert h.guess("ml+residual", path(2), ml) is ml or np.allclose(h.guess("ml+residual", path(2), ml).toarray(),
                                                                      np.eye(4))
+
+
+def periodic_dm(nsc, elements):
+    """A 2-atom, 1-orbital-per-atom sisl DM in a 3 Å cubic cell with supercell ``nsc``; ``elements`` maps
+    (row, column orbital, image offset) to a value."""
+    import sisl
+
+    geometry = sisl.Geometry([[0, 0, 0], [1.5, 0, 0]], sisl.Atom(1, R=2.5), lattice=sisl.Lattice(3.0, nsc=nsc))
+    dm = sisl.DensityMatrix(geometry)
+    for (i, j, shift), value in elements.items():
+        dm[i, j + geometry.lattice.sc_index(shift) * geometry.no] = value
+    return dm
+
+
+# One element per kind: on-site, in-cell pair, and pairs through the +x and -x images.
+ELEMENTS = {(0, 0, (0, 0, 0)): 1.0, (0, 1, (0, 0, 0)): 0.3, (1, 0, (0, 0, 0)): 0.3,
+            (1, 0, (1, 0, 0)): 0.2, (0, 1, (-1, 0, 0)): 0.2}
+
+
+def test_image_keyed_dms_do_not_depend_on_the_supercell_they_came_in():
+    """k-point runs: SIESTA writes its own supercell and ours can differ or change between steps; the history
+    compares elements by (row, column orbital, image offset), so the same DM in nsc 3x1x1 and 5x3x1 is one matrix."""
+    from siesta_dmguess.dm import from_image_keyed, to_image_keyed
+
+    small, large = periodic_dm([3, 1, 1], ELEMENTS), periodic_dm([5, 3, 1], ELEMENTS)
+    assert (to_image_keyed(small) != to_image_keyed(large)).nnz == 0
+    # Back onto a geometry without images: the supercell is widened to hold every image, elements kept.
+    back = from_image_keyed(to_image_keyed(large), small.geometry.copy())
+    assert list(back.geometry.lattice.nsc) == [3, 1, 1]
+    for (i, j, shift), value in ELEMENTS.items():
+        assert back[i, j + back.geometry.lattice.sc_index(shift) * 2] == pytest.approx(value)
+    # A folded (Γ-only) DM stays the plain (no, no) matrix.
+    assert to_image_keyed(periodic_dm([1, 1, 1], {(0, 0, (0, 0, 0)): 1.0})).shape == (2, 2)
+
+
+def test_extrapolation_of_k_point_dms_whose_supercells_differ():
+    from siesta_dmguess.dm import from_image_keyed, to_image_keyed
+
+    line = lambda t: np.array([[0.0, 0, 0], [1.5, 0, 0]]) + t * np.array([0.05, 0.0, 0.0])  # noqa: E731
+    h = TrajectoryHistory(depth=2)
+    h.push(line(0), to_image_keyed(periodic_dm([3, 1, 1], ELEMENTS)))
+    h.push(line(1), to_image_keyed(periodic_dm([5, 1, 1], {k: 2 * v for k, v in ELEMENTS.items()})))
+    guess = from_image_keyed(h.guess("extrapolation", line(2)), periodic_dm([1, 1, 1], {}).geometry)
+    for (i, j, shift), value in ELEMENTS.items():  # linear extrapolation 2 * D(1) - D(0) = 3 * D(0)
+        assert guess[i, j + guess.geometry.lattice.sc_index(shift) * 2] == pytest.approx(3 * value)

@@ -185,6 +185,29 @@ def test_ml_guess_for_a_molecule_not_in_the_training_set_saves_iterations(siesta
     assert row["ml"]["scf_iterations"] < row["atomic"]["scf_iterations"]
 
 
+def test_ml_plus_residual_with_k_points_keeps_its_history_across_supercells(siesta_command, tmp_path):
+    """Bulk silicon with 4x4x4 k-points: the second frame's ML + residual guess combines SIESTA's converged DM
+    (SIESTA's own supercell) with the predictions (the model's supercell); it must be read, converge to the same
+    energy and beat the atomic guess."""
+    from siesta_dmguess.bench import run_trajectory_benchmark
+    from siesta_dmguess.card import list_shipped_models, load_model
+    from siesta_dmguess.structure import read_structure
+
+    if "silicon" not in list_shipped_models():
+        pytest.skip("the shipped 'silicon' model is not installed")
+    root = dataset("si8")
+    fdf = root / first_val_record(root)["id"] / "input.fdf"
+    start = read_structure(fdf).atoms
+    moved = start.copy()
+    moved.positions += np.random.default_rng(3).normal(0, 0.02, moved.positions.shape)
+    report = run_trajectory_benchmark([start, moved], fdf, load_model("silicon"), tmp_path, ("atomic", "ml+residual"),
+                                      command=siesta_command, progress=False)
+    second = report["per_frame"][1]
+    assert report["all_converged"] and second["ml+residual"]["dm_read"]
+    assert max(report["max_abs_energy_difference_eV"].values()) < 1e-4
+    assert second["ml+residual"]["scf_iterations"] < second["atomic"]["scf_iterations"]
+
+
 def read_fdf_species(fdf) -> list[str]:
     from siesta_dmguess.siesta.templates import _species_order
 

@@ -213,3 +213,24 @@ def test_the_projection_at_one_k_point_takes_a_complex_hermitian_dm():
     assert np.allclose((projected / 2) @ s @ (projected / 2), projected / 2, atol=1e-10)
     assert np.trace(projected @ s).real == pytest.approx(2 * N_OCC, abs=1e-10) and gap > 0.5
     assert np.abs(projected - d0).max() < np.abs(noise + noise.conj().T).max()
+
+
+def test_a_k_point_trajectory_guess_is_charge_scaled_like_its_prediction():
+    """ML + residual with k-points: the combined DM (image-keyed history layout) is scaled to N electrons, as the
+    prediction it is built on was, instead of leaving SIESTA to renormalize it (which skips its first mixing)."""
+    from ase.build import bulk
+
+    from siesta_dmguess.dm import density_matrix_from_flat, to_image_keyed
+    from siesta_dmguess.predict import predict_density_matrix
+    from siesta_dmguess.structure import structure_from_atoms
+
+    structure = structure_from_atoms(bulk("Si", "diamond", a=5.43, cubic=True))
+    structure.fdf_settings = {"kgrid": True}
+    pred = predict_density_matrix(structure, "silicon")
+    assert not pred.folded and pred.refinement == "charge"
+    keyed = to_image_keyed(pred.density_matrix)
+    overlap = to_image_keyed(density_matrix_from_flat(structure, pred.sample_basis, pred.sample.layout, pred.overlap,
+                                                      fold=False))
+    assert keyed.multiply(overlap).sum() == pytest.approx(32.0, abs=1e-8)  # 8 Si, 4 valence electrons each
+    off = pred.refined(1.07 * keyed)
+    assert abs(off - keyed).max() < 1e-12
