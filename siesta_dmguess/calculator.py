@@ -88,6 +88,7 @@ class DMGuessSiesta(Siesta):
         self._prediction_s = 0.0
         self._reason = ""
         self._prediction = None  # the current step's Prediction (ML guesses)
+        self._predicted = None  # its DM in the trajectory history's layout (dm.to_image_keyed)
         self._positions = None
 
     # -- helpers -------------------------------------------------------------
@@ -150,21 +151,21 @@ class DMGuessSiesta(Siesta):
         """Write <prefix>.DM for this step's guess, or leave none (atomic guess)."""
         from .dm import from_image_keyed, to_image_keyed, write_density_matrix
 
-        self._used, self._reason, self._prediction_s, self._prediction = "atomic", "", 0.0, None
+        self._used, self._reason, self._prediction_s = "atomic", "", 0.0
+        self._prediction, self._predicted = None, None
         self._positions = atoms.positions.copy()
         if self.guess == "atomic":
             return
         if self.guess == "reuse":  # SIESTA reads the DM it wrote at the previous step, if any
             self._used = "reuse" if self._dm_path().is_file() else "atomic"
             return
-        predicted = None
         t0 = time.perf_counter()
         if self.guess.startswith("ml"):
             self._prediction = self._predict(atoms)
             if self._prediction is None:
                 return
-            predicted = to_image_keyed(self._prediction.density_matrix)
-        start = self.trajectory.guess(self.guess, atoms.positions, predicted,
+            self._predicted = to_image_keyed(self._prediction.density_matrix)
+        start = self.trajectory.guess(self.guess, atoms.positions, self._predicted,
                                       refine=self._prediction.refined if self._prediction else None)
         if start is None:  # no history yet (extrapolation at the first step)
             return
@@ -182,14 +183,13 @@ class DMGuessSiesta(Siesta):
             return
         from .dm import read_density_matrix, to_image_keyed
 
-        pred = self._prediction
         try:
             converged = to_image_keyed(read_density_matrix(self._dm_path(), self._geometry(self.atoms)))
         except (DMGuessError, OSError) as exc:
             log.warning("could not read SIESTA's converged DM (%s); the next step starts without history", exc)
             self.trajectory.clear()
             return
-        self.trajectory.push(self._positions, converged, None if pred is None else to_image_keyed(pred.density_matrix))
+        self.trajectory.push(self._positions, converged, self._predicted)
 
     def _apply_template(self, init: str) -> None:
         from .siesta.templates import apply_dm_init

@@ -72,6 +72,21 @@ def _is_gamma_block(kgrid) -> bool:
     return False
 
 
+def read_monkhorst_pack(path: str | Path) -> tuple[list[int], list[float]] | None:
+    """(grid sizes, displacements in grid units) of an fdf's diagonal ``kgrid_Monkhorst_Pack`` block (what ASE
+    writes); None without one or for a non-diagonal block."""
+    block = fdf_sile(path).get("kgrid_Monkhorst_Pack")
+    if not isinstance(block, (list, tuple)) or len(block) < 3:
+        return None
+    try:
+        rows = [[float(x) for x in line.split()] for line in block[:3]]
+        if any(rows[i][j] for i in range(3) for j in range(3) if i != j):
+            return None
+        return [int(rows[i][i]) for i in range(3)], [rows[i][3] if len(rows[i]) > 3 else 0.0 for i in range(3)]
+    except (ValueError, IndexError):
+        return None
+
+
 def read_structure(path: str | Path) -> Structure:
     """Read an fdf (via sisl, keeping species labels and the lattice) or any file ASE reads.
 

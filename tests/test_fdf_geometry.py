@@ -48,3 +48,15 @@ def test_unknown_species_is_a_clear_error():
     atoms = Atoms("N", positions=[[0, 0, 0]], cell=np.eye(3) * 5, pbc=True)
     with pytest.raises(InputFileError, match="'N'"):
         fdf_with_geometry(FDF, atoms, ["N"])
+
+
+def test_monkhorst_pack_block_is_read_only_when_diagonal(tmp_path):
+    from siesta_dmguess.structure import read_monkhorst_pack
+
+    fdf = tmp_path / "k.fdf"
+    fdf.write_text("%block kgrid_Monkhorst_Pack\n 4 0 0 0.5\n 0 2 0 0.0\n 0 0 3\n%endblock kgrid_Monkhorst_Pack\n")
+    assert read_monkhorst_pack(fdf) == ([4, 2, 3], [0.5, 0.0, 0.0])
+    fdf.write_text("%block kgrid_Monkhorst_Pack\n 4 1 0 0.0\n 0 4 0 0.0\n 0 0 4 0.0\n%endblock kgrid_Monkhorst_Pack\n")
+    assert read_monkhorst_pack(fdf) is None
+    fdf.write_text("SystemLabel x\n")
+    assert read_monkhorst_pack(fdf) is None

@@ -35,12 +35,10 @@ def kpoints_of(fdf: Path, lattice):
     Γ-centred grid shifted by d/n."""
     import sisl
 
-    from siesta_dmguess.structure import fdf_sile
+    from siesta_dmguess.structure import read_monkhorst_pack
 
-    block = fdf_sile(fdf).get("kgrid_Monkhorst_Pack") or ["1 0 0 0", "0 1 0 0", "0 0 1 0"]
-    rows = [[float(x) for x in line.split()] for line in block[:3]]
-    n = np.array([int(rows[i][i]) for i in range(3)])
-    d = np.array([rows[i][3] if len(rows[i]) > 3 else 0.0 for i in range(3)])
+    sizes, displacements = read_monkhorst_pack(fdf) or ([1, 1, 1], [0.0, 0.0, 0.0])
+    n, d = np.array(sizes), np.array(displacements)
     mp = sisl.MonkhorstPack(lattice, n, displacement=d / n, centered=True, trs=True)
     return np.asarray(mp.k), np.asarray(mp.weight)
 

@@ -30,7 +30,7 @@ from ase.md.verlet import VelocityVerlet
 from siesta_dmguess import DMGuessSiesta
 from siesta_dmguess.siesta import find_siesta
 from siesta_dmguess.siesta.runner import fdf_value
-from siesta_dmguess.structure import fdf_sile, read_structure
+from siesta_dmguess.structure import read_monkhorst_pack, read_structure
 
 
 def calculator_for(fdf: Path, model: str, guess: str, directory: Path) -> DMGuessSiesta:
@@ -38,8 +38,8 @@ def calculator_for(fdf: Path, model: str, guess: str, directory: Path) -> DMGues
     settings = {k: fdf_value(fdf, k) for k in ("PAO.BasisSize", "XC.authors", "MeshCutoff", "DM.Tolerance",
                                                "SCF.Mixer.Weight", "SCF.Mixer.History", "MaxSCFIterations")}
     mesh = float(settings["MeshCutoff"].split()[0]) * units.Ry
-    block = fdf_sile(fdf).get("kgrid_Monkhorst_Pack")  # diagonal grids only, as ASE writes them
-    kpts = [int(float(line.split()[k])) for k, line in enumerate(block[:3])] if block else None
+    grid = read_monkhorst_pack(fdf)  # diagonal grids, as ASE writes them
+    kpts = grid[0] if grid else None
     pseudo_dir = fdf.parent.parent / "basis" if (fdf.parent.parent / "basis").is_dir() else fdf.parent
     return DMGuessSiesta(
         model=model, guess=guess, label="siesta", directory=str(directory), xc=settings["XC.authors"] or "CA",
