@@ -19,6 +19,9 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
   any training cell;
 * ``si64-gamma``: two ``si8`` cells repeated 2x2x2 and rattled 0.03 Å, run at
   Γ only (the model learned from k-point DMs, this DM is folded);
+* ``si8-wide``: two ``si8`` val cells strained again by 1.5 % and rattled
+  0.10 Å (the dataset: 1 % and 0.06 Å), 4x4x4 k-points: hotter, more strained
+  crystals;
 * ``water8-stress``: two ``water8`` val boxes compressed and expanded by 8 %
   (density +28 % / −21 %) or rattled 0.12 Å;
 * ``h2o-stress``: three ``h2o`` val molecules rattled 0.15 Å (about 4x the
@@ -72,6 +75,13 @@ def write_run(template: Path, atoms, dest: Path, kgrid=None) -> None:
     (dest / "input.fdf").write_text(fdf_with_geometry(text, atoms, atoms.get_chemical_symbols()))
 
 
+def strained(atoms, sigma: float, rng):
+    """``atoms`` with a random symmetric strain of size ``sigma`` (scaled positions kept)."""
+    eps = sigma * rng.normal(size=(3, 3))
+    atoms.set_cell(atoms.cell @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
+    return atoms
+
+
 def copy_basis(dataset: Path, dest: Path) -> None:
     shutil.copytree(dataset / "basis", dest / "basis", dirs_exist_ok=True)
 
@@ -80,7 +90,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("datasets", type=Path, help="the shared datasets folder (../shared/datasets)")
     p.add_argument("out", type=Path)
-    p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,water8-stress,h2o-stress")
+    p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -109,11 +119,17 @@ def main() -> None:
         dest = args.out / "si2-fcc"
         copy_basis(args.datasets / "si8", dest)
         for k in range(2):
-            atoms = bulk("Si", "diamond", a=5.43)
-            strain = np.eye(3) + 0.01 * np.random.default_rng(200 + k).normal(size=(3, 3))
-            atoms.set_cell(atoms.cell @ (0.5 * (strain + strain.T)), scale_atoms=True)
+            atoms = strained(bulk("Si", "diamond", a=5.43), 0.01, np.random.default_rng(200 + k))
             atoms.rattle(0.05, seed=200 + k)
             write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", (6, 6, 6))
+    if "si8-wide" in sets:
+        dest = args.out / "si8-wide"
+        copy_basis(args.datasets / "si8", dest)
+        for k, run in enumerate(("0009", "0019")):
+            atoms = strained(read_structure(args.datasets / "si8" / run / "input.fdf").atoms, 0.015,
+                             np.random.default_rng(300 + k))
+            atoms.rattle(0.10, seed=300 + k)
+            write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", (4, 4, 4))
     if "water8-stress" in sets:
         dest = args.out / "water8-stress"
         copy_basis(args.datasets / "water8", dest)
