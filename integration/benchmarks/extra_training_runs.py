@@ -4,8 +4,8 @@
         ../shared/datasets si-extra --workers 2
     siesta-dmguess train ../shared/datasets/si8 si-extra --init silicon --out silicon ...
 
-``si-extra`` (34 structures) is made only from the ``si8`` *training* runs, so
-``si8`` val stays held out:
+Each set is made only from its datasets' *training* runs, so their ``val``
+splits stay held out. ``si-extra`` (34 structures, from ``si8``):
 
 * 24 cubic 8-atom cells: a training cell strained again (σ 1.5 %) and rattled
   with σ cycling through 0.03 / 0.06 / 0.09 / 0.12 Å (``si8`` itself: 1 % and
@@ -13,6 +13,13 @@
 * 6 cells repeated 2x1x1, strained 1 %, rattled 0.06 Å, 2x4x4 k-points: atoms
   whose displacement is not repeated by the 8-atom periodicity;
 * 4 primitive 2-atom fcc cells, strained 1.5 %, rattled 0.05 Å, 6x6x6 k-points.
+
+``water-extra`` (64 structures, from ``h2o`` and ``water8``; Γ only):
+
+* 48 molecules: a training molecule rattled again by 0.08 or 0.12 Å (``h2o``
+  itself: σ 0.04 Å in the bonds, 6° in the angle);
+* 16 boxes: a training box scaled by 0.96-1.04 (density -11 % to +13 %) and
+  rattled 0.05 Å.
 
 Seeds differ from ``unseen_structures.py``'s, so its sets stay unseen
 structures (but ``si16`` and ``si2-fcc`` are then cell shapes the model has
@@ -40,28 +47,49 @@ from siesta_dmguess.siesta import prepare_run, run_siesta
 from siesta_dmguess.structure import read_structure
 
 
+def training_ids(datasets: Path, name: str) -> list[str]:
+    index = json.loads((datasets / name / "index.json").read_text())
+    return [r["id"] for r in index if r.get("split") == "train"]
+
+
 def silicon_structures(datasets: Path):
-    """(atoms, k-grid, description) of the ``si-extra`` set, from the ``si8`` training runs only."""
-    index = json.loads((datasets / "si8" / "index.json").read_text())
-    train = [r["id"] for r in index if r.get("split") == "train"]
+    """(atoms, k-grid, description, source dataset) of the ``si-extra`` set."""
+    train = training_ids(datasets, "si8")
     rng = np.random.default_rng(1234)
     for k in range(24):
         source, rattle = train[k % len(train)], (0.03, 0.06, 0.09, 0.12)[k % 4]
         atoms = strained(read_structure(datasets / "si8" / source / "input.fdf").atoms, 0.015, rng)
         atoms.rattle(rattle, seed=1000 + k)
-        yield atoms, (4, 4, 4), f"si8/{source} strained 1.5 %, rattled {rattle} Å"
+        yield atoms, (4, 4, 4), f"si8/{source} strained 1.5 %, rattled {rattle} Å", "si8"
     for k in range(6):
         source = train[(3 * k + 1) % len(train)]
         atoms = strained(read_structure(datasets / "si8" / source / "input.fdf").atoms.repeat((2, 1, 1)), 0.01, rng)
         atoms.rattle(0.06, seed=2000 + k)
-        yield atoms, (2, 4, 4), f"si8/{source} x (2,1,1) strained 1 %, rattled 0.06 Å"
+        yield atoms, (2, 4, 4), f"si8/{source} x (2,1,1) strained 1 %, rattled 0.06 Å", "si8"
     for k in range(4):
         atoms = strained(bulk("Si", "diamond", a=5.43), 0.015, rng)
         atoms.rattle(0.05, seed=3000 + k)
-        yield atoms, (6, 6, 6), "primitive fcc cell strained 1.5 %, rattled 0.05 Å"
+        yield atoms, (6, 6, 6), "primitive fcc cell strained 1.5 %, rattled 0.05 Å", "si8"
 
 
-SETS = {"si-extra": ("si8", silicon_structures)}
+def water_structures(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``water-extra`` set."""
+    molecules, boxes = training_ids(datasets, "h2o"), training_ids(datasets, "water8")
+    rng = np.random.default_rng(4321)
+    for k in range(48):
+        source, rattle = molecules[k % len(molecules)], (0.08, 0.12)[k % 2]
+        atoms = read_structure(datasets / "h2o" / source / "input.fdf").atoms
+        atoms.rattle(rattle, seed=5000 + k)
+        yield atoms, None, f"h2o/{source} rattled {rattle} Å", "h2o"
+    for k in range(16):
+        source, scale = boxes[(2 * k + 1) % len(boxes)], rng.uniform(0.96, 1.04)
+        atoms = read_structure(datasets / "water8" / source / "input.fdf").atoms
+        atoms.set_cell(atoms.cell * scale, scale_atoms=True)
+        atoms.rattle(0.05, seed=6000 + k)
+        yield atoms, None, f"water8/{source} scaled {scale:.3f}, rattled 0.05 Å", "water8"
+
+
+SETS = {"si-extra": silicon_structures, "water-extra": water_structures}
 
 
 def converge(folder: Path, record: dict) -> dict:
@@ -91,15 +119,16 @@ def main() -> None:
     args = p.parse_args()
     if args.out.exists():
         raise SystemExit(f"{args.out}: already exists; choose a new folder")
-    source, make = SETS[args.set]
-    copy_basis(args.datasets / source, args.out)
-    template = args.datasets / source / "0000" / "input.fdf"
+    structures = list(SETS[args.set](args.datasets))
+    for source in {source for *_, source in structures}:  # the sources of one set share their species' basis
+        copy_basis(args.datasets / source, args.out)
     jobs = []
-    for k, (atoms, kgrid, what) in enumerate(make(args.datasets)):
+    for k, (atoms, kgrid, what, source) in enumerate(structures):
         run_id = f"{k:04d}"
-        write_run(template, atoms, args.out / run_id, kgrid)
+        write_run(args.datasets / source / "0000" / "input.fdf", atoms, args.out / run_id, kgrid)
         jobs.append((args.out / run_id, {"id": run_id, "name": what, "formula": atoms.get_chemical_formula(),
-                                         "natoms": len(atoms), "periodic": True, "kgrid": list(kgrid)}))
+                                         "natoms": len(atoms), "periodic": bool(atoms.pbc.any()),
+                                         "kgrid": list(kgrid) if kgrid else None}))
     with ThreadPoolExecutor(args.workers) as pool:
         records = list(tqdm(pool.map(lambda job: converge(*job), jobs), total=len(jobs), desc="SIESTA runs"))
     (args.out / "index.json").write_text(json.dumps(records, indent=1))
