@@ -120,14 +120,16 @@ def main() -> None:
     if args.out.exists():
         raise SystemExit(f"{args.out}: already exists; choose a new folder")
     structures = list(SETS[args.set](args.datasets))
+    periodic = {}  # as the source dataset's index.json says: False for a molecule in a box
     for source in {source for *_, source in structures}:  # the sources of one set share their species' basis
         copy_basis(args.datasets / source, args.out)
+        periodic[source] = json.loads((args.datasets / source / "index.json").read_text())[0].get("periodic")
     jobs = []
     for k, (atoms, kgrid, what, source) in enumerate(structures):
         run_id = f"{k:04d}"
         write_run(args.datasets / source / "0000" / "input.fdf", atoms, args.out / run_id, kgrid)
         jobs.append((args.out / run_id, {"id": run_id, "name": what, "formula": atoms.get_chemical_formula(),
-                                         "natoms": len(atoms), "periodic": bool(atoms.pbc.any()),
+                                         "natoms": len(atoms), "periodic": periodic[source],
                                          "kgrid": list(kgrid) if kgrid else None}))
     with ThreadPoolExecutor(args.workers) as pool:
         records = list(tqdm(pool.map(lambda job: converge(*job), jobs), total=len(jobs), desc="SIESTA runs"))
