@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from .basis import find_basis_files, read_species_basis
 from .card import LoadedModel, load_model, sha256_file
@@ -76,13 +75,13 @@ class Prediction:
         from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed
         from .refine import refine_folded
 
-        if not self.folded:
+        if self.folded:
+            overlap, mode = flat_to_csr(self.sample.layout, self.overlap, True), self.refinement
+        else:  # k-points: no projection at Γ applies, only the charge scaling
             overlap = to_image_keyed(density_matrix_from_flat(self.structure, self.sample_basis, self.sample.layout,
                                                               self.overlap, fold=False))
-            electrons = float(sp.csr_matrix(density).multiply(overlap).sum())
-            return density * (self.electrons_expected / electrons) if electrons > 0 else density
-        overlap = flat_to_csr(self.sample.layout, self.overlap, True)
-        return refine_folded(density, overlap, self.electrons_expected, self.refinement)[0]
+            mode = "charge"
+        return refine_folded(density, overlap, self.electrons_expected, mode)[0]
 
     @property
     def out_of_distribution(self) -> bool:

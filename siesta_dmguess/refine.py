@@ -76,7 +76,8 @@ def refine(layout, values: np.ndarray, overlap: np.ndarray, n_electrons: float, 
 
 def refine_folded(density: "sp.spmatrix", overlap: "sp.spmatrix", n_electrons: float,
                   mode: str = "idempotent") -> tuple["sp.csr_matrix", str]:
-    """:func:`refine` for a folded (Γ-only) DM given as a CSR matrix, e.g. a trajectory guess.
+    """:func:`refine` for a folded (Γ-only) DM given as a CSR matrix, e.g. a trajectory guess. With
+    ``mode="charge"`` any layout works whose ``overlap`` has the same shape (e.g. image-keyed k-point DMs).
 
     Returns the refined matrix on ``density``'s pattern and what was applied.
     """
