@@ -43,13 +43,13 @@ from ase.build import bulk
 from tqdm import tqdm
 from unseen_structures import copy_basis, strained, write_run
 
+from siesta_dmguess.data import list_runs
 from siesta_dmguess.siesta import prepare_run, run_siesta
 from siesta_dmguess.structure import read_structure
 
 
 def training_ids(datasets: Path, name: str) -> list[str]:
-    index = json.loads((datasets / name / "index.json").read_text())
-    return [r["id"] for r in index if r.get("split") == "train"]
+    return [run.id for run in list_runs(datasets / name) if run.split == "train"]
 
 
 def silicon_structures(datasets: Path):
@@ -123,7 +123,7 @@ def main() -> None:
     periodic = {}  # as the source dataset's index.json says: False for a molecule in a box
     for source in {source for *_, source in structures}:  # the sources of one set share their species' basis
         copy_basis(args.datasets / source, args.out)
-        periodic[source] = json.loads((args.datasets / source / "index.json").read_text())[0].get("periodic")
+        periodic[source] = list_runs(args.datasets / source)[0].meta.get("periodic")
     jobs = []
     for k, (atoms, kgrid, what, source) in enumerate(structures):
         run_id = f"{k:04d}"
