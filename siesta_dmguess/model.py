@@ -72,6 +72,12 @@ class ModelConfig:
     # Per species, the rotation-invariant mean on-site block of the training data (row-major,
     # SIESTA basis): the isolated-atom-like DM the on-site prediction is learned relative to.
     onsite_reference: dict = field(default_factory=dict)
+    # Residual stages (multi-stage fitting): each entry {"output_scale": s, **ModelConfig overrides} is one more
+    # network of this same form whose blocks, times s (the RMS of what the earlier stages left over), add to
+    # theirs. Each is trained with everything before it frozen (``train --init MODEL --add-stage``): a network
+    # trained by Adam stalls at a relative error of ~1e-3, and a fresh one fitted to the rescaled residual
+    # takes the error down by another such factor.
+    residual_stages: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -527,6 +533,8 @@ class DensityMatrixModel(nn.Module):
         # Scale of the raw outputs: DM elements are O(0.1).
         self.output_scale = 0.1
         self.edge_chunk = 4096  # pair-readout chunk at inference: bounds memory (~0.2 GB), not results
+        # Residual stages: same form, no baseline of their own, last layers zero so a new stage starts as a no-op.
+        self.residuals = nn.ModuleList([_residual_stage(config, k) for k in range(len(config.residual_stages))])
         # Out-of-distribution score: Mahalanobis distance of each atom's invariant features from the
         # training atoms of its species (set by ``fit_novelty`` after training; zero means "not fitted").
         self.register_buffer("novelty_mean", torch.zeros(ns, self.num_scalars))
@@ -602,11 +610,18 @@ class DensityMatrixModel(nn.Module):
         return self.density_from_features(self.node_features(batch), batch)
 
     def density_from_features(self, h, batch) -> torch.Tensor:
-        flat = self._blocks(h, batch, self.node_head, self.edge_head) * self.output_scale + batch["atomic"]
+        """The DM from this network's node features ``h``, plus every residual stage's blocks (their own features)."""
+        flat = self.stage_blocks(h, batch) + batch["atomic"]
         for (a, _, flat_idx) in batch["node_groups"]:
             shift = getattr(self, f"onsite_shift_{a}")
             flat = flat.index_add(0, flat_idx.reshape(-1), shift.expand(flat_idx.shape[0], -1).reshape(-1))
+        for stage in self.residuals:
+            flat = flat + stage.stage_blocks(stage.node_features(batch), batch)
         return flat
+
+    def stage_blocks(self, h, batch) -> torch.Tensor:
+        """This network's own scaled blocks (no baseline, no residual stages): what a residual stage adds."""
+        return self._blocks(h, batch, self.node_head, self.edge_head) * self.output_scale
 
     def correction_from_features(self, h, batch) -> torch.Tensor:
         """Flat SIESTA-basis ΔH (same layout as the DM; dimensionless, like occupations) or zeros."""
@@ -637,6 +652,21 @@ class DensityMatrixModel(nn.Module):
                 mat = getattr(self, f"edge_assembly_{a}_{b}")
                 flat[flat_idx.reshape(-1)] = (edge_out[idx_edges] @ mat.T).reshape(-1)
         return 0.5 * (flat + flat[batch["transpose"]]) * batch["signs"]
+
+
+def _residual_stage(config: ModelConfig, k: int) -> DensityMatrixModel:
+    """Residual stage ``k`` of ``config``: the same network form (with the stage's overrides), its own seed, no
+    baseline, ΔH head or stages of its own. Its last layers start at a tenth of their usual size: a new stage
+    first adds ~0.5 % to the error it is to learn, and unlike zero layers every layer gets a gradient at once."""
+    overrides = {key: v for key, v in config.residual_stages[k].items() if key != "output_scale"}
+    stage_config = ModelConfig.from_dict({**config.to_dict(), **overrides, "seed": config.seed + 1 + k,
+                                          "correction_head": False, "onsite_reference": {}, "residual_stages": []})
+    stage = DensityMatrixModel(stage_config)
+    stage.output_scale = float(config.residual_stages[k]["output_scale"])
+    with torch.no_grad():
+        stage.node_head.weight.mul_(0.1)
+        stage.edge_head.linear_out.weight.mul_(0.1)
+    return stage
 
 
 # ---------------------------------------------------------------- batching

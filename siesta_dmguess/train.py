@@ -44,6 +44,7 @@ class TrainOptions:
     init: str = ""  # start from this model's weights (a model folder or shipped name) instead of at random
     correction_epochs: int = 0  # then train a ΔH head through the idempotent projection (frozen DM model)
     correction_lr: float = 1e-3
+    add_stage: bool = False  # with init: add a residual stage fitted to what the init model leaves (it stays frozen)
 
 
 @dataclass
@@ -128,7 +129,15 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     train_set, val_set = _split(samples, options)
     if not train_set:
         raise InputFileError("no training structures found", data_dirs[0])
-    if init:
+    previous, val_reference = None, None
+    if options.add_stage:
+        if not init:
+            raise InputFileError("--add-stage needs --init: the model whose residual the new stage learns", out_dir)
+        # Per-structure MAEs of the frozen model: a stage is judged by how much it lowers each structure's error.
+        val_reference = np.array([m["mae"] for m in evaluate_samples(init.eval(), val_set)["structures"]])
+        model, previous = add_residual_stage(init, train_set)
+        cfg = model.config
+    elif init:
         model = init
     else:
         # Mean number of message-passing neighbours normalizes the aggregation.
@@ -138,7 +147,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         # Data-dependent initialization of the feature standardization (a no-op for models without it).
         model.fit_feature_norms([collate(g, len(species), torch.float32)
                                  for g in atom_batches(train_set, 256, shuffle=False)])
-    opt = torch.optim.Adam(model.parameters(), lr=options.lr)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr)
     gamma = (options.lr_final / options.lr) ** (1.0 / max(options.epochs, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
     start_epoch, history, best = 0, [], {"mae": math.inf, "state": None, "epoch": -1}
@@ -162,23 +171,38 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         losses = []
         for group in atom_batches(train_set, options.batch_atoms, shuffle=True, rng=rng):
             batch = collate(group, len(species), torch.float32)
-            pred = fold_to_targets(model(batch), batch)
-            loss = torch.mean((pred - batch["target_values"]) ** 2)
+            if previous is None:
+                pred = fold_to_targets(model(batch), batch)
+                loss = torch.mean((pred - batch["target_values"]) ** 2)
+            else:  # only the new stage runs (the frozen model's output was computed once); relative errors
+                stage = model.residuals[-1]
+                flat = torch.cat([previous[id(g)][0] for g in group]) + \
+                    stage.stage_blocks(stage.node_features(batch), batch)
+                pred = fold_to_targets(flat, batch)
+                weight = torch.stack([previous[id(g)][1] for g in group])[batch["sample_of_target"]]
+                loss = torch.sum(weight * (pred - batch["target_values"]) ** 2) / len(group)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
         sched.step()
-        record = {"epoch": epoch, "train_rmse": float(math.sqrt(np.mean(losses))), "lr": sched.get_last_lr()[0]}
+        # A residual stage's loss is relative (1 = what the frozen model leaves over), a first model's absolute.
+        loss_key = "train_rmse" if previous is None else "train_relative_rmse"
+        record = {"epoch": epoch, loss_key: float(math.sqrt(np.mean(losses))), "lr": sched.get_last_lr()[0]}
         if val_set and (epoch % options.eval_every == 0 or epoch == options.epochs - 1):
             model.eval()
-            summary = evaluate_samples(model, val_set)["summary"]
+            evaluation = evaluate_samples(model, val_set)
+            summary = evaluation["summary"]
             record.update(val_mae=summary["mae"], val_max_abs=summary["max_abs"])
-            if summary["mae"] < best["mae"]:
-                best = {"mae": summary["mae"], "epoch": epoch,
+            score = summary["mae"]
+            if val_reference is not None:  # mean of MAE / frozen model's MAE: molecules count as much as boxes
+                score = record["val_relative_mae"] = float(np.mean(
+                    [m["mae"] for m in evaluation["structures"]] / val_reference))
+            if score < best["mae"]:
+                best = {"mae": score, "epoch": epoch,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         history.append(record)
-        bar.set_postfix(rmse=f"{record['train_rmse']:.2e}", val_mae=f"{best['mae']:.2e}")
+        bar.set_postfix(rmse=f"{record[loss_key]:.2e}", val_mae=f"{best['mae']:.2e}")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict()}, ckpt_path)
     if best["state"] is not None:
@@ -232,6 +256,34 @@ def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[Densit
     if unexpected or any(not k.startswith("correction_") for k in missing):
         raise InputFileError(f"--init model {name_or_path!r} does not fit this configuration", loaded.path)
     return model, loaded.card.get("training", {})
+
+
+def add_residual_stage(model: DensityMatrixModel, train_set) -> tuple[DensityMatrixModel, dict]:
+    """``model`` plus one residual stage (:attr:`ModelConfig.residual_stages`) scaled to the RMS of what ``model``
+    leaves over on ``train_set``, with every other parameter frozen; and, keyed by ``id(sample)``, ``model``'s flat
+    prediction (so that training runs only the new stage) and the weight that makes the stage's loss relative:
+    1 / (elements x mean squared residual) of that sample. Molecules that ``model`` already predicts 20x better
+    than periodic boxes then count as much as the boxes, instead of vanishing from a plain mean squared error."""
+    from .evaluate import folded_to_reference, predict_flat
+
+    model.eval()
+    flats = predict_flat(model, train_set)
+    residuals = [folded_to_reference(s, f) - s.target_values for s, f in zip(train_set, flats)]
+    rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
+    config = ModelConfig.from_dict({**model.config.to_dict(),
+                                    "residual_stages": model.config.residual_stages + [{"output_scale": rms}]})
+    new = DensityMatrixModel(config)
+    k = len(config.residual_stages) - 1
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not key.startswith(f"residuals.{k}.") for key in missing):
+        raise RuntimeError(f"residual stage {k} does not fit the model: {(unexpected + missing)[:5]}")
+    for name, param in new.named_parameters():
+        param.requires_grad_(name.startswith(f"residuals.{k}."))
+    log.info("residual stage %d: output scale %.3e (RMS of the frozen model's training error)", k, rms)
+    previous = {id(s): (torch.as_tensor(f, dtype=torch.float32),
+                        torch.tensor(1.0 / max(float(np.sum(r**2)), 1e-30), dtype=torch.float32))
+                for s, f, r in zip(train_set, flats, residuals)}
+    return new, previous
 
 
 def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, options: TrainOptions) -> list:
@@ -371,6 +423,8 @@ def plot_history(history: list, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     series = [("train_rmse", "-", "train RMSE (DM elements)"), ("val_mae", "o-", "validation MAE (DM elements)"),
+              ("train_relative_rmse", "-", "residual stage: train RMSE / frozen model's"),
+              ("val_relative_mae", "o-", "residual stage: validation MAE / frozen model's"),
               ("train_density_error", "-", "ΔH head: train density error / plain projection's"),
               ("val_density_error", "o-", "ΔH head: validation density error / plain projection's")]
     for key, style, label in series:

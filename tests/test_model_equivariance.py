@@ -16,10 +16,12 @@ from siesta_dmguess.structure import Structure
 from .conftest import small_config, water_basis, water_box, water_molecule
 
 
-@pytest.fixture(params=[False, True], ids=["dm", "dm+correction"])
+@pytest.fixture(params=["dm", "dm+correction", "dm+residual-stage"])
 def model(float64, request):
     # correction_scale 1: ΔH blocks of DM size, so the equivariance check compares real numbers.
-    m = DensityMatrixModel(small_config(correction_head=request.param, correction_scale=1.0))
+    stages = [{"output_scale": 0.5, "num_layers": 1}] if request.param == "dm+residual-stage" else []
+    m = DensityMatrixModel(small_config(correction_head=request.param == "dm+correction", correction_scale=1.0,
+                                        residual_stages=stages))
     # Random (not trained) weights, but non-zero everywhere: every path contributes.
     torch.manual_seed(1)
     with torch.no_grad():

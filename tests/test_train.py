@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from siesta_dmguess.card import load_model, sha256_file
@@ -71,3 +72,42 @@ def test_init_from_a_model_of_other_species_is_a_clear_error(tmp_path):
     with pytest.raises(InputFileError, match="--init model 'silicon' has no or another basis for species '[HO]'"):
         train([dataset("h2o")], tmp_path / "m", TrainOptions(epochs=0, progress=False, init="silicon",
                                                              correction_epochs=1))
+
+
+def test_residual_stage_starts_as_the_frozen_model_and_lowers_its_training_error(tmp_path):
+    """--init + --add-stage: the new stage is scaled to the init model's training RMS, starts as a no-op, learns
+    what the init model leaves over (its training error falls), and every earlier weight stays as it was."""
+    import torch
+
+    from siesta_dmguess.data import load_samples
+    from siesta_dmguess.evaluate import folded_to_reference, predict_flat
+    from siesta_dmguess.train import add_residual_stage
+
+    data = dataset("h2o")
+    base = tmp_path / "base"
+    train([data], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
+    old = load_model(base)
+    samples = load_samples([data], old.config.species, old.basis, old.config.mp_cutoff, split="train")[:8]
+    staged, _ = add_residual_stage(old.model, samples)
+    before_all = predict_flat(old.model, samples)
+    after = predict_flat(staged.eval(), samples)
+    # The new stage starts small: it adds < 1 % (in quadrature) to the frozen model's error.
+    err_before = np.concatenate([folded_to_reference(s, f) - s.target_values for s, f in zip(samples, before_all)])
+    err_after = np.concatenate([folded_to_reference(s, f) - s.target_values for s, f in zip(samples, after)])
+    assert np.linalg.norm(err_after) < 1.01 * np.linalg.norm(err_before)
+    result = train([data], tmp_path / "staged", TrainOptions(epochs=8, lr=3e-2, batch_atoms=12, max_train=8,
+                                                            progress=False, init=str(base), add_stage=True))
+    relative = [h["train_relative_rmse"] for h in result.history]
+    assert relative[0] < 1.01 and relative[-1] < 0.97  # starts at the frozen model's error (1), then falls
+    new = load_model(tmp_path / "staged")
+    residual = np.concatenate([folded_to_reference(s, f) - s.target_values for s, f in zip(samples, before_all)])
+    assert new.config.residual_stages == [{"output_scale": pytest.approx(np.sqrt(np.mean(residual**2)), rel=1e-4)}]
+    frozen = {k: v for k, v in new.model.state_dict().items() if not k.startswith(("residuals.", "novelty_"))}
+    assert all(torch.equal(v, old.model.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_add_stage_without_init_is_a_clear_error(tmp_path):
+    from siesta_dmguess.errors import InputFileError
+
+    with pytest.raises(InputFileError, match="--add-stage needs --init"):
+        train([dataset("h2o")], tmp_path / "m", TrainOptions(epochs=1, progress=False, add_stage=True), TINY)
