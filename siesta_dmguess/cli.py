@@ -23,7 +23,8 @@ def _cmd_train(args) -> int:
     overrides = json.loads(args.config) if args.config else {}
     options = TrainOptions(epochs=args.epochs, lr=args.lr, batch_atoms=args.batch_atoms, seed=args.seed,
                            threads=args.threads, progress=not args.quiet, max_train=args.max_train,
-                           init=args.init, correction_epochs=args.correction_epochs, add_stage=args.add_stage)
+                           init=args.init, correction_epochs=args.correction_epochs, add_stage=args.add_stage,
+                           correction_lr=args.correction_lr)
     command = "siesta-dmguess " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     result = train(args.data_dirs, args.out, options, overrides, resume=not args.restart, command=command)
     summary = result.validation.get("summary", {})
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default="", help="start from this model's weights (model folder or shipped name)")
     t.add_argument("--correction-epochs", type=int, default=0,
                    help="then train a ΔH head through the idempotent projection for N epochs (Γ-only data)")
+    t.add_argument("--correction-lr", type=float, default=1e-3,
+                   help="learning rate of the ΔH head (lower it when the projection is already close: near-exact "
+                        "molecules make its relative loss steep)")
     t.add_argument("--add-stage", action="store_true",
                    help="with --init: add a residual stage that learns what the init model leaves over (init frozen)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

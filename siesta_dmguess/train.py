@@ -135,7 +135,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             raise InputFileError("--add-stage needs --init: the model whose residual the new stage learns", out_dir)
         # Per-structure MAEs of the frozen model: a stage is judged by how much it lowers each structure's error.
         val_reference = np.array([m["mae"] for m in evaluate_samples(init.eval(), val_set)["structures"]])
-        model, previous = add_residual_stage(init, train_set)
+        model, previous = add_residual_stage(init, train_set, keep_correction=bool(options.correction_epochs))
         cfg = model.config
     elif init:
         model = init
@@ -258,12 +258,16 @@ def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[Densit
     return model, loaded.card.get("training", {})
 
 
-def add_residual_stage(model: DensityMatrixModel, train_set) -> tuple[DensityMatrixModel, dict]:
+def add_residual_stage(model: DensityMatrixModel, train_set,
+                       keep_correction: bool = False) -> tuple[DensityMatrixModel, dict]:
     """``model`` plus one residual stage (:attr:`ModelConfig.residual_stages`) scaled to the RMS of what ``model``
     leaves over on ``train_set``, with every other parameter frozen; and, keyed by ``id(sample)``, ``model``'s flat
     prediction (so that training runs only the new stage) and the weight that makes the stage's loss relative:
     1 / (elements x mean squared residual) of that sample. Molecules that ``model`` already predicts 20x better
-    than periodic boxes then count as much as the boxes, instead of vanishing from a plain mean squared error."""
+    than periodic boxes then count as much as the boxes, instead of vanishing from a plain mean squared error.
+
+    A ΔH head of ``model`` was trained to steer the projection of the DM it had; the stage changes that DM, so
+    the head is dropped unless ``keep_correction`` (it is then retrained: ``--correction-epochs``)."""
     from .evaluate import folded_to_reference, predict_flat
 
     model.eval()
@@ -271,10 +275,13 @@ def add_residual_stage(model: DensityMatrixModel, train_set) -> tuple[DensityMat
     residuals = [folded_to_reference(s, f) - s.target_values for s, f in zip(train_set, flats)]
     rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
     config = ModelConfig.from_dict({**model.config.to_dict(),
-                                    "residual_stages": model.config.residual_stages + [{"output_scale": rms}]})
+                                    "residual_stages": model.config.residual_stages + [{"output_scale": rms}],
+                                    "correction_head": model.config.correction_head and keep_correction})
     new = DensityMatrixModel(config)
     k = len(config.residual_stages) - 1
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    state = {key: v for key, v in model.state_dict().items()
+             if config.correction_head or not key.startswith("correction_")}
+    missing, unexpected = new.load_state_dict(state, strict=False)
     if unexpected or any(not key.startswith(f"residuals.{k}.") for key in missing):
         raise RuntimeError(f"residual stage {k} does not fit the model: {(unexpected + missing)[:5]}")
     for name, param in new.named_parameters():
@@ -300,7 +307,8 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
     its value for ΔH = 0, so molecules and periodic boxes, whose errors differ by
     10x, weigh alike. Structures whose projection does not apply (k-point
     references, odd electron counts) are skipped. Keeps the weights with the
-    lowest validation loss; ΔH = 0 (the plain projection) is one of the candidates.
+    lowest validation loss; ΔH = 0 (the plain projection) is one of the candidates: an inherited head that does
+    worse than none on the current DM model is reset to zero before training.
     """
     from tqdm.auto import tqdm
 
@@ -312,8 +320,6 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
         raise InputFileError("no training structure gets the dense projection (Γ-only, even electron count): "
                              "nothing for ΔH to learn",
                              train_set[0].name)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.correction_lr)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.05 ** (1.0 / max(options.correction_epochs, 1)))
     rng = np.random.default_rng([options.seed, 1])
     per_step = max(1, options.batch_atoms // max(1, int(np.mean([p["natoms"] for p in prepared]))))
 
@@ -321,6 +327,16 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
         with torch.no_grad():
             return float(np.mean([_projection_loss(model, p).item() for p in prepared_val])) if prepared_val else 0.0
 
+    # A head inherited from --init was trained for the DM it steered then; on a DM changed since (a residual
+    # stage, more epochs) it can be far worse than none. The plain projection (loss 2 by construction: each term
+    # is relative to it) is then where training starts.
+    if prepared_val and val_loss() > 2.0:
+        log.info("the inherited ΔH head is worse than none on the current DM model; retraining it from ΔH = 0")
+        with torch.no_grad():
+            model.correction_node_head.weight.zero_()
+            model.correction_edge_head.linear_out.weight.zero_()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.correction_lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.05 ** (1.0 / max(options.correction_epochs, 1)))
     best = {"loss": val_loss(), "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     history = []
     bar = tqdm(range(options.correction_epochs), desc="training ΔH", disable=not options.progress, file=sys.stderr)

@@ -1,0 +1,173 @@
+"""Which part of a starting DM's error costs SCF iterations? SIESTA runs from the converged DM plus parts of the
+model's error, and from the converged DM of the same structure moved by less than a grid spacing.
+
+    SIESTA_COMMAND=/path/to/siesta python integration/benchmarks/error_components.py \\
+        ../shared/datasets/h2o/0004 --model water
+
+With D* the run's converged DM and E = D_ml - D* the error of the model's written
+(refined) prediction, every start below is D* plus a part of E (charge-normalized
+with S from the basis), so only that part differs from the answer:
+
+* ``ml``: the whole error E (the model's own guess);
+* ``near-null`` / ``rest``: E split in the eigenbasis of S. ``near-null`` keeps the
+  components whose two S eigenvalues are both below ``--null`` (directions the basis
+  nearly cannot tell apart: they barely change the density), ``rest`` everything else;
+* ``populations``: only E's orbital (Mulliken) populations, put on the diagonal: the
+  model's charge errors and nothing else;
+* ``populations fixed``: the model's guess re-projected so that its Mulliken
+  population of every orbital shell equals D*'s: the idempotent projection of
+  -S P S + sum_g mu_g (S Pi_g + Pi_g S)/2, a potential shift mu_g per shell g
+  (Pi_g its orbitals), solved by Newton's method. It tells whether charges are
+  the part of the density that matters;
+* ``grid-shift d``: D* itself, for the structure moved by d Å (SIESTA's real-space
+  grid breaks translation symmetry, so an exact equivariant model can do no better:
+  the floor of any prediction).
+
+Prints, per start, its largest and mean element error, the density-operator error
+sqrt(Tr[(E S)²]), SIESTA's iteration count and the dDmax history. For a molecule the
+dense matrices are small; for a periodic box this is O(n_orb³) and meant for the
+24-atom ``water8`` cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def split_by_overlap(error: np.ndarray, overlap: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(near-null part, rest) of a symmetric error matrix in the eigenbasis of S."""
+    lam, vec = np.linalg.eigh(overlap)
+    low = lam < threshold
+    in_basis = vec.T @ error @ vec
+    near_null = vec @ (in_basis * np.outer(low, low)) @ vec.T
+    return near_null, error - near_null
+
+
+def populations_fixed(density: np.ndarray, overlap: np.ndarray, groups: np.ndarray, target: np.ndarray,
+                      n_occupied: int, steps: int = 30) -> np.ndarray:
+    """The idempotent DM nearest ``density`` whose Mulliken population of every orbital group equals ``target``.
+
+    Potential shifts mu_g on the groups are added to -S P S (P = D/2) before taking its lowest ``n_occupied``
+    states; Newton's method on mu with a finite-difference Jacobian (a few groups, small dense matrices).
+    """
+    from scipy.linalg import eigh
+
+    n_groups = int(groups.max()) + 1
+    base = -overlap @ (density / 2) @ overlap
+    shifts = [0.5 * (overlap * (groups == g)[None, :] + overlap * (groups == g)[:, None]) for g in range(n_groups)]
+
+    def project(mu):
+        _, vec = eigh(base + sum(m * w for m, w in zip(mu, shifts)), overlap)
+        occupied = vec[:, :n_occupied]
+        return 2 * occupied @ occupied.T
+
+    def pops(d):
+        return np.bincount(groups, (d * overlap).sum(axis=1), minlength=n_groups)
+
+    mu = np.zeros(n_groups)
+    for _ in range(steps):
+        d = project(mu)
+        residual = pops(d) - target
+        if abs(residual).max() < 1e-8:
+            break
+        jac = np.empty((n_groups, n_groups))
+        for g in range(n_groups):
+            step = mu.copy()
+            step[g] += 1e-5
+            jac[:, g] = (pops(project(step)) - pops(d)) / 1e-5
+        mu -= np.linalg.lstsq(jac, residual, rcond=1e-10)[0]
+    return d
+
+
+def shifted_fdf(text: str, shift: np.ndarray) -> str:
+    """The fdf with every atom of its AtomicCoordinatesAndAtomicSpecies block (Å) moved by ``shift``."""
+    out, inside = [], False
+    for line in text.splitlines():
+        words = line.split()
+        if words and words[0].lower() == "%block" and words[1].lower() == "atomiccoordinatesandatomicspecies":
+            inside = True
+        elif words and words[0].lower() == "%endblock":
+            inside = False
+        elif inside and len(words) >= 4:
+            xyz = np.array([float(w) for w in words[:3]]) + shift
+            line = " " + " ".join(f"{x:.10f}" for x in xyz) + " " + " ".join(words[3:])
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    import scipy.sparse as sp
+    import sisl
+
+    from siesta_dmguess.card import load_model
+    from siesta_dmguess.data import find_fdf, load_run
+    from siesta_dmguess.dm import flat_to_csr, write_density_matrix
+    from siesta_dmguess.predict import predict_density_matrix
+    from siesta_dmguess.siesta import prepare_run, run_siesta
+    from siesta_dmguess.siesta.runner import fdf_value
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="a converged Γ-only or molecular run folder (fdf + .DM)")
+    p.add_argument("--model", default="water")
+    p.add_argument("--null", type=float, default=0.05, help="S eigenvalue below which a direction is near-null")
+    p.add_argument("--shifts", default="0.02,0.057", help="grid-shift starts: displacements in Å (0 to skip)")
+    args = p.parse_args()
+
+    fdf = find_fdf(args.run)
+    if (fdf_value(fdf, "AtomicCoordinatesFormat") or "Bohr").lower() not in ("ang", "angstrom"):
+        raise SystemExit(f"{fdf}: grid shifts need AtomicCoordinatesFormat Ang")
+    _, _, dm_ref, _ = load_run(args.run)
+    pred = predict_density_matrix(fdf, load_model(args.model), fold=True)
+    if pred.overlap is None:
+        raise SystemExit("the model carries no radial functions: no overlap")
+    s = flat_to_csr(pred.sample.layout, pred.overlap, fold=True).toarray()
+    exact = dm_ref.tocsr(0).toarray()
+    error = pred.density_matrix.tocsr(0).toarray() - exact
+    n_electrons = pred.electrons_expected
+    near_null, rest = split_by_overlap(error, s, args.null)
+    populations = (error * s).sum(axis=1)
+    shells = [(a, o.l, o.zeta) for a, atom in enumerate(dm_ref.geometry.atoms) for o in atom.orbitals]
+    shell_index = {key: k for k, key in enumerate(dict.fromkeys(shells))}
+    groups = np.array([shell_index[key] for key in shells])
+    fixed = populations_fixed(exact + error, s, groups, np.bincount(groups, (exact * s).sum(axis=1)),
+                              int(round(n_electrons / 2)))
+    starts = {"ml": (fdf, exact + error), f"near-null (S < {args.null:g})": (fdf, exact + near_null),
+              "rest": (fdf, exact + rest), "populations": (fdf, exact + np.diag(populations / np.diag(s))),
+              "populations fixed": (fdf, fixed)}
+    keep = (exact != 0) | (s != 0)  # SIESTA's pattern (the reference stores every element within range)
+
+    print(f"{args.run}: {exact.shape[0]} orbitals, smallest S eigenvalue {np.linalg.eigvalsh(s)[0]:.1e}")
+    print(f"{'start':>22} {'max|E|':>8} {'mean|E|':>8} {'rho err':>8} {'SCF it.':>7}  dDmax per iteration")
+    with tempfile.TemporaryDirectory() as tmp:
+        shifts = [float(x) for x in args.shifts.split(",") if float(x)]
+        for d in shifts:  # a moved copy of the fdf, started from the unmoved converged DM
+            moved = Path(tmp) / f"shift{d}" / fdf.name
+            moved.parent.mkdir()
+            moved.write_text(shifted_fdf(fdf.read_text(), np.array([1.0, 0.7, 0.3]) * d))
+            starts[f"grid-shift {d:g} Å"] = (moved, exact)
+        for k, (name, (run_fdf, start)) in enumerate(starts.items()):
+            start = 0.5 * (start + start.T)
+            start = start * (n_electrons / (start * s).sum())
+            e = start - exact
+            work = Path(tmp) / f"start{k}"
+            work.mkdir()
+            dm_file = work / "start.DM"
+            write_density_matrix(sisl.DensityMatrix.fromsp(dm_ref.geometry, [sp.csr_matrix(np.where(keep, start, 0))]),
+                                 dm_file)
+            out = run_siesta(prepare_run(run_fdf, work / "run", "ml", dm_file=dm_file,
+                                         pseudo_dirs=[args.run.parent / "basis", args.run])).output
+            history = " ".join(f"{st.dDmax:.1e}" for st in out.scf_history)
+            if run_fdf is fdf:
+                rho = np.sqrt(max(np.trace(e @ s @ e @ s), 0.0))
+                errors = f"{abs(e).max():>8.1e} {abs(e[exact != 0]).mean():>8.1e} {rho:>8.4f}"
+            else:  # the moved structure's own answer is not known here
+                errors = f"{'-':>8} {'-':>8} {'-':>8}"
+            print(f"{name:>22} {errors} {out.scf_iterations:>7d}  {history}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
