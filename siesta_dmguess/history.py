@@ -13,11 +13,14 @@ module builds that file from the trajectory's history, in four ways:
                    model's own error on the previous steps, extrapolated like SIESTA's DMs. The
                    model's error changes slowly along a trajectory, the DM itself much faster.
                    Equivalently: SIESTA's extrapolation E(t) plus the model's correction for the
-                   geometry change, C(t) = D_ml(t) - sum_k c_k D_ml(t-k). The correction is
-                   weighted by w in [0, 1], the least-squares weight that would have made the
-                   previous step's guess best (w = <D_scf - E, C> / <C, C>, starting at 1): a
-                   model that predicts the change well keeps w ~ 1, a poor one falls back
-                   towards SIESTA's extrapolation instead of making it worse.
+                   geometry change, C(t) = D_ml(t) - sum_k c_k D_ml(t-k). What is written is the
+                   affine combination a D_ml + b E + g (E + C) (a + b + g = 1, all >= 0) whose
+                   weights would have made the previous step's guess closest to its converged DM
+                   (least squares on the simplex; starting at the full correction, g = 1). A model
+                   whose errors change slowly keeps g ~ 1; one that predicts the change poorly falls
+                   back towards SIESTA's extrapolation (b); one whose errors are already as small
+                   as their step-to-step noise (SIESTA's grid) falls back towards its own prediction
+                   (a), instead of adding the previous steps' noise.
 
 All matrices are sisl-free CSR matrices of one spin in a layout that does not change
 between steps: folded (``nsc = 1``) for Γ-only runs, and for k-point runs, whose
@@ -70,7 +73,7 @@ class TrajectoryHistory:
         if depth < 1:
             raise ValueError("the history needs a depth of at least 1")
         self.steps: deque[_Step] = deque(maxlen=depth)
-        self.correction_weight = 1.0  # w of the ML correction (see the module docstring)
+        self.weights = FULL_CORRECTION  # of (D_ml, E, E + C) in the ml+residual guess (module docstring)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -80,7 +83,7 @@ class TrajectoryHistory:
         converged = sp.csr_matrix(converged)
         if self.steps and self.steps[0].converged.shape != converged.shape:
             self.steps.clear()  # a different system: start a new history
-            self.correction_weight = 1.0
+            self.weights = FULL_CORRECTION
         if predicted is not None:
             self._update_weight(positions, converged, sp.csr_matrix(predicted))
         self.steps.appendleft(_Step(np.asarray(positions, float).copy(), converged,
@@ -88,7 +91,7 @@ class TrajectoryHistory:
 
     def clear(self) -> None:
         self.steps.clear()
-        self.correction_weight = 1.0
+        self.weights = FULL_CORRECTION
 
     def _parts(self, positions, predicted: sp.csr_matrix):
         """(E, C): SIESTA's extrapolation of the converged DMs and the model's correction, on ``predicted``'s
@@ -102,15 +105,12 @@ class TrajectoryHistory:
         return extrapolated, correction.tocsr()
 
     def _update_weight(self, positions, converged: sp.csr_matrix, predicted: sp.csr_matrix) -> None:
-        """Least-squares weight of the ML correction that would have made this step's guess best."""
+        """Weights of (D_ml, E, E + C) that would have made this step's ml+residual guess best."""
         parts = self._parts(positions, predicted)
         if parts is None:
             return
         extrapolated, correction = parts
-        norm = float(correction.multiply(correction).sum())
-        if norm > 0:
-            miss = (converged - extrapolated).multiply(correction).sum()
-            self.correction_weight = float(np.clip(miss / norm, 0.0, 1.0))
+        self.weights = simplex_least_squares([predicted, extrapolated, extrapolated + correction], converged)
 
     def guess(self, kind: str, positions, predicted: sp.spmatrix | None = None,
               refine=None) -> sp.csr_matrix | None:
@@ -144,8 +144,41 @@ class TrajectoryHistory:
             c = extrapolation_coefficients([s.positions for s in steps], positions)
             return _combine(c, [s.converged for s in steps], pattern=steps[0].converged)
         extrapolated, correction = self._parts(positions, predicted)
-        combined = (extrapolated + self.correction_weight * correction).tocsr()
+        a, b, g = self.weights
+        combined = (a * predicted + b * extrapolated + g * (extrapolated + correction)).tocsr()
         return refine(combined) if refine is not None else combined
+
+
+FULL_CORRECTION = (0.0, 0.0, 1.0)
+
+
+def simplex_least_squares(candidates: list, target) -> tuple[float, ...]:
+    """Weights x >= 0, sum x = 1, minimizing |sum_k x_k M_k - target|^2 for a few (sparse) matrices M_k.
+
+    Small enough to solve exactly: every face of the simplex (each subset of the candidates) gets its
+    equality-constrained least-squares optimum, and the best feasible one wins. Affine weights keep the
+    electron count of DMs that all have it.
+    """
+    from itertools import combinations
+
+    n = len(candidates)
+    diffs = [sp.csr_matrix(m - target) for m in candidates]
+    gram = np.array([[float(a.multiply(b).sum()) for b in diffs] for a in diffs])
+    best, best_value = None, np.inf
+    for size in range(1, n + 1):
+        for face in combinations(range(n), size):
+            # min x^T G x on the face with sum x = 1: [G 1; 1^T 0] [x; l] = [0; 1]
+            g = gram[np.ix_(face, face)]
+            kkt = np.block([[g, np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
+            sol = np.linalg.lstsq(kkt, np.r_[np.zeros(size), 1.0], rcond=1e-12)[0][:size]
+            if np.any(sol < -1e-12):
+                continue
+            x = np.zeros(n)
+            x[list(face)] = np.clip(sol, 0.0, None) / np.clip(sol, 0.0, None).sum()
+            value = float(x @ gram @ x)
+            if best is None or value < best_value - 1e-15 * max(1.0, abs(best_value)):
+                best, best_value = x, value
+    return tuple(float(v) for v in best)
 
 
 def _combine(coefficients, matrices, pattern: sp.csr_matrix) -> sp.csr_matrix:

@@ -57,7 +57,7 @@ def test_ml_residual_cancels_the_model_error():
     error = matrix([[0.05, -0.02], [-0.02, 0.03]])
     for t in range(3):
         h.push(line(t), true_dm(t), true_dm(t) - error)
-    assert h.correction_weight == pytest.approx(1.0)
+    assert h.weights == pytest.approx((0.0, 0.0, 1.0), abs=1e-9)
     guess = h.guess("ml+residual", line(3), true_dm(3) - error)
     assert np.allclose(guess.toarray(), true_dm(3).toarray())
     assert abs(h.guess("ml", line(3), true_dm(3) - error) - true_dm(3)).max() > 0.01  # plain ML keeps its error
@@ -65,15 +65,43 @@ def test_ml_residual_cancels_the_model_error():
 
 
 def test_a_useless_model_correction_is_weighted_down():
-    """A model whose predicted changes are noise: the weight drops and the guess stays near the extrapolation."""
+    """A model whose predicted changes are noise: the weight goes to the extrapolation and the guess stays there."""
     rng = np.random.default_rng(0)
     h = TrajectoryHistory(depth=2)
     for t in range(4):
         h.push(line(t), true_dm(t), matrix(rng.normal(size=(2, 2))))
-    assert h.correction_weight < 0.2
+    model_weight = h.weights[0] + h.weights[2]
+    assert h.weights[1] > 0.8 and sum(h.weights) == pytest.approx(1.0)
     noisy = matrix(rng.normal(size=(2, 2)))
     gap = abs(h.guess("ml+residual", line(4), noisy) - h.guess("extrapolation", line(4))).max()
-    assert gap <= h.correction_weight * 10 + 1e-12
+    assert gap <= model_weight * 10 + 1e-12
+
+
+def test_a_model_at_its_noise_floor_keeps_its_own_prediction():
+    """Small errors that change at random from step to step (SIESTA's grid): adding the previous steps' errors
+    only adds noise, so the weight goes to the prediction itself, and the guess beats the full correction."""
+    rng = np.random.default_rng(1)
+    h = TrajectoryHistory(depth=2)
+    noise = lambda: matrix(1e-3 * rng.normal(size=(2, 2)) * [[1, 1], [1, 1]])  # noqa: E731
+    for t in range(5):
+        h.push(line(t), true_dm(t), true_dm(t) + noise())
+    assert h.weights[0] > 0.5
+    predicted = true_dm(5) + noise()
+    guess = h.guess("ml+residual", line(5), predicted)
+    extrapolated, correction = h._parts(line(5), predicted)
+    full = extrapolated + correction
+    assert abs(guess - true_dm(5)).max() < abs(full - true_dm(5)).max()
+
+
+def test_simplex_least_squares_finds_the_best_affine_combination():
+    from siesta_dmguess.history import simplex_least_squares
+
+    a, b, c = matrix([[1.0, 0.0]]), matrix([[0.0, 1.0]]), matrix([[5.0, 5.0]])
+    # The target is inside the simplex: exact weights.
+    assert simplex_least_squares([a, b, c], 0.5 * a + 0.3 * b + 0.2 * c) == pytest.approx((0.5, 0.3, 0.2))
+    # Outside it: the nearest point on its boundary (here the a-b edge), weights still >= 0 and summing to 1.
+    x = simplex_least_squares([a, b, c], matrix([[0.2, 0.2]]))
+    assert x[2] == pytest.approx(0.0, abs=1e-12) and x[0] == pytest.approx(0.5) and sum(x) == pytest.approx(1.0)
 
 
 def test_ml_guesses_need_the_prediction_and_unknown_kinds_fail():
