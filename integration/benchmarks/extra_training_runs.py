@@ -21,6 +21,11 @@ splits stay held out. ``si-extra`` (34 structures, from ``si8``):
 * 16 boxes: a training box scaled by 0.96-1.04 (density -11 % to +13 %) and
   rattled 0.05 Å.
 
+``g2-extra`` (240 structures, from ``g2``): every training molecule twice more,
+rattled 0.06 and 0.10 Å (``g2`` itself: 0.04 Å). ``g2``'s validation molecules
+are other conformers of its training molecules, so they stay held out as
+conformers, not as molecules.
+
 Seeds differ from ``unseen_structures.py``'s, so its sets stay unseen
 structures (but ``si16`` and ``si2-fcc`` are then cell shapes the model has
 seen). Each structure is converged from SIESTA's atomic guess with the
@@ -89,7 +94,17 @@ def water_structures(datasets: Path):
         yield atoms, None, f"water8/{source} scaled {scale:.3f}, rattled 0.05 Å", "water8"
 
 
-SETS = {"si-extra": silicon_structures, "water-extra": water_structures}
+def chno_structures(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``g2-extra`` set."""
+    molecules = training_ids(datasets, "g2")
+    for k in range(2 * len(molecules)):
+        source, rattle = molecules[k % len(molecules)], (0.06, 0.10)[k // len(molecules)]
+        atoms = read_structure(datasets / "g2" / source / "input.fdf").atoms
+        atoms.rattle(rattle, seed=7000 + k)
+        yield atoms, None, f"g2/{source} rattled {rattle} Å", "g2"
+
+
+SETS = {"si-extra": silicon_structures, "water-extra": water_structures, "g2-extra": chno_structures}
 
 
 def converge(folder: Path, record: dict) -> dict:

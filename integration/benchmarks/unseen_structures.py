@@ -8,8 +8,8 @@
 The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 
 * ``chno``: closed-shell CHNO molecules of ASE's G2 collection that are *not* in
-  ``g2`` (new molecules, not new conformers), rattled 0.04 Å and randomly
-  oriented in a 12 Å box;
+  ``g2`` (new molecules, not new conformers; names found in ``g2``'s index are
+  left out), rattled 0.04 Å and randomly oriented in a 12 Å box;
 * ``water64``: two ``water8`` boxes repeated 2x2x2 (192 atoms, 12.4 Å, still
   Γ only) and rattled 0.03 Å: a larger cell than any training box;
 * ``si16``: two ``si8`` cells repeated 2x1x1 and rattled 0.05 Å, with a
@@ -43,6 +43,7 @@ from ase.build import bulk
 from ase.collections import g2
 from ase.data import atomic_numbers
 
+from siesta_dmguess.data import list_runs
 from siesta_dmguess.siesta.templates import fdf_with_geometry
 from siesta_dmguess.structure import read_structure
 
@@ -97,10 +98,14 @@ def main() -> None:
     if "chno" in sets:
         dest = args.out / "chno"
         copy_basis(args.datasets / "g2", dest)
+        in_g2 = {run.meta.get("name") for run in list_runs(args.datasets / "g2")}
         for k, name in enumerate(UNSEEN_G2):
             atoms = g2[name].copy()
             atoms.rattle(0.04, seed=k)
-            atoms.rotate(rng.uniform(0, 360), rng.normal(size=3))
+            atoms.rotate(rng.uniform(0, 360), rng.normal(size=3))  # drawn for every name: the same structures
+            if name in in_g2:  # a conformer of a training molecule, not a new molecule
+                print(f"chno: {name} is in g2; left out")
+                continue
             atoms.set_cell([12.0, 12.0, 12.0])
             atoms.center()
             write_run(args.datasets / "g2/0000/input.fdf", atoms, dest / f"{k:04d}")
