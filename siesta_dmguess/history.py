@@ -15,8 +15,10 @@ module builds that file from the trajectory's history, in four ways:
                    Equivalently: SIESTA's extrapolation E(t) plus the model's correction for the
                    geometry change, C(t) = D_ml(t) - sum_k c_k D_ml(t-k). What is written is the
                    affine combination a D_ml + b E + g (E + C) (a + b + g = 1, all >= 0) whose
-                   weights would have made the previous step's guess closest to its converged DM
-                   (least squares on the simplex; starting at the full correction, g = 1). A model
+                   weights would have made the guesses of the last steps (as many as the history
+                   holds) closest to their converged DMs (least squares on the simplex, summed over
+                   those steps, so one noisy step does not decide; starting at the full correction,
+                   g = 1). A model
                    whose errors change slowly keeps g ~ 1; one that predicts the change poorly falls
                    back towards SIESTA's extrapolation (b); one whose errors are already as small
                    as their step-to-step noise (SIESTA's grid) falls back towards its own prediction
@@ -74,6 +76,7 @@ class TrajectoryHistory:
             raise ValueError("the history needs a depth of at least 1")
         self.steps: deque[_Step] = deque(maxlen=depth)
         self.weights = FULL_CORRECTION  # of (D_ml, E, E + C) in the ml+residual guess (module docstring)
+        self.grams: deque[np.ndarray] = deque(maxlen=depth)  # per step: Gram matrix of the candidates' errors
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -83,6 +86,7 @@ class TrajectoryHistory:
         converged = sp.csr_matrix(converged)
         if self.steps and self.steps[0].converged.shape != converged.shape:
             self.steps.clear()  # a different system: start a new history
+            self.grams.clear()
             self.weights = FULL_CORRECTION
         if predicted is not None:
             self._update_weight(positions, converged, sp.csr_matrix(predicted))
@@ -91,6 +95,7 @@ class TrajectoryHistory:
 
     def clear(self) -> None:
         self.steps.clear()
+        self.grams.clear()
         self.weights = FULL_CORRECTION
 
     def _parts(self, positions, predicted: sp.csr_matrix):
@@ -105,12 +110,13 @@ class TrajectoryHistory:
         return extrapolated, correction.tocsr()
 
     def _update_weight(self, positions, converged: sp.csr_matrix, predicted: sp.csr_matrix) -> None:
-        """Weights of (D_ml, E, E + C) that would have made this step's ml+residual guess best."""
+        """Weights of (D_ml, E, E + C) that would have made the recent steps' ml+residual guesses best."""
         parts = self._parts(positions, predicted)
         if parts is None:
             return
         extrapolated, correction = parts
-        self.weights = simplex_least_squares([predicted, extrapolated, extrapolated + correction], converged)
+        self.grams.append(error_gram([predicted, extrapolated, extrapolated + correction], converged))
+        self.weights = simplex_least_squares(sum(self.grams))
 
     def guess(self, kind: str, positions, predicted: sp.spmatrix | None = None,
               refine=None) -> sp.csr_matrix | None:
@@ -152,8 +158,15 @@ class TrajectoryHistory:
 FULL_CORRECTION = (0.0, 0.0, 1.0)
 
 
-def simplex_least_squares(candidates: list, target) -> tuple[float, ...]:
-    """Weights x >= 0, sum x = 1, minimizing |sum_k x_k M_k - target|^2 for a few (sparse) matrices M_k.
+def error_gram(candidates: list, target) -> np.ndarray:
+    """G_kl = <M_k - target, M_l - target> for a few (sparse) matrices: |sum_k x_k M_k - target|^2 = x^T G x
+    for weights that sum to 1."""
+    diffs = [sp.csr_matrix(m - target) for m in candidates]
+    return np.array([[float(a.multiply(b).sum()) for b in diffs] for a in diffs])
+
+
+def simplex_least_squares(gram: np.ndarray) -> tuple[float, ...]:
+    """Weights x >= 0, sum x = 1, minimizing x^T G x (G from :func:`error_gram`, possibly summed over steps).
 
     Small enough to solve exactly: every face of the simplex (each subset of the candidates) gets its
     equality-constrained least-squares optimum, and the best feasible one wins. Affine weights keep the
@@ -161,9 +174,7 @@ def simplex_least_squares(candidates: list, target) -> tuple[float, ...]:
     """
     from itertools import combinations
 
-    n = len(candidates)
-    diffs = [sp.csr_matrix(m - target) for m in candidates]
-    gram = np.array([[float(a.multiply(b).sum()) for b in diffs] for a in diffs])
+    n = gram.shape[0]
     best, best_value = None, np.inf
     for size in range(1, n + 1):
         for face in combinations(range(n), size):

@@ -94,13 +94,14 @@ def test_a_model_at_its_noise_floor_keeps_its_own_prediction():
 
 
 def test_simplex_least_squares_finds_the_best_affine_combination():
-    from siesta_dmguess.history import simplex_least_squares
+    from siesta_dmguess.history import error_gram, simplex_least_squares
 
     a, b, c = matrix([[1.0, 0.0]]), matrix([[0.0, 1.0]]), matrix([[5.0, 5.0]])
     # The target is inside the simplex: exact weights.
-    assert simplex_least_squares([a, b, c], 0.5 * a + 0.3 * b + 0.2 * c) == pytest.approx((0.5, 0.3, 0.2))
+    inside = error_gram([a, b, c], 0.5 * a + 0.3 * b + 0.2 * c)
+    assert simplex_least_squares(inside) == pytest.approx((0.5, 0.3, 0.2))
     # Outside it: the nearest point on its boundary (here the a-b edge), weights still >= 0 and summing to 1.
-    x = simplex_least_squares([a, b, c], matrix([[0.2, 0.2]]))
+    x = simplex_least_squares(error_gram([a, b, c], matrix([[0.2, 0.2]])))
     assert x[2] == pytest.approx(0.0, abs=1e-12) and x[0] == pytest.approx(0.5) and sum(x) == pytest.approx(1.0)
 
 
