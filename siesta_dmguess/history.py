@@ -15,10 +15,8 @@ module builds that file from the trajectory's history, in four ways:
                    Equivalently: SIESTA's extrapolation E(t) plus the model's correction for the
                    geometry change, C(t) = D_ml(t) - sum_k c_k D_ml(t-k). What is written is the
                    affine combination a D_ml + b E + g (E + C) (a + b + g = 1, all >= 0) whose
-                   weights would have made the guesses of the last steps (as many as the history
-                   holds) closest to their converged DMs (least squares on the simplex, summed over
-                   those steps, so one noisy step does not decide; starting at the full correction,
-                   g = 1). A model
+                   weights would have made the previous step's guess closest to its converged DM
+                   (least squares on the simplex; starting at the full correction, g = 1). A model
                    whose errors change slowly keeps g ~ 1; one that predicts the change poorly falls
                    back towards SIESTA's extrapolation (b); one whose errors are already as small
                    as their step-to-step noise (SIESTA's grid) falls back towards its own prediction
@@ -76,7 +74,6 @@ class TrajectoryHistory:
             raise ValueError("the history needs a depth of at least 1")
         self.steps: deque[_Step] = deque(maxlen=depth)
         self.weights = FULL_CORRECTION  # of (D_ml, E, E + C) in the ml+residual guess (module docstring)
-        self.grams: deque[np.ndarray] = deque(maxlen=depth)  # per step: Gram matrix of the candidates' errors
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -86,7 +83,6 @@ class TrajectoryHistory:
         converged = sp.csr_matrix(converged)
         if self.steps and self.steps[0].converged.shape != converged.shape:
             self.steps.clear()  # a different system: start a new history
-            self.grams.clear()
             self.weights = FULL_CORRECTION
         if predicted is not None:
             self._update_weight(positions, converged, sp.csr_matrix(predicted))
@@ -95,7 +91,6 @@ class TrajectoryHistory:
 
     def clear(self) -> None:
         self.steps.clear()
-        self.grams.clear()
         self.weights = FULL_CORRECTION
 
     def _parts(self, positions, predicted: sp.csr_matrix):
@@ -110,13 +105,15 @@ class TrajectoryHistory:
         return extrapolated, correction.tocsr()
 
     def _update_weight(self, positions, converged: sp.csr_matrix, predicted: sp.csr_matrix) -> None:
-        """Weights of (D_ml, E, E + C) that would have made the recent steps' ml+residual guesses best."""
+        """Weights of (D_ml, E, E + C) that would have made this step's ml+residual guess best."""
         parts = self._parts(positions, predicted)
         if parts is None:
             return
         extrapolated, correction = parts
-        self.grams.append(error_gram([predicted, extrapolated, extrapolated + correction], converged))
-        self.weights = simplex_least_squares(sum(self.grams))
+        # The last step alone: summing the fits of the last three steps helped a molecule near SIESTA's grid floor
+        # (h2o MD 73 -> 67 iterations) and hurt silicon, whose model error drifts (si8 MD 83 -> 91).
+        gram = error_gram([predicted, extrapolated, extrapolated + correction], converged)
+        self.weights = simplex_least_squares(gram)
 
     def guess(self, kind: str, positions, predicted: sp.spmatrix | None = None,
               refine=None) -> sp.csr_matrix | None:
@@ -166,7 +163,7 @@ def error_gram(candidates: list, target) -> np.ndarray:
 
 
 def simplex_least_squares(gram: np.ndarray) -> tuple[float, ...]:
-    """Weights x >= 0, sum x = 1, minimizing x^T G x (G from :func:`error_gram`, possibly summed over steps).
+    """Weights x >= 0, sum x = 1, minimizing x^T G x (G from :func:`error_gram`).
 
     Small enough to solve exactly: every face of the simplex (each subset of the candidates) gets its
     equality-constrained least-squares optimum, and the best feasible one wins. Affine weights keep the
