@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -152,8 +153,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
     start_epoch, history, best = 0, [], {"mae": math.inf, "state": None, "epoch": -1}
     ckpt_path = out_dir / "checkpoint.pt"
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = _read_checkpoint(ckpt_path) if resume else None
+    if ckpt is not None:
         if ckpt.get("config") == cfg.to_dict():
             _load_state(model, ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
@@ -203,8 +204,9 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         history.append(record)
         bar.set_postfix(rmse=f"{record[loss_key]:.2e}", val_mae=f"{best['mae']:.2e}")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch, "history": history, "best": best, "config": cfg.to_dict()}, ckpt_path)
+        _write_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                      "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                                      "best": best, "config": cfg.to_dict()})
     if best["state"] is not None:
         _load_state(model, best["state"])
     model.eval()
@@ -415,6 +417,24 @@ def _projection_errors(model, p: dict, plain: bool = False) -> tuple[torch.Tenso
     error = (projected - p["reference"]) * p["pattern"]
     es = error @ p["overlap"]
     return torch.sum(es * es.T), torch.sum(error**2) / p["pattern"].sum()
+
+
+def _write_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a run killed mid-write keeps the previous epoch's checkpoint, not a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(path: Path) -> dict | None:
+    """The checkpoint to resume from, or None (with a warning naming the file) if it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or foreign file: training can still start afresh, nothing else is lost
+        log.warning("cannot resume from %s (%s: %s); starting afresh", path, type(exc).__name__, exc)
+        return None
 
 
 def _load_state(model, state: dict) -> None:

@@ -33,6 +33,20 @@ def test_train_writes_model_learns_and_resumes(tmp_path):
     result2 = train([data], out, TrainOptions(**{**opts.__dict__, "epochs": 8}), TINY)
     assert [h["epoch"] for h in result2.history] == list(range(8))
     assert result2.history[:6] == result.history
+    assert not list(out.glob(".*.tmp"))  # checkpoint written atomically, no temporary left over
+
+
+def test_truncated_checkpoint_is_reported_and_training_starts_afresh(tmp_path, caplog):
+    """A run killed while writing leaves no usable checkpoint: resuming says which file is unreadable and
+    trains from scratch instead of crashing."""
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    opts = TrainOptions(epochs=1, lr=1e-2, batch_atoms=12, max_train=4, progress=False)
+    with caplog.at_level("WARNING", logger="siesta_dmguess.train"):
+        result = train([dataset("h2o")], out, opts, TINY)
+    assert "cannot resume from" in caplog.text and str(out / "checkpoint.pt") in caplog.text
+    assert [h["epoch"] for h in result.history] == [0]
 
 
 def test_correction_head_trains_through_the_projection_from_a_trained_model(tmp_path):
