@@ -92,14 +92,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save through a temporary file: a run killed mid-write keeps the previous file, not a truncated one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def save_model(model, out_dir: str | Path, card: dict) -> Path:
     """Write weights, config and card (json + md) into ``out_dir``; fills sha256, size and basis hashes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{WEIGHTS}.tmp"
-    state = {k: v.detach().to(torch.float32) for k, v in model.state_dict().items()}
-    torch.save(state, tmp)
-    os.replace(tmp, out_dir / WEIGHTS)
+    atomic_torch_save({k: v.detach().to(torch.float32) for k, v in model.state_dict().items()}, out_dir / WEIGHTS)
     cfg = model.config.to_dict()
     _atomic_write_text(out_dir / CONFIG, json.dumps(cfg, indent=1))
     basis = model.config.species_basis()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .card import save_model, sha256_file
+from .card import atomic_torch_save, save_model, sha256_file
 from .data import list_runs, load_samples, run_basis
 from .errors import InputFileError
 from .evaluate import atom_batches, evaluate_samples
@@ -204,9 +203,9 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         history.append(record)
         bar.set_postfix(rmse=f"{record[loss_key]:.2e}", val_mae=f"{best['mae']:.2e}")
-        _write_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                      "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
-                                      "best": best, "config": cfg.to_dict()})
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                           "best": best, "config": cfg.to_dict()}, ckpt_path)
     if best["state"] is not None:
         _load_state(model, best["state"])
     model.eval()
@@ -417,13 +416,6 @@ def _projection_errors(model, p: dict, plain: bool = False) -> tuple[torch.Tenso
     error = (projected - p["reference"]) * p["pattern"]
     es = error @ p["overlap"]
     return torch.sum(es * es.T), torch.sum(error**2) / p["pattern"].sum()
-
-
-def _write_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a run killed mid-write keeps the previous epoch's checkpoint, not a truncated file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def _read_checkpoint(path: Path) -> dict | None:
