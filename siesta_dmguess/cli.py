@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -78,6 +79,18 @@ def _report_prediction(out: Path, pred, write=print) -> None:
               + (f" ({pred.refinement_note})" if pred.refinement_note else ""))
 
 
+def _display_names(names: list[str], width: int = 44) -> list[str]:
+    """Run folders relative to the folder above their common parent (so the dataset's name stays), shortened
+    from the left with an ellipsis only if still wider than the column."""
+    paths = [Path(n) for n in names]
+    try:
+        base = Path(os.path.commonpath([p.parent for p in paths])).parent
+        shown = [str(p.relative_to(base)) for p in paths]
+    except ValueError:  # no common parent (mixed relative and absolute paths, or none at all)
+        shown = list(names)
+    return [s if len(s) <= width else "…" + s[-(width - 1):] for s in shown]
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate, plot_evaluation
 
@@ -88,10 +101,10 @@ def _cmd_evaluate(args) -> int:
         plot_evaluation(result, args.plot)
     print(f"{'structure':<44} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'rho err':>9} "
           f"{'raw dN':>10} {'novelty':>8}")
-    for m in result["structures"]:
+    for m, name in zip(result["structures"], _display_names([m["name"] for m in result["structures"]])):
         dn = f"{m['raw_electron_count_error']:+.2e}" if "raw_electron_count_error" in m else "-"
         rho = f"{m['density_operator_error']:.2e}" if "density_operator_error" in m else "-"
-        print(f"{m['name'][-44:]:<44} {m['natoms']:>5} {m['mae']:>10.3e} {m['max_abs']:>10.3e} "
+        print(f"{name:<44} {m['natoms']:>5} {m['mae']:>10.3e} {m['max_abs']:>10.3e} "
               f"{m['atomic_mae']:>10.3e} {rho:>9} {dn:>10} {m.get('novelty', 0):>8.2f}")
     s = result["summary"]
     print(f"mean over {s['structures']} structures: MAE {s['mae']:.3e}, max |error| {s['max_abs']:.3e}; "

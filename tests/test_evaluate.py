@@ -115,3 +115,14 @@ def test_a_folder_without_index_or_val_split_is_evaluated_whole_and_an_empty_spl
     assert "mine" in err and "no runs in split 'val'" in err and "--split all" in err
     assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet", "--split", "test"]) == 0
     assert "mean over 1 structures" in capsys.readouterr().out
+
+
+def test_evaluate_table_names_runs_by_dataset_and_run_not_by_a_cut_absolute_path():
+    from siesta_dmguess.cli import _display_names
+
+    runs = ["/a/long/place/bench_unseen/water64/0000/atomic", "/a/long/place/bench_unseen/water64/0001/atomic"]
+    assert _display_names(runs) == ["water64/0000/atomic", "water64/0001/atomic"]
+    assert _display_names(["../shared/datasets/h2o/0004", "../shared/datasets/water8/0004"]) == \
+        ["datasets/h2o/0004", "datasets/water8/0004"]
+    long = _display_names(["/" + "x" * 60 + "/0001"], width=20)[0]
+    assert len(long) == 20 and long.startswith("…") and long.endswith("/0001")
