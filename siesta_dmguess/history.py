@@ -20,7 +20,10 @@ module builds that file from the trajectory's history, in four ways:
                    whose errors change slowly keeps g ~ 1; one that predicts the change poorly falls
                    back towards SIESTA's extrapolation (b); one whose errors are already as small
                    as their step-to-step noise (SIESTA's grid) falls back towards its own prediction
-                   (a), instead of adding the previous steps' noise.
+                   (a), instead of adding the previous steps' noise. Fitted on one step, the weights
+                   can chase that noise, so they must also pass a held-out check: the weights fitted
+                   one step earlier are tried on the step just finished, and unless they beat the plain
+                   prediction there, the next guess is the plain prediction (a = 1).
 
 All matrices are sisl-free CSR matrices of one spin in a layout that does not change
 between steps: folded (``nsc = 1``) for Γ-only runs, and for k-point runs, whose
@@ -74,6 +77,7 @@ class TrajectoryHistory:
             raise ValueError("the history needs a depth of at least 1")
         self.steps: deque[_Step] = deque(maxlen=depth)
         self.weights = FULL_CORRECTION  # of (D_ml, E, E + C) in the ml+residual guess (module docstring)
+        self.fitted = FULL_CORRECTION  # the last step's least-squares weights, before the held-out check
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -82,8 +86,7 @@ class TrajectoryHistory:
         """Record a finished step (most recent first in the history)."""
         converged = sp.csr_matrix(converged)
         if self.steps and self.steps[0].converged.shape != converged.shape:
-            self.steps.clear()  # a different system: start a new history
-            self.weights = FULL_CORRECTION
+            self.clear()  # a different system: start a new history
         if predicted is not None:
             self._update_weight(positions, converged, sp.csr_matrix(predicted))
         self.steps.appendleft(_Step(np.asarray(positions, float).copy(), converged,
@@ -91,7 +94,7 @@ class TrajectoryHistory:
 
     def clear(self) -> None:
         self.steps.clear()
-        self.weights = FULL_CORRECTION
+        self.weights = self.fitted = FULL_CORRECTION
 
     def _parts(self, positions, predicted: sp.csr_matrix):
         """(E, C): SIESTA's extrapolation of the converged DMs and the model's correction, on ``predicted``'s
@@ -113,7 +116,11 @@ class TrajectoryHistory:
         # The last step alone: summing the fits of the last three steps helped a molecule near SIESTA's grid floor
         # (h2o MD 73 -> 67 iterations) and hurt silicon, whose model error drifts (si8 MD 83 -> 91).
         gram = error_gram([predicted, extrapolated, extrapolated + correction], converged)
-        self.weights = simplex_least_squares(gram)
+        # Held-out check: the weights fitted on the step before, tried on this one, against the plain prediction.
+        previous = np.asarray(self.fitted)
+        beats_prediction = float(previous @ gram @ previous) < gram[0, 0]
+        self.fitted = simplex_least_squares(gram)
+        self.weights = self.fitted if beats_prediction else PLAIN_PREDICTION
 
     def guess(self, kind: str, positions, predicted: sp.spmatrix | None = None,
               refine=None) -> sp.csr_matrix | None:
@@ -153,6 +160,7 @@ class TrajectoryHistory:
 
 
 FULL_CORRECTION = (0.0, 0.0, 1.0)
+PLAIN_PREDICTION = (1.0, 0.0, 0.0)
 
 
 def error_gram(candidates: list, target) -> np.ndarray:

@@ -93,6 +93,21 @@ def test_a_model_at_its_noise_floor_keeps_its_own_prediction():
     assert abs(guess - true_dm(5)).max() < abs(full - true_dm(5)).max()
 
 
+def test_weights_that_fail_on_the_next_step_give_way_to_the_plain_prediction():
+    """Held-out check: a model error that stays put for one step (the fit then trusts the full correction) and
+    flips sign on the next: the full correction, tried on that step, is worse than the plain prediction, so the
+    next guess is the plain prediction, not a fit to one noisy step."""
+    h = TrajectoryHistory(depth=1)
+    error = matrix([[0.05, -0.02], [-0.02, 0.03]])
+    h.push(line(0), true_dm(0), true_dm(0) + error)
+    h.push(line(1), true_dm(1), true_dm(1) + error)
+    assert h.weights == pytest.approx((0.0, 0.0, 1.0), abs=1e-9)  # the first fit, nothing to check it on yet
+    h.push(line(2), true_dm(2), true_dm(2) - error)
+    assert h.weights == (1.0, 0.0, 0.0)
+    predicted = true_dm(3) + 0.5 * error
+    assert np.allclose(h.guess("ml+residual", line(3), predicted).toarray(), predicted.toarray())
+
+
 def test_simplex_least_squares_finds_the_best_affine_combination():
     from siesta_dmguess.history import error_gram, simplex_least_squares
 
