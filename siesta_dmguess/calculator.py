@@ -189,7 +189,8 @@ class DMGuessSiesta(Siesta):
             log.warning("could not read SIESTA's converged DM (%s); the next step starts without history", exc)
             self.trajectory.clear()
             return
-        self.trajectory.push(self._positions, converged, self._predicted)
+        self.trajectory.push(self._positions, converged, self._predicted,
+                             self._prediction.history_overlap() if self._prediction else None)
 
     def _apply_template(self, init: str) -> None:
         from .siesta.templates import apply_dm_init

@@ -82,13 +82,15 @@ class TrajectoryHistory:
     def __len__(self) -> int:
         return len(self.steps)
 
-    def push(self, positions, converged: sp.spmatrix, predicted: sp.spmatrix | None = None) -> None:
-        """Record a finished step (most recent first in the history)."""
+    def push(self, positions, converged: sp.spmatrix, predicted: sp.spmatrix | None = None,
+             overlap: sp.spmatrix | None = None) -> None:
+        """Record a finished step (most recent first in the history). With the step's ``overlap`` S (same
+        layout), the ml+residual weights compare density errors, Tr[(ΔD S)²], instead of element errors."""
         converged = sp.csr_matrix(converged)
         if self.steps and self.steps[0].converged.shape != converged.shape:
             self.clear()  # a different system: start a new history
         if predicted is not None:
-            self._update_weight(positions, converged, sp.csr_matrix(predicted))
+            self._update_weight(positions, converged, sp.csr_matrix(predicted), overlap)
         self.steps.appendleft(_Step(np.asarray(positions, float).copy(), converged,
                                     None if predicted is None else sp.csr_matrix(predicted)))
 
@@ -107,7 +109,7 @@ class TrajectoryHistory:
         correction = predicted - _combine(c, [s.predicted for s in steps], pattern=predicted)
         return extrapolated, correction.tocsr()
 
-    def _update_weight(self, positions, converged: sp.csr_matrix, predicted: sp.csr_matrix) -> None:
+    def _update_weight(self, positions, converged: sp.csr_matrix, predicted: sp.csr_matrix, overlap=None) -> None:
         """Weights of (D_ml, E, E + C) that would have made this step's ml+residual guess best."""
         parts = self._parts(positions, predicted)
         if parts is None:
@@ -115,7 +117,7 @@ class TrajectoryHistory:
         extrapolated, correction = parts
         # The last step alone: summing the fits of the last three steps helped a molecule near SIESTA's grid floor
         # (h2o MD 73 -> 67 iterations) and hurt silicon, whose model error drifts (si8 MD 83 -> 91).
-        gram = error_gram([predicted, extrapolated, extrapolated + correction], converged)
+        gram = error_gram([predicted, extrapolated, extrapolated + correction], converged, overlap)
         # Held-out check: the weights fitted on the step before, tried on this one, against the plain prediction.
         previous = np.asarray(self.fitted)
         beats_prediction = float(previous @ gram @ previous) < gram[0, 0]
@@ -163,10 +165,17 @@ FULL_CORRECTION = (0.0, 0.0, 1.0)
 PLAIN_PREDICTION = (1.0, 0.0, 0.0)
 
 
-def error_gram(candidates: list, target) -> np.ndarray:
-    """G_kl = <M_k - target, M_l - target> for a few (sparse) matrices: |sum_k x_k M_k - target|^2 = x^T G x
-    for weights that sum to 1."""
+def error_gram(candidates: list, target, overlap=None) -> np.ndarray:
+    """G_kl = <M_k - target, M_l - target> for a few (sparse, symmetric) matrices: |sum_k x_k M_k - target|^2 =
+    x^T G x for weights that sum to 1. The inner product is element-wise, or with an ``overlap`` S the one of
+    the density operators, <A, B> = Tr[A S B S]: what SIESTA's Hamiltonian sees (near-null directions of S,
+    which barely change the density, then barely count)."""
     diffs = [sp.csr_matrix(m - target) for m in candidates]
+    if overlap is not None:
+        overlap = sp.csr_matrix(overlap)
+        diffs = [(d @ overlap).tocsr() for d in diffs]
+        # Tr[(A S)(B S)] = sum_ij (A S)_ij (B S)_ji
+        return np.array([[float(a.multiply(b.T).sum()) for b in diffs] for a in diffs])
     return np.array([[float(a.multiply(b).sum()) for b in diffs] for a in diffs])
 
 

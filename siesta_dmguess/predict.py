@@ -72,16 +72,26 @@ class Prediction:
         prediction itself was refined (a k-point DM is charge-scaled); unchanged without an overlap."""
         if self.overlap is None or self.refinement == "none":
             return density
-        from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed
+        from .dm import density_matrix_from_flat, to_image_keyed
         from .refine import refine_folded
 
         if self.folded:
-            overlap, mode = flat_to_csr(self.sample.layout, self.overlap, True), self.refinement
+            overlap, mode = self.history_overlap(), self.refinement
         else:  # k-points: no projection at Γ applies, only the charge scaling
             overlap = to_image_keyed(density_matrix_from_flat(self.structure, self.sample_basis, self.sample.layout,
                                                               self.overlap, fold=False))
             mode = "charge"
         return refine_folded(density, overlap, self.electrons_expected, mode)[0]
+
+    def history_overlap(self):
+        """S in the trajectory history's layout (folded CSR) for Γ-only and molecular runs, so the history can
+        weigh density errors; None for k-point runs (their image-keyed layout has no product with S) or
+        without an overlap."""
+        if self.overlap is None or not self.folded:
+            return None
+        from .dm import flat_to_csr
+
+        return flat_to_csr(self.sample.layout, self.overlap, True)
 
     @property
     def out_of_distribution(self) -> bool:

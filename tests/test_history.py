@@ -108,6 +108,24 @@ def test_weights_that_fail_on_the_next_step_give_way_to_the_plain_prediction():
     assert np.allclose(h.guess("ml+residual", line(3), predicted).toarray(), predicted.toarray())
 
 
+def test_with_the_overlap_the_weights_follow_density_errors_not_element_errors():
+    """An error along a near-null direction of S is large element by element but barely changes the density:
+    with S the Gram matrix is Tr[(ΔD S)²] (checked against dense algebra) and prefers that candidate."""
+    from siesta_dmguess.history import error_gram, simplex_least_squares
+
+    eps = 0.01
+    overlap = np.array([[1.0, 1.0 - eps], [1.0 - eps, 1.0]])  # near-null direction (1, -1), eigenvalue eps
+    target = matrix([[1.0, 0.4], [0.4, 0.8]])
+    near_null = 1.0 * np.outer([1, -1], [1, -1])  # element error 2, density error 2 eps
+    dense = 0.3 * np.outer([1, 1], [1, 1])  # element error 0.6, density error 0.6 (2 - eps)
+    candidates = [target + matrix(near_null), target + matrix(dense)]
+    gram = error_gram(candidates, target, matrix(overlap))
+    for k, e in enumerate((near_null, dense)):
+        assert gram[k, k] == pytest.approx(np.trace(e @ overlap @ e @ overlap))
+    assert simplex_least_squares(error_gram(candidates, target))[1] > 0.5  # element-wise: the dense error wins
+    assert simplex_least_squares(gram)[0] > 0.99  # density-weighted: the near-null error wins
+
+
 def test_simplex_least_squares_finds_the_best_affine_combination():
     from siesta_dmguess.history import error_gram, simplex_least_squares
 
