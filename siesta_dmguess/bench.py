@@ -254,14 +254,17 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
             pred = predict_density_matrix(structure, loaded, refine=refine)  # folded unless the fdf has k-points
             prediction_s = time.perf_counter() - t0
             predicted = to_image_keyed(pred.density_matrix)
-        overlap = pred.history_overlap() if pred else None
+        overlap = pred.history_overlap if pred else None
         geometry = build_geometry(structure, basis)
         row = {"frame": t, "natoms": len(atoms)}
         for g in guesses:
             start = histories[g].guess(g, atoms.positions, predicted, refine=pred.refined if pred else None)
             out, wall, converged = _run_frame(text, out_dir / name / f"{t:04d}" / g, start, geometry, pseudo_dirs,
                                               command)
-            histories[g].push(atoms.positions, converged, predicted, overlap)
+            if g == "ml+residual":  # the only guess built on past predictions; the others need converged DMs alone
+                histories[g].push(atoms.positions, converged, predicted, overlap)
+            else:
+                histories[g].push(atoms.positions, converged)
             row[g] = asdict(GuessResult(g if start is not None else "atomic", out.scf_iterations, out.converged,
                                         out.dm_read_from_file, out.total_energy_eV, wall,
                                         prediction_s if g.startswith("ml") else 0.0,

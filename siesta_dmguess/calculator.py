@@ -190,7 +190,7 @@ class DMGuessSiesta(Siesta):
             self.trajectory.clear()
             return
         self.trajectory.push(self._positions, converged, self._predicted,
-                             self._prediction.history_overlap() if self._prediction else None)
+                             self._prediction.history_overlap if self._prediction else None)
 
     def _apply_template(self, init: str) -> None:
         from .siesta.templates import apply_dm_init

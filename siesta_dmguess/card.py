@@ -86,17 +86,20 @@ class LoadedModel:
         return self._overlap
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a run killed mid-write keeps the previous file, not a truncated one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save through a temporary file: a run killed mid-write keeps the previous file, not a truncated one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, atomically (model weights, training checkpoints)."""
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_model(model, out_dir: str | Path, card: dict) -> Path:

@@ -115,8 +115,9 @@ class TrajectoryHistory:
         if parts is None:
             return
         extrapolated, correction = parts
-        # The last step alone: summing the fits of the last three steps helped a molecule near SIESTA's grid floor
-        # (h2o MD 73 -> 67 iterations) and hurt silicon, whose model error drifts (si8 MD 83 -> 91).
+        # The last step alone: summing the fits of the last three steps (measured with the element-wise fit) helped
+        # a molecule near SIESTA's grid floor (h2o MD 73 -> 67 iterations) and hurt silicon, whose model error
+        # drifts (si8 MD 83 -> 91).
         gram = error_gram([predicted, extrapolated, extrapolated + correction], converged, overlap)
         # Held-out check: the weights fitted on the step before, tried on this one, against the plain prediction.
         previous = np.asarray(self.fitted)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,10 @@ import numpy as np
 from .basis import find_basis_files, read_species_basis
 from .card import LoadedModel, load_model, sha256_file
 from .data import Sample, prepare_sample
-from .dm import density_matrix_from_flat, write_density_matrix
+from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed, write_density_matrix
 from .errors import ModelCompatibilityError
 from .evaluate import predict_flat
-from .refine import is_kpoint, projection_skipped
+from .refine import is_kpoint, projection_skipped, refine_folded
 from .structure import Structure, read_structure
 
 log = logging.getLogger(__name__)
@@ -72,25 +73,21 @@ class Prediction:
         prediction itself was refined (a k-point DM is charge-scaled); unchanged without an overlap."""
         if self.overlap is None or self.refinement == "none":
             return density
-        from .dm import density_matrix_from_flat, to_image_keyed
-        from .refine import refine_folded
-
         if self.folded:
-            overlap, mode = self.history_overlap(), self.refinement
+            overlap, mode = self.history_overlap, self.refinement
         else:  # k-points: no projection at Γ applies, only the charge scaling
             overlap = to_image_keyed(density_matrix_from_flat(self.structure, self.sample_basis, self.sample.layout,
                                                               self.overlap, fold=False))
             mode = "charge"
         return refine_folded(density, overlap, self.electrons_expected, mode)[0]
 
+    @cached_property
     def history_overlap(self):
         """S in the trajectory history's layout (folded CSR) for Γ-only and molecular runs, so the history can
         weigh density errors; None for k-point runs (their image-keyed layout has no product with S) or
         without an overlap."""
         if self.overlap is None or not self.folded:
             return None
-        from .dm import flat_to_csr
-
         return flat_to_csr(self.sample.layout, self.overlap, True)
 
     @property

@@ -83,22 +83,6 @@ def populations_fixed(density: np.ndarray, overlap: np.ndarray, groups: np.ndarr
     return d
 
 
-def shifted_fdf(text: str, shift: np.ndarray) -> str:
-    """The fdf with every atom of its AtomicCoordinatesAndAtomicSpecies block (Å) moved by ``shift``."""
-    out, inside = [], False
-    for line in text.splitlines():
-        words = line.split()
-        if words and words[0].lower() == "%block" and words[1].lower() == "atomiccoordinatesandatomicspecies":
-            inside = True
-        elif words and words[0].lower() == "%endblock":
-            inside = False
-        elif inside and len(words) >= 4:
-            xyz = np.array([float(w) for w in words[:3]]) + shift
-            line = " " + " ".join(f"{x:.10f}" for x in xyz) + " " + " ".join(words[3:])
-        out.append(line)
-    return "\n".join(out) + "\n"
-
-
 def main() -> None:
     import scipy.sparse as sp
     import sisl
@@ -108,7 +92,8 @@ def main() -> None:
     from siesta_dmguess.dm import flat_to_csr, write_density_matrix
     from siesta_dmguess.predict import predict_density_matrix
     from siesta_dmguess.siesta import prepare_run, run_siesta
-    from siesta_dmguess.siesta.runner import fdf_value
+    from siesta_dmguess.siesta.templates import fdf_with_geometry
+    from siesta_dmguess.structure import read_structure
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a converged Γ-only or molecular run folder (fdf + .DM)")
@@ -118,8 +103,6 @@ def main() -> None:
     args = p.parse_args()
 
     fdf = find_fdf(args.run)
-    if (fdf_value(fdf, "AtomicCoordinatesFormat") or "Bohr").lower() not in ("ang", "angstrom"):
-        raise SystemExit(f"{fdf}: grid shifts need AtomicCoordinatesFormat Ang")
     _, _, dm_ref, _ = load_run(args.run)
     pred = predict_density_matrix(fdf, load_model(args.model), fold=True)
     if pred.overlap is None:
@@ -147,7 +130,9 @@ def main() -> None:
         for d in shifts:  # a moved copy of the fdf, started from the unmoved converged DM
             moved = Path(tmp) / f"shift{d}" / fdf.name
             moved.parent.mkdir()
-            moved.write_text(shifted_fdf(fdf.read_text(), np.array([1.0, 0.7, 0.3]) * d))
+            structure = read_structure(fdf)
+            structure.atoms.translate(np.array([1.0, 0.7, 0.3]) * d)
+            moved.write_text(fdf_with_geometry(fdf.read_text(), structure.atoms, structure.labels))
             starts[f"grid-shift {d:g} Å"] = (moved, exact)
         for k, (name, (run_fdf, start)) in enumerate(starts.items()):
             start = 0.5 * (start + start.T)
