@@ -5,9 +5,11 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
 
 * ``model``: a shipped model name, a model folder or a loaded model;
 * ``guess``: how each SCF starts (see :mod:`siesta_dmguess.history`):
-  ``"ml"`` (the prediction for every geometry), ``"ml+residual"`` (for MD and
-  relaxations: SIESTA's DM extrapolation plus the model's prediction of the
-  change, weighted by how well it predicted the previous step), ``"reuse"`` (SIESTA's
+  ``"ml+residual"`` (default: the prediction; along MD and relaxations, SIESTA's
+  DM extrapolation plus the model's prediction of the change, weighted by how
+  well it predicted the previous step, or the plain prediction where that is
+  already at SIESTA's grid noise), ``"ml"`` (the prediction for every
+  geometry), ``"reuse"`` (SIESTA's
   previous-step DM), ``"extrapolation"`` (SIESTA's DM extrapolation, applied
   across ASE-driven steps) or ``"atomic"``; with k-points too;
 * ``fallback``: ``"error"`` (default) or ``"atomic"``: what to do when the model
@@ -66,7 +68,7 @@ class DMGuessSiesta(Siesta):
 
     GUESSES = ("ml", "ml+residual", "reuse", "extrapolation", "atomic")
 
-    def __init__(self, *args, model="water", guess: str = "ml", fallback: str = "error",
+    def __init__(self, *args, model="water", guess: str = "ml+residual", fallback: str = "error",
                  compare_baseline: bool = False, novelty_limit="model", history_depth: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
         if guess not in self.GUESSES:
@@ -174,7 +176,8 @@ class DMGuessSiesta(Siesta):
         if path.is_file():  # SIESTA's DM of the previous step: keep one copy, do not pile up backups
             shutil.copy(path, path.with_name(path.name + ".prev"))
         write_density_matrix(from_image_keyed(start, geometry), path, overwrite=True)
-        self._used = self.guess
+        plain = self.guess == "ml+residual" and self.trajectory.uses_plain_prediction()
+        self._used = "ml" if plain else self.guess
         self._prediction_s = time.perf_counter() - t0
 
     def _record_converged(self) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from .basis import SpeciesBasis, find_basis_files, read_species_basis
 from .dm import BlockLayout, build_geometry, build_layout, read_density_matrix, reference_lookup
 from .errors import InputFileError
-from .graph import Edges, pattern_pairs, radius_pairs
+from .graph import Edges, extend_for_folding, pattern_pairs, radius_pairs
 from .structure import Structure, fdf_sile, read_structure
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,14 @@ class Sample:
 
 
 def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species: list[str],
-                   mp_cutoff: float, dm_ref=None, name: str = "", meta: dict | None = None) -> Sample:
-    """Build graphs and the block layout for a structure; map a reference DM onto it if given."""
+                   mp_cutoff: float, dm_ref=None, name: str = "", meta: dict | None = None, fold_reach: float = 0.0,
+                   fold: bool | None = None) -> Sample:
+    """Build graphs and the block layout for a structure; map a reference DM onto it if given.
+
+    ``fold`` (default: from the reference, else True) says whether the DM is folded into the cell (Γ-only runs,
+    molecules); for a folded periodic structure, pairs up to ``fold_reach`` Å that fold onto stored elements get
+    blocks too (:func:`~siesta_dmguess.graph.extend_for_folding`).
+    """
     missing = sorted(set(structure.labels) - set(species))
     if missing:
         raise InputFileError(f"species {missing} are not covered (known: {species})", structure.source or None)
@@ -63,13 +69,15 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
     kb_radius = np.array([basis[l].max_kb_radius for l in structure.labels])
     atoms = structure.atoms
     pattern = pattern_pairs(atoms, orbital_radius, kb_radius)
+    if fold is None:
+        fold = dm_ref is None or bool(np.prod(dm_ref.geometry.lattice.nsc) == 1)
+    if fold:
+        pattern = extend_for_folding(atoms, pattern, fold_reach)
     mp_edges = radius_pairs(atoms, mp_cutoff)
     lattice = build_geometry(structure, basis, nsc=pattern.nsc).lattice
     layout = build_layout(structure, basis, pattern, lattice)
-    fold = True
     target_index = target_values = None
     if dm_ref is not None:
-        fold = bool(np.prod(dm_ref.geometry.lattice.nsc) == 1)
         target_index, target_values = reference_lookup(layout, dm_ref)
     return Sample(name, structure, spec, mp_edges, pattern, layout, fold, target_index, target_values, meta or {})
 
@@ -165,7 +173,8 @@ def load_run(folder: str | Path):
 
 
 def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], mp_cutoff: float,
-                 split: str | None = None, progress: bool = False, with_overlap: bool = False) -> list[Sample]:
+                 split: str | None = None, progress: bool = False, with_overlap: bool = False,
+                 fold_reach: float = 0.0) -> list[Sample]:
     """Read every run of the given datasets (optionally one split) into samples with targets.
 
     ``with_overlap`` also reads S from the run's ``.HSX`` (where present) into
@@ -181,7 +190,7 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
         if dm is None:
             raise InputFileError("the run folder has no converged .DM", rec.folder)
         sample = prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
-                                meta={"split": rec.split, **rec.meta})
+                                meta={"split": rec.split, **rec.meta}, fold_reach=fold_reach)
         if with_overlap and hsx is not None:
             sample.meta["overlap"] = read_overlap_at(hsx, dm)
         samples.append(sample)

@@ -8,6 +8,12 @@ Two graphs are used:
   couples them). :func:`pattern_pairs` reproduces that rule at the atom level.
 * the **message-passing** graph: pairs closer than a fixed model cutoff.
 
+For a Γ-only run of a small periodic cell the pattern can be extended
+(:func:`extend_for_folding`): SIESTA's Γ DM element (i, j) is the sum of the
+DM over *every* image of j, not only those within orbital range, because it
+comes from diagonalizing H at Γ. A model that is to reproduce it needs blocks for
+the farther images too; they fold onto elements SIESTA already stores.
+
 Edges are directed; every pair appears in both directions, and ``reverse[e]``
 is the index of the opposite edge, which lets the model symmetrize blocks.
 """
@@ -30,6 +36,7 @@ class Edges:
     shift: np.ndarray  # (E, 3) int64 cell shift of dst
     vectors: np.ndarray  # (E, 3) float64
     reverse: np.ndarray  # (E,) int64
+    added: np.ndarray | None = None  # (E,) bool: pairs beyond SIESTA's pattern, added for folding (None: none)
 
     def __len__(self) -> int:
         return int(self.src.size)
@@ -116,3 +123,26 @@ def pattern_pairs(atoms: Atoms, orbital_radius: np.ndarray, kb_radius: np.ndarra
         not_self = (pi != pj) | np.any(pS != 0, axis=1)
         src.append(pi[not_self]), dst.append(pj[not_self]), shift.append(pS[not_self])
     return _finish(atoms, np.concatenate(src), np.concatenate(dst), np.concatenate(shift))
+
+
+def extend_for_folding(atoms: Atoms, pattern: Edges, reach: float) -> Edges:
+    """``pattern`` plus every farther image pair (i, j, S) within ``reach`` Å whose folded element (i, j) the
+    pattern already has (through another image, or i = j): what a folded Γ-only DM sums beyond orbital range.
+
+    In a cell larger than ``reach`` plus the orbital range no such pair exists, so large systems keep SIESTA's
+    pattern and stay O(N) at the pattern's cost.
+    """
+    if reach <= 0 or not np.any(atoms.pbc) or len(pattern) == 0:
+        return pattern
+    far = radius_pairs(atoms, reach)
+    n = len(atoms)
+    folded = np.unique(pattern.src * n + pattern.dst)
+    key = far.src * n + far.dst
+    keep = (far.src == far.dst) | np.isin(key, folded)
+    edges = _finish(atoms, np.concatenate([pattern.src, far.src[keep]]), np.concatenate([pattern.dst, far.dst[keep]]),
+                    np.concatenate([pattern.shift, far.shift[keep]]))
+    # _finish sorts by (src, dst, shift), as the pattern is sorted: mark the edges that are not the pattern's.
+    own = np.column_stack([pattern.src, pattern.dst, pattern.shift])
+    edges.added = np.ones(len(edges), bool)
+    edges.added[_lookup_rows(np.column_stack([edges.src, edges.dst, edges.shift]), own)] = False
+    return edges

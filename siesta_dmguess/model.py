@@ -61,7 +61,16 @@ class ModelConfig:
     radial_basis: str = "bessel"  # "bessel" or "gaussian" (narrow; resolves small bond changes)
     feature_norm: bool = False  # per-species standardization of node features (fitted on training data)
     embedding: str = "species"  # first layer: "species" (one-hot) or "density" (ACE atomic base + product)
-    pattern_cutoff: float = 0.0  # Å, longest pattern edge (set from the basis)
+    pattern_cutoff: float = 0.0  # Å, longest pair this network gives a block (0: SIESTA's pattern, from the basis)
+    # Å: for folded (Γ-only) periodic cells, also predict blocks of image pairs up to this distance that fold onto
+    # stored elements (graph.extend_for_folding). A small cell's Γ DM sums the DM over all images; SIESTA's
+    # k-converged DM folded over its orbital range alone misses most of that (water8/0004: density-operator
+    # error 0.52 within the pattern, 0.047 within 8 Å; integration/benchmarks/folding_reach.py). 0: off.
+    fold_reach: float = 0.0
+    # Which blocks this network predicts: "pattern" (SIESTA's pattern: on-site blocks and pattern pairs), "all"
+    # (those and the pairs added for folding: a model trained with fold_reach from the start), or "added" (only
+    # the added pairs: a residual stage for fold_reach, which cannot change molecules or large cells).
+    pair_set: str = "pattern"
     seed: int = 0
     # A second readout (same form as the DM's) for a Hamiltonian-like correction ΔH used by the
     # idempotent projection (see refine.py): the occupied space of -S (D/2) S + ΔH. Folding a DM that is
@@ -505,7 +514,12 @@ class DensityMatrixModel(nn.Module):
         self.edge_irreps = output_irreps([(a, b) for a in self.basis for b in self.basis])
         self.node_head = o3.FullyConnectedTensorProduct(hidden, o3.Irreps(f"{ns}x0e"), self.node_irreps)
         pattern_cutoff = config.pattern_cutoff or 2 * max(b.max_radius + b.max_kb_radius for b in self.basis)
+        if config.pair_set != "pattern":
+            pattern_cutoff = max(pattern_cutoff, config.fold_reach)
         self.rbf_pattern = RadialBasis(config.num_radial, pattern_cutoff + 1e-3, config.radial_basis)
+        self.pair_reach = pattern_cutoff + 1e-3
+        if config.pair_set not in ("pattern", "added", "all"):
+            raise ValueError(f"unknown pair_set {config.pair_set!r}")
         self.edge_head = EdgeReadout(hidden, config.pair_irreps, self.irreps_sh, self.edge_irreps,
                                      config.num_radial, config.radial_hidden, self.num_scalars, config.pair_product)
         self.correction_node_head = self.correction_edge_head = None
@@ -633,21 +647,32 @@ class DensityMatrixModel(nn.Module):
     def _blocks(self, h, batch, node_head, edge_head) -> torch.Tensor:
         """Symmetric SIESTA-basis blocks from the node and edge readouts (steps 3-5 of the module docstring)."""
         flat = torch.zeros(batch["n_flat"], dtype=h.dtype, device=h.device)
-        node_out = node_head(h, batch["onehot"])
-        for (a, idx_atoms, flat_idx) in batch["node_groups"]:
-            mat = getattr(self, f"node_assembly_{a}")
-            flat[flat_idx.reshape(-1)] = (node_out[idx_atoms] @ mat.T).reshape(-1)
+        added_only = self.config.pair_set == "added"
+        if not added_only:
+            node_out = node_head(h, batch["onehot"])
+            for (a, idx_atoms, flat_idx) in batch["node_groups"]:
+                mat = getattr(self, f"node_assembly_{a}")
+                flat[flat_idx.reshape(-1)] = (node_out[idx_atoms] @ mat.T).reshape(-1)
         src, dst = batch["pat_src"], batch["pat_dst"]
-        if src.numel():
-            vec = to_e3nn_frame(batch["pat_vec"])
+        vec = to_e3nn_frame(batch["pat_vec"])
+        length = vec.norm(dim=1)
+        # Pairs this network does not predict (added for folding, see ModelConfig.fold_reach) keep zero blocks.
+        use = length <= self.pair_reach
+        if self.config.pair_set != "all":
+            use = use & (batch["pat_added"] if added_only else ~batch["pat_added"])
+        within = torch.nonzero(use).squeeze(1)
+        if within.numel():
+            src, dst, vec, length = src[within], dst[within], vec[within], length[within]
             sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
-            rbf = self.rbf_pattern(vec.norm(dim=1))
+            rbf = self.rbf_pattern(length)
             if torch.is_grad_enabled() or src.numel() <= self.edge_chunk:
-                edge_out = edge_head(h, src, dst, sh, rbf)
+                out = edge_head(h, src, dst, sh, rbf)
             else:  # inference on large systems: bound the per-edge intermediates' memory
-                edge_out = torch.cat([edge_head(h, src[k:k + self.edge_chunk], dst[k:k + self.edge_chunk],
-                                                sh[k:k + self.edge_chunk], rbf[k:k + self.edge_chunk])
-                                      for k in range(0, src.numel(), self.edge_chunk)])
+                out = torch.cat([edge_head(h, src[k:k + self.edge_chunk], dst[k:k + self.edge_chunk],
+                                           sh[k:k + self.edge_chunk], rbf[k:k + self.edge_chunk])
+                                 for k in range(0, src.numel(), self.edge_chunk)])
+            edge_out = out if within.numel() == batch["pat_src"].numel() else \
+                torch.zeros(batch["pat_src"].numel(), out.shape[1], dtype=out.dtype).index_copy(0, within, out)
             for (a, b, idx_edges, flat_idx) in batch["edge_groups"]:
                 mat = getattr(self, f"edge_assembly_{a}_{b}")
                 flat[flat_idx.reshape(-1)] = (edge_out[idx_edges] @ mat.T).reshape(-1)
@@ -680,7 +705,7 @@ def collate(samples, num_species: int, dtype=torch.float32, with_targets: bool =
     """
     atom_off = flat_off = target_off = 0
     parts: dict[str, list] = {k: [] for k in ("species", "mp_src", "mp_dst", "mp_vec", "pat_src", "pat_dst",
-                                                "pat_vec", "transpose", "signs", "atomic", "block_i", "block_j",
+                                                "pat_vec", "pat_added", "transpose", "signs", "atomic", "block_i", "block_j",
                                                 "block_start", "target_index", "target_values", "sample_of_flat")}
     for k, s in enumerate(samples):
         lay = s.layout
@@ -691,6 +716,7 @@ def collate(samples, num_species: int, dtype=torch.float32, with_targets: bool =
         parts["pat_src"].append(s.pattern.src + atom_off)
         parts["pat_dst"].append(s.pattern.dst + atom_off)
         parts["pat_vec"].append(s.pattern.vectors)
+        parts["pat_added"].append(s.pattern.added if s.pattern.added is not None else np.zeros(len(s.pattern), bool))
         parts["transpose"].append(lay.transpose + flat_off)
         parts["signs"].append(lay.signs)
         parts["atomic"].append(lay.atomic)
@@ -732,7 +758,7 @@ def collate(samples, num_species: int, dtype=torch.float32, with_targets: bool =
         "mp_src": t(cat["mp_src"], torch.long), "mp_dst": t(cat["mp_dst"], torch.long),
         "mp_vec": t(cat["mp_vec"].reshape(-1, 3)),
         "pat_src": t(cat["pat_src"], torch.long), "pat_dst": t(cat["pat_dst"], torch.long),
-        "pat_vec": t(cat["pat_vec"].reshape(-1, 3)),
+        "pat_vec": t(cat["pat_vec"].reshape(-1, 3)), "pat_added": t(cat["pat_added"], torch.bool),
         "transpose": t(cat["transpose"], torch.long), "signs": t(cat["signs"]), "atomic": t(cat["atomic"]),
         "n_flat": int(cat["signs"].size), "n_atoms": nat,
         "node_groups": node_groups, "edge_groups": edge_groups,

@@ -174,9 +174,10 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     warnings = check_compatibility(structure, loaded, force=force)
     cfg = loaded.config
-    sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.mp_cutoff, name=structure.source)
     if fold is None:
         fold = not structure.fdf_settings.get("kgrid", False)
+    sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.mp_cutoff, name=structure.source,
+                            fold_reach=cfg.fold_reach, fold=fold)
     n_expected = _expected_electrons(structure, loaded.basis)
     # The ΔH head only steers the dense projection: skip it where that will not run (keeps large systems O(N)).
     wants_correction = loaded.overlap is not None and not projection_skipped(

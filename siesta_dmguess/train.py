@@ -125,7 +125,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     cfg = init.config if init else ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()},
                                                seed=options.seed, **overrides)
     species = cfg.species
-    samples = load_samples(data_dirs, species, basis, cfg.mp_cutoff, progress=options.progress, with_overlap=True)
+    samples = load_samples(data_dirs, species, basis, cfg.mp_cutoff, progress=options.progress, with_overlap=True,
+                           fold_reach=cfg.fold_reach)
     train_set, val_set = _split(samples, options)
     if not train_set:
         raise InputFileError("no training structures found", data_dirs[0])
@@ -181,9 +182,10 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                 pred = fold_to_targets(flat, batch)
                 weight = torch.stack([previous[id(g)][1] for g in group])[batch["sample_of_target"]]
                 loss = torch.sum(weight * (pred - batch["target_values"]) ** 2) / len(group)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            if loss.requires_grad:  # a batch a stage gives no blocks (molecules for a folding stage) teaches nothing
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
             losses.append(loss.item())
         sched.step()
         # A residual stage's loss is relative (1 = what the frozen model leaves over), a first model's absolute.
@@ -275,8 +277,13 @@ def add_residual_stage(model: DensityMatrixModel, train_set,
     flats = predict_flat(model, train_set)
     residuals = [folded_to_reference(s, f) - s.target_values for s, f in zip(train_set, flats)]
     rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
+    stage = {"output_scale": rms}
+    if model.config.fold_reach > 0 and not any(st.get("pair_set") == "added" for st in model.config.residual_stages):
+        # The first stage after fold_reach is set predicts exactly the pairs added for folding (molecules and
+        # large cells have none, so it cannot change them).
+        stage.update(pattern_cutoff=model.config.fold_reach, pair_set="added")
     config = ModelConfig.from_dict({**model.config.to_dict(),
-                                    "residual_stages": model.config.residual_stages + [{"output_scale": rms}],
+                                    "residual_stages": model.config.residual_stages + [stage],
                                     "correction_head": model.config.correction_head and keep_correction})
     new = DensityMatrixModel(config)
     k = len(config.residual_stages) - 1

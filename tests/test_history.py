@@ -108,6 +108,33 @@ def test_weights_that_fail_on_the_next_step_give_way_to_the_plain_prediction():
     assert np.allclose(h.guess("ml+residual", line(3), predicted).toarray(), predicted.toarray())
 
 
+def test_a_prediction_already_within_the_grid_noise_is_kept_even_when_a_correction_would_fit():
+    """A model error that stays put (the full correction would cancel it) but is tiny: below PLAIN_BELOW
+    (relative to the converged DM) the next guess is the plain prediction; the same error ten thousand times
+    larger is corrected. SIESTA's grid noise, not the model, sets the error there (h2o MD in the README)."""
+    from siesta_dmguess.history import PLAIN_BELOW
+
+    shape = matrix([[0.05, -0.02], [-0.02, 0.03]])
+    for scale, corrected in ((1e-4, False), (1.0, True)):
+        h = TrajectoryHistory(depth=2)
+        error = scale * shape
+        assert h.uses_plain_prediction()  # no history: the first guess is the prediction
+        h.push(line(0), true_dm(0), true_dm(0) + error)
+        assert h.uses_plain_prediction() != corrected  # the gate applies from the first finished step on
+        for t in range(1, 3):
+            h.push(line(t), true_dm(t), true_dm(t) + error)
+        relative = sp.linalg.norm(error) / sp.linalg.norm(true_dm(2))
+        assert (relative < PLAIN_BELOW) != corrected
+        predicted = true_dm(3) + error
+        guess = h.guess("ml+residual", line(3), predicted)
+        if corrected:
+            assert h.weights == pytest.approx((0.0, 0.0, 1.0), abs=1e-9)
+            assert np.allclose(guess.toarray(), true_dm(3).toarray())
+        else:
+            assert h.weights == (1.0, 0.0, 0.0)
+            assert np.allclose(guess.toarray(), predicted.toarray())
+
+
 def test_with_the_overlap_the_weights_follow_density_errors_not_element_errors():
     """An error along a near-null direction of S is large element by element but barely changes the density:
     with S the Gram matrix is Tr[(ΔD S)²] (checked against dense algebra) and prefers that candidate."""

@@ -16,12 +16,16 @@ from siesta_dmguess.structure import Structure
 from .conftest import small_config, water_basis, water_box, water_molecule
 
 
-@pytest.fixture(params=["dm", "dm+correction", "dm+residual-stage"])
+@pytest.fixture(params=["dm", "dm+correction", "dm+residual-stage", "dm+folding-stage"])
 def model(float64, request):
     # correction_scale 1: ΔH blocks of DM size, so the equivariance check compares real numbers.
     stages = [{"output_scale": 0.5, "num_layers": 1}] if request.param == "dm+residual-stage" else []
+    reach = 0.0
+    if request.param == "dm+folding-stage":  # a stage that also predicts image pairs added for folding
+        reach = 7.0
+        stages = [{"output_scale": 0.5, "num_layers": 1, "pattern_cutoff": reach, "pair_set": "added"}]
     m = DensityMatrixModel(small_config(correction_head=request.param == "dm+correction", correction_scale=1.0,
-                                        residual_stages=stages))
+                                        residual_stages=stages, fold_reach=reach))
     # Random (not trained) weights, but non-zero everywhere: every path contributes.
     torch.manual_seed(1)
     with torch.no_grad():
@@ -34,7 +38,7 @@ def blocks(model, atoms, correction=False):
     """{(i, j, shift): block} in SIESTA's basis, for a structure (of the DM, or of the ΔH head)."""
     basis = water_basis()
     st = Structure(atoms, list(atoms.get_chemical_symbols()))
-    sample = prepare_sample(st, basis, model.species, model.config.mp_cutoff)
+    sample = prepare_sample(st, basis, model.species, model.config.mp_cutoff, fold_reach=model.config.fold_reach)
     corrections = []
     flat = predict_flat(model, [sample], dtype=torch.float64, corrections=corrections)[0]
     flat = corrections[0] if correction else flat
@@ -100,7 +104,8 @@ def test_symmetric_and_electron_reference(model):
 
 
 def test_supercell_gives_same_blocks(model):
-    """A periodic structure and its 2x1x1 supercell: every pair block is the same."""
+    """A periodic structure and its 2x1x1 supercell: every pair block is the same. (With pairs added for folding,
+    the supercell has some the cell has not, by design: those fold onto the cell's elements only in the cell.)"""
     atoms = water_box(3, seed=9)
     big = atoms.repeat((2, 1, 1))
     ref, _ = blocks(model, atoms)
@@ -116,6 +121,9 @@ def test_supercell_gives_same_blocks(model):
         vec = big.positions[j] + np.array(S) @ bigcell - big.positions[i]
         unit_shift = np.rint(np.linalg.solve(cell.T, vec - (atoms.positions[jj] - atoms.positions[i]))).astype(int)
         key = (i, jj, tuple(unit_shift)) if (i != jj or np.any(unit_shift)) else (i, i, (0, 0, 0))
+        if key not in ref:
+            assert model.config.fold_reach > 0
+            continue
         assert np.abs(ref[key] - b).max() < 1e-10
         checked += 1
-    assert checked == sum(1 for k in got if k[0] < n)
+    assert checked == sum(1 for k in got if k[0] < n) or model.config.fold_reach and checked > len(atoms) ** 2

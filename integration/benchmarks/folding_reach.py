@@ -1,0 +1,97 @@
+"""How far must pair blocks reach for their fold to give a small cell's Γ-only DM?
+
+    SIESTA_COMMAND=/path/to/siesta python integration/benchmarks/folding_reach.py \\
+        ../shared/datasets/water8/0004 --kgrid 3
+
+A Γ-only run's DM element (i, j) is the DM of the k-converged crystal summed over
+*every* periodic image of j (it is the occupied projector of H at Γ), while SIESTA
+stores, and a model of SIESTA's pattern predicts, only images within orbital
+range. This script reruns the Γ-only run folder with an n x n x n k-grid (with
+``SaveHS``), builds the crystal's DM D(R) on the n x n x n Born-von Kármán
+supercell from the occupied states of H(k), S(k) at the grid's k-points, sums it
+over the image pairs within a distance cut, and prints the errors of that fold
+against the run's own Γ-only DM. The last line (all images) is the k-converged H
+diagonalized at Γ. A model whose blocks reach that far can, in principle, do as
+well (``ModelConfig.fold_reach``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from gamma_vs_kpoints import fold  # same folder: sum image columns into the cell
+
+
+def main() -> None:
+    import scipy.linalg
+    import sisl
+
+    from siesta_dmguess.data import find_fdf, load_run
+    from siesta_dmguess.siesta import prepare_run, run_siesta
+    from siesta_dmguess.siesta.runner import fdf_value
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="a converged Γ-only run folder with fdf, .DM and .HSX")
+    p.add_argument("--kgrid", type=int, default=3, help="odd: the grid must contain Γ")
+    p.add_argument("--cuts", default="4,5,6,7,8,9,10,12", help="pair distance cuts (Å)")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", module="sisl")
+    n = args.kgrid
+    if n % 2 == 0:
+        raise SystemExit("--kgrid must be odd (a grid with Γ)")
+
+    structure, basis, dm_ref, hsx = load_run(args.run)
+    if hsx is None:
+        raise SystemExit(f"{args.run}: no .HSX (S is needed); use a run with has_hsx in index.json")
+    geometry = dm_ref.geometry
+    ref = dm_ref.tocsr(0).toarray()
+    no = ref.shape[0]
+    stored = ref != 0
+    s_gamma = fold(sisl.get_sile(str(hsx)).read_overlap(geometry=geometry).tocsr(0), no)
+    n_occupied = int(round(np.trace(ref @ s_gamma) / 2))
+    lam, u = np.linalg.eigh(s_gamma)
+    root = u @ np.diag(np.sqrt(lam)) @ u.T
+
+    def errors(d) -> str:
+        e = (d - ref) * stored
+        return f"MAE {np.abs(e[stored]).mean():.2e}  density-operator error {np.linalg.norm(root @ e @ root):.3f}"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        kfdf = prepare_run(find_fdf(args.run), Path(tmp), "atomic", pseudo_dirs=[args.run.parent / "basis"])
+        kfdf.write_text(kfdf.read_text() + "\nSaveHS T\n%block kgrid_Monkhorst_Pack\n"
+                        f" {n} 0 0 0.0\n 0 {n} 0 0.0\n 0 0 {n} 0.0\n%endblock kgrid_Monkhorst_Pack\n")
+        run = run_siesta(kfdf)
+        label = fdf_value(kfdf, "SystemLabel", "siesta")
+        kgeom = sisl.Geometry(geometry.xyz, geometry.atoms, lattice=sisl.get_sile(str(kfdf)).read_geometry().lattice)
+        hamiltonian = sisl.get_sile(str(Path(tmp) / f"{label}.HSX")).read_hamiltonian(geometry=kgeom)
+    # D(R) = (1/N_k) sum_k P(k) exp(-i k.R), P(k) the occupied projector of H(k) c = e S(k) c (sisl's
+    # lattice gauge: H(k) = sum_R H(R) exp(i k.R)); R on the Born-von Kármán supercell of the grid.
+    offsets = list(itertools.product(range(-(n // 2), n - n // 2), repeat=3))
+    crystal = {r: np.zeros((no, no)) for r in offsets}
+    for kf in itertools.product(range(n), repeat=3):
+        k = np.array(kf) / n
+        _, c = scipy.linalg.eigh(hamiltonian.Hk(k=k, format="array"), hamiltonian.Sk(k=k, format="array"))
+        occupied = 2 * c[:, :n_occupied] @ c[:, :n_occupied].conj().T
+        for r in offsets:
+            crystal[r] += (occupied * np.exp(-2j * np.pi * k @ np.array(r))).real / n**3
+    atom_of = np.concatenate([[a] * geometry.atoms[a].no for a in range(geometry.na)])
+    xyz, cell, big = geometry.xyz[atom_of], geometry.cell, n * geometry.cell
+    distance = {}
+    for r in offsets:  # minimum image on the Born-von Kármán supercell: D(R) is periodic there
+        vec = xyz[None, :, :] + np.array(r) @ cell - xyz[:, None, :]
+        frac = np.linalg.solve(big.T, vec.reshape(-1, 3).T).T
+        distance[r] = np.linalg.norm((frac - np.rint(frac)) @ big, axis=1).reshape(no, no)
+    print(f"{args.run} ({no} orbitals); {n}x{n}x{n} k-points: {run.output.scf_iterations} SCF iterations. "
+          f"SIESTA's Γ-only DM against the crystal's DM summed over the image pairs within:")
+    for cut in [float(c) for c in args.cuts.split(",")]:
+        print(f"  {cut:5.1f} Å  {errors(sum(crystal[r] * (distance[r] <= cut) for r in offsets))}", flush=True)
+    print(f"  all images (H diagonalized at Γ)  {errors(sum(crystal.values()))}")
+
+
+if __name__ == "__main__":
+    main()

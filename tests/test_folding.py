@@ -1,0 +1,70 @@
+"""Pairs beyond SIESTA's pattern for folded Γ-only cells (ModelConfig.fold_reach, graph.extend_for_folding)."""
+
+import numpy as np
+import pytest
+import torch
+
+from siesta_dmguess.data import prepare_sample
+from siesta_dmguess.evaluate import predict_flat
+from siesta_dmguess.graph import extend_for_folding, pattern_pairs
+from siesta_dmguess.model import DensityMatrixModel
+from siesta_dmguess.structure import Structure
+
+from .conftest import small_config, water_basis, water_box, water_molecule
+
+REACH = 8.0
+
+
+def pattern_of(atoms):
+    basis = water_basis()
+    labels = atoms.get_chemical_symbols()
+    return pattern_pairs(atoms, [basis[l].max_radius for l in labels], [basis[l].max_kb_radius for l in labels])
+
+
+def test_far_images_are_added_only_onto_elements_the_pattern_stores():
+    atoms = water_box(3, seed=2)  # a 5 Å cell: many images within 8 Å
+    pattern = pattern_of(atoms)
+    edges = extend_for_folding(atoms, pattern, REACH)
+    assert edges.added.sum() > len(pattern)  # the cell folds many far images
+    stored = set(zip(pattern.src.tolist(), pattern.dst.tolist()))
+    for e in np.nonzero(edges.added)[0]:
+        assert edges.src[e] == edges.dst[e] or (edges.src[e], edges.dst[e]) in stored
+        assert np.linalg.norm(edges.vectors[e]) <= REACH + 1e-9
+    own = edges.added == 0
+    assert own.sum() == len(pattern)
+    assert np.array_equal(edges.vectors[own], pattern.vectors)
+    assert np.array_equal(edges.added[edges.reverse], edges.added)  # pairs come in both directions
+
+
+@pytest.mark.parametrize("atoms", [water_molecule(), water_box(3, seed=2, box=30.0)], ids=["molecule", "large-cell"])
+def test_molecules_and_large_cells_keep_siestas_pattern(atoms):
+    """No image of an in-range pair lies within reach: nothing is added, so large systems cost what they did."""
+    pattern = pattern_of(atoms)
+    edges = extend_for_folding(atoms, pattern, REACH)
+    assert len(edges) == len(pattern) and not np.any(edges.added if edges.added is not None else False)
+
+
+def _folded(model, atoms, reach):
+    st = Structure(atoms, list(atoms.get_chemical_symbols()))
+    sample = prepare_sample(st, water_basis(), model.species, model.config.mp_cutoff, fold_reach=reach, fold=True)
+    flat = predict_flat(model, [sample], dtype=torch.float64)[0]
+    lay = sample.layout
+    dense = np.zeros((lay.no, lay.no))
+    np.add.at(dense, (lay.rows, lay.cols % lay.no), flat)
+    return dense
+
+
+def test_only_a_stage_with_a_longer_reach_predicts_the_added_pairs(float64):
+    """A network of SIESTA's pattern gives the added pairs zero blocks (a shipped model folds exactly as before);
+    a residual stage of the added pairs changes the folded DM through them alone."""
+    atoms = water_box(3, seed=4)
+    plain = DensityMatrixModel(small_config(fold_reach=REACH)).eval()
+    assert np.abs(_folded(plain, atoms, REACH) - _folded(plain, atoms, 0.0)).max() < 1e-12
+    staged = DensityMatrixModel(small_config(fold_reach=REACH, residual_stages=[
+        {"output_scale": 0.5, "pattern_cutoff": REACH, "pair_set": "added"}])).eval()
+    with torch.no_grad():
+        for p in staged.residuals.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert np.abs(_folded(staged, atoms, REACH) - _folded(staged, atoms, 0.0)).max() > 1e-4
+    # ... and only through them: without added pairs (a molecule, or fold_reach 0) the stage adds nothing.
+    assert np.abs(_folded(staged, atoms, 0.0) - _folded(plain, atoms, 0.0)).max() < 1e-12
