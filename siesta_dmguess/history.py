@@ -178,7 +178,7 @@ PLAIN_PREDICTION = (1.0, 0.0, 0.0)
 # on validation structures (density metric for molecules and Γ boxes, element-wise for k-points): the `water`
 # model on `h2o` 4e-5 to 1.5e-4, where SIESTA converges from it at its grid floor and adding past errors costs
 # iterations (h2o MD); every set whose ML + residual guess beats the plain one lies above 9e-3 (`water8` 5e-2,
-# `g2` 1-2e-2, `si8` 0.3). The threshold sits a decade from both.
+# `g2` 1-2e-2, `si8` 0.3; integration/benchmarks/relative_error.py). The threshold sits a decade from both.
 PLAIN_BELOW = 1e-3
 
 

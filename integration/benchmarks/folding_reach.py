@@ -69,6 +69,7 @@ def main() -> None:
         label = fdf_value(kfdf, "SystemLabel", "siesta")
         kgeom = sisl.Geometry(geometry.xyz, geometry.atoms, lattice=sisl.get_sile(str(kfdf)).read_geometry().lattice)
         hamiltonian = sisl.get_sile(str(Path(tmp) / f"{label}.HSX")).read_hamiltonian(geometry=kgeom)
+        stored_k = sisl.get_sile(str(Path(tmp) / f"{label}.DM")).read_density_matrix(geometry=kgeom).tocsr(0)
     # D(R) = (1/N_k) sum_k P(k) exp(-i k.R), P(k) the occupied projector of H(k) c = e S(k) c (sisl's
     # lattice gauge: H(k) = sum_R H(R) exp(i k.R)); R on the Born-von Kármán supercell of the grid.
     offsets = list(itertools.product(range(-(n // 2), n - n // 2), repeat=3))
@@ -88,6 +89,10 @@ def main() -> None:
         distance[r] = np.linalg.norm((frac - np.rint(frac)) @ big, axis=1).reshape(no, no)
     print(f"{args.run} ({no} orbitals); {n}x{n}x{n} k-points: {run.output.scf_iterations} SCF iterations. "
           f"SIESTA's Γ-only DM against the crystal's DM summed over the image pairs within:")
+    lattice = hamiltonian.geometry.lattice
+    in_pattern = sum(crystal[r] * (stored_k[:, lattice.sc_index(r) * no:(lattice.sc_index(r) + 1) * no].toarray() != 0)
+                     for r in offsets if np.all(np.abs(r) <= lattice.nsc // 2))
+    print(f"  SIESTA's pattern  {errors(in_pattern)}")
     for cut in [float(c) for c in args.cuts.split(",")]:
         print(f"  {cut:5.1f} Å  {errors(sum(crystal[r] * (distance[r] <= cut) for r in offsets))}", flush=True)
     print(f"  all images (H diagonalized at Γ)  {errors(sum(crystal.values()))}")
