@@ -65,7 +65,7 @@ class ModelConfig:
     # Å: for folded (Γ-only) periodic cells, also predict blocks of image pairs up to this distance that fold onto
     # stored elements (graph.extend_for_folding). A small cell's Γ DM sums the DM over all images; SIESTA's
     # k-converged DM folded over its orbital range alone misses most of that (water8/0004: density-operator
-    # error 0.52 within the pattern, 0.047 within 8 Å; integration/benchmarks/folding_reach.py). 0: off.
+    # error 0.52 within the pattern, 0.046 within 8 Å, 0.027 within 10 Å; benchmarks/folding_reach.py). 0: off.
     fold_reach: float = 0.0
     # Which blocks this network predicts: "pattern" (SIESTA's pattern: on-site blocks and pattern pairs), "all"
     # (those and the pairs added for folding: a model trained with fold_reach from the start), or "added" (only

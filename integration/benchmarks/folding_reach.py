@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("run", type=Path, help="a converged Γ-only run folder with fdf, .DM and .HSX")
     p.add_argument("--kgrid", type=int, default=3, help="odd: the grid must contain Γ")
     p.add_argument("--cuts", default="4,5,6,7,8,9,10,12", help="pair distance cuts (Å)")
+    p.add_argument("--model", default="", help="also: this model's prediction, alone and plus the crystal's DM of "
+                                                "every image pair beyond SIESTA's pattern (idempotent at Γ)")
     args = p.parse_args()
     warnings.filterwarnings("ignore", module="sisl")
     n = args.kgrid
@@ -96,6 +98,15 @@ def main() -> None:
     for cut in [float(c) for c in args.cuts.split(",")]:
         print(f"  {cut:5.1f} Å  {errors(sum(crystal[r] * (distance[r] <= cut) for r in offsets))}", flush=True)
     print(f"  all images (H diagonalized at Γ)  {errors(sum(crystal.values()))}")
+    if args.model:
+        from siesta_dmguess.predict import predict_density_matrix
+        from siesta_dmguess.refine import nearest_idempotent
+
+        predicted = fold(predict_density_matrix(find_fdf(args.run), args.model, fold=True,
+                                                refine="charge").density_matrix.tocsr(0), no)
+        beyond = sum(crystal.values()) - in_pattern
+        for name, d in ((f"model {args.model!r}", predicted), ("... plus the crystal's far images", predicted + beyond)):
+            print(f"  {name:<34} idempotent at Γ: {errors(nearest_idempotent(d, s_gamma, n_occupied)[0])}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ local, k-converged DM: it comes from diagonalizing the (local) Hamiltonian at Γ
 alone. This script reruns one Γ-only run folder with an n x n x n k-grid and
 prints, against the run's own Γ reference:
 
-* the k-converged DM folded into the cell (the best any local DM model can do),
+* the k-converged DM folded into the cell over SIESTA's pattern (what a model of that pattern can do at best;
+  blocks of farther image pairs do better: ``folding_reach.py``),
   also after the idempotent projection at Γ;
 * the DM obtained by diagonalizing the k-converged (local) H at Γ;
 * the model's prediction (as ``predict`` writes it);
