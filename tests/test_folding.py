@@ -57,7 +57,7 @@ def _folded(model, atoms, reach):
 def test_only_a_stage_with_a_longer_reach_predicts_the_added_pairs(float64):
     """A network of SIESTA's pattern gives the added pairs zero blocks (a shipped model folds exactly as before);
     a residual stage of the added pairs changes the folded DM through them alone."""
-    atoms = water_box(3, seed=4)
+    atoms = water_box(2, seed=4)
     plain = DensityMatrixModel(small_config(fold_reach=REACH)).eval()
     assert np.abs(_folded(plain, atoms, REACH) - _folded(plain, atoms, 0.0)).max() < 1e-12
     staged = DensityMatrixModel(small_config(fold_reach=REACH, residual_stages=[

@@ -24,14 +24,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from gamma_vs_kpoints import fold  # same folder: sum image columns into the cell
+from gamma_vs_kpoints import fold, gamma_reference  # same folder
 
 
 def main() -> None:
     import scipy.linalg
     import sisl
 
-    from siesta_dmguess.data import find_fdf, load_run
+    from siesta_dmguess.data import find_fdf
     from siesta_dmguess.siesta import prepare_run, run_siesta
     from siesta_dmguess.siesta.runner import fdf_value
 
@@ -47,21 +47,8 @@ def main() -> None:
     if n % 2 == 0:
         raise SystemExit("--kgrid must be odd (a grid with Γ)")
 
-    structure, basis, dm_ref, hsx = load_run(args.run)
-    if hsx is None:
-        raise SystemExit(f"{args.run}: no .HSX (S is needed); use a run with has_hsx in index.json")
-    geometry = dm_ref.geometry
-    ref = dm_ref.tocsr(0).toarray()
-    no = ref.shape[0]
-    stored = ref != 0
-    s_gamma = fold(sisl.get_sile(str(hsx)).read_overlap(geometry=geometry).tocsr(0), no)
-    n_occupied = int(round(np.trace(ref @ s_gamma) / 2))
-    lam, u = np.linalg.eigh(s_gamma)
-    root = u @ np.diag(np.sqrt(lam)) @ u.T
-
-    def errors(d) -> str:
-        e = (d - ref) * stored
-        return f"MAE {np.abs(e[stored]).mean():.2e}  density-operator error {np.linalg.norm(root @ e @ root):.3f}"
+    _, dm_ref, ref, stored, s_gamma, n_occupied, errors = gamma_reference(args.run)
+    geometry, no = dm_ref.geometry, ref.shape[0]
 
     with tempfile.TemporaryDirectory() as tmp:
         kfdf = prepare_run(find_fdf(args.run), Path(tmp), "atomic", pseudo_dirs=[args.run.parent / "basis"])

@@ -35,12 +35,37 @@ def fold(matrix, no: int) -> np.ndarray:
     return sum(matrix[:, k * no:(k + 1) * no] for k in range(matrix.shape[1] // no)).toarray()
 
 
+def gamma_reference(run: Path):
+    """A Γ-only run's (structure, sisl DM, dense folded DM, stored mask, folded S, occupied states, errors(d)),
+    errors(d) printing a dense folded DM's MAE over the stored elements and its density-operator error."""
+    import sisl
+
+    from siesta_dmguess.data import load_run
+
+    structure, _, dm_ref, hsx = load_run(run)
+    if hsx is None:
+        raise SystemExit(f"{run}: no .HSX (S is needed); use a run with has_hsx in index.json")
+    ref = dm_ref.tocsr(0).toarray()
+    no = ref.shape[0]
+    stored = ref != 0
+    s = fold(sisl.get_sile(str(hsx)).read_overlap(geometry=dm_ref.geometry).tocsr(0), no)
+    n_occupied = int(round(np.trace(ref @ s) / 2))
+    lam, u = np.linalg.eigh(s)
+    root = u @ np.diag(np.sqrt(lam)) @ u.T
+
+    def errors(d) -> str:
+        e = (d - ref) * stored
+        return f"MAE {np.abs(e[stored]).mean():.2e}  density-operator error {np.linalg.norm(root @ e @ root):.3f}"
+
+    return structure, dm_ref, ref, stored, s, n_occupied, errors
+
+
 def main() -> None:
     import scipy.linalg
     import scipy.sparse as sp
     import sisl
 
-    from siesta_dmguess.data import find_fdf, load_run
+    from siesta_dmguess.data import find_fdf
     from siesta_dmguess.dm import write_density_matrix
     from siesta_dmguess.predict import predict_density_matrix
     from siesta_dmguess.refine import nearest_idempotent
@@ -54,21 +79,9 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore", module="sisl")
 
-    structure, basis, dm_ref, hsx = load_run(args.run)
-    if hsx is None:
-        raise SystemExit(f"{args.run}: no .HSX (S is needed); use a run with has_hsx in index.json")
-    geometry = dm_ref.geometry
-    ref = dm_ref.tocsr(0).toarray()
-    no = ref.shape[0]
-    stored = ref != 0
-    s = fold(sisl.get_sile(str(hsx)).read_overlap(geometry=geometry).tocsr(0), no)
-    n_occupied = int(round(np.trace(ref @ s) / 2))
-    lam, u = np.linalg.eigh(s)
-    root = u @ np.diag(np.sqrt(lam)) @ u.T
-
-    def errors(d) -> str:
-        e = (d - ref) * stored
-        return f"MAE {np.abs(e[stored]).mean():.2e}  density-weighted {np.linalg.norm(root @ e @ root):.3f}"
+    structure, dm_ref, ref, stored, s, n_occupied, errors = gamma_reference(args.run)
+    geometry, no = dm_ref.geometry, ref.shape[0]
+    lam = np.linalg.eigvalsh(s)
 
     fdf = find_fdf(args.run)
     pseudo_dirs = [args.run.parent / "basis"]
