@@ -45,6 +45,9 @@ class TrainOptions:
     correction_epochs: int = 0  # then train a ΔH head through the idempotent projection (frozen DM model)
     correction_lr: float = 1e-3
     add_stage: bool = False  # with init: add a residual stage fitted to what the init model leaves (it stays frozen)
+    # Loss of folded (Γ-only, molecular) structures: Tr[(ΔD S)²], the squared error of the density operator,
+    # instead of the mean squared element error, which near-null directions of S dominate in condensed phases.
+    density_loss: bool = False
 
 
 @dataclass
@@ -148,6 +151,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         # Data-dependent initialization of the feature standardization (a no-op for models without it).
         model.fit_feature_norms([collate(g, len(species), torch.float32)
                                  for g in atom_batches(train_set, 256, shuffle=False)])
+    if options.density_loss:
+        attach_folded_overlap(train_set, basis)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr)
     gamma = (options.lr_final / options.lr) ** (1.0 / max(options.epochs, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
@@ -174,7 +179,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             batch = collate(group, len(species), torch.float32)
             if previous is None:
                 pred = fold_to_targets(model(batch), batch)
-                loss = torch.mean((pred - batch["target_values"]) ** 2)
+                loss = density_loss(pred - batch["target_values"], group) if options.density_loss else \
+                    torch.mean((pred - batch["target_values"]) ** 2)
             else:  # only the new stage runs (the frozen model's output was computed once); relative errors
                 stage = model.residuals[-1]
                 flat = torch.cat([previous[id(g)][0] for g in group]) + \
@@ -239,6 +245,39 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     plot_history(history, out_dir / "training.png")
     return TrainResult(out_dir, validation, history)
+
+
+def attach_folded_overlap(samples, basis) -> None:
+    """Dense folded S (from the basis) in ``sample.meta['folded_overlap']`` of every folded sample, for
+    :func:`density_loss`."""
+    from .dm import flat_to_csr
+    from .overlap import OverlapCalculator
+
+    calculator = OverlapCalculator(basis)
+    for sample in samples:
+        if sample.fold:
+            s_flat = calculator.flat(sample.structure, sample.layout)
+            sample.meta["folded_overlap"] = torch.as_tensor(flat_to_csr(sample.layout, s_flat, True).toarray(),
+                                                            dtype=torch.float32)
+
+
+def density_loss(residual: torch.Tensor, group) -> torch.Tensor:
+    """Mean over the group's structures of Tr[(E S)²] / n_orbitals, E the folded error (dense, at the stored
+    elements); the mean squared element error for structures without a folded S (k-point runs)."""
+    losses, start = [], 0
+    for sample in group:
+        r = residual[start:start + sample.target_values.size]
+        start += sample.target_values.size
+        s = sample.meta.get("folded_overlap")
+        if s is None:
+            losses.append(torch.mean(r**2))
+            continue
+        rows, cols = (torch.as_tensor(x) for x in sample.stored_cell_positions())
+        keep = rows >= 0
+        error = torch.zeros_like(s).index_put((rows[keep], cols[keep]), r[keep], accumulate=True)
+        es = error @ s
+        losses.append(torch.sum(es * es.T) / s.shape[0])
+    return torch.stack(losses).mean()
 
 
 def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[DensityMatrixModel, dict]:
