@@ -130,7 +130,7 @@ def extend_for_folding(atoms: Atoms, pattern: Edges, reach: float) -> Edges:
     pattern already has (through another image, or i = j): what a folded Γ-only DM sums beyond orbital range.
 
     In a cell larger than ``reach`` plus the orbital range no such pair exists, so large systems keep SIESTA's
-    pattern and stay O(N) at the pattern's cost.
+    pattern; the neighbour search out to ``reach`` is the only extra cost (O(N)).
     """
     if reach <= 0 or not np.any(atoms.pbc) or len(pattern) == 0:
         return pattern
