@@ -114,17 +114,17 @@ class TrajectoryHistory:
 
     def _update_weight(self, positions, converged: sp.csr_matrix, predicted: sp.csr_matrix, overlap=None) -> None:
         """Weights of (D_ml, E, E + C) that would have made this step's ml+residual guess best."""
-        near_floor = float(error_gram([predicted], converged, overlap)[0, 0]) < \
-            PLAIN_BELOW**2 * float(error_gram([0 * converged], converged, overlap)[0, 0])
-        parts = self._parts(positions, predicted)
-        if parts is None:  # the first step: nothing to fit yet, but the gate already applies
-            self.weights = PLAIN_PREDICTION if near_floor else self.weights
-            return
-        extrapolated, correction = parts
         # The last step alone: summing the fits of the last three steps (measured with the element-wise fit) helped
         # a molecule near SIESTA's grid floor (h2o MD 73 -> 67 iterations) and hurt silicon, whose model error
         # drifts (si8 MD 83 -> 91).
-        gram = error_gram([predicted, extrapolated, extrapolated + correction], converged, overlap)
+        parts = self._parts(positions, predicted)
+        candidates = [predicted] if parts is None else [predicted, parts[0], parts[0] + parts[1]]  # D_ml, E, E + C
+        gram = error_gram(candidates, converged, overlap)
+        # Gate: the plain prediction already at SIESTA's grid noise (PLAIN_BELOW relative to |D_scf|) is kept.
+        near_floor = gram[0, 0] < PLAIN_BELOW**2 * float(error_gram([0 * converged], converged, overlap)[0, 0])
+        if parts is None:  # the first step: nothing to fit yet, but the gate already applies
+            self.weights = PLAIN_PREDICTION if near_floor else self.weights
+            return
         # Held-out check: the weights fitted on the step before, tried on this one, against the plain prediction.
         previous = np.asarray(self.fitted)
         beats_prediction = float(previous @ gram @ previous) < gram[0, 0]

@@ -514,10 +514,9 @@ class DensityMatrixModel(nn.Module):
         self.edge_irreps = output_irreps([(a, b) for a in self.basis for b in self.basis])
         self.node_head = o3.FullyConnectedTensorProduct(hidden, o3.Irreps(f"{ns}x0e"), self.node_irreps)
         pattern_cutoff = config.pattern_cutoff or 2 * max(b.max_radius + b.max_kb_radius for b in self.basis)
-        if config.pair_set != "pattern":
+        if config.pair_set != "pattern":  # its radial functions must reach the pairs added for folding
             pattern_cutoff = max(pattern_cutoff, config.fold_reach)
         self.rbf_pattern = RadialBasis(config.num_radial, pattern_cutoff + 1e-3, config.radial_basis)
-        self.pair_reach = pattern_cutoff + 1e-3
         if config.pair_set not in ("pattern", "added", "all"):
             raise ValueError(f"unknown pair_set {config.pair_set!r}")
         self.edge_head = EdgeReadout(hidden, config.pair_irreps, self.irreps_sh, self.edge_irreps,
@@ -653,26 +652,28 @@ class DensityMatrixModel(nn.Module):
             for (a, idx_atoms, flat_idx) in batch["node_groups"]:
                 mat = getattr(self, f"node_assembly_{a}")
                 flat[flat_idx.reshape(-1)] = (node_out[idx_atoms] @ mat.T).reshape(-1)
-        src, dst = batch["pat_src"], batch["pat_dst"]
-        vec = to_e3nn_frame(batch["pat_vec"])
-        length = vec.norm(dim=1)
-        # Pairs this network does not predict (added for folding, see ModelConfig.fold_reach) keep zero blocks.
-        use = length <= self.pair_reach
-        if self.config.pair_set != "all":
-            use = use & (batch["pat_added"] if added_only else ~batch["pat_added"])
-        within = torch.nonzero(use).squeeze(1)
-        if within.numel():
-            src, dst, vec, length = src[within], dst[within], vec[within], length[within]
+        src, dst, vec = batch["pat_src"], batch["pat_dst"], to_e3nn_frame(batch["pat_vec"])
+        n_edges = src.numel()
+        # Pairs this network does not predict (pair_set; added for folding, see ModelConfig.fold_reach) keep zero
+        # blocks. Without added pairs (every shipped model, molecules, large cells) no edge is left out.
+        within = None
+        if added_only:
+            within = torch.nonzero(batch["pat_added"]).squeeze(1)
+        elif self.config.pair_set == "pattern" and bool(batch["pat_added"].any()):
+            within = torch.nonzero(~batch["pat_added"]).squeeze(1)
+        if within is not None:
+            src, dst, vec = src[within], dst[within], vec[within]
+        if src.numel():
             sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
-            rbf = self.rbf_pattern(length)
+            rbf = self.rbf_pattern(vec.norm(dim=1))
             if torch.is_grad_enabled() or src.numel() <= self.edge_chunk:
-                out = edge_head(h, src, dst, sh, rbf)
+                edge_out = edge_head(h, src, dst, sh, rbf)
             else:  # inference on large systems: bound the per-edge intermediates' memory
-                out = torch.cat([edge_head(h, src[k:k + self.edge_chunk], dst[k:k + self.edge_chunk],
-                                           sh[k:k + self.edge_chunk], rbf[k:k + self.edge_chunk])
-                                 for k in range(0, src.numel(), self.edge_chunk)])
-            edge_out = out if within.numel() == batch["pat_src"].numel() else \
-                torch.zeros(batch["pat_src"].numel(), out.shape[1], dtype=out.dtype).index_copy(0, within, out)
+                edge_out = torch.cat([edge_head(h, src[k:k + self.edge_chunk], dst[k:k + self.edge_chunk],
+                                                sh[k:k + self.edge_chunk], rbf[k:k + self.edge_chunk])
+                                      for k in range(0, src.numel(), self.edge_chunk)])
+            if within is not None:
+                edge_out = edge_out.new_zeros(n_edges, edge_out.shape[1]).index_copy(0, within, edge_out)
             for (a, b, idx_edges, flat_idx) in batch["edge_groups"]:
                 mat = getattr(self, f"edge_assembly_{a}_{b}")
                 flat[flat_idx.reshape(-1)] = (edge_out[idx_edges] @ mat.T).reshape(-1)

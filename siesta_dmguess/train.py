@@ -248,8 +248,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
 
 
 def attach_folded_overlap(samples, basis) -> None:
-    """Dense folded S (from the basis) in ``sample.meta['folded_overlap']`` of every folded sample, for
-    :func:`density_loss`."""
+    """Dense folded S (from the basis) in ``sample.meta['folded_overlap']`` of every folded sample, and where its
+    stored elements sit in it (``'folded_positions'``), computed once for :func:`density_loss`."""
     from .dm import flat_to_csr
     from .overlap import OverlapCalculator
 
@@ -259,6 +259,9 @@ def attach_folded_overlap(samples, basis) -> None:
             s_flat = calculator.flat(sample.structure, sample.layout)
             sample.meta["folded_overlap"] = torch.as_tensor(flat_to_csr(sample.layout, s_flat, True).toarray(),
                                                             dtype=torch.float32)
+            rows, cols = (torch.as_tensor(x) for x in sample.stored_cell_positions())
+            keep = rows >= 0
+            sample.meta["folded_positions"] = (keep, rows[keep], cols[keep])
 
 
 def density_loss(residual: torch.Tensor, group) -> torch.Tensor:
@@ -272,9 +275,8 @@ def density_loss(residual: torch.Tensor, group) -> torch.Tensor:
         if s is None:
             losses.append(torch.mean(r**2))
             continue
-        rows, cols = (torch.as_tensor(x) for x in sample.stored_cell_positions())
-        keep = rows >= 0
-        error = torch.zeros_like(s).index_put((rows[keep], cols[keep]), r[keep], accumulate=True)
+        keep, rows, cols = sample.meta["folded_positions"]
+        error = torch.zeros_like(s).index_put((rows, cols), r[keep], accumulate=True)
         es = error @ s
         losses.append(torch.sum(es * es.T) / s.shape[0])
     return torch.stack(losses).mean()
@@ -317,10 +319,13 @@ def add_residual_stage(model: DensityMatrixModel, train_set,
     residuals = [folded_to_reference(s, f) - s.target_values for s, f in zip(train_set, flats)]
     rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
     stage = {"output_scale": rms}
-    if model.config.fold_reach > 0 and not any(st.get("pair_set") == "added" for st in model.config.residual_stages):
-        # The first stage after fold_reach is set predicts exactly the pairs added for folding (molecules and
-        # large cells have none, so it cannot change them).
-        stage.update(pattern_cutoff=model.config.fold_reach, pair_set="added")
+    covered = model.config.pair_set != "pattern" or any(st.get("pair_set") in ("added", "all")
+                                                        for st in model.config.residual_stages)
+    if model.config.fold_reach > 0 and not covered:
+        # The first stage that meets pairs added for folding, on a model of SIESTA's pattern, predicts exactly
+        # those (molecules and large cells have none, so it cannot change them). Otherwise a stage inherits the
+        # model's pair set.
+        stage["pair_set"] = "added"
     config = ModelConfig.from_dict({**model.config.to_dict(),
                                     "residual_stages": model.config.residual_stages + [stage],
                                     "correction_head": model.config.correction_head and keep_correction})

@@ -34,15 +34,15 @@ def main() -> None:
         folder, model_name = item.rsplit(":", 1)
         model = load_model(model_name)
         split = resolve_split(folder, "auto")
-        values = []
+        values, metric = [], ""
         for run in [r for r in list_runs(folder) if r.in_split(split)][: args.limit]:
             _, _, reference, _ = load_run(run.folder)
             pred = predict_density_matrix(find_fdf(run.folder), model)
             predicted, converged = to_image_keyed(pred.density_matrix), to_image_keyed(reference)
             overlap = pred.history_overlap
+            metric = "density" if overlap is not None else "element-wise"
             values.append(np.sqrt(error_gram([predicted], converged, overlap)[0, 0] /
                                   error_gram([0 * converged], converged, overlap)[0, 0]))
-        metric = "density" if pred.history_overlap is not None else "element-wise"
         print(f"{Path(folder).name} ({model_name}, {metric}): " + " ".join(f"{v:.1e}" for v in values) +
               f"  (below PLAIN_BELOW = {PLAIN_BELOW:g}: {sum(v < PLAIN_BELOW for v in values)} of {len(values)})")
 
