@@ -58,7 +58,8 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
 
     ``fold`` (default: from the reference, else True) says whether the DM is folded into the cell (Γ-only runs,
     molecules); for a folded periodic structure, pairs up to ``fold_reach`` Å that fold onto stored elements get
-    blocks too (:func:`~siesta_dmguess.graph.extend_for_folding`).
+    blocks too (:func:`~siesta_dmguess.graph.extend_for_folding`), and so do the pairs of an unfolded reference
+    whose supercell reaches beyond SIESTA's pattern (a crystal reference, which stores them).
     """
     missing = sorted(set(structure.labels) - set(species))
     if missing:
@@ -71,7 +72,9 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
     pattern = pattern_pairs(atoms, orbital_radius, kb_radius)
     if fold is None:
         fold = dm_ref is None or bool(np.prod(dm_ref.geometry.lattice.nsc) == 1)
-    if fold:
+    if fold or (dm_ref is not None and np.any(dm_ref.geometry.lattice.nsc > pattern.nsc)):
+        # Unfolded, a reference reaching beyond SIESTA's pattern is a crystal's DM on the pairs within the reach
+        # (integration/training/crystal_references.py): it gives those pairs their own targets.
         pattern = extend_for_folding(atoms, pattern, fold_reach)
     mp_edges = radius_pairs(atoms, mp_cutoff)
     lattice = build_geometry(structure, basis, nsc=pattern.nsc).lattice

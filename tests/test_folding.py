@@ -107,3 +107,30 @@ def test_density_loss_is_the_density_operator_error_with_siestas_overlap():
         return float(density_loss(torch.as_tensor(residual, dtype=torch.float32), [sample]))
 
     assert loss_along(0) < 1e-2 * loss_along(-1)  # near-null direction vs the largest eigenvalue of S
+
+
+def test_a_crystal_reference_gives_the_far_pairs_their_own_targets():
+    """An unfolded reference whose supercell reaches beyond SIESTA's pattern (integration/training/
+    crystal_references.py) supervises every pair within fold_reach element by element, and its fold onto the
+    cell is what the model's folded prediction is compared with; a reference of SIESTA's own pattern (a k-point
+    run) keeps the pattern, so a k-point prediction is written with SIESTA's supercell."""
+    from siesta_dmguess.dm import density_matrix_from_flat
+
+    atoms = water_box(3, seed=2)
+    st = Structure(atoms, list(atoms.get_chemical_symbols()))
+    basis, species = water_basis(), ["H", "O"]
+    far = prepare_sample(st, basis, species, 3.0, fold_reach=REACH, fold=True)  # the layout a crystal DM has
+    values = np.random.default_rng(1).normal(size=far.layout.size)
+    values = 0.5 * (values + values[far.layout.transpose])  # a DM is symmetric
+    crystal = density_matrix_from_flat(st, basis, far.layout, values, fold=False)
+    sample = prepare_sample(st, basis, species, 3.0, crystal, fold_reach=REACH)
+    assert not sample.fold and sample.pattern.added.sum() == far.pattern.added.sum()
+    # every flat element has its own stored element (nothing is folded) and every stored element is used
+    assert np.array_equal(np.sort(sample.target_index), np.arange(sample.target_values.size))
+    folded = density_matrix_from_flat(st, basis, sample.layout, sample.target_values[sample.target_index], fold=True)
+    assert np.allclose(folded.tocsr(0).toarray(), density_matrix_from_flat(st, basis, far.layout, values, fold=True)
+                       .tocsr(0).toarray())
+    pattern_only = prepare_sample(st, basis, species, 3.0, fold=False)
+    siesta_like = density_matrix_from_flat(st, basis, pattern_only.layout, np.ones(pattern_only.layout.size), False)
+    kpoint = prepare_sample(st, basis, species, 3.0, siesta_like, fold_reach=REACH)
+    assert len(kpoint.pattern) == len(pattern_only.pattern) and not np.any(kpoint.target_index < 0)
