@@ -74,7 +74,7 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
         fold = dm_ref is None or bool(np.prod(dm_ref.geometry.lattice.nsc) == 1)
     if fold or (dm_ref is not None and np.any(dm_ref.geometry.lattice.nsc > pattern.nsc)):
         # Unfolded, a reference reaching beyond SIESTA's pattern is a crystal's DM on the pairs within the reach
-        # (integration/training/crystal_references.py): it gives those pairs their own targets.
+        # (integration/benchmarks/crystal_references.py): it gives those pairs their own targets.
         pattern = extend_for_folding(atoms, pattern, fold_reach)
     mp_edges = radius_pairs(atoms, mp_cutoff)
     lattice = build_geometry(structure, basis, nsc=pattern.nsc).lattice

@@ -31,9 +31,13 @@ analytic refinement that SIESTA does not do, hence written here with numpy/scipy
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 REFINEMENTS = ("idempotent", "charge", "none")
 MAX_DENSE_ORBITALS = 6000

@@ -1,6 +1,5 @@
 """The ASE calculator's guess logic (no SIESTA needed): ML DM written, or a fallback that says why."""
 
-import warnings
 
 import pytest
 from ase import Atoms

@@ -110,7 +110,7 @@ def test_density_loss_is_the_density_operator_error_with_siestas_overlap():
 
 
 def test_a_crystal_reference_gives_the_far_pairs_their_own_targets():
-    """An unfolded reference whose supercell reaches beyond SIESTA's pattern (integration/training/
+    """An unfolded reference whose supercell reaches beyond SIESTA's pattern (integration/benchmarks/
     crystal_references.py) supervises every pair within fold_reach element by element, and its fold onto the
     cell is what the model's folded prediction is compared with; a reference of SIESTA's own pattern (a k-point
     run) keeps the pattern, so a k-point prediction is written with SIESTA's supercell."""

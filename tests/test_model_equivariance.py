@@ -10,7 +10,7 @@ from scipy.spatial.transform import Rotation
 from siesta_dmguess.conventions import convert_blocks, rotation_to_e3nn, shell_signs
 from siesta_dmguess.data import prepare_sample
 from siesta_dmguess.evaluate import predict_flat
-from siesta_dmguess.model import DensityMatrixModel, collate
+from siesta_dmguess.model import DensityMatrixModel
 from siesta_dmguess.structure import Structure
 
 from .conftest import small_config, water_basis, water_box, water_molecule
@@ -117,7 +117,7 @@ def test_supercell_gives_same_blocks(model):
         # atom j + n*t of the supercell is atom j of the unit cell shifted by t along a1
         if i >= n:
             continue
-        jj, t = j % n, j // n
+        jj = j % n
         vec = big.positions[j] + np.array(S) @ bigcell - big.positions[i]
         unit_shift = np.rint(np.linalg.solve(cell.T, vec - (atoms.positions[jj] - atoms.positions[i]))).astype(int)
         key = (i, jj, tuple(unit_shift)) if (i != jj or np.any(unit_shift)) else (i, i, (0, 0, 0))

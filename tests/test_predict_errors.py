@@ -1,6 +1,5 @@
 """predict / CLI on a saved model: output file, and every bad-input path gives a clear error."""
 
-import json
 import shutil
 
 import numpy as np

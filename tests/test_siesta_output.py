@@ -7,7 +7,7 @@ import pytest
 
 from siesta_dmguess.siesta import parse_output
 
-from .conftest import DATASETS, dataset
+from .conftest import dataset
 
 
 @pytest.mark.parametrize("name", ["h2o", "water8", "rotations", "g2", "si8"])

@@ -1,6 +1,5 @@
 """Finding and running SIESTA, with small fake `siesta` scripts for the failure modes."""
 
-import os
 import stat
 import sys
 import textwrap

@@ -18,22 +18,19 @@ well (``ModelConfig.fold_reach``).
 from __future__ import annotations
 
 import argparse
-import itertools
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
-from gamma_vs_kpoints import fold, gamma_reference  # same folder
+from crystal_references import crystal_density_matrix  # same folder
+from gamma_vs_kpoints import fold, gamma_reference, kpoint_rerun
 
 
 def main() -> None:
-    import scipy.linalg
     import sisl
 
     from siesta_dmguess.data import find_fdf
-    from siesta_dmguess.siesta import prepare_run, run_siesta
-    from siesta_dmguess.siesta.runner import fdf_value
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a converged Γ-only run folder with fdf, .DM and .HSX")
@@ -51,24 +48,10 @@ def main() -> None:
     geometry, no = dm_ref.geometry, ref.shape[0]
 
     with tempfile.TemporaryDirectory() as tmp:
-        kfdf = prepare_run(find_fdf(args.run), Path(tmp), "atomic", pseudo_dirs=[args.run.parent / "basis"])
-        kfdf.write_text(kfdf.read_text() + "\nSaveHS T\n%block kgrid_Monkhorst_Pack\n"
-                        f" {n} 0 0 0.0\n 0 {n} 0 0.0\n 0 0 {n} 0.0\n%endblock kgrid_Monkhorst_Pack\n")
-        run = run_siesta(kfdf)
-        label = fdf_value(kfdf, "SystemLabel", "siesta")
-        kgeom = sisl.Geometry(geometry.xyz, geometry.atoms, lattice=sisl.get_sile(str(kfdf)).read_geometry().lattice)
-        hamiltonian = sisl.get_sile(str(Path(tmp) / f"{label}.HSX")).read_hamiltonian(geometry=kgeom)
-        stored_k = sisl.get_sile(str(Path(tmp) / f"{label}.DM")).read_density_matrix(geometry=kgeom).tocsr(0)
-    # D(R) = (1/N_k) sum_k P(k) exp(-i k.R), P(k) the occupied projector of H(k) c = e S(k) c (sisl's
-    # lattice gauge: H(k) = sum_R H(R) exp(i k.R)); R on the Born-von Kármán supercell of the grid.
-    offsets = list(itertools.product(range(-(n // 2), n - n // 2), repeat=3))
-    crystal = {r: np.zeros((no, no)) for r in offsets}
-    for kf in itertools.product(range(n), repeat=3):
-        k = np.array(kf) / n
-        _, c = scipy.linalg.eigh(hamiltonian.Hk(k=k, format="array"), hamiltonian.Sk(k=k, format="array"))
-        occupied = 2 * c[:, :n_occupied] @ c[:, :n_occupied].conj().T
-        for r in offsets:
-            crystal[r] += (occupied * np.exp(-2j * np.pi * k @ np.array(r))).real / n**3
+        run, hamiltonian, k_dm = kpoint_rerun(args.run, Path(tmp), n, geometry)
+        stored_k = sisl.get_sile(str(k_dm)).read_density_matrix(geometry=hamiltonian.geometry).tocsr(0)
+    crystal = crystal_density_matrix(hamiltonian, n_occupied, n)  # D(R) on the n x n x n Born-von Kármán supercell
+    offsets = list(crystal)
     atom_of = np.concatenate([[a] * geometry.atoms[a].no for a in range(geometry.na)])
     xyz, cell, big = geometry.xyz[atom_of], geometry.cell, n * geometry.cell
     distance = {}

@@ -60,6 +60,26 @@ def gamma_reference(run: Path):
     return structure, dm_ref, ref, stored, s, n_occupied, errors
 
 
+def kpoint_rerun(run: Path, workdir: Path, kgrid: int, geometry):
+    """Rerun a Γ-only run folder with a kgrid x kgrid x kgrid Monkhorst-Pack grid (from the atomic guess, with
+    ``SaveHS``) in ``workdir``: (SIESTA run, sisl Hamiltonian with S, path of the k-run's .DM). ``geometry``
+    carries the basis (the run's sisl geometry); the k-run's supercell comes from its own files."""
+    import sisl
+
+    from siesta_dmguess.data import find_fdf
+    from siesta_dmguess.siesta import prepare_run, run_siesta
+    from siesta_dmguess.siesta.runner import fdf_value
+
+    kfdf = prepare_run(find_fdf(run), workdir, "atomic", pseudo_dirs=[run.parent / "basis", run])
+    kfdf.write_text(kfdf.read_text() + "\nSaveHS T\n%block kgrid_Monkhorst_Pack\n"
+                    f" {kgrid} 0 0 0.0\n 0 {kgrid} 0 0.0\n 0 0 {kgrid} 0.0\n%endblock kgrid_Monkhorst_Pack\n")
+    result = run_siesta(kfdf)
+    label = fdf_value(kfdf, "SystemLabel", "siesta")
+    kgeom = sisl.Geometry(geometry.xyz, geometry.atoms, lattice=sisl.get_sile(str(kfdf)).read_geometry().lattice)
+    hamiltonian = sisl.get_sile(str(workdir / f"{label}.HSX")).read_hamiltonian(geometry=kgeom)
+    return result, hamiltonian, workdir / f"{label}.DM"
+
+
 def main() -> None:
     import scipy.linalg
     import scipy.sparse as sp
@@ -70,7 +90,6 @@ def main() -> None:
     from siesta_dmguess.predict import predict_density_matrix
     from siesta_dmguess.refine import nearest_idempotent
     from siesta_dmguess.siesta import prepare_run, run_siesta
-    from siesta_dmguess.siesta.runner import fdf_value
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a converged Γ-only run folder with fdf, .DM and .HSX")
@@ -85,17 +104,10 @@ def main() -> None:
 
     fdf = find_fdf(args.run)
     pseudo_dirs = [args.run.parent / "basis"]
+    n = args.kgrid
     with tempfile.TemporaryDirectory() as tmp:
-        kdir = Path(tmp) / "kgrid"
-        kfdf = prepare_run(fdf, kdir, "atomic", pseudo_dirs=pseudo_dirs)
-        n = args.kgrid
-        kfdf.write_text(kfdf.read_text() + "\nSaveHS T\n%block kgrid_Monkhorst_Pack\n"
-                        f" {n} 0 0 0.0\n 0 {n} 0 0.0\n 0 0 {n} 0.0\n%endblock kgrid_Monkhorst_Pack\n")
-        krun = run_siesta(kfdf)
-        label = fdf_value(kfdf, "SystemLabel", "siesta")
-        kgeom = sisl.Geometry(geometry.xyz, geometry.atoms, lattice=sisl.get_sile(str(kfdf)).read_geometry().lattice)
-        d_k = fold(sisl.get_sile(str(kdir / f"{label}.DM")).read_density_matrix(geometry=kgeom).tocsr(0), no) * stored
-        h_k = sisl.get_sile(str(kdir / f"{label}.HSX")).read_hamiltonian(geometry=kgeom)
+        krun, h_k, k_dm = kpoint_rerun(args.run, Path(tmp) / "kgrid", n, geometry)
+        d_k = fold(sisl.get_sile(str(k_dm)).read_density_matrix(geometry=h_k.geometry).tocsr(0), no) * stored
         _, vectors = scipy.linalg.eigh(fold(h_k.tocsr(0), no), s)
         d_from_h = 2 * vectors[:, :n_occupied] @ vectors[:, :n_occupied].T
         pred = predict_density_matrix(fdf, args.model, fold=True)

@@ -1,6 +1,6 @@
 """Unfolded training targets for small Γ-only cells: the crystal's DM on every image pair within a reach.
 
-    SIESTA_COMMAND=/path/to/siesta python integration/training/crystal_references.py \\
+    SIESTA_COMMAND=/path/to/siesta python integration/benchmarks/crystal_references.py \\
         ../shared/datasets/water8 --split train --reach 9 --out crystal-water8
 
 A Γ-only run of a small cell stores each DM element (i, j) summed over every image
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import tempfile
 import warnings
@@ -60,30 +59,16 @@ def crystal_density_matrix(hamiltonian, n_occupied: int, grid: int) -> dict[tupl
 
 def crystal_reference(run: Path, workdir: Path, kgrid: int, bvk: int, reach: float):
     """(sisl DensityMatrix of the crystal on pairs within ``reach``, SCF iterations of the k-run) for a run."""
-    import sisl
+    from gamma_vs_kpoints import kpoint_rerun  # same folder
 
-    from siesta_dmguess.data import find_fdf, load_run
-    from siesta_dmguess.dm import build_geometry, density_matrix_from_flat, build_layout
+    from siesta_dmguess.data import load_run
+    from siesta_dmguess.dm import build_geometry, build_layout, density_matrix_from_flat
     from siesta_dmguess.graph import extend_for_folding, pattern_pairs
-    from siesta_dmguess.siesta import prepare_run, run_siesta
-    from siesta_dmguess.siesta.runner import fdf_value
 
     structure, basis, _, _ = load_run(run)
-    kfdf = prepare_run(find_fdf(run), workdir, "atomic", pseudo_dirs=[run.parent / "basis", run])
-    kfdf.write_text(kfdf.read_text() + "\nSaveHS T\n%block kgrid_Monkhorst_Pack\n"
-                    f" {kgrid} 0 0 0.0\n 0 {kgrid} 0 0.0\n 0 0 {kgrid} 0.0\n%endblock kgrid_Monkhorst_Pack\n")
-    result = run_siesta(kfdf)
-    label = fdf_value(kfdf, "SystemLabel", "siesta")
-    text = (workdir / "siesta.out").read_text() if (workdir / "siesta.out").is_file() else ""
     geometry = build_geometry(structure, basis)
-    kgeom = sisl.Geometry(geometry.xyz, geometry.atoms,
-                          lattice=sisl.get_sile(str(kfdf)).read_geometry().lattice)
-    hamiltonian = sisl.get_sile(str(workdir / f"{label}.HSX")).read_hamiltonian(geometry=kgeom)
-    electrons = result.output.electrons
-    if electrons is None:
-        found = re.findall(r"Total number of electrons:\s*([0-9.]+)", text)
-        electrons = float(found[-1])
-    n_occupied = int(round(electrons / 2))
+    result, hamiltonian, _ = kpoint_rerun(run, workdir, kgrid, geometry)
+    n_occupied = int(round(sum(basis[l].valence for l in structure.labels) / 2))  # neutral cells (NetCharge 0)
 
     atoms = structure.atoms
     orbital_radius = np.array([basis[l].max_radius for l in structure.labels])
@@ -93,10 +78,8 @@ def crystal_reference(run: Path, workdir: Path, kgrid: int, bvk: int, reach: flo
     crystal = crystal_density_matrix(hamiltonian, n_occupied, grid)
     lattice = build_geometry(structure, basis, nsc=pairs.nsc).lattice
     layout = build_layout(structure, basis, pairs, lattice)
-    no = layout.no
-    offsets = lattice.sc_off[layout.cols // no]
-    values = np.array([crystal[tuple(int(x) for x in o)][r, c]
-                       for o, r, c in zip(offsets, layout.rows, layout.cols % no)])
+    by_image = np.stack([crystal[tuple(int(x) for x in offset)] for offset in lattice.sc_off])
+    values = by_image[layout.cols // layout.no, layout.rows, layout.cols % layout.no]
     return density_matrix_from_flat(structure, basis, layout, values, fold=False), result.output.scf_iterations
 
 
