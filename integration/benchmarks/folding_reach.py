@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from crystal_references import crystal_density_matrix  # same folder
-from gamma_vs_kpoints import fold, gamma_reference, kpoint_rerun
+from gamma_vs_kpoints import fold, gamma_reference, gamma_scf_from, kpoint_rerun
 
 
 def main() -> None:
@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("run", type=Path, help="a converged Γ-only run folder with fdf, .DM and .HSX")
     p.add_argument("--kgrid", type=int, default=3, help="odd: the grid must contain Γ")
     p.add_argument("--cuts", default="4,5,6,7,8,9,10,12", help="pair distance cuts (Å)")
+    p.add_argument("--scf", action="store_true", help="also: Γ-only SCF iterations started from each fold "
+                                                       "(charge-scaled) and from SIESTA's atomic guess")
     p.add_argument("--model", default="", help="also: this model's prediction, alone and plus the crystal's DM of "
                                                 "every image pair beyond SIESTA's pattern (idempotent at Γ)")
     args = p.parse_args()
@@ -64,10 +66,24 @@ def main() -> None:
     lattice = hamiltonian.geometry.lattice
     in_pattern = sum(crystal[r] * (stored_k[:, lattice.sc_index(r) * no:(lattice.sc_index(r) + 1) * no].toarray() != 0)
                      for r in offsets if np.all(np.abs(r) <= lattice.nsc // 2))
-    print(f"  SIESTA's pattern  {errors(in_pattern)}")
+    folds = {"SIESTA's pattern": in_pattern}
     for cut in [float(c) for c in args.cuts.split(",")]:
-        print(f"  {cut:5.1f} Å  {errors(sum(crystal[r] * (distance[r] <= cut) for r in offsets))}", flush=True)
-    print(f"  all images (H diagonalized at Γ)  {errors(sum(crystal.values()))}")
+        folds[f"{cut:5.1f} Å"] = sum(crystal[r] * (distance[r] <= cut) for r in offsets)
+    folds["all images (H diagonalized at Γ)"] = sum(crystal.values())
+    for name, d in folds.items():
+        scf = ""
+        if args.scf:  # how many iterations the Γ-only SCF still needs from this fold
+            with tempfile.TemporaryDirectory() as tmp:
+                out = gamma_scf_from(d, args.run, geometry, stored, s_gamma, n_occupied, Path(tmp))
+            scf = f"  Γ-only SCF: {out.scf_iterations} iterations"
+        print(f"  {name}  {errors(d)}{scf}", flush=True)
+    if args.scf:
+        from siesta_dmguess.siesta import prepare_run, run_siesta
+
+        with tempfile.TemporaryDirectory() as tmp:
+            atomic = run_siesta(prepare_run(find_fdf(args.run), Path(tmp), "atomic",
+                                            pseudo_dirs=[args.run.parent / "basis"])).output
+        print(f"  atomic guess  Γ-only SCF: {atomic.scf_iterations} iterations")
     if args.model:
         from siesta_dmguess.predict import predict_density_matrix
         from siesta_dmguess.refine import nearest_idempotent

@@ -80,13 +80,33 @@ def kpoint_rerun(run: Path, workdir: Path, kgrid: int, geometry):
     return result, hamiltonian, workdir / f"{label}.DM"
 
 
-def main() -> None:
-    import scipy.linalg
+def gamma_scf_from(d: np.ndarray, run: Path, geometry, stored: np.ndarray, s: np.ndarray, n_occupied: int,
+                   workdir: Path):
+    """SIESTA's output for the Γ-only run folder ``run`` started from the dense folded DM ``d`` (its stored
+    elements, scaled to the electron count), run in ``workdir``."""
     import scipy.sparse as sp
     import sisl
 
     from siesta_dmguess.data import find_fdf
     from siesta_dmguess.dm import write_density_matrix
+    from siesta_dmguess.siesta import prepare_run, run_siesta
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    dm_file = workdir / "start.DM"
+    d = d * (2 * n_occupied / np.trace(d @ s))
+    rows, cols = np.nonzero(stored)
+    no = d.shape[0]
+    write_density_matrix(sisl.DensityMatrix.fromsp(geometry, [sp.csr_matrix((d[rows, cols], (rows, cols)),
+                                                                             shape=(no, no))]), dm_file)
+    return run_siesta(prepare_run(find_fdf(run), workdir / "run", "ml", dm_file=dm_file,
+                                  pseudo_dirs=[run.parent / "basis"])).output
+
+
+def main() -> None:
+    import scipy.linalg
+    import sisl
+
+    from siesta_dmguess.data import find_fdf
     from siesta_dmguess.predict import predict_density_matrix
     from siesta_dmguess.refine import nearest_idempotent
     from siesta_dmguess.siesta import prepare_run, run_siesta
@@ -121,14 +141,7 @@ def main() -> None:
         print(f"  model {args.model!r} ({pred.refinement})       {errors(d_ml)}")
         starts = {"k-converged DM": d_k, f"model {args.model!r}": d_ml}
         for name, d in starts.items():
-            dm_file = Path(tmp) / "start.DM"
-            dm_file.unlink(missing_ok=True)
-            d = d * (2 * n_occupied / np.trace(d @ s))
-            rows, cols = np.nonzero(stored)
-            write_density_matrix(sisl.DensityMatrix.fromsp(geometry, [sp.csr_matrix((d[rows, cols], (rows, cols)),
-                                                                                     shape=(no, no))]), dm_file)
-            out = run_siesta(prepare_run(fdf, Path(tmp) / name.split()[0], "ml", dm_file=dm_file,
-                                         pseudo_dirs=pseudo_dirs)).output
+            out = gamma_scf_from(d, args.run, geometry, stored, s, n_occupied, Path(tmp) / name.split()[0])
             print(f"  Γ-only SCF from {name:<16} {out.scf_iterations} iterations")
         atomic = run_siesta(prepare_run(fdf, Path(tmp) / "atomic", "atomic", pseudo_dirs=pseudo_dirs)).output
         print(f"  Γ-only SCF from atomic guess     {atomic.scf_iterations} iterations")
