@@ -5,8 +5,8 @@
 
 A Γ-only run of a small cell stores each DM element (i, j) summed over every image
 of j (``integration/benchmarks/folding_reach.py``). That sum is not a local function
-of one atom pair, so a model of pair blocks learns it poorly. The crystal's DM
-D(i, j + R) is local. For each periodic Γ-only run this script reruns SIESTA with a
+of one atom pair; the crystal's DM D(i, j + R) is (though, measured on the water
+boxes, it is no easier to learn element by element: README, Limitations). For each periodic Γ-only run this script reruns SIESTA with a
 k-grid (``SaveHS``), diagonalizes its H(k), S(k) on a denser Born-von Kármán grid,
 and writes D(R) for every atom pair within ``--reach`` Å (SIESTA's pattern plus the
 pairs a model with ``ModelConfig.fold_reach`` adds: :func:`siesta_dmguess.graph.
@@ -36,9 +36,9 @@ import numpy as np
 def crystal_density_matrix(hamiltonian, n_occupied: int, grid: int) -> dict[tuple, np.ndarray]:
     """D(R) (orbitals of the cell x orbitals of image R) for R on a grid^3 Born-von Kármán supercell.
 
-    D(R) = (1/N_k) sum_k 2 C_occ(k) C_occ(k)^H exp(-i k.R), sisl's lattice gauge (as folding_reach.py, which
-    checks it: folded over all images it reproduces SIESTA's Γ DM to MAE 9e-5); an FFT over the grid gives
-    every R at once. Integer occupations: these are insulators (a 3 eV Γ gap for water) at SIESTA's 300 K.
+    D(R) = (1/N_k) sum_k 2 C_occ(k) C_occ(k)^H exp(-i k.R) in sisl's lattice gauge (folding_reach.py checks it:
+    folded over all images it reproduces SIESTA's Γ DM to MAE 9e-5); an FFT over the grid gives every R at
+    once. Integer occupations: these are insulators (a 3 eV Γ gap for water) at SIESTA's 300 K.
     """
     import scipy.linalg
 
