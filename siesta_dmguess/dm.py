@@ -318,7 +318,6 @@ def read_density_matrix(path: str | Path, geometry):
 
 def read_dm_orbital_count(path: str | Path) -> int:
     """Number of orbitals in a ``.DM`` file's header (without a geometry)."""
-
     path = Path(path)
     if not path.is_file():
         raise InputFileError("density matrix file not found", path)
