@@ -51,6 +51,14 @@ class Sample:
         return rows, cols
 
 
+def siesta_pattern(structure: Structure, basis: dict[str, SpeciesBasis]) -> Edges:
+    """The atom pairs of SIESTA's DM sparsity pattern for a structure (:func:`~siesta_dmguess.graph.pattern_pairs`
+    with each atom's largest orbital and KB-projector radius)."""
+    orbital_radius = np.array([basis[l].max_radius for l in structure.labels])
+    kb_radius = np.array([basis[l].max_kb_radius for l in structure.labels])
+    return pattern_pairs(structure.atoms, orbital_radius, kb_radius)
+
+
 def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species: list[str],
                    mp_cutoff: float, dm_ref=None, name: str = "", meta: dict | None = None, fold_reach: float = 0.0,
                    fold: bool | None = None) -> Sample:
@@ -66,10 +74,8 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
         raise InputFileError(f"species {missing} are not covered (known: {species})", structure.source or None)
     index = {s: k for k, s in enumerate(species)}
     spec = np.array([index[l] for l in structure.labels], dtype=np.int64)
-    orbital_radius = np.array([basis[l].max_radius for l in structure.labels])
-    kb_radius = np.array([basis[l].max_kb_radius for l in structure.labels])
     atoms = structure.atoms
-    pattern = pattern_pairs(atoms, orbital_radius, kb_radius)
+    pattern = siesta_pattern(structure, basis)
     if fold is None:
         fold = dm_ref is None or bool(np.prod(dm_ref.geometry.lattice.nsc) == 1)
     if fold or (dm_ref is not None and np.any(dm_ref.geometry.lattice.nsc > pattern.nsc)):

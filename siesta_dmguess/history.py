@@ -152,13 +152,13 @@ class TrajectoryHistory:
         if kind in ("ml", "ml+residual") and predicted is None:
             raise ValueError(f"the {kind!r} guess needs the ML prediction of the step")
         predicted = None if predicted is None else sp.csr_matrix(predicted)
-        if kind == "ml":
-            return predicted
+        if kind == "ml" or (kind == "ml+residual" and self.uses_plain_prediction()):
+            return predicted  # already refined: combining it with zero weights and refining again changes nothing
         steps = list(self.steps)
         if kind == "ml+residual":
             steps = [s for s in steps if s.predicted is not None]
         if not steps:
-            return predicted if kind == "ml+residual" else None
+            return None
         if predicted is not None and steps[0].converged.shape != predicted.shape:
             return predicted if kind == "ml+residual" else None
         if kind == "reuse":

@@ -513,12 +513,12 @@ class DensityMatrixModel(nn.Module):
         self.node_irreps = output_irreps([(b, b) for b in self.basis])
         self.edge_irreps = output_irreps([(a, b) for a in self.basis for b in self.basis])
         self.node_head = o3.FullyConnectedTensorProduct(hidden, o3.Irreps(f"{ns}x0e"), self.node_irreps)
+        if config.pair_set not in ("pattern", "added", "all"):
+            raise ValueError(f"unknown pair_set {config.pair_set!r}")
         pattern_cutoff = config.pattern_cutoff or 2 * max(b.max_radius + b.max_kb_radius for b in self.basis)
         if config.pair_set != "pattern":  # its radial functions must reach the pairs added for folding
             pattern_cutoff = max(pattern_cutoff, config.fold_reach)
         self.rbf_pattern = RadialBasis(config.num_radial, pattern_cutoff + 1e-3, config.radial_basis)
-        if config.pair_set not in ("pattern", "added", "all"):
-            raise ValueError(f"unknown pair_set {config.pair_set!r}")
         self.edge_head = EdgeReadout(hidden, config.pair_irreps, self.irreps_sh, self.edge_irreps,
                                      config.num_radial, config.radial_hidden, self.num_scalars, config.pair_product)
         self.correction_node_head = self.correction_edge_head = None

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from siesta_dmguess.data import prepare_sample
+from siesta_dmguess.data import prepare_sample, siesta_pattern
 from siesta_dmguess.evaluate import predict_flat
-from siesta_dmguess.graph import extend_for_folding, pattern_pairs
+from siesta_dmguess.graph import extend_for_folding
 from siesta_dmguess.model import DensityMatrixModel
 from siesta_dmguess.structure import Structure
 
@@ -16,9 +16,7 @@ REACH = 8.0
 
 
 def pattern_of(atoms):
-    basis = water_basis()
-    labels = atoms.get_chemical_symbols()
-    return pattern_pairs(atoms, [basis[l].max_radius for l in labels], [basis[l].max_kb_radius for l in labels])
+    return siesta_pattern(Structure(atoms, list(atoms.get_chemical_symbols())), water_basis())
 
 
 def test_far_images_are_added_only_onto_elements_the_pattern_stores():

@@ -61,19 +61,16 @@ def crystal_reference(run: Path, workdir: Path, kgrid: int, bvk: int, reach: flo
     """(sisl DensityMatrix of the crystal on pairs within ``reach``, SCF iterations of the k-run) for a run."""
     from gamma_vs_kpoints import kpoint_rerun  # same folder
 
-    from siesta_dmguess.data import load_run
+    from siesta_dmguess.data import load_run, siesta_pattern
     from siesta_dmguess.dm import build_geometry, build_layout, density_matrix_from_flat
-    from siesta_dmguess.graph import extend_for_folding, pattern_pairs
+    from siesta_dmguess.graph import extend_for_folding
 
     structure, basis, _, _ = load_run(run)
     geometry = build_geometry(structure, basis)
     result, hamiltonian, _ = kpoint_rerun(run, workdir, kgrid, geometry)
     n_occupied = int(round(sum(basis[l].valence for l in structure.labels) / 2))  # neutral cells (NetCharge 0)
 
-    atoms = structure.atoms
-    orbital_radius = np.array([basis[l].max_radius for l in structure.labels])
-    kb_radius = np.array([basis[l].max_kb_radius for l in structure.labels])
-    pairs = extend_for_folding(atoms, pattern_pairs(atoms, orbital_radius, kb_radius), reach)
+    pairs = extend_for_folding(structure.atoms, siesta_pattern(structure, basis), reach)  # as prepare_sample does
     grid = max(bvk, 2 * int(np.abs(pairs.shift).max()) + 3)  # every R distinct, and aliasing ≥ one cell away
     crystal = crystal_density_matrix(hamiltonian, n_occupied, grid)
     lattice = build_geometry(structure, basis, nsc=pairs.nsc).lattice
