@@ -121,7 +121,7 @@ class TrajectoryHistory:
         candidates = [predicted] if parts is None else [predicted, parts[0], parts[0] + parts[1]]  # D_ml, E, E + C
         gram = error_gram(candidates, converged, overlap)
         # Gate: the plain prediction already at SIESTA's grid noise (PLAIN_BELOW relative to |D_scf|) is kept.
-        near_floor = gram[0, 0] < PLAIN_BELOW**2 * float(error_gram([0 * converged], converged, overlap)[0, 0])
+        near_floor = gram[0, 0] < PLAIN_BELOW**2 * squared_norm(converged, overlap)
         if parts is None:  # the first step: nothing to fit yet, but the gate already applies
             self.weights = PLAIN_PREDICTION if near_floor else self.weights
             return
@@ -194,6 +194,11 @@ def error_gram(candidates: list, target, overlap=None) -> np.ndarray:
         # Tr[(A S)(B S)] = sum_ij (A S)_ij (B S)_ji
         return np.array([[float(a.multiply(b.T).sum()) for b in diffs] for a in diffs])
     return np.array([[float(a.multiply(b).sum()) for b in diffs] for a in diffs])
+
+
+def squared_norm(matrix, overlap=None) -> float:
+    """|A|² in the inner product of :func:`error_gram` (what :data:`PLAIN_BELOW` is relative to)."""
+    return float(error_gram([0 * matrix], matrix, overlap)[0, 0])
 
 
 def simplex_least_squares(gram: np.ndarray) -> tuple[float, ...]:

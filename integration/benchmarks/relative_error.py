@@ -22,7 +22,7 @@ def main() -> None:
     from siesta_dmguess.card import load_model
     from siesta_dmguess.data import find_fdf, list_runs, load_run, resolve_split
     from siesta_dmguess.dm import to_image_keyed
-    from siesta_dmguess.history import PLAIN_BELOW, error_gram
+    from siesta_dmguess.history import PLAIN_BELOW, error_gram, squared_norm
     from siesta_dmguess.predict import predict_density_matrix
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,8 +41,7 @@ def main() -> None:
             predicted, converged = to_image_keyed(pred.density_matrix), to_image_keyed(reference)
             overlap = pred.history_overlap
             metric = "density" if overlap is not None else "element-wise"
-            values.append(np.sqrt(error_gram([predicted], converged, overlap)[0, 0] /
-                                  error_gram([0 * converged], converged, overlap)[0, 0]))
+            values.append(np.sqrt(error_gram([predicted], converged, overlap)[0, 0] / squared_norm(converged, overlap)))
         print(f"{Path(folder).name} ({model_name}, {metric}): " + " ".join(f"{v:.1e}" for v in values) +
               f"  (below PLAIN_BELOW = {PLAIN_BELOW:g}: {sum(v < PLAIN_BELOW for v in values)} of {len(values)})")
 
