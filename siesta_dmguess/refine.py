@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 REFINEMENTS = ("idempotent", "charge", "none")
 MAX_DENSE_ORBITALS = 6000
 MIN_OCCUPATION_GAP = 0.5  # natural occupations of the last occupied and first empty orbital must differ by this
+# Below this many orbitals the dense eigensolver runs on one BLAS thread: right after a model's forward pass,
+# torch's OpenMP workers still spin and a multithreaded OpenBLAS eigh of a 184-orbital water box took 70-110 ms
+# instead of 3 ms (``integration/benchmarks/predict_scaling.py --refine idempotent`` times it).
+SINGLE_THREAD_ORBITALS = 800
 
 
 @dataclass
@@ -156,12 +160,14 @@ def nearest_idempotent(d: np.ndarray, s: np.ndarray, n_occupied: int,
     is then the lowest ``n_occupied`` states of (-S P S + ΔH) c = ε S c and the gap is ε_LUMO - ε_HOMO.
     """
     import scipy.linalg
+    from threadpoolctl import threadpool_limits
 
     d, s = 0.5 * (d + d.conj().T), 0.5 * (s + s.conj().T)
     h = -(s @ (0.5 * d) @ s)
     if correction is not None:
         h = h + 0.5 * (correction + correction.conj().T)
-    energies, orbitals = scipy.linalg.eigh(h, s)
+    with threadpool_limits(1 if len(h) < SINGLE_THREAD_ORBITALS else None, user_api="blas"):
+        energies, orbitals = scipy.linalg.eigh(h, s)
     occupied = orbitals[:, :n_occupied]
     gap = float(energies[n_occupied] - energies[n_occupied - 1]) if n_occupied < len(energies) else 1.0
     return 2.0 * occupied @ occupied.conj().T, gap

@@ -25,7 +25,9 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 * ``water8-stress``: two ``water8`` val boxes compressed and expanded by 8 %
   (density +28 % / −21 %) or rattled 0.12 Å;
 * ``h2o-stress``: three ``h2o`` val molecules rattled 0.15 Å (about 4x the
-  dataset's distortion).
+  dataset's distortion);
+* ``g2-stress``: every ``g2`` val molecule (30 kinds) rattled again by 0.08 Å
+  (the dataset: 0.04 Å) and reoriented: known molecules, hotter conformers.
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
@@ -91,7 +93,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("datasets", type=Path, help="the shared datasets folder (../shared/datasets)")
     p.add_argument("out", type=Path)
-    p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress")
+    p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,g2-stress")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -154,6 +156,16 @@ def main() -> None:
             atoms = read_structure(args.datasets / "h2o" / run / "input.fdf").atoms
             atoms.rattle(0.15, seed=100 + k)
             write_run(args.datasets / "h2o/0000/input.fdf", atoms, dest / f"{k:04d}")
+    if "g2-stress" in sets:
+        dest = args.out / "g2-stress"
+        copy_basis(args.datasets / "g2", dest)
+        val = [run for run in list_runs(args.datasets / "g2") if run.split == "val"]
+        for k, run in enumerate(val):
+            atoms = read_structure(run.folder / "input.fdf").atoms
+            atoms.rattle(0.08, seed=400 + k)
+            atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
+            atoms.center()
+            write_run(args.datasets / "g2/0000/input.fdf", atoms, dest / f"{k:04d}")
     print(f"wrote {', '.join(sets)} under {args.out}")
 
 
