@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from siesta_dmguess.refine import refine
+from siesta_dmguess.refine import SINGLE_THREAD_ORBITALS, nearest_idempotent, refine
 
 from .conftest import dataset
 
@@ -234,3 +234,24 @@ def test_a_k_point_trajectory_guess_is_charge_scaled_like_its_prediction():
     assert keyed.multiply(overlap).sum() == pytest.approx(32.0, abs=1e-8)  # 8 Si, 4 valence electrons each
     off = pred.refined(1.07 * keyed)
     assert abs(off - keyed).max() < 1e-12
+
+
+@pytest.mark.parametrize("no, expected_threads", [(NO, 1), (SINGLE_THREAD_ORBITALS, None)])
+def test_small_projections_run_on_one_blas_thread(monkeypatch, no, expected_threads):
+    """Below SINGLE_THREAD_ORBITALS the eigensolver must not compete with torch's spinning OpenMP workers."""
+    import scipy.linalg
+    from threadpoolctl import threadpool_info
+
+    seen = []
+    real_eigh = scipy.linalg.eigh
+
+    def recording_eigh(*args, **kwargs):
+        seen.append({pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"})
+        return real_eigh(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "eigh", recording_eigh)
+    c = np.linalg.qr(np.random.default_rng(5).normal(size=(no, N_OCC)))[0]  # orthonormal occupied orbitals, S = 1
+    nearest_idempotent(2 * c @ c.T, np.eye(no), N_OCC)
+    outside = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+    assert len(seen) == 1
+    assert seen[0] == ({1} if expected_threads == 1 else outside)  # large matrices keep every thread
