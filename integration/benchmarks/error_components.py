@@ -23,6 +23,9 @@ with S from the basis), so only that part differs from the answer:
   grid breaks translation symmetry, so an exact equivariant model can do no better:
   the floor of any prediction).
 
+For a k-point run (``si8``) only the floor is measured: D* as SIESTA wrote it (with
+its images), unmoved and moved.
+
 Prints, per start, its largest and mean element error, the density-operator error
 sqrt(Tr[(E S)²]), SIESTA's iteration count and the dDmax history. For a molecule the
 dense matrices are small; for a periodic box this is O(n_orb³) and meant for the
@@ -83,6 +86,38 @@ def populations_fixed(density: np.ndarray, overlap: np.ndarray, groups: np.ndarr
     return d
 
 
+def moved_fdf(fdf: Path, shift: float, tmp: Path) -> Path:
+    """A copy of ``fdf`` with every atom moved by ``shift`` Å along a fixed oblique direction."""
+    from siesta_dmguess.siesta.templates import fdf_with_geometry
+    from siesta_dmguess.structure import read_structure
+
+    moved = tmp / f"shift{shift}" / fdf.name
+    moved.parent.mkdir()
+    structure = read_structure(fdf)
+    structure.atoms.translate(np.array([1.0, 0.7, 0.3]) * shift)
+    moved.write_text(fdf_with_geometry(fdf.read_text(), structure.atoms, structure.labels))
+    return moved
+
+
+def kpoint_floor(run: Path, fdf: Path, shifts: list[float]) -> None:
+    """SCF iterations of a k-point run started from its own converged DM file (images kept), unmoved and moved
+    by less than a grid spacing: the floor of any prediction for that run."""
+    from siesta_dmguess.siesta import prepare_run, run_siesta
+
+    dm_file = next(run.glob("*.DM"), None)
+    if dm_file is None:
+        raise SystemExit(f"{run}: no converged .DM to start from")
+    print(f"{run}: k-point run; starts from its converged DM ({dm_file.name}, images kept)")
+    print(f"{'start':>22} {'SCF it.':>7}  dDmax per iteration")
+    with tempfile.TemporaryDirectory() as tmp:
+        starts = {"converged DM": fdf} | {f"grid-shift {d:g} Å": moved_fdf(fdf, d, Path(tmp)) for d in shifts}
+        for k, (name, run_fdf) in enumerate(starts.items()):
+            out = run_siesta(prepare_run(run_fdf, Path(tmp) / f"start{k}", "ml", dm_file=dm_file,
+                                         pseudo_dirs=[run.parent / "basis", run])).output
+            history = " ".join(f"{st.dDmax:.1e}" for st in out.scf_history)
+            print(f"{name:>22} {out.scf_iterations:>7d}  {history}", flush=True)
+
+
 def main() -> None:
     import scipy.sparse as sp
     import sisl
@@ -92,18 +127,20 @@ def main() -> None:
     from siesta_dmguess.dm import flat_to_csr, write_density_matrix
     from siesta_dmguess.predict import predict_density_matrix
     from siesta_dmguess.siesta import prepare_run, run_siesta
-    from siesta_dmguess.siesta.templates import fdf_with_geometry
-    from siesta_dmguess.structure import read_structure
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path, help="a converged Γ-only or molecular run folder (fdf + .DM)")
+    p.add_argument("run", type=Path, help="a converged run folder (fdf + .DM); k-point runs: the floor only")
     p.add_argument("--model", default="water")
     p.add_argument("--null", type=float, default=0.05, help="S eigenvalue below which a direction is near-null")
     p.add_argument("--shifts", default="0.02,0.057", help="grid-shift starts: displacements in Å (0 to skip)")
     args = p.parse_args()
 
     fdf = find_fdf(args.run)
-    _, _, dm_ref, _ = load_run(args.run)
+    structure, _, dm_ref, _ = load_run(args.run)
+    shifts = [float(x) for x in args.shifts.split(",") if float(x)]
+    if structure.fdf_settings.get("kgrid"):
+        # A k-point DM keeps its images and has no dense Γ matrix to split: only the floor applies.
+        return kpoint_floor(args.run, fdf, shifts)
     pred = predict_density_matrix(fdf, load_model(args.model), fold=True)
     if pred.overlap is None:
         raise SystemExit("the model carries no radial functions: no overlap")
@@ -126,14 +163,8 @@ def main() -> None:
     print(f"{args.run}: {exact.shape[0]} orbitals, smallest S eigenvalue {np.linalg.eigvalsh(s)[0]:.1e}")
     print(f"{'start':>22} {'max|E|':>8} {'mean|E|':>8} {'rho err':>8} {'SCF it.':>7}  dDmax per iteration")
     with tempfile.TemporaryDirectory() as tmp:
-        shifts = [float(x) for x in args.shifts.split(",") if float(x)]
         for d in shifts:  # a moved copy of the fdf, started from the unmoved converged DM
-            moved = Path(tmp) / f"shift{d}" / fdf.name
-            moved.parent.mkdir()
-            structure = read_structure(fdf)
-            structure.atoms.translate(np.array([1.0, 0.7, 0.3]) * d)
-            moved.write_text(fdf_with_geometry(fdf.read_text(), structure.atoms, structure.labels))
-            starts[f"grid-shift {d:g} Å"] = (moved, exact)
+            starts[f"grid-shift {d:g} Å"] = (moved_fdf(fdf, d, Path(tmp)), exact)
         for k, (name, (run_fdf, start)) in enumerate(starts.items()):
             start = 0.5 * (start + start.T)
             start = start * (n_electrons / (start * s).sum())
