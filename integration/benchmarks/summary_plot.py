@@ -1,0 +1,98 @@
+"""One picture of every SCF benchmark in docs/results: iterations saved against SIESTA's atomic guess.
+
+    python integration/benchmarks/summary_plot.py docs/results --out docs/results/summary.png
+
+Reads the Markdown tables that ``siesta-dmguess bench`` writes (``bench_*.md``): for a
+set of structures its "Total: A → B SCF iterations" line, for a trajectory the
+per-guess totals. Draws the percentage saved per set (held-out validation sets,
+unseen structures) and per guess along each trajectory, with a dashed line at
+the 65 % target. Nothing is rerun: the numbers are the committed tables'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+SET_TOTAL = re.compile(r"^# SCF benchmark: (?P<set>\S+) with (?P<model>\S+).*?^Total: (?P<atomic>\d+) → (?P<ml>\d+) SCF",
+                       re.S | re.M)
+TRAJECTORY_TITLE = re.compile(r"^# SCF iterations along (?P<traj>\S+)\.traj", re.M)
+GUESS_ROW = re.compile(r"^\| (?P<guess>atomic|reuse|extrapolation|ml|ml\+residual) \| (?P<total>\d+) \|", re.M)
+GUESSES = ("reuse", "extrapolation", "ml", "ml+residual")
+
+
+def read_tables(folder: Path) -> tuple[list[tuple[str, int, int]], dict[str, dict[str, int]]]:
+    """([(label, atomic, ml)] for structure sets, {trajectory: {guess: total}}) from ``bench_*.md``."""
+    sets, trajectories = [], {}
+    for path in sorted(folder.glob("bench_*.md")):
+        text = path.read_text()
+        if m := SET_TOTAL.search(text):
+            unseen = path.stem.startswith("bench_unseen_")
+            sets.append((f"{m['set']}{' (unseen)' if unseen else ' val'} · {m['model']}",
+                         int(m["atomic"]), int(m["ml"])))
+        elif m := TRAJECTORY_TITLE.search(text):
+            totals = {g["guess"]: int(g["total"]) for g in GUESS_ROW.finditer(text)}
+            if "atomic" not in totals:  # the atomic total is in the summary table's first row
+                continue
+            trajectories[m["traj"]] = totals
+        else:
+            raise SystemExit(f"{path}: not a table written by `siesta-dmguess bench`")
+    sets.sort(key=lambda s: ("unseen" in s[0], s[0]))  # held-out validation sets first
+    return sets, trajectories
+
+
+def plot(sets, trajectories, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.42 * max(len(sets), 4 * len(trajectories) // 2) + 1.8))
+    labels = [label for label, _, _ in sets]
+    saved = [100 * (a - m) / a for _, a, m in sets]
+    y = np.arange(len(sets))
+    ax1.barh(y, saved, color=["tab:orange" if "unseen" in lab else "tab:blue" for lab in labels])
+    for k, (_, a, m) in enumerate(sets):
+        ax1.text(max(saved[k], 0) + 1, k, f"{a} → {m}", va="center", fontsize=8)
+    ax1.set_yticks(y, labels, fontsize=8)
+    ax1.invert_yaxis()
+    ax1.axvline(65, ls="--", color="k", lw=0.8)
+    ax1.set_xlim(min(0, min(saved, default=0)) - 2, 100)
+    ax1.set_xlabel("SCF iterations saved vs atomic guess (%)")
+    ax1.set_title("single structures (blue: held-out val, orange: unseen)", fontsize=10)
+
+    names = sorted(trajectories)
+    width = 0.8 / len(GUESSES)
+    for g, guess in enumerate(GUESSES):
+        values = [100 * (trajectories[t]["atomic"] - trajectories[t].get(guess, trajectories[t]["atomic"]))
+                  / trajectories[t]["atomic"] for t in names]
+        ax2.barh(np.arange(len(names)) + (g - 1.5) * width, values, height=width, label=guess)
+    ax2.set_yticks(np.arange(len(names)), names, fontsize=8)
+    ax2.invert_yaxis()
+    ax2.axvline(65, ls="--", color="k", lw=0.8)
+    ax2.set_xlim(0, 100)
+    ax2.set_xlabel("SCF iterations saved vs atomic guess (%)")
+    ax2.set_title("trajectories (ASE-driven MD and relaxations)", fontsize=10)
+    ax2.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", type=Path, help="folder with bench_*.md tables (docs/results)")
+    p.add_argument("--out", type=Path, default=Path("summary.png"))
+    args = p.parse_args()
+    sets, trajectories = read_tables(args.results)
+    for label, a, m in sets:
+        print(f"{label:45s} {a:4d} → {m:4d}  {100 * (a - m) / a:5.1f} % saved")
+    for name, totals in sorted(trajectories.items()):
+        print(f"{name:45s} " + "  ".join(f"{g} {totals[g]}" for g in ("atomic", *GUESSES) if g in totals))
+    plot(sets, trajectories, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
