@@ -203,7 +203,7 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
               "novelty_threshold": float(loaded.model.novelty_threshold)}
     for d in data_dirs:
         used = resolve_split(d, split)
-        samples = load_samples([d], cfg.species, loaded.basis, cfg.mp_cutoff, split=used, progress=progress,
+        samples = load_samples([d], cfg.species, loaded.basis, cfg.message_cutoff, split=used, progress=progress,
                                with_overlap=True, fold_reach=cfg.fold_reach)
         if not samples:
             from .errors import InputFileError

@@ -38,6 +38,14 @@ from .basis import SpeciesBasis
 from .conventions import to_e3nn_frame
 
 
+# Settings of one network's own form that a residual stage may set differently from the networks before it
+# (``train --init MODEL --add-stage --config ...``): they change only the new network, never the frozen ones'
+# inputs. E.g. a wider ``mp_cutoff`` gives the stage more context than the first network had.
+STAGE_SETTINGS = ("mp_cutoff", "num_layers", "hidden_irreps", "pair_irreps", "lmax_sh_mp", "num_radial",
+                  "radial_hidden", "product_irreps", "pair_product", "radial_basis", "species_radial",
+                  "avg_num_neighbors")
+
+
 @dataclass
 class ModelConfig:
     species: list[str]
@@ -90,6 +98,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def message_cutoff(self) -> float:
+        """Å: the longest message-passing edge any network of the model uses (a residual stage may see farther
+        than the networks before it, ``STAGE_SETTINGS``); samples are built with it and each network keeps the
+        edges within its own ``mp_cutoff``."""
+        return max([self.mp_cutoff] + [float(st.get("mp_cutoff", self.mp_cutoff)) for st in self.residual_stages])
 
     # Values of later-added fields for configs written before them (so older model folders still load).
     LEGACY = {"species_radial": False, "product_irreps": "", "pair_product": False, "radial_basis": "bessel", "feature_norm": False,
@@ -590,8 +605,12 @@ class DensityMatrixModel(nn.Module):
         """
         onehot = batch["onehot"]
         species = onehot.argmax(dim=1)
-        src, dst = batch["mp_src"], batch["mp_dst"]
-        vec = to_e3nn_frame(batch["mp_vec"])
+        src, dst, vec = batch["mp_src"], batch["mp_dst"], batch["mp_vec"]
+        # Samples carry edges up to the model's longest cutoff (ModelConfig.message_cutoff); keep this network's.
+        within = vec.norm(dim=1) < self.config.mp_cutoff
+        if not bool(within.all()):
+            src, dst, vec = src[within], dst[within], vec[within]
+        vec = to_e3nn_frame(vec)
         sh = o3.spherical_harmonics(self.irreps_sh_mp, vec, normalize=True, normalization="component")
         rbf = self.rbf_mp(vec.norm(dim=1))
         stages = list(self.layers)

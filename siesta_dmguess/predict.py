@@ -176,7 +176,7 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     cfg = loaded.config
     if fold is None:
         fold = not structure.fdf_settings.get("kgrid", False)
-    sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.mp_cutoff, name=structure.source,
+    sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.message_cutoff, name=structure.source,
                             fold_reach=cfg.fold_reach, fold=fold)
     n_expected = _expected_electrons(structure, loaded.basis)
     # The ΔH head only steers the dense projection: skip it where that will not run (keeps large systems O(N)).

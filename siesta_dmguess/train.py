@@ -24,7 +24,7 @@ from .card import atomic_torch_save, save_model, sha256_file
 from .data import list_runs, load_samples, run_basis
 from .errors import InputFileError
 from .evaluate import atom_batches, evaluate_samples
-from .model import DensityMatrixModel, ModelConfig, collate, fold_to_targets, onsite_reference
+from .model import STAGE_SETTINGS, DensityMatrixModel, ModelConfig, collate, fold_to_targets, onsite_reference
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +124,16 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     overrides = dict(config_overrides or {})
     if options.correction_epochs:
         overrides["correction_head"] = True
+    # With --add-stage, settings of a network's form (a wider mp_cutoff, more layers, ...) are the new stage's:
+    # given to the whole model they would change what the frozen networks see.
+    stage_overrides = {k: overrides.pop(k) for k in list(overrides) if k in STAGE_SETTINGS} \
+        if options.add_stage else {}
     init, init_training = _init_model(options.init, basis, overrides) if options.init else (None, None)
     cfg = init.config if init else ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()},
                                                seed=options.seed, **overrides)
     species = cfg.species
-    samples = load_samples(data_dirs, species, basis, cfg.mp_cutoff, progress=options.progress, with_overlap=True,
+    cutoff = max(cfg.message_cutoff, float(stage_overrides.get("mp_cutoff", 0.0)))
+    samples = load_samples(data_dirs, species, basis, cutoff, progress=options.progress, with_overlap=True,
                            fold_reach=cfg.fold_reach)
     train_set, val_set = _split(samples, options)
     if not train_set:
@@ -139,7 +144,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             raise InputFileError("--add-stage needs --init: the model whose residual the new stage learns", out_dir)
         # Per-structure MAEs of the frozen model: a stage is judged by how much it lowers each structure's error.
         val_reference = np.array([m["mae"] for m in evaluate_samples(init.eval(), val_set)["structures"]])
-        model, previous = add_residual_stage(init, train_set, keep_correction=bool(options.correction_epochs))
+        model, previous = add_residual_stage(init, train_set, keep_correction=bool(options.correction_epochs),
+                                             overrides=stage_overrides)
         cfg = model.config
     elif init:
         model = init
@@ -302,8 +308,8 @@ def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[Densit
     return model, loaded.card.get("training", {})
 
 
-def add_residual_stage(model: DensityMatrixModel, train_set,
-                       keep_correction: bool = False) -> tuple[DensityMatrixModel, dict]:
+def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bool = False,
+                       overrides: dict | None = None) -> tuple[DensityMatrixModel, dict]:
     """``model`` plus one residual stage (:attr:`ModelConfig.residual_stages`) scaled to the RMS of what ``model``
     leaves over on ``train_set``, with every other parameter frozen; and, keyed by ``id(sample)``, ``model``'s flat
     prediction (so that training runs only the new stage) and the weight that makes the stage's loss relative:
@@ -311,14 +317,25 @@ def add_residual_stage(model: DensityMatrixModel, train_set,
     than periodic boxes then count as much as the boxes, instead of vanishing from a plain mean squared error.
 
     A ΔH head of ``model`` was trained to steer the projection of the DM it had; the stage changes that DM, so
-    the head is dropped unless ``keep_correction`` (it is then retrained: ``--correction-epochs``)."""
+    the head is dropped unless ``keep_correction`` (it is then retrained: ``--correction-epochs``).
+
+    ``overrides`` (keys of :data:`~siesta_dmguess.model.STAGE_SETTINGS`) give the stage a form of its own, e.g. a
+    wider ``mp_cutoff``; the samples must then carry edges that far (``ModelConfig.message_cutoff``)."""
     from .evaluate import folded_to_reference, predict_flat
 
     model.eval()
     flats = predict_flat(model, train_set)
     residuals = [folded_to_reference(s, f) - s.target_values for s, f in zip(train_set, flats)]
     rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
-    stage = {"output_scale": rms}
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(STAGE_SETTINGS))
+    if unknown:
+        raise ValueError(f"not settings of a residual stage: {unknown} (allowed: {list(STAGE_SETTINGS)})")
+    if "mp_cutoff" in overrides and "avg_num_neighbors" not in overrides:  # normalizes the stage's aggregation
+        cut = float(overrides["mp_cutoff"])
+        overrides["avg_num_neighbors"] = float(np.mean(
+            [np.sum(np.linalg.norm(s.mp_edges.vectors, axis=1) < cut) / s.species.size for s in train_set])) or 1.0
+    stage = {"output_scale": rms, **overrides}
     covered = model.config.pair_set != "pattern" or any(st.get("pair_set") in ("added", "all")
                                                         for st in model.config.residual_stages)
     if model.config.fold_reach > 0 and not covered:

@@ -44,7 +44,7 @@ def test_molecules_and_large_cells_keep_siestas_pattern(atoms):
 
 def _folded(model, atoms, reach):
     st = Structure(atoms, list(atoms.get_chemical_symbols()))
-    sample = prepare_sample(st, water_basis(), model.species, model.config.mp_cutoff, fold_reach=reach, fold=True)
+    sample = prepare_sample(st, water_basis(), model.species, model.config.message_cutoff, fold_reach=reach, fold=True)
     flat = predict_flat(model, [sample], dtype=torch.float64)[0]
     lay = sample.layout
     dense = np.zeros((lay.no, lay.no))

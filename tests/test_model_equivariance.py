@@ -16,10 +16,12 @@ from siesta_dmguess.structure import Structure
 from .conftest import small_config, water_basis, water_box, water_molecule
 
 
-@pytest.fixture(params=["dm", "dm+correction", "dm+residual-stage", "dm+folding-stage"])
+@pytest.fixture(params=["dm", "dm+correction", "dm+residual-stage", "dm+folding-stage", "dm+wider-stage"])
 def model(float64, request):
     # correction_scale 1: ΔH blocks of DM size, so the equivariance check compares real numbers.
     stages = [{"output_scale": 0.5, "num_layers": 1}] if request.param == "dm+residual-stage" else []
+    if request.param == "dm+wider-stage":  # a stage whose messages reach farther than the first network's
+        stages = [{"output_scale": 0.5, "num_layers": 1, "mp_cutoff": 4.5, "avg_num_neighbors": 20.0}]
     reach = 0.0
     if request.param == "dm+folding-stage":  # a stage that also predicts image pairs added for folding
         reach = 7.0
@@ -38,7 +40,7 @@ def blocks(model, atoms, correction=False):
     """{(i, j, shift): block} in SIESTA's basis, for a structure (of the DM, or of the ΔH head)."""
     basis = water_basis()
     st = Structure(atoms, list(atoms.get_chemical_symbols()))
-    sample = prepare_sample(st, basis, model.species, model.config.mp_cutoff, fold_reach=model.config.fold_reach)
+    sample = prepare_sample(st, basis, model.species, model.config.message_cutoff, fold_reach=model.config.fold_reach)
     corrections = []
     flat = predict_flat(model, [sample], dtype=torch.float64, corrections=corrections)[0]
     flat = corrections[0] if correction else flat
@@ -127,3 +129,21 @@ def test_supercell_gives_same_blocks(model):
         assert np.abs(ref[key] - b).max() < 1e-10
         checked += 1
     assert checked == sum(1 for k in got if k[0] < n) or model.config.fold_reach and checked > len(atoms) ** 2
+
+
+def test_a_network_uses_only_its_own_message_edges(float64):
+    """Samples carry edges up to the model's longest cutoff (a wider residual stage); the first network must see
+    exactly the edges within its own, or adding such a stage would change what the frozen network predicts."""
+    m = DensityMatrixModel(small_config())
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    m.eval()
+    atoms = water_box()
+    st = Structure(atoms, list(atoms.get_chemical_symbols()))
+    own = prepare_sample(st, water_basis(), m.species, m.config.mp_cutoff)
+    wider = prepare_sample(st, water_basis(), m.species, m.config.mp_cutoff + 1.5)
+    assert len(wider.mp_edges) > len(own.mp_edges)
+    a, b = (predict_flat(m, [s], dtype=torch.float64)[0] for s in (own, wider))
+    assert np.abs(a - b).max() < 1e-12

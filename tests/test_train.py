@@ -77,7 +77,7 @@ def test_correction_head_trains_through_the_projection_from_a_trained_model(tmp_
 def _val_samples(data, loaded):
     from siesta_dmguess.data import load_samples
 
-    return load_samples([data], loaded.config.species, loaded.basis, loaded.config.mp_cutoff, split="val")
+    return load_samples([data], loaded.config.species, loaded.basis, loaded.config.message_cutoff, split="val")
 
 
 def test_init_from_a_model_of_other_species_is_a_clear_error(tmp_path):
@@ -101,7 +101,7 @@ def test_residual_stage_starts_as_the_frozen_model_and_lowers_its_training_error
     base = tmp_path / "base"
     train([data], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
     old = load_model(base)
-    samples = load_samples([data], old.config.species, old.basis, old.config.mp_cutoff, split="train")[:8]
+    samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train")[:8]
     staged, _ = add_residual_stage(old.model, samples)
     before_all = predict_flat(old.model, samples)
     after = predict_flat(staged.eval(), samples)
@@ -125,3 +125,31 @@ def test_add_stage_without_init_is_a_clear_error(tmp_path):
 
     with pytest.raises(InputFileError, match="--add-stage needs --init"):
         train([dataset("h2o")], tmp_path / "m", TrainOptions(epochs=1, progress=False, add_stage=True), TINY)
+
+
+def test_a_stage_can_see_farther_than_the_frozen_networks(tmp_path):
+    """--add-stage --config '{"mp_cutoff": ...}': the wider cutoff is the new stage's (with its own neighbour
+    normalization), the frozen networks keep theirs, and settings that are not a stage's are refused."""
+    import torch
+
+    from siesta_dmguess.data import load_samples
+    from siesta_dmguess.model import collate
+    from siesta_dmguess.train import add_residual_stage
+
+    data = dataset("h2o")
+    base = tmp_path / "base"
+    train([data], base, TrainOptions(epochs=1, batch_atoms=12, max_train=4, progress=False), TINY)
+    train([data], tmp_path / "wide", TrainOptions(epochs=1, batch_atoms=12, max_train=4, progress=False,
+                                                 init=str(base), add_stage=True), {"mp_cutoff": 4.5})
+    wide = load_model(tmp_path / "wide")
+    assert wide.config.mp_cutoff == TINY["mp_cutoff"] and wide.config.message_cutoff == 4.5
+    assert wide.config.residual_stages[0]["mp_cutoff"] == 4.5 and wide.config.residual_stages[0]["avg_num_neighbors"] > 0
+    old = load_model(base)
+    samples = load_samples([data], old.config.species, old.basis, 4.5, split="val")[:2]
+    # The frozen first network predicts from the wider samples exactly what it predicted before.
+    with torch.no_grad():
+        for batch in [collate([s], len(old.config.species), torch.float32, with_targets=False) for s in samples]:
+            first_network = [m.stage_blocks(m.node_features(batch), batch).numpy() for m in (wide.model, old.model)]
+            assert np.allclose(*first_network, atol=1e-6)
+    with pytest.raises(ValueError, match="not settings of a residual stage"):
+        add_residual_stage(old.model, samples, overrides={"fold_reach": 8.0})

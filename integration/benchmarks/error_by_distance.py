@@ -34,7 +34,7 @@ def main() -> None:
     cfg = loaded.config
     for run in args.runs:
         structure, basis, dm, _ = load_run(run)
-        sample = prepare_sample(structure, basis, cfg.species, cfg.mp_cutoff, dm, fold_reach=cfg.fold_reach)
+        sample = prepare_sample(structure, basis, cfg.species, cfg.message_cutoff, dm, fold_reach=cfg.fold_reach)
         if sample.fold:
             raise SystemExit(f"{run}: the reference is folded (Γ-only or a molecule); its blocks overlap")
         covered = sample.target_index >= 0

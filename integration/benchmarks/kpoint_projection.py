@@ -74,7 +74,7 @@ def main() -> None:
 
     loaded = load_model(args.model)
     cfg = loaded.config
-    samples = load_samples([args.data_dir], cfg.species, loaded.basis, cfg.mp_cutoff, split=args.split)
+    samples = load_samples([args.data_dir], cfg.species, loaded.basis, cfg.message_cutoff, split=args.split)
     raw = predict_flat(loaded.model, samples, dtype=next(loaded.model.parameters()).dtype)
     print(f"{'run':<40} {'k-points':>8} {'gap (SIESTA)':>13} {'moved (SIESTA)':>15} {'gap (model)':>12}"
           f" {'MAE charge-scaled':>18} {'MAE projected':>14}")
