@@ -606,13 +606,14 @@ class DensityMatrixModel(nn.Module):
         onehot = batch["onehot"]
         species = onehot.argmax(dim=1)
         src, dst, vec = batch["mp_src"], batch["mp_dst"], batch["mp_vec"]
+        length = vec.norm(dim=1)  # the e3nn frame only permutes axes: same lengths
         # Samples carry edges up to the model's longest cutoff (ModelConfig.message_cutoff); keep this network's.
-        within = vec.norm(dim=1) < self.config.mp_cutoff
+        within = length < self.config.mp_cutoff
         if not bool(within.all()):
-            src, dst, vec = src[within], dst[within], vec[within]
+            src, dst, vec, length = src[within], dst[within], vec[within], length[within]
         vec = to_e3nn_frame(vec)
         sh = o3.spherical_harmonics(self.irreps_sh_mp, vec, normalize=True, normalization="component")
-        rbf = self.rbf_mp(vec.norm(dim=1))
+        rbf = self.rbf_mp(length)
         stages = list(self.layers)
         if self.density is not None:
             h = None

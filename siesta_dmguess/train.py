@@ -150,8 +150,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     elif init:
         model = init
     else:
-        # Mean number of message-passing neighbours normalizes the aggregation.
-        cfg.avg_num_neighbors = float(np.mean([len(s.mp_edges) / s.species.size for s in train_set])) or 1.0
+        cfg.avg_num_neighbors = mean_neighbours(train_set, cfg.mp_cutoff)
         cfg.onsite_reference = onsite_reference(train_set, species, basis)
         model = DensityMatrixModel(cfg)
         # Data-dependent initialization of the feature standardization (a no-op for models without it).
@@ -308,6 +307,13 @@ def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[Densit
     return model, loaded.card.get("training", {})
 
 
+def mean_neighbours(samples, cutoff: float) -> float:
+    """Mean number of message-passing neighbours per atom within ``cutoff`` Å: normalizes a network's
+    aggregation. Samples may carry edges beyond it (a wider residual stage, ``ModelConfig.message_cutoff``)."""
+    counts = [np.sum(np.linalg.norm(s.mp_edges.vectors, axis=1) < cutoff) / s.species.size for s in samples]
+    return float(np.mean(counts)) or 1.0
+
+
 def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bool = False,
                        overrides: dict | None = None) -> tuple[DensityMatrixModel, dict]:
     """``model`` plus one residual stage (:attr:`ModelConfig.residual_stages`) scaled to the RMS of what ``model``
@@ -331,10 +337,8 @@ def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bo
     unknown = sorted(set(overrides) - set(STAGE_SETTINGS))
     if unknown:
         raise ValueError(f"not settings of a residual stage: {unknown} (allowed: {list(STAGE_SETTINGS)})")
-    if "mp_cutoff" in overrides and "avg_num_neighbors" not in overrides:  # normalizes the stage's aggregation
-        cut = float(overrides["mp_cutoff"])
-        overrides["avg_num_neighbors"] = float(np.mean(
-            [np.sum(np.linalg.norm(s.mp_edges.vectors, axis=1) < cut) / s.species.size for s in train_set])) or 1.0
+    if "mp_cutoff" in overrides and "avg_num_neighbors" not in overrides:
+        overrides["avg_num_neighbors"] = mean_neighbours(train_set, float(overrides["mp_cutoff"]))
     stage = {"output_scale": rms, **overrides}
     covered = model.config.pair_set != "pattern" or any(st.get("pair_set") in ("added", "all")
                                                         for st in model.config.residual_stages)

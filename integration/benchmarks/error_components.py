@@ -99,11 +99,19 @@ def moved_fdf(fdf: Path, shift: float, tmp: Path) -> Path:
     return moved
 
 
+def scf_from(run_fdf: Path, dm_file: Path, workdir: Path, run: Path) -> tuple[int, str]:
+    """SIESTA's iteration count and dDmax history for ``run_fdf`` started from ``dm_file`` (pseudopotentials from
+    the run folder ``run`` or its dataset's ``basis/``)."""
+    from siesta_dmguess.siesta import prepare_run, run_siesta
+
+    out = run_siesta(prepare_run(run_fdf, workdir, "ml", dm_file=dm_file,
+                                 pseudo_dirs=[run.parent / "basis", run])).output
+    return out.scf_iterations, " ".join(f"{st.dDmax:.1e}" for st in out.scf_history)
+
+
 def kpoint_floor(run: Path, fdf: Path, shifts: list[float]) -> None:
     """SCF iterations of a k-point run started from its own converged DM file (images kept), unmoved and moved
     by less than a grid spacing: the floor of any prediction for that run."""
-    from siesta_dmguess.siesta import prepare_run, run_siesta
-
     dm_file = next(run.glob("*.DM"), None)
     if dm_file is None:
         raise SystemExit(f"{run}: no converged .DM to start from")
@@ -112,10 +120,8 @@ def kpoint_floor(run: Path, fdf: Path, shifts: list[float]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         starts = {"converged DM": fdf} | {f"grid-shift {d:g} Å": moved_fdf(fdf, d, Path(tmp)) for d in shifts}
         for k, (name, run_fdf) in enumerate(starts.items()):
-            out = run_siesta(prepare_run(run_fdf, Path(tmp) / f"start{k}", "ml", dm_file=dm_file,
-                                         pseudo_dirs=[run.parent / "basis", run])).output
-            history = " ".join(f"{st.dDmax:.1e}" for st in out.scf_history)
-            print(f"{name:>22} {out.scf_iterations:>7d}  {history}", flush=True)
+            iterations, history = scf_from(run_fdf, dm_file, Path(tmp) / f"start{k}", run)
+            print(f"{name:>22} {iterations:>7d}  {history}", flush=True)
 
 
 def main() -> None:
@@ -126,7 +132,6 @@ def main() -> None:
     from siesta_dmguess.data import find_fdf, load_run
     from siesta_dmguess.dm import flat_to_csr, write_density_matrix
     from siesta_dmguess.predict import predict_density_matrix
-    from siesta_dmguess.siesta import prepare_run, run_siesta
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a converged run folder (fdf + .DM); k-point runs: the floor only")
@@ -174,15 +179,13 @@ def main() -> None:
             dm_file = work / "start.DM"
             write_density_matrix(sisl.DensityMatrix.fromsp(dm_ref.geometry, [sp.csr_matrix(np.where(keep, start, 0))]),
                                  dm_file)
-            out = run_siesta(prepare_run(run_fdf, work / "run", "ml", dm_file=dm_file,
-                                         pseudo_dirs=[args.run.parent / "basis", args.run])).output
-            history = " ".join(f"{st.dDmax:.1e}" for st in out.scf_history)
+            iterations, history = scf_from(run_fdf, dm_file, work / "run", args.run)
             if run_fdf is fdf:
                 rho = np.sqrt(max(np.trace(e @ s @ e @ s), 0.0))
                 errors = f"{abs(e).max():>8.1e} {abs(e[exact != 0]).mean():>8.1e} {rho:>8.4f}"
             else:  # the moved structure's own answer is not known here
                 errors = f"{'-':>8} {'-':>8} {'-':>8}"
-            print(f"{name:>22} {errors} {out.scf_iterations:>7d}  {history}", flush=True)
+            print(f"{name:>22} {errors} {iterations:>7d}  {history}", flush=True)
 
 
 if __name__ == "__main__":
