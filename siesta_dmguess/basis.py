@@ -76,6 +76,11 @@ class SpeciesBasis:
         return np.concatenate([[s.q0 / s.size] * s.size for s in self.shells])
 
     @property
+    def orbital_radius(self) -> np.ndarray:
+        """Cutoff radius (Å) of every orbital, in SIESTA's order."""
+        return np.concatenate([[s.radius] * s.size for s in self.shells])
+
+    @property
     def max_radius(self) -> float:
         return max(s.radius for s in self.shells)
 

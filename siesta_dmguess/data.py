@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .basis import SpeciesBasis, find_basis_files, read_species_basis
-from .dm import BlockLayout, build_geometry, build_layout, read_density_matrix, reference_lookup
+from .dm import (BlockLayout, build_geometry, build_layout, read_density_matrix, reference_lookup,
+                 siesta_orbital_mask)
 from .errors import InputFileError
 from .graph import Edges, extend_for_folding, pattern_pairs, radius_pairs
 from .structure import Structure, fdf_sile, read_structure
@@ -39,6 +40,7 @@ class Sample:
     target_index: np.ndarray | None = None  # (M,) stored reference element of each flat element, or -1
     target_values: np.ndarray | None = None  # (nnz,) stored reference elements (SIESTA basis)
     meta: dict = field(default_factory=dict)
+    in_siesta_pattern: np.ndarray | None = None  # (M,) bool: elements SIESTA stores (dm.siesta_orbital_mask)
 
     def stored_cell_positions(self) -> tuple[np.ndarray, np.ndarray]:
         """(row, column in the unit cell) of every stored element of a folded reference; -1 for the few that
@@ -88,7 +90,8 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
     target_index = target_values = None
     if dm_ref is not None:
         target_index, target_values = reference_lookup(layout, dm_ref)
-    return Sample(name, structure, spec, mp_edges, pattern, layout, fold, target_index, target_values, meta or {})
+    return Sample(name, structure, spec, mp_edges, pattern, layout, fold, target_index, target_values, meta or {},
+                  siesta_orbital_mask(structure, basis, layout, fold))
 
 
 @dataclass

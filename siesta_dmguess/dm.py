@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from .basis import SpeciesBasis
 from .conventions import orbital_signs
 from .errors import InputFileError
-from .graph import Edges
+from .graph import Edges, kb_member_pairs, kb_members, lookup_rows
 from .structure import Structure
 
 log = logging.getLogger(__name__)
@@ -119,25 +119,74 @@ def build_layout(structure: Structure, basis: dict[str, SpeciesBasis], pattern: 
     return BlockLayout(no, pattern.nsc, block_i, block_j, block_shift, offset, rows, cols, signs, atomic, transpose)
 
 
-def flat_to_csr(layout: BlockLayout, values: np.ndarray, fold: bool) -> sp.csr_matrix:
-    """Assemble flat SIESTA-basis values into a (no, no*n_images) or folded (no, no) CSR matrix."""
+def siesta_orbital_mask(structure: Structure, basis: dict[str, SpeciesBasis], layout: BlockLayout,
+                        fold: bool) -> np.ndarray:
+    """Which flat elements SIESTA's own sparsity pattern holds: (M,) bool.
+
+    The layout keeps whole atom-pair blocks, but SIESTA stores an *orbital* pair only
+    when the two orbitals overlap, or both reach the KB projector of a common atom
+    (its ``hsparse``). The other elements of a block (e.g. two short second-ζ
+    orbitals of atoms 5 Å apart; 30 % of a silicon cell's blocks) carry no training
+    signal and no physics (S and H vanish there), so the written file leaves them out.
+    sisl has no such rule (it knows orbital ranges, not projectors), hence this function.
+    With ``fold``, every image of a folded element that SIESTA stores is kept (their sum is that element).
+    """
+    labels = structure.labels
+    radius = np.concatenate([basis[l].orbital_radius for l in labels])
+    kb = np.array([basis[l].max_kb_radius for l in labels])
+    pos, cell = structure.atoms.get_positions(), np.asarray(structure.atoms.cell)
+    sizes = np.diff(layout.block_offset)
+    blk = np.repeat(np.arange(sizes.size), sizes)
+    distance = np.linalg.norm(pos[layout.block_j] + layout.block_shift @ cell - pos[layout.block_i], axis=1)
+    r_row, r_col = radius[layout.rows], radius[layout.cols % layout.no]
+    mask = distance[blk] < r_row + r_col
+    # Shared projector k: element (o1, o2) of block (a, b) is kept when some k has
+    # d_ak - Rkb_k < r_o1 and d_bk - Rkb_k < r_o2. Per block and per orbital radius level
+    # r, keep the smallest d_bk - Rkb_k over the k's with d_ak - Rkb_k < r.
+    atom_radius = np.array([basis[l].max_radius for l in labels])
+    k, a, Sa, d = kb_members(structure.atoms, atom_radius, kb)
+    if k.size:
+        p, q = kb_member_pairs(k)
+        keys = np.column_stack([layout.block_i, layout.block_j, layout.block_shift])
+        block = lookup_rows(keys, np.column_stack([a[p], a[q], Sa[q] - Sa[p]]))
+        slack = d - kb[k]
+        levels = np.unique(radius)
+        best = np.full((sizes.size, levels.size), np.inf)
+        for n, r in enumerate(levels):
+            near = slack[p] < r
+            np.minimum.at(best[:, n], block[near], slack[q][near])
+        mask |= r_col > best[blk, np.searchsorted(levels, r_row)]
+    if fold:
+        code = layout.rows * layout.no + layout.cols % layout.no
+        mask = np.isin(code, code[mask])
+    return mask
+
+
+def flat_to_csr(layout: BlockLayout, values: np.ndarray, fold: bool, keep: np.ndarray | None = None) -> sp.csr_matrix:
+    """Assemble flat SIESTA-basis values into a (no, no*n_images) or folded (no, no) CSR matrix, storing only the
+    elements ``keep`` selects (:func:`siesta_orbital_mask`; default: all)."""
     n_images = 1 if fold else int(np.prod(layout.nsc))
-    cols = layout.cols % layout.no if fold else layout.cols
-    mat = sp.coo_matrix((values, (layout.rows, cols)), shape=(layout.no, layout.no * n_images))
+    rows, cols = layout.rows, layout.cols % layout.no if fold else layout.cols
+    if keep is not None:
+        values, rows, cols = values[keep], rows[keep], cols[keep]
+    mat = sp.coo_matrix((values, (rows, cols)), shape=(layout.no, layout.no * n_images))
     return mat.tocsr()  # duplicates (several images on one folded element) are summed
 
 
-def density_matrix_from_flat(structure: Structure, basis, layout: BlockLayout, values: np.ndarray, fold: bool):
-    """A sisl DensityMatrix (1 spin) from flat SIESTA-basis values.
+def density_matrix_from_flat(structure: Structure, basis, layout: BlockLayout, values: np.ndarray, fold: bool,
+                             keep: np.ndarray | None = None):
+    """A sisl DensityMatrix (1 spin) from flat SIESTA-basis values, on SIESTA's own sparsity pattern.
 
     ``fold=True`` sums periodic images into the unit cell (``nsc = 1``), the form a
     Γ-only SIESTA run writes; ``fold=False`` keeps one column block per image.
+    ``keep``: :func:`siesta_orbital_mask` if already computed.
     """
     import sisl
 
     geometry = build_geometry(structure, basis, nsc=(1, 1, 1) if fold else layout.nsc)
-    csr = flat_to_csr(layout, values, fold)
-    return sisl.DensityMatrix.fromsp(geometry, [csr])
+    if keep is None:
+        keep = siesta_orbital_mask(structure, basis, layout, fold)
+    return sisl.DensityMatrix.fromsp(geometry, [flat_to_csr(layout, values, fold, keep)])
 
 
 def reference_lookup(layout: BlockLayout, dm_ref) -> tuple[np.ndarray, np.ndarray]:

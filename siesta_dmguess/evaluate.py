@@ -22,7 +22,8 @@ from .model import collate
 
 def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256, novelty: list | None = None,
                  corrections: list | None = None):
-    """Flat SIESTA-basis predictions for each sample (batched, no gradients).
+    """Flat SIESTA-basis predictions for each sample (batched, no gradients), zero on the elements SIESTA's
+    pattern leaves out (``Sample.in_siesta_pattern``: untrained, and a refinement must not see them).
 
     If a list is passed as ``novelty``, each sample's largest per-atom novelty score is appended to it;
     if one is passed as ``corrections``, each sample's flat ΔH (None for a model without that head).
@@ -37,9 +38,10 @@ def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256, no
                 if corrections is not None and model.correction_node_head is not None else None
             start = 0
             for s in batch_samples:
-                out.append(flat[start:start + s.layout.size])
+                part = slice(start, start + s.layout.size)
+                out.append(flat[part] if s.in_siesta_pattern is None else np.where(s.in_siesta_pattern, flat[part], 0))
                 if corrections is not None:
-                    corrections.append(None if correction is None else correction[start:start + s.layout.size])
+                    corrections.append(None if correction is None else correction[part])
                 start += s.layout.size
             if novelty is not None:
                 scores = model.novelty(batch).double().numpy()

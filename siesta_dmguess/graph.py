@@ -59,11 +59,11 @@ def _finish(atoms: Atoms, src, dst, shift) -> Edges:
     vectors = pos[dst] + shift @ cell - pos[src]
     # The reverse of (i, j, S) is (j, i, -S); it is present because the rules are symmetric.
     rev_keys = np.column_stack([dst, src, -shift])
-    reverse = _lookup_rows(keys, rev_keys)
+    reverse = lookup_rows(keys, rev_keys)
     return Edges(src, dst, shift, vectors, reverse)
 
 
-def _lookup_rows(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def lookup_rows(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Index of every row of ``rows`` in the lexicographically sorted ``table``."""
     if table.shape[0] == 0:
         return np.zeros(0, np.int64)
@@ -80,7 +80,7 @@ def _lookup_rows(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
     order = np.argsort(t)
     idx = order[np.searchsorted(t, r, sorter=order)]
     if not np.array_equal(table[idx], rows):
-        raise AssertionError("edge set is not symmetric")
+        raise AssertionError("a row is not in the table (an edge set that is not symmetric?)")
     return idx
 
 
@@ -98,31 +98,39 @@ def pattern_pairs(atoms: Atoms, orbital_radius: np.ndarray, kb_radius: np.ndarra
     overlap, or when both overlap the KB sphere of a third atom k.
     """
     orbital_radius = np.asarray(orbital_radius, float)
-    kb_radius = np.asarray(kb_radius, float)
     # Orbital overlap: |r_ij| < R_i + R_j (ASE applies per-atom cutoffs that way).
     i, j, S = neighbor_list("ijS", atoms, orbital_radius, self_interaction=False)
     src, dst, shift = [i], [j], [S]
-    if kb_radius.max(initial=0.0) > 0:
-        # Orbitals of atom a that reach the KB projector of atom k: |r_ak| < R_a + Rkb_k.
-        reach = np.maximum(orbital_radius, kb_radius)
-        k, a, Sa, d = neighbor_list("ijSd", atoms, reach, self_interaction=True)
-        keep = d < orbital_radius[a] + kb_radius[k]
-        k, a, Sa = k[keep], a[keep], Sa[keep]
-        # Every two atoms reaching the same projector are coupled: all pairs within each k group.
-        order = np.argsort(k, kind="stable")
-        k, a, Sa = k[order], a[order], Sa[order]
-        counts = np.bincount(k, minlength=len(atoms))
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        sizes = counts[k]
-        # For member p of a group, pair it with every member q of the same group.
-        rep = np.repeat(np.arange(k.size), sizes)
-        offset = np.arange(rep.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        partner = starts[k[rep]] + offset
-        pi, pj = a[rep], a[partner]
-        pS = Sa[partner] - Sa[rep]
-        not_self = (pi != pj) | np.any(pS != 0, axis=1)
-        src.append(pi[not_self]), dst.append(pj[not_self]), shift.append(pS[not_self])
+    k, a, Sa, _ = kb_members(atoms, orbital_radius, kb_radius)
+    first, second = kb_member_pairs(k)
+    src.append(a[first]), dst.append(a[second]), shift.append(Sa[second] - Sa[first])
     return _finish(atoms, np.concatenate(src), np.concatenate(dst), np.concatenate(shift))
+
+
+def kb_members(atoms: Atoms, orbital_radius: np.ndarray, kb_radius: np.ndarray):
+    """Atoms whose largest orbital reaches a KB projector: (k, a, Sa, d) sorted by k, where atom a in image Sa
+    lies at distance d < orbital_radius[a] + kb_radius[k] from projector atom k (Å)."""
+    orbital_radius, kb_radius = np.asarray(orbital_radius, float), np.asarray(kb_radius, float)
+    if kb_radius.max(initial=0.0) <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int64), np.zeros(0)
+    reach = np.maximum(orbital_radius, kb_radius)
+    k, a, Sa, d = neighbor_list("ijSd", atoms, reach, self_interaction=True)
+    keep = d < orbital_radius[a] + kb_radius[k]
+    order = np.argsort(k[keep], kind="stable")
+    return k[keep][order], a[keep][order], Sa[keep][order], d[keep][order]
+
+
+def kb_member_pairs(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every ordered pair (p, q), p != q, of members sharing a projector atom (``k`` sorted): the index arrays."""
+    counts = np.bincount(k, minlength=int(k.max(initial=-1)) + 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    sizes = counts[k]
+    # For member p of a group, pair it with every member q of the same group.
+    first = np.repeat(np.arange(k.size), sizes)
+    offset = np.arange(first.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    second = starts[k[first]] + offset
+    not_self = first != second
+    return first[not_self], second[not_self]
 
 
 def extend_for_folding(atoms: Atoms, pattern: Edges, reach: float) -> Edges:
@@ -144,5 +152,5 @@ def extend_for_folding(atoms: Atoms, pattern: Edges, reach: float) -> Edges:
     # _finish sorts by (src, dst, shift), as the pattern is sorted: mark the edges that are not the pattern's.
     own = np.column_stack([pattern.src, pattern.dst, pattern.shift])
     edges.added = np.ones(len(edges), bool)
-    edges.added[_lookup_rows(np.column_stack([edges.src, edges.dst, edges.shift]), own)] = False
+    edges.added[lookup_rows(np.column_stack([edges.src, edges.dst, edges.shift]), own)] = False
     return edges

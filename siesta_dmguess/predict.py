@@ -77,7 +77,7 @@ class Prediction:
             overlap, mode = self.history_overlap, self.refinement
         else:  # k-points: no projection at Γ applies, only the charge scaling
             overlap = to_image_keyed(density_matrix_from_flat(self.structure, self.sample_basis, self.sample.layout,
-                                                              self.overlap, fold=False))
+                                                              self.overlap, False, self.sample.in_siesta_pattern))
             mode = "charge"
         return refine_folded(density, overlap, self.electrons_expected, mode)[0]
 
@@ -199,7 +199,7 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
                      done.reason)
     elif refine != "none":
         log.info("model %s carries no radial functions: the DM is not refined", loaded.path.name)
-    dm = density_matrix_from_flat(structure, loaded.basis, sample.layout, values, fold=fold)
+    dm = density_matrix_from_flat(structure, loaded.basis, sample.layout, values, fold, sample.in_siesta_pattern)
     pred = Prediction(structure, sample, values, dm, loaded.path, fold, time.perf_counter() - t0, warnings,
                       sample_basis=loaded.basis, novelty=novelty[0],
                       novelty_threshold=float(loaded.model.novelty_threshold), overlap=overlap,

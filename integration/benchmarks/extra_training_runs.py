@@ -14,6 +14,10 @@ splits stay held out. ``si-extra`` (34 structures, from ``si8``):
   whose displacement is not repeated by the 8-atom periodicity;
 * 4 primitive 2-atom fcc cells, strained 1.5 %, rattled 0.05 Å, 6x6x6 k-points.
 
+``si-extra2`` (96 structures, from ``si8``): more cells of ``si8``'s own kind, a
+training cell strained again (σ 1 %) and rattled with σ cycling through 0.04 /
+0.06 / 0.08 Å, 4x4x4 k-points.
+
 ``water-extra`` (64 structures, from ``h2o`` and ``water8``; Γ only):
 
 * 48 molecules: a training molecule rattled again by 0.08 or 0.12 Å (``h2o``
@@ -77,6 +81,17 @@ def silicon_structures(datasets: Path):
         yield atoms, (6, 6, 6), "primitive fcc cell strained 1.5 %, rattled 0.05 Å", "si8"
 
 
+def silicon_structures_more(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``si-extra2`` set: more cells like ``si8``'s own."""
+    train = training_ids(datasets, "si8")
+    rng = np.random.default_rng(5678)
+    for k in range(96):
+        source, rattle = train[k % len(train)], (0.04, 0.06, 0.08)[k % 3]
+        atoms = strained(read_structure(datasets / "si8" / source / "input.fdf").atoms, 0.01, rng)
+        atoms.rattle(rattle, seed=8000 + k)
+        yield atoms, (4, 4, 4), f"si8/{source} strained 1 %, rattled {rattle} Å", "si8"
+
+
 def water_structures(datasets: Path):
     """(atoms, k-grid, description, source dataset) of the ``water-extra`` set."""
     molecules, boxes = training_ids(datasets, "h2o"), training_ids(datasets, "water8")
@@ -104,7 +119,7 @@ def chno_structures(datasets: Path):
         yield atoms, None, f"g2/{source} rattled {rattle} Å", "g2"
 
 
-SETS = {"si-extra": silicon_structures, "water-extra": water_structures, "g2-extra": chno_structures}
+SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "water-extra": water_structures, "g2-extra": chno_structures}
 
 
 def converge(folder: Path, record: dict) -> dict:
@@ -131,23 +146,29 @@ def main() -> None:
     p.add_argument("out", type=Path, help="new dataset folder (must not exist)")
     p.add_argument("--set", default="si-extra", choices=sorted(SETS))
     p.add_argument("--workers", type=int, default=1, help="SIESTA runs at once (each serial)")
+    p.add_argument("--resume", action="store_true", help="keep the runs an interrupted call finished in OUT")
     args = p.parse_args()
-    if args.out.exists():
-        raise SystemExit(f"{args.out}: already exists; choose a new folder")
+    if args.out.exists() and not args.resume:
+        raise SystemExit(f"{args.out}: already exists; choose a new folder (or --resume an interrupted set)")
     structures = list(SETS[args.set](args.datasets))
     periodic = {}  # as the source dataset's index.json says: False for a molecule in a box
     for source in {source for *_, source in structures}:  # the sources of one set share their species' basis
         copy_basis(args.datasets / source, args.out)
         periodic[source] = list_runs(args.datasets / source)[0].meta.get("periodic")
     jobs = []
+    done = {}
     for k, (atoms, kgrid, what, source) in enumerate(structures):
         run_id = f"{k:04d}"
+        if (args.out / run_id / "run.json").is_file():  # converged by an interrupted call (same seeds)
+            done[run_id] = json.loads((args.out / run_id / "run.json").read_text())
+            continue
         write_run(args.datasets / source / "0000" / "input.fdf", atoms, args.out / run_id, kgrid)
         jobs.append((args.out / run_id, {"id": run_id, "name": what, "formula": atoms.get_chemical_formula(),
                                          "natoms": len(atoms), "periodic": periodic[source],
                                          "kgrid": list(kgrid) if kgrid else None}))
     with ThreadPoolExecutor(args.workers) as pool:
-        records = list(tqdm(pool.map(lambda job: converge(*job), jobs), total=len(jobs), desc="SIESTA runs"))
+        new = list(tqdm(pool.map(lambda job: converge(*job), jobs), total=len(jobs), desc="SIESTA runs"))
+    records = sorted(list(done.values()) + new, key=lambda r: r["id"])
     (args.out / "index.json").write_text(json.dumps(records, indent=1))
     print(f"{len(records)} runs converged under {args.out} "
           f"({sum(r['scf_iterations_atomic_guess'] for r in records)} SCF iterations in total)")
