@@ -156,9 +156,12 @@ def siesta_orbital_mask(structure: Structure, basis: dict[str, SpeciesBasis], la
             near = slack[p] < r
             np.minimum.at(best[:, n], block[near], slack[q][near])
         mask |= r_col > best[blk, np.searchsorted(levels, r_row)]
-    if fold:
-        code = layout.rows * layout.no + layout.cols % layout.no
-        mask = np.isin(code, code[mask])
+    if fold:  # only atom pairs present with several images have elements that fold together
+        pair = layout.block_i * len(labels) + layout.block_j
+        _, first, count = np.unique(pair, return_inverse=True, return_counts=True)
+        several = np.repeat(count[first] > 1, sizes)
+        code = layout.rows[several] * layout.no + layout.cols[several] % layout.no
+        mask[several] = np.isin(code, code[mask[several]])
     return mask
 
 
