@@ -6,7 +6,8 @@ RUN is a run folder whose `.DM` keeps its images (a k-point run, or a crystal re
 from ``crystal_references.py``, whose pairs reach the model's ``fold_reach``). Prints,
 per distance bin, the number of elements, the RMS of the reference elements, and the
 RMS and mean of the model's raw error (no refinement): where the error is as large as
-the elements themselves, the model has learned nothing there.
+the elements themselves, the model has learned nothing there. Then the same for the
+on-site blocks by angular momenta (l, l') of the orbital pair, with the largest error.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ def main() -> None:
             if k.any():
                 print(f"  {lo:4.1f} – {hi:4.1f}  {k.sum():10d}  {np.sqrt(np.mean(reference[k] ** 2)):13.2e}"
                       f"  {np.sqrt(np.mean(error[k] ** 2)):9.2e}  {error[k].mean():+10.2e}")
+        orbital_l = np.concatenate([basis[label].orbital_l for label in structure.labels])
+        onsite = (np.repeat(np.arange(lay.block_i.size), np.diff(lay.block_offset)) < len(structure.labels))[covered]
+        l_row, l_col = orbital_l[lay.rows[covered]], orbital_l[lay.cols[covered] % lay.no]
+        print("  on-site (l, l')   elements  reference RMS  error RMS  max |error|")
+        for l1, l2 in sorted({(a, b) for a, b in zip(l_row[onsite], l_col[onsite]) if a <= b}):
+            k = onsite & (((l_row == l1) & (l_col == l2)) | ((l_row == l2) & (l_col == l1)))
+            print(f"  ({l1}, {l2})          {k.sum():10d}  {np.sqrt(np.mean(reference[k] ** 2)):13.2e}"
+                  f"  {np.sqrt(np.mean(error[k] ** 2)):9.2e}  {np.abs(error[k]).max():11.2e}")
 
 
 if __name__ == "__main__":

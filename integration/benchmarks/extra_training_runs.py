@@ -25,6 +25,10 @@ training cell strained again (σ 1 %) and rattled with σ cycling through 0.04 /
 * 16 boxes: a training box scaled by 0.96-1.04 (density -11 % to +13 %) and
   rattled 0.05 Å.
 
+``water-extra2`` (96 structures, from ``water8``): training boxes scaled by
+0.95-1.05 (density -14 % to +16 %) and rattled with σ cycling through 0.03 /
+0.05 / 0.07 / 0.09 Å; Γ only.
+
 ``g2-extra`` (240 structures, from ``g2``): every training molecule twice more,
 rattled 0.06 and 0.10 Å (``g2`` itself: 0.04 Å). ``g2``'s validation molecules
 are other conformers of its training molecules, so they stay held out as
@@ -109,6 +113,18 @@ def water_structures(datasets: Path):
         yield atoms, None, f"water8/{source} scaled {scale:.3f}, rattled 0.05 Å", "water8"
 
 
+def water_boxes_more(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``water-extra2`` set: more boxes, wider densities."""
+    boxes = training_ids(datasets, "water8")
+    rng = np.random.default_rng(8765)
+    for k in range(96):
+        source, scale, rattle = boxes[k % len(boxes)], rng.uniform(0.95, 1.05), (0.03, 0.05, 0.07, 0.09)[k % 4]
+        atoms = read_structure(datasets / "water8" / source / "input.fdf").atoms
+        atoms.set_cell(atoms.cell * scale, scale_atoms=True)
+        atoms.rattle(rattle, seed=9000 + k)
+        yield atoms, None, f"water8/{source} scaled {scale:.3f}, rattled {rattle} Å", "water8"
+
+
 def chno_structures(datasets: Path):
     """(atoms, k-grid, description, source dataset) of the ``g2-extra`` set."""
     molecules = training_ids(datasets, "g2")
@@ -119,7 +135,7 @@ def chno_structures(datasets: Path):
         yield atoms, None, f"g2/{source} rattled {rattle} Å", "g2"
 
 
-SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "water-extra": water_structures, "g2-extra": chno_structures}
+SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "water-extra2": water_boxes_more, "water-extra": water_structures, "g2-extra": chno_structures}
 
 
 def converge(folder: Path, record: dict) -> dict:
