@@ -126,7 +126,7 @@ def siesta_orbital_mask(structure: Structure, basis: dict[str, SpeciesBasis], la
     The layout keeps whole atom-pair blocks, but SIESTA stores an *orbital* pair only
     when the two orbitals overlap, or both reach the KB projector of a common atom
     (its ``hsparse``). The other elements of a block (e.g. two short second-ζ
-    orbitals of atoms 5 Å apart; 30 % of a silicon cell's blocks) carry no training
+    orbitals of atoms 5 Å apart; 30 % of a silicon cell's elements) carry no training
     signal and no physics (S and H vanish there), so the written file leaves them out.
     sisl has no such rule (it knows orbital ranges, not projectors), hence this function.
     With ``fold``, every image of a folded element that SIESTA stores is kept (their sum is that element).
