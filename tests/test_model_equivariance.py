@@ -41,6 +41,9 @@ def blocks(model, atoms, correction=False):
     basis = water_basis()
     st = Structure(atoms, list(atoms.get_chemical_symbols()))
     sample = prepare_sample(st, basis, model.species, model.config.message_cutoff, fold_reach=model.config.fold_reach)
+    # The network's own blocks: the cut to SIESTA's orbital pairs depends on how images fold in *this* cell
+    # (a cell and its supercell fold differently), and is tested in test_dm_io.
+    sample.in_siesta_pattern = None
     corrections = []
     flat = predict_flat(model, [sample], dtype=torch.float64, corrections=corrections)[0]
     flat = corrections[0] if correction else flat
