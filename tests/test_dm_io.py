@@ -135,3 +135,36 @@ def test_corrupt_dm_is_rejected(tmp_path):
     bad.write_bytes(np.random.default_rng(0).integers(0, 255, 4000, dtype=np.uint8).tobytes())
     with pytest.raises(InputFileError, match="noise.DM"):
         read_density_matrix(bad, build_geometry(structure, basis))
+
+
+def test_orbital_pattern_follows_the_atoms_not_the_frame():
+    """The cut to SIESTA's orbital pairs depends on distances only: a rotated, translated and permuted copy of a
+    box keeps the same elements of every block (float64 geometry, unfolded so each block is its own)."""
+    from scipy.spatial.transform import Rotation
+
+    from siesta_dmguess.structure import Structure
+
+    from .conftest import water_basis, water_box
+
+    basis = water_basis()
+
+    def kept_blocks(atoms):
+        st = Structure(atoms, list(atoms.get_chemical_symbols()))
+        sample = prepare_sample(st, basis, ["H", "O"], 3.0, fold=False)
+        lay, keep = sample.layout, sample.in_siesta_pattern
+        return {(int(i), int(j), tuple(S)): keep[lay.block_offset[k]:lay.block_offset[k + 1]]
+                for k, (i, j, S) in enumerate(zip(lay.block_i, lay.block_j, lay.block_shift))}, keep
+
+    atoms = water_box(3, seed=4)
+    ref, keep = kept_blocks(atoms)
+    assert 0 < keep.sum() < keep.size  # the box has blocks that SIESTA stores only in part
+    rot = Rotation.random(random_state=3).as_matrix()
+    perm = np.random.default_rng(5).permutation(len(atoms))
+    moved = atoms[perm]
+    moved.set_cell(atoms.cell.array @ rot.T, scale_atoms=False)
+    moved.positions = atoms.positions[perm] @ rot.T + np.array([0.3, -1.2, 2.0])
+    got, _ = kept_blocks(moved)
+    inv = np.argsort(perm)
+    assert len(got) == len(ref)
+    for (i, j, S), k in ref.items():
+        assert np.array_equal(got[(int(inv[i]), int(inv[j]), S)], k)
