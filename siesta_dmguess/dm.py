@@ -77,6 +77,16 @@ class BlockLayout:
     def size(self) -> int:
         return int(self.rows.size)
 
+    @property
+    def element_block(self) -> np.ndarray:
+        """(M,) the block of every flat element (on-site blocks are the first ``n_onsite``)."""
+        return np.repeat(np.arange(self.block_i.size), np.diff(self.block_offset))
+
+    def block_vectors(self, structure: Structure) -> np.ndarray:
+        """(B, 3) vector in Å from each block's row atom to its column atom's image (zero on-site)."""
+        pos, cell = structure.atoms.get_positions(), np.asarray(structure.atoms.cell)
+        return pos[self.block_j] + self.block_shift @ cell - pos[self.block_i]
+
 
 def image_index(lattice, shifts: np.ndarray) -> np.ndarray:
     """sisl's supercell index of each integer image shift (rows of ``shifts``)."""
@@ -134,12 +144,9 @@ def siesta_orbital_mask(structure: Structure, basis: dict[str, SpeciesBasis], la
     labels = structure.labels
     radius = np.concatenate([basis[l].orbital_radius for l in labels])
     kb = np.array([basis[l].max_kb_radius for l in labels])
-    pos, cell = structure.atoms.get_positions(), np.asarray(structure.atoms.cell)
-    sizes = np.diff(layout.block_offset)
-    blk = np.repeat(np.arange(sizes.size), sizes)
-    distance = np.linalg.norm(pos[layout.block_j] + layout.block_shift @ cell - pos[layout.block_i], axis=1)
+    blk = layout.element_block
     r_row, r_col = radius[layout.rows], radius[layout.cols % layout.no]
-    mask = distance[blk] < r_row + r_col
+    mask = np.linalg.norm(layout.block_vectors(structure), axis=1)[blk] < r_row + r_col
     # Shared projector k: element (o1, o2) of block (a, b) is kept when some k has
     # d_ak - Rkb_k < r_o1 and d_bk - Rkb_k < r_o2. Per block and per orbital radius level
     # r, keep the smallest d_bk - Rkb_k over the k's with d_ak - Rkb_k < r.
@@ -151,7 +158,7 @@ def siesta_orbital_mask(structure: Structure, basis: dict[str, SpeciesBasis], la
         block = lookup_rows(keys, np.column_stack([a[p], a[q], Sa[q] - Sa[p]]))
         slack = d - kb[k]
         levels = np.unique(radius)
-        best = np.full((sizes.size, levels.size), np.inf)
+        best = np.full((layout.block_i.size, levels.size), np.inf)
         for n, r in enumerate(levels):
             near = slack[p] < r
             np.minimum.at(best[:, n], block[near], slack[q][near])
@@ -159,7 +166,7 @@ def siesta_orbital_mask(structure: Structure, basis: dict[str, SpeciesBasis], la
     if fold:  # only atom pairs present with several images have elements that fold together
         pair = layout.block_i * len(labels) + layout.block_j
         _, first, count = np.unique(pair, return_inverse=True, return_counts=True)
-        several = np.repeat(count[first] > 1, sizes)
+        several = (count[first] > 1)[blk]
         code = layout.rows[several] * layout.no + layout.cols[several] % layout.no
         mask[several] = np.isin(code, code[mask[several]])
     return mask

@@ -158,7 +158,7 @@ class OverlapCalculator:
     def flat(self, structure, layout) -> np.ndarray:
         """S at every element of ``structure``'s :class:`~siesta_dmguess.dm.BlockLayout` (SIESTA basis, per image)."""
         labels = structure.labels
-        vectors_of_blocks = block_vectors(structure, layout)
+        vectors_of_blocks = layout.block_vectors(structure)
         out = np.zeros(layout.size)
         bi, bj = layout.block_i, layout.block_j
         lab = np.asarray(labels)
@@ -171,13 +171,6 @@ class OverlapCalculator:
                 idx = layout.block_offset[sel][:, None] + np.arange(blocks[0].size)[None, :]
                 out[idx.reshape(-1)] = blocks.reshape(-1)
         return out
-
-
-def block_vectors(structure, layout) -> np.ndarray:
-    """Vector (Å) from each block's row atom to its column atom's image (zero for on-site blocks)."""
-    pos = structure.atoms.positions
-    cell = np.asarray(structure.atoms.cell)
-    return pos[layout.block_j] + layout.block_shift @ cell - pos[layout.block_i]
 
 
 def orbital_populations(layout, density: np.ndarray, overlap: np.ndarray, fold: bool) -> np.ndarray:

@@ -42,9 +42,7 @@ def main() -> None:
         reference = sample.target_values[sample.target_index[covered]]
         error = predict_flat(loaded.model, [sample])[0][covered] - reference
         lay = sample.layout
-        xyz, cell = structure.atoms.positions, structure.atoms.cell.array
-        block_distance = np.linalg.norm(xyz[lay.block_j] + lay.block_shift @ cell - xyz[lay.block_i], axis=1)
-        distance = np.repeat(block_distance, np.diff(lay.block_offset))[covered]
+        distance = np.linalg.norm(lay.block_vectors(structure), axis=1)[lay.element_block][covered]
         print(f"{run}: {covered.sum()} elements, {len(sample.pattern)} pairs")
         print("  distance (Å)   elements  reference RMS  error RMS  mean error")
         for lo, hi in zip(BINS[:-1], BINS[1:]):
@@ -53,7 +51,7 @@ def main() -> None:
                 print(f"  {lo:4.1f} – {hi:4.1f}  {k.sum():10d}  {np.sqrt(np.mean(reference[k] ** 2)):13.2e}"
                       f"  {np.sqrt(np.mean(error[k] ** 2)):9.2e}  {error[k].mean():+10.2e}")
         orbital_l = np.concatenate([basis[label].orbital_l for label in structure.labels])
-        onsite = (np.repeat(np.arange(lay.block_i.size), np.diff(lay.block_offset)) < len(structure.labels))[covered]
+        onsite = (lay.element_block < lay.n_onsite)[covered]
         l_row, l_col = orbital_l[lay.rows[covered]], orbital_l[lay.cols[covered] % lay.no]
         print("  on-site (l, l')   elements  reference RMS  error RMS  max |error|")
         for l1, l2 in sorted({(a, b) for a, b in zip(l_row[onsite], l_col[onsite]) if a <= b}):

@@ -21,7 +21,6 @@ def main() -> None:
     from siesta_dmguess.card import load_model
     from siesta_dmguess.data import find_fdf, load_run
     from siesta_dmguess.dm import flat_to_csr, write_density_matrix
-    from siesta_dmguess.overlap import block_vectors
     from siesta_dmguess.predict import predict_density_matrix
     from siesta_dmguess.siesta import prepare_run, run_siesta
 
@@ -40,7 +39,7 @@ def main() -> None:
     exact = dm_ref.tocsr(0)
     error = pred.density_matrix.tocsr(0) - exact
     n = pred.electrons_expected
-    print(f"{args.run}: model max |error| {abs(error).max():.1e}; block vectors {len(block_vectors(structure, pred.sample.layout))}")
+    print(f"{args.run}: model max |error| {abs(error).max():.1e}; block vectors {len(pred.sample.layout.block_vectors(structure))}")
     print(f"{'t':>7} {'max |error|':>12} {'SCF it.':>8}  dDmax per iteration")
     with tempfile.TemporaryDirectory() as tmp:
         for t in [float(x) for x in args.scales.split(",")]:

@@ -135,7 +135,8 @@ def chno_structures(datasets: Path):
         yield atoms, None, f"g2/{source} rattled {rattle} Å", "g2"
 
 
-SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "water-extra2": water_boxes_more, "water-extra": water_structures, "g2-extra": chno_structures}
+SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "water-extra": water_structures,
+        "water-extra2": water_boxes_more, "g2-extra": chno_structures}
 
 
 def converge(folder: Path, record: dict) -> dict:
