@@ -34,6 +34,15 @@ rattled 0.06 and 0.10 Å (``g2`` itself: 0.04 Å). ``g2``'s validation molecules
 are other conformers of its training molecules, so they stay held out as
 conformers, not as molecules.
 
+``chno-kinds`` (80 structures): CHNO molecules of kinds ``g2`` does not have,
+from ASE's S22 set and ``ase.build.molecule``'s extras: 12 molecules (formamide,
+uracil, 2-pyridone, 2-aminopyridine, adenine, thymine, pyrazine, indole, phenol,
+benzonitrile, 1,4-benzenediamine, biphenyl) three times each, and the 22 S22
+dimers (hydrogen-bonded and stacked pairs) twice each; rattled 0.04 Å,
+randomly oriented, in a cube at least 8 Å wider than the structure (``g2``:
+12 Å). None is in ``unseen_structures.py``'s ``chno`` set (ASE's remaining G2
+molecules), which stays the test of new kinds.
+
 Seeds differ from ``unseen_structures.py``'s, so its sets stay unseen
 structures (but ``si16`` and ``si2-fcc`` are then cell shapes the model has
 seen). Each structure is converged from SIESTA's atomic guess with the
@@ -135,8 +144,54 @@ def chno_structures(datasets: Path):
         yield atoms, None, f"g2/{source} rattled {rattle} Å", "g2"
 
 
+# (S22 dimer, monomer index) of each new kind of molecule in the S22 set, and ase.build.molecule's extra CHNO ones
+S22_MONOMERS = (("Formamide_dimer", 0), ("Uracil_dimer_h-bonded", 0), ("2-pyridoxine_2-aminopyridine_complex", 0),
+                ("2-pyridoxine_2-aminopyridine_complex", 1), ("Adenine-thymine_Watson-Crick_complex", 0),
+                ("Adenine-thymine_Watson-Crick_complex", 1), ("Pyrazine_dimer", 0),
+                ("Indole-benzene_complex_stack", 1), ("Phenol_dimer", 0))
+EXTRA_MOLECULES = ("C7NH5", "BDA", "biphenyl")
+
+
+def in_box(atoms, rng, rattle: float, seed: int):
+    """``atoms`` rattled, randomly oriented and centred in a cube at least 8 Å (and 12 Å) wider than it."""
+    atoms.rattle(rattle, seed=seed)
+    atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
+    side = max(12.0, float(np.ceil(np.ptp(atoms.positions, axis=0).max())) + 8.0)
+    atoms.set_cell([side, side, side])
+    atoms.center()
+    return atoms
+
+
+def chno_kinds(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``chno-kinds`` set."""
+    from ase import Atoms
+    from ase.build import molecule
+    from ase.collections import s22
+    from ase.data.s22 import data as s22_data
+
+    rng = np.random.default_rng(31)
+    monomers = []
+    for dimer, which in S22_MONOMERS:
+        n_first = s22_data[dimer]["dimer atoms"][0]
+        atoms = s22[dimer]
+        atoms = atoms[:n_first] if which == 0 else atoms[n_first:]
+        monomers.append((Atoms(atoms.symbols, atoms.positions), f"S22 {dimer} monomer {'AB'[which]}"))
+    monomers += [(molecule(name), f"ase.build.molecule {name}") for name in EXTRA_MOLECULES]
+    k = 0
+    for copy in range(3):
+        for atoms, what in monomers:
+            yield in_box(atoms.copy(), rng, 0.04, 8000 + k), None, f"{what}, rattled 0.04 Å", "g2"
+            k += 1
+    for copy in range(2):
+        for dimer in s22.names:
+            atoms = Atoms(s22[dimer].symbols, s22[dimer].positions)
+            yield in_box(atoms, rng, 0.04, 8000 + k), None, f"S22 {dimer}, rattled 0.04 Å", "g2"
+            k += 1
+
+
 SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "water-extra": water_structures,
-        "water-extra2": water_boxes_more, "g2-extra": chno_structures}
+        "water-extra2": water_boxes_more, "g2-extra": chno_structures,
+        "chno-kinds": chno_kinds}
 
 
 def converge(folder: Path, record: dict) -> dict:
