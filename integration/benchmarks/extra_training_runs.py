@@ -153,7 +153,7 @@ EXTRA_MOLECULES = ("C7NH5", "BDA", "biphenyl")
 
 
 def in_box(atoms, rng, rattle: float, seed: int):
-    """``atoms`` rattled, randomly oriented and centred in a cube at least 8 Å (and 12 Å) wider than it."""
+    """``atoms`` rattled, randomly oriented and centred in a cube 8 Å wider than it (at least 12 Å, as in ``g2``)."""
     atoms.rattle(rattle, seed=seed)
     atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
     side = max(12.0, float(np.ceil(np.ptp(atoms.positions, axis=0).max())) + 8.0)
@@ -178,11 +178,11 @@ def chno_kinds(datasets: Path):
         monomers.append((Atoms(atoms.symbols, atoms.positions), f"S22 {dimer} monomer {'AB'[which]}"))
     monomers += [(molecule(name), f"ase.build.molecule {name}") for name in EXTRA_MOLECULES]
     k = 0
-    for copy in range(3):
+    for _ in range(3):
         for atoms, what in monomers:
             yield in_box(atoms.copy(), rng, 0.04, 8000 + k), None, f"{what}, rattled 0.04 Å", "g2"
             k += 1
-    for copy in range(2):
+    for _ in range(2):
         for dimer in s22.names:
             atoms = Atoms(s22[dimer].symbols, s22[dimer].positions)
             yield in_box(atoms, rng, 0.04, 8000 + k), None, f"S22 {dimer}, rattled 0.04 Å", "g2"
