@@ -156,8 +156,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         # Data-dependent initialization of the feature standardization (a no-op for models without it).
         model.fit_feature_norms([collate(g, len(species), torch.float32)
                                  for g in atom_batches(train_set, 256, shuffle=False)])
-    if options.density_loss:
-        attach_folded_overlap(train_set, basis)
+    if options.density_loss:  # the validation structures too: the model kept is the one with the best density
+        attach_folded_overlap(train_set + val_set, basis)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr)
     gamma = (options.lr_final / options.lr) ** (1.0 / max(options.epochs, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
@@ -208,7 +208,9 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             summary = evaluation["summary"]
             record.update(val_mae=summary["mae"], val_max_abs=summary["max_abs"])
             score = summary["mae"]
-            if val_reference is not None:  # mean of MAE / frozen model's MAE: molecules count as much as boxes
+            if options.density_loss:  # judged by what it is trained for, not by the element MAE it trades away
+                score = record["val_density_loss"] = validation_density_loss(model, val_set, len(species))
+            elif val_reference is not None:  # mean of MAE / frozen model's MAE: molecules count as much as boxes
                 score = record["val_relative_mae"] = float(np.mean(
                     [m["mae"] for m in evaluation["structures"]] / val_reference))
             if score < best["mae"]:
@@ -285,6 +287,18 @@ def density_loss(residual: torch.Tensor, group) -> torch.Tensor:
         es = error @ s
         losses.append(torch.sum(es * es.T) / s.shape[0])
     return torch.stack(losses).mean()
+
+
+def validation_density_loss(model: DensityMatrixModel, samples, num_species: int) -> float:
+    """:func:`density_loss` of the raw prediction, averaged over ``samples`` (the selection score of a
+    ``--density-loss`` training)."""
+    total = 0.0
+    with torch.no_grad():
+        for group in atom_batches(samples, 256, shuffle=False):
+            batch = collate(group, num_species, torch.float32)
+            residual = fold_to_targets(model(batch), batch) - batch["target_values"]
+            total += density_loss(residual, group).item() * len(group)
+    return total / max(len(samples), 1)
 
 
 def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[DensityMatrixModel, dict]:

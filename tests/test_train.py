@@ -49,6 +49,19 @@ def test_truncated_checkpoint_is_reported_and_training_starts_afresh(tmp_path, c
     assert [h["epoch"] for h in result.history] == [0]
 
 
+def test_density_loss_training_keeps_the_epoch_with_the_best_validation_density(tmp_path):
+    """--density-loss trades element error for density error, so the model kept is the one with the lowest
+    density loss on the validation structures, not the lowest element MAE."""
+    out = tmp_path / "m"
+    opts = TrainOptions(epochs=5, lr=2e-2, batch_atoms=12, max_train=8, eval_every=1, progress=False,
+                        density_loss=True)
+    result = train([dataset("h2o")], out, opts, TINY)
+    density = [h["val_density_loss"] for h in result.history]
+    assert len(density) == 5 and len(set(density)) == 5
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["best_epoch"] == int(np.argmin(density))
+
+
 def test_correction_head_trains_through_the_projection_from_a_trained_model(tmp_path):
     """--init + --correction-epochs: the DM model is kept, the ΔH head lowers the projected training error, and
     the saved model's validation error is never worse than the plain projection's."""
