@@ -128,7 +128,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     # given to the whole model they would change what the frozen networks see.
     stage_overrides = {k: overrides.pop(k) for k in list(overrides) if k in STAGE_SETTINGS} \
         if options.add_stage else {}
-    init, init_training = _init_model(options.init, basis, overrides) if options.init else (None, None)
+    init, init_record = _init_model(options.init, basis, overrides) if options.init else (None, None)
     cfg = init.config if init else ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()},
                                                seed=options.seed, **overrides)
     species = cfg.species
@@ -243,7 +243,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         "pseudopotentials": _pseudopotential_checksums(data_dirs, species),
         "training": {"data": [str(d) for d in data_dirs], "train_structures": len(train_set),
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
-                     **({"init_model_training": init_training} if init else {}),
+                     **(init_record if init else {}),
                      "wall_s": round(time.time() - t0, 1), "command": command},
         "validation": {"split": "val", **validation["summary"]},
         "novelty_threshold": float(model.novelty_threshold),
@@ -303,7 +303,8 @@ def validation_density_loss(model: DensityMatrixModel, samples, num_species: int
 
 def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[DensityMatrixModel, dict]:
     """A model built from another model's config (plus ``overrides``) with its weights, new heads starting
-    fresh; and the other model's training record (for the card)."""
+    fresh; and, for the card, the other model's training record and weights sha256 (so that a chain of
+    ``--init`` runs names every starting point)."""
     from .card import load_model
 
     loaded = load_model(name_or_path)
@@ -318,7 +319,8 @@ def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[Densit
     missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("correction_") for k in missing):
         raise InputFileError(f"--init model {name_or_path!r} does not fit this configuration", loaded.path)
-    return model, loaded.card.get("training", {})
+    return model, {"init_model_training": loaded.card.get("training", {}),
+                   "init_model_sha256": loaded.card.get("weights_sha256")}
 
 
 def mean_neighbours(samples, cutoff: float) -> float:

@@ -85,6 +85,7 @@ def test_correction_head_trains_through_the_projection_from_a_trained_model(tmp_
     plain = evaluate_samples(old.model, _val_samples(data, old), overlap=old.overlap)["summary"]["mae"]
     assert card["validation"]["mae"] <= plain + 1e-12
     assert card["training"]["init_model_training"]["train_structures"] == 8
+    assert card["training"]["init_model_sha256"] == old.card["weights_sha256"]
 
 
 def _val_samples(data, loaded):
