@@ -44,7 +44,7 @@ def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256, no
                     corrections.append(None if correction is None else correction[part])
                 start += s.layout.size
             if novelty is not None:
-                scores = model.novelty(batch).double().numpy()
+                scores = model.novelty(batch, h).double().numpy()
                 first = 0
                 for s in batch_samples:
                     novelty.append(float(scores[first:first + s.species.size].max()))

@@ -242,7 +242,12 @@ class ChannelwiseTensorProduct(nn.Module):
         self.irreps_out = o3.Irreps(out)
         self.weight_numel = sum(mul for _, _, mul in self.paths)
 
-    def forward(self, x: torch.Tensor, sh: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sh: torch.Tensor, weight: torch.Tensor,
+                linear: o3.Linear | None = None) -> torch.Tensor:
+        """The product (E, irreps_out.dim); with ``linear`` (an e3nn Linear on ``irreps_out``, no biases),
+        ``linear`` applied to it, without forming the product's wide output: each output irrep of ``linear`` is
+        one contraction of the paths that produce that irrep with their block of its weights. Same result as
+        ``forward(x, sh, weight) @ dense_matrix(linear)``, which spends most of its time on zero blocks."""
         n = x.shape[0]
         xs = [t.reshape(n, mul, ir.dim) for t, (mul, ir) in zip(x.split([m * ir.dim for m, ir in self.irreps_in], 1),
                                                                   self.irreps_in)]
@@ -252,8 +257,43 @@ class ChannelwiseTensorProduct(nn.Module):
         for k, (i, j, mul) in enumerate(self.paths):
             cg = getattr(self, f"cg_{k}")
             y = torch.einsum("ej,ijk->eik", shs[j], cg)  # (E, 2l_in+1, 2l_out+1)
-            outs.append((torch.bmm(xs[i], y) * ws[k][:, :, None]).reshape(n, mul * y.shape[-1]))
-        return torch.cat(outs, dim=1)
+            outs.append(torch.bmm(xs[i], y) * ws[k][:, :, None])  # (E, mul, 2l_out+1)
+        if linear is None:
+            return torch.cat([z.reshape(n, z.shape[1] * z.shape[2]) for z in outs], dim=1)  # n may be 0
+        matrix = dense_matrix(linear)
+        result = []
+        for (mul_out, ir), (paths, rows, cols) in zip(linear.irreps_out, self._linear_blocks(linear)):
+            if not paths:  # an output irrep no path produces: the Linear leaves it zero
+                result.append(x.new_zeros(n, mul_out * ir.dim))
+                continue
+            block = matrix[rows[:, None], cols[None, :]]  # (Σ mul of the paths, mul of this output irrep)
+            z = torch.cat([outs[k] for k in paths], dim=1) if len(paths) > 1 else outs[paths[0]]
+            result.append(torch.einsum("eum,uv->evm", z, block).reshape(n, mul_out * ir.dim))
+        return torch.cat(result, dim=1)
+
+    def _linear_blocks(self, linear: o3.Linear) -> list:
+        """Per output irrep of ``linear``: the paths that produce it and the rows / columns of ``dense_matrix(linear)``
+        that connect them (channel u of a path to channel v of the output, at component m = 0; the Linear is the
+        identity on components). Cached: it depends only on the irreps."""
+        cached = getattr(self, "_linear_index", None)
+        if cached is not None and cached[0] is linear:
+            return cached[1]
+        if linear.irreps_in != self.irreps_out:
+            raise ValueError("the Linear's input must be this product's output")
+        offsets, offset = [], 0
+        for mul, ir in self.irreps_out:
+            offsets.append(offset)
+            offset += mul * ir.dim
+        blocks, col = [], 0
+        for mul_out, ir in linear.irreps_out:
+            paths = [k for k, (_, ir_k) in enumerate(self.irreps_out) if ir_k == ir]
+            rows = torch.cat([offsets[k] + ir.dim * torch.arange(self.irreps_out[k].mul) for k in paths]) \
+                if paths else torch.zeros(0, dtype=torch.long)
+            cols = col + ir.dim * torch.arange(mul_out)
+            blocks.append((paths, rows, cols))
+            col += mul_out * ir.dim
+        self._linear_index = (linear, blocks)
+        return blocks
 
 
 def gate_for(irreps_out: o3.Irreps) -> e3nn_nn.Gate:
@@ -299,9 +339,9 @@ class Interaction(nn.Module):
     def forward(self, h, onehot, src, dst, sh, rbf):
         x = self.linear_in(h)
         radial_in = torch.cat([rbf, onehot[src], onehot[dst]], dim=1) if self.species_radial else rbf
-        msg = self.tp(x[src], sh, self.radial(radial_in))
-        agg = torch.zeros(h.shape[0], msg.shape[1], dtype=msg.dtype, device=msg.device).index_add_(0, dst, msg)
-        m = agg @ dense_matrix(self.linear_out) * self.norm
+        # The Linear is applied per message (fused into the product, narrower) before the sum: the two commute.
+        msg = self.tp(x[src], sh, self.radial(radial_in), linear=self.linear_out)
+        m = torch.zeros(h.shape[0], msg.shape[1], dtype=msg.dtype, device=msg.device).index_add_(0, dst, msg) * self.norm
         if self.product is not None:
             m = m + self.product(self.product_a(m), self.product_b(m))
         out = self.gate(m + self.self_connection(h, onehot))
@@ -349,7 +389,7 @@ class EdgeReadout(nn.Module):
             parts.append(self.pair_product(p[src], p[dst]))
         # Concatenated irreps, reordered into the sorted layout the product expects.
         x = torch.cat(parts, dim=1)[:, self.order]
-        return self.tp(x, sh, w) @ dense_matrix(self.linear_out)
+        return self.tp(x, sh, w, linear=self.linear_out)
 
 
 def _sorted_columns(irreps: o3.Irreps, inv) -> torch.Tensor:
@@ -569,10 +609,11 @@ class DensityMatrixModel(nn.Module):
         self.register_buffer("novelty_precision", torch.eye(self.num_scalars).repeat(ns, 1, 1))
         self.register_buffer("novelty_threshold", torch.zeros(()))
 
-    def novelty(self, batch) -> torch.Tensor:
-        """Per-atom novelty: mean squared Mahalanobis distance of the atom's scalar features (≈1 in distribution)."""
+    def novelty(self, batch, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-atom novelty: mean squared Mahalanobis distance of the atom's scalar features (≈1 in distribution).
+        ``features``: this network's ``node_features(batch)`` where the caller has them already."""
         with torch.no_grad():
-            x = self.node_features(batch)[:, : self.num_scalars]
+            x = (self.node_features(batch) if features is None else features)[:, : self.num_scalars]
             species = batch["onehot"].argmax(dim=1)
             d = x - self.novelty_mean[species]
             return torch.einsum("ni,nij,nj->n", d, self.novelty_precision[species], d) / self.num_scalars

@@ -161,7 +161,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr)
     gamma = (options.lr_final / options.lr) ** (1.0 / max(options.epochs, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
-    start_epoch, history, best = 0, [], {"mae": math.inf, "state": None, "epoch": -1}
+    start_epoch, history, best = 0, [], {"score": math.inf, "state": None, "epoch": -1}
     ckpt_path = out_dir / "checkpoint.pt"
     ckpt = _read_checkpoint(ckpt_path) if resume else None
     if ckpt is not None:
@@ -169,6 +169,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             _load_state(model, ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
+            if "mae" in best:  # checkpoints written before the best score was renamed
+                best["score"] = best.pop("mae")
             rng = np.random.default_rng([options.seed, start_epoch])
             log.info("resuming from epoch %d", start_epoch)
         else:
@@ -213,11 +215,12 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             elif val_reference is not None:  # mean of MAE / frozen model's MAE: molecules count as much as boxes
                 score = record["val_relative_mae"] = float(np.mean(
                     [m["mae"] for m in evaluation["structures"]] / val_reference))
-            if score < best["mae"]:
-                best = {"mae": score, "epoch": epoch,
+            if score < best["score"]:
+                best = {"score": score, "epoch": epoch,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         history.append(record)
-        bar.set_postfix(rmse=f"{record[loss_key]:.2e}", val_mae=f"{best['mae']:.2e}")
+        # the best validation score so far: MAE, relative MAE (residual stage) or density loss (--density-loss)
+        bar.set_postfix(rmse=f"{record[loss_key]:.2e}", val_best=f"{best['score']:.2e}")
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
                            "best": best, "config": cfg.to_dict()}, ckpt_path)

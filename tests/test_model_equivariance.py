@@ -150,3 +150,28 @@ def test_a_network_uses_only_its_own_message_edges(float64):
     assert len(wider.mp_edges) > len(own.mp_edges)
     a, b = (predict_flat(m, [s], dtype=torch.float64)[0] for s in (own, wider))
     assert np.abs(a - b).max() < 1e-12
+
+
+def test_fused_linear_contraction_matches_the_product_then_the_linear(float64):
+    """The edge readout contracts each tensor-product path with its block of the output Linear instead of
+    forming the product's wide output; values and gradients must equal the two steps done one after the other."""
+    from siesta_dmguess.model import ChannelwiseTensorProduct, dense_matrix
+
+    torch.manual_seed(0)
+    irreps_in, irreps_sh = o3.Irreps("6x0e + 4x1o + 3x1e + 2x2e"), o3.Irreps.spherical_harmonics(3)
+    tp = ChannelwiseTensorProduct(irreps_in, irreps_sh, "0e + 1o + 1e + 2e + 2o + 3o")
+    linear = o3.Linear(tp.irreps_out, o3.Irreps("5x0e + 3x1o + 2x2e + 2x3o + 1x4e"))  # 4e: no path makes it
+    with torch.no_grad():
+        linear.weight.add_(torch.randn_like(linear.weight))
+    x = torch.randn(7, irreps_in.dim)
+    sh = o3.spherical_harmonics(irreps_sh, torch.randn(7, 3), normalize=True)
+    weight = torch.randn(7, tp.weight_numel, requires_grad=True)
+    probe = torch.randn(7, linear.irreps_out.dim)
+    fused = tp(x, sh, weight, linear=linear)
+    stepwise = tp(x, sh, weight) @ dense_matrix(linear)
+    assert fused.shape == stepwise.shape and torch.allclose(fused, stepwise, atol=1e-12)
+    assert stepwise.abs().max() > 0.1 and torch.all(fused[:, -9:] == 0)  # real values; the unmade 4e stays zero
+    grads = [torch.autograd.grad((out * probe).sum(), [weight, linear.weight])
+             for out in (tp(x, sh, weight, linear=linear), tp(x, sh, weight) @ dense_matrix(linear))]
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(*grads))
+    assert tp(x[:0], sh[:0], weight[:0], linear=linear).shape == (0, linear.irreps_out.dim)  # no pairs at all
