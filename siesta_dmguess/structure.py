@@ -32,6 +32,7 @@ class Structure:
 # fdf keys that decide the basis and the electronic structure; compared with a model card.
 FDF_SETTING_KEYS = ("XC.functional", "XC.authors", "PAO.BasisSize", "PAO.EnergyShift", "Spin", "SpinPolarized",
                     "MeshCutoff", "NetCharge")
+FDF_ENERGY_KEYS = ("PAO.EnergyShift", "MeshCutoff")
 
 
 def _is_fdf(path: Path) -> bool:
@@ -48,10 +49,16 @@ def fdf_sile(path: str | Path):
 
 
 def read_fdf_settings(path: str | Path) -> dict:
-    """The basis- and XC-relevant settings of an fdf (strings, as written; absent keys omitted)."""
+    """The basis- and XC-relevant settings of an fdf (strings as written, energies as "<value> Ry" whatever
+    unit the fdf used; absent keys omitted)."""
     fdf = fdf_sile(path)
     out = {}
     for key in FDF_SETTING_KEYS:
+        if key in FDF_ENERGY_KEYS:  # sisl converts energies to eV; cards keep SIESTA's unit and say so
+            value = fdf.get(key, unit="Ry")
+            if value is not None:
+                out[key] = f"{value:.6g} Ry"  # 6 digits: the same energy written in eV or meV compares equal
+            continue
         value = fdf.get(key)
         if value is not None:
             out[key] = " ".join(str(value).split())

@@ -60,3 +60,16 @@ def test_monkhorst_pack_block_is_read_only_when_diagonal(tmp_path):
     assert read_monkhorst_pack(fdf) is None
     fdf.write_text("SystemLabel x\n")
     assert read_monkhorst_pack(fdf) is None
+
+
+def test_energy_settings_are_read_in_rydberg_whatever_unit_the_fdf_uses(tmp_path):
+    """Cards record MeshCutoff and PAO.EnergyShift as '<value> Ry' (sisl alone would give eV, unlabelled), so an
+    fdf that writes the same energy in another unit matches the card."""
+    from siesta_dmguess.structure import read_fdf_settings
+
+    a, b = tmp_path / "a.fdf", tmp_path / "b.fdf"
+    a.write_text("MeshCutoff 200 Ry\nPAO.EnergyShift 0.02 Ry\nXC.functional LDA\n")
+    b.write_text("MeshCutoff 2721.1386246 eV\nPAO.EnergyShift 272.11386 meV\nXC.functional LDA\n")
+    settings_a, settings_b = read_fdf_settings(a), read_fdf_settings(b)
+    assert settings_a["MeshCutoff"] == "200 Ry" and settings_a["PAO.EnergyShift"] == "0.02 Ry"
+    assert {k: settings_b[k] for k in settings_a} == settings_a
