@@ -341,7 +341,8 @@ class Interaction(nn.Module):
         radial_in = torch.cat([rbf, onehot[src], onehot[dst]], dim=1) if self.species_radial else rbf
         # The Linear is applied per message (fused into the product, narrower) before the sum: the two commute.
         msg = self.tp(x[src], sh, self.radial(radial_in), linear=self.linear_out)
-        m = torch.zeros(h.shape[0], msg.shape[1], dtype=msg.dtype, device=msg.device).index_add_(0, dst, msg) * self.norm
+        m = torch.zeros(h.shape[0], msg.shape[1], dtype=msg.dtype, device=msg.device).index_add_(0, dst, msg)
+        m = m * self.norm
         if self.product is not None:
             m = m + self.product(self.product_a(m), self.product_b(m))
         out = self.gate(m + self.self_connection(h, onehot))
