@@ -325,7 +325,8 @@ class Interaction(nn.Module):
         self.species_radial = species_radial
         n_in = num_radial + (2 * num_species if species_radial else 0)
         self.radial = mlp([n_in, radial_hidden, self.tp.weight_numel])
-        self.linear_out = o3.Linear(mid, self.gate.irreps_in)
+        # Only ever applied through dense_matrix (fused into the product): skip e3nn's einsum-path search.
+        self.linear_out = o3.Linear(mid, self.gate.irreps_in, _optimize_einsums=False)
         self.product = None
         if product_irreps:
             prod = o3.Irreps(product_irreps).sort().irreps.simplify()
@@ -378,7 +379,7 @@ class EdgeReadout(nn.Module):
         self.tp = ChannelwiseTensorProduct(both, irreps_sh, self.irreps_out)
         mid = self.tp.irreps_out
         self.weights = mlp([num_radial + 2 * num_scalars, radial_hidden, radial_hidden, self.tp.weight_numel])
-        self.linear_out = o3.Linear(mid, self.irreps_out)
+        self.linear_out = o3.Linear(mid, self.irreps_out, _optimize_einsums=False)  # as in Interaction
         self.num_scalars = num_scalars
 
     def forward(self, h, src, dst, sh, rbf):
