@@ -408,7 +408,8 @@ def dense_matrix(linear: o3.Linear) -> torch.Tensor:
 
     Applying it as one matmul gives the same equivariant map as ``linear(x)``; on
     edge-sized inputs it avoids e3nn's per-irrep slicing, whose backward pass
-    zero-fills an input-sized tensor per slice. Built block by block from the
+    zero-fills an input-sized tensor per slice. :class:`ChannelwiseTensorProduct`
+    takes its non-zero blocks when a Linear is fused into it. Built block by block from the
     Linear's instructions (weight block (mul_in, mul_out) times the identity on
     the 2l+1 components, scaled by e3nn's path weight), never as ``linear(eye)``,
     whose cost grows with dim_in squared.
