@@ -29,6 +29,11 @@ training cell strained again (σ 1 %) and rattled with σ cycling through 0.04 /
 0.95-1.05 (density -14 % to +16 %) and rattled with σ cycling through 0.03 /
 0.05 / 0.07 / 0.09 Å; Γ only.
 
+``water-clusters`` (128 structures, from ``water8``): hydrogen-bonded clusters
+of 2, 3, 4, 5, 6 and 8 molecules cut out of the training boxes (a molecule and
+its nearest neighbours, unwrapped), rattled 0.02 Å and set in vacuum with
+``h2o``'s settings: intermolecular blocks that are not folded over images.
+
 ``g2-extra`` (240 structures, from ``g2``): every training molecule twice more,
 rattled 0.06 and 0.10 Å (``g2`` itself: 0.04 Å). ``g2``'s validation molecules
 are other conformers of its training molecules, so they stay held out as
@@ -63,7 +68,7 @@ from pathlib import Path
 import numpy as np
 from ase.build import bulk
 from tqdm import tqdm
-from unseen_structures import copy_basis, strained, write_run
+from unseen_structures import copy_basis, strained, water_cluster, write_run
 
 from siesta_dmguess.data import list_runs
 from siesta_dmguess.siesta import prepare_run, run_siesta
@@ -134,6 +139,16 @@ def water_boxes_more(datasets: Path):
         yield atoms, None, f"water8/{source} scaled {scale:.3f}, rattled {rattle} Å", "water8"
 
 
+def water_clusters(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``water-clusters`` set."""
+    boxes = training_ids(datasets, "water8")
+    for k in range(4 * len(boxes)):
+        source, size, seed_molecule = boxes[k // 4], (2, 3, 4, 5, 6, 8)[k % 6], (k * 3) % 8
+        atoms = water_cluster(read_structure(datasets / "water8" / source / "input.fdf").atoms, size, seed_molecule)
+        atoms.rattle(0.02, seed=11000 + k)
+        yield atoms, None, f"water8/{source}: {size} molecules around molecule {seed_molecule}, rattled 0.02 Å", "h2o"
+
+
 def chno_structures(datasets: Path):
     """(atoms, k-grid, description, source dataset) of the ``g2-extra`` set."""
     molecules = training_ids(datasets, "g2")
@@ -190,7 +205,7 @@ def chno_kinds(datasets: Path):
 
 
 SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "water-extra": water_structures,
-        "water-extra2": water_boxes_more, "g2-extra": chno_structures,
+        "water-extra2": water_boxes_more, "water-clusters": water_clusters, "g2-extra": chno_structures,
         "chno-kinds": chno_kinds}
 
 

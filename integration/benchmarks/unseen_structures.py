@@ -27,7 +27,11 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 * ``h2o-stress``: three ``h2o`` val molecules rattled 0.15 Å (about 4x the
   dataset's distortion);
 * ``g2-stress``: every ``g2`` val molecule (30 kinds) rattled again by 0.08 Å
-  (the dataset: 0.04 Å) and reoriented: known molecules, hotter conformers.
+  (the dataset: 0.04 Å) and reoriented: known molecules, hotter conformers;
+* ``water-clusters``: hydrogen-bonded clusters of 2, 3, 4 and 6 molecules cut
+  out of two ``water8`` val boxes (a molecule and its nearest neighbours,
+  unwrapped) and set in vacuum with ``h2o``'s settings, at least 9 Å between
+  periodic copies: neither a single molecule nor a liquid.
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
@@ -41,6 +45,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from ase import Atoms
 from ase.build import bulk
 from ase.collections import g2
 from ase.data import atomic_numbers
@@ -85,6 +90,38 @@ def strained(atoms, sigma: float, rng):
     return atoms
 
 
+def water_cluster(box, size: int, seed_molecule: int, vacuum: float = 9.0):
+    """The ``size`` molecules of a periodic water ``box`` nearest to one of them, unwrapped, in a vacuum cell.
+
+    Molecules are an O and the two H nearest to it (minimum image); the cluster
+    keeps each molecule's image nearest to the seed molecule's O.
+    """
+    cell = box.cell.array
+    frac_shift = lambda d: d - np.round(d @ np.linalg.inv(cell)) @ cell  # noqa: E731  (minimum-image vector)
+    oxygens = [i for i, s in enumerate(box.get_chemical_symbols()) if s == "O"]
+    hydrogens = [i for i, s in enumerate(box.get_chemical_symbols()) if s == "H"]
+    pos = box.positions
+    molecules = []
+    for o in oxygens:
+        d = np.linalg.norm([frac_shift(pos[h] - pos[o]) for h in hydrogens], axis=1)
+        molecules.append((o, [hydrogens[j] for j in np.argsort(d)[:2]]))
+    seed = pos[molecules[seed_molecule][0]]
+    order = np.argsort([np.linalg.norm(frac_shift(pos[o] - seed)) for o, _ in molecules])[:size]
+    symbols, positions = [], []
+    for m in order:
+        o, hs = molecules[m]
+        o_pos = seed + frac_shift(pos[o] - seed)
+        symbols.append("O")
+        positions.append(o_pos)
+        for h in hs:
+            symbols.append("H")
+            positions.append(o_pos + frac_shift(pos[h] - pos[o]))
+    cluster = Atoms(symbols, positions=positions)
+    cluster.center(vacuum=vacuum / 2)
+    cluster.pbc = True
+    return cluster
+
+
 def copy_basis(dataset: Path, dest: Path) -> None:
     shutil.copytree(dataset / "basis", dest / "basis", dirs_exist_ok=True)
 
@@ -93,7 +130,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("datasets", type=Path, help="the shared datasets folder (../shared/datasets)")
     p.add_argument("out", type=Path)
-    p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,g2-stress")
+    p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,g2-stress,water-clusters")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -166,6 +203,15 @@ def main() -> None:
             atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
             atoms.center()
             write_run(args.datasets / "g2/0000/input.fdf", atoms, dest / f"{k:04d}")
+    if "water-clusters" in sets:
+        dest = args.out / "water-clusters"
+        copy_basis(args.datasets / "h2o", dest)
+        k = 0
+        for run, seed_molecule in (("0004", 0), ("0019", 3)):
+            box = read_structure(args.datasets / "water8" / run / "input.fdf").atoms
+            for size in (2, 3, 4, 6):
+                write_run(args.datasets / "h2o/0000/input.fdf", water_cluster(box, size, seed_molecule), dest / f"{k:04d}")
+                k += 1
     print(f"wrote {', '.join(sets)} under {args.out}")
 
 
