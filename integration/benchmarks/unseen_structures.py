@@ -130,7 +130,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("datasets", type=Path, help="the shared datasets folder (../shared/datasets)")
     p.add_argument("out", type=Path)
-    p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,g2-stress,water-clusters")
+    p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,"
+                                     "g2-stress,water-clusters")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -210,7 +211,8 @@ def main() -> None:
         for run, seed_molecule in (("0004", 0), ("0019", 3)):
             box = read_structure(args.datasets / "water8" / run / "input.fdf").atoms
             for size in (2, 3, 4, 6):
-                write_run(args.datasets / "h2o/0000/input.fdf", water_cluster(box, size, seed_molecule), dest / f"{k:04d}")
+                cluster = water_cluster(box, size, seed_molecule)
+                write_run(args.datasets / "h2o/0000/input.fdf", cluster, dest / f"{k:04d}")
                 k += 1
     print(f"wrote {', '.join(sets)} under {args.out}")
 
