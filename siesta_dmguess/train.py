@@ -139,11 +139,16 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     if not train_set:
         raise InputFileError("no training structures found", data_dirs[0])
     previous, val_reference = None, None
+    if options.density_loss:  # the validation structures too: the model kept is the one with the best density
+        attach_folded_overlap(train_set + val_set, basis)
     if options.add_stage:
         if not init:
             raise InputFileError("--add-stage needs --init: the model whose residual the new stage learns", out_dir)
         # Per-structure MAEs of the frozen model: a stage is judged by how much it lowers each structure's error.
         val_reference = np.array([m["mae"] for m in evaluate_samples(init.eval(), val_set)["structures"]])
+        if options.density_loss:  # relative too: each structure's density loss over the frozen model's
+            for sample, value in zip(train_set + val_set, structure_density_losses(init, train_set + val_set)):
+                sample.meta["density_reference"] = max(value, 1e-30)
         model, previous = add_residual_stage(init, train_set, keep_correction=bool(options.correction_epochs),
                                              overrides=stage_overrides)
         cfg = model.config
@@ -156,8 +161,6 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         # Data-dependent initialization of the feature standardization (a no-op for models without it).
         model.fit_feature_norms([collate(g, len(species), torch.float32)
                                  for g in atom_batches(train_set, 256, shuffle=False)])
-    if options.density_loss:  # the validation structures too: the model kept is the one with the best density
-        attach_folded_overlap(train_set + val_set, basis)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr)
     gamma = (options.lr_final / options.lr) ** (1.0 / max(options.epochs, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
@@ -193,8 +196,11 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                 flat = torch.cat([previous[id(g)][0] for g in group]) + \
                     stage.stage_blocks(stage.node_features(batch), batch)
                 pred = fold_to_targets(flat, batch)
-                weight = torch.stack([previous[id(g)][1] for g in group])[batch["sample_of_target"]]
-                loss = torch.sum(weight * (pred - batch["target_values"]) ** 2) / len(group)
+                if options.density_loss:
+                    loss = density_loss(pred - batch["target_values"], group)
+                else:
+                    weight = torch.stack([previous[id(g)][1] for g in group])[batch["sample_of_target"]]
+                    loss = torch.sum(weight * (pred - batch["target_values"]) ** 2) / len(group)
             if loss.requires_grad:  # a batch a stage gives no blocks (molecules for a folding stage) teaches nothing
                 opt.zero_grad()
                 loss.backward()
@@ -202,8 +208,12 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             losses.append(loss.item())
         sched.step()
         # A residual stage's loss is relative (1 = what the frozen model leaves over), a first model's absolute.
-        loss_key = "train_rmse" if previous is None else "train_relative_rmse"
-        record = {"epoch": epoch, loss_key: float(math.sqrt(np.mean(losses))), "lr": sched.get_last_lr()[0]}
+        relative = "" if previous is None else "relative_"
+        if options.density_loss:
+            loss_key, train_loss = f"train_{relative}density_loss", float(np.mean(losses))
+        else:
+            loss_key, train_loss = f"train_{relative}rmse", float(math.sqrt(np.mean(losses)))
+        record = {"epoch": epoch, loss_key: train_loss, "lr": sched.get_last_lr()[0]}
         if val_set and (epoch % options.eval_every == 0 or epoch == options.epochs - 1):
             model.eval()
             evaluation = evaluate_samples(model, val_set)
@@ -211,7 +221,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             record.update(val_mae=summary["mae"], val_max_abs=summary["max_abs"])
             score = summary["mae"]
             if options.density_loss:  # judged by what it is trained for, not by the element MAE it trades away
-                score = record["val_density_loss"] = validation_density_loss(model, val_set, len(species))
+                score = record[f"val_{relative}density_loss"] = validation_density_loss(model, val_set, len(species))
             elif val_reference is not None:  # mean of MAE / frozen model's MAE: molecules count as much as boxes
                 score = record["val_relative_mae"] = float(np.mean(
                     [m["mae"] for m in evaluation["structures"]] / val_reference))
@@ -220,7 +230,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
         history.append(record)
         # the best validation score so far: MAE, relative MAE (residual stage) or density loss (--density-loss)
-        bar.set_postfix(rmse=f"{record[loss_key]:.2e}", val_best=f"{best['score']:.2e}")
+        bar.set_postfix(loss=f"{record[loss_key]:.2e}", val_best=f"{best['score']:.2e}")
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
                            "best": best, "config": cfg.to_dict()}, ckpt_path)
@@ -276,20 +286,36 @@ def attach_folded_overlap(samples, basis) -> None:
 
 def density_loss(residual: torch.Tensor, group) -> torch.Tensor:
     """Mean over the group's structures of Tr[(E S)²] / n_orbitals, E the folded error (dense, at the stored
-    elements); the mean squared element error for structures without a folded S (k-point runs)."""
+    elements); the mean squared element error for structures without a folded S (k-point runs). A structure
+    with ``meta['density_reference']`` (a residual stage's frozen model's value) counts relative to it, so
+    molecules the frozen model predicts far better than boxes still count as much as the boxes."""
     losses, start = [], 0
     for sample in group:
         r = residual[start:start + sample.target_values.size]
         start += sample.target_values.size
         s = sample.meta.get("folded_overlap")
         if s is None:
-            losses.append(torch.mean(r**2))
-            continue
-        keep, rows, cols = sample.meta["folded_positions"]
-        error = torch.zeros_like(s).index_put((rows, cols), r[keep], accumulate=True)
-        es = error @ s
-        losses.append(torch.sum(es * es.T) / s.shape[0])
+            loss = torch.mean(r**2)
+        else:
+            keep, rows, cols = sample.meta["folded_positions"]
+            error = torch.zeros_like(s).index_put((rows, cols), r[keep], accumulate=True)
+            es = error @ s
+            loss = torch.sum(es * es.T) / s.shape[0]
+        losses.append(loss / sample.meta.get("density_reference", 1.0))
     return torch.stack(losses).mean()
+
+
+def structure_density_losses(model: DensityMatrixModel, samples) -> list[float]:
+    """:func:`density_loss` of ``model``'s raw prediction for each sample alone, absolute (not relative to a
+    ``density_reference``)."""
+    model.eval()
+    values = []
+    with torch.no_grad():
+        for sample in samples:
+            batch = collate([sample], len(model.species), torch.float32)
+            residual = fold_to_targets(model(batch), batch) - batch["target_values"]
+            values.append(float(density_loss(residual, [sample])) * sample.meta.get("density_reference", 1.0))
+    return values
 
 
 def validation_density_loss(model: DensityMatrixModel, samples, num_species: int) -> float:
@@ -534,7 +560,7 @@ def _first_setting(samples, keys) -> dict:
 
 
 def plot_history(history: list, path: Path) -> None:
-    """Training RMSE and validation MAE per epoch (log scale)."""
+    """Training loss and validation score per epoch (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -544,6 +570,10 @@ def plot_history(history: list, path: Path) -> None:
     series = [("train_rmse", "-", "train RMSE (DM elements)"), ("val_mae", "o-", "validation MAE (DM elements)"),
               ("train_relative_rmse", "-", "residual stage: train RMSE / frozen model's"),
               ("val_relative_mae", "o-", "residual stage: validation MAE / frozen model's"),
+              ("train_density_loss", "-", "train density loss Tr[(ΔD S)²] / n_orb"),
+              ("val_density_loss", "o-", "validation density loss"),
+              ("train_relative_density_loss", "-", "residual stage: train density loss / frozen model's"),
+              ("val_relative_density_loss", "o-", "residual stage: validation density loss / frozen model's"),
               ("train_density_error", "-", "ΔH head: train density error / plain projection's"),
               ("val_density_error", "o-", "ΔH head: validation density error / plain projection's")]
     for key, style, label in series:
@@ -551,7 +581,7 @@ def plot_history(history: list, path: Path) -> None:
         if points:
             ax.semilogy(*zip(*points), style, label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("DM error (electrons)")
+    ax.set_ylabel("DM error (electrons) or density loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

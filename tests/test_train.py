@@ -167,3 +167,33 @@ def test_a_stage_can_see_farther_than_the_frozen_networks(tmp_path):
             assert np.allclose(*first_network, atol=1e-6)
     with pytest.raises(ValueError, match="not settings of a residual stage"):
         add_residual_stage(old.model, samples, overrides={"fold_reach": 8.0})
+
+
+def test_density_loss_stage_counts_each_structure_relative_to_the_frozen_model(tmp_path):
+    """--add-stage --density-loss: the stage is trained by the density loss, each structure's relative to the
+    frozen model's own (so the frozen model scores exactly 1 and a near-exact molecule counts as much as a
+    box), its training lowers that score, and the epoch kept is the one with the lowest validation score."""
+    from siesta_dmguess.data import load_samples
+    from siesta_dmguess.train import attach_folded_overlap, structure_density_losses, validation_density_loss
+
+    data = dataset("h2o")
+    base = tmp_path / "base"
+    train([data], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
+    old = load_model(base)
+    samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train")[:6]
+    attach_folded_overlap(samples, old.basis)
+    absolute = structure_density_losses(old.model, samples)
+    assert len(set(absolute)) == 6 and min(absolute) > 0
+    for sample, value in zip(samples, absolute):
+        sample.meta["density_reference"] = value
+    assert validation_density_loss(old.model, samples, 2) == pytest.approx(1.0, rel=1e-4)
+    assert structure_density_losses(old.model, samples) == pytest.approx(absolute, rel=1e-5)  # still absolute
+
+    out = tmp_path / "staged"
+    result = train([data], out, TrainOptions(epochs=6, lr=3e-2, batch_atoms=12, max_train=8, eval_every=1,
+                                             progress=False, init=str(base), add_stage=True, density_loss=True))
+    train_loss = [h["train_relative_density_loss"] for h in result.history]
+    val_loss = [h["val_relative_density_loss"] for h in result.history]
+    assert train_loss[0] < 1.05 and min(train_loss) < 0.95  # starts at the frozen model's (1), then falls
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["best_epoch"] == int(np.argmin(val_loss))
