@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --init: add a residual stage that learns what the init model leaves over (init frozen)")
     t.add_argument("--density-loss", action="store_true",
                    help="fit folded (Γ-only, molecular) DMs by the density-operator error Tr[(ΔD S)²] (S from the "
-                        "basis) instead of the element error")
+                        "basis) instead of the element error; with --add-stage, each structure's relative to the "
+                        "frozen model's")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
