@@ -4,6 +4,7 @@
     siesta-dmguess bench unseen/chno --model chno-molecules --split all --out bench_unseen
     siesta-dmguess bench unseen/water64 --model water --split all --out bench_unseen
     siesta-dmguess bench unseen/si16 --model silicon --split all --out bench_unseen
+    siesta-dmguess bench unseen/water-clusters --model water --split all --out bench_unseen
 
 The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 
