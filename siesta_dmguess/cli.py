@@ -25,8 +25,7 @@ def _cmd_train(args) -> int:
     options = TrainOptions(epochs=args.epochs, lr=args.lr, batch_atoms=args.batch_atoms, seed=args.seed,
                            threads=args.threads, progress=not args.quiet, max_train=args.max_train,
                            init=args.init, correction_epochs=args.correction_epochs, add_stage=args.add_stage,
-                           correction_lr=args.correction_lr, density_loss=bool(args.density_loss),
-                           relative_density=args.density_loss == "relative")
+                           correction_lr=args.correction_lr, density_loss=args.density_loss)
     command = "siesta-dmguess " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     result = train(args.data_dirs, args.out, options, overrides, resume=not args.restart, command=command)
     summary = result.validation.get("summary", {})
@@ -186,10 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "molecules make its relative loss steep)")
     t.add_argument("--add-stage", action="store_true",
                    help="with --init: add a residual stage that learns what the init model leaves over (init frozen)")
-    t.add_argument("--density-loss", nargs="?", const="absolute", default="", choices=["absolute", "relative"],
+    t.add_argument("--density-loss", action="store_true",
                    help="fit folded (Γ-only, molecular) DMs by the density-operator error Tr[(ΔD S)²] (S from the "
-                        "basis) instead of the element error; 'relative' (with --init): each structure's over the "
-                        "init model's, so near-exact molecules keep their weight (always so with --add-stage)")
+                        "basis) instead of the element error; with --add-stage, each structure's relative to the "
+                        "frozen model's")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 

@@ -48,8 +48,6 @@ class TrainOptions:
     # Loss of folded (Γ-only, molecular) structures: Tr[(ΔD S)²], the squared error of the density operator,
     # instead of the mean squared element error, which near-null directions of S dominate in condensed phases.
     density_loss: bool = False
-    # with init: each structure's density loss relative to the init model's (always so for a residual stage)
-    relative_density: bool = False
 
 
 @dataclass
@@ -143,19 +141,14 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     previous, val_reference = None, None
     if options.density_loss:  # the validation structures too: the model kept is the one with the best density
         attach_folded_overlap(train_set + val_set, basis)
-    relative_density = options.density_loss and (options.add_stage or options.relative_density)
-    if relative_density:
-        if not init:
-            raise InputFileError("a relative density loss needs --init: the model each structure's loss is "
-                                 "measured against", out_dir)
-        # Each structure's density loss over the init model's: near-exact molecules keep their weight.
-        for sample, value in zip(train_set + val_set, structure_density_losses(init, train_set + val_set)):
-            sample.meta["density_reference"] = max(value, 1e-30)
     if options.add_stage:
         if not init:
             raise InputFileError("--add-stage needs --init: the model whose residual the new stage learns", out_dir)
         # Per-structure MAEs of the frozen model: a stage is judged by how much it lowers each structure's error.
         val_reference = np.array([m["mae"] for m in evaluate_samples(init.eval(), val_set)["structures"]])
+        if options.density_loss:  # relative too: each structure's density loss over the frozen model's
+            for sample, value in zip(train_set + val_set, structure_density_losses(init, train_set + val_set)):
+                sample.meta["density_reference"] = max(value, 1e-30)
         model, previous = add_residual_stage(init, train_set, keep_correction=bool(options.correction_epochs),
                                              overrides=stage_overrides)
         cfg = model.config
@@ -215,7 +208,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             losses.append(loss.item())
         sched.step()
         # A residual stage's loss is relative (1 = what the frozen model leaves over), a first model's absolute.
-        relative = "relative_" if previous is not None or relative_density else ""
+        relative = "" if previous is None else "relative_"
         if options.density_loss:
             loss_key, train_loss = f"train_{relative}density_loss", float(np.mean(losses))
         else:

@@ -197,23 +197,3 @@ def test_density_loss_stage_counts_each_structure_relative_to_the_frozen_model(t
     assert train_loss[0] < 1.05 and min(train_loss) < 0.95  # starts at the frozen model's (1), then falls
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["best_epoch"] == int(np.argmin(val_loss))
-
-
-def test_relative_density_loss_needs_an_init_model_and_scores_against_it(tmp_path):
-    """--density-loss relative: without --init there is nothing to be relative to (a clear error); with it, the
-    whole model is trained and kept by each structure's density loss over the init model's."""
-    from siesta_dmguess.errors import InputFileError
-
-    data = dataset("h2o")
-    with pytest.raises(InputFileError, match="relative density loss needs --init"):
-        train([data], tmp_path / "x", TrainOptions(epochs=1, max_train=4, progress=False, density_loss=True,
-                                                   relative_density=True), TINY)
-    base = tmp_path / "base"
-    train([data], base, TrainOptions(epochs=2, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
-    out = tmp_path / "rel"
-    result = train([data], out, TrainOptions(epochs=3, lr=1e-3, batch_atoms=12, max_train=8, eval_every=1,
-                                             progress=False, init=str(base), density_loss=True,
-                                             relative_density=True))
-    val_loss = [h["val_relative_density_loss"] for h in result.history]
-    assert all(0.5 < v < 2.0 for v in val_loss)  # relative to the init model (1), not absolute (here ~0.1)
-    assert json.loads((out / "card.json").read_text())["training"]["best_epoch"] == int(np.argmin(val_loss))
