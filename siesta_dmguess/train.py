@@ -144,11 +144,11 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     if options.add_stage:
         if not init:
             raise InputFileError("--add-stage needs --init: the model whose residual the new stage learns", out_dir)
-        # Per-structure MAEs of the frozen model: a stage is judged by how much it lowers each structure's error.
-        val_reference = np.array([m["mae"] for m in evaluate_samples(init.eval(), val_set)["structures"]])
         if options.density_loss:  # relative too: each structure's density loss over the frozen model's
             for sample, value in zip(train_set + val_set, structure_density_losses(init, train_set + val_set)):
                 sample.meta["density_reference"] = max(value, 1e-30)
+        else:  # per-structure MAEs of the frozen model: a stage is judged by how much it lowers each one's error
+            val_reference = np.array([m["mae"] for m in evaluate_samples(init.eval(), val_set)["structures"]])
         model, previous = add_residual_stage(init, train_set, keep_correction=bool(options.correction_epochs),
                                              overrides=stage_overrides)
         cfg = model.config
@@ -221,7 +221,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             record.update(val_mae=summary["mae"], val_max_abs=summary["max_abs"])
             score = summary["mae"]
             if options.density_loss:  # judged by what it is trained for, not by the element MAE it trades away
-                score = record[f"val_{relative}density_loss"] = validation_density_loss(model, val_set, len(species))
+                score = record[f"val_{relative}density_loss"] = validation_density_loss(model, val_set)
             elif val_reference is not None:  # mean of MAE / frozen model's MAE: molecules count as much as boxes
                 score = record["val_relative_mae"] = float(np.mean(
                     [m["mae"] for m in evaluation["structures"]] / val_reference))
@@ -289,6 +289,11 @@ def density_loss(residual: torch.Tensor, group) -> torch.Tensor:
     elements); the mean squared element error for structures without a folded S (k-point runs). A structure
     with ``meta['density_reference']`` (a residual stage's frozen model's value) counts relative to it, so
     molecules the frozen model predicts far better than boxes still count as much as the boxes."""
+    return torch.stack(_structure_losses(residual, group)).mean()
+
+
+def _structure_losses(residual: torch.Tensor, group, relative: bool = True) -> list[torch.Tensor]:
+    """:func:`density_loss` of each structure of the group (over its ``density_reference`` if ``relative``)."""
     losses, start = [], 0
     for sample in group:
         r = residual[start:start + sample.target_values.size]
@@ -301,33 +306,27 @@ def density_loss(residual: torch.Tensor, group) -> torch.Tensor:
             error = torch.zeros_like(s).index_put((rows, cols), r[keep], accumulate=True)
             es = error @ s
             loss = torch.sum(es * es.T) / s.shape[0]
-        losses.append(loss / sample.meta.get("density_reference", 1.0))
-    return torch.stack(losses).mean()
+        losses.append(loss / sample.meta.get("density_reference", 1.0) if relative else loss)
+    return losses
 
 
-def structure_density_losses(model: DensityMatrixModel, samples) -> list[float]:
-    """:func:`density_loss` of ``model``'s raw prediction for each sample alone, absolute (not relative to a
-    ``density_reference``)."""
+def structure_density_losses(model: DensityMatrixModel, samples, relative: bool = False) -> list[float]:
+    """:func:`density_loss` of ``model``'s raw prediction for each sample: absolute, or over the sample's
+    ``density_reference`` if ``relative``."""
     model.eval()
     values = []
     with torch.no_grad():
-        for sample in samples:
-            batch = collate([sample], len(model.species), torch.float32)
+        for group in atom_batches(samples, 256, shuffle=False):
+            batch = collate(group, len(model.species), torch.float32)
             residual = fold_to_targets(model(batch), batch) - batch["target_values"]
-            values.append(float(density_loss(residual, [sample])) * sample.meta.get("density_reference", 1.0))
+            values.extend(float(v) for v in _structure_losses(residual, group, relative))
     return values
 
 
-def validation_density_loss(model: DensityMatrixModel, samples, num_species: int) -> float:
-    """:func:`density_loss` of the raw prediction, averaged over ``samples`` (the selection score of a
+def validation_density_loss(model: DensityMatrixModel, samples) -> float:
+    """Mean :func:`density_loss` of the raw prediction over ``samples`` (the selection score of a
     ``--density-loss`` training)."""
-    total = 0.0
-    with torch.no_grad():
-        for group in atom_batches(samples, 256, shuffle=False):
-            batch = collate(group, num_species, torch.float32)
-            residual = fold_to_targets(model(batch), batch) - batch["target_values"]
-            total += density_loss(residual, group).item() * len(group)
-    return total / max(len(samples), 1)
+    return float(np.mean(structure_density_losses(model, samples, relative=True))) if samples else 0.0
 
 
 def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[DensityMatrixModel, dict]:

@@ -186,7 +186,7 @@ def test_density_loss_stage_counts_each_structure_relative_to_the_frozen_model(t
     assert len(set(absolute)) == 6 and min(absolute) > 0
     for sample, value in zip(samples, absolute):
         sample.meta["density_reference"] = value
-    assert validation_density_loss(old.model, samples, 2) == pytest.approx(1.0, rel=1e-4)
+    assert validation_density_loss(old.model, samples) == pytest.approx(1.0, rel=1e-4)
     assert structure_density_losses(old.model, samples) == pytest.approx(absolute, rel=1e-5)  # still absolute
 
     out = tmp_path / "staged"
