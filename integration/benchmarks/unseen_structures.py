@@ -50,6 +50,7 @@ from ase import Atoms
 from ase.build import bulk
 from ase.collections import g2
 from ase.data import atomic_numbers
+from ase.geometry import find_mic
 
 from siesta_dmguess.data import list_runs
 from siesta_dmguess.siesta.templates import fdf_with_geometry
@@ -97,26 +98,20 @@ def water_cluster(box, size: int, seed_molecule: int, vacuum: float = 9.0):
     Molecules are an O and the two H nearest to it (minimum image); the cluster
     keeps each molecule's image nearest to the seed molecule's O.
     """
-    cell = box.cell.array
-    frac_shift = lambda d: d - np.round(d @ np.linalg.inv(cell)) @ cell  # noqa: E731  (minimum-image vector)
+    pos, cell = box.positions, box.cell
+    mic = lambda d: find_mic(d, cell, True)[0]  # noqa: E731  (minimum-image vectors, ASE's)
     oxygens = [i for i, s in enumerate(box.get_chemical_symbols()) if s == "O"]
-    hydrogens = [i for i, s in enumerate(box.get_chemical_symbols()) if s == "H"]
-    pos = box.positions
-    molecules = []
-    for o in oxygens:
-        d = np.linalg.norm([frac_shift(pos[h] - pos[o]) for h in hydrogens], axis=1)
-        molecules.append((o, [hydrogens[j] for j in np.argsort(d)[:2]]))
+    hydrogens = np.array([i for i, s in enumerate(box.get_chemical_symbols()) if s == "H"])
+    molecules = [(o, hydrogens[np.argsort(np.linalg.norm(mic(pos[hydrogens] - pos[o]), axis=1))[:2]])
+                 for o in oxygens]
     seed = pos[molecules[seed_molecule][0]]
-    order = np.argsort([np.linalg.norm(frac_shift(pos[o] - seed)) for o, _ in molecules])[:size]
+    order = np.argsort(np.linalg.norm(mic(pos[oxygens] - seed), axis=1))[:size]
     symbols, positions = [], []
     for m in order:
         o, hs = molecules[m]
-        o_pos = seed + frac_shift(pos[o] - seed)
-        symbols.append("O")
-        positions.append(o_pos)
-        for h in hs:
-            symbols.append("H")
-            positions.append(o_pos + frac_shift(pos[h] - pos[o]))
+        o_pos = seed + mic(pos[o] - seed)
+        symbols += ["O", "H", "H"]
+        positions += [o_pos, *(o_pos + mic(pos[hs] - pos[o]))]
     cluster = Atoms(symbols, positions=positions)
     cluster.center(vacuum=vacuum / 2)
     cluster.pbc = True
