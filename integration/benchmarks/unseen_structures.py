@@ -32,7 +32,13 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 * ``water-clusters``: hydrogen-bonded clusters of 2, 3, 4 and 6 molecules cut
   out of two ``water8`` val boxes (a molecule and its nearest neighbours,
   unwrapped) and set in vacuum with ``h2o``'s settings, at least 9 Å between
-  periodic copies: neither a single molecule nor a liquid.
+  periodic copies: neither a single molecule nor a liquid;
+* ``si-vacancy``: two ``si8`` val cells with one atom removed (7 atoms, 4x4x4
+  k-points) and two ``si16``-like 2x1x1 cells with one atom removed (15 atoms,
+  2x4x4), rattled 0.05 Å: a defect, which no training cell has;
+* ``water-slab``: two ``water8`` val boxes with whole molecules and 10 Å of
+  vacuum added along z, still Γ only: a liquid surface, half the molecules
+  with a broken hydrogen-bond network.
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
@@ -118,6 +124,20 @@ def water_cluster(box, size: int, seed_molecule: int, vacuum: float = 9.0):
     return cluster
 
 
+def whole_molecules(box):
+    """The water ``box`` with every molecule made whole: its two H moved to the O's minimum image, O wrapped."""
+    box = box.copy()
+    box.wrap()
+    pos, cell = box.positions, box.cell
+    symbols = box.get_chemical_symbols()
+    hydrogens = np.array([i for i, s in enumerate(symbols) if s == "H"])
+    for o in (i for i, s in enumerate(symbols) if s == "O"):
+        hs = hydrogens[np.argsort(np.linalg.norm(find_mic(pos[hydrogens] - pos[o], cell, True)[0], axis=1))[:2]]
+        pos[hs] = pos[o] + find_mic(pos[hs] - pos[o], cell, True)[0]
+    box.positions = pos
+    return box
+
+
 def copy_basis(dataset: Path, dest: Path) -> None:
     shutil.copytree(dataset / "basis", dest / "basis", dirs_exist_ok=True)
 
@@ -127,7 +147,7 @@ def main() -> None:
     p.add_argument("datasets", type=Path, help="the shared datasets folder (../shared/datasets)")
     p.add_argument("out", type=Path)
     p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,"
-                                     "g2-stress,water-clusters")
+                                     "g2-stress,water-clusters,si-vacancy,water-slab")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -210,6 +230,23 @@ def main() -> None:
                 cluster = water_cluster(box, size, seed_molecule)
                 write_run(args.datasets / "h2o/0000/input.fdf", cluster, dest / f"{k:04d}")
                 k += 1
+    if "si-vacancy" in sets:
+        dest = args.out / "si-vacancy"
+        copy_basis(args.datasets / "si8", dest)
+        for k, (run, repeat, kgrid) in enumerate((("0004", (1, 1, 1), (4, 4, 4)), ("0014", (1, 1, 1), (4, 4, 4)),
+                                                  ("0009", (2, 1, 1), (2, 4, 4)), ("0019", (2, 1, 1), (2, 4, 4)))):
+            atoms = read_structure(args.datasets / "si8" / run / "input.fdf").atoms.repeat(repeat)
+            del atoms[int(np.random.default_rng(500 + k).integers(len(atoms)))]
+            atoms.rattle(0.05, seed=500 + k)
+            write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", kgrid)
+    if "water-slab" in sets:
+        dest = args.out / "water-slab"
+        copy_basis(args.datasets / "water8", dest)
+        for k, run in enumerate(("0004", "0019")):
+            slab = whole_molecules(read_structure(args.datasets / "water8" / run / "input.fdf").atoms)
+            slab.cell[2] *= 1.0 + 10.0 / np.linalg.norm(slab.cell[2])
+            slab.positions += slab.cell[2] * 5.0 / np.linalg.norm(slab.cell[2])  # 5 Å of vacuum either side
+            write_run(args.datasets / "water8/0000/input.fdf", slab, dest / f"{k:04d}")
     print(f"wrote {', '.join(sets)} under {args.out}")
 
 
