@@ -18,6 +18,11 @@ splits stay held out. ``si-extra`` (34 structures, from ``si8``):
 training cell strained again (σ 1 %) and rattled with σ cycling through 0.04 /
 0.06 / 0.08 Å, 4x4x4 k-points.
 
+``si-vacancy`` (24 structures, from ``si8``): a training cell with one atom
+removed, strained 1 % and rattled 0.04-0.08 Å: 16 7-atom cells (4x4x4
+k-points) and 8 15-atom 2x1x1 cells (2x4x4): the undercoordinated atoms of a
+vacancy, which no ``si8`` cell has.
+
 ``water-extra`` (64 structures, from ``h2o`` and ``water8``; Γ only):
 
 * 48 molecules: a training molecule rattled again by 0.08 or 0.12 Å (``h2o``
@@ -108,6 +113,19 @@ def silicon_structures_more(datasets: Path):
         atoms = strained(read_structure(datasets / "si8" / source / "input.fdf").atoms, 0.01, rng)
         atoms.rattle(rattle, seed=8000 + k)
         yield atoms, (4, 4, 4), f"si8/{source} strained 1 %, rattled {rattle} Å", "si8"
+
+
+def silicon_vacancies(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``si-vacancy`` set: cells with one atom removed."""
+    train = training_ids(datasets, "si8")
+    rng = np.random.default_rng(9012)
+    for k in range(24):
+        source, rattle = train[k % len(train)], (0.04, 0.06, 0.08)[k % 3]
+        repeat, kgrid = ((1, 1, 1), (4, 4, 4)) if k < 16 else ((2, 1, 1), (2, 4, 4))
+        atoms = strained(read_structure(datasets / "si8" / source / "input.fdf").atoms.repeat(repeat), 0.01, rng)
+        del atoms[int(rng.integers(len(atoms)))]
+        atoms.rattle(rattle, seed=9000 + k)
+        yield atoms, kgrid, f"si8/{source} x {repeat} less one atom, strained 1 %, rattled {rattle} Å", "si8"
 
 
 def water_structures(datasets: Path):
@@ -204,7 +222,7 @@ def chno_kinds(datasets: Path):
             k += 1
 
 
-SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "water-extra": water_structures,
+SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "si-vacancy": silicon_vacancies, "water-extra": water_structures,
         "water-extra2": water_boxes_more, "water-clusters": water_clusters, "g2-extra": chno_structures,
         "chno-kinds": chno_kinds}
 

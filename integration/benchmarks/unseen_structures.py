@@ -36,6 +36,8 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 * ``si-vacancy``: two ``si8`` val cells with one atom removed (7 atoms, 4x4x4
   k-points) and two ``si16``-like 2x1x1 cells with one atom removed (15 atoms,
   2x4x4), rattled 0.05 Å: a defect, which no training cell has;
+* ``si8-pressure``: two ``si8`` val cells compressed and expanded by 3 %
+  (volume −9 % / +9 %), 4x4x4 k-points: a crystal under pressure or tension;
 * ``water-slab``: two ``water8`` val boxes with whole molecules and 10 Å of
   vacuum added along z, still Γ only: a liquid surface, half the molecules
   with a broken hydrogen-bond network.
@@ -147,7 +149,8 @@ def main() -> None:
     p.add_argument("datasets", type=Path, help="the shared datasets folder (../shared/datasets)")
     p.add_argument("out", type=Path)
     p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,"
-                                     "g2-stress,water-clusters,si-vacancy,water-slab")
+                                     "g2-stress,water-clusters,si-vacancy,si8-pressure,"
+                                     "water-slab")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -239,6 +242,13 @@ def main() -> None:
             del atoms[int(np.random.default_rng(500 + k).integers(len(atoms)))]
             atoms.rattle(0.05, seed=500 + k)
             write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", kgrid)
+    if "si8-pressure" in sets:
+        dest = args.out / "si8-pressure"
+        copy_basis(args.datasets / "si8", dest)
+        for k, (run, scale) in enumerate((("0004", 0.97), ("0004", 1.03), ("0019", 0.97), ("0019", 1.03))):
+            atoms = read_structure(args.datasets / "si8" / run / "input.fdf").atoms
+            atoms.set_cell(atoms.cell * scale, scale_atoms=True)
+            write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", (4, 4, 4))
     if "water-slab" in sets:
         dest = args.out / "water-slab"
         copy_basis(args.datasets / "water8", dest)
