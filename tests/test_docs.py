@@ -1,0 +1,34 @@
+"""The documentation only names scripts, subcommands and options that exist."""
+
+import re
+from pathlib import Path
+
+from siesta_dmguess.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _text() -> str:
+    return "\n".join(p.read_text() for p in DOCS)
+
+
+def test_every_benchmark_script_named_in_the_docs_exists():
+    named = set(re.findall(r"integration/benchmarks/([\w-]+\.py)", _text()))
+    named |= {m for m in re.findall(r"`([\w-]+\.py)", _text()) if not m.startswith("test_")}
+    missing = sorted(n for n in named if not (ROOT / "integration/benchmarks" / n).is_file()
+                     and not list(ROOT.glob(f"**/{n}")))
+    assert named and not missing, f"scripts named in the docs but absent: {missing}"
+
+
+def test_every_cli_option_named_in_the_docs_exists():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and "train" in a.choices).choices
+    known = {opt for sub in subparsers.values() for a in sub._actions for opt in a.option_strings}
+    used = set()
+    for command in re.findall(r"siesta-dmguess (\w+)([^`\n]*)", _text()):
+        sub, rest = command
+        if sub in subparsers:
+            used |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest))
+    unknown = sorted(used - known)
+    assert used and not unknown, f"options in `siesta-dmguess ...` commands of the docs that no subcommand has: {unknown}"
