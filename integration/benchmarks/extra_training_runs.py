@@ -222,9 +222,9 @@ def chno_kinds(datasets: Path):
             k += 1
 
 
-SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "si-vacancy": silicon_vacancies, "water-extra": water_structures,
-        "water-extra2": water_boxes_more, "water-clusters": water_clusters, "g2-extra": chno_structures,
-        "chno-kinds": chno_kinds}
+SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "si-vacancy": silicon_vacancies,
+        "water-extra": water_structures, "water-extra2": water_boxes_more, "water-clusters": water_clusters,
+        "g2-extra": chno_structures, "chno-kinds": chno_kinds}
 
 
 def converge(folder: Path, record: dict) -> dict:

@@ -5,6 +5,7 @@
     siesta-dmguess bench unseen/water64 --model water --split all --out bench_unseen
     siesta-dmguess bench unseen/si16 --model silicon --split all --out bench_unseen
     siesta-dmguess bench unseen/water-clusters --model water --split all --out bench_unseen
+    siesta-dmguess bench unseen/si-vacancy --model silicon --split all --out bench_unseen
 
 The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 
@@ -35,7 +36,9 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
   periodic copies: neither a single molecule nor a liquid;
 * ``si-vacancy``: two ``si8`` val cells with one atom removed (7 atoms, 4x4x4
   k-points) and two ``si16``-like 2x1x1 cells with one atom removed (15 atoms,
-  2x4x4), rattled 0.05 Å: a defect, which no training cell has;
+  2x4x4), rattled 0.05 Å: a defect, which no ``si8`` cell has (the shipped
+  ``silicon`` has since been trained on other vacancy cells,
+  ``extra_training_runs.py --set si-vacancy``);
 * ``si8-pressure``: two ``si8`` val cells compressed and expanded by 3 %
   (volume −9 % / +9 %), 4x4x4 k-points: a crystal under pressure or tension;
 * ``water-slab``: two ``water8`` val boxes with whole molecules and 10 Å of
@@ -100,6 +103,16 @@ def strained(atoms, sigma: float, rng):
     return atoms
 
 
+def water_molecules(box) -> list[tuple[int, np.ndarray]]:
+    """(O index, its two H indices) of each molecule of a periodic water ``box``: the two H nearest each O (minimum
+    image)."""
+    symbols = box.get_chemical_symbols()
+    hydrogens = np.array([i for i, s in enumerate(symbols) if s == "H"])
+    return [(o, hydrogens[np.argsort(np.linalg.norm(find_mic(box.positions[hydrogens] - box.positions[o], box.cell,
+                                                             True)[0], axis=1))[:2]])
+            for o in (i for i, s in enumerate(symbols) if s == "O")]
+
+
 def water_cluster(box, size: int, seed_molecule: int, vacuum: float = 9.0):
     """The ``size`` molecules of a periodic water ``box`` nearest to one of them, unwrapped, in a vacuum cell.
 
@@ -108,10 +121,8 @@ def water_cluster(box, size: int, seed_molecule: int, vacuum: float = 9.0):
     """
     pos, cell = box.positions, box.cell
     mic = lambda d: find_mic(d, cell, True)[0]  # noqa: E731  (minimum-image vectors, ASE's)
-    oxygens = [i for i, s in enumerate(box.get_chemical_symbols()) if s == "O"]
-    hydrogens = np.array([i for i, s in enumerate(box.get_chemical_symbols()) if s == "H"])
-    molecules = [(o, hydrogens[np.argsort(np.linalg.norm(mic(pos[hydrogens] - pos[o]), axis=1))[:2]])
-                 for o in oxygens]
+    molecules = water_molecules(box)
+    oxygens = [o for o, _ in molecules]
     seed = pos[molecules[seed_molecule][0]]
     order = np.argsort(np.linalg.norm(mic(pos[oxygens] - seed), axis=1))[:size]
     symbols, positions = [], []
@@ -130,12 +141,9 @@ def whole_molecules(box):
     """The water ``box`` with every molecule made whole: its two H moved to the O's minimum image, O wrapped."""
     box = box.copy()
     box.wrap()
-    pos, cell = box.positions, box.cell
-    symbols = box.get_chemical_symbols()
-    hydrogens = np.array([i for i, s in enumerate(symbols) if s == "H"])
-    for o in (i for i, s in enumerate(symbols) if s == "O"):
-        hs = hydrogens[np.argsort(np.linalg.norm(find_mic(pos[hydrogens] - pos[o], cell, True)[0], axis=1))[:2]]
-        pos[hs] = pos[o] + find_mic(pos[hs] - pos[o], cell, True)[0]
+    pos = box.positions
+    for o, hs in water_molecules(box):
+        pos[hs] = pos[o] + find_mic(pos[hs] - pos[o], box.cell, True)[0]
     box.positions = pos
     return box
 
