@@ -31,4 +31,4 @@ def test_every_cli_option_named_in_the_docs_exists():
         if sub in subparsers:
             used |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest))
     unknown = sorted(used - known)
-    assert used and not unknown, f"options in `siesta-dmguess ...` commands of the docs that no subcommand has: {unknown}"
+    assert used and not unknown, f"options of `siesta-dmguess` commands in the docs that no subcommand has: {unknown}"
