@@ -38,6 +38,7 @@ class StructureResult:
     results: dict  # guess -> GuessResult
     novelty: float | None = None  # the prediction's out-of-distribution score (see Prediction.novelty)
     flagged: bool = False  # novelty above the model's threshold
+    fallback: str = ""  # why the "ml" run started from the atomic guess instead (as predict and the calculator do)
 
     def saved(self, guess: str = "ml", base: str = "atomic") -> int:
         return self.results[base].scf_iterations - self.results[guess].scf_iterations
@@ -45,31 +46,40 @@ class StructureResult:
 
 def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), command=None,
                     refine: str = "idempotent") -> StructureResult:
-    """Run SIESTA on one fdf with each guess; the ML guess is predicted from the fdf (refined with ``refine``)."""
+    """Run SIESTA on one fdf with each guess; the ML guess is predicted from the fdf (refined with ``refine``).
+
+    A structure far outside the model's training data gets no predicted DM (``predict_to_file`` refuses it), so
+    its "ml" run starts from the atomic guess, as the ``predict`` command and the ASE calculator would; the
+    reason is kept in ``StructureResult.fallback``.
+    """
+    from .errors import UnreliablePredictionError
     from .predict import predict_to_file
     from .siesta import prepare_run, run_siesta
 
     results = {}
-    natoms, novelty, flagged = 0, None, False
+    natoms, novelty, flagged, fallback = 0, None, False, ""
     for guess in guesses:
         run_dir = workdir / guess
-        prediction_s, dm_file = 0.0, None
+        prediction_s, dm_file, template = 0.0, None, guess
         if guess == "ml":
             t0 = time.perf_counter()
-            pred = predict_to_file(fdf, run_dir.parent / "predicted.DM", model=model, overwrite=True,
-                                   refine=refine)
+            try:
+                pred = predict_to_file(fdf, run_dir.parent / "predicted.DM", model=model, overwrite=True,
+                                       refine=refine)
+                dm_file = run_dir.parent / "predicted.DM"
+            except UnreliablePredictionError as exc:
+                pred, fallback, template = exc.prediction, str(exc), "atomic"
             prediction_s = time.perf_counter() - t0
-            dm_file = run_dir.parent / "predicted.DM"
             natoms = len(pred.structure.atoms)
             novelty, flagged = pred.novelty, pred.out_of_distribution
-        new_fdf = prepare_run(fdf, run_dir, guess, dm_file=dm_file, pseudo_dirs=[fdf.parent.parent / "basis"])
+        new_fdf = prepare_run(fdf, run_dir, template, dm_file=dm_file, pseudo_dirs=[fdf.parent.parent / "basis"])
         run = run_siesta(new_fdf, command=command)
         out = run.output
         results[guess] = GuessResult(guess, out.scf_iterations, out.converged, out.dm_read_from_file,
                                      out.total_energy_eV, run.wall_s, prediction_s,
                                      [s.dDmax for s in out.scf_history],
                                      None if out.start_dm_electrons is None else out.start_dm_electrons - out.electrons)
-    return StructureResult(fdf.parent.name, natoms, results, novelty, flagged)
+    return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback)
 
 
 def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "auto", limit: int = 0,
@@ -112,12 +122,14 @@ def summarize(rows: list[StructureResult], model: str, data: str) -> dict:
         "scf_iterations_atomic": it_a, "scf_iterations_ml": it_m,
         "iterations_saved_fraction": 1 - it_m / it_a if it_a else 0.0,
         "ml_never_worse": all(r.saved() >= 0 for r in rows),
-        "all_dm_read": all(r.results["ml"].dm_read for r in rows),
+        "all_dm_read": all(r.results["ml"].dm_read for r in rows if not r.fallback),
+        "structures_fallback_atomic": sum(bool(r.fallback) for r in rows),
         "all_converged": all(g.converged for r in rows for g in r.results.values()),
         "wall_s_atomic": wall_a, "wall_s_ml_including_prediction": wall_m,
         "max_abs_energy_difference_eV": max(de) if de else 0.0,
         "structures_flagged_novel": sum(r.flagged for r in rows),
         "per_structure": [{"name": r.name, "natoms": r.natoms, "novelty": r.novelty, "flagged": r.flagged,
+                           "fallback": r.fallback,
                            **{g: asdict(v) for g, v in r.results.items()}}
                           for r in rows],
     }
@@ -130,6 +142,8 @@ def markdown(report: dict) -> str:
     for r in report["per_structure"]:
         a, m = r["atomic"], r["ml"]
         novelty = "-" if r.get("novelty") is None else f"{r['novelty']:.2f}" + (" (flagged)" if r["flagged"] else "")
+        if r.get("fallback"):
+            novelty += ", far: atomic guess used"
         lines.append(f"| {r['name']} | {r['natoms']} | {novelty} | {a['scf_iterations']} | {m['scf_iterations']} | "
                      f"{a['scf_iterations'] - m['scf_iterations']} | {a['siesta_wall_s']:.2f} | "
                      f"{m['siesta_wall_s'] + m['prediction_s']:.2f} | "
@@ -138,7 +152,10 @@ def markdown(report: dict) -> str:
               f"({100 * report['iterations_saved_fraction']:.0f}% saved); wall {report['wall_s_atomic']:.1f} s → "
               f"{report['wall_s_ml_including_prediction']:.1f} s; max |ΔE| "
               f"{report['max_abs_energy_difference_eV']:.1e} eV; ML never worse: {report['ml_never_worse']}; "
-              f"flagged as novel: {report.get('structures_flagged_novel', 0)} of {report['structures']}."]
+              f"flagged as novel: {report.get('structures_flagged_novel', 0)} of {report['structures']}"
+              + (f"; far outside the training data, started from the atomic guess: "
+                 f"{report['structures_fallback_atomic']}" if report.get("structures_fallback_atomic") else "")
+              + "."]
     return "\n".join(lines) + "\n"
 
 

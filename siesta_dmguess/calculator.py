@@ -19,7 +19,11 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
   and record the iterations saved;
 * ``novelty_limit``: with ``fallback="atomic"``, use the atomic guess when the
   structure's novelty score (see ``Prediction.novelty``) exceeds this value
-  (``"model"``: the model card's threshold; ``None``: never);
+  (``"model"``: the model card's threshold; ``None``: never). Whatever
+  ``fallback`` says, a structure *far* outside the training data
+  (``Prediction.far_out_of_distribution``, 100x the flag level) starts from the
+  atomic guess with a warning, because such predictions measured worse than it;
+  ``novelty_limit=None`` turns that off too;
 * ``history_depth``: steps kept for extrapolation (SIESTA's ``DM.History.Depth``).
 
 After each calculation ``calc.guess_record`` (a :class:`GuessRecord`) holds the
@@ -129,7 +133,7 @@ class DMGuessSiesta(Siesta):
 
     def _predict(self, atoms):
         """The ML prediction for ``atoms``, or None (with ``self._reason``) when falling back."""
-        from .predict import predict_density_matrix
+        from .predict import FAR_NOVELTY_FACTOR, predict_density_matrix
         from .structure import structure_from_atoms
 
         try:
@@ -143,6 +147,12 @@ class DMGuessSiesta(Siesta):
             warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {exc}", stacklevel=4)
             return None
         limit = pred.novelty_threshold if self.novelty_limit == "model" else self.novelty_limit
+        if self.novelty_limit is not None and pred.far_out_of_distribution:
+            limit = FAR_NOVELTY_FACTOR * pred.novelty_threshold
+            self._reason = (f"the structure lies far outside the model's training data (novelty {pred.novelty:.0f} > "
+                            f"{limit:.0f}), where predictions start SIESTA further from the answer than its atomic guess")
+            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {self._reason}", stacklevel=4)
+            return None
         if self.fallback == "atomic" and limit and pred.novelty > limit:
             self._reason = f"the structure looks unlike the model's training data (novelty {pred.novelty:.1f} > {limit:.1f})"
             warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {self._reason}", stacklevel=4)

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import DMGuessError
+from .errors import DMGuessError, UnreliablePredictionError
 
 
 def _cmd_train(args) -> int:
@@ -59,12 +59,18 @@ def _cmd_predict(args) -> int:
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
     model = load_model(args.model)  # once for all structures
     many = len(args.structure) > 1
+    skipped = 0
     for structure in tqdm(args.structure, desc="predict", disable=not many):
         out = Path(args.output) if args.output else default_dm_path(structure)
-        pred = predict_to_file(structure, out, model=model, overwrite=args.overwrite, fold=fold, force=args.force,
-                               refine=args.refine)
+        try:
+            pred = predict_to_file(structure, out, model=model, overwrite=args.overwrite, fold=fold,
+                                   force=args.force, refine=args.refine)
+        except UnreliablePredictionError as exc:  # the other structures of a batch still get their DMs
+            print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
+            skipped += 1
+            continue
         _report_prediction(out, pred, write=tqdm.write if many else print)
-    return 0
+    return 2 if skipped else 0  # as main() does for any other error
 
 
 def _report_prediction(out: Path, pred, write=print) -> None:
@@ -200,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing .DM without a backup")
     r.add_argument("--fold", choices=["auto", "yes", "no"], default="auto",
                    help="fold periodic images into the unit cell (auto: for Γ-only runs)")
-    r.add_argument("--force", action="store_true", help="use the model despite a basis/settings mismatch")
+    r.add_argument("--force", action="store_true",
+                   help="use the model despite a basis/settings mismatch, or write a prediction for a structure far "
+                        "outside its training data")
     add_refine_argument(r)
     r.set_defaults(func=_cmd_predict)
 

@@ -26,6 +26,15 @@ class ModelCompatibilityError(DMGuessError):
     """A model cannot be used for a structure (species, basis, XC or format mismatch)."""
 
 
+class UnreliablePredictionError(DMGuessError):
+    """A structure lies so far outside a model's training data that its prediction would start SIESTA further
+    from the answer than the atomic guess (see ``Prediction.far_out_of_distribution``); ``prediction`` holds it."""
+
+    def __init__(self, message: str, path: str | Path | None = None, prediction=None):
+        super().__init__(message, path)
+        self.prediction = prediction
+
+
 class SiestaError(DMGuessError):
     """SIESTA is missing, crashed or did not converge."""
 

@@ -60,6 +60,24 @@ def test_novelty_above_limit_falls_back(model_dir, tmp_path):
     assert c._used == "atomic" and "novelty" in c._reason
 
 
+def test_far_out_of_distribution_falls_back_whatever_the_fallback_setting(tmp_path):
+    """A structure far outside the training data (novelty above 100x the flag level) starts from the atomic guess
+    even with fallback="error", because such predictions measured worse than it; novelty_limit=None uses it."""
+    far = tmp_path / "far-model"
+    model = DensityMatrixModel(small_config())
+    model.novelty_threshold.fill_(1e-12)
+    save_model(model, far, {"name": "far"})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    c = calc(far, tmp_path / "a")
+    with pytest.warns(UserWarning, match="far outside the model's training data"):
+        c._write_guess(water_molecule())
+    assert c._used == "atomic" and "novelty" in c._reason and not (tmp_path / "a" / "siesta.DM").exists()
+    c = calc(far, tmp_path / "b", novelty_limit=None)
+    c._write_guess(water_molecule())
+    assert c._used == "ml" and (tmp_path / "b" / "siesta.DM").is_file()
+
+
 def test_spin_polarized_run_is_refused_or_falls_back(model_dir, tmp_path):
     with pytest.raises(ModelCompatibilityError, match="Spin collinear"):
         calc(model_dir, tmp_path, spin="collinear")._write_guess(water_molecule())

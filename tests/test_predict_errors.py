@@ -1,6 +1,7 @@
 """predict / CLI on a saved model: output file, and every bad-input path gives a clear error."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +172,59 @@ def test_predict_cli_handles_several_structures_and_refuses_one_output_for_them(
         assert read_dm_orbital_count(path.replace(".xyz", ".DM")) == 23
     assert main(["predict", *paths, "--model", str(model_dir), "-o", str(tmp_path / "one.DM")]) == 2
     assert "-o names one output file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def far_model_dir(tmp_path_factory):
+    """A model whose novelty flag level is so low that every structure lies 'far' outside its training data."""
+    out = tmp_path_factory.mktemp("far") / "tiny-far"
+    model = DensityMatrixModel(small_config())
+    model.novelty_threshold.fill_(1e-12)
+    save_model(model, out, {"name": "tiny-far"})
+    return out
+
+
+def test_far_out_of_distribution_structure_gets_no_dm_unless_forced(model_dir, far_model_dir, xyz, tmp_path):
+    from siesta_dmguess.errors import UnreliablePredictionError
+    from siesta_dmguess.predict import FAR_NOVELTY_FACTOR
+
+    out = tmp_path / "water.DM"
+    with pytest.raises(UnreliablePredictionError, match=r"water.xyz: far outside the training data of model tiny-far "
+                                                        r"\(novelty .*--force writes it") as info:
+        predict_to_file(xyz, out, model=far_model_dir)
+    assert not out.exists()
+    pred = info.value.prediction  # the prediction is kept for the caller (the benchmark records its novelty)
+    assert pred.far_out_of_distribution and pred.novelty > FAR_NOVELTY_FACTOR * pred.novelty_threshold
+    assert predict_to_file(xyz, out, model=far_model_dir, force=True).far_out_of_distribution and out.is_file()
+    # the same structure with a model whose flag level is not that low (here: not fitted) is predicted as usual
+    assert not predict_density_matrix(xyz, model_dir).far_out_of_distribution
+
+
+def test_cli_predict_skips_far_structures_and_says_so(far_model_dir, model_dir, xyz, tmp_path, capsys):
+    out = tmp_path / "water.DM"
+    assert main(["predict", str(xyz), "--model", str(far_model_dir), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "far outside the training data" in err and str(xyz) in err and not out.exists()
+    assert main(["predict", str(xyz), "--model", str(far_model_dir), "-o", str(out), "--force"]) == 0
+    assert out.is_file()
+
+
+def test_cli_predict_batch_goes_on_past_a_far_structure(model_dir, xyz, tmp_path, monkeypatch, capsys):
+    """In a batch, a structure far outside the training data gets no DM, the others do, and the exit code says
+    that one was skipped."""
+    import siesta_dmguess.predict as predict_module
+    from siesta_dmguess.errors import UnreliablePredictionError
+
+    real = predict_module.predict_to_file
+
+    def far_for_the_first(structure, out, **kw):
+        if Path(structure) == xyz:
+            raise UnreliablePredictionError("far outside the training data", structure)
+        return real(structure, out, **kw)
+
+    monkeypatch.setattr(predict_module, "predict_to_file", far_for_the_first)
+    other = tmp_path / "other.xyz"
+    water_molecule().write(other)
+    assert main(["predict", str(xyz), str(other), "--model", str(model_dir)]) == 2
+    assert not xyz.with_suffix(".DM").exists() and other.with_suffix(".DM").is_file()
+    assert f"{xyz}: far outside the training data" in capsys.readouterr().err

@@ -153,3 +153,12 @@ def test_benchmark_report_marks_structures_the_model_flags_as_novel(tmp_path):
     table = markdown(flagged)
     assert "(flagged)" in table and "flagged as novel: 2 of 2" in table
     assert "(flagged)" not in markdown(calm)
+    # With a near-zero threshold the structures are also *far* outside the training data: their "ml" runs start
+    # from the atomic guess (no predicted DM, the atomic template), as predict and the calculator would do.
+    assert all("far outside the training data" in r["fallback"] for r in flagged["per_structure"])
+    assert not any(r["fallback"] for r in calm["per_structure"])
+    assert flagged["structures_fallback_atomic"] == 2 and calm["structures_fallback_atomic"] == 0
+    assert "far: atomic guess used" in table and "started from the atomic guess: 2" in table
+    fdf = (tmp_path / "out1e-06" / "data" / "0000" / "ml" / "input.fdf").read_text()
+    assert "DM.UseSaveDM F" in fdf and not (tmp_path / "out1e-06" / "data" / "0000" / "predicted.DM").exists()
+    assert "DM.UseSaveDM T" in (tmp_path / "out1e+06" / "data" / "0000" / "ml" / "input.fdf").read_text()

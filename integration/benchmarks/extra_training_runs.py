@@ -23,6 +23,16 @@ removed, strained 1 % and rattled 0.04-0.08 Å: 16 7-atom cells (4x4x4
 k-points) and 8 15-atom 2x1x1 cells (2x4x4): the undercoordinated atoms of a
 vacancy, which no ``si8`` cell has.
 
+``si-interstitial`` (24 structures, from ``si8``): a training cell with one
+atom added in its largest void (the tetrahedral site), strained 1 % and rattled
+0.04-0.08 Å: 16 9-atom cells (4x4x4 k-points) and 8 17-atom 2x1x1 cells
+(2x4x4): the overcoordinated atoms of an interstitial.
+
+``si-surface`` (12 structures, from ``si8``): a training cell stacked twice
+along z (16 atoms), strained 1 %, rattled 0.04-0.08 Å, with 8-12 Å of vacuum
+along z, 4x4x1 k-points: unreconstructed (001) slabs, whose surface atoms have
+two dangling bonds each.
+
 ``water-extra`` (64 structures, from ``h2o`` and ``water8``; Γ only):
 
 * 48 molecules: a training molecule rattled again by 0.08 or 0.12 Å (``h2o``
@@ -73,7 +83,7 @@ from pathlib import Path
 import numpy as np
 from ase.build import bulk
 from tqdm import tqdm
-from unseen_structures import copy_basis, strained, water_cluster, write_run
+from unseen_structures import copy_basis, largest_void, strained, water_cluster, write_run
 
 from siesta_dmguess.data import list_runs
 from siesta_dmguess.siesta import prepare_run, run_siesta
@@ -126,6 +136,35 @@ def silicon_vacancies(datasets: Path):
         del atoms[int(rng.integers(len(atoms)))]
         atoms.rattle(rattle, seed=9000 + k)
         yield atoms, kgrid, f"si8/{source} x {repeat} less one atom, strained 1 %, rattled {rattle} Å", "si8"
+
+
+def silicon_interstitials(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``si-interstitial`` set: cells with one atom added."""
+    from ase import Atoms
+
+    train = training_ids(datasets, "si8")
+    rng = np.random.default_rng(3456)
+    for k in range(24):
+        source, rattle = train[k % len(train)], (0.04, 0.06, 0.08)[k % 3]
+        repeat, kgrid = ((1, 1, 1), (4, 4, 4)) if k < 16 else ((2, 1, 1), (2, 4, 4))
+        atoms = strained(read_structure(datasets / "si8" / source / "input.fdf").atoms.repeat(repeat), 0.01, rng)
+        atoms += Atoms("Si", positions=[largest_void(atoms)])
+        atoms.rattle(rattle, seed=3000 + k)
+        yield atoms, kgrid, f"si8/{source} x {repeat} plus one interstitial atom, strained 1 %, rattled {rattle} Å", "si8"
+
+
+def silicon_surfaces(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``si-surface`` set: (001) slabs with vacuum."""
+    train = training_ids(datasets, "si8")
+    rng = np.random.default_rng(7890)
+    for k in range(12):
+        source, rattle, vacuum = train[k % len(train)], (0.04, 0.06, 0.08)[k % 3], (8.0, 10.0, 12.0)[k % 3]
+        slab = strained(read_structure(datasets / "si8" / source / "input.fdf").atoms.repeat((1, 1, 2)), 0.01, rng)
+        slab.wrap()
+        slab.rattle(rattle, seed=7000 + k)
+        slab.cell[2] *= 1.0 + vacuum / np.linalg.norm(slab.cell[2])
+        slab.positions += slab.cell[2] * (vacuum / 2) / np.linalg.norm(slab.cell[2])
+        yield slab, (4, 4, 1), f"si8/{source} x (1,1,2) slab, {vacuum} Å of vacuum, strained 1 %, rattled {rattle} Å", "si8"
 
 
 def water_structures(datasets: Path):
@@ -223,6 +262,7 @@ def chno_kinds(datasets: Path):
 
 
 SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "si-vacancy": silicon_vacancies,
+        "si-interstitial": silicon_interstitials, "si-surface": silicon_surfaces,
         "water-extra": water_structures, "water-extra2": water_boxes_more, "water-clusters": water_clusters,
         "g2-extra": chno_structures, "chno-kinds": chno_kinds}
 

@@ -43,7 +43,20 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
   (volume −9 % / +9 %), 4x4x4 k-points: a crystal under pressure or tension;
 * ``water-slab``: two ``water8`` val boxes with whole molecules and 10 Å of
   vacuum added along z, still Γ only: a liquid surface, half the molecules
-  with a broken hydrogen-bond network.
+  with a broken hydrogen-bond network;
+* ``si-interstitial``: two ``si8`` val cells (9 atoms, 4x4x4 k-points) and two
+  2x1x1 cells (17 atoms, 2x4x4) with one more atom in the cell's largest
+  void (the tetrahedral site), rattled 0.05 Å: a defect no training cell has;
+* ``si-surface``: two ``si8`` val cells stacked twice along z (16 atoms) with
+  10 Å of vacuum, 4x4x1 k-points: an unreconstructed (001) slab, two dangling
+  bonds per surface atom;
+* ``si-hot``: two ``si8`` val cells rattled 0.15 Å (the dataset: 0.06 Å), 4x4x4
+  k-points: a crystal near melting;
+* ``chno-complexes``: six molecular complexes of ASE's S22 collection (formic
+  acid and formamide dimers, benzene-water, the pyrazine dimer, the
+  hydrogen-bonded uracil dimer, the phenol dimer; 10-26 atoms), randomly
+  oriented with 9 Å of vacuum between copies: larger molecules, rings with N
+  and O, and hydrogen-bonded and stacked pairs, none of them in ``g2``.
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
@@ -59,7 +72,7 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 from ase.build import bulk
-from ase.collections import g2
+from ase.collections import g2, s22
 from ase.data import atomic_numbers
 from ase.geometry import find_mic
 
@@ -68,6 +81,9 @@ from siesta_dmguess.siesta.templates import fdf_with_geometry
 from siesta_dmguess.structure import read_structure
 
 # Closed-shell (even electron count, no magnetic moments) CHNO molecules of ASE's G2 set absent from `g2`.
+# Complexes of ASE's S22 collection (CHNO only), new to `g2`: larger molecules, hydrogen-bonded and stacked pairs.
+UNSEEN_S22 = ["Formic_acid_dimer", "Formamide_dimer", "Benzene-water_complex", "Pyrazine_dimer",
+              "Uracil_dimer_h-bonded", "Phenol_dimer"]
 UNSEEN_G2 = ["CH3CHO", "CH2NHCH2", "H3CNH2", "C3H6_D3h", "trans-butane", "butadiene", "CH3OCH3", "C3H4_D2d",
              "2-butyne", "N2O", "C3H9N", "C3H6_Cs", "C3H4_C3v", "C3H4_C2v"]
 
@@ -148,6 +164,15 @@ def whole_molecules(box):
     return box
 
 
+def largest_void(atoms) -> np.ndarray:
+    """Cartesian position of the point of a periodic cell farthest from every atom (on a 24³ grid of the cell)."""
+    grid = np.stack(np.meshgrid(*[np.arange(24) / 24] * 3, indexing="ij"), -1).reshape(-1, 3) @ atoms.cell.array
+    nearest = np.full(len(grid), np.inf)
+    for position in atoms.positions:
+        nearest = np.minimum(nearest, np.linalg.norm(find_mic(grid - position, atoms.cell, True)[0], axis=1))
+    return grid[int(np.argmax(nearest))]
+
+
 def copy_basis(dataset: Path, dest: Path) -> None:
     shutil.copytree(dataset / "basis", dest / "basis", dirs_exist_ok=True)
 
@@ -158,7 +183,7 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,"
                                      "g2-stress,water-clusters,si-vacancy,si8-pressure,"
-                                     "water-slab")
+                                     "water-slab,si-interstitial,si-surface,si-hot,chno-complexes")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -265,6 +290,40 @@ def main() -> None:
             slab.cell[2] *= 1.0 + 10.0 / np.linalg.norm(slab.cell[2])
             slab.positions += slab.cell[2] * 5.0 / np.linalg.norm(slab.cell[2])  # 5 Å of vacuum either side
             write_run(args.datasets / "water8/0000/input.fdf", slab, dest / f"{k:04d}")
+    if "si-interstitial" in sets:
+        dest = args.out / "si-interstitial"
+        copy_basis(args.datasets / "si8", dest)
+        for k, (run, repeat, kgrid) in enumerate((("0004", (1, 1, 1), (4, 4, 4)), ("0014", (1, 1, 1), (4, 4, 4)),
+                                                  ("0009", (2, 1, 1), (2, 4, 4)), ("0019", (2, 1, 1), (2, 4, 4)))):
+            atoms = read_structure(args.datasets / "si8" / run / "input.fdf").atoms.repeat(repeat)
+            atoms += Atoms("Si", positions=[largest_void(atoms)])
+            atoms.rattle(0.05, seed=600 + k)
+            write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", kgrid)
+    if "si-surface" in sets:
+        dest = args.out / "si-surface"
+        copy_basis(args.datasets / "si8", dest)
+        for k, run in enumerate(("0004", "0019")):
+            slab = read_structure(args.datasets / "si8" / run / "input.fdf").atoms.repeat((1, 1, 2))
+            slab.wrap()
+            slab.cell[2] *= 1.0 + 10.0 / np.linalg.norm(slab.cell[2])
+            slab.positions += slab.cell[2] * 5.0 / np.linalg.norm(slab.cell[2])  # 5 Å of vacuum either side
+            write_run(args.datasets / "si8/0000/input.fdf", slab, dest / f"{k:04d}", (4, 4, 1))
+    if "si-hot" in sets:
+        dest = args.out / "si-hot"
+        copy_basis(args.datasets / "si8", dest)
+        for k, run in enumerate(("0004", "0014")):
+            atoms = read_structure(args.datasets / "si8" / run / "input.fdf").atoms
+            atoms.rattle(0.15, seed=700 + k)
+            write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", (4, 4, 4))
+    if "chno-complexes" in sets:
+        dest = args.out / "chno-complexes"
+        copy_basis(args.datasets / "g2", dest)
+        for k, name in enumerate(UNSEEN_S22):
+            atoms = s22[name].copy()
+            atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
+            atoms.center(vacuum=4.5)
+            atoms.pbc = True
+            write_run(args.datasets / "g2/0000/input.fdf", atoms, dest / f"{k:04d}")
     print(f"wrote {', '.join(sets)} under {args.out}")
 
 
