@@ -274,8 +274,16 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         overlap = pred.history_overlap if pred else None
         geometry = build_geometry(structure, basis)
         row = {"frame": t, "natoms": len(atoms)}
+        # A frame far outside the training data starts the ML guesses from the atomic guess, as the calculator does.
+        far = pred is not None and pred.far_out_of_distribution
+        if far:
+            row["fallback"] = f"far outside the training data (novelty {pred.novelty:.0f})"
+            predicted = None  # and the ml+residual history records no prediction for it
         for g in guesses:
-            start = histories[g].guess(g, atoms.positions, predicted, refine=pred.refined if pred else None)
+            if far and g.startswith("ml"):
+                start = None
+            else:
+                start = histories[g].guess(g, atoms.positions, predicted, refine=pred.refined if pred else None)
             out, wall, converged = _run_frame(text, out_dir / name / f"{t:04d}" / g, start, geometry, pseudo_dirs,
                                               command)
             if g == "ml+residual":  # the only guess built on past predictions; the others need converged DMs alone

@@ -132,6 +132,29 @@ def test_ml_guess_far_outside_the_training_data_is_no_worse(siesta_command, wate
     assert all(r["ml"]["scf_iterations"] <= r["atomic"]["scf_iterations"] for r in report["per_frame"])
 
 
+def test_frames_far_outside_the_training_data_start_from_the_atomic_guess(siesta_command, water_model, tmp_path):
+    """With a copy of the `water` model whose flag level is near zero, every frame is 'far' outside its training
+    data: the trajectory benchmark (like the calculator) then runs the ML guesses from SIESTA's atomic guess,
+    which gives the atomic guess's iterations and energy."""
+    from siesta_dmguess.bench import run_trajectory_benchmark
+    from siesta_dmguess.card import load_model, save_model
+    from siesta_dmguess.structure import read_structure
+
+    far = load_model("water")  # a fresh copy: the module's shipped model stays untouched
+    far.model.novelty_threshold.fill_(1e-9)
+    save_model(far.model, tmp_path / "far-water", {"name": "far-water"})
+    root = dataset("h2o")
+    fdf = root / first_val_record(root)["id"] / "input.fdf"
+    report = run_trajectory_benchmark([read_structure(fdf).atoms], fdf, load_model(tmp_path / "far-water"),
+                                      tmp_path / "bench", ("atomic", "ml", "ml+residual"), command=siesta_command,
+                                      progress=False)
+    row = report["per_frame"][0]
+    assert "far outside the training data" in row["fallback"]
+    for g in ("ml", "ml+residual"):
+        assert row[g]["guess"] == "atomic" and not row[g]["dm_read"]
+        assert row[g]["scf_iterations"] == row["atomic"]["scf_iterations"]
+
+
 def test_ml_guess_for_a_compressed_water_box_is_no_worse(siesta_command, water_model, tmp_path):
     """A held-out water8 box with its molecules moved 4 % closer, each kept rigid (the training boxes have
     either the dataset's density or were scaled whole, bonds included): the guess is flagged as novel and must
