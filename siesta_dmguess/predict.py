@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 # Novelty, in multiples of a model's flag level, beyond which its prediction is not used unless forced. Measured on
 # the unseen sets (README): every structure where the ML guess saved iterations, or at worst cost one, scored at
 # most 17x its model's flag level (a benzene-water complex, 37.7 against 2.24); silicon interstitials, which no
-# training cell of the `silicon` model with weights 41c0dfb1... had and where its guess cost 4-11 iterations (raw
-# Tr(D S) off by 7-21 electrons, elements off by up to 26), scored 1500-3600x. The factor sits between the two.
+# training cell of the `silicon` models had and where the guess of the one with weights 41c0dfb1... cost 4-11
+# iterations (raw Tr(D S) off by 7-21 electrons, elements off by up to 26), scored 1300-3600x (that model and the
+# shipped one). The factor sits between the two.
 FAR_NOVELTY_FACTOR = 100.0
 
 
