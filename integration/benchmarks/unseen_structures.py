@@ -6,6 +6,7 @@
     siesta-dmguess bench unseen/si16 --model silicon --split all --out bench_unseen
     siesta-dmguess bench unseen/water-clusters --model water --split all --out bench_unseen
     siesta-dmguess bench unseen/si-vacancy --model silicon --split all --out bench_unseen
+    siesta-dmguess bench unseen/chno-complexes --model chno-molecules --split all --out bench_unseen
 
 The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 
@@ -56,7 +57,9 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
   acid and formamide dimers, benzene-water, the pyrazine dimer, the
   hydrogen-bonded uracil dimer, the phenol dimer; 10-26 atoms), randomly
   oriented with 9 Å of vacuum between copies: larger molecules, rings with N
-  and O, and hydrogen-bonded and stacked pairs, none of them in ``g2``.
+  and O, and hydrogen-bonded and stacked pairs, none of them in ``g2`` (the
+  ``chno-kinds`` set of ``extra_training_runs.py`` holds S22 dimers, so a model
+  trained on it has seen these; the shipped ``chno-molecules`` has not).
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
