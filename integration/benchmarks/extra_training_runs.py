@@ -83,7 +83,7 @@ from pathlib import Path
 import numpy as np
 from ase.build import bulk
 from tqdm import tqdm
-from unseen_structures import copy_basis, largest_void, strained, water_cluster, write_run
+from unseen_structures import copy_basis, largest_void, strained, water_cluster, with_vacuum, write_run
 
 from siesta_dmguess.data import list_runs
 from siesta_dmguess.siesta import prepare_run, run_siesta
@@ -125,32 +125,37 @@ def silicon_structures_more(datasets: Path):
         yield atoms, (4, 4, 4), f"si8/{source} strained 1 %, rattled {rattle} Å", "si8"
 
 
-def silicon_vacancies(datasets: Path):
-    """(atoms, k-grid, description, source dataset) of the ``si-vacancy`` set: cells with one atom removed."""
+def silicon_defect_cells(datasets: Path, seed: int, rattle_seed: int, make_defect, what: str):
+    """24 cells from the ``si8`` training runs with one point defect each (``make_defect(atoms, rng)`` changes the
+    strained cell in place): 16 8-atom cells (4x4x4 k-points) and 8 2x1x1 cells (2x4x4), strained 1 % and
+    rattled 0.04-0.08 Å."""
     train = training_ids(datasets, "si8")
-    rng = np.random.default_rng(9012)
+    rng = np.random.default_rng(seed)
     for k in range(24):
         source, rattle = train[k % len(train)], (0.04, 0.06, 0.08)[k % 3]
         repeat, kgrid = ((1, 1, 1), (4, 4, 4)) if k < 16 else ((2, 1, 1), (2, 4, 4))
         atoms = strained(read_structure(datasets / "si8" / source / "input.fdf").atoms.repeat(repeat), 0.01, rng)
+        make_defect(atoms, rng)
+        atoms.rattle(rattle, seed=rattle_seed + k)
+        yield atoms, kgrid, f"si8/{source} x {repeat} {what}, strained 1 %, rattled {rattle} Å", "si8"
+
+
+def silicon_vacancies(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``si-vacancy`` set: cells with one atom removed."""
+    def remove_one(atoms, rng):
         del atoms[int(rng.integers(len(atoms)))]
-        atoms.rattle(rattle, seed=9000 + k)
-        yield atoms, kgrid, f"si8/{source} x {repeat} less one atom, strained 1 %, rattled {rattle} Å", "si8"
+
+    return silicon_defect_cells(datasets, 9012, 9000, remove_one, "less one atom")
 
 
 def silicon_interstitials(datasets: Path):
     """(atoms, k-grid, description, source dataset) of the ``si-interstitial`` set: cells with one atom added."""
     from ase import Atoms
 
-    train = training_ids(datasets, "si8")
-    rng = np.random.default_rng(3456)
-    for k in range(24):
-        source, rattle = train[k % len(train)], (0.04, 0.06, 0.08)[k % 3]
-        repeat, kgrid = ((1, 1, 1), (4, 4, 4)) if k < 16 else ((2, 1, 1), (2, 4, 4))
-        atoms = strained(read_structure(datasets / "si8" / source / "input.fdf").atoms.repeat(repeat), 0.01, rng)
-        atoms += Atoms("Si", positions=[largest_void(atoms)])
-        atoms.rattle(rattle, seed=3000 + k)
-        yield atoms, kgrid, f"si8/{source} x {repeat} plus one interstitial atom, strained 1 %, rattled {rattle} Å", "si8"
+    def add_one(atoms, rng):
+        atoms.extend(Atoms("Si", positions=[largest_void(atoms)]))
+
+    return silicon_defect_cells(datasets, 3456, 3000, add_one, "plus one interstitial atom")
 
 
 def silicon_surfaces(datasets: Path):
@@ -162,9 +167,8 @@ def silicon_surfaces(datasets: Path):
         slab = strained(read_structure(datasets / "si8" / source / "input.fdf").atoms.repeat((1, 1, 2)), 0.01, rng)
         slab.wrap()
         slab.rattle(rattle, seed=7000 + k)
-        slab.cell[2] *= 1.0 + vacuum / np.linalg.norm(slab.cell[2])
-        slab.positions += slab.cell[2] * (vacuum / 2) / np.linalg.norm(slab.cell[2])
-        yield slab, (4, 4, 1), f"si8/{source} x (1,1,2) slab, {vacuum} Å of vacuum, strained 1 %, rattled {rattle} Å", "si8"
+        yield with_vacuum(slab, vacuum), (4, 4, 1), \
+            f"si8/{source} x (1,1,2) slab, {vacuum} Å of vacuum, strained 1 %, rattled {rattle} Å", "si8"
 
 
 def water_structures(datasets: Path):

@@ -176,6 +176,14 @@ def largest_void(atoms) -> np.ndarray:
     return grid[int(np.argmax(nearest))]
 
 
+def with_vacuum(atoms, vacuum: float):
+    """``atoms`` with its third cell vector lengthened by ``vacuum`` Å and the atoms moved to the middle of it."""
+    direction = atoms.cell[2] / np.linalg.norm(atoms.cell[2])
+    atoms.cell[2] += vacuum * direction
+    atoms.positions += 0.5 * vacuum * direction
+    return atoms
+
+
 def copy_basis(dataset: Path, dest: Path) -> None:
     shutil.copytree(dataset / "basis", dest / "basis", dirs_exist_ok=True)
 
@@ -289,9 +297,7 @@ def main() -> None:
         dest = args.out / "water-slab"
         copy_basis(args.datasets / "water8", dest)
         for k, run in enumerate(("0004", "0019")):
-            slab = whole_molecules(read_structure(args.datasets / "water8" / run / "input.fdf").atoms)
-            slab.cell[2] *= 1.0 + 10.0 / np.linalg.norm(slab.cell[2])
-            slab.positions += slab.cell[2] * 5.0 / np.linalg.norm(slab.cell[2])  # 5 Å of vacuum either side
+            slab = with_vacuum(whole_molecules(read_structure(args.datasets / "water8" / run / "input.fdf").atoms), 10.0)
             write_run(args.datasets / "water8/0000/input.fdf", slab, dest / f"{k:04d}")
     if "si-interstitial" in sets:
         dest = args.out / "si-interstitial"
@@ -308,8 +314,7 @@ def main() -> None:
         for k, run in enumerate(("0004", "0019")):
             slab = read_structure(args.datasets / "si8" / run / "input.fdf").atoms.repeat((1, 1, 2))
             slab.wrap()
-            slab.cell[2] *= 1.0 + 10.0 / np.linalg.norm(slab.cell[2])
-            slab.positions += slab.cell[2] * 5.0 / np.linalg.norm(slab.cell[2])  # 5 Å of vacuum either side
+            slab = with_vacuum(slab, 10.0)
             write_run(args.datasets / "si8/0000/input.fdf", slab, dest / f"{k:04d}", (4, 4, 1))
     if "si-hot" in sets:
         dest = args.out / "si-hot"
