@@ -83,7 +83,8 @@ from pathlib import Path
 import numpy as np
 from ase.build import bulk
 from tqdm import tqdm
-from unseen_structures import copy_basis, largest_void, strained, water_cluster, with_vacuum, write_run
+from unseen_structures import (add_interstitial, copy_basis, remove_random_atom, strained, water_cluster,
+                               with_vacuum, write_run)
 
 from siesta_dmguess.data import list_runs
 from siesta_dmguess.siesta import prepare_run, run_siesta
@@ -142,20 +143,12 @@ def silicon_defect_cells(datasets: Path, seed: int, rattle_seed: int, make_defec
 
 def silicon_vacancies(datasets: Path):
     """(atoms, k-grid, description, source dataset) of the ``si-vacancy`` set: cells with one atom removed."""
-    def remove_one(atoms, rng):
-        del atoms[int(rng.integers(len(atoms)))]
-
-    return silicon_defect_cells(datasets, 9012, 9000, remove_one, "less one atom")
+    return silicon_defect_cells(datasets, 9012, 9000, remove_random_atom, "less one atom")
 
 
 def silicon_interstitials(datasets: Path):
     """(atoms, k-grid, description, source dataset) of the ``si-interstitial`` set: cells with one atom added."""
-    from ase import Atoms
-
-    def add_one(atoms, rng):
-        atoms.extend(Atoms("Si", positions=[largest_void(atoms)]))
-
-    return silicon_defect_cells(datasets, 3456, 3000, add_one, "plus one interstitial atom")
+    return silicon_defect_cells(datasets, 3456, 3000, add_interstitial, "plus one interstitial atom")
 
 
 def silicon_surfaces(datasets: Path):

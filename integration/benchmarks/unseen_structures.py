@@ -83,10 +83,10 @@ from siesta_dmguess.data import list_runs
 from siesta_dmguess.siesta.templates import fdf_with_geometry
 from siesta_dmguess.structure import read_structure
 
-# Closed-shell (even electron count, no magnetic moments) CHNO molecules of ASE's G2 set absent from `g2`.
 # Complexes of ASE's S22 collection (CHNO only), new to `g2`: larger molecules, hydrogen-bonded and stacked pairs.
 UNSEEN_S22 = ["Formic_acid_dimer", "Formamide_dimer", "Benzene-water_complex", "Pyrazine_dimer",
               "Uracil_dimer_h-bonded", "Phenol_dimer"]
+# Closed-shell (even electron count, no magnetic moments) CHNO molecules of ASE's G2 set absent from `g2`.
 UNSEEN_G2 = ["CH3CHO", "CH2NHCH2", "H3CNH2", "C3H6_D3h", "trans-butane", "butadiene", "CH3OCH3", "C3H4_D2d",
              "2-butyne", "N2O", "C3H9N", "C3H6_Cs", "C3H4_C3v", "C3H4_C2v"]
 
@@ -174,6 +174,16 @@ def largest_void(atoms) -> np.ndarray:
     for position in atoms.positions:
         nearest = np.minimum(nearest, np.linalg.norm(find_mic(grid - position, atoms.cell, True)[0], axis=1))
     return grid[int(np.argmax(nearest))]
+
+
+def remove_random_atom(atoms, rng) -> None:
+    """A vacancy: one atom, drawn with ``rng``, removed in place."""
+    del atoms[int(rng.integers(len(atoms)))]
+
+
+def add_interstitial(atoms, rng=None) -> None:
+    """A silicon interstitial: one Si atom added in place at the cell's largest void (``rng`` unused)."""
+    atoms.extend(Atoms("Si", positions=[largest_void(atoms)]))
 
 
 def with_vacuum(atoms, vacuum: float):
@@ -277,14 +287,17 @@ def main() -> None:
                 cluster = water_cluster(box, size, seed_molecule)
                 write_run(args.datasets / "h2o/0000/input.fdf", cluster, dest / f"{k:04d}")
                 k += 1
-    if "si-vacancy" in sets:
-        dest = args.out / "si-vacancy"
+    for name, make_defect, seed in (("si-vacancy", remove_random_atom, 500),
+                                    ("si-interstitial", add_interstitial, 600)):
+        if name not in sets:
+            continue
+        dest = args.out / name
         copy_basis(args.datasets / "si8", dest)
         for k, (run, repeat, kgrid) in enumerate((("0004", (1, 1, 1), (4, 4, 4)), ("0014", (1, 1, 1), (4, 4, 4)),
                                                   ("0009", (2, 1, 1), (2, 4, 4)), ("0019", (2, 1, 1), (2, 4, 4)))):
             atoms = read_structure(args.datasets / "si8" / run / "input.fdf").atoms.repeat(repeat)
-            del atoms[int(np.random.default_rng(500 + k).integers(len(atoms)))]
-            atoms.rattle(0.05, seed=500 + k)
+            make_defect(atoms, np.random.default_rng(seed + k))
+            atoms.rattle(0.05, seed=seed + k)
             write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", kgrid)
     if "si8-pressure" in sets:
         dest = args.out / "si8-pressure"
@@ -297,17 +310,9 @@ def main() -> None:
         dest = args.out / "water-slab"
         copy_basis(args.datasets / "water8", dest)
         for k, run in enumerate(("0004", "0019")):
-            slab = with_vacuum(whole_molecules(read_structure(args.datasets / "water8" / run / "input.fdf").atoms), 10.0)
+            box = read_structure(args.datasets / "water8" / run / "input.fdf").atoms
+            slab = with_vacuum(whole_molecules(box), 10.0)
             write_run(args.datasets / "water8/0000/input.fdf", slab, dest / f"{k:04d}")
-    if "si-interstitial" in sets:
-        dest = args.out / "si-interstitial"
-        copy_basis(args.datasets / "si8", dest)
-        for k, (run, repeat, kgrid) in enumerate((("0004", (1, 1, 1), (4, 4, 4)), ("0014", (1, 1, 1), (4, 4, 4)),
-                                                  ("0009", (2, 1, 1), (2, 4, 4)), ("0019", (2, 1, 1), (2, 4, 4)))):
-            atoms = read_structure(args.datasets / "si8" / run / "input.fdf").atoms.repeat(repeat)
-            atoms += Atoms("Si", positions=[largest_void(atoms)])
-            atoms.rattle(0.05, seed=600 + k)
-            write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", kgrid)
     if "si-surface" in sets:
         dest = args.out / "si-surface"
         copy_basis(args.datasets / "si8", dest)
