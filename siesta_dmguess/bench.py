@@ -277,7 +277,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         # A frame far outside the training data starts the ML guesses from the atomic guess, as the calculator does.
         far = pred is not None and pred.far_out_of_distribution
         if far:
-            row["fallback"] = f"far outside the training data (novelty {pred.novelty:.0f})"
+            row["fallback"] = pred.far_reason
             predicted = None  # and the ml+residual history records no prediction for it
         for g in guesses:
             if far and g.startswith("ml"):
@@ -314,7 +314,8 @@ def summarize_trajectory(rows: list[dict], guesses, model: str, data: str) -> di
             "scf_iterations": totals, "wall_s_including_prediction": walls,
             "iterations_saved_vs_atomic": {g: (1 - totals[g] / base) if base else None for g in guesses},
             "max_abs_energy_difference_eV": de,
-            "all_converged": all(r[g]["converged"] for r in rows for g in guesses), "per_frame": rows}
+            "all_converged": all(r[g]["converged"] for r in rows for g in guesses),
+            "frames_fallback_atomic": sum(bool(r.get("fallback")) for r in rows), "per_frame": rows}
 
 
 def trajectory_markdown(report: dict) -> str:
@@ -322,7 +323,8 @@ def trajectory_markdown(report: dict) -> str:
     lines = [f"# SCF iterations along {Path(report['data']).name} ({report['frames']} frames)", "",
              "| frame | " + " | ".join(guesses) + " |", "| --- |" + " --- |" * len(guesses)]
     for r in report["per_frame"]:
-        lines.append(f"| {r['frame']} | " + " | ".join(str(r[g]["scf_iterations"]) for g in guesses) + " |")
+        frame = f"{r['frame']} (far: atomic guess used)" if r.get("fallback") else str(r["frame"])
+        lines.append(f"| {frame} | " + " | ".join(str(r[g]["scf_iterations"]) for g in guesses) + " |")
     lines.append("| **total** | " + " | ".join(f"**{report['scf_iterations'][g]}**" for g in guesses) + " |")
     saved = report["iterations_saved_vs_atomic"]
     lines += ["", "| guess | SCF iterations | saved vs atomic | wall incl. prediction (s) | max abs(ΔE) vs atomic (eV) |",
@@ -331,6 +333,10 @@ def trajectory_markdown(report: dict) -> str:
         frac = f"{100 * saved[g]:.0f} %" if saved[g] is not None else "-"
         lines.append(f"| {g} | {report['scf_iterations'][g]} | {frac} | "
                      f"{report['wall_s_including_prediction'][g]:.1f} | {report['max_abs_energy_difference_eV'][g]:.1e} |")
+    far = [r for r in report["per_frame"] if r.get("fallback")]
+    if far:
+        lines += ["", f"{len(far)} of {report['frames']} frames started their ML guesses from the atomic guess: "
+                  f"{far[0]['fallback']}" + (" (and alike)." if len(far) > 1 else ".")]
     return "\n".join(lines) + "\n"
 
 

@@ -133,7 +133,7 @@ class DMGuessSiesta(Siesta):
 
     def _predict(self, atoms):
         """The ML prediction for ``atoms``, or None (with ``self._reason``) when falling back."""
-        from .predict import FAR_NOVELTY_FACTOR, predict_density_matrix
+        from .predict import predict_density_matrix
         from .structure import structure_from_atoms
 
         try:
@@ -146,13 +146,12 @@ class DMGuessSiesta(Siesta):
             self._reason = str(exc)
             warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {exc}", stacklevel=4)
             return None
-        limit = pred.novelty_threshold if self.novelty_limit == "model" else self.novelty_limit
-        if self.novelty_limit is not None and pred.far_out_of_distribution:
-            limit = FAR_NOVELTY_FACTOR * pred.novelty_threshold
-            self._reason = (f"the structure lies far outside the model's training data (novelty {pred.novelty:.0f} > "
-                            f"{limit:.0f}), where predictions start SIESTA further from the answer than its atomic guess")
-            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {self._reason}", stacklevel=4)
+        if self.novelty_limit is not None and pred.far_reason:
+            self._reason = pred.far_reason
+            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because the structure lies {self._reason}",
+                          stacklevel=4)
             return None
+        limit = pred.novelty_threshold if self.novelty_limit == "model" else self.novelty_limit
         if self.fallback == "atomic" and limit and pred.novelty > limit:
             self._reason = f"the structure looks unlike the model's training data (novelty {pred.novelty:.1f} > {limit:.1f})"
             warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {self._reason}", stacklevel=4)

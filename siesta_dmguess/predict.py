@@ -108,6 +108,16 @@ class Prediction:
         return self.novelty_threshold > 0 and self.novelty > FAR_NOVELTY_FACTOR * self.novelty_threshold
 
     @property
+    def far_reason(self) -> str:
+        """Why this prediction is not used by default ("" when it is): the one message that ``predict``, the ASE
+        calculator and ``bench`` give for a structure far outside the training data."""
+        if not self.far_out_of_distribution:
+            return ""
+        return (f"far outside the training data of model {self.model_path.name} (novelty {self.novelty:.0f}, more "
+                f"than {FAR_NOVELTY_FACTOR:.0f}x its flag level {self.novelty_threshold:.2f}), where predictions start "
+                f"SIESTA further from the answer than its atomic guess")
+
+    @property
     def electrons_atomic_reference(self) -> float:
         """Valence electrons of the neutral structure (sum of q0): what Tr(D S) should give."""
         return float(self.sample.layout.atomic.sum())
@@ -243,11 +253,8 @@ def predict_to_file(structure, out: str | Path, model="water", overwrite: bool =
     atomic guess; ``force=True`` writes the prediction anyway.
     """
     pred = predict_density_matrix(structure, model, fold=fold, force=force, refine=refine)
-    if pred.far_out_of_distribution and not force:
-        raise UnreliablePredictionError(
-            f"far outside the training data of model {pred.model_path.name} (novelty {pred.novelty:.0f}, more than "
-            f"{FAR_NOVELTY_FACTOR:.0f}x its flag level {pred.novelty_threshold:.2f}); such predictions start SIESTA "
-            f"further from the answer than its atomic guess, so no DM was written to {out} (--force writes it)",
-            pred.structure.source or structure, prediction=pred)
+    if pred.far_reason and not force:
+        raise UnreliablePredictionError(f"{pred.far_reason}; no DM was written to {out} (--force writes it)",
+                                        pred.structure.source or structure, prediction=pred)
     write_density_matrix(pred.density_matrix, out, overwrite=overwrite)
     return pred

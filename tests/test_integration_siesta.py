@@ -153,6 +153,7 @@ def test_frames_far_outside_the_training_data_start_from_the_atomic_guess(siesta
     for g in ("ml", "ml+residual"):
         assert row[g]["guess"] == "atomic" and not row[g]["dm_read"]
         assert row[g]["scf_iterations"] == row["atomic"]["scf_iterations"]
+    assert "| 0 (far: atomic guess used) |" in (tmp_path / "bench" / "bench_trajectory.md").read_text()
 
 
 def test_ml_guess_for_a_compressed_water_box_is_no_worse(siesta_command, water_model, tmp_path):

@@ -162,3 +162,24 @@ def test_benchmark_report_marks_structures_the_model_flags_as_novel(tmp_path):
     fdf = (tmp_path / "out1e-06" / "data" / "0000" / "ml" / "input.fdf").read_text()
     assert "DM.UseSaveDM F" in fdf and not (tmp_path / "out1e-06" / "data" / "0000" / "predicted.DM").exists()
     assert "DM.UseSaveDM T" in (tmp_path / "out1e+06" / "data" / "0000" / "ml" / "input.fdf").read_text()
+
+
+def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
+    """A frame whose ML guesses fell back to the atomic guess is marked in the trajectory table, and the table
+    says why; a trajectory without such frames has no such line."""
+    from siesta_dmguess.bench import summarize_trajectory, trajectory_markdown
+
+    def result(guess, iterations):
+        return {"guess": guess, "scf_iterations": iterations, "converged": True, "total_energy_eV": -465.0,
+                "siesta_wall_s": 1.0, "prediction_s": 0.1}
+
+    reason = "far outside the training data of model m (novelty 900, more than 100x its flag level 3.00)"
+    rows = [{"frame": 0, "atomic": result("atomic", 10), "ml": result("ml", 4)},
+            {"frame": 1, "atomic": result("atomic", 11), "ml": result("atomic", 11), "fallback": reason}]
+    report = summarize_trajectory(rows, ("atomic", "ml"), "m", "md.traj")
+    table = trajectory_markdown(report)
+    assert report["frames_fallback_atomic"] == 1
+    assert "| 1 (far: atomic guess used) | 11 | 11 |" in table and "| 0 | 10 | 4 |" in table
+    assert f"1 of 2 frames started their ML guesses from the atomic guess: {reason}." in table
+    calm = trajectory_markdown(summarize_trajectory(rows[:1], ("atomic", "ml"), "m", "md.traj"))
+    assert "atomic guess used" not in calm and "started their ML guesses" not in calm
