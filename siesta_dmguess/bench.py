@@ -363,7 +363,7 @@ def plot_trajectory(report: dict, path: Path) -> None:
 
 
 def add_bench_parser(sub) -> None:
-    from .cli import add_refine_argument
+    from .cli import add_refine_argument, add_threads_argument
 
     b = sub.add_parser("bench", help="SCF iterations with the ML guess vs SIESTA's atomic guess (real SIESTA)")
     b.add_argument("data_dir", help="dataset folder of run folders (fdf + basis/*.psf), or a trajectory file "
@@ -379,6 +379,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--limit", type=int, default=0, help="at most N structures")
     b.add_argument("--siesta", help="SIESTA command (default: SIESTA_COMMAND, ASE config, PATH)")
     add_refine_argument(b)
+    add_threads_argument(b)
     b.set_defaults(func=_cmd_bench)
 
 

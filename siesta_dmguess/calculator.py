@@ -24,7 +24,9 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
   (``Prediction.far_out_of_distribution``, 100x the flag level) starts from the
   atomic guess with a warning, because such predictions measured worse than it;
   ``novelty_limit=None`` turns that off too;
-* ``history_depth``: steps kept for extrapolation (SIESTA's ``DM.History.Depth``).
+* ``history_depth``: steps kept for extrapolation (SIESTA's ``DM.History.Depth``);
+* ``threads``: torch threads for the predictions (default: torch's, one per core); 1 where other
+  programs keep the cores busy (``predict.torch_threads``).
 
 After each calculation ``calc.guess_record`` (a :class:`GuessRecord`) holds the
 SCF iterations, whether SIESTA read the DM, prediction and SCF times, and the
@@ -73,7 +75,8 @@ class DMGuessSiesta(Siesta):
     GUESSES = ("ml", "ml+residual", "reuse", "extrapolation", "atomic")
 
     def __init__(self, *args, model="water", guess: str = "ml+residual", fallback: str = "error",
-                 compare_baseline: bool = False, novelty_limit="model", history_depth: int = 3, **kwargs):
+                 compare_baseline: bool = False, novelty_limit="model", history_depth: int = 3,
+                 threads: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if guess not in self.GUESSES:
             raise ValueError(f"guess must be one of {self.GUESSES}, not {guess!r}")
@@ -86,6 +89,7 @@ class DMGuessSiesta(Siesta):
         self.fallback = fallback
         self.compare_baseline = compare_baseline
         self.novelty_limit = novelty_limit
+        self.threads = threads
         self.guess_record: GuessRecord | None = None
         self.history: list[GuessRecord] = []
         self.trajectory = TrajectoryHistory(history_depth)
@@ -133,13 +137,14 @@ class DMGuessSiesta(Siesta):
 
     def _predict(self, atoms):
         """The ML prediction for ``atoms``, or None (with ``self._reason``) when falling back."""
-        from .predict import predict_density_matrix
+        from .predict import predict_density_matrix, torch_threads
         from .structure import structure_from_atoms
 
         try:
             structure = structure_from_atoms(atoms)
             structure.fdf_settings = self._run_settings()
-            pred = predict_density_matrix(structure, self._model(), fold=self._gamma_only())
+            with torch_threads(self.threads):
+                pred = predict_density_matrix(structure, self._model(), fold=self._gamma_only())
         except DMGuessError as exc:
             if self.fallback == "error":
                 raise

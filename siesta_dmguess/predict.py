@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +37,27 @@ log = logging.getLogger(__name__)
 # iterations (raw Tr(D S) off by 7-21 electrons, elements off by up to 26), scored 1300-3600x (that model and the
 # shipped one). The factor sits between the two.
 FAR_NOVELTY_FACTOR = 100.0
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run torch on ``n`` threads inside the block, then restore the setting (None or 0: leave it).
+
+    torch uses one thread per core by default. Where other programs keep cores busy (several SIESTA runs at once),
+    its threads wait on each other and a prediction runs about 10x slower than on one thread
+    (``integration/benchmarks/predict_threads.py``); on an idle machine two threads are about 20 % faster.
+    """
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
