@@ -29,7 +29,7 @@ from .basis import SpeciesBasis
 from .conventions import orbital_signs, to_e3nn_frame
 
 K_MAX = 40.0  # Å^-1: the radial transforms are negligible beyond (checked against SIESTA's .HSX, tests)
-# Grids: S changes by < 4e-10 from halving both steps (k: 0.1 Å^-1, R: 0.01 Å), far below its 6e-6 distance
+# Grids: S changes by < 2e-9 from halving both steps (tests) (k: 0.1 Å^-1, R: 0.01 Å), far below its 6e-6 distance
 # from SIESTA's own S (which SIESTA integrates on a grid too); finer ones cost a prediction 0.4 s more up front.
 N_K = 401  # odd: Simpson weights
 N_R = 801
