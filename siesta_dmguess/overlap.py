@@ -29,8 +29,8 @@ from .basis import SpeciesBasis
 from .conventions import orbital_signs, to_e3nn_frame
 
 K_MAX = 40.0  # Å^-1: the radial transforms are negligible beyond (checked against SIESTA's .HSX, tests)
-# Grids: S changes by < 2e-9 from halving both steps (tests) (k: 0.1 Å^-1, R: 0.01 Å), far below its 6e-6 distance
-# from SIESTA's own S (which SIESTA integrates on a grid too); finer ones cost a prediction 0.4 s more up front.
+# Grids (k: 0.1 Å^-1, R: 0.01 Å): halving both steps changes S by < 2e-9 (tests), far below its 6e-6 distance from
+# SIESTA's own S (which SIESTA integrates on a grid too); finer ones cost the first prediction 0.4 s more.
 N_K = 401  # odd: Simpson weights
 N_R = 801
 R_STEP = 0.01  # Å, spacing of the tabulated two-centre integrals (cubic splines in between)
