@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=5e-3)
     t.add_argument("--batch-atoms", type=int, default=24, help="atoms per optimizer step")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, one per core)")
     t.add_argument("--max-train", type=int, default=0, help="use at most N training structures")
     t.add_argument("--config", help='JSON of model settings, e.g. \'{"mp_cutoff": 4.0, "num_layers": 2}\'')
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
