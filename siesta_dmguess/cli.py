@@ -170,7 +170,7 @@ def add_refine_argument(parser) -> None:
 def add_threads_argument(parser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for the predictions (default: torch's, one per core); use 1 where other "
-                             "programs, e.g. SIESTA runs, keep the cores busy: predictions then run ~10x faster")
+                             "programs, e.g. SIESTA runs, keep cores busy: predictions then run 3-5x faster")
 
 
 def build_parser() -> argparse.ArgumentParser:

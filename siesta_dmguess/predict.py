@@ -44,8 +44,9 @@ def torch_threads(n: int | None):
     """Run torch on ``n`` threads inside the block, then restore the setting (None or 0: leave it).
 
     torch uses one thread per core by default. Where other programs keep cores busy (several SIESTA runs at once),
-    its threads wait on each other and a prediction runs about 10x slower than on one thread
-    (``integration/benchmarks/predict_threads.py``); on an idle machine two threads are about 20 % faster.
+    its threads wait on each other: on 2 cores with one kept busy, a prediction took 3.5-4.5x longer on two threads
+    than on one (``integration/benchmarks/predict_threads.py``), while on the idle machine two threads were up to
+    1.5x faster.
     """
     if not n:
         yield

@@ -3,7 +3,8 @@
 Several SIESTA runs at once (screening, or a benchmark beside other work) keep cores busy. torch uses one
 thread per core by default, and its threads then wait on each other. This times ``predict_density_matrix``
 on the structures of a dataset folder for each thread count, first alone, then with ``--busy`` processes
-spinning on the CPU (stand-ins for SIESTA runs), and prints the median time per structure:
+spinning on the CPU (stand-ins for SIESTA runs), and prints the median time per structure (and the time
+the model took to load):
 
     python integration/benchmarks/predict_threads.py ../shared/datasets/water8 --model water --threads 1 2 --busy 1
 
@@ -54,7 +55,9 @@ def main() -> None:
     from siesta_dmguess.data import find_fdf, list_runs
 
     fdfs = [find_fdf(r.folder) for r in list_runs(args.data_dir)][: args.structures]
+    t0 = time.perf_counter()
     model = load_model(args.model)
+    print(f"loading {args.model} took {time.perf_counter() - t0:.2f} s (once per predict, bench or calculator)")
     print(f"{args.data_dir.name} with {args.model}: median prediction time per structure (s), "
           f"{len(fdfs) - 1} structures, {multiprocessing.cpu_count()} cores")
     print("| torch threads | idle machine | " + f"{args.busy} core(s) kept busy |")
