@@ -77,3 +77,24 @@ def water_box(n=4, seed=0, box=5.0):
         symbols += ["O", "H", "H"]
     return Atoms(symbols, positions=np.concatenate(positions), cell=np.eye(3) * box + rng.normal(0, 0.1, (3, 3)),
                  pbc=True)
+
+
+@pytest.fixture
+def torch_thread_log(monkeypatch):
+    """``log(module, name)`` wraps ``module.name`` so that each call appends torch's thread count to the returned
+    list; torch runs on 2 threads during the test and gets its setting back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+
+    def log(module, name: str) -> list[int]:
+        real, seen = getattr(module, name), []
+
+        def recording(*args, **kw):
+            seen.append(torch.get_num_threads())
+            return real(*args, **kw)
+
+        monkeypatch.setattr(module, name, recording)
+        return seen
+
+    yield log
+    torch.set_num_threads(before)

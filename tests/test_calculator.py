@@ -125,24 +125,12 @@ def test_ml_plus_residual_guess_is_written_refined(tmp_path):
     assert impurity(d) < 1e-8 < 1e-4 < impurity(raw)
 
 
-def test_threads_apply_to_the_prediction_only(model_dir, tmp_path, monkeypatch):
+def test_threads_apply_to_the_prediction_only(model_dir, tmp_path, torch_thread_log):
     """``threads=1`` runs the calculator's prediction on one torch thread and restores torch's setting."""
     import torch
 
     import siesta_dmguess.predict as predict_module
 
-    real, seen = predict_module.predict_density_matrix, []
-
-    def recording(*args, **kw):
-        seen.append(torch.get_num_threads())
-        return real(*args, **kw)
-
-    monkeypatch.setattr(predict_module, "predict_density_matrix", recording)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        calc(model_dir, tmp_path, threads=1)._write_guess(water_molecule())
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-    assert seen == [1]
+    seen = torch_thread_log(predict_module, "predict_density_matrix")
+    calc(model_dir, tmp_path, threads=1)._write_guess(water_molecule())
+    assert seen == [1] and torch.get_num_threads() == 2

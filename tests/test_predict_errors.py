@@ -230,25 +230,13 @@ def test_cli_predict_batch_goes_on_past_a_far_structure(model_dir, xyz, tmp_path
     assert f"{xyz}: far outside the training data" in capsys.readouterr().err
 
 
-def test_threads_option_sets_torch_threads_for_the_command_only(model_dir, xyz, tmp_path, monkeypatch):
+def test_threads_option_sets_torch_threads_for_the_command_only(model_dir, xyz, tmp_path, torch_thread_log):
     """`predict --threads 1` predicts on one torch thread (the remedy for busy cores) and leaves torch's setting
     as it was afterwards; without it, torch's own setting is used."""
     import siesta_dmguess.predict as predict_module
 
-    real, seen = predict_module.predict_to_file, []
-
-    def recording(*args, **kw):
-        seen.append(torch.get_num_threads())
-        return real(*args, **kw)
-
-    monkeypatch.setattr(predict_module, "predict_to_file", recording)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(tmp_path / "a.DM"), "--threads",
-                     "1"]) == 0
-        assert torch.get_num_threads() == 2
-        assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(tmp_path / "b.DM")]) == 0
-    finally:
-        torch.set_num_threads(before)
+    seen = torch_thread_log(predict_module, "predict_to_file")
+    assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(tmp_path / "a.DM"), "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 2
+    assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(tmp_path / "b.DM")]) == 0
     assert seen == [1, 2]
