@@ -249,11 +249,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        if args.func is _cmd_train:  # train sets its own threads (--threads, saved in its options)
-            return args.func(args)
         from .predict import torch_threads
 
-        with torch_threads(getattr(args, "threads", 0)):
+        with torch_threads(getattr(args, "threads", 0)):  # predict, evaluate, bench and train take --threads
             return args.func(args)
     except DMGuessError as exc:
         print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
