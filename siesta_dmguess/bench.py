@@ -275,12 +275,12 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         geometry = build_geometry(structure, basis)
         row = {"frame": t, "natoms": len(atoms)}
         # A frame far outside the training data starts the ML guesses from the atomic guess, as the calculator does.
-        far = pred is not None and pred.far_out_of_distribution
-        if far:
-            row["fallback"] = pred.far_reason
+        far_reason = pred.far_reason if pred is not None else ""
+        if far_reason:
+            row["fallback"] = far_reason
             predicted = None  # and the ml+residual history records no prediction for it
         for g in guesses:
-            if far and g.startswith("ml"):
+            if far_reason and g.startswith("ml"):
                 start = None
             else:
                 start = histories[g].guess(g, atoms.positions, predicted, refine=pred.refined if pred else None)
