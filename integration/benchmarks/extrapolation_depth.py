@@ -33,7 +33,7 @@ def main() -> None:
 
     from siesta_dmguess.card import load_model
     from siesta_dmguess.dm import read_density_matrix, to_image_keyed
-    from siesta_dmguess.history import error_gram, extrapolation_coefficients
+    from siesta_dmguess.history import TrajectoryHistory, error_gram, extrapolation_coefficients
     from siesta_dmguess.predict import predict_density_matrix
     from siesta_dmguess.structure import structure_from_atoms
 
@@ -56,15 +56,17 @@ def main() -> None:
     print("| steps used | mean max abs error | mean RMS error | mean density-operator error | mean sum abs(c) |")
     print("| --- | --- | --- | --- | --- |")
     for depth in args.depths:
-        rows = []
-        for t in range(first, len(images)):
-            c = extrapolation_coefficients([positions[t - 1 - k] for k in range(depth)], positions[t])
-            guess = sum(ck * converged[t - 1 - k] for k, ck in enumerate(c))
-            diff = (guess - converged[t]).tocsr()
-            density = np.sqrt(error_gram([guess], converged[t], overlaps[t])[0, 0]) if overlaps[t] is not None \
-                else np.nan
-            rows.append((abs(diff).max(), np.sqrt(diff.multiply(diff).sum() / max(diff.nnz, 1)), density,
-                         np.abs(c).sum()))
+        history, rows = TrajectoryHistory(depth), []  # the benchmark's and the calculator's own "extrapolation"
+        for t in range(len(images)):
+            if t >= first:
+                guess = history.guess("extrapolation", positions[t])
+                c = extrapolation_coefficients([s.positions for s in history.steps], positions[t])
+                diff = (guess - converged[t]).tocsr()
+                density = np.sqrt(error_gram([guess], converged[t], overlaps[t])[0, 0]) if overlaps[t] is not None \
+                    else np.nan
+                rows.append((abs(diff).max(), np.sqrt(diff.multiply(diff).sum() / max(diff.nnz, 1)), density,
+                             np.abs(c).sum()))
+            history.push(positions[t], converged[t])
         r = np.array(rows)
         print(f"| {depth} | {r[:, 0].mean():.2e} | {r[:, 1].mean():.2e} | {r[:, 2].mean():.2e} | {r[:, 3].mean():.1f} |")
 
