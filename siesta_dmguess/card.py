@@ -125,10 +125,20 @@ def save_model(model, out_dir: str | Path, card: dict) -> Path:
     return out_dir
 
 
+def read_card(name_or_path: str | Path) -> dict:
+    """A model's card (``card.json``; ``{}`` for a folder without one), without building the network: what
+    ``siesta-dmguess models`` lists."""
+    path = resolve_model(name_or_path)
+    try:
+        return json.loads((path / CARD).read_text()) if (path / CARD).is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"model card is not valid JSON ({exc})", path / CARD) from exc
+
+
 def update_card(model_dir: str | Path, updates: dict) -> dict:
     """Merge ``updates`` into a model's card (JSON and Markdown); the weights and their sha256 are untouched."""
     path = Path(model_dir)
-    card = json.loads((path / CARD).read_text())
+    card = read_card(path)
     card.update(updates)
     _atomic_write_text(path / CARD, json.dumps(card, indent=1))
     _atomic_write_text(path / CARD_MD, card_markdown(card))
@@ -164,16 +174,23 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = True) -> LoadedModel:
-    """Load a model folder (or shipped model by name); checks format version and weights sha256."""
+def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = True,
+               optimize: bool = True) -> LoadedModel:
+    """Load a model folder (or shipped model by name); checks format version and weights sha256.
+
+    ``optimize`` lets e3nn optimize the einsums of the network's tensor products as it builds them. That
+    makes loading 0.6-1.5 s slower and each prediction of a small structure 0.02-0.09 s faster (no faster on
+    hundreds of atoms; ``integration/benchmarks/model_load.py``): worth it from about 20 predictions on,
+    so ``predict`` turns it off for fewer structures. Both give the same DM to float precision.
+    """
     from .model import DensityMatrixModel, ModelConfig
 
     path = resolve_model(name_or_path)
+    card = read_card(path)
     try:
         config = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
-        card = json.loads((path / CARD).read_text()) if (path / CARD).is_file() else {}
     except (json.JSONDecodeError, TypeError) as exc:
-        raise InputFileError(f"model config or card is not valid ({exc})", path) from exc
+        raise InputFileError(f"model config is not valid ({exc})", path / CONFIG) from exc
     version = card.get("format_version", FORMAT_VERSION)
     if version > FORMAT_VERSION:
         raise ModelCompatibilityError(f"model format {version} is newer than this package reads ({FORMAT_VERSION})",
@@ -181,12 +198,16 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = Tru
     weights = path / WEIGHTS
     if verify and card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
         raise ModelCompatibilityError("weights.pt does not match the sha256 in card.json (corrupt or altered)", path)
-    prev = torch.get_default_dtype()
+    import e3nn
+
+    prev, prev_e3nn = torch.get_default_dtype(), e3nn.get_optimization_defaults()
     torch.set_default_dtype(dtype)
+    e3nn.set_optimization_defaults(optimize_einsums=optimize)
     try:
         model = DensityMatrixModel(config)
     finally:
         torch.set_default_dtype(prev)
+        e3nn.set_optimization_defaults(**prev_e3nn)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     model.to(dtype).eval()

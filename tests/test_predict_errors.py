@@ -43,6 +43,13 @@ def test_predict_writes_symmetric_dm_with_right_orbitals(model_dir, xyz, tmp_pat
     assert dense.shape == (23, 23) and np.trace(dense) > 1.0
 
 
+def test_unoptimized_tensor_products_give_the_same_dm(model_dir, xyz):
+    """``load_model(optimize=False)`` (quicker to load, used by a one-structure ``predict``) is the same network."""
+    fast, quick = (load_model(model_dir, dtype=torch.float64, optimize=opt) for opt in (True, False))
+    a, b = (predict_density_matrix(xyz, m, refine="none").values for m in (fast, quick))
+    assert np.abs(a).max() > 0.1 and np.abs(a - b).max() < 1e-12
+
+
 def test_card_sha256_guards_weights(model_dir, tmp_path):
     bad = tmp_path / "bad-model"
     shutil.copytree(model_dir, bad)
@@ -52,6 +59,16 @@ def test_card_sha256_guards_weights(model_dir, tmp_path):
     with pytest.raises(ModelCompatibilityError, match="sha256"):
         load_model(bad)
 
+
+
+@pytest.mark.parametrize("broken", ["card.json", "config.json"])
+def test_corrupt_card_or_config_is_named(model_dir, tmp_path, broken):
+    bad = tmp_path / "bad-model"
+    shutil.copytree(model_dir, bad)
+    (bad / broken).write_text('{"species": ["H", ')  # cut off mid-write
+    with pytest.raises(InputFileError, match="not valid") as err:
+        load_model(bad)
+    assert broken in str(err.value)
 
 def test_species_missing_from_model(model_dir, tmp_path):
     from ase import Atoms
