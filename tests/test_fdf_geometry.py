@@ -73,3 +73,44 @@ def test_energy_settings_are_read_in_rydberg_whatever_unit_the_fdf_uses(tmp_path
     settings_a, settings_b = read_fdf_settings(a), read_fdf_settings(b)
     assert settings_a["MeshCutoff"] == "200 Ry" and settings_a["PAO.EnergyShift"] == "0.02 Ry"
     assert {k: settings_b[k] for k in settings_a} == settings_a
+
+
+def test_the_same_structure_in_other_fdf_units_and_layouts_reads_the_same(tmp_path):
+    """Users' fdfs write geometry in many ways; each must give the same atoms (Å) and the same k-point setting."""
+    cell = np.array([[5.47, 0.03, -0.05], [0.05, 5.45, -0.03], [0.08, 0.01, 5.47]])
+    frac = np.array([[0.0, 0.0, 0.0], [0.26, 0.24, 0.25], [0.5, 0.52, 0.0], [0.74, 0.75, 0.51]])
+    pos, bohr, a = frac @ cell, 0.529177210903, 5.43
+    header = "SystemLabel si\nNumberOfSpecies 1\nNumberOfAtoms 4\n%block ChemicalSpeciesLabel\n 1 14 Si\n" \
+             "%endblock ChemicalSpeciesLabel\n"
+
+    def rows(m):
+        return "\n".join(" ".join(f"{x:.12f}" for x in r) for r in m)
+
+    def coords(m, suffix=" 1"):
+        return "\n".join(" ".join(f"{x:.12f}" for x in r) + suffix for r in m)
+
+    lattice_ang = f"LatticeConstant 1.0 Ang\n%block LatticeVectors\n{rows(cell)}\n%endblock LatticeVectors\n"
+    lattice_a = f"LatticeConstant {a} Ang\n%block LatticeVectors\n{rows(cell / a)}\n%endblock LatticeVectors\n"
+    block = "%block AtomicCoordinatesAndAtomicSpecies\n{}\n%endblock AtomicCoordinatesAndAtomicSpecies\n"
+    kgrid = "%block {}\n 4 0 0 0.0\n 0 4 0 0.0\n 0 0 4 0.0\n%endblock {}\n"
+    (tmp_path / "coords.fdf").write_text(block.format(coords(pos)))
+    (tmp_path / "coords.dat").write_text(coords(pos) + "\n")
+    variants = {
+        "ang": lattice_ang + "AtomicCoordinatesFormat Ang\n" + block.format(coords(pos)),
+        "fractional": lattice_a + "AtomicCoordinatesFormat Fractional\n" + block.format(coords(frac)),
+        "scaled": lattice_a + "AtomicCoordinatesFormat ScaledCartesian\n" + block.format(coords(pos / a)),
+        "bohr": f"LatticeConstant 1.0 Bohr\n%block LatticeVectors\n{rows(cell / bohr)}\n%endblock LatticeVectors\n"
+                "AtomicCoordinatesFormat Bohr\n" + block.format(coords(pos / bohr)),
+        "include": lattice_ang + "AtomicCoordinatesFormat Ang\n%include coords.fdf\n",
+        "block-file": lattice_ang + "AtomicCoordinatesFormat Ang\n"
+                      "%block AtomicCoordinatesAndAtomicSpecies < coords.dat\n",
+    }
+    spellings = ["kgrid_Monkhorst_Pack", "kgrid.MonkhorstPack", "KGRID-MONKHORST-PACK"]
+    for k, (name, text) in enumerate(variants.items()):
+        path = tmp_path / f"{name}.fdf"
+        spelling = spellings[k % len(spellings)]
+        path.write_text(header + text + kgrid.format(spelling, spelling))
+        st = read_structure(path)
+        assert np.allclose(st.atoms.positions, pos, atol=1e-8), name
+        assert np.allclose(st.atoms.cell.array, cell, atol=1e-8), name
+        assert st.labels == ["Si"] * 4 and st.fdf_settings["kgrid"], name
