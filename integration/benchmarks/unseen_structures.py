@@ -29,6 +29,15 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
   (density +28 % / −21 %) or rattled 0.12 Å;
 * ``h2o-stress``: three ``h2o`` val molecules rattled 0.15 Å (about 4x the
   dataset's distortion);
+* ``h2o-stretched``: one ``h2o`` val molecule with one O-H bond set to 0.85,
+  1.20, 1.45, 1.80 and 2.30 Å (the dataset's bonds: 0.93-1.04 Å), and with
+  its angle opened to 160°: a bond breaking, far outside the training data;
+* ``water8-stretched``: one molecule of a ``water8`` val box with an O-H bond
+  of 1.20, 1.45, 1.80 and 2.30 Å (its H moved along the bond);
+* ``g2-stretched``: the first 8 ``g2`` val molecules with two atoms, each
+  molecule's shortest bond, pulled apart to 1.4x and 2x its length;
+* ``si8-displaced``: one atom of a ``si8`` val cell moved 0.3, 0.6 and 0.9 Å
+  in a random direction (the dataset's rattle: 0.06 Å), 4x4x4 k-points;
 * ``g2-stress``: every ``g2`` val molecule (30 kinds) rattled again by 0.08 Å
   (the dataset: 0.04 Å) and reoriented: known molecules, hotter conformers;
 * ``water-clusters``: hydrogen-bonded clusters of 2, 3, 4 and 6 molecules cut
@@ -167,6 +176,14 @@ def whole_molecules(box):
     return box
 
 
+def stretched(atoms, i: int, j: int, length: float):
+    """A copy of ``atoms`` with atom ``j`` moved along the (minimum-image) bond from ``i`` so that it is ``length`` Å."""
+    atoms = atoms.copy()
+    bond = find_mic(atoms.positions[j] - atoms.positions[i], atoms.cell, bool(atoms.pbc.any()))[0]
+    atoms.positions[j] = atoms.positions[i] + bond * length / np.linalg.norm(bond)
+    return atoms
+
+
 def largest_void(atoms) -> np.ndarray:
     """Cartesian position of the point of a periodic cell farthest from every atom (on a 24³ grid of the cell)."""
     grid = np.stack(np.meshgrid(*[np.arange(24) / 24] * 3, indexing="ij"), -1).reshape(-1, 3) @ atoms.cell.array
@@ -204,7 +221,8 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,"
                                      "g2-stress,water-clusters,si-vacancy,si8-pressure,"
-                                     "water-slab,si-interstitial,si-surface,si-hot,chno-complexes")
+                                     "water-slab,si-interstitial,si-surface,si-hot,chno-complexes,h2o-stretched,"
+                                     "water8-stretched,g2-stretched,si8-displaced")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -267,6 +285,43 @@ def main() -> None:
             atoms = read_structure(args.datasets / "h2o" / run / "input.fdf").atoms
             atoms.rattle(0.15, seed=100 + k)
             write_run(args.datasets / "h2o/0000/input.fdf", atoms, dest / f"{k:04d}")
+    if "h2o-stretched" in sets:
+        dest = args.out / "h2o-stretched"
+        copy_basis(args.datasets / "h2o", dest)
+        base = read_structure(args.datasets / "h2o" / "0004" / "input.fdf").atoms  # O, H, H
+        for k, bond in enumerate((0.85, 1.20, 1.45, 1.80, 2.30)):
+            write_run(args.datasets / "h2o/0000/input.fdf", stretched(base, 0, 1, bond), dest / f"{k:04d}")
+        atoms = base.copy()
+        atoms.set_angle(1, 0, 2, 160.0)
+        write_run(args.datasets / "h2o/0000/input.fdf", atoms, dest / "0005")
+    if "water8-stretched" in sets:
+        dest = args.out / "water8-stretched"
+        copy_basis(args.datasets / "water8", dest)
+        box = read_structure(args.datasets / "water8" / "0004" / "input.fdf").atoms
+        oxygen, hydrogens = water_molecules(box)[0]
+        for k, bond in enumerate((1.20, 1.45, 1.80, 2.30)):
+            write_run(args.datasets / "water8/0000/input.fdf", stretched(box, oxygen, hydrogens[0], bond),
+                      dest / f"{k:04d}")
+    if "g2-stretched" in sets:
+        dest = args.out / "g2-stretched"
+        copy_basis(args.datasets / "g2", dest)
+        val = [run for run in list_runs(args.datasets / "g2") if run.split == "val"][:8]
+        for k, run in enumerate(val):
+            atoms = read_structure(run.folder / "input.fdf").atoms
+            distances = atoms.get_all_distances(mic=True) + 1e3 * np.eye(len(atoms))
+            i, j = np.unravel_index(np.argmin(distances), distances.shape)
+            for m, factor in enumerate((1.4, 2.0)):
+                write_run(args.datasets / "g2/0000/input.fdf", stretched(atoms, i, j, factor * distances[i, j]),
+                          dest / f"{2 * k + m:04d}")
+    if "si8-displaced" in sets:
+        dest = args.out / "si8-displaced"
+        copy_basis(args.datasets / "si8", dest)
+        base = read_structure(args.datasets / "si8" / "0009" / "input.fdf").atoms
+        direction = np.random.default_rng(700).normal(size=3)
+        for k, shift in enumerate((0.3, 0.6, 0.9)):
+            atoms = base.copy()
+            atoms.positions[3] += shift * direction / np.linalg.norm(direction)
+            write_run(args.datasets / "si8/0000/input.fdf", atoms, dest / f"{k:04d}", (4, 4, 4))
     if "g2-stress" in sets:
         dest = args.out / "g2-stress"
         copy_basis(args.datasets / "g2", dest)
