@@ -253,11 +253,13 @@ class ChannelwiseTensorProduct(nn.Module):
                                                                   self.irreps_in)]
         shs = sh.split([ir.dim for _, ir in self.irreps_sh], 1)
         ws = weight.split([mul for _, _, mul in self.paths], 1)
-        outs = []
+        outs, ys = [], {}
         for k, (i, j, mul) in enumerate(self.paths):
-            cg = getattr(self, f"cg_{k}")
-            y = torch.einsum("ej,ijk->eik", shs[j], cg)  # (E, 2l_in+1, 2l_out+1)
-            outs.append(torch.bmm(xs[i], y) * ws[k][:, :, None])  # (E, mul, 2l_out+1)
+            # The coupling depends only on (l_in, l_sh, l_out): paths that differ in parity or multiplicity share it.
+            key = (self.irreps_in[i].ir.l, j, self.irreps_out[k].ir.l)
+            if key not in ys:
+                ys[key] = torch.einsum("ej,ijk->eik", shs[j], getattr(self, f"cg_{k}"))  # (E, 2l_in+1, 2l_out+1)
+            outs.append(torch.bmm(xs[i], ys[key]) * ws[k][:, :, None])  # (E, mul, 2l_out+1)
         if linear is None:
             return torch.cat([z.reshape(n, z.shape[1] * z.shape[2]) for z in outs], dim=1)  # n may be 0
         matrix = dense_matrix(linear)
