@@ -226,6 +226,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     their periodic images for k-point runs). Results go to ``bench_<name>.json/.md/.png``.
     """
     import ase.io
+    from ase.data import chemical_symbols
     from tqdm.auto import tqdm
 
     from .card import LoadedModel, load_model
@@ -233,8 +234,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     from .errors import InputFileError
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix
-    from .siesta.templates import _species_order, fdf_with_geometry
-    from .structure import read_fdf_settings, structure_from_atoms
+    from .siesta.templates import fdf_with_geometry
+    from .structure import read_fdf_settings, species_block, structure_from_atoms
 
     fdf_template, out_dir = Path(fdf_template), Path(out_dir)
     if not fdf_template.is_file():
@@ -244,7 +245,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     if not images:
         raise InputFileError("the trajectory holds no frames", trajectory if not isinstance(trajectory, list) else None)
     template = fdf_template.read_text()
-    by_symbol = {label.rstrip("0123456789_-.").capitalize(): label for label in _species_order(template)}
+    # ASE frames know elements; the fdf's labels (e.g. "Ow" for oxygen) name the basis and pseudopotential files.
+    by_symbol = {chemical_symbols[z]: label for _, z, label in species_block(template) if 0 < z < len(chemical_symbols)}
     name = Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory"
     loaded = None
     if any(g.startswith("ml") for g in guesses):

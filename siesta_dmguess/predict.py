@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -160,10 +160,26 @@ def _spin_setting(settings: dict) -> str:
     return ""
 
 
+def model_species_of_labels(structure: Structure, model_species) -> dict[str, str | None]:
+    """The model species each of the structure's species labels stands for: the label itself if the model
+    has it, else its chemical element (SIESTA labels only name the basis and pseudopotential files, e.g.
+    ``Ow`` or ``O_pbe`` for oxygen), or None when the model covers neither. Whether that species' basis is
+    the model's is :func:`check_compatibility`'s job."""
+    from ase.data import chemical_symbols
+
+    mapping = {}
+    for label, z in zip(structure.labels, structure.atoms.numbers):
+        if label not in mapping:
+            element = chemical_symbols[z] if 0 < z < len(chemical_symbols) else None
+            mapping[label] = label if label in model_species else (element if element in model_species else None)
+    return mapping
+
+
 def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool = False) -> list[str]:
     """Compare a structure (and its fdf folder) with a model card; error or (force) warnings naming the item."""
     problems = []
-    missing = sorted(set(structure.labels) - set(loaded.config.species))
+    species_of = model_species_of_labels(structure, loaded.config.species)
+    missing = sorted(label for label, species in species_of.items() if species is None)
     if missing:
         problems.append(f"species {missing} are not covered by model {loaded.path.name!r} "
                         f"(model species: {loaded.config.species})")
@@ -173,12 +189,13 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
     card = loaded.card
     if structure.source and Path(structure.source).suffix.lower() == ".fdf":
         folder = Path(structure.source).parent
-        for label, path in find_basis_files(folder, set(structure.labels) & set(loaded.basis)).items():
-            b = read_species_basis(path)
-            if b.hash != loaded.basis[label].hash:
+        known = {label for label, species in species_of.items() if species is not None}
+        for label, path in find_basis_files(folder, known).items():
+            b, model_basis = read_species_basis(path), loaded.basis[species_of[label]]
+            if b.hash != model_basis.hash:
                 problems.append(f"basis of {label!r} in {path.name} differs from the model's "
-                                f"({b.describe()}, hash {b.hash} vs {loaded.basis[label].describe()}, "
-                                f"hash {loaded.basis[label].hash})")
+                                f"{species_of[label]!r} ({b.describe()}, hash {b.hash} vs {model_basis.describe()}, "
+                                f"hash {model_basis.hash})")
         expected = {**card.get("xc", {}), **card.get("siesta_settings", {})}
         for key, value in expected.items():
             if key == "MeshCutoff":
@@ -186,9 +203,11 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
             got = structure.fdf_settings.get(key)
             if got is not None and _normalize_setting(got) != _normalize_setting(value):
                 problems.append(f"fdf setting {key} is {got!r}, the model was trained with {value!r}")
-        for label, digest in card.get("pseudopotentials", {}).items():
+        digests = card.get("pseudopotentials", {})
+        for label in sorted(known):
             psf = folder / f"{label}.psf"
-            if label in structure.labels and psf.is_file() and sha256_file(psf) != digest:
+            digest = digests.get(species_of[label])
+            if digest and psf.is_file() and sha256_file(psf) != digest:
                 problems.append(f"pseudopotential {psf.name} differs from the one the model was trained with")
     if problems and not force:
         raise ModelCompatibilityError("; ".join(problems), structure.source or None)
@@ -219,6 +238,9 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
         structure = read_structure(structure)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     warnings = check_compatibility(structure, loaded, force=force)
+    species_of = model_species_of_labels(structure, loaded.config.species)
+    if any(species not in (None, label) for label, species in species_of.items()):  # e.g. "Ow" -> "O"
+        structure = replace(structure, labels=[species_of[label] or label for label in structure.labels])
     cfg = loaded.config
     if fold is None:
         fold = not structure.fdf_settings.get("kgrid", False)

@@ -35,6 +35,38 @@ FDF_SETTING_KEYS = ("XC.functional", "XC.authors", "PAO.BasisSize", "PAO.EnergyS
 FDF_ENERGY_KEYS = ("PAO.EnergyShift", "MeshCutoff")
 
 
+def normalized_fdf_key(key: str) -> str:
+    """fdf keys ignore case and the characters ``.``, ``_`` and ``-`` (``kgrid.MonkhorstPack`` = ``KGRID_MONKHORSTPACK``)."""
+    return key.lower().replace(".", "").replace("_", "").replace("-", "")
+
+
+def species_rows(lines) -> list[tuple[int, int, str]]:
+    """(species index, atomic number, label) of the rows of a ``ChemicalSpeciesLabel`` block, in index order."""
+    rows = []
+    for line in lines:
+        words = line.split("#")[0].split()
+        if len(words) >= 3:
+            rows.append((int(words[0]), int(words[1]), words[2]))
+    return sorted(rows)
+
+
+def species_block(fdf_text: str) -> list[tuple[int, int, str]]:
+    """:func:`species_rows` of the ``ChemicalSpeciesLabel`` block written in an fdf's text (not followed into
+    ``%include`` files; :func:`read_structure` asks sisl, which does)."""
+    lines, inside = [], False
+    for line in fdf_text.splitlines():
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        if words[0].lower() == "%block" and len(words) > 1 and normalized_fdf_key(words[1]) == "chemicalspecieslabel":
+            inside = True
+        elif words[0].lower() == "%endblock":
+            inside = False
+        elif inside:
+            lines.append(line)
+    return species_rows(lines)
+
+
 def _is_fdf(path: Path) -> bool:
     return path.suffix.lower() == ".fdf"
 
@@ -112,7 +144,7 @@ def read_structure(path: str | Path) -> Structure:
             raise InputFileError(f"sisl cannot read a geometry from this fdf ({exc})", path) from exc
         if geom is None or geom.na == 0:
             raise InputFileError("the fdf holds no atoms (AtomicCoordinatesAndAtomicSpecies missing?)", path)
-        labels = [str(geom.atoms[ia].tag) for ia in range(geom.na)]
+        labels = _fdf_labels(path, geom)
         atoms = Atoms(numbers=[int(geom.atoms[ia].Z) for ia in range(geom.na)], positions=geom.xyz,
                       cell=geom.cell, pbc=True)
         return Structure(atoms, labels, str(path), read_fdf_settings(path))
@@ -127,6 +159,21 @@ def read_structure(path: str | Path) -> Structure:
     if atoms.cell.rank < 3:
         atoms.pbc = False
     return Structure(atoms, list(atoms.get_chemical_symbols()), str(path))
+
+
+def _fdf_labels(path: Path, geom) -> list[str]:
+    """Each atom's label from the fdf's ChemicalSpeciesLabel block. sisl names an atom after the label inside
+    an ``.ion.xml`` it finds next to the fdf, which is the element for a file copied from another run (an
+    ``Ow.ion.xml`` made as ``O``); the fdf's label is what names the basis and pseudopotential files."""
+    tags = [str(geom.atoms[ia].tag) for ia in range(geom.na)]
+    try:
+        rows = species_rows(fdf_sile(path).get("ChemicalSpeciesLabel") or [])
+    except ValueError:  # a malformed block: sisl read the geometry, so keep its names
+        return tags
+    unique = geom.atoms.atom
+    if len(rows) != len(unique) or any(z != abs(atom.Z) for (_, z, _), atom in zip(rows, unique)):
+        return tags  # sisl's species order is not the block's: keep its names
+    return [rows[int(k)][2] for k in geom.atoms.specie]
 
 
 def structure_from_atoms(atoms: Atoms, labels=None) -> Structure:

@@ -235,6 +235,6 @@ def test_ml_plus_residual_with_k_points_keeps_its_history_across_supercells(sies
 
 
 def read_fdf_species(fdf) -> list[str]:
-    from siesta_dmguess.siesta.templates import _species_order
+    from siesta_dmguess.siesta.runner import species_labels
 
-    return _species_order(fdf.read_text())
+    return species_labels(fdf)

@@ -14,7 +14,7 @@ from siesta_dmguess.errors import InputFileError, ModelCompatibilityError
 from siesta_dmguess.model import DensityMatrixModel
 from siesta_dmguess.predict import predict_density_matrix, predict_to_file
 
-from .conftest import dataset, small_config, water_molecule
+from .conftest import DATASETS, dataset, small_config, water_molecule
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +142,29 @@ PAO.BasisSize DZP
 XC.functional LDA
 XC.authors CA
 """
+
+
+def test_species_labels_that_are_not_element_symbols_map_to_the_model_species(model_dir, tmp_path):
+    """SIESTA labels only name files ("Ow", "H_pbe"): the prediction follows the element, and the basis
+    check compares each label's .ion file with the model's basis of that element, naming both."""
+    plain, labelled = tmp_path / "plain", tmp_path / "labelled"
+    plain.mkdir(), labelled.mkdir()
+    (plain / "input.fdf").write_text(WATER_FDF)
+    (labelled / "input.fdf").write_text(WATER_FDF.replace("1 1 H\n", "1 1 H_pbe\n").replace("2 8 O\n", "2 8 Ow\n"))
+    a = predict_density_matrix(plain / "input.fdf", model_dir)
+    b = predict_density_matrix(labelled / "input.fdf", model_dir)
+    assert np.abs(a.values).max() > 0.1 and np.array_equal(a.values, b.values)
+    # A label whose element the model lacks is still refused, by its label.
+    (labelled / "input.fdf").write_text(WATER_FDF.replace("1 1 H\n", "1 7 Nx\n"))
+    with pytest.raises(ModelCompatibilityError, match=r"species \['Nx'\] are not covered"):
+        predict_density_matrix(labelled / "input.fdf", model_dir)
+    # The basis of "Ow" (here the shared datasets' O, unlike the fixture's) is checked against the model's O.
+    shared_oxygen = DATASETS / "h2o" / "basis" / "O.ion.xml"
+    if shared_oxygen.is_file():
+        (labelled / "input.fdf").write_text(WATER_FDF.replace("2 8 O\n", "2 8 Ow\n"))
+        shutil.copy(shared_oxygen, labelled / "Ow.ion.xml")
+        with pytest.raises(ModelCompatibilityError, match="basis of 'Ow' in Ow.ion.xml differs from the model's 'O'"):
+            predict_density_matrix(labelled / "input.fdf", model_dir)
 
 
 @pytest.mark.parametrize("spin_line, named", [("Spin polarized", "Spin polarized"),

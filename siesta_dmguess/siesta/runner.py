@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputFileError, SiestaError, SiestaNotFoundError
+from ..structure import normalized_fdf_key as _norm_key
+from ..structure import species_block
 from .output import SiestaOutput, parse_output
 
 
@@ -73,24 +75,9 @@ def fdf_value(fdf: Path, key: str, default: str | None = None) -> str | None:
     return default
 
 
-def _norm_key(key: str) -> str:
-    return key.lower().replace(".", "").replace("_", "").replace("-", "")
-
-
 def species_labels(fdf: Path) -> list[str]:
-    """Labels of the ChemicalSpeciesLabel block."""
-    labels, inside = [], False
-    for line in Path(fdf).read_text().splitlines():
-        words = line.split("#")[0].split()
-        if not words:
-            continue
-        if words[0].lower() == "%block" and _norm_key(words[1]) == "chemicalspecieslabel":
-            inside = True
-        elif words[0].lower() == "%endblock":
-            inside = False
-        elif inside and len(words) >= 3:
-            labels.append(words[2])
-    return labels
+    """Labels of the ChemicalSpeciesLabel block, in species-index order."""
+    return [label for _, _, label in species_block(Path(fdf).read_text())]
 
 
 def check_pseudopotentials(fdf: Path) -> None:

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputFileError
+from ..structure import species_block
 from .runner import _norm_key, fdf_value, species_labels
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
@@ -53,7 +54,7 @@ def fdf_with_geometry(fdf_text: str, atoms, labels: list[str]) -> str:
     Everything else (basis, XC, mesh, SCF and k-point settings) is kept, so a
     trajectory's frames are run with exactly the settings of one reference fdf.
     """
-    species = _species_order(fdf_text)
+    species = [label for _, _, label in species_block(fdf_text)]
     missing = sorted(set(labels) - set(species))
     if missing:
         raise InputFileError(f"species {missing} are not in the fdf's ChemicalSpeciesLabel block ({species})")
@@ -79,22 +80,6 @@ def fdf_with_geometry(fdf_text: str, atoms, labels: list[str]) -> str:
               for pos, label in zip(atoms.positions, labels)]
     block += ["%endblock AtomicCoordinatesAndAtomicSpecies"]
     return "\n".join(kept + ["", "# --- siesta-dmguess: geometry ---", *block]) + "\n"
-
-
-def _species_order(fdf_text: str) -> list[str]:
-    """Labels of the ChemicalSpeciesLabel block, in the block's (index) order."""
-    rows, inside = [], False
-    for line in fdf_text.splitlines():
-        words = line.split("#")[0].split()
-        if not words:
-            continue
-        if words[0].lower() == "%block" and len(words) > 1 and _norm_key(words[1]) == "chemicalspecieslabel":
-            inside = True
-        elif words[0].lower() == "%endblock":
-            inside = False
-        elif inside and len(words) >= 3:
-            rows.append((int(words[0]), words[2]))
-    return [label for _, label in sorted(rows)]
 
 
 def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: str | Path | None = None,
