@@ -7,6 +7,7 @@ names the basis (``<label>.ion.xml``) and is the chemical symbol unless an fdf's
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ import numpy as np
 from ase import Atoms
 
 from .errors import InputFileError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -151,11 +154,15 @@ def read_structure(path: str | Path) -> Structure:
     import ase.io
 
     try:
-        atoms = ase.io.read(str(path))
+        frames = ase.io.read(str(path), index=":")
     except Exception as exc:
         raise InputFileError(f"ASE cannot read this structure ({type(exc).__name__}: {exc})", path) from exc
-    if len(atoms) == 0:
+    if not frames or len(frames[-1]) == 0:
         raise InputFileError("the file holds no atoms", path)
+    atoms = frames[-1]
+    if len(frames) > 1:  # ASE's default; say so, since one DM per file is written
+        log.warning("%s holds %d structures; predicting the last one. For every frame, split the file, or run "
+                    "`siesta-dmguess bench TRAJ --fdf FDF` or the ASE calculator along it", path, len(frames))
     if atoms.cell.rank < 3:
         atoms.pbc = False
     return Structure(atoms, list(atoms.get_chemical_symbols()), str(path))

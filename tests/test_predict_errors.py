@@ -88,6 +88,24 @@ def test_structure_ase_cannot_read(model_dir, tmp_path):
     assert main(["predict", str(path), "--model", str(model_dir)]) == 2
 
 
+def test_multi_frame_file_predicts_its_last_frame_and_says_so(tmp_path, caplog):
+    from ase.io import write
+
+    from siesta_dmguess.structure import read_structure
+
+    first, last = water_molecule(), water_molecule(np.random.default_rng(5))
+    path = tmp_path / "md.xyz"
+    write(path, [first, last])
+    with caplog.at_level("WARNING"):
+        st = read_structure(path)
+    assert np.allclose(st.atoms.positions, last.positions) and not np.allclose(st.atoms.positions, first.positions)
+    assert "md.xyz holds 2 structures; predicting the last one" in caplog.text
+    caplog.clear()
+    write(tmp_path / "one.xyz", first)
+    read_structure(tmp_path / "one.xyz")
+    assert "holds" not in caplog.text
+
+
 def test_missing_structure_and_unknown_model(model_dir, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "none.fdf"), "--model", str(model_dir)]) == 2
     assert "none.fdf: structure file not found" in capsys.readouterr().err
