@@ -179,8 +179,8 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = Tru
     """Load a model folder (or shipped model by name); checks format version and weights sha256.
 
     ``optimize`` lets e3nn optimize the einsums of the network's tensor products as it builds them. That
-    makes loading 0.6-1.5 s slower and each prediction of a small structure 0.02-0.09 s faster (no faster on
-    hundreds of atoms; ``integration/benchmarks/model_load.py``): worth it from about 20 predictions on,
+    makes loading 0.6-1.5 s slower and each prediction of a small structure 0.02-0.06 s faster (no faster on
+    hundreds of atoms; ``integration/benchmarks/model_load.py``): worth it from about 30 predictions on,
     so ``predict`` turns it off for fewer structures. Both give the same DM to float precision.
     """
     from .model import DensityMatrixModel, ModelConfig

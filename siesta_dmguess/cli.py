@@ -48,7 +48,7 @@ def default_dm_path(structure: str | Path) -> Path:
     return structure.with_suffix(".DM")
 
 
-OPTIMIZE_FROM_STRUCTURES = 20  # integration/benchmarks/model_load.py: break-even at 17-31 small structures
+OPTIMIZE_FROM_STRUCTURES = 30  # integration/benchmarks/model_load.py: break-even at 24-35 small structures
 
 
 def _cmd_predict(args) -> int:
@@ -60,7 +60,7 @@ def _cmd_predict(args) -> int:
     if args.output and len(args.structure) > 1:
         raise DMGuessError("-o names one output file; with several structures each DM is written next to its input")
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
-    # Once for all structures; e3nn's einsum optimization pays for its load time from about 20 predictions on.
+    # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
     model = load_model(args.model, optimize=len(args.structure) >= OPTIMIZE_FROM_STRUCTURES)
     many = len(args.structure) > 1
     skipped = 0
