@@ -81,6 +81,7 @@ class Prediction:
     electrons_predicted: float | None = None  # Tr(D S) of the raw prediction, before refinement
     refinement: str = "none"  # what refine.refine did to the written DM: "idempotent", "charge" or "none"
     refinement_note: str = ""  # why an idempotent projection fell back to charge normalization
+    occupation_gap: float | None = None  # the projection's HOMO-LUMO gap: of natural occupations, or ΔH-steered (Γ)
 
     @property
     def electron_count_error(self) -> float | None:
@@ -272,7 +273,8 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
                       sample_basis=loaded.basis, novelty=novelty[0],
                       novelty_threshold=float(loaded.model.novelty_threshold), overlap=overlap,
                       electrons_expected=n_expected, electrons_predicted=n_predicted,
-                      refinement=done.applied if done else "none", refinement_note=done.reason if done else "")
+                      refinement=done.applied if done else "none", refinement_note=done.reason if done else "",
+                      occupation_gap=done.occupation_gap if done else None)
     if pred.out_of_distribution:
         log.warning("%s looks unlike the training data of %s (novelty %.1f > %.1f): the guess may be poor",
                     structure.source or "structure", loaded.path.name, pred.novelty, pred.novelty_threshold)
