@@ -152,6 +152,26 @@ def test_a_network_uses_only_its_own_message_edges(float64):
     assert np.abs(a - b).max() < 1e-12
 
 
+def test_channelwise_product_is_e3nns_uvu_tensor_product(float64):
+    """The hand-written product is e3nn's TensorProduct with 'uvu' paths and per-edge weights (component
+    normalization, no path normalization): same Clebsch-Gordan algebra, same weight layout."""
+    from siesta_dmguess.model import ChannelwiseTensorProduct
+
+    torch.manual_seed(1)
+    irreps_in, irreps_sh = o3.Irreps("6x0e + 4x1o + 3x1e + 2x2e + 2x2o"), o3.Irreps.spherical_harmonics(3)
+    tp = ChannelwiseTensorProduct(irreps_in, irreps_sh, "0e + 1o + 1e + 2e + 2o + 3o + 3e")
+    reference = o3.TensorProduct(irreps_in, irreps_sh, tp.irreps_out,
+                                 [(i, j, k, "uvu", True) for k, (i, j, _) in enumerate(tp.paths)],
+                                 shared_weights=False, internal_weights=False, irrep_normalization="component",
+                                 path_normalization="none")
+    x = torch.randn(9, irreps_in.dim)
+    sh = o3.spherical_harmonics(irreps_sh, torch.randn(9, 3), normalize=True)
+    weight = torch.randn(9, tp.weight_numel)
+    ours, theirs = tp(x, sh, weight), reference(x, sh, weight)
+    assert reference.weight_numel == tp.weight_numel and theirs.abs().max() > 0.5
+    assert torch.allclose(ours, theirs, atol=1e-12)
+
+
 def test_fused_linear_contraction_matches_the_product_then_the_linear(float64):
     """The edge readout contracts each tensor-product path with its block of the output Linear instead of
     forming the product's wide output; values and gradients must equal the two steps done one after the other."""
