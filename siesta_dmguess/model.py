@@ -241,6 +241,17 @@ class ChannelwiseTensorProduct(nn.Module):
                         out.append((mul, ir_out))
         self.irreps_out = o3.Irreps(out)
         self.weight_numel = sum(mul for _, _, mul in self.paths)
+        # Paths of one (input irrep, harmonic) pair differ only in their output irrep: one matmul serves them
+        # all, against their Clebsch-Gordan coefficients side by side (not saved: made from cg_k).
+        self.groups = []
+        for k, (i, j, _) in enumerate(self.paths):
+            if self.groups and self.groups[-1][:2] == (i, j):
+                self.groups[-1][2].append(k)
+            else:
+                self.groups.append((i, j, [k]))
+        for g, (_, _, ks) in enumerate(self.groups):
+            self.register_buffer(f"cg_group_{g}", torch.cat([getattr(self, f"cg_{k}") for k in ks], dim=2),
+                                 persistent=False)
 
     def forward(self, x: torch.Tensor, sh: torch.Tensor, weight: torch.Tensor,
                 linear: o3.Linear | None = None) -> torch.Tensor:
@@ -254,12 +265,14 @@ class ChannelwiseTensorProduct(nn.Module):
         shs = sh.split([ir.dim for _, ir in self.irreps_sh], 1)
         ws = weight.split([mul for _, _, mul in self.paths], 1)
         outs, ys = [], {}
-        for k, (i, j, mul) in enumerate(self.paths):
-            # The coupling depends only on (l_in, l_sh, l_out): paths that differ in parity or multiplicity share it.
-            key = (self.irreps_in[i].ir.l, j, self.irreps_out[k].ir.l)
+        for g, (i, j, ks) in enumerate(self.groups):
+            # The coupling depends only on the l's: input irreps of another parity share it if they make the same l's.
+            key = (self.irreps_in[i].ir.l, j, tuple(self.irreps_out[k].ir.l for k in ks))
             if key not in ys:
-                ys[key] = torch.einsum("ej,ijk->eik", shs[j], getattr(self, f"cg_{k}"))  # (E, 2l_in+1, 2l_out+1)
-            outs.append(torch.bmm(xs[i], ys[key]) * ws[k][:, :, None])  # (E, mul, 2l_out+1)
+                ys[key] = torch.einsum("ej,ijk->eik", shs[j], getattr(self, f"cg_group_{g}"))  # (E, 2l_in+1, Σ)
+            z = torch.bmm(xs[i], ys[key])  # (E, mul, Σ_k 2l_out+1)
+            for k, part in zip(ks, z.split([self.irreps_out[k].ir.dim for k in ks], dim=2)):
+                outs.append(part * ws[k][:, :, None])  # (E, mul, 2l_out+1)
         if linear is None:
             return torch.cat([z.reshape(n, z.shape[1] * z.shape[2]) for z in outs], dim=1)  # n may be 0
         matrix = dense_matrix(linear)
