@@ -48,7 +48,7 @@ def default_dm_path(structure: str | Path) -> Path:
     return structure.with_suffix(".DM")
 
 
-OPTIMIZE_FROM_STRUCTURES = 30  # integration/benchmarks/model_load.py: break-even at 24-35 small structures
+OPTIMIZE_FROM_STRUCTURES = 30  # integration/benchmarks/model_load.py: break-even at 22-35 small structures
 
 
 def _cmd_predict(args) -> int:
