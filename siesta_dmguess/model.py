@@ -219,10 +219,11 @@ class ChannelwiseTensorProduct(nn.Module):
     """Channel-wise ('uvu') tensor product x ⊗ Y -> every wanted irrep, with one weight per edge and channel.
 
     Same algebra as ``e3nn.o3.TensorProduct`` with 'uvu' instructions and
-    per-edge weights (Clebsch-Gordan coefficients from ``o3.wigner_3j``), written
-    as one split plus one batched matmul per path: e3nn's generic kernel slices
-    its inputs once per path, and on CPU the backward pass of those slices
-    (a zero-filled copy each) dominated training time on 10^4-edge batches.
+    per-edge weights (Clebsch-Gordan coefficients from ``o3.wigner_3j``; equal to
+    e3nn's with component normalization, ``tests/test_model_equivariance.py``), written
+    as one split plus one batched matmul per (input irrep, harmonic) pair: e3nn's
+    generic kernel slices its inputs once per path, and on CPU the backward pass of
+    those slices (a zero-filled copy each) dominated training time on 10^4-edge batches.
     """
 
     def __init__(self, irreps_in, irreps_sh, wanted):
