@@ -25,7 +25,8 @@ def _cmd_train(args) -> int:
     options = TrainOptions(epochs=args.epochs, lr=args.lr, batch_atoms=args.batch_atoms, seed=args.seed,
                            threads=args.threads, progress=not args.quiet, max_train=args.max_train,
                            init=args.init, correction_epochs=args.correction_epochs, add_stage=args.add_stage,
-                           correction_lr=args.correction_lr, density_loss=args.density_loss)
+                           correction_lr=args.correction_lr, density_loss=args.density_loss,
+                           loss_power=args.loss_power)
     command = "siesta-dmguess " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     result = train(args.data_dirs, args.out, options, overrides, resume=not args.restart, command=command)
     summary = result.validation.get("summary", {})
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit folded (Γ-only, molecular) DMs by the density-operator error Tr[(ΔD S)²] (S from the "
                         "basis) instead of the element error; with --add-stage, each structure's relative to the "
                         "frozen model's")
+    t.add_argument("--loss-power", type=float, default=2.0,
+                   help="fit by mean |element error|^P (default 2: squared); P > 2 weighs the largest errors, "
+                        "which set SIESTA's first SCF step, and keeps the epoch with the lowest validation max error")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 

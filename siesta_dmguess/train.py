@@ -48,6 +48,10 @@ class TrainOptions:
     # Loss of folded (Γ-only, molecular) structures: Tr[(ΔD S)²], the squared error of the density operator,
     # instead of the mean squared element error, which near-null directions of S dominate in condensed phases.
     density_loss: bool = False
+    # Power p of the element loss, mean |error|^p (2: mean squared). SIESTA's first SCF step is set by a guess's
+    # largest error, not its mean; p > 2 weighs large errors more, and the model kept is then the one with the
+    # lowest validation max error.
+    loss_power: float = 2.0
 
 
 @dataclass
@@ -190,7 +194,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             if previous is None:
                 pred = fold_to_targets(model(batch), batch)
                 loss = density_loss(pred - batch["target_values"], group) if options.density_loss else \
-                    torch.mean((pred - batch["target_values"]) ** 2)
+                    torch.mean((pred - batch["target_values"]).abs() ** options.loss_power)
             else:  # only the new stage runs (the frozen model's output was computed once); relative errors
                 stage = model.residuals[-1]
                 flat = torch.cat([previous[id(g)][0] for g in group]) + \
@@ -199,8 +203,13 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                 if options.density_loss:
                     loss = density_loss(pred - batch["target_values"], group)
                 else:
-                    weight = torch.stack([previous[id(g)][1] for g in group])[batch["sample_of_target"]]
-                    loss = torch.sum(weight * (pred - batch["target_values"]) ** 2) / len(group)
+                    which = batch["sample_of_target"]
+                    weight = torch.stack([previous[id(g)][1] for g in group])[which]
+                    power = options.loss_power
+                    if power != 2:  # mean |error / frozen RMS|^p per structure: weight (1 / Σ r²) times n to the p/2, over n
+                        n = torch.bincount(which, minlength=len(group)).to(weight.dtype)[which]
+                        weight = weight ** (power / 2) * n ** (power / 2 - 1)
+                    loss = torch.sum(weight * (pred - batch["target_values"]).abs() ** power) / len(group)
             if loss.requires_grad:  # a batch a stage gives no blocks (molecules for a folding stage) teaches nothing
                 opt.zero_grad()
                 loss.backward()
@@ -211,8 +220,11 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         relative = "" if previous is None else "relative_"
         if options.density_loss:
             loss_key, train_loss = f"train_{relative}density_loss", float(np.mean(losses))
-        else:
+        elif options.loss_power == 2:
             loss_key, train_loss = f"train_{relative}rmse", float(math.sqrt(np.mean(losses)))
+        else:  # the p-th root of mean |error|^p
+            loss_key = f"train_{relative}l{options.loss_power:g}"
+            train_loss = float(np.mean(losses) ** (1.0 / options.loss_power))
         record = {"epoch": epoch, loss_key: train_loss, "lr": sched.get_last_lr()[0]}
         if val_set and (epoch % options.eval_every == 0 or epoch == options.epochs - 1):
             model.eval()
@@ -222,6 +234,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             score = summary["mae"]
             if options.density_loss:  # judged by what it is trained for, not by the element MAE it trades away
                 score = record[f"val_{relative}density_loss"] = validation_density_loss(model, val_set)
+            elif options.loss_power > 2:  # likewise: by the largest error it is trained to lower
+                score = summary["max_abs"]
             elif val_reference is not None:  # mean of MAE / frozen model's MAE: molecules count as much as boxes
                 score = record["val_relative_mae"] = float(np.mean(
                     [m["mae"] for m in evaluation["structures"]] / val_reference))
