@@ -180,7 +180,7 @@ def _fdf_labels(path: Path, geom) -> list[str]:
     unique = geom.atoms.atom
     if len(rows) != len(unique) or any(z != abs(atom.Z) for (_, z, _), atom in zip(rows, unique)):
         return tags  # sisl's species order is not the block's: keep its names
-    return [rows[int(k)][2] for k in geom.atoms.specie]
+    return [rows[int(k)][2] for k in geom.atoms.species]
 
 
 def structure_from_atoms(atoms: Atoms, labels=None) -> Structure:
