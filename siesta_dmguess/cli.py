@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "frozen model's")
     t.add_argument("--loss-power", type=float, default=2.0,
                    help="fit by mean |element error|^P (default 2: squared); P > 2 weighs the largest errors, "
-                        "which set SIESTA's first SCF step, and keeps the epoch with the lowest validation max error")
+                        "which set SIESTA's first SCF step, and keeps the epoch whose validation structures have the lowest mean "
+                        "max error")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
