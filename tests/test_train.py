@@ -205,12 +205,12 @@ def test_loss_power_stage_keeps_the_epoch_with_the_lowest_mean_validation_max_er
     structure's largest error is what sets SIESTA's first step on it."""
     data = dataset("h2o")
     base = tmp_path / "base"
-    train([data], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
-    result = train([data], tmp_path / "p4", TrainOptions(epochs=5, lr=3e-2, batch_atoms=12, max_train=8,
+    train([data], base, TrainOptions(epochs=2, lr=1e-2, batch_atoms=12, max_train=6, progress=False), TINY)
+    result = train([data], tmp_path / "p4", TrainOptions(epochs=3, lr=3e-2, batch_atoms=12, max_train=6,
                                                          eval_every=1, progress=False, init=str(base),
                                                          add_stage=True, loss_power=4))
     largest = [h["val_mean_max_abs"] for h in result.history]
-    assert len(set(largest)) == 5 and all(h["train_relative_l4"] > 0 for h in result.history)
+    assert len(set(largest)) == 3 and all(h["train_relative_l4"] > 0 for h in result.history)
     assert all(h["val_mean_max_abs"] <= h["val_max_abs"] for h in result.history)
     card = json.loads((tmp_path / "p4" / "card.json").read_text())
     assert card["training"]["best_epoch"] == int(np.argmin(largest))
