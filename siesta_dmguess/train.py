@@ -22,7 +22,7 @@ import torch
 
 from .card import atomic_torch_save, save_model, sha256_file
 from .data import list_runs, load_samples, run_basis
-from .errors import InputFileError
+from .errors import DMGuessError, InputFileError
 from .evaluate import atom_batches, evaluate_samples
 from .model import STAGE_SETTINGS, DensityMatrixModel, ModelConfig, collate, fold_to_targets, onsite_reference
 
@@ -115,6 +115,10 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     from tqdm.auto import tqdm
 
     options = options or TrainOptions()
+    if options.density_loss and options.loss_power != 2:
+        raise DMGuessError("--loss-power sets the element loss; --density-loss replaces it: use one of the two")
+    if options.loss_power < 1:
+        raise DMGuessError(f"--loss-power must be at least 1 (got {options.loss_power:g})")
     data_dirs = [Path(d) for d in data_dirs]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

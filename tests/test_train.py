@@ -134,6 +134,16 @@ def test_residual_stage_starts_as_the_frozen_model_and_lowers_its_training_error
     assert all(torch.equal(v, old.model.state_dict()[k]) for k, v in frozen.items())
 
 
+@pytest.mark.parametrize("options, message", [(dict(density_loss=True, loss_power=4), "use one of the two"),
+                                              (dict(loss_power=0.5), "at least 1")])
+def test_conflicting_loss_options_are_a_clear_error(tmp_path, options, message):
+    from siesta_dmguess.errors import DMGuessError
+
+    with pytest.raises(DMGuessError, match=message):
+        train([dataset("h2o")], tmp_path / "m", TrainOptions(epochs=1, progress=False, **options), TINY)
+    assert not (tmp_path / "m").exists()  # refused before anything is read or written
+
+
 def test_add_stage_without_init_is_a_clear_error(tmp_path):
     from siesta_dmguess.errors import InputFileError
 
