@@ -226,7 +226,6 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     their periodic images for k-point runs). Results go to ``bench_<name>.json/.md/.png``.
     """
     import ase.io
-    from ase.data import chemical_symbols
     from tqdm.auto import tqdm
 
     from .card import LoadedModel, load_model
@@ -235,7 +234,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix
     from .siesta.templates import fdf_with_geometry
-    from .structure import read_fdf_settings, species_block, structure_from_atoms
+    from .structure import element_symbol, read_fdf_settings, species_block, structure_from_atoms
 
     fdf_template, out_dir = Path(fdf_template), Path(out_dir)
     if not fdf_template.is_file():
@@ -246,7 +245,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         raise InputFileError("the trajectory holds no frames", trajectory if not isinstance(trajectory, list) else None)
     template = fdf_template.read_text()
     # ASE frames know elements; the fdf's labels (e.g. "Ow" for oxygen) name the basis and pseudopotential files.
-    by_symbol = {chemical_symbols[z]: label for _, z, label in species_block(template) if 0 < z < len(chemical_symbols)}
+    by_symbol = {element_symbol(z): label for _, z, label in species_block(template)}
     name = Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory"
     loaded = None
     if any(g.startswith("ml") for g in guesses):

@@ -26,7 +26,7 @@ from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed, write_den
 from .errors import ModelCompatibilityError, UnreliablePredictionError
 from .evaluate import predict_flat
 from .refine import is_kpoint, projection_skipped, refine_folded
-from .structure import Structure, read_structure
+from .structure import Structure, element_symbol, read_structure
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,10 @@ def model_species_of_labels(structure: Structure, model_species) -> dict[str, st
     has it, else its chemical element (SIESTA labels only name the basis and pseudopotential files, e.g.
     ``Ow`` or ``O_pbe`` for oxygen), or None when the model covers neither. Whether that species' basis is
     the model's is :func:`check_compatibility`'s job."""
-    from ase.data import chemical_symbols
-
     mapping = {}
     for label, z in zip(structure.labels, structure.atoms.numbers):
         if label not in mapping:
-            element = chemical_symbols[z] if 0 < z < len(chemical_symbols) else None
+            element = element_symbol(int(z))
             mapping[label] = label if label in model_species else (element if element in model_species else None)
     return mapping
 

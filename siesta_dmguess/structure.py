@@ -43,6 +43,13 @@ def normalized_fdf_key(key: str) -> str:
     return key.lower().replace(".", "").replace("_", "").replace("-", "")
 
 
+def element_symbol(z: int) -> str | None:
+    """Chemical symbol of atomic number ``z`` (None for ghost or out-of-table numbers an fdf may hold)."""
+    from ase.data import chemical_symbols
+
+    return chemical_symbols[z] if 0 < z < len(chemical_symbols) else None
+
+
 def species_rows(lines) -> list[tuple[int, int, str]]:
     """(species index, atomic number, label) of the rows of a ``ChemicalSpeciesLabel`` block, in index order."""
     rows = []
@@ -140,14 +147,15 @@ def read_structure(path: str | Path) -> Structure:
         raise InputFileError("structure file not found", path)
     if _is_fdf(path):
         try:
+            fdf = fdf_sile(path)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                geom = fdf_sile(path).read_geometry()
+                geom = fdf.read_geometry()
         except Exception as exc:
             raise InputFileError(f"sisl cannot read a geometry from this fdf ({exc})", path) from exc
         if geom is None or geom.na == 0:
             raise InputFileError("the fdf holds no atoms (AtomicCoordinatesAndAtomicSpecies missing?)", path)
-        labels = _fdf_labels(path, geom)
+        labels = _fdf_labels(fdf, geom)
         atoms = Atoms(numbers=[int(geom.atoms[ia].Z) for ia in range(geom.na)], positions=geom.xyz,
                       cell=geom.cell, pbc=True)
         return Structure(atoms, labels, str(path), read_fdf_settings(path))
@@ -168,13 +176,13 @@ def read_structure(path: str | Path) -> Structure:
     return Structure(atoms, list(atoms.get_chemical_symbols()), str(path))
 
 
-def _fdf_labels(path: Path, geom) -> list[str]:
+def _fdf_labels(fdf, geom) -> list[str]:
     """Each atom's label from the fdf's ChemicalSpeciesLabel block. sisl names an atom after the label inside
     an ``.ion.xml`` it finds next to the fdf, which is the element for a file copied from another run (an
     ``Ow.ion.xml`` made as ``O``); the fdf's label is what names the basis and pseudopotential files."""
     tags = [str(geom.atoms[ia].tag) for ia in range(geom.na)]
     try:
-        rows = species_rows(fdf_sile(path).get("ChemicalSpeciesLabel") or [])
+        rows = species_rows(fdf.get("ChemicalSpeciesLabel") or [])
     except ValueError:  # a malformed block: sisl read the geometry, so keep its names
         return tags
     unique = geom.atoms.atom

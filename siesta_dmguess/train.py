@@ -207,12 +207,11 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                 if options.density_loss:
                     loss = density_loss(pred - batch["target_values"], group)
                 else:
-                    which = batch["sample_of_target"]
+                    # Mean |error / frozen RMS|^p per structure: the weight 1 / Σ r² to the p/2, times n^(p/2) / n.
+                    which, power = batch["sample_of_target"], options.loss_power
                     weight = torch.stack([previous[id(g)][1] for g in group])[which]
-                    power = options.loss_power
-                    if power != 2:  # mean |error / frozen RMS|^p per structure: weight (1 / Σ r²) times n to the p/2, over n
-                        n = torch.bincount(which, minlength=len(group)).to(weight.dtype)[which]
-                        weight = weight ** (power / 2) * n ** (power / 2 - 1)
+                    n = torch.bincount(which, minlength=len(group)).to(weight.dtype)[which]
+                    weight = weight ** (power / 2) * n ** (power / 2 - 1)
                     loss = torch.sum(weight * (pred - batch["target_values"]).abs() ** power) / len(group)
             if loss.requires_grad:  # a batch a stage gives no blocks (molecules for a folding stage) teaches nothing
                 opt.zero_grad()
@@ -224,11 +223,9 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         relative = "" if previous is None else "relative_"
         if options.density_loss:
             loss_key, train_loss = f"train_{relative}density_loss", float(np.mean(losses))
-        elif options.loss_power == 2:
-            loss_key, train_loss = f"train_{relative}rmse", float(math.sqrt(np.mean(losses)))
-        else:  # the p-th root of mean |error|^p
-            loss_key = f"train_{relative}l{options.loss_power:g}"
-            train_loss = float(np.mean(losses) ** (1.0 / options.loss_power))
+        else:  # the p-th root of mean |error|^p: the RMSE for p = 2
+            name = "rmse" if options.loss_power == 2 else f"l{options.loss_power:g}"
+            loss_key, train_loss = f"train_{relative}{name}", float(np.mean(losses) ** (1.0 / options.loss_power))
         record = {"epoch": epoch, loss_key: train_loss, "lr": sched.get_last_lr()[0]}
         if val_set and (epoch % options.eval_every == 0 or epoch == options.epochs - 1):
             model.eval()
