@@ -17,7 +17,8 @@ fixes the count exactly.
 
 A model with a ΔH head (``ModelConfig.correction_head``) steers the projection: the
 occupied space is then that of the Hamiltonian-like -S P S + ΔH instead of -S P S
-(see :func:`nearest_idempotent`; trained through :func:`projected_density_torch`).
+(see :func:`nearest_idempotent`; trained through its differentiable twin,
+:func:`siesta_dmguess.train.projected_density_torch`).
 
 The projection needs the dense Γ-point D and S (O(n_orb³)), so it applies to
 Γ-only and molecular DMs of up to :data:`MAX_DENSE_ORBITALS` orbitals with an
@@ -34,7 +35,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -175,47 +175,6 @@ def nearest_idempotent(d: np.ndarray, s: np.ndarray, n_occupied: int,
     occupied = orbitals[:, :n_occupied]
     gap = float(energies[n_occupied] - energies[n_occupied - 1]) if n_occupied < len(h) else 1.0
     return 2.0 * occupied @ occupied.conj().T, gap
-
-
-def projected_density_torch(d, s, correction, n_occupied: int):
-    """Differentiable :func:`nearest_idempotent` (dense torch tensors, S constant): the training loss of a
-    model's ``correction`` head goes through the same projection that ``predict`` applies."""
-    s = 0.5 * (s + s.T)
-    h = -(s @ (0.25 * (d + d.T)) @ s) + 0.5 * (correction + correction.T)
-    chol = torch.linalg.cholesky(s)
-    # A = L^-1 H L^-T: the generalized problem in an orthonormal basis; D = 2 L^-T P_occ(A) L^-1.
-    a = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, h, upper=False).T, upper=False)
-    p = _OccupiedProjector.apply(0.5 * (a + a.T), n_occupied)
-    x = torch.linalg.solve_triangular(chol.T, p, upper=True)
-    return 2.0 * torch.linalg.solve_triangular(chol.T, x.T, upper=True).T
-
-
-class _OccupiedProjector(torch.autograd.Function):
-    """P = U_occ U_occᵀ of a symmetric matrix with a hand-written backward.
-
-    torch's eigh backward divides by every eigenvalue difference, including those
-    inside the (often degenerate) occupied space, which gives NaN; the projector
-    only depends on occupied-empty pairs, separated by the gap (first-order
-    perturbation theory: dP = Σ_ia u_a u_aᵀ dA u_i u_iᵀ / (ε_i - ε_a) + h.c.).
-    """
-
-    @staticmethod
-    def forward(ctx, a, n_occupied):
-        energies, vectors = torch.linalg.eigh(a)
-        occ, emp = vectors[:, :n_occupied], vectors[:, n_occupied:]
-        ctx.save_for_backward(energies, occ, emp)
-        ctx.n_occupied = n_occupied
-        return occ @ occ.T
-
-    @staticmethod
-    def backward(ctx, grad):
-        energies, occ, emp = ctx.saved_tensors
-        n = ctx.n_occupied
-        g = 0.5 * (grad + grad.T)
-        denom = energies[:n][None, :] - energies[n:][:, None]  # (empty, occupied): ε_i - ε_a < 0
-        denom = torch.where(denom.abs() < 1e-3, torch.full_like(denom, -1e-3), denom)
-        m = emp @ (2.0 * (emp.T @ g @ occ) / denom) @ occ.T
-        return 0.5 * (m + m.T), None
 
 
 def _onto_flat(layout, values, folded: np.ndarray, projected: np.ndarray) -> np.ndarray:

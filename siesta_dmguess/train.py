@@ -430,7 +430,7 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
 
     The DM model is frozen (its linear-scaling output stays what it was); only the
     ΔH readouts learn, with the loss taken after the same dense projection that
-    ``predict`` applies (:func:`~siesta_dmguess.refine.projected_density_torch`,
+    ``predict`` applies (:func:`projected_density_torch`,
     float64). The loss adds two errors of the projected DM, E = D - D_ref on the
     DM's pattern: Tr(E S E S), the error of the electron density itself (in a
     condensed phase S has eigenvalues ~1e-3, and element errors along those
@@ -537,8 +537,6 @@ def _projection_loss(model, p: dict) -> torch.Tensor:
 def _projection_errors(model, p: dict, plain: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(Tr(E S E S), mean E²) of the projected prediction (``plain=True``: ΔH = 0), E on the DM's sparsity
     pattern (what SIESTA reads)."""
-    from .refine import projected_density_torch
-
     correction = torch.zeros(p["fold_index"].shape[0], dtype=torch.float64) if plain else \
         model.correction_from_features(p["h"], p["batch"]).double()
     folded = torch.zeros(p["no"] * p["no"], dtype=torch.float64).index_add(0, p["fold_index"], correction)
@@ -547,6 +545,47 @@ def _projection_errors(model, p: dict, plain: bool = False) -> tuple[torch.Tenso
     error = (projected - p["reference"]) * p["pattern"]
     es = error @ p["overlap"]
     return torch.sum(es * es.T), torch.sum(error**2) / p["pattern"].sum()
+
+
+def projected_density_torch(d, s, correction, n_occupied: int):
+    """Differentiable :func:`~siesta_dmguess.refine.nearest_idempotent` (dense torch tensors, S constant): the training loss of a
+    model's ``correction`` head goes through the same projection that ``predict`` applies."""
+    s = 0.5 * (s + s.T)
+    h = -(s @ (0.25 * (d + d.T)) @ s) + 0.5 * (correction + correction.T)
+    chol = torch.linalg.cholesky(s)
+    # A = L^-1 H L^-T: the generalized problem in an orthonormal basis; D = 2 L^-T P_occ(A) L^-1.
+    a = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, h, upper=False).T, upper=False)
+    p = _OccupiedProjector.apply(0.5 * (a + a.T), n_occupied)
+    x = torch.linalg.solve_triangular(chol.T, p, upper=True)
+    return 2.0 * torch.linalg.solve_triangular(chol.T, x.T, upper=True).T
+
+
+class _OccupiedProjector(torch.autograd.Function):
+    """P = U_occ U_occᵀ of a symmetric matrix with a hand-written backward.
+
+    torch's eigh backward divides by every eigenvalue difference, including those
+    inside the (often degenerate) occupied space, which gives NaN; the projector
+    only depends on occupied-empty pairs, separated by the gap (first-order
+    perturbation theory: dP = Σ_ia u_a u_aᵀ dA u_i u_iᵀ / (ε_i - ε_a) + h.c.).
+    """
+
+    @staticmethod
+    def forward(ctx, a, n_occupied):
+        energies, vectors = torch.linalg.eigh(a)
+        occ, emp = vectors[:, :n_occupied], vectors[:, n_occupied:]
+        ctx.save_for_backward(energies, occ, emp)
+        ctx.n_occupied = n_occupied
+        return occ @ occ.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        energies, occ, emp = ctx.saved_tensors
+        n = ctx.n_occupied
+        g = 0.5 * (grad + grad.T)
+        denom = energies[:n][None, :] - energies[n:][:, None]  # (empty, occupied): ε_i - ε_a < 0
+        denom = torch.where(denom.abs() < 1e-3, torch.full_like(denom, -1e-3), denom)
+        m = emp @ (2.0 * (emp.T @ g @ occ) / denom) @ occ.T
+        return 0.5 * (m + m.T), None
 
 
 def _read_checkpoint(path: Path) -> dict | None:

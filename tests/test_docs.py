@@ -33,3 +33,13 @@ def test_every_cli_option_named_in_the_docs_exists():
             used |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest))
     unknown = sorted(used - known)
     assert used and not unknown, f"options of `siesta-dmguess` commands in the docs that no subcommand has: {unknown}"
+
+
+def test_building_the_cli_parser_does_not_import_torch():
+    """`siesta-dmguess --help` answers in a fraction of a second: the parser must not pull in torch (2 s)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from siesta_dmguess.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", "building the CLI parser imported torch"
