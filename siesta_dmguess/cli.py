@@ -21,7 +21,10 @@ from .errors import DMGuessError, UnreliablePredictionError
 def _cmd_train(args) -> int:
     from .train import TrainOptions, train
 
-    overrides = json.loads(args.config) if args.config else {}
+    try:
+        overrides = json.loads(args.config) if args.config else {}
+    except json.JSONDecodeError as exc:
+        raise DMGuessError(f"--config is not valid JSON ({exc}): {args.config}") from None
     options = TrainOptions(epochs=args.epochs, lr=args.lr, batch_atoms=args.batch_atoms, seed=args.seed,
                            threads=args.threads, progress=not args.quiet, max_train=args.max_train,
                            init=args.init, correction_epochs=args.correction_epochs, add_stage=args.add_stage,

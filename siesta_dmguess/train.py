@@ -104,6 +104,29 @@ def _split(records_samples, options: TrainOptions):
     return train, val
 
 
+# ModelConfig fields a training run sets itself, never ``--config``: species and basis come from the data, the seed
+# from --seed, the on-site reference and the residual stages from training.
+RUN_SETTINGS = ("species", "basis", "seed", "onsite_reference", "residual_stages")
+
+
+def check_config_overrides(overrides: dict, add_stage: bool = False) -> None:
+    """Raise a clear error for a ``--config`` that is not a JSON object of settable :class:`ModelConfig` fields
+    (with ``--add-stage``, of fields a residual stage may set or the model-wide ones like ``correction_scale``)."""
+    if not isinstance(overrides, dict):
+        raise DMGuessError(f"--config must be a JSON object of model settings, got {type(overrides).__name__}")
+    fields = set(ModelConfig.__dataclass_fields__)
+    owned = sorted(set(overrides) & set(RUN_SETTINGS))
+    if owned:
+        raise DMGuessError(f"--config cannot set {owned}: " + "; ".join(
+            {"seed": "use --seed", "species": "species come from the data", "basis": "the basis comes from the data",
+             "onsite_reference": "fitted from the training data",
+             "residual_stages": "use --init MODEL --add-stage"}[k] for k in owned))
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise DMGuessError(f"--config has unknown model settings {unknown}; known: "
+                           f"{sorted(fields - set(RUN_SETTINGS))}")
+
+
 def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overrides: dict | None = None,
           resume: bool = True, command: str | None = None) -> TrainResult:
     """Train a density-matrix model on SIESTA run folders and save it to ``out_dir``.
@@ -119,6 +142,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         raise DMGuessError("--loss-power sets the element loss; --density-loss replaces it: use one of the two")
     if options.loss_power < 1:
         raise DMGuessError(f"--loss-power must be at least 1 (got {options.loss_power:g})")
+    check_config_overrides(config_overrides or {}, options.add_stage)
     data_dirs = [Path(d) for d in data_dirs]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -395,7 +419,7 @@ def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bo
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(STAGE_SETTINGS))
     if unknown:
-        raise ValueError(f"not settings of a residual stage: {unknown} (allowed: {list(STAGE_SETTINGS)})")
+        raise DMGuessError(f"not settings of a residual stage: {unknown} (allowed: {list(STAGE_SETTINGS)})")
     if "mp_cutoff" in overrides and "avg_num_neighbors" not in overrides:
         overrides["avg_num_neighbors"] = mean_neighbours(train_set, float(overrides["mp_cutoff"]))
     stage = {"output_scale": rms, **overrides}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from siesta_dmguess.card import load_model, sha256_file
+from siesta_dmguess.errors import DMGuessError
 from siesta_dmguess.train import TrainOptions, train
 
 from .conftest import dataset
@@ -144,6 +145,25 @@ def test_conflicting_loss_options_are_a_clear_error(tmp_path, options, message):
     assert not (tmp_path / "m").exists()  # refused before anything is read or written
 
 
+@pytest.mark.parametrize("config, message", [({"seed": 3}, "cannot set \\['seed'\\]: use --seed"),
+                                             ({"mp_cutof": 3.0}, "unknown model settings \\['mp_cutof'\\]"),
+                                             ({"residual_stages": []}, "--add-stage"),
+                                             ([3.0], "must be a JSON object")])
+def test_bad_config_is_a_clear_error_before_anything_is_read(tmp_path, config, message):
+    from siesta_dmguess.errors import DMGuessError
+
+    with pytest.raises(DMGuessError, match=message):
+        train([tmp_path / "no-data"], tmp_path / "m", TrainOptions(epochs=1, progress=False), config)
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_cli_reports_invalid_json_in_config(tmp_path, capsys):
+    from siesta_dmguess.cli import main
+
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "m"), "--config", "{mp_cutoff: 3}"]) == 2
+    assert "--config is not valid JSON" in capsys.readouterr().err
+
+
 def test_add_stage_without_init_is_a_clear_error(tmp_path):
     from siesta_dmguess.errors import InputFileError
 
@@ -175,7 +195,7 @@ def test_a_stage_can_see_farther_than_the_frozen_networks(tmp_path):
         for batch in [collate([s], len(old.config.species), torch.float32, with_targets=False) for s in samples]:
             first_network = [m.stage_blocks(m.node_features(batch), batch).numpy() for m in (wide.model, old.model)]
             assert np.allclose(*first_network, atol=1e-6)
-    with pytest.raises(ValueError, match="not settings of a residual stage"):
+    with pytest.raises(DMGuessError, match="not settings of a residual stage"):
         add_residual_stage(old.model, samples, overrides={"fold_reach": 8.0})
 
 
