@@ -109,9 +109,11 @@ def test_tabulation_grids_are_converged(monkeypatch):
     L = 4), at 40 random pair vectors within range, change by far less than S's distance from SIESTA's own S (6e-6)
     when both grid steps are halved."""
     import siesta_dmguess.overlap as overlap
-    from siesta_dmguess.card import load_model
+    from siesta_dmguess.card import resolve_model
+    from siesta_dmguess.model import ModelConfig
 
-    basis = load_model("water").basis
+    config = json.loads((resolve_model("water") / "config.json").read_text())
+    basis = ModelConfig.from_dict(config).species_basis()  # the shipped basis, without building the network
     rng = np.random.default_rng(3)
     vectors = rng.normal(size=(40, 3))
     vectors *= rng.uniform(0.0, 2 * max(b.max_radius for b in basis.values()), 40)[:, None] / np.linalg.norm(
