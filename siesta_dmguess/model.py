@@ -55,7 +55,11 @@ class ModelConfig:
     # Every irrep an on-site block needs (up to 4e for d-d) must be present in the node features.
     hidden_irreps: str = "32x0e + 16x1o + 8x1e + 8x2e + 8x2o + 4x3o + 4x3e + 2x4e"
     pair_irreps: str = "16x0e + 8x1o + 4x1e + 4x2e + 4x2o"
-    lmax_sh_mp: int = 2  # spherical harmonics in message passing
+    # Spherical harmonics in message passing. On a site of cubic or tetrahedral symmetry (bulk silicon) every
+    # l = 1, 2 sum over neighbours vanishes, so l <= 2 leaves the on-site p-d (l = 3) and the d block's e/t2
+    # splitting (l = 4) exactly zero (integration/benchmarks/tetrahedral_coupling.py); models shipped before
+    # 2026-12-01 use 2 (stored in their config).
+    lmax_sh_mp: int = 4
     lmax_sh: int = 4  # spherical harmonics in the pair readout (d-d blocks need l = 4)
     num_radial: int = 8
     radial_hidden: int = 64
@@ -107,7 +111,7 @@ class ModelConfig:
         return max([self.mp_cutoff] + [float(st.get("mp_cutoff", self.mp_cutoff)) for st in self.residual_stages])
 
     # Values of later-added fields for configs written before them (so older model folders still load).
-    LEGACY = {"species_radial": False, "product_irreps": "", "pair_product": False, "radial_basis": "bessel", "feature_norm": False,
+    LEGACY = {"lmax_sh_mp": 2, "species_radial": False, "product_irreps": "", "pair_product": False, "radial_basis": "bessel", "feature_norm": False,
               "embedding": "species", "correction_head": False, "correction_scale": 0.1}
 
     @classmethod

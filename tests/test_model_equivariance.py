@@ -197,18 +197,21 @@ def test_fused_linear_contraction_matches_the_product_then_the_linear(float64):
     assert tp(x[:0], sh[:0], weight[:0], linear=linear).shape == (0, linear.irreps_out.dim)  # no pairs at all
 
 
-@pytest.mark.parametrize("lmax_sh_mp", [2, 3, 4])
+@pytest.mark.parametrize("lmax_sh_mp", [2, 3, 4, None])
 def test_a_diamond_site_sees_its_octupole_and_cubic_field(float64, lmax_sh_mp):
     """In a diamond lattice every site has Td symmetry, so every l = 1, 2 sum over neighbours vanishes, at every
     site and every layer: the lowest harmonics the environment has are l = 3 (the xyz octupole, which gives the
     on-site p–d block) and l = 4 (the cubic field, which splits the on-site d block into e and t2). Message passing
     whose spherical harmonics stop at l = 2 sees neither and predicts both exactly zero: a measured blind spot of
-    the silicon models before 2026-12-01 (``docs/studies.md``)."""
+    the silicon models before 2026-12-01 (``docs/studies.md``). ``None``: the default config sees both."""
     from ase.build import bulk
 
-    lmax = lmax_sh_mp
+    from siesta_dmguess.model import ModelConfig
+
+    lmax = ModelConfig.lmax_sh_mp if lmax_sh_mp is None else lmax_sh_mp
+    sees = lmax_sh_mp is None or lmax_sh_mp >= 3
     m = DensityMatrixModel(small_config(hidden_irreps="8x0e + 4x1o + 2x1e + 2x2e + 2x2o + 2x3o + 2x3e + 2x4e",
-                                        lmax_sh_mp=lmax_sh_mp))
+                                        lmax_sh_mp=lmax))
     torch.manual_seed(1)
     with torch.no_grad():
         for p in m.parameters():
@@ -217,7 +220,7 @@ def test_a_diamond_site_sees_its_octupole_and_cubic_field(float64, lmax_sh_mp):
     crystal.set_chemical_symbols(["O"] * len(crystal))  # any species with p and d shells
     onsite = blocks(m.eval(), crystal)[0][(0, 0, (0, 0, 0))]  # s, s, p (y z x), p, d (xy yz z2 xz x2-y2)
     p_d, d_d = onsite[2:5, 8:], onsite[8:, 8:]
-    assert (np.abs(p_d).max() > 1e-6) == (lmax >= 3), f"on-site p-d block {np.abs(p_d).max():.1e}"
+    assert (np.abs(p_d).max() > 1e-6) == sees, f"on-site p-d block {np.abs(p_d).max():.1e}"
     e_t2 = d_d[[2, 4], [2, 4]].mean() - d_d[[0, 1, 3], [0, 1, 3]].mean()
-    assert (abs(e_t2) > 1e-6) == (lmax >= 3), f"e - t2 splitting {e_t2:.1e}"
+    assert (abs(e_t2) > 1e-6) == sees, f"e - t2 splitting {e_t2:.1e}"
     assert np.allclose(d_d, np.diag(np.diag(d_d)), atol=1e-10)  # Td: no other d-d coupling
