@@ -69,6 +69,21 @@ def atom_batches(samples, max_atoms: int, shuffle: bool, rng=None):
         yield batch
 
 
+def raw_prediction_for_run(loaded, run) -> tuple:
+    """(structure, basis, sample, prediction, reference) for one SIESTA run folder: the model's raw flat prediction
+    (no refinement) and the run's converged DM on the same layout, NaN where the reference stores no element (an
+    element several images fold onto gets the folded value on each). For studies of where a model errs."""
+    from .data import load_run, prepare_sample
+
+    structure, basis, dm, _ = load_run(run)
+    cfg = loaded.config
+    sample = prepare_sample(structure, basis, cfg.species, cfg.message_cutoff, dm, fold_reach=cfg.fold_reach)
+    covered = sample.target_index >= 0
+    reference = np.full(sample.layout.size, np.nan)
+    reference[covered] = sample.target_values[sample.target_index[covered]]
+    return structure, basis, sample, predict_flat(loaded.model, [sample])[0], reference
+
+
 def folded_to_reference(sample, flat: np.ndarray) -> np.ndarray:
     """Sum flat values onto the reference's stored elements."""
     idx = sample.target_index

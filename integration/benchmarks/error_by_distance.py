@@ -24,8 +24,7 @@ BINS = (0.0, 0.1, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0)  # Å; the first bin
 
 def main() -> None:
     from siesta_dmguess.card import load_model
-    from siesta_dmguess.data import load_run, prepare_sample
-    from siesta_dmguess.evaluate import predict_flat
+    from siesta_dmguess.evaluate import raw_prediction_for_run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
@@ -33,16 +32,14 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore", module="sisl")
     loaded = load_model(args.model)
-    cfg = loaded.config
     for run in args.runs:
-        structure, basis, dm, _ = load_run(run)
-        sample = prepare_sample(structure, basis, cfg.species, cfg.message_cutoff, dm, fold_reach=cfg.fold_reach)
-        covered = sample.target_index >= 0
+        structure, basis, sample, predicted, reference = raw_prediction_for_run(loaded, run)
+        covered = ~np.isnan(reference)
         if sample.fold and np.unique(sample.target_index[covered]).size < covered.sum():
             # A molecule in a wide box folds one block onto each stored element: its blocks can be compared.
             raise SystemExit(f"{run}: the reference is folded (Γ-only cell) and its blocks overlap")
-        reference = sample.target_values[sample.target_index[covered]]
-        error = predict_flat(loaded.model, [sample])[0][covered] - reference
+        reference = reference[covered]
+        error = predicted[covered] - reference
         lay = sample.layout
         distance = np.linalg.norm(lay.block_vectors(structure), axis=1)[lay.element_block][covered]
         print(f"{run}: {covered.sum()} elements, {len(sample.pattern)} pairs")

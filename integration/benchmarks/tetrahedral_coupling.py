@@ -42,8 +42,8 @@ def main() -> None:
     from ase.neighborlist import neighbor_list
 
     from siesta_dmguess.card import load_model
-    from siesta_dmguess.data import load_run, prepare_sample
-    from siesta_dmguess.evaluate import predict_flat
+    from siesta_dmguess.data import prepare_sample
+    from siesta_dmguess.evaluate import predict_flat, raw_prediction_for_run
     from siesta_dmguess.structure import Structure
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,17 +53,13 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="sisl")
     loaded = load_model(args.model)
     cfg = loaded.config
-    reference, predicted, mean_bond, basis = [], [], [], None
+    reference, predicted, mean_bond = [], [], []
     print("run  atom  SIESTA  model  error  mean bond (Å)")
     for run in args.runs:
-        structure, basis, dm, _ = load_run(run)
+        structure, basis, sample, pred_flat, ref_flat = raw_prediction_for_run(loaded, run)
         n_orb = basis[structure.labels[0]].norb
-        sample = prepare_sample(structure, basis, cfg.species, cfg.message_cutoff, dm, fold_reach=cfg.fold_reach)
-        ref_flat = np.full(sample.layout.size, np.nan)
-        covered = sample.target_index >= 0
-        ref_flat[covered] = sample.target_values[sample.target_index[covered]]
         ref = td_coupling(onsite_blocks(sample, ref_flat, n_orb))
-        pred = td_coupling(onsite_blocks(sample, predict_flat(loaded.model, [sample])[0], n_orb))
+        pred = td_coupling(onsite_blocks(sample, pred_flat, n_orb))
         first, d = neighbor_list("id", structure.atoms, BOND)
         bonds = np.bincount(first, weights=d, minlength=len(ref)) / np.bincount(first, minlength=len(ref))
         for a in range(len(ref)):
