@@ -111,8 +111,9 @@ class ModelConfig:
         return max([self.mp_cutoff] + [float(st.get("mp_cutoff", self.mp_cutoff)) for st in self.residual_stages])
 
     # Values of later-added fields for configs written before them (so older model folders still load).
-    LEGACY = {"lmax_sh_mp": 2, "species_radial": False, "product_irreps": "", "pair_product": False, "radial_basis": "bessel", "feature_norm": False,
-              "embedding": "species", "correction_head": False, "correction_scale": 0.1}
+    LEGACY = {"lmax_sh_mp": 2, "species_radial": False, "product_irreps": "", "pair_product": False,
+              "radial_basis": "bessel", "feature_norm": False, "embedding": "species", "correction_head": False,
+              "correction_scale": 0.1}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

@@ -109,9 +109,9 @@ def _split(records_samples, options: TrainOptions):
 RUN_SETTINGS = ("species", "basis", "seed", "onsite_reference", "residual_stages")
 
 
-def check_config_overrides(overrides: dict, add_stage: bool = False) -> None:
-    """Raise a clear error for a ``--config`` that is not a JSON object of settable :class:`ModelConfig` fields
-    (with ``--add-stage``, of fields a residual stage may set or the model-wide ones like ``correction_scale``)."""
+def check_config_overrides(overrides: dict) -> None:
+    """Raise a clear error for a ``--config`` that is not a JSON object of settable :class:`ModelConfig` fields.
+    (With ``--add-stage``, the fields of :data:`~siesta_dmguess.model.STAGE_SETTINGS` go to the new stage.)"""
     if not isinstance(overrides, dict):
         raise DMGuessError(f"--config must be a JSON object of model settings, got {type(overrides).__name__}")
     fields = set(ModelConfig.__dataclass_fields__)
@@ -142,7 +142,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         raise DMGuessError("--loss-power sets the element loss; --density-loss replaces it: use one of the two")
     if options.loss_power < 1:
         raise DMGuessError(f"--loss-power must be at least 1 (got {options.loss_power:g})")
-    check_config_overrides(config_overrides or {}, options.add_stage)
+    check_config_overrides(config_overrides or {})
     data_dirs = [Path(d) for d in data_dirs]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -572,8 +572,8 @@ def _projection_errors(model, p: dict, plain: bool = False) -> tuple[torch.Tenso
 
 
 def projected_density_torch(d, s, correction, n_occupied: int):
-    """Differentiable :func:`~siesta_dmguess.refine.nearest_idempotent` (dense torch tensors, S constant): the training loss of a
-    model's ``correction`` head goes through the same projection that ``predict`` applies."""
+    """Differentiable :func:`~siesta_dmguess.refine.nearest_idempotent` (dense torch tensors, S constant): the
+    training loss of a model's ``correction`` head goes through the same projection that ``predict`` applies."""
     s = 0.5 * (s + s.T)
     h = -(s @ (0.25 * (d + d.T)) @ s) + 0.5 * (correction + correction.T)
     chol = torch.linalg.cholesky(s)
