@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputFileError, SiestaError, SiestaNotFoundError
-from ..structure import normalized_fdf_key as _norm_key
-from ..structure import species_block
+from ..structure import normalized_fdf_key, species_block
 from .output import SiestaOutput, parse_output
 
 
@@ -67,10 +66,10 @@ class SiestaRun:
 
 def fdf_value(fdf: Path, key: str, default: str | None = None) -> str | None:
     """A top-level fdf value (fdf keys ignore case, '.', '_' and '-')."""
-    want = _norm_key(key)
+    want = normalized_fdf_key(key)
     for line in Path(fdf).read_text().splitlines():
         parts = line.split("#")[0].split()
-        if len(parts) >= 2 and _norm_key(parts[0]) == want:
+        if len(parts) >= 2 and normalized_fdf_key(parts[0]) == want:
             return " ".join(parts[1:])
     return default
 

@@ -11,12 +11,12 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputFileError
-from ..structure import species_block
-from .runner import _norm_key, fdf_value, species_labels
+from ..structure import normalized_fdf_key, species_block
+from .runner import fdf_value, species_labels
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
-_DM_INIT_KEYS = {_norm_key(k) for k in ("DM.UseSaveDM", "DM.AllowExtrapolation", "DM.History.Depth",
-                                        "DM.Init.File", "DM.FormattedFiles", "MD.UseSaveXV")}
+_DM_INIT_KEYS = {normalized_fdf_key(k) for k in ("DM.UseSaveDM", "DM.AllowExtrapolation", "DM.History.Depth",
+                                                  "DM.Init.File", "DM.FormattedFiles", "MD.UseSaveXV")}
 
 
 def template_path(name: str) -> Path:
@@ -38,14 +38,15 @@ def template_path(name: str) -> Path:
 def apply_dm_init(fdf_text: str, init: str) -> str:
     """fdf text with its DM-initialisation keys replaced by the template's block."""
     kept = [line for line in fdf_text.splitlines()
-            if not (line.split() and _norm_key(line.split()[0]) in _DM_INIT_KEYS)]
+            if not (line.split() and normalized_fdf_key(line.split()[0]) in _DM_INIT_KEYS)]
     block = template_path(init).read_text().rstrip()
     return "\n".join(kept + ["", f"# --- siesta-dmguess: DM initialisation '{init}' ---", block]) + "\n"
 
 
-_GEOMETRY_KEYS = {_norm_key(k) for k in ("NumberOfAtoms", "LatticeConstant", "AtomicCoordinatesFormat",
-                                           "AtomicCoordinatesOrigin")}
-_GEOMETRY_BLOCKS = {_norm_key(k) for k in ("LatticeVectors", "LatticeParameters", "AtomicCoordinatesAndAtomicSpecies")}
+_GEOMETRY_KEYS = {normalized_fdf_key(k) for k in ("NumberOfAtoms", "LatticeConstant", "AtomicCoordinatesFormat",
+                                                   "AtomicCoordinatesOrigin")}
+_GEOMETRY_BLOCKS = {normalized_fdf_key(k)
+                    for k in ("LatticeVectors", "LatticeParameters", "AtomicCoordinatesAndAtomicSpecies")}
 
 
 def fdf_with_geometry(fdf_text: str, atoms, labels: list[str]) -> str:
@@ -64,10 +65,11 @@ def fdf_with_geometry(fdf_text: str, atoms, labels: list[str]) -> str:
         if skipping:
             skipping = not (words and words[0].lower() == "%endblock")
             continue
-        if words and words[0].lower() == "%block" and len(words) > 1 and _norm_key(words[1]) in _GEOMETRY_BLOCKS:
+        if (words and words[0].lower() == "%block" and len(words) > 1
+                and normalized_fdf_key(words[1]) in _GEOMETRY_BLOCKS):
             skipping = True
             continue
-        if words and _norm_key(words[0]) in _GEOMETRY_KEYS:
+        if words and normalized_fdf_key(words[0]) in _GEOMETRY_KEYS:
             continue
         kept.append(line)
     cell = atoms.cell.array if atoms.cell.rank == 3 else None
