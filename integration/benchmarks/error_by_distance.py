@@ -13,26 +13,17 @@ on-site blocks by angular momenta (l, l') of the orbital pair, with the largest 
 
 from __future__ import annotations
 
-import argparse
-import warnings
-from pathlib import Path
-
 import numpy as np
+from study_args import model_and_runs
 
 BINS = (0.0, 0.1, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 12.0)  # Å; the first bin holds the on-site blocks
 
 
 def main() -> None:
-    from siesta_dmguess.card import load_model
     from siesta_dmguess.evaluate import raw_prediction_for_run
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model")
-    p.add_argument("runs", nargs="+", type=Path)
-    args = p.parse_args()
-    warnings.filterwarnings("ignore", module="sisl")
-    loaded = load_model(args.model)
-    for run in args.runs:
+    loaded, runs = model_and_runs(__doc__)
+    for run in runs:
         structure, basis, sample, predicted, reference = raw_prediction_for_run(loaded, run)
         covered = ~np.isnan(reference)
         if sample.fold and np.unique(sample.target_index[covered]).size < covered.sum():

@@ -13,11 +13,8 @@ stop at l = 2 (``lmax_sh_mp``) cannot see the octupole and predicts zero there.
 
 from __future__ import annotations
 
-import argparse
-import warnings
-from pathlib import Path
-
 import numpy as np
+from study_args import model_and_runs
 
 # SIESTA's orbital order of a DZP silicon atom: s, s, p(y z x), p(y z x), d(xy yz z2 xz x2-y2)
 TD_PAIRS = [(4, 9), (2, 11), (3, 8)]  # (p_x, d_yz), (p_y, d_xz), (p_z, d_xy) of the first p shell
@@ -41,21 +38,15 @@ def main() -> None:
     from ase.build import bulk
     from ase.neighborlist import neighbor_list
 
-    from siesta_dmguess.card import load_model
     from siesta_dmguess.data import prepare_sample
     from siesta_dmguess.evaluate import predict_flat, raw_prediction_for_run
     from siesta_dmguess.structure import Structure
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model")
-    p.add_argument("runs", nargs="+", type=Path)
-    args = p.parse_args()
-    warnings.filterwarnings("ignore", module="sisl")
-    loaded = load_model(args.model)
+    loaded, runs = model_and_runs(__doc__)
     cfg = loaded.config
     reference, predicted, mean_bond = [], [], []
     print("run  atom  SIESTA  model  error  mean bond (Å)")
-    for run in args.runs:
+    for run in runs:
         structure, basis, sample, pred_flat, ref_flat = raw_prediction_for_run(loaded, run)
         n_orb = basis[structure.labels[0]].norb
         ref = td_coupling(onsite_blocks(sample, ref_flat, n_orb))
