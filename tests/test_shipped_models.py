@@ -82,3 +82,30 @@ def test_every_model_folder_is_packaged():
     assert folders == listed
     for name in folders:
         assert {"*.json", "*.pt"} <= set(setup["package-data"][f"siesta_dmguess.models.{name}"])
+
+
+@pytest.mark.skipif("silicon" not in SHIPPED, reason="the shipped 'silicon' model is not installed")
+def test_shipped_silicon_sees_the_octupole_of_a_diamond_site():
+    """In perfect diamond every site is Td, and the only on-site p–d elements allowed are p_x–d_yz and its two
+    cyclic partners, carried by the neighbours' l = 3 octupole. SIESTA's converged DMs give 0.022 there
+    (``integration/benchmarks/tetrahedral_coupling.py``, docs/studies.md); a model whose message passing stops
+    at l = 2 predicts exactly 0, as the one shipped before 2026-12-02 did."""
+    from ase.build import bulk
+
+    from siesta_dmguess.data import prepare_sample
+    from siesta_dmguess.evaluate import predict_flat
+    from siesta_dmguess.structure import Structure
+
+    loaded = load_model("silicon")
+    label = loaded.config.species[0]
+    crystal = bulk("Si", "diamond", a=5.43, cubic=True)
+    sample = prepare_sample(Structure(crystal, [label] * len(crystal)), loaded.basis, loaded.config.species,
+                            loaded.config.message_cutoff, None, fold=False)
+    flat = predict_flat(loaded.model, [sample])[0]
+    lay, n_orb = sample.layout, loaded.basis[label].norb
+    onsite = lay.element_block < lay.n_onsite
+    blocks = np.zeros((len(crystal), n_orb, n_orb))
+    blocks[lay.rows[onsite] // n_orb, lay.rows[onsite] % n_orb, lay.cols[onsite] % lay.no % n_orb] = flat[onsite]
+    # SIESTA's DZP order: s, s, p(y z x), p(y z x), d(xy yz z2 xz x2-y2); first p shell against the d shell
+    coupling = np.abs([blocks[:, 4, 9], blocks[:, 2, 11], blocks[:, 3, 8]])
+    assert np.allclose(coupling, 0.022, atol=3e-3), coupling
