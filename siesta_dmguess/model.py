@@ -557,6 +557,16 @@ def _dense_index(linear: o3.Linear):
 # ---------------------------------------------------------------- the model
 
 
+def shrunk_gaussian(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and precision matrix of features ``x`` (atoms, features), at least two atoms: the covariance is shrunk
+    10 % towards its diagonal (plus 1e-6) so that it stays invertible with few atoms per feature. The novelty
+    score's statistics (:meth:`DensityMatrixModel.fit_novelty`)."""
+    cov = torch.cov(x.T)
+    eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    cov = 0.9 * cov + 0.1 * torch.diag(torch.diag(cov)) + 1e-6 * eye
+    return x.mean(0), torch.linalg.inv(cov)
+
+
 class DensityMatrixModel(nn.Module):
     """Equivariant model mapping a batch of structures to their flat SIESTA-basis DM blocks."""
 
@@ -655,11 +665,7 @@ class DensityMatrixModel(nn.Module):
             x = torch.cat(parts) if parts else torch.zeros(0, self.num_scalars)
             if x.shape[0] < 2:
                 continue
-            mean = x.mean(0)
-            cov = torch.cov(x.T) if x.shape[0] > 1 else torch.eye(self.num_scalars)
-            cov = 0.9 * cov + 0.1 * torch.diag(torch.diag(cov)) + 1e-6 * torch.eye(self.num_scalars)
-            self.novelty_mean[a] = mean
-            self.novelty_precision[a] = torch.linalg.inv(cov)
+            self.novelty_mean[a], self.novelty_precision[a] = shrunk_gaussian(x)
         scores = torch.cat([self.novelty(b) for b in batches])
         self.novelty_threshold.fill_(float(torch.quantile(scores, quantile)) if scores.numel() else 0.0)
 

@@ -61,14 +61,13 @@ def feature_sets(model, samples) -> list[dict]:
 
 
 def fit(features: list):
-    """Per-atom score function and flag level, with the shipped shrinkage (one species)."""
+    """Per-atom score function and flag level, fitted as the shipped score is (one species)."""
     import torch
 
+    from siesta_dmguess.model import shrunk_gaussian
+
     x = torch.cat(features)
-    mean = x.mean(0)
-    cov = torch.cov(x.T)
-    cov = 0.9 * cov + 0.1 * torch.diag(torch.diag(cov)) + 1e-6 * torch.eye(x.shape[1], dtype=x.dtype)
-    precision = torch.linalg.inv(cov)
+    mean, precision = shrunk_gaussian(x)
 
     def score(f):
         d = f - mean
