@@ -84,6 +84,16 @@ def raw_prediction_for_run(loaded, run) -> tuple:
     return structure, basis, sample, predict_flat(loaded.model, [sample])[0], reference
 
 
+def onsite_blocks(sample, flat: np.ndarray, n_orb: int) -> np.ndarray:
+    """(atoms, n_orb, n_orb) on-site blocks of a flat DM of one species with ``n_orb`` orbitals per atom (NaN where
+    ``flat`` is NaN, e.g. a reference that stores nothing there). For studies of single blocks."""
+    lay = sample.layout
+    out = np.full((sample.species.size, n_orb, n_orb), np.nan)
+    k = lay.element_block < lay.n_onsite
+    out[lay.rows[k] // n_orb, lay.rows[k] % n_orb, lay.cols[k] % lay.no % n_orb] = flat[k]
+    return out
+
+
 def folded_to_reference(sample, flat: np.ndarray) -> np.ndarray:
     """Sum flat values onto the reference's stored elements."""
     idx = sample.target_index

@@ -93,7 +93,7 @@ def test_shipped_silicon_sees_the_octupole_of_a_diamond_site():
     from ase.build import bulk
 
     from siesta_dmguess.data import prepare_sample
-    from siesta_dmguess.evaluate import predict_flat
+    from siesta_dmguess.evaluate import onsite_blocks, predict_flat
     from siesta_dmguess.structure import Structure
 
     loaded = load_model("silicon")
@@ -101,11 +101,7 @@ def test_shipped_silicon_sees_the_octupole_of_a_diamond_site():
     crystal = bulk("Si", "diamond", a=5.43, cubic=True)
     sample = prepare_sample(Structure(crystal, [label] * len(crystal)), loaded.basis, loaded.config.species,
                             loaded.config.message_cutoff, None, fold=False)
-    flat = predict_flat(loaded.model, [sample])[0]
-    lay, n_orb = sample.layout, loaded.basis[label].norb
-    onsite = lay.element_block < lay.n_onsite
-    blocks = np.zeros((len(crystal), n_orb, n_orb))
-    blocks[lay.rows[onsite] // n_orb, lay.rows[onsite] % n_orb, lay.cols[onsite] % lay.no % n_orb] = flat[onsite]
+    blocks = onsite_blocks(sample, predict_flat(loaded.model, [sample])[0], loaded.basis[label].norb)
     # SIESTA's DZP order: s, s, p(y z x), p(y z x), d(xy yz z2 xz x2-y2); first p shell against the d shell
     coupling = np.abs([blocks[:, 4, 9], blocks[:, 2, 11], blocks[:, 3, 8]])
     assert np.allclose(coupling, 0.022, atol=3e-3), coupling

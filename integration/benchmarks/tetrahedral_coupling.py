@@ -21,15 +21,6 @@ TD_PAIRS = [(4, 9), (2, 11), (3, 8)]  # (p_x, d_yz), (p_y, d_xz), (p_z, d_xy) of
 BOND = 2.9  # Å: first neighbours (2.35 Å in the crystal), not second (3.84 Å)
 
 
-def onsite_blocks(sample, flat: np.ndarray, n_orb: int) -> np.ndarray:
-    """(atoms, n_orb, n_orb) on-site blocks of a flat DM (NaN where the reference stores nothing)."""
-    lay = sample.layout
-    out = np.full((sample.species.size, n_orb, n_orb), np.nan)
-    k = lay.element_block < lay.n_onsite
-    out[lay.rows[k] // n_orb, lay.rows[k] % n_orb, lay.cols[k] % lay.no % n_orb] = flat[k]
-    return out
-
-
 def td_coupling(blocks: np.ndarray) -> np.ndarray:
     return np.mean([blocks[:, i, j] for i, j in TD_PAIRS], axis=0)
 
@@ -39,7 +30,7 @@ def main() -> None:
     from ase.neighborlist import neighbor_list
 
     from siesta_dmguess.data import prepare_sample
-    from siesta_dmguess.evaluate import predict_flat, raw_prediction_for_run
+    from siesta_dmguess.evaluate import onsite_blocks, predict_flat, raw_prediction_for_run
     from siesta_dmguess.structure import Structure
 
     loaded, runs = model_and_runs(__doc__)
