@@ -84,13 +84,16 @@ def raw_prediction_for_run(loaded, run) -> tuple:
     return structure, basis, sample, predict_flat(loaded.model, [sample])[0], reference
 
 
-def onsite_blocks(sample, flat: np.ndarray, n_orb: int) -> np.ndarray:
-    """(atoms, n_orb, n_orb) on-site blocks of a flat DM of one species with ``n_orb`` orbitals per atom (NaN where
-    ``flat`` is NaN, e.g. a reference that stores nothing there). For studies of single blocks."""
+def onsite_blocks(sample, flat: np.ndarray, n_orb: int, shift=(0, 0, 0)) -> np.ndarray:
+    """(atoms, n_orb, n_orb) blocks between each atom and its own image at lattice ``shift`` (on-site: zero), of a
+    flat DM of one species with ``n_orb`` orbitals per atom (NaN where ``flat`` is NaN, e.g. a reference that
+    stores nothing there, or where the pattern has no such pair). For studies of single blocks."""
     lay = sample.layout
     out = np.full((sample.species.size, n_orb, n_orb), np.nan)
-    k = lay.element_block < lay.n_onsite
-    out[lay.rows[k] // n_orb, lay.rows[k] % n_orb, lay.cols[k] % lay.no % n_orb] = flat[k]
+    wanted = (lay.block_i == lay.block_j) & np.all(lay.block_shift == np.asarray(shift), axis=1)
+    block = lay.element_block
+    k = wanted[block]
+    out[lay.block_i[block[k]], lay.rows[k] % n_orb, lay.cols[k] % lay.no % n_orb] = flat[k]
     return out
 
 

@@ -54,7 +54,11 @@ class ModelConfig:
     num_layers: int = 2
     # Every irrep an on-site block needs (up to 4e for d-d) must be present in the node features.
     hidden_irreps: str = "32x0e + 16x1o + 8x1e + 8x2e + 8x2o + 4x3o + 4x3e + 2x4e"
-    pair_irreps: str = "16x0e + 8x1o + 4x1e + 4x2e + 4x2o"
+    # Both atoms' features are projected to these before the pair readout. They go up to l = 4 for the same
+    # reason as lmax_sh_mp: with l <= 2 a pair along a cube axis of diamond (an atom and its own image) gets no
+    # xy part, so its p_z-d_xy element, carried by the sites' octupole, is exactly zero where SIESTA has 6e-3
+    # (tetrahedral_coupling.py). Models shipped before 2026-12-02 store l <= 2 in their config.
+    pair_irreps: str = "16x0e + 8x1o + 4x1e + 4x2e + 4x2o + 4x3o + 4x3e + 2x4e"
     # Spherical harmonics in message passing. On a site of cubic or tetrahedral symmetry (bulk silicon) every
     # l = 1, 2 sum over neighbours vanishes, so l <= 2 leaves the on-site p-d (l = 3) and the d block's e/t2
     # splitting (l = 4) exactly zero (integration/benchmarks/tetrahedral_coupling.py); models shipped before

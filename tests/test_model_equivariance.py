@@ -224,3 +224,32 @@ def test_a_diamond_site_sees_its_octupole_and_cubic_field(float64, lmax_sh_mp):
     e_t2 = d_d[[2, 4], [2, 4]].mean() - d_d[[0, 1, 3], [0, 1, 3]].mean()
     assert (abs(e_t2) > 1e-6) == sees, f"e - t2 splitting {e_t2:.1e}"
     assert np.allclose(d_d, np.diag(np.diag(d_d)), atol=1e-10)  # Td: no other d-d coupling
+
+
+@pytest.mark.parametrize("pair_irreps", ["4x0e + 2x1o + 2x1e + 2x2e + 2x2o", None])
+def test_a_pair_along_a_cube_axis_of_diamond_sees_the_octupole(float64, pair_irreps):
+    """The octupole of a diamond site also carries a pair element: p_z of an atom with d_xy of its own image one
+    cube edge away along z (SIESTA: -6.3e-3 / +6.3e-3 on the two sublattices of silicon). For a pair along z the
+    harmonics of the pair vector have no xy part, so the readout can only get it from the atoms' own l = 3
+    features; with pair features of l <= 2 (``pair_irreps``, the silicon model shipped before 2026-12-02) it is
+    exactly zero. ``None``: the default config sees it."""
+    from ase.build import bulk
+
+    from siesta_dmguess.model import ModelConfig
+
+    irreps = ModelConfig.pair_irreps if pair_irreps is None else pair_irreps
+    m = DensityMatrixModel(small_config(hidden_irreps="8x0e + 4x1o + 2x1e + 2x2e + 2x2o + 2x3o + 2x3e + 2x4e",
+                                        lmax_sh_mp=4, pair_irreps=irreps))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    crystal = bulk("C", "diamond", a=3.0, cubic=True)
+    crystal.set_chemical_symbols(["O"] * len(crystal))  # any species with p and d shells
+    pairs, _ = blocks(m.eval(), crystal)
+    # s, s, p (y z x), p, d (xy yz z2 xz x2-y2): p_z of both shells against d_xy, on both sublattices
+    p_z_d_xy = np.array([pairs[(a, a, (0, 0, 1))][[3, 6], 8] for a in (0, 1)])
+    sees = pair_irreps is None
+    assert (np.abs(p_z_d_xy).max() > 1e-6) == sees, p_z_d_xy
+    if sees:  # the two sublattices are mirror images (inversion): opposite signs
+        assert np.allclose(p_z_d_xy[0], -p_z_d_xy[1], atol=1e-10)
