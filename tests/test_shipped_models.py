@@ -105,3 +105,29 @@ def test_shipped_silicon_sees_the_octupole_of_a_diamond_site():
     # SIESTA's DZP order: s, s, p(y z x), p(y z x), d(xy yz z2 xz x2-y2); first p shell against the d shell
     coupling = np.abs([blocks[:, 4, 9], blocks[:, 2, 11], blocks[:, 3, 8]])
     assert np.allclose(coupling, 0.022, atol=3e-3), coupling
+
+
+def test_shipped_silicon_sees_the_octupole_across_a_cube_edge():
+    """The same octupole carries a pair element: p_z (second shell) of an atom with d_xy of its own image one cube
+    edge away along z, and its cyclic partners. SIESTA's converged DM of perfect diamond (a = 5.43 Å, the si8
+    settings) gives -6.28e-3 on the sublattice of the atom at the origin and +6.28e-3 on the other. A pair readout
+    whose features stop at l = 2 predicts exactly 0 there, as the silicon shipped before 2026-12-02 did
+    (``integration/benchmarks/tetrahedral_coupling.py``)."""
+    from ase.build import bulk
+
+    from siesta_dmguess.data import prepare_sample
+    from siesta_dmguess.evaluate import onsite_blocks, predict_flat
+    from siesta_dmguess.structure import Structure
+
+    loaded = load_model("silicon")
+    label = loaded.config.species[0]
+    crystal = bulk("Si", "diamond", a=5.43, cubic=True)
+    sample = prepare_sample(Structure(crystal, [label] * len(crystal)), loaded.basis, loaded.config.species,
+                            loaded.config.message_cutoff, None, fold=False)
+    flat = predict_flat(loaded.model, [sample])[0]
+    n_orb = loaded.basis[label].norb
+    # SIESTA's DZP order: s, s, p(y z x), p(y z x), d(xy yz z2 xz x2-y2): (p_x, d_yz) along x, and cyclic
+    coupling = np.array([onsite_blocks(sample, flat, n_orb, shift)[:, i, j]
+                         for (i, j), shift in [((7, 9), (1, 0, 0)), ((5, 11), (0, 1, 0)), ((6, 8), (0, 0, 1))]])
+    sublattice = np.where(np.isclose(crystal.get_scaled_positions()[:, 0] * 4 % 2, 0), 1.0, -1.0)  # origin's: +1
+    assert np.allclose(coupling * sublattice, -6.28e-3, atol=1e-3), coupling
