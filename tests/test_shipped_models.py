@@ -85,15 +85,13 @@ def test_every_model_folder_is_packaged():
 
 
 @pytest.mark.skipif("silicon" not in SHIPPED, reason="the shipped 'silicon' model is not installed")
-def test_shipped_silicon_sees_the_octupole_of_a_diamond_site():
-    """In perfect diamond every site is Td, and the only on-site p–d elements allowed are p_x–d_yz and its two
-    cyclic partners, carried by the neighbours' l = 3 octupole. SIESTA's converged DMs give 0.022 there
-    (``integration/benchmarks/tetrahedral_coupling.py``, docs/studies.md); a model whose message passing stops
-    at l = 2 predicts exactly 0, as the one shipped before 2026-12-02 did."""
+def _perfect_diamond_prediction():
+    """The shipped silicon's raw prediction for a perfect cubic diamond cell (a = 5.43 Å): sample, flat DM, orbitals
+    per atom. ASE lists the cell's two sublattices alternately, the atom at the origin first."""
     from ase.build import bulk
 
     from siesta_dmguess.data import prepare_sample
-    from siesta_dmguess.evaluate import onsite_blocks, predict_flat
+    from siesta_dmguess.evaluate import predict_flat
     from siesta_dmguess.structure import Structure
 
     loaded = load_model("silicon")
@@ -101,7 +99,18 @@ def test_shipped_silicon_sees_the_octupole_of_a_diamond_site():
     crystal = bulk("Si", "diamond", a=5.43, cubic=True)
     sample = prepare_sample(Structure(crystal, [label] * len(crystal)), loaded.basis, loaded.config.species,
                             loaded.config.message_cutoff, None, fold=False)
-    blocks = onsite_blocks(sample, predict_flat(loaded.model, [sample])[0], loaded.basis[label].norb)
+    return sample, predict_flat(loaded.model, [sample])[0], loaded.basis[label].norb
+
+
+def test_shipped_silicon_sees_the_octupole_of_a_diamond_site():
+    """In perfect diamond every site is Td, and the only on-site p–d elements allowed are p_x–d_yz and its two
+    cyclic partners, carried by the neighbours' l = 3 octupole. SIESTA's converged DMs give 0.022 there
+    (``integration/benchmarks/tetrahedral_coupling.py``, docs/studies.md); a model whose message passing stops
+    at l = 2 predicts exactly 0, as the one shipped before 2026-12-02 did."""
+    from siesta_dmguess.evaluate import onsite_blocks
+
+    sample, flat, n_orb = _perfect_diamond_prediction()
+    blocks = onsite_blocks(sample, flat, n_orb)
     # SIESTA's DZP order: s, s, p(y z x), p(y z x), d(xy yz z2 xz x2-y2); first p shell against the d shell
     coupling = np.abs([blocks[:, 4, 9], blocks[:, 2, 11], blocks[:, 3, 8]])
     assert np.allclose(coupling, 0.022, atol=3e-3), coupling
@@ -112,22 +121,12 @@ def test_shipped_silicon_sees_the_octupole_across_a_cube_edge():
     edge away along z, and its cyclic partners. SIESTA's converged DM of perfect diamond (a = 5.43 Å, the si8
     settings) gives -6.28e-3 on the sublattice of the atom at the origin and +6.28e-3 on the other. A pair readout
     whose features stop at l = 2 predicts exactly 0 there, as the silicon shipped before 2026-12-02 did
-    (``integration/benchmarks/tetrahedral_coupling.py``)."""
-    from ase.build import bulk
+    (``integration/benchmarks/tetrahedral_coupling.py``, docs/studies.md)."""
+    from siesta_dmguess.evaluate import onsite_blocks
 
-    from siesta_dmguess.data import prepare_sample
-    from siesta_dmguess.evaluate import onsite_blocks, predict_flat
-    from siesta_dmguess.structure import Structure
-
-    loaded = load_model("silicon")
-    label = loaded.config.species[0]
-    crystal = bulk("Si", "diamond", a=5.43, cubic=True)
-    sample = prepare_sample(Structure(crystal, [label] * len(crystal)), loaded.basis, loaded.config.species,
-                            loaded.config.message_cutoff, None, fold=False)
-    flat = predict_flat(loaded.model, [sample])[0]
-    n_orb = loaded.basis[label].norb
-    # SIESTA's DZP order: s, s, p(y z x), p(y z x), d(xy yz z2 xz x2-y2): (p_x, d_yz) along x, and cyclic
+    sample, flat, n_orb = _perfect_diamond_prediction()
+    # (p_x, d_yz) with the image along x, and cyclic; second p shell (SIESTA's DZP order as above)
     coupling = np.array([onsite_blocks(sample, flat, n_orb, shift)[:, i, j]
                          for (i, j), shift in [((7, 9), (1, 0, 0)), ((5, 11), (0, 1, 0)), ((6, 8), (0, 0, 1))]])
-    sublattice = np.where(np.isclose(crystal.get_scaled_positions()[:, 0] * 4 % 2, 0), 1.0, -1.0)  # origin's: +1
+    sublattice = np.where(np.arange(coupling.shape[1]) % 2 == 0, 1.0, -1.0)  # +1: the origin's
     assert np.allclose(coupling * sublattice, -6.28e-3, atol=1e-3), coupling
