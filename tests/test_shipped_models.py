@@ -84,7 +84,9 @@ def test_every_model_folder_is_packaged():
         assert {"*.json", "*.pt"} <= set(setup["package-data"][f"siesta_dmguess.models.{name}"])
 
 
-@pytest.mark.skipif("silicon" not in SHIPPED, reason="the shipped 'silicon' model is not installed")
+NEEDS_SILICON = pytest.mark.skipif("silicon" not in SHIPPED, reason="the shipped 'silicon' model is not installed")
+
+
 def _perfect_diamond_prediction():
     """The shipped silicon's raw prediction for a perfect cubic diamond cell (a = 5.43 Å): sample, flat DM, orbitals
     per atom. ASE lists the cell's two sublattices alternately, the atom at the origin first."""
@@ -102,6 +104,7 @@ def _perfect_diamond_prediction():
     return sample, predict_flat(loaded.model, [sample])[0], loaded.basis[label].norb
 
 
+@NEEDS_SILICON
 def test_shipped_silicon_sees_the_octupole_of_a_diamond_site():
     """In perfect diamond every site is Td, and the only on-site p–d elements allowed are p_x–d_yz and its two
     cyclic partners, carried by the neighbours' l = 3 octupole. SIESTA's converged DMs give 0.022 there
@@ -116,6 +119,7 @@ def test_shipped_silicon_sees_the_octupole_of_a_diamond_site():
     assert np.allclose(coupling, 0.022, atol=3e-3), coupling
 
 
+@NEEDS_SILICON
 def test_shipped_silicon_sees_the_octupole_across_a_cube_edge():
     """The same octupole carries a pair element: p_z (second shell) of an atom with d_xy of its own image one cube
     edge away along z, and its cyclic partners. SIESTA's converged DM of perfect diamond (a = 5.43 Å, the si8
