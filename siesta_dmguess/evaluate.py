@@ -84,7 +84,7 @@ def raw_prediction_for_run(loaded, run) -> tuple:
     return structure, basis, sample, predict_flat(loaded.model, [sample])[0], reference
 
 
-def onsite_blocks(sample, flat: np.ndarray, n_orb: int, shift=(0, 0, 0)) -> np.ndarray:
+def own_image_blocks(sample, flat: np.ndarray, n_orb: int, shift=(0, 0, 0)) -> np.ndarray:
     """(atoms, n_orb, n_orb) blocks between each atom and its own image at lattice ``shift`` (on-site: zero), of a
     flat DM of one species with ``n_orb`` orbitals per atom (NaN where ``flat`` is NaN, e.g. a reference that
     stores nothing there, or where the pattern has no such pair). For studies of single blocks."""

@@ -110,10 +110,10 @@ def test_shipped_silicon_sees_the_octupole_of_a_diamond_site():
     cyclic partners, carried by the neighbours' l = 3 octupole. SIESTA's converged DMs give 0.022 there
     (``integration/benchmarks/tetrahedral_coupling.py``, docs/studies.md); a model whose message passing stops
     at l = 2 predicts exactly 0, as the one shipped before 2026-12-02 did."""
-    from siesta_dmguess.evaluate import onsite_blocks
+    from siesta_dmguess.evaluate import own_image_blocks
 
     sample, flat, n_orb = _perfect_diamond_prediction()
-    blocks = onsite_blocks(sample, flat, n_orb)
+    blocks = own_image_blocks(sample, flat, n_orb)
     # SIESTA's DZP order: s, s, p(y z x), p(y z x), d(xy yz z2 xz x2-y2); first p shell against the d shell
     coupling = np.abs([blocks[:, 4, 9], blocks[:, 2, 11], blocks[:, 3, 8]])
     assert np.allclose(coupling, 0.022, atol=3e-3), coupling
@@ -126,11 +126,11 @@ def test_shipped_silicon_sees_the_octupole_across_a_cube_edge():
     settings) gives -6.28e-3 on the sublattice of the atom at the origin and +6.28e-3 on the other. A pair readout
     whose features stop at l = 2 predicts exactly 0 there, as the silicon shipped before 2026-12-02 did
     (``integration/benchmarks/tetrahedral_coupling.py``, docs/studies.md)."""
-    from siesta_dmguess.evaluate import onsite_blocks
+    from siesta_dmguess.evaluate import own_image_blocks
 
     sample, flat, n_orb = _perfect_diamond_prediction()
     # (p_x, d_yz) with the image along x, and cyclic; second p shell (SIESTA's DZP order as above)
-    coupling = np.array([onsite_blocks(sample, flat, n_orb, shift)[:, i, j]
+    coupling = np.array([own_image_blocks(sample, flat, n_orb, shift)[:, i, j]
                          for (i, j), shift in [((7, 9), (1, 0, 0)), ((5, 11), (0, 1, 0)), ((6, 8), (0, 0, 1))]])
     sublattice = np.where(np.arange(coupling.shape[1]) % 2 == 0, 1.0, -1.0)  # +1: the origin's
     assert np.allclose(coupling * sublattice, -6.28e-3, atol=1e-3), coupling

@@ -34,9 +34,9 @@ def td_coupling(blocks: np.ndarray) -> np.ndarray:
 
 def image_coupling(sample, flat: np.ndarray, n_orb: int) -> np.ndarray:
     """Each atom's p–d coupling with its own images one lattice vector away, mean over the three axes."""
-    from siesta_dmguess.evaluate import onsite_blocks
+    from siesta_dmguess.evaluate import own_image_blocks
 
-    return np.mean([onsite_blocks(sample, flat, n_orb, shift)[:, i, j] for (i, j), shift in IMAGE_PAIRS], axis=0)
+    return np.mean([own_image_blocks(sample, flat, n_orb, shift)[:, i, j] for (i, j), shift in IMAGE_PAIRS], axis=0)
 
 
 def report(name: str, reference: list, predicted: list) -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     from ase.neighborlist import neighbor_list
 
     from siesta_dmguess.data import prepare_sample
-    from siesta_dmguess.evaluate import onsite_blocks, predict_flat, raw_prediction_for_run
+    from siesta_dmguess.evaluate import own_image_blocks, predict_flat, raw_prediction_for_run
     from siesta_dmguess.structure import Structure
 
     loaded, runs = model_and_runs(__doc__)
@@ -60,15 +60,16 @@ def main() -> None:
     for run in runs:
         structure, basis, sample, pred_flat, ref_flat = raw_prediction_for_run(loaded, run)
         n_orb = basis[structure.labels[0]].norb
-        ref = td_coupling(onsite_blocks(sample, ref_flat, n_orb))
-        pred = td_coupling(onsite_blocks(sample, pred_flat, n_orb))
+        ref = td_coupling(own_image_blocks(sample, ref_flat, n_orb))
+        pred = td_coupling(own_image_blocks(sample, pred_flat, n_orb))
         first, d = neighbor_list("id", structure.atoms, BOND)
         bonds = np.bincount(first, weights=d, minlength=len(ref)) / np.bincount(first, minlength=len(ref))
-        image_ref += list(image_coupling(sample, ref_flat, n_orb))
-        image_pred += list(image_coupling(sample, pred_flat, n_orb))
+        img_ref, img_pred = image_coupling(sample, ref_flat, n_orb), image_coupling(sample, pred_flat, n_orb)
         for a in range(len(ref)):
             print(f"{run.name}  {a}  {ref[a]:+.4f}  {pred[a]:+.4f}  {pred[a] - ref[a]:+.4f}  {bonds[a]:.3f}  |  "
-                  f"{image_ref[a - len(ref)]:+.4f}  {image_pred[a - len(ref)]:+.4f}")
+                  f"{img_ref[a]:+.4f}  {img_pred[a]:+.4f}")
+        image_ref += list(img_ref)
+        image_pred += list(img_pred)
         reference += list(ref)
         predicted += list(pred)
         mean_bond += list(bonds)
@@ -85,7 +86,7 @@ def main() -> None:
         sample = prepare_sample(s, basis, cfg.species, cfg.message_cutoff, None, fold=False)
         flat = predict_flat(loaded.model, [sample])[0]
         print(f"perfect diamond a = {a:.2f} Å, model (two sublattices): on-site coupling "
-              f"{np.round(td_coupling(onsite_blocks(sample, flat, n_orb))[:2], 4)}, image coupling "
+              f"{np.round(td_coupling(own_image_blocks(sample, flat, n_orb))[:2], 4)}, image coupling "
               f"{np.round(image_coupling(sample, flat, n_orb)[:2], 4)}")
 
 
