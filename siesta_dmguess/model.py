@@ -64,6 +64,11 @@ class ModelConfig:
     # splitting (l = 4) exactly zero (integration/benchmarks/tetrahedral_coupling.py); models shipped before
     # 2026-12-01 use 2 (stored in their config).
     lmax_sh_mp: int = 4
+    # Å: messages fade out smoothly over this last stretch before mp_cutoff. The radial envelope alone does not
+    # make them vanish there: the radial MLP sees both species and has biases, so an edge entering the cutoff
+    # brought a finite message, and the prediction jumped (by up to 5e-3 on silicon on-site elements within one
+    # 0.5 fs MD step; integration/benchmarks/smoothness.py). Models shipped before 2026-12-02 store 0 or set it.
+    mp_switch: float = 0.25
     lmax_sh: int = 4  # spherical harmonics in the pair readout (d-d blocks need l = 4)
     num_radial: int = 8
     radial_hidden: int = 64
@@ -117,7 +122,7 @@ class ModelConfig:
     # Values of later-added fields for configs written before them (so older model folders still load).
     LEGACY = {"lmax_sh_mp": 2, "species_radial": False, "product_irreps": "", "pair_product": False,
               "radial_basis": "bessel", "feature_norm": False, "embedding": "species", "correction_head": False,
-              "correction_scale": 0.1}
+              "correction_scale": 0.1, "mp_switch": 0.0}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -213,6 +218,13 @@ class RadialBasis(nn.Module):
         p = 6.0
         envelope = 1 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
         return features * (envelope * (r < self.cutoff))[:, None]
+
+
+def smooth_switch(r: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:
+    """1 below ``cutoff - width``, 0 from ``cutoff`` on, and a C2 smoothstep between (value, slope and curvature
+    continuous), so that a quantity multiplied by it changes continuously as an edge crosses the cutoff."""
+    x = ((r - (cutoff - width)) / width).clamp(0.0, 1.0)
+    return 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x**2)
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -688,6 +700,8 @@ class DensityMatrixModel(nn.Module):
             src, dst, vec, length = src[within], dst[within], vec[within], length[within]
         vec = to_e3nn_frame(vec)
         sh = o3.spherical_harmonics(self.irreps_sh_mp, vec, normalize=True, normalization="component")
+        if self.config.mp_switch > 0:  # every message is linear in its edge's harmonics: this fades it out
+            sh = sh * smooth_switch(length, self.config.mp_cutoff, self.config.mp_switch)[:, None]
         rbf = self.rbf_mp(length)
         stages = list(self.layers)
         if self.density is not None:

@@ -152,6 +152,35 @@ def test_a_network_uses_only_its_own_message_edges(float64):
     assert np.abs(a - b).max() < 1e-12
 
 
+@pytest.mark.parametrize("mp_switch", [0.0, 0.1, 0.25])
+def test_prediction_is_continuous_as_a_neighbour_crosses_the_message_cutoff(float64, mp_switch):
+    """Along MD the ml+residual guess extrapolates the model's own error from past steps, so a prediction that
+    jumps when an atom crosses mp_cutoff spoils it. Without the fade-out (mp_switch 0, models trained before
+    it) the radial MLP's biases give an edge a finite message the moment it enters: the jump this test sees."""
+    m = DensityMatrixModel(small_config(mp_switch=mp_switch, residual_stages=[{"output_scale": 0.5, "num_layers": 1}]))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    m.eval()
+    molecule = water_molecule()
+    nearest = molecule.positions[np.argmax(molecule.positions[:, 0])]
+    dm = []
+    for distance in (m.config.mp_cutoff - 1e-7, m.config.mp_cutoff + 1e-7):
+        atoms = molecule.copy()  # one more H atom on the x axis of the molecule's outermost atom
+        atoms.append("H")
+        atoms.positions[-1] = nearest + [distance, 0.0, 0.0]
+        d = np.linalg.norm(atoms.positions[:-1] - atoms.positions[-1], axis=1)
+        assert np.sort(d)[1] > m.config.mp_cutoff + 0.1  # only one edge crosses
+        dm.append(blocks(m, atoms)[0])
+    assert dm[0].keys() == dm[1].keys()  # SIESTA's pattern (orbital overlap) holds the pair on both sides
+    jump = max(np.abs(dm[0][k] - dm[1][k]).max() for k in dm[0])
+    if mp_switch > 0:
+        assert jump < 1e-9
+    else:
+        assert jump > 1e-4
+
+
 def test_channelwise_product_is_e3nns_uvu_tensor_product(float64):
     """The hand-written product is e3nn's TensorProduct with 'uvu' paths and per-edge weights (component
     normalization, no path normalization): same Clebsch-Gordan algebra, same weight layout."""
