@@ -66,8 +66,9 @@ class ModelConfig:
     lmax_sh_mp: int = 4
     # Å: messages fade out smoothly over this last stretch before mp_cutoff. The radial envelope alone does not
     # make them vanish there: the radial MLP sees both species and has biases, so an edge entering the cutoff
-    # brought a finite message, and the prediction jumped (by up to 5e-3 on silicon on-site elements within one
-    # 0.5 fs MD step; integration/benchmarks/smoothness.py). Models shipped before 2026-12-02 store 0 or set it.
+    # brings a finite message, and the prediction jumps (2.4e-3 on a silicon on-site element between two MD
+    # frames 0.5 fs apart; integration/benchmarks/smoothness.py). Older configs load with 0 (LEGACY); the shipped
+    # water and chno-molecules set 0.1, the shipped silicon keeps 0 (docs/studies.md).
     mp_switch: float = 0.25
     lmax_sh: int = 4  # spherical harmonics in the pair readout (d-d blocks need l = 4)
     num_radial: int = 8

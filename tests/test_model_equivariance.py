@@ -16,6 +16,14 @@ from siesta_dmguess.structure import Structure
 from .conftest import small_config, water_basis, water_box, water_molecule
 
 
+def randomize(model, seed: int) -> None:
+    """Random (not trained) weights, but non-zero everywhere: every path contributes."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+
 @pytest.fixture(params=["dm", "dm+correction", "dm+residual-stage", "dm+folding-stage", "dm+wider-stage"])
 def model(float64, request):
     # correction_scale 1: ΔH blocks of DM size, so the equivariance check compares real numbers.
@@ -28,11 +36,7 @@ def model(float64, request):
         stages = [{"output_scale": 0.5, "num_layers": 1, "pattern_cutoff": reach, "pair_set": "added"}]
     m = DensityMatrixModel(small_config(correction_head=request.param == "dm+correction", correction_scale=1.0,
                                         residual_stages=stages, fold_reach=reach))
-    # Random (not trained) weights, but non-zero everywhere: every path contributes.
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    randomize(m, seed=1)
     return m.eval()
 
 
@@ -138,10 +142,7 @@ def test_a_network_uses_only_its_own_message_edges(float64):
     """Samples carry edges up to the model's longest cutoff (a wider residual stage); the first network must see
     exactly the edges within its own, or adding such a stage would change what the frozen network predicts."""
     m = DensityMatrixModel(small_config())
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    randomize(m, seed=2)
     m.eval()
     atoms = water_box()
     st = Structure(atoms, list(atoms.get_chemical_symbols()))
@@ -158,10 +159,7 @@ def test_prediction_is_continuous_as_a_neighbour_crosses_the_message_cutoff(floa
     jumps when an atom crosses mp_cutoff spoils it. Without the fade-out (mp_switch 0, models trained before
     it) the radial MLP's biases give an edge a finite message the moment it enters: the jump this test sees."""
     m = DensityMatrixModel(small_config(mp_switch=mp_switch, residual_stages=[{"output_scale": 0.5, "num_layers": 1}]))
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    randomize(m, seed=4)
     m.eval()
     molecule = water_molecule()
     nearest = molecule.positions[np.argmax(molecule.positions[:, 0])]
@@ -241,10 +239,7 @@ def test_a_diamond_site_sees_its_octupole_and_cubic_field(float64, lmax_sh_mp):
     sees = lmax_sh_mp is None or lmax_sh_mp >= 3
     m = DensityMatrixModel(small_config(hidden_irreps="8x0e + 4x1o + 2x1e + 2x2e + 2x2o + 2x3o + 2x3e + 2x4e",
                                         lmax_sh_mp=lmax))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    randomize(m, seed=1)
     crystal = bulk("C", "diamond", a=3.0, cubic=True)  # neighbours at 1.30 and 2.12 Å, within mp_cutoff = 3 Å
     crystal.set_chemical_symbols(["O"] * len(crystal))  # any species with p and d shells
     onsite = blocks(m.eval(), crystal)[0][(0, 0, (0, 0, 0))]  # s, s, p (y z x), p, d (xy yz z2 xz x2-y2)
@@ -269,10 +264,7 @@ def test_a_pair_along_a_cube_axis_of_diamond_sees_the_octupole(float64, pair_irr
     irreps = ModelConfig.pair_irreps if pair_irreps is None else pair_irreps
     m = DensityMatrixModel(small_config(hidden_irreps="8x0e + 4x1o + 2x1e + 2x2e + 2x2o + 2x3o + 2x3e + 2x4e",
                                         lmax_sh_mp=4, pair_irreps=irreps))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    randomize(m, seed=1)
     crystal = bulk("C", "diamond", a=3.0, cubic=True)
     crystal.set_chemical_symbols(["O"] * len(crystal))  # any species with p and d shells
     pairs, _ = blocks(m.eval(), crystal)
