@@ -97,7 +97,6 @@ def main() -> None:
             worst = max(worst, sub)
             print(f"| {t}-{t + 1} | {sub:.1e} | {whole:.1e}{note} |")
         print(f"largest change over one sub-step: {worst:.2e}")
-    set_switch(loaded.model, own)
 
 
 if __name__ == "__main__":
