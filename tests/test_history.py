@@ -37,10 +37,40 @@ def test_reuse_and_extrapolation_use_converged_dms():
     h = TrajectoryHistory(depth=3)
     assert h.guess("reuse", path(0)) is None  # nothing to reuse at the first step
     for t in range(3):
-        h.push(path(t), matrix([[1.0 + t, 0.1 * t], [0.1 * t, 2.0]]))
-    assert np.allclose(h.guess("reuse", path(3)).toarray(), [[3.0, 0.2], [0.2, 2.0]])
+        h.push(path(t), matrix([[1.0 + t, 0.05 + 0.1 * t], [0.05 + 0.1 * t, 2.0]]))
+    assert np.allclose(h.guess("reuse", path(3)).toarray(), [[3.0, 0.25], [0.25, 2.0]])
     # The DM changes linearly in t along a quadratic path: the extrapolation is exact for c = [3, -3, 1].
-    assert np.allclose(h.guess("extrapolation", path(3)).toarray(), [[4.0, 0.3], [0.3, 2.0]])
+    assert np.allclose(h.guess("extrapolation", path(3)).toarray(), [[4.0, 0.35], [0.35, 2.0]])
+
+
+def dm_with_coupling(t, coupled: bool):
+    """A DM linear in t along a quadratic path; the off-diagonal element is stored only when ``coupled``."""
+    return sp.csr_matrix(([1.0 + t, 0.4 - 0.1 * t, 0.4 - 0.1 * t, 2.0] if coupled else [1.0 + t, 2.0],
+                          ([0, 0, 1, 1], [0, 1, 0, 1]) if coupled else ([0, 1], [0, 1])), shape=(2, 2))
+
+
+def test_an_element_that_leaves_the_pattern_and_returns_is_extrapolated_from_the_steps_that_hold_it():
+    """SIESTA drops a pair out of orbital range and takes it back a step later: read as zero in the step that
+    lacked it, c = (3, -3, 1) would give three times its last value; from the two steps that hold it, it is exact."""
+    h = TrajectoryHistory(depth=3)
+    for t, coupled in zip(range(3), (True, False, True)):
+        h.push(path(t), dm_with_coupling(t, coupled))
+    guess = h.guess("extrapolation", path(3)).toarray()
+    # Two steps on a curved path cannot reproduce it exactly: near the truth (0.1), far from 3 x 0.2 - 0 + 0.4.
+    assert abs(guess[0, 1] - 0.1) < 0.02 and np.isclose(guess[0, 1], guess[1, 0])
+    assert np.isclose(guess[0, 0], 4.0)  # held by every step: the three-step rule, exact
+
+
+def test_an_element_new_to_the_pattern_takes_the_plain_prediction_in_ml_plus_residual():
+    """No earlier step holds the returning element: its residual is unknown, so the guess there is the model's."""
+    h = TrajectoryHistory(depth=3)
+    error = matrix([[0.05, 0.0], [0.0, -0.05]])
+    for t in range(3):
+        scf = dm_with_coupling(t, coupled=False)
+        h.push(path(t), scf, predicted=scf - error)
+    predicted = dm_with_coupling(3, coupled=True) - error
+    guess = h.guess("ml+residual", path(3), predicted=predicted).toarray()
+    assert np.allclose(guess, dm_with_coupling(3, coupled=True).toarray())
 
 
 def line(t):
