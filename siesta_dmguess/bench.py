@@ -234,7 +234,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix
     from .siesta.templates import fdf_with_geometry
-    from .structure import element_symbol, read_fdf_settings, species_block, structure_from_atoms
+    from .structure import FdfFrames
 
     fdf_template, out_dir = Path(fdf_template), Path(out_dir)
     if not fdf_template.is_file():
@@ -243,17 +243,14 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     images = images[frames]
     if not images:
         raise InputFileError("the trajectory holds no frames", trajectory if not isinstance(trajectory, list) else None)
-    template = fdf_template.read_text()
-    # ASE frames know elements; the fdf's labels (e.g. "Ow" for oxygen) name the basis and pseudopotential files.
-    by_symbol = {element_symbol(z): label for _, z, label in species_block(template)}
+    frames_in_fdf = FdfFrames(fdf_template)
     name = Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory"
     loaded = None
     if any(g.startswith("ml") for g in guesses):
         loaded = model if isinstance(model, LoadedModel) else load_model(model)
     pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
     histories = {g: TrajectoryHistory(depth) for g in guesses}
-    settings = read_fdf_settings(fdf_template)
-    frame_labels = [[by_symbol.get(sym, sym) for sym in atoms.get_chemical_symbols()] for atoms in images]
+    frame_labels = [frames_in_fdf.labels(atoms) for atoms in images]
     if loaded is not None:
         basis = loaded.basis
     else:
@@ -263,9 +260,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     rows = []
     for t, (atoms, labels) in enumerate(tqdm(list(zip(images, frame_labels)), desc=f"bench {name}",
                                              disable=not progress)):
-        text = fdf_with_geometry(template, atoms, labels)
-        structure = structure_from_atoms(atoms, labels)
-        structure.fdf_settings = settings
+        text = fdf_with_geometry(frames_in_fdf.text, atoms, labels)
+        structure = frames_in_fdf.structure(atoms)
         pred, predicted, prediction_s = None, None, 0.0
         if loaded is not None:
             t0 = time.perf_counter()

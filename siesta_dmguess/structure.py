@@ -197,3 +197,25 @@ def structure_from_atoms(atoms: Atoms, labels=None) -> Structure:
     if atoms.cell.rank < 3:
         atoms.pbc = False
     return Structure(atoms, list(labels) if labels is not None else list(atoms.get_chemical_symbols()))
+
+
+class FdfFrames:
+    """Frames of a trajectory (ASE Atoms) as Structures in the species and settings of an fdf template.
+
+    ASE frames know elements; the fdf's ChemicalSpeciesLabel names (e.g. ``Ow`` for oxygen) name the basis and
+    pseudopotential files, and its settings (k-points) decide the DM layout, so both come from the template.
+    """
+
+    def __init__(self, fdf_path: str | Path):
+        self.path = Path(fdf_path)
+        self.text = self.path.read_text()
+        self.label_of = {element_symbol(z): label for _, z, label in species_block(self.text)}
+        self.settings = read_fdf_settings(self.path)
+
+    def labels(self, atoms: Atoms) -> list[str]:
+        return [self.label_of.get(symbol, symbol) for symbol in atoms.get_chemical_symbols()]
+
+    def structure(self, atoms: Atoms) -> Structure:
+        structure = structure_from_atoms(atoms, self.labels(atoms))
+        structure.fdf_settings = self.settings
+        return structure

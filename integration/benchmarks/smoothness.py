@@ -54,21 +54,18 @@ def main() -> None:
     from siesta_dmguess.card import load_model
     from siesta_dmguess.dm import to_image_keyed
     from siesta_dmguess.predict import predict_density_matrix
-    from siesta_dmguess.structure import element_symbol, read_fdf_settings, species_block, structure_from_atoms
+    from siesta_dmguess.structure import FdfFrames
 
     torch.set_num_threads(1)
     loaded = load_model(args.model)
-    settings = read_fdf_settings(args.fdf)
-    with open(args.fdf) as f:  # ASE frames know elements; the fdf's labels name the basis
-        by_symbol = {element_symbol(z): label for _, z, label in species_block(f.read())}
+    frames_in_fdf = FdfFrames(args.fdf)
     images = ase.io.read(args.trajectory, index=":")
     if args.frames:
         images = images[: args.frames]
     own = float(loaded.config.mp_switch)
 
     def prediction(atoms):
-        structure = structure_from_atoms(atoms, [by_symbol.get(s, s) for s in atoms.get_chemical_symbols()])
-        structure.fdf_settings = settings
+        structure = frames_in_fdf.structure(atoms)
         # Image-keyed: sisl's supercell (and with it the order of the flat values) may change between frames.
         return to_image_keyed(predict_density_matrix(structure, loaded, refine="none").density_matrix)
 
