@@ -105,22 +105,26 @@ class Prediction:
         prediction itself was refined (a k-point DM is charge-scaled); unchanged without an overlap."""
         if self.overlap is None or self.refinement == "none":
             return density
-        if self.folded:
-            overlap, mode = self.history_overlap, self.refinement
-        else:  # k-points: no projection at Γ applies, only the charge scaling
-            overlap = to_image_keyed(density_matrix_from_flat(self.structure, self.sample_basis, self.sample.layout,
-                                                              self.overlap, False, self.sample.in_siesta_pattern))
-            mode = "charge"
-        return refine_folded(density, overlap, self.electrons_expected, mode)[0]
+        # k-points: no projection at Γ applies, only the charge scaling
+        mode = self.refinement if self.folded else "charge"
+        return refine_folded(density, self.keyed_overlap, self.electrons_expected, mode)[0]
 
     @cached_property
-    def history_overlap(self):
-        """S in the trajectory history's layout (folded CSR) for Γ-only and molecular runs, so the history can
-        weigh density errors; None for k-point runs (their image-keyed layout has no product with S) or
-        without an overlap."""
-        if self.overlap is None or not self.folded:
+    def keyed_overlap(self):
+        """S in the trajectory history's layout, the one of ``to_image_keyed(self.density_matrix)``: folded CSR for
+        Γ-only and molecular runs, image-keyed for k-point runs; None without an overlap."""
+        if self.overlap is None:
             return None
-        return flat_to_csr(self.sample.layout, self.overlap, True)
+        if self.folded:
+            return flat_to_csr(self.sample.layout, self.overlap, True)
+        return to_image_keyed(density_matrix_from_flat(self.structure, self.sample_basis, self.sample.layout,
+                                                       self.overlap, False, self.sample.in_siesta_pattern))
+
+    @property
+    def history_overlap(self):
+        """S for the history's density-error weights (:attr:`keyed_overlap`) for Γ-only and molecular runs; None
+        for k-point runs (their image-keyed layout has no product with S) or without an overlap."""
+        return self.keyed_overlap if self.folded else None
 
     @property
     def out_of_distribution(self) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 def main() -> None:
     from siesta_dmguess.card import load_model
     from siesta_dmguess.data import find_fdf, load_run
-    from siesta_dmguess.dm import density_matrix_from_flat, from_image_keyed, to_image_keyed, write_density_matrix
+    from siesta_dmguess.dm import from_image_keyed, to_image_keyed, write_density_matrix
     from siesta_dmguess.predict import predict_density_matrix
     from siesta_dmguess.siesta import prepare_run, run_siesta
 
@@ -36,8 +36,7 @@ def main() -> None:
     pred = predict_density_matrix(find_fdf(args.run), loaded)
     if pred.overlap is None:
         raise SystemExit("the model carries no radial functions: no overlap for the charge normalization")
-    s = to_image_keyed(density_matrix_from_flat(pred.structure, pred.sample_basis, pred.sample.layout, pred.overlap,
-                                                pred.folded))
+    s = pred.keyed_overlap
     exact = to_image_keyed(dm_ref)
     error = to_image_keyed(pred.density_matrix) - exact
     n = pred.electrons_expected
