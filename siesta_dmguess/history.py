@@ -243,8 +243,8 @@ def extrapolate(previous_positions: list, positions, matrices: list, pattern: sp
     unchanged). An element no step holds takes its value in ``fallback`` (the current prediction, where there is
     one), else zero.
     """
-    mask = _presence(pattern)
-    held = [_presence(m).multiply(mask).tocsr() for m in matrices]
+    mask = pattern_of(pattern)
+    held = [pattern_of(m).multiply(mask).tocsr() for m in matrices]
     # Which steps hold each element, as a bit code (at most 2**depth groups).
     code = sum(((1 << k) * h for k, h in enumerate(held)), sp.csr_matrix(pattern.shape)).tocsr()
     total = sp.csr_matrix(pattern.shape)
@@ -256,12 +256,12 @@ def extrapolate(previous_positions: list, positions, matrices: list, pattern: sp
         for ck, k in zip(c, steps):
             total = total + ck * sp.csr_matrix(matrices[k]).multiply(in_group)
     if fallback is not None:
-        total = total + sp.csr_matrix(fallback).multiply(mask - _presence(code).multiply(mask))
+        total = total + sp.csr_matrix(fallback).multiply(mask - pattern_of(code).multiply(mask))
     return sp.csr_matrix(total.multiply(mask))
 
 
-def _presence(matrix) -> sp.csr_matrix:
-    """1 on every stored element of ``matrix`` (its sparsity pattern, explicit zeros included)."""
+def pattern_of(matrix) -> sp.csr_matrix:
+    """1 on every stored element of a sparse matrix (its sparsity pattern, explicit zeros included)."""
     presence = sp.csr_matrix(matrix, copy=True)
     presence.data = np.ones_like(presence.data)
     return presence

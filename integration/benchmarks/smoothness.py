@@ -23,13 +23,6 @@ import warnings
 import numpy as np
 
 
-def pattern_of(matrix):
-    """1 on the stored elements of a sparse matrix."""
-    mask = matrix.copy().tocsr()
-    mask.data[:] = 1.0
-    return mask
-
-
 def set_switch(model, width: float) -> None:
     """The same weights with another fade-out width: every network of the model (residual stages too)."""
     model.config.mp_switch = width
@@ -53,6 +46,7 @@ def main() -> None:
 
     from siesta_dmguess.card import load_model
     from siesta_dmguess.dm import to_image_keyed
+    from siesta_dmguess.history import pattern_of
     from siesta_dmguess.predict import predict_density_matrix
     from siesta_dmguess.structure import FdfFrames
 
