@@ -6,7 +6,7 @@ from ase import Atoms
 
 from siesta_dmguess.errors import InputFileError
 from siesta_dmguess.siesta.templates import fdf_with_geometry
-from siesta_dmguess.structure import read_structure
+from siesta_dmguess.structure import FdfFrames, read_structure
 
 FDF = """SystemLabel siesta
 NumberOfSpecies 2
@@ -42,6 +42,22 @@ def test_geometry_is_replaced_and_settings_kept(tmp_path):
     assert st.labels == ["O", "H", "H"]
     assert "MeshCutoff 200 Ry" in text and "DM.Tolerance 1.0d-5" in text
     assert text.count("%block AtomicCoordinatesAndAtomicSpecies") == 1 and text.count("NumberOfAtoms") == 1
+
+
+def test_trajectory_frames_take_the_fdf_labels_and_settings(tmp_path):
+    """ASE frames know elements; the fdf's labels ("Ow") name the basis files, and its settings (k-points) the
+    DM layout: the frame written for SIESTA and the structure predicted for it agree on both."""
+    path = tmp_path / "template.fdf"
+    path.write_text(FDF.replace(" 1 8 O\n", " 1 8 Ow\n") + "%block kgrid_Monkhorst_Pack\n 2 0 0 0.0\n 0 2 0 0.0\n"
+                    " 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n")
+    frames = FdfFrames(path)
+    atoms = Atoms("HOH", positions=[[1.96, 1.0, 1.0], [1.0, 1.0, 1.0], [0.76, 1.93, 1.0]], cell=np.eye(3) * 11.0,
+                  pbc=True)
+    structure = frames.structure(atoms)
+    assert frames.labels(atoms) == structure.labels == ["H", "Ow", "H"]
+    assert structure.fdf_settings.get("kgrid") is True and structure.fdf_settings["MeshCutoff"] == "200 Ry"
+    (tmp_path / "frame.fdf").write_text(fdf_with_geometry(frames.text, atoms, structure.labels))
+    assert read_structure(tmp_path / "frame.fdf").labels == structure.labels
 
 
 def test_unknown_species_is_a_clear_error():
