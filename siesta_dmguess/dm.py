@@ -410,6 +410,11 @@ def write_density_matrix(dm, path: str | Path, overwrite: bool = False) -> Path 
         raise InputFileError("the output folder does not exist", path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".DM", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file private (0600); give it the permissions a plain write would (umask), as SIESTA and
+    # the user's other tools expect of a file in their run folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         sisl.get_sile(tmp, mode="w").write_density_matrix(dm)
         backup = None

@@ -98,6 +98,20 @@ def test_existing_dm_is_kept_as_backup(tmp_path):
     assert len(list(tmp_path.iterdir())) == 3  # overwrite: no new backup, no temporary left behind
 
 
+def test_a_written_dm_gets_the_permissions_of_a_plain_write(tmp_path):
+    """Atomic writes go through a private temporary file; the .DM must still be readable as the umask allows."""
+    import os
+    import stat
+
+    _, _, dm, _ = load_run(_runs("h2o", 1)[0])
+    before = os.umask(0o022)
+    try:
+        write_density_matrix(dm, tmp_path / "siesta.DM")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "siesta.DM").stat().st_mode) == 0o644
+
+
 def test_write_refuses_wrong_suffix_and_missing_folder(tmp_path):
     folder = _runs("h2o", 1)[0]
     _, _, dm, _ = load_run(folder)
