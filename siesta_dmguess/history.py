@@ -256,7 +256,7 @@ def extrapolate(previous_positions: list, positions, matrices: list, pattern: sp
         for ck, k in zip(c, steps):
             total = total + ck * sp.csr_matrix(matrices[k]).multiply(in_group)
     if fallback is not None:
-        total = total + sp.csr_matrix(fallback).multiply(mask - pattern_of(code).multiply(mask))
+        total = total + sp.csr_matrix(fallback).multiply(mask - pattern_of(code))  # code holds only masked elements
     return sp.csr_matrix(total.multiply(mask))
 
 
