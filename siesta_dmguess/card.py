@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import InputFileError, ModelCompatibilityError
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -86,20 +86,13 @@ class LoadedModel:
         return self._overlap
 
 
-def _write_atomically(path: Path, write) -> None:
-    """``write(tmp)`` then rename over ``path``: a run killed mid-write keeps the previous file, not a truncated one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _write_atomically(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save, atomically (model weights, training checkpoints)."""
-    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_model(model, out_dir: str | Path, card: dict) -> Path:

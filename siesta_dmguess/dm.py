@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import scipy.sparse as sp
 from .basis import SpeciesBasis
 from .conventions import orbital_signs
 from .errors import InputFileError
+from .files import atomic_write
 from .graph import Edges, kb_member_pairs, kb_members, lookup_rows
 from .structure import Structure
 
@@ -408,22 +408,15 @@ def write_density_matrix(dm, path: str | Path, overwrite: bool = False) -> Path 
         raise InputFileError("a SIESTA density matrix file must end in .DM", path)
     if not path.parent.is_dir():
         raise InputFileError("the output folder does not exist", path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".DM", dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file private (0600); give it the permissions a plain write would (umask), as SIESTA and
-    # the user's other tools expect of a file in their run folder.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        sisl.get_sile(tmp, mode="w").write_density_matrix(dm)
-        backup = None
+    backup = None
+
+    def keep_existing():
+        nonlocal backup
         if path.exists() and not overwrite:
             backup = backup_path(path)
             os.replace(path, backup)
             log.warning("kept the existing %s as %s", path, backup)
-        os.replace(tmp, path)
-        return backup
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(path, lambda tmp: sisl.get_sile(tmp, mode="w").write_density_matrix(dm), suffix=".DM",
+                 before_replace=keep_existing)
+    return backup

@@ -1,0 +1,33 @@
+"""Atomic file writes, shared by the ``.DM`` writer and the model saver.
+
+A file is written under a temporary name in its own folder and renamed into place, so a run killed mid-write
+keeps the previous file, never a truncated one. The standard library has the pieces (``tempfile``,
+``os.replace``) but no single call that does this.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, write, suffix: str = "", before_replace=None) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then ``before_replace()`` (e.g. keep a backup of the
+    existing file) and rename it over ``path``. ``suffix`` ends the temporary name, for writers that choose the
+    format by extension (sisl). The file gets the permissions a plain write would (mkstemp's are 0600); on any
+    failure the temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    try:
+        write(Path(tmp))
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
