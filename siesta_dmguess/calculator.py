@@ -28,6 +28,14 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
 * ``threads``: torch threads for the predictions (default: torch's, one per core); 1 where other
   programs keep the cores busy (``predict.torch_threads``).
 
+One default differs from ASE's ``Siesta``: ``energy_shift`` is SIESTA's own default,
+0.02 Ry, not ASE's 0.1 eV. The energy shift sets the orbitals' cutoff radii, so it is
+part of the basis, and a model trained on fdf runs that leave it out (every shipped
+model) knows only SIESTA's. The run's ``xc``, ``basis_set``, ``energy_shift``,
+``spin`` and basis-related ``fdf_arguments`` are compared with the model card before
+each prediction; a mismatch is a :class:`~siesta_dmguess.errors.ModelCompatibilityError`
+that names the setting (or, with ``fallback="atomic"``, the atomic guess).
+
 After each calculation ``calc.guess_record`` (a :class:`GuessRecord`) holds the
 SCF iterations, whether SIESTA read the DM, prediction and SCF times, and the
 prediction's uncertainty (electron-count error, novelty). The guess never
@@ -77,6 +85,9 @@ class DMGuessSiesta(Siesta):
     def __init__(self, *args, model="water", guess: str = "ml+residual", fallback: str = "error",
                  compare_baseline: bool = False, novelty_limit="model", history_depth: int = 3,
                  threads: int | None = None, **kwargs):
+        from ase.units import Ry
+
+        kwargs.setdefault("energy_shift", 0.02 * Ry)  # SIESTA's default (eV, ASE's unit); see the module doc
         super().__init__(*args, **kwargs)
         if guess not in self.GUESSES:
             raise ValueError(f"guess must be one of {self.GUESSES}, not {guess!r}")
@@ -103,16 +114,38 @@ class DMGuessSiesta(Siesta):
 
     # -- helpers -------------------------------------------------------------
     def _gamma_only(self) -> bool:
+        """Whether SIESTA will run at Γ only (the DM is then folded): its own rule applied to the fdf ASE has just
+        written, so that k-points given as ``kpts`` or as fdf arguments (``kgrid.Cutoff``, a Monkhorst-Pack block)
+        count alike. Before that fdf exists (a guess built by hand), from ``kpts`` (ASE writes no displacement)."""
+        from .structure import read_fdf_settings
+
+        fdf = self.getpath(ext="fdf")
+        if Path(fdf).is_file():
+            return not read_fdf_settings(fdf)["kgrid"]
         kpts = self["kpts"]
         return kpts is None or all(int(k) == 1 for k in kpts)
 
     def _run_settings(self) -> dict:
-        """The run's spin and fdf arguments as fdf settings, so the model's compatibility check sees them."""
-        from .structure import FDF_SETTING_KEYS
+        """The settings this calculator gives SIESTA, as fdf settings, so the model's compatibility check sees them:
+        ASE's own arguments (``xc``, ``basis_set``, ``energy_shift``, ``spin``), then ``fdf_arguments`` in any
+        spelling of their keys (fdf keys ignore case and '.', '_', '-')."""
+        from ase.units import Ry
 
-        settings = {k: str(v) for k, v in (self["fdf_arguments"] or {}).items() if k in FDF_SETTING_KEYS}
+        from .structure import FDF_SETTING_KEYS, normalized_fdf_key
+
+        settings = {}
+        xc = self["xc"]
+        if isinstance(xc, (tuple, list)) and len(xc) == 2:  # ASE stores (functional, authors)
+            settings["XC.functional"], settings["XC.authors"] = map(str, xc)
+        if isinstance(self["basis_set"], str):
+            settings["PAO.BasisSize"] = self["basis_set"]
+        if self["energy_shift"] is not None:  # ASE's unit is eV; cards keep SIESTA's Ry
+            settings["PAO.EnergyShift"] = f"{float(self['energy_shift']) / Ry:.6g} Ry"
         if self["spin"]:
-            settings.setdefault("Spin", str(self["spin"]))
+            settings["Spin"] = str(self["spin"])
+        canonical = {normalized_fdf_key(k): k for k in FDF_SETTING_KEYS}
+        settings.update({canonical[normalized_fdf_key(k)]: str(v) for k, v in (self["fdf_arguments"] or {}).items()
+                         if normalized_fdf_key(k) in canonical})
         return settings
 
     def _model(self):

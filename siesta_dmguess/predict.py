@@ -151,8 +151,17 @@ class Prediction:
         return float(self.sample.layout.atomic.sum())
 
 
+# SIESTA's defaults for the settings a card records (SIESTA manual): a run that leaves one out uses this value, so
+# a missing key is compared as the default, on both sides (an fdf without PAO.EnergyShift makes a different basis
+# from ASE's Siesta calculator, whose own default energy_shift is 0.1 eV).
+SIESTA_DEFAULTS = {"XC.functional": "LDA", "XC.authors": "PZ", "PAO.BasisSize": "DZP", "PAO.EnergyShift": "0.02 Ry"}
+# Names of one setting value: SIESTA reads "CA" and "PZ" as the same LDA (Ceperley-Alder, Perdew-Zunger's fit).
+SETTING_ALIASES = {"ca": "pz"}
+
+
 def _normalize_setting(value: str) -> str:
-    return " ".join(str(value).lower().replace("_", ".").split())
+    value = " ".join(str(value).lower().replace("_", ".").split())
+    return SETTING_ALIASES.get(value, value)
 
 
 def _spin_setting(settings: dict) -> str:
@@ -199,23 +208,33 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
                 problems.append(f"basis of {label!r} in {path.name} differs from the model's "
                                 f"{species_of[label]!r} ({b.describe()}, hash {b.hash} vs {model_basis.describe()}, "
                                 f"hash {model_basis.hash})")
-        expected = {**card.get("xc", {}), **card.get("siesta_settings", {})}
-        for key, value in expected.items():
-            if key == "MeshCutoff":
-                continue  # does not change the basis; a different mesh still starts well
-            got = structure.fdf_settings.get(key)
-            if got is not None and _normalize_setting(got) != _normalize_setting(value):
-                problems.append(f"fdf setting {key} is {got!r}, the model was trained with {value!r}")
         digests = card.get("pseudopotentials", {})
         for label in sorted(known):
             psf = folder / f"{label}.psf"
             digest = digests.get(species_of[label])
             if digest and psf.is_file() and sha256_file(psf) != digest:
                 problems.append(f"pseudopotential {psf.name} differs from the one the model was trained with")
+    problems += _setting_problems(structure.fdf_settings, card)
     if problems and not force:
         raise ModelCompatibilityError("; ".join(problems), structure.source or None)
     for p in problems:
         log.warning("--force: using the model although %s", p)
+    return problems
+
+
+def _setting_problems(settings: dict, card: dict) -> list[str]:
+    """The run's basis and XC settings that differ from the card's, each missing one read as SIESTA's default.
+    Nothing is compared for a structure without settings (an .xyz file: the basis is the model's by definition)."""
+    if not settings:
+        return []
+    expected = {**SIESTA_DEFAULTS, **card.get("xc", {}), **card.get("siesta_settings", {})}
+    problems = []
+    for key, value in expected.items():
+        if key == "MeshCutoff":
+            continue  # does not change the basis; a different mesh still starts well
+        got = settings.get(key, SIESTA_DEFAULTS.get(key))
+        if got is not None and _normalize_setting(got) != _normalize_setting(value):
+            problems.append(f"fdf setting {key} is {got!r}, the model was trained with {value!r}")
     return problems
 
 

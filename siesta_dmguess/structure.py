@@ -104,18 +104,40 @@ def read_fdf_settings(path: str | Path) -> dict:
         value = fdf.get(key)
         if value is not None:
             out[key] = " ".join(str(value).split())
-    # k-point sampling: a Monkhorst-Pack block or a kgrid cutoff means the DM keeps its images.
-    kgrid = fdf.get("kgrid_Monkhorst_Pack") or fdf.get("kgrid.MonkhorstPack") or fdf.get("kgrid.Cutoff")
-    out["kgrid"] = bool(kgrid) and not _is_gamma_block(kgrid)
+    out["kgrid"] = _samples_k_points(fdf)  # then the DM keeps its images; a Γ-only one is folded
     return out
 
 
+def _samples_k_points(fdf) -> bool:
+    """Whether SIESTA samples more than Γ, by its own rule (``kpoint_t.F90``, ``kpoint_scf.F90``): a Monkhorst-Pack
+    block, else ``kgrid.Cutoff``, else ``kgrid.File``; the run is Γ-only when that gives one k-point at k = 0.
+    Written here because sisl reads the keys but does not build SIESTA's grid."""
+    block = fdf.get("kgrid_Monkhorst_Pack")  # sisl ignores case and '.', '_', '-' in keys
+    if block:
+        return not _is_gamma_block(block)
+    cutoff = fdf.get("kgrid.Cutoff", unit="Ang")
+    if cutoff is not None:
+        if float(cutoff) <= 0:
+            return False  # SIESTA: a cutoff <= 0 means Γ only
+        # SIESTA (setup_cutoff): int(2 rc / |v|) + 1 k-points along each vector v of the reduced cell, so Γ only
+        # when every reduced vector is longer than twice the cutoff.
+        from ase.geometry import minkowski_reduce
+
+        reduced, _ = minkowski_reduce(fdf.read_lattice().cell)
+        return bool(np.any(2.0 * float(cutoff) >= np.linalg.norm(reduced, axis=1)))
+    return bool(fdf.get("kgrid.File"))
+
+
 def _is_gamma_block(kgrid) -> bool:
-    """A Monkhorst-Pack block of 1 1 1 is Γ only."""
+    """A Monkhorst-Pack block is Γ only when it is diagonal with at most one division per direction and no
+    displacement (SIESTA honours a given displacement: ``1 0 0 0.5`` is one k-point at the zone boundary)."""
     if isinstance(kgrid, (list, tuple)):
         try:
-            diag = [float(line.split()[k]) for k, line in enumerate(kgrid[:3])]
-            return all(d <= 1 for d in diag)
+            rows = [[float(x) for x in line.split()[:4]] for line in kgrid[:3]]
+            diag = [rows[i][i] for i in range(3)]
+            off = [rows[i][j] for i in range(3) for j in range(3) if i != j]
+            shift = [(row[3] if len(row) > 3 else 0.0) % 1.0 for row in rows]
+            return all(abs(d) <= 1 for d in diag) and not any(off) and all(min(x, 1 - x) < 1e-8 for x in shift)
         except (ValueError, IndexError):
             return False
     return False

@@ -134,3 +134,46 @@ def test_threads_apply_to_the_prediction_only(model_dir, tmp_path, torch_thread_
     seen = torch_thread_log(predict_module, "predict_density_matrix")
     calc(model_dir, tmp_path, threads=1)._write_guess(water_molecule())
     assert seen == [1] and torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("kpts, fdf_arguments, folded", [
+    (None, {}, True),
+    ((1, 1, 1), {}, True),
+    ((2, 2, 2), {}, False),
+    (None, {"kgrid.Cutoff": "20.0 Ang"}, False),  # k-points given to SIESTA directly, not through ASE's kpts
+    (None, {"kgrid.Cutoff": "2.0 Ang"}, True),  # shorter than half the 10 Å cell: SIESTA runs at Γ only
+])
+def test_the_dm_is_folded_exactly_when_siesta_runs_at_gamma_only(model_dir, tmp_path, monkeypatch, kpts,
+                                                                   fdf_arguments, folded):
+    for name in ("O.psf", "H.psf"):  # ASE links the pseudopotentials into the run folder; SIESTA does not run
+        (tmp_path / name).write_text("placeholder\n")
+    monkeypatch.setenv("SIESTA_PP_PATH", str(tmp_path))
+    c = calc(model_dir, tmp_path / "run", kpts=kpts, fdf_arguments=fdf_arguments)
+    c.write_input(water_molecule(), properties=["energy"])
+    assert c._prediction.folded is folded
+
+
+def test_fdf_arguments_in_any_spelling_reach_the_compatibility_check(tmp_path):
+    """fdf keys ignore case and '.', '_', '-': a basis size given as ``pao_basis-size`` is checked like
+    ``PAO.BasisSize`` against the model card."""
+    c = DMGuessSiesta(model="water", label="siesta", directory=str(tmp_path), xc="CA",
+                      fdf_arguments={"pao_basis-size": "SZ"})
+    with pytest.raises(ModelCompatibilityError, match="PAO.BasisSize is 'SZ'"):
+        c._write_guess(water_molecule())
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({}, None),  # ASE's xc default "LDA" (authors PZ), DZP, and SIESTA's energy shift: the shipped model's basis
+    ({"energy_shift": 0.1}, "PAO.EnergyShift"),  # ASE's Siesta default (eV): longer orbitals, another basis
+    ({"basis_set": "SZ"}, "PAO.BasisSize"),
+    ({"xc": "PBE"}, "XC.functional"),
+    ({"fdf_arguments": {"PAO.EnergyShift": "0.01 Ry"}}, "PAO.EnergyShift"),
+])
+def test_the_calculators_basis_and_xc_arguments_are_checked_against_the_card(tmp_path, kwargs, problem):
+    c = DMGuessSiesta(model="water", label="siesta", directory=str(tmp_path), **kwargs)
+    if problem is None:
+        c._write_guess(water_molecule())
+        assert c._used == "ml"
+    else:
+        with pytest.raises(ModelCompatibilityError, match=problem):
+            c._write_guess(water_molecule())

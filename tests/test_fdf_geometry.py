@@ -130,3 +130,22 @@ def test_the_same_structure_in_other_fdf_units_and_layouts_reads_the_same(tmp_pa
         assert np.allclose(st.atoms.positions, pos, atol=1e-8), name
         assert np.allclose(st.atoms.cell.array, cell, atol=1e-8), name
         assert st.labels == ["Si"] * 4 and st.fdf_settings["kgrid"], name
+
+
+@pytest.mark.parametrize("kgrid, samples_k", [
+    ("", False),
+    ("kgrid.Cutoff 4.0 Ang\n", False),  # 2 x 4.0 < 9 Å along every vector: one k-point, Γ
+    ("kgrid.Cutoff 4.6 Ang\n", True),  # 2 x 4.6 >= 9 Å: two k-points per direction
+    ("kgrid.Cutoff 9.0 Bohr\n", True),  # 4.76 Å, in the fdf's own unit
+    ("kgrid.Cutoff 0.0 Ang\n", False),  # SIESTA: a cutoff <= 0 is Γ only
+    ("%block kgrid_Monkhorst_Pack\n 1 0 0 0.0\n 0 1 0 0.0\n 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n", False),
+    ("%block kgrid_Monkhorst_Pack\n 1 0 0 0.5\n 0 1 0 0.0\n 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n", True),
+    ("%block kgrid_Monkhorst_Pack\n 1 1 0 0.0\n 0 1 0 0.0\n 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n", True),
+    ("%block kgrid_Monkhorst_Pack\n 2 0 0 0.0\n 0 1 0 0.0\n 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n", True),
+])
+def test_k_point_sampling_follows_siestas_grid_rule(tmp_path, kgrid, samples_k):
+    """Whether the DM keeps its images (k-points) or is folded (Γ only) follows from the grid SIESTA builds: a
+    cutoff shorter than half of every cell vector, or a 1x1x1 block without displacement, is Γ only."""
+    path = tmp_path / "run.fdf"
+    path.write_text(FDF + kgrid)
+    assert read_structure(path).fdf_settings["kgrid"] is samples_k

@@ -162,6 +162,27 @@ XC.authors CA
 """
 
 
+@pytest.mark.parametrize("edit, problem", [
+    (lambda t: t + "PAO.EnergyShift 0.1 eV\n", "PAO.EnergyShift"),  # larger orbitals: another basis
+    (lambda t: t.replace("PAO.BasisSize DZP\n", "PAO.BasisSize SZ\n"), "PAO.BasisSize"),
+    (lambda t: t.replace("PAO.BasisSize DZP\n", ""), None),  # SIESTA's default basis size is DZP
+    (lambda t: t + "PAO.EnergyShift 20 mRy\n", None),  # SIESTA's default energy shift, in other units
+    (lambda t: t.replace("XC.authors CA", "XC.authors PZ"), None),  # SIESTA reads CA and PZ as the same LDA
+    (lambda t: t.replace("XC.functional LDA\nXC.authors CA\n", ""), None),  # SIESTA's default XC is that LDA
+])
+def test_a_setting_the_fdf_leaves_out_is_compared_as_siestas_default(tmp_path, edit, problem):
+    """The shipped `water` card records only the settings its fdf runs wrote; what a run leaves out is SIESTA's
+    default, so a run that states another value is refused, and one that states the default is not."""
+    fdf = tmp_path / "water.fdf"
+    fdf.write_text(edit(WATER_FDF))
+    if problem is None:
+        assert predict_density_matrix(fdf, "water").warnings == []
+    else:
+        with pytest.raises(ModelCompatibilityError, match=problem) as err:
+            predict_density_matrix(fdf, "water")
+        assert "water.fdf" in str(err.value)
+
+
 def test_species_labels_that_are_not_element_symbols_map_to_the_model_species(model_dir, tmp_path):
     """SIESTA labels only name files ("Ow", "H_pbe"): the prediction follows the element, and the basis
     check compares each label's .ion file with the model's basis of that element, naming both."""
