@@ -135,6 +135,11 @@ def summarize(rows: list[StructureResult], model: str, data: str) -> dict:
     }
 
 
+def _fallback_kind(reason: str) -> str:
+    """Why a structure's ML run started from the atomic guess, in one word for the tables (``Prediction.refusal_reason``)."""
+    return "far" if "far outside the training data" in reason else "k-sampling"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# SCF benchmark: {Path(report['data']).name} with {Path(report['model']).name}", "",
              "| structure | atoms | novelty | SCF it. atomic | SCF it. ML | saved | wall atomic (s) "
@@ -143,7 +148,7 @@ def markdown(report: dict) -> str:
         a, m = r["atomic"], r["ml"]
         novelty = "-" if r.get("novelty") is None else f"{r['novelty']:.2f}" + (" (flagged)" if r["flagged"] else "")
         if r.get("fallback"):
-            novelty += ", far: atomic guess used"
+            novelty += f", {_fallback_kind(r['fallback'])}: atomic guess used"
         lines.append(f"| {r['name']} | {r['natoms']} | {novelty} | {a['scf_iterations']} | {m['scf_iterations']} | "
                      f"{a['scf_iterations'] - m['scf_iterations']} | {a['siesta_wall_s']:.2f} | "
                      f"{m['siesta_wall_s'] + m['prediction_s']:.2f} | "
@@ -153,8 +158,8 @@ def markdown(report: dict) -> str:
               f"{report['wall_s_ml_including_prediction']:.1f} s; max |ΔE| "
               f"{report['max_abs_energy_difference_eV']:.1e} eV; ML never worse: {report['ml_never_worse']}; "
               f"flagged as novel: {report.get('structures_flagged_novel', 0)} of {report['structures']}"
-              + (f"; far outside the training data, started from the atomic guess: "
-                 f"{report['structures_fallback_atomic']}" if report.get("structures_fallback_atomic") else "")
+              + (f"; started from the atomic guess: {report['structures_fallback_atomic']} (far outside the training "
+                 f"data, or a k-sampling the model lacks)" if report.get("structures_fallback_atomic") else "")
               + "."]
     return "\n".join(lines) + "\n"
 
@@ -272,12 +277,12 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         geometry = build_geometry(structure, basis)
         row = {"frame": t, "natoms": len(atoms)}
         # A frame far outside the training data starts the ML guesses from the atomic guess, as the calculator does.
-        far_reason = pred.far_reason if pred is not None else ""
-        if far_reason:
-            row["fallback"] = far_reason
+        refusal = pred.refusal_reason if pred is not None else ""
+        if refusal:
+            row["fallback"] = refusal
             predicted = None  # and the ml+residual history records no prediction for it
         for g in guesses:
-            if far_reason and g.startswith("ml"):
+            if refusal and g.startswith("ml"):
                 start = None
             else:
                 start = histories[g].guess(g, atoms.positions, predicted, refine=pred.refined if pred else None)
@@ -320,7 +325,9 @@ def trajectory_markdown(report: dict) -> str:
     lines = [f"# SCF iterations along {Path(report['data']).name} ({report['frames']} frames)", "",
              "| frame | " + " | ".join(guesses) + " |", "| --- |" + " --- |" * len(guesses)]
     for r in report["per_frame"]:
-        frame = f"{r['frame']} (far: atomic guess used)" if r.get("fallback") else str(r["frame"])
+        frame = str(r["frame"])
+        if r.get("fallback"):
+            frame += f" ({_fallback_kind(r['fallback'])}: atomic guess used)"
         lines.append(f"| {frame} | " + " | ".join(str(r[g]["scf_iterations"]) for g in guesses) + " |")
     lines.append("| **total** | " + " | ".join(f"**{report['scf_iterations'][g]}**" for g in guesses) + " |")
     saved = report["iterations_saved_vs_atomic"]

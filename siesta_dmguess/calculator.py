@@ -184,10 +184,9 @@ class DMGuessSiesta(Siesta):
             self._reason = str(exc)
             warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {exc}", stacklevel=4)
             return None
-        if self.novelty_limit is not None and pred.far_reason:
-            self._reason = pred.far_reason
-            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because the structure lies {self._reason}",
-                          stacklevel=4)
+        if pred.sampling_reason or (self.novelty_limit is not None and pred.far_reason):
+            self._reason = pred.refusal_reason
+            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess: {self._reason}", stacklevel=4)
             return None
         limit = pred.novelty_threshold if self.novelty_limit == "model" else self.novelty_limit
         if self.fallback == "atomic" and limit and pred.novelty > limit:

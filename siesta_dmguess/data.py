@@ -94,6 +94,31 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
                   siesta_orbital_mask(structure, basis, layout, fold))
 
 
+def sampling_period(sample: Sample) -> float | None:
+    """The period (Å) with which the run's k-sampling repeats the crystal (the shortest vector of SIESTA's k-grid
+    supercell; for a Γ-only run, of the cell), or None for a molecule without periodic images."""
+    from .structure import shortest_period
+
+    length = sample.structure.fdf_settings.get("k_supercell_length")
+    if length is None and sample.fold and np.all(sample.structure.atoms.pbc):
+        length = shortest_period(sample.structure.atoms.cell)  # no fdf: Γ only, as the prediction assumes
+    return length
+
+
+def dm_range(sample: Sample) -> float:
+    """The longest atom-pair distance (Å) in the DM's pattern."""
+    vectors = sample.layout.block_vectors(sample.structure)
+    return float(np.linalg.norm(vectors, axis=1).max()) if len(vectors) else 0.0
+
+
+def is_aliased(sample: Sample) -> bool:
+    """Whether the run samples the crystal with a period shorter than its DM's range: each stored element then
+    sums one orbital pair over images at different distances (a Γ-only DM of a small cell is folded), a DM that
+    a model trained only on finely sampled runs has not seen (``Prediction.sampling_reason``)."""
+    period = sampling_period(sample)
+    return period is not None and period < dm_range(sample)
+
+
 @dataclass
 class RunRecord:
     folder: Path

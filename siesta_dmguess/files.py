@@ -18,7 +18,7 @@ def atomic_write(path: str | Path, write, suffix: str = "", before_replace=None)
     format by extension (sisl). The file gets the permissions a plain write would (mkstemp's are 0600); on any
     failure the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)  # sisl: format by the end
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)

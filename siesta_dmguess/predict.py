@@ -82,6 +82,7 @@ class Prediction:
     refinement: str = "none"  # what refine.refine did to the written DM: "idempotent", "charge" or "none"
     refinement_note: str = ""  # why an idempotent projection fell back to charge normalization
     occupation_gap: float | None = None  # the projection's HOMO-LUMO gap: of natural occupations, or ΔH-steered (Γ)
+    sampling_reason: str = ""  # why the run's k-sampling lies outside the model's training runs ("" when it does not)
 
     @property
     def electron_count_error(self) -> float | None:
@@ -136,9 +137,15 @@ class Prediction:
         return self.novelty_threshold > 0 and self.novelty > FAR_NOVELTY_FACTOR * self.novelty_threshold
 
     @property
-    def far_reason(self) -> str:
+    def refusal_reason(self) -> str:
         """Why this prediction is not used by default ("" when it is): the one message that ``predict``, the ASE
-        calculator and ``bench`` give for a structure far outside the training data."""
+        calculator and ``bench`` give for a structure far outside the training data, or for a run whose k-sampling
+        the model has not seen (:attr:`sampling_reason`)."""
+        return self.far_reason or self.sampling_reason
+
+    @property
+    def far_reason(self) -> str:
+        """Why a structure far outside the training data gets no predicted DM ("" when it is not)."""
         if not self.far_out_of_distribution:
             return ""
         return (f"far outside the training data of model {self.model_path.name} (novelty {self.novelty:.0f}, more "
@@ -269,6 +276,7 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.message_cutoff, name=structure.source,
                             fold_reach=cfg.fold_reach, fold=fold)
     n_expected = _expected_electrons(structure, loaded.basis)
+    sampling_reason = _sampling_reason(sample, loaded)
     # The ΔH head only steers the dense projection: skip it where that will not run (keeps large systems O(N)).
     wants_correction = loaded.overlap is not None and not projection_skipped(
         refine, sample.layout.no, is_kpoint(sample.layout, fold), n_expected)
@@ -295,11 +303,33 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
                       novelty_threshold=float(loaded.model.novelty_threshold), overlap=overlap,
                       electrons_expected=n_expected, electrons_predicted=n_predicted,
                       refinement=done.applied if done else "none", refinement_note=done.reason if done else "",
-                      occupation_gap=done.occupation_gap if done else None)
+                      occupation_gap=done.occupation_gap if done else None, sampling_reason=sampling_reason)
     if pred.out_of_distribution:
         log.warning("%s looks unlike the training data of %s (novelty %.1f > %.1f): the guess may be poor",
                     structure.source or "structure", loaded.path.name, pred.novelty, pred.novelty_threshold)
     return pred
+
+
+def _sampling_reason(sample, loaded: LoadedModel) -> str:
+    """Why the run's k-sampling lies outside the model's training runs, or "".
+
+    A run that samples the crystal with a period shorter than its DM's range (a Γ-only run of a small cell) has a
+    DM that sums each orbital pair over images at different distances. A model trained only on finely sampled
+    runs (its card's ``training.aliased_sampling`` is false, e.g. `silicon`, trained on k-point runs) knows the
+    crystal's DM, and there that is no better start than SIESTA's atomic guess: on four `si8` val cells run at Γ
+    only (period 5.4 Å, DM range 7.8 Å), SIESTA took 52 iterations from the atomic guess, 52 from the k-converged
+    DM folded onto the cell and 53 from the `silicon` model; on the same cells with 2x2x2 k-points (period 10.9 Å)
+    the model saved 31 % (``docs/benchmarks.md``). Cards without the field (models trained before it) are not
+    checked.
+    """
+    from .data import dm_range, is_aliased, sampling_period
+
+    if loaded.card.get("training", {}).get("aliased_sampling", True) or not is_aliased(sample):
+        return ""
+    return (f"the run samples the crystal with a period of {sampling_period(sample):.2f} Å (its k-grid's supercell), "
+            f"shorter than the {dm_range(sample):.2f} Å its DM reaches, and model {loaded.path.name} was trained only "
+            f"on runs sampled more finely, whose DMs do not sum a pair over its images; there even the crystal's "
+            f"converged DM starts SIESTA no closer than its atomic guess (more k-points, or a larger cell, fix it)")
 
 
 def _expected_electrons(structure: Structure, basis) -> float:
@@ -316,13 +346,14 @@ def predict_to_file(structure, out: str | Path, model="water", overwrite: bool =
                     force: bool = False, refine: str = "idempotent") -> Prediction:
     """Predict and write ``out`` (a ``.DM``) atomically; an existing file is kept as a backup.
 
-    A structure far outside the model's training data (:attr:`Prediction.far_out_of_distribution`) raises
+    A structure far outside the model's training data (:attr:`Prediction.far_out_of_distribution`), or a run whose
+    k-sampling the model has not seen (:attr:`Prediction.sampling_reason`), raises
     :class:`~siesta_dmguess.errors.UnreliablePredictionError` and writes nothing, so that SIESTA starts from its
     atomic guess; ``force=True`` writes the prediction anyway.
     """
     pred = predict_density_matrix(structure, model, fold=fold, force=force, refine=refine)
-    if pred.far_reason and not force:
-        raise UnreliablePredictionError(f"{pred.far_reason}; no DM was written to {out} (--force writes it)",
+    if pred.refusal_reason and not force:
+        raise UnreliablePredictionError(f"{pred.refusal_reason}; no DM was written to {out} (--force writes it)",
                                         pred.structure.source or structure, prediction=pred)
     write_density_matrix(pred.density_matrix, out, overwrite=overwrite)
     return pred

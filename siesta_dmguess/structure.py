@@ -104,43 +104,61 @@ def read_fdf_settings(path: str | Path) -> dict:
         value = fdf.get(key)
         if value is not None:
             out[key] = " ".join(str(value).split())
-    out["kgrid"] = _samples_k_points(fdf)  # then the DM keeps its images; a Γ-only one is folded
+    supercell, displaced = k_grid_supercell(fdf)
+    # More than Γ (the DM then keeps its images; a Γ-only one is folded): SIESTA's gamma_scf (kpoint_scf.F90) is
+    # one k-point at k = 0, i.e. a grid supercell of the cell's own volume and no displacement.
+    out["kgrid"] = supercell is None or displaced or round(abs(np.linalg.det(supercell))) != 1
+    cell = _fdf_cell(fdf)
+    if supercell is not None and cell is not None:
+        out["k_supercell_length"] = shortest_period(supercell @ cell)
     return out
 
 
-def _samples_k_points(fdf) -> bool:
-    """Whether SIESTA samples more than Γ, by its own rule (``kpoint_t.F90``, ``kpoint_scf.F90``): a Monkhorst-Pack
-    block, else ``kgrid.Cutoff``, else ``kgrid.File``; the run is Γ-only when that gives one k-point at k = 0.
-    Written here because sisl reads the keys but does not build SIESTA's grid."""
+def _fdf_cell(fdf) -> np.ndarray | None:
+    """The fdf's lattice vectors (Å), or None for a partial fdf without them."""
+    try:
+        return np.asarray(fdf.read_lattice().cell, float)
+    except Exception:  # sisl raises SileError or ValueError for a missing or malformed lattice
+        return None
+
+
+def k_grid_supercell(fdf) -> tuple[np.ndarray | None, bool]:
+    """SIESTA's k-point grid as the integer matrix M of its supercell (supercell vector i = sum_j M[i, j] a_j: a
+    grid samples the crystal as if it repeated with that period) and whether the grid is displaced from Γ. Γ only
+    is the identity. SIESTA's order (``kpoint_t.F90``): a Monkhorst-Pack block, else ``kgrid.Cutoff``, else
+    ``kgrid.File`` (a list of k-points, no supercell: None). Written here because sisl reads the keys but does
+    not build SIESTA's grid."""
     block = fdf.get("kgrid_Monkhorst_Pack")  # sisl ignores case and '.', '_', '-' in keys
     if block:
-        return not _is_gamma_block(block)
+        try:
+            rows = [[float(x) for x in line.split()[:4]] for line in block[:3]]
+            matrix = np.array([row[:3] for row in rows]).round().astype(int)
+            shift = [(row[3] if len(row) > 3 else 0.0) % 1.0 for row in rows]
+        except (ValueError, IndexError) as exc:
+            raise InputFileError(f"cannot read its kgrid_Monkhorst_Pack block ({exc})", fdf.file) from exc
+        # SIESTA honours a given displacement: "1 0 0 0.5" is one k-point at the zone boundary, not Γ
+        return matrix, any(min(x, 1.0 - x) > 1e-8 for x in shift)
     cutoff = fdf.get("kgrid.Cutoff", unit="Ang")
-    if cutoff is not None:
-        if float(cutoff) <= 0:
-            return False  # SIESTA: a cutoff <= 0 means Γ only
-        # SIESTA (setup_cutoff): int(2 rc / |v|) + 1 k-points along each vector v of the reduced cell, so Γ only
-        # when every reduced vector is longer than twice the cutoff.
+    if cutoff is not None and float(cutoff) > 0:  # SIESTA: a cutoff <= 0 means Γ only
+        # setup_cutoff: int(2 rc / |v|) + 1 cells along each vector v of the reduced cell
         from ase.geometry import minkowski_reduce
 
-        reduced, _ = minkowski_reduce(fdf.read_lattice().cell)
-        return bool(np.any(2.0 * float(cutoff) >= np.linalg.norm(reduced, axis=1)))
-    return bool(fdf.get("kgrid.File"))
+        cell = _fdf_cell(fdf)
+        if cell is None:
+            return None, True
+        reduced, op = minkowski_reduce(cell)
+        factors = (2.0 * float(cutoff) / np.linalg.norm(reduced, axis=1)).astype(int) + 1
+        return factors[:, None] * op, False
+    if fdf.get("kgrid.File"):
+        return None, True
+    return np.eye(3, dtype=int), False
 
 
-def _is_gamma_block(kgrid) -> bool:
-    """A Monkhorst-Pack block is Γ only when it is diagonal with at most one division per direction and no
-    displacement (SIESTA honours a given displacement: ``1 0 0 0.5`` is one k-point at the zone boundary)."""
-    if isinstance(kgrid, (list, tuple)):
-        try:
-            rows = [[float(x) for x in line.split()[:4]] for line in kgrid[:3]]
-            diag = [rows[i][i] for i in range(3)]
-            off = [rows[i][j] for i in range(3) for j in range(3) if i != j]
-            shift = [(row[3] if len(row) > 3 else 0.0) % 1.0 for row in rows]
-            return all(abs(d) <= 1 for d in diag) and not any(off) and all(min(x, 1 - x) < 1e-8 for x in shift)
-        except (ValueError, IndexError):
-            return False
-    return False
+def shortest_period(cell) -> float:
+    """Length (Å) of the shortest lattice vector of ``cell`` (after reduction, so a skewed cell is not misread)."""
+    from ase.geometry import minkowski_reduce
+
+    return float(np.linalg.norm(minkowski_reduce(np.asarray(cell, float))[0], axis=1).min())
 
 
 def read_monkhorst_pack(path: str | Path) -> tuple[list[int], list[float]] | None:

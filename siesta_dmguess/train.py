@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .card import atomic_torch_save, save_model, sha256_file
-from .data import list_runs, load_samples, run_basis
+from .data import is_aliased, list_runs, load_samples, run_basis
 from .errors import DMGuessError, InputFileError
 from .evaluate import atom_batches, evaluate_samples
 from .model import STAGE_SETTINGS, DensityMatrixModel, ModelConfig, collate, fold_to_targets, onsite_reference
@@ -295,6 +295,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         "pseudopotentials": _pseudopotential_checksums(data_dirs, species),
         "training": {"data": [str(d) for d in data_dirs], "train_structures": len(train_set),
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
+                     # whether any training run sampled its crystal more coarsely than its DM's range (predict.py)
+                     "aliased_sampling": any(is_aliased(s) for s in train_set),
                      **(init_record if init else {}),
                      "wall_s": round(time.time() - t0, 1), "command": command},
         "validation": {"split": "val", **validation["summary"]},

@@ -70,7 +70,7 @@ def test_far_out_of_distribution_falls_back_whatever_the_fallback_setting(tmp_pa
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     c = calc(far, tmp_path / "a")
-    with pytest.warns(UserWarning, match="lies far outside the training data of model far-model"):
+    with pytest.warns(UserWarning, match="atomic guess: far outside the training data of model far-model"):
         c._write_guess(water_molecule())
     assert c._used == "atomic" and "novelty" in c._reason and not (tmp_path / "a" / "siesta.DM").exists()
     c = calc(far, tmp_path / "b", novelty_limit=None)

@@ -140,7 +140,9 @@ def test_the_same_structure_in_other_fdf_units_and_layouts_reads_the_same(tmp_pa
     ("kgrid.Cutoff 0.0 Ang\n", False),  # SIESTA: a cutoff <= 0 is Γ only
     ("%block kgrid_Monkhorst_Pack\n 1 0 0 0.0\n 0 1 0 0.0\n 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n", False),
     ("%block kgrid_Monkhorst_Pack\n 1 0 0 0.5\n 0 1 0 0.0\n 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n", True),
-    ("%block kgrid_Monkhorst_Pack\n 1 1 0 0.0\n 0 1 0 0.0\n 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n", True),
+    # a1 + a2, a2, a3: a supercell of the cell's own volume, so one k-point, at Γ
+    ("%block kgrid_Monkhorst_Pack\n 1 1 0 0.0\n 0 1 0 0.0\n 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n", False),
+    ("%block kgrid_Monkhorst_Pack\n 1 1 0 0.0\n 0 2 0 0.0\n 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n", True),
     ("%block kgrid_Monkhorst_Pack\n 2 0 0 0.0\n 0 1 0 0.0\n 0 0 1 0.0\n%endblock kgrid_Monkhorst_Pack\n", True),
 ])
 def test_k_point_sampling_follows_siestas_grid_rule(tmp_path, kgrid, samples_k):
@@ -149,3 +151,14 @@ def test_k_point_sampling_follows_siestas_grid_rule(tmp_path, kgrid, samples_k):
     path = tmp_path / "run.fdf"
     path.write_text(FDF + kgrid)
     assert read_structure(path).fdf_settings["kgrid"] is samples_k
+
+
+@pytest.mark.parametrize("kgrid, length", [
+    ("", 9.0),  # Γ only: the cell itself
+    ("%block kgrid_Monkhorst_Pack\n 4 0 0 0.0\n 0 4 0 0.0\n 0 0 2 0.0\n%endblock kgrid_Monkhorst_Pack\n", 18.0),
+    ("kgrid.Cutoff 10.0 Ang\n", 27.0),  # int(2 x 10 / 9) + 1 = 3 cells along each vector
+])
+def test_the_k_grid_supercell_is_the_period_siestas_sampling_repeats_the_crystal_with(tmp_path, kgrid, length):
+    path = tmp_path / "run.fdf"
+    path.write_text(FDF + kgrid)
+    assert read_structure(path).fdf_settings["k_supercell_length"] == pytest.approx(length)

@@ -319,3 +319,44 @@ def test_threads_option_sets_torch_threads_for_the_command_only(model_dir, xyz, 
     assert torch.get_num_threads() == 2
     assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(tmp_path / "b.DM")]) == 0
     assert seen == [1, 2]
+
+
+def _diamond_fdf(kgrid: str) -> str:
+    """An 8-atom cubic diamond-silicon cell (5.43 Å) as an fdf with the given k-point lines."""
+    from ase.build import bulk
+
+    from siesta_dmguess.siesta.templates import fdf_with_geometry
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.03, seed=1)
+    template = ("SystemLabel siesta\nNumberOfSpecies 1\n%block ChemicalSpeciesLabel\n 1 14 Si\n"
+                "%endblock ChemicalSpeciesLabel\nPAO.BasisSize DZP\nXC.functional LDA\nXC.authors CA\n" + kgrid)
+    return fdf_with_geometry(template, atoms, ["Si"] * 8)
+
+
+def test_a_run_sampled_more_coarsely_than_the_models_training_runs_gets_no_dm(tmp_path):
+    """`silicon` learned from k-point runs; a Γ-only 8-atom cell repeats the crystal every 5.43 Å, less than its
+    DM's range, and gets no DM unless forced (the error says why and what helps); 2x2x2 k-points (10.9 Å) do.
+    The card decides: the same model with a card saying it saw such runs predicts the Γ-only cell."""
+    from siesta_dmguess.card import update_card
+    from siesta_dmguess.errors import UnreliablePredictionError
+
+    gamma, k2 = tmp_path / "gamma.fdf", tmp_path / "k2.fdf"
+    gamma.write_text(_diamond_fdf(""))
+    k2.write_text(_diamond_fdf("%block kgrid_Monkhorst_Pack\n 2 0 0 0.0\n 0 2 0 0.0\n 0 0 2 0.0\n"
+                               "%endblock kgrid_Monkhorst_Pack\n"))
+    with pytest.raises(UnreliablePredictionError, match=r"gamma.fdf: the run samples the crystal with a period of "
+                                                        r"5\.4\d .*more k-points, or a larger cell") as err:
+        predict_to_file(gamma, tmp_path / "gamma.DM", model="silicon")
+    assert err.value.prediction.sampling_reason and not (tmp_path / "gamma.DM").exists()
+    assert predict_to_file(gamma, tmp_path / "gamma.DM", model="silicon", force=True).folded
+    assert not predict_to_file(k2, tmp_path / "k2.DM", model="silicon").sampling_reason
+
+    import shutil
+
+    from siesta_dmguess.card import resolve_model
+
+    other = tmp_path / "silicon-seen"
+    shutil.copytree(resolve_model("silicon"), other)
+    update_card(other, {"training": {"aliased_sampling": True}})
+    assert not predict_density_matrix(gamma, other).sampling_reason

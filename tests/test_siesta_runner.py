@@ -174,12 +174,16 @@ def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
                 "siesta_wall_s": 1.0, "prediction_s": 0.1}
 
     reason = "far outside the training data of model m (novelty 900, more than 100x its flag level 3.00)"
+    sampling = ("the run samples the crystal with a period of 5.45 Å (its k-grid's supercell), shorter than the "
+                "7.77 Å its DM reaches, and model m was trained only on runs sampled more finely")
     rows = [{"frame": 0, "atomic": result("atomic", 10), "ml": result("ml", 4)},
-            {"frame": 1, "atomic": result("atomic", 11), "ml": result("atomic", 11), "fallback": reason}]
+            {"frame": 1, "atomic": result("atomic", 11), "ml": result("atomic", 11), "fallback": reason},
+            {"frame": 2, "atomic": result("atomic", 12), "ml": result("atomic", 12), "fallback": sampling}]
     report = summarize_trajectory(rows, ("atomic", "ml"), "m", "md.traj")
     table = trajectory_markdown(report)
-    assert report["frames_fallback_atomic"] == 1
+    assert report["frames_fallback_atomic"] == 2
     assert "| 1 (far: atomic guess used) | 11 | 11 |" in table and "| 0 | 10 | 4 |" in table
-    assert f"1 of 2 frames started their ML guesses from the atomic guess: {reason}." in table
+    assert "| 2 (k-sampling: atomic guess used) | 12 | 12 |" in table
+    assert f"2 of 3 frames started their ML guesses from the atomic guess: {reason} (and alike)." in table
     calm = trajectory_markdown(summarize_trajectory(rows[:1], ("atomic", "ml"), "m", "md.traj"))
     assert "atomic guess used" not in calm and "started their ML guesses" not in calm

@@ -23,6 +23,7 @@ prints, against the run's own Γ reference:
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -71,7 +72,9 @@ def kpoint_rerun(run: Path, workdir: Path, kgrid: int, geometry):
     from siesta_dmguess.siesta.runner import fdf_value
 
     kfdf = prepare_run(find_fdf(run), workdir, "atomic", pseudo_dirs=[run.parent / "basis", run])
-    kfdf.write_text(kfdf.read_text() + "\nSaveHS T\n%block kgrid_Monkhorst_Pack\n"
+    # a Γ-only fdf may spell out a 1x1x1 block; fdf keeps a key's first value, so drop it before adding the grid
+    text = re.sub(r"(?is)%block\s+kgrid[._-]?monkhorst[._-]?pack\b.*?%endblock[^\n]*\n?", "", kfdf.read_text())
+    kfdf.write_text(text + "\nSaveHS T\n%block kgrid_Monkhorst_Pack\n"
                     f" {kgrid} 0 0 0.0\n 0 {kgrid} 0 0.0\n 0 0 {kgrid} 0.0\n%endblock kgrid_Monkhorst_Pack\n")
     result = run_siesta(kfdf)
     label = fdf_value(kfdf, "SystemLabel", "siesta")

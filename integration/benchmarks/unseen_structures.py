@@ -69,6 +69,10 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
   and O, and hydrogen-bonded and stacked pairs, none of them in ``g2`` (the
   ``chno-kinds`` set of ``extra_training_runs.py`` holds S22 dimers, so a model
   trained on it has seen these; the shipped ``chno-molecules`` has not).
+* ``si8-gamma`` and ``si8-k2``: the four ``si8`` val cells as they are, run at
+  Γ only and with 2x2x2 k-points (the dataset: 4x4x4): a coarser sampling. At Γ
+  the 5.43 Å cell is shorter than its DM's range, and the `silicon` model, which
+  learned from k-point runs only, gives no DM (``Prediction.sampling_reason``).
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
@@ -98,6 +102,9 @@ UNSEEN_S22 = ["Formic_acid_dimer", "Formamide_dimer", "Benzene-water_complex", "
 # Closed-shell (even electron count, no magnetic moments) CHNO molecules of ASE's G2 set absent from `g2`.
 UNSEEN_G2 = ["CH3CHO", "CH2NHCH2", "H3CNH2", "C3H6_D3h", "trans-butane", "butadiene", "CH3OCH3", "C3H4_D2d",
              "2-butyne", "N2O", "C3H9N", "C3H6_Cs", "C3H4_C3v", "C3H4_C2v"]
+
+
+SI8_VAL = ("0004", "0009", "0014", "0019")  # the si8 dataset's val split
 
 
 def with_species(fdf_text: str, labels: list[str]) -> str:
@@ -222,7 +229,7 @@ def main() -> None:
     p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,"
                                      "g2-stress,water-clusters,si-vacancy,si8-pressure,"
                                      "water-slab,si-interstitial,si-surface,si-hot,chno-complexes,h2o-stretched,"
-                                     "water8-stretched,g2-stretched,si8-displaced")
+                                     "water8-stretched,g2-stretched,si8-displaced,si8-gamma,si8-k2")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -242,7 +249,9 @@ def main() -> None:
             write_run(args.datasets / "g2/0000/input.fdf", atoms, dest / f"{k:04d}")
     for name, source, ids, repeat, rattle, kgrid in (("water64", "water8", ("0001", "0010"), (2, 2, 2), 0.03, None),
                                                      ("si16", "si8", ("0000", "0005"), (2, 1, 1), 0.05, (2, 4, 4)),
-                                                     ("si64-gamma", "si8", ("0002", "0007"), (2, 2, 2), 0.03, (1, 1, 1))):
+                                                     ("si64-gamma", "si8", ("0002", "0007"), (2, 2, 2), 0.03, (1, 1, 1)),
+                                                     ("si8-gamma", "si8", SI8_VAL, (1, 1, 1), 0.0, (1, 1, 1)),
+                                                     ("si8-k2", "si8", SI8_VAL, (1, 1, 1), 0.0, (2, 2, 2))):
         if name not in sets:
             continue
         dest = args.out / name
