@@ -72,7 +72,9 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 * ``si8-gamma`` and ``si8-k2``: the four ``si8`` val cells as they are, run at
   Γ only and with 2x2x2 k-points (the dataset: 4x4x4): a coarser sampling. At Γ
   the 5.43 Å cell is shorter than its DM's range, and the `silicon` model, which
-  learned from k-point runs only, gives no DM (``Prediction.sampling_reason``).
+  learned from k-point runs only, gives no DM (``Prediction.sampling_reason``);
+* ``water8-k3``: two ``water8`` val boxes with 3x3x3 k-points (the dataset: Γ
+  only): the converse, a finer sampling than the `water` model's boxes.
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
@@ -116,7 +118,10 @@ def with_species(fdf_text: str, labels: list[str]) -> str:
 
 
 def with_kgrid(fdf_text: str, grid: tuple[int, int, int]) -> str:
+    """The fdf text with a diagonal Monkhorst-Pack grid, replacing the template's or added to a Γ-only one."""
     rows = "".join(f" {' '.join(str(n if i == j else 0) for j in range(3))} 0.0\n" for i, n in enumerate(grid))
+    if not re.search(r"(?i)%block kgrid_Monkhorst_Pack", fdf_text):
+        return fdf_text + f"%block kgrid_Monkhorst_Pack\n{rows}%endblock kgrid_Monkhorst_Pack\n"
     return re.sub(r"(?is)(%block kgrid_Monkhorst_Pack\n).*?(%endblock)", lambda m: m.group(1) + rows + m.group(2),
                   fdf_text)
 
@@ -229,7 +234,7 @@ def main() -> None:
     p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,"
                                      "g2-stress,water-clusters,si-vacancy,si8-pressure,"
                                      "water-slab,si-interstitial,si-surface,si-hot,chno-complexes,h2o-stretched,"
-                                     "water8-stretched,g2-stretched,si8-displaced,si8-gamma,si8-k2")
+                                     "water8-stretched,g2-stretched,si8-displaced,si8-gamma,si8-k2,water8-k3")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -251,7 +256,9 @@ def main() -> None:
                                                      ("si16", "si8", ("0000", "0005"), (2, 1, 1), 0.05, (2, 4, 4)),
                                                      ("si64-gamma", "si8", ("0002", "0007"), (2, 2, 2), 0.03, (1, 1, 1)),
                                                      ("si8-gamma", "si8", SI8_VAL, (1, 1, 1), 0.0, (1, 1, 1)),
-                                                     ("si8-k2", "si8", SI8_VAL, (1, 1, 1), 0.0, (2, 2, 2))):
+                                                     ("si8-k2", "si8", SI8_VAL, (1, 1, 1), 0.0, (2, 2, 2)),
+                                                     ("water8-k3", "water8", ("0004", "0009"), (1, 1, 1), 0.0,
+                                                      (3, 3, 3))):
         if name not in sets:
             continue
         dest = args.out / name
