@@ -113,17 +113,19 @@ class DMGuessSiesta(Siesta):
         self._positions = None
 
     # -- helpers -------------------------------------------------------------
-    def _gamma_only(self) -> bool:
-        """Whether SIESTA will run at Γ only (the DM is then folded): its own rule applied to the fdf ASE has just
-        written, so that k-points given as ``kpts`` or as fdf arguments (``kgrid.Cutoff``, a Monkhorst-Pack block)
-        count alike. Before that fdf exists (a guess built by hand), from ``kpts`` (ASE writes no displacement)."""
+    def _sampling(self) -> dict:
+        """The run's k-sampling as SIESTA will build it: ``kgrid`` (more than Γ; else the DM is folded) and
+        ``k_supercell_length``, by SIESTA's own rule applied to the fdf ASE has just written, so that k-points
+        given as ``kpts`` or as fdf arguments (``kgrid.Cutoff``, a Monkhorst-Pack block) count alike. Before that
+        fdf exists (a guess built by hand), from ``kpts`` alone (ASE writes no displacement)."""
         from .structure import read_fdf_settings
 
         fdf = self.getpath(ext="fdf")
         if Path(fdf).is_file():
-            return not read_fdf_settings(fdf)["kgrid"]
+            settings = read_fdf_settings(fdf)
+            return {k: settings[k] for k in ("kgrid", "k_supercell_length") if k in settings}
         kpts = self["kpts"]
-        return kpts is None or all(int(k) == 1 for k in kpts)
+        return {"kgrid": not (kpts is None or all(int(k) == 1 for k in kpts))}
 
     def _run_settings(self) -> dict:
         """The settings this calculator gives SIESTA, as fdf settings, so the model's compatibility check sees them:
@@ -139,6 +141,9 @@ class DMGuessSiesta(Siesta):
             settings["XC.functional"], settings["XC.authors"] = map(str, xc)
         if isinstance(self["basis_set"], str):
             settings["PAO.BasisSize"] = self["basis_set"]
+        for species in self["species"] or ():  # ASE Species: a per-element basis size overrides the global one
+            if isinstance(species.get("basis_set"), str) and species["basis_set"] != settings.get("PAO.BasisSize"):
+                settings["PAO.BasisSize"] = species["basis_set"]
         if self["energy_shift"] is not None:  # ASE's unit is eV; cards keep SIESTA's Ry
             settings["PAO.EnergyShift"] = f"{float(self['energy_shift']) / Ry:.6g} Ry"
         if self["spin"]:
@@ -175,9 +180,10 @@ class DMGuessSiesta(Siesta):
 
         try:
             structure = structure_from_atoms(atoms)
-            structure.fdf_settings = self._run_settings()
+            sampling = self._sampling()
+            structure.fdf_settings = {**self._run_settings(), **sampling}
             with torch_threads(self.threads):
-                pred = predict_density_matrix(structure, self._model(), fold=self._gamma_only())
+                pred = predict_density_matrix(structure, self._model(), fold=not sampling["kgrid"])
         except DMGuessError as exc:
             if self.fallback == "error":
                 raise

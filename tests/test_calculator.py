@@ -3,6 +3,7 @@
 
 import pytest
 from ase import Atoms
+from ase.calculators.siesta.parameters import Species
 
 from siesta_dmguess import DMGuessSiesta
 from siesta_dmguess.card import save_model
@@ -168,6 +169,7 @@ def test_fdf_arguments_in_any_spelling_reach_the_compatibility_check(tmp_path):
     ({"basis_set": "SZ"}, "PAO.BasisSize"),
     ({"xc": "PBE"}, "XC.functional"),
     ({"fdf_arguments": {"PAO.EnergyShift": "0.01 Ry"}}, "PAO.EnergyShift"),
+    ({"species": [Species(symbol="H", basis_set="SZ")]}, "PAO.BasisSize is 'SZ'"),  # one element's own basis
 ])
 def test_the_calculators_basis_and_xc_arguments_are_checked_against_the_card(tmp_path, kwargs, problem):
     c = DMGuessSiesta(model="water", label="siesta", directory=str(tmp_path), **kwargs)
@@ -177,3 +179,21 @@ def test_the_calculators_basis_and_xc_arguments_are_checked_against_the_card(tmp
     else:
         with pytest.raises(ModelCompatibilityError, match=problem):
             c._write_guess(water_molecule())
+
+
+@pytest.mark.parametrize("kpts, used", [((2, 2, 2), "ml"), ((1, 1, 2), "atomic"), (None, "atomic")])
+def test_a_k_sampling_the_model_never_saw_starts_from_the_atomic_guess(tmp_path, monkeypatch, kpts, used):
+    """`silicon` learned from k-point runs: with 1x1x2 k-points (or at Γ) an 8-atom cell is sampled with a period of
+    5.43 Å, shorter than its DM's range, and the calculator starts SIESTA from its atomic guess and says why."""
+    from ase.build import bulk
+
+    (tmp_path / "Si.psf").write_text("placeholder\n")  # linked by ASE; SIESTA does not run
+    monkeypatch.setenv("SIESTA_PP_PATH", str(tmp_path))
+    c = DMGuessSiesta(model="silicon", label="siesta", directory=str(tmp_path / "run"), xc="CA", kpts=kpts)
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    if used == "atomic":
+        with pytest.warns(UserWarning, match="period of 5.43 .*more k-points, or a larger cell"):
+            c.write_input(atoms, properties=["energy"])
+    else:
+        c.write_input(atoms, properties=["energy"])
+    assert c._used == used and (tmp_path / "run" / "siesta.DM").is_file() is (used == "ml")
