@@ -329,7 +329,9 @@ def _sampling_reason(sample, loaded: LoadedModel) -> str:
     return (f"the run samples the crystal with a period of {sampling_period(sample):.2f} Å (its k-grid's supercell), "
             f"shorter than the {dm_range(sample):.2f} Å its DM reaches, and model {loaded.path.name} was trained only "
             f"on runs sampled more finely, whose DMs do not sum a pair over its images; there even the crystal's "
-            f"converged DM starts SIESTA no closer than its atomic guess (more k-points, or a larger cell, fix it)")
+            f"converged DM starts SIESTA no closer than its atomic guess (more k-points, or a larger cell, fix it)"
+            + ("" if "k_supercell_length" in sample.structure.fdf_settings else
+               "; without an fdf the run is taken as Γ-only: for a k-point run, predict with --fold no"))
 
 
 def _expected_electrons(structure: Structure, basis) -> float:
