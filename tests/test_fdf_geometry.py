@@ -162,3 +162,11 @@ def test_the_k_grid_supercell_is_the_period_siestas_sampling_repeats_the_crystal
     path = tmp_path / "run.fdf"
     path.write_text(FDF + kgrid)
     assert read_structure(path).fdf_settings["k_supercell_length"] == pytest.approx(length)
+
+
+def test_a_malformed_k_grid_block_is_an_error_naming_the_file_and_the_block(tmp_path):
+    path = tmp_path / "run.fdf"
+    path.write_text(FDF + "%block kgrid_Monkhorst_Pack\n 4 0 0 0.0\n 0 four 0 0.0\n 0 0 4 0.0\n"
+                          "%endblock kgrid_Monkhorst_Pack\n")
+    with pytest.raises(InputFileError, match=r"run\.fdf: cannot read its kgrid_Monkhorst_Pack block"):
+        read_structure(path)
