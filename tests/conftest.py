@@ -98,3 +98,18 @@ def torch_thread_log(monkeypatch):
 
     yield log
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """A shipped model by name, loaded once per test session (loading `water`, three networks, takes seconds)."""
+    from siesta_dmguess.card import load_model
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_model(name)
+        return cache[name]
+
+    return get

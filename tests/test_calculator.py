@@ -154,10 +154,10 @@ def test_the_dm_is_folded_exactly_when_siesta_runs_at_gamma_only(model_dir, tmp_
     assert c._prediction.folded is folded
 
 
-def test_fdf_arguments_in_any_spelling_reach_the_compatibility_check(tmp_path):
+def test_fdf_arguments_in_any_spelling_reach_the_compatibility_check(tmp_path, shipped):
     """fdf keys ignore case and '.', '_', '-': a basis size given as ``pao_basis-size`` is checked like
     ``PAO.BasisSize`` against the model card."""
-    c = DMGuessSiesta(model="water", label="siesta", directory=str(tmp_path), xc="CA",
+    c = DMGuessSiesta(model=shipped("water"), label="siesta", directory=str(tmp_path), xc="CA",
                       fdf_arguments={"pao_basis-size": "SZ"})
     with pytest.raises(ModelCompatibilityError, match="PAO.BasisSize is 'SZ'"):
         c._write_guess(water_molecule())
@@ -171,8 +171,8 @@ def test_fdf_arguments_in_any_spelling_reach_the_compatibility_check(tmp_path):
     ({"fdf_arguments": {"PAO.EnergyShift": "0.01 Ry"}}, "PAO.EnergyShift"),
     ({"species": [Species(symbol="H", basis_set="SZ")]}, "PAO.BasisSize is 'SZ'"),  # one element's own basis
 ])
-def test_the_calculators_basis_and_xc_arguments_are_checked_against_the_card(tmp_path, kwargs, problem):
-    c = DMGuessSiesta(model="water", label="siesta", directory=str(tmp_path), **kwargs)
+def test_the_calculators_basis_and_xc_arguments_are_checked_against_the_card(tmp_path, shipped, kwargs, problem):
+    c = DMGuessSiesta(model=shipped("water"), label="siesta", directory=str(tmp_path), **kwargs)
     if problem is None:
         c._write_guess(water_molecule())
         assert c._used == "ml"
@@ -182,14 +182,14 @@ def test_the_calculators_basis_and_xc_arguments_are_checked_against_the_card(tmp
 
 
 @pytest.mark.parametrize("kpts, used", [((2, 2, 2), "ml"), ((1, 1, 2), "atomic"), (None, "atomic")])
-def test_a_k_sampling_the_model_never_saw_starts_from_the_atomic_guess(tmp_path, monkeypatch, kpts, used):
+def test_a_k_sampling_the_model_never_saw_starts_from_the_atomic_guess(tmp_path, monkeypatch, shipped, kpts, used):
     """`silicon` learned from k-point runs: with 1x1x2 k-points (or at Γ) an 8-atom cell is sampled with a period of
     5.43 Å, shorter than its DM's range, and the calculator starts SIESTA from its atomic guess and says why."""
     from ase.build import bulk
 
     (tmp_path / "Si.psf").write_text("placeholder\n")  # linked by ASE; SIESTA does not run
     monkeypatch.setenv("SIESTA_PP_PATH", str(tmp_path))
-    c = DMGuessSiesta(model="silicon", label="siesta", directory=str(tmp_path / "run"), xc="CA", kpts=kpts)
+    c = DMGuessSiesta(model=shipped("silicon"), label="siesta", directory=str(tmp_path / "run"), xc="CA", kpts=kpts)
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
     if used == "atomic":
         with pytest.warns(UserWarning, match="period of 5.43 .*more k-points, or a larger cell"):

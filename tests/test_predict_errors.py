@@ -170,16 +170,16 @@ XC.authors CA
     (lambda t: t.replace("XC.authors CA", "XC.authors PZ"), None),  # SIESTA reads CA and PZ as the same LDA
     (lambda t: t.replace("XC.functional LDA\nXC.authors CA\n", ""), None),  # SIESTA's default XC is that LDA
 ])
-def test_a_setting_the_fdf_leaves_out_is_compared_as_siestas_default(tmp_path, edit, problem):
+def test_a_setting_the_fdf_leaves_out_is_compared_as_siestas_default(tmp_path, shipped, edit, problem):
     """The shipped `water` card records only the settings its fdf runs wrote; what a run leaves out is SIESTA's
     default, so a run that states another value is refused, and one that states the default is not."""
     fdf = tmp_path / "water.fdf"
     fdf.write_text(edit(WATER_FDF))
     if problem is None:
-        assert predict_density_matrix(fdf, "water").warnings == []
+        assert predict_density_matrix(fdf, shipped("water")).warnings == []
     else:
         with pytest.raises(ModelCompatibilityError, match=problem) as err:
-            predict_density_matrix(fdf, "water")
+            predict_density_matrix(fdf, shipped("water"))
         assert "water.fdf" in str(err.value)
 
 
@@ -334,7 +334,7 @@ def _diamond_fdf(kgrid: str) -> str:
     return fdf_with_geometry(template, atoms, ["Si"] * 8)
 
 
-def test_a_run_sampled_more_coarsely_than_the_models_training_runs_gets_no_dm(tmp_path):
+def test_a_run_sampled_more_coarsely_than_the_models_training_runs_gets_no_dm(tmp_path, shipped):
     """`silicon` learned from k-point runs; a Γ-only 8-atom cell repeats the crystal every 5.43 Å, less than its
     DM's range, and gets no DM unless forced (the error says why and what helps); 2x2x2 k-points (10.9 Å) do.
     The card decides: the same model with a card saying it saw such runs predicts the Γ-only cell."""
@@ -347,10 +347,10 @@ def test_a_run_sampled_more_coarsely_than_the_models_training_runs_gets_no_dm(tm
                                "%endblock kgrid_Monkhorst_Pack\n"))
     with pytest.raises(UnreliablePredictionError, match=r"gamma.fdf: the run samples the crystal with a period of "
                                                         r"5\.4\d .*more k-points, or a larger cell") as err:
-        predict_to_file(gamma, tmp_path / "gamma.DM", model="silicon")
+        predict_to_file(gamma, tmp_path / "gamma.DM", model=shipped("silicon"))
     assert err.value.prediction.sampling_reason and not (tmp_path / "gamma.DM").exists()
-    assert predict_to_file(gamma, tmp_path / "gamma.DM", model="silicon", force=True).folded
-    assert not predict_to_file(k2, tmp_path / "k2.DM", model="silicon").sampling_reason
+    assert predict_to_file(gamma, tmp_path / "gamma.DM", model=shipped("silicon"), force=True).folded
+    assert not predict_to_file(k2, tmp_path / "k2.DM", model=shipped("silicon")).sampling_reason
 
     import shutil
 
