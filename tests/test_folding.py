@@ -134,3 +134,25 @@ def test_a_crystal_reference_gives_the_far_pairs_their_own_targets():
     assert len(kpoint.pattern) == len(pattern_only.pattern)
     # a k-point file holds SIESTA's orbital pattern: exactly the elements the mask keeps
     assert np.array_equal(kpoint.target_index >= 0, kpoint.in_siesta_pattern)
+
+
+def _sample(atoms, fold, settings=None):
+    structure = Structure(atoms, list(atoms.get_chemical_symbols()))
+    structure.fdf_settings = settings or {}
+    return prepare_sample(structure, water_basis(), ["H", "O"], 4.0, fold=fold)
+
+
+def test_a_run_is_aliased_when_its_sampling_period_is_shorter_than_its_dm_range():
+    """is_aliased (the card's training.aliased_sampling and Prediction.sampling_reason): a Γ-only 5 Å box folds
+    images within its DM's range, the same box sampled by a 4x4x4 grid (period 20 Å) does not, nor does a
+    molecule in a 10 Å box (its DM reaches 2 Å)."""
+    from siesta_dmguess.data import dm_range, is_aliased, sampling_period
+
+    box = water_box(3, seed=2)
+    gamma = _sample(box, True)
+    assert sampling_period(gamma) < dm_range(gamma) and is_aliased(gamma)
+    period = 4 * np.linalg.norm(box.cell, axis=1).min()
+    assert not is_aliased(_sample(box, False, {"kgrid": True, "k_supercell_length": period}))
+    molecule = _sample(water_molecule(), True)
+    assert dm_range(molecule) < 2.0 and not is_aliased(molecule)
+    assert sampling_period(_sample(box, False, {"kgrid": True})) is None  # a k-point run without its grid
