@@ -75,6 +75,8 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
   learned from k-point runs only, gives no DM (``Prediction.sampling_reason``);
 * ``water8-k3``: two ``water8`` val boxes with 3x3x3 k-points (the dataset: Γ
   only): the converse, a finer sampling than the `water` model's boxes.
+* ``h2o-smallbox``: three ``h2o`` val molecules, unchanged, in 8 Å and in 6 Å
+  boxes (the dataset: 12 Å): closer periodic images.
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
@@ -234,7 +236,7 @@ def main() -> None:
     p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,"
                                      "g2-stress,water-clusters,si-vacancy,si8-pressure,"
                                      "water-slab,si-interstitial,si-surface,si-hot,chno-complexes,h2o-stretched,"
-                                     "water8-stretched,g2-stretched,si8-displaced,si8-gamma,si8-k2,water8-k3")
+                                     "water8-stretched,g2-stretched,si8-displaced,si8-gamma,si8-k2,water8-k3,h2o-smallbox")
     args = p.parse_args()
     sets = args.sets.split(",")
     rng = np.random.default_rng(11)
@@ -300,6 +302,14 @@ def main() -> None:
         for k, run in enumerate(("0004", "0009", "0014")):
             atoms = read_structure(args.datasets / "h2o" / run / "input.fdf").atoms
             atoms.rattle(0.15, seed=100 + k)
+            write_run(args.datasets / "h2o/0000/input.fdf", atoms, dest / f"{k:04d}")
+    if "h2o-smallbox" in sets:
+        dest = args.out / "h2o-smallbox"
+        copy_basis(args.datasets / "h2o", dest)
+        for k, (run, box) in enumerate((r, b) for b in (8.0, 6.0) for r in ("0004", "0009", "0014")):
+            atoms = read_structure(args.datasets / "h2o" / run / "input.fdf").atoms
+            atoms.set_cell([box] * 3)
+            atoms.center()
             write_run(args.datasets / "h2o/0000/input.fdf", atoms, dest / f"{k:04d}")
     if "h2o-stretched" in sets:
         dest = args.out / "h2o-stretched"
