@@ -14,20 +14,17 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from gamma_vs_kpoints import fold  # same folder: sum image columns into the cell
 
 
 def folded_dm(run: Path) -> np.ndarray:
     """The run's converged DM, folded into the cell, as a dense (no, no) array."""
-    from siesta_dmguess.data import find_fdf, run_basis, system_label
-    from siesta_dmguess.dm import build_geometry, read_density_matrix
-    from siesta_dmguess.structure import read_structure
+    from siesta_dmguess.data import load_run
 
-    fdf = find_fdf(run)
-    structure = read_structure(fdf)
-    geometry = build_geometry(structure, run_basis(run, set(structure.labels)))
-    matrix = read_density_matrix(run / f"{system_label(fdf)}.DM", geometry).tocsr(0)
-    no = matrix.shape[0]
-    return sum(matrix[:, k * no:(k + 1) * no] for k in range(matrix.shape[1] // no)).toarray()
+    dm = load_run(run)[2]
+    if dm is None:
+        raise SystemExit(f"{run}: no converged .DM")
+    return fold(dm.tocsr(0), dm.no)
 
 
 def main() -> None:
