@@ -104,11 +104,11 @@ def read_fdf_settings(path: str | Path) -> dict:
         value = fdf.get(key)
         if value is not None:
             out[key] = " ".join(str(value).split())
-    supercell, displaced = k_grid_supercell(fdf)
+    cell = _fdf_cell(fdf)
+    supercell, displaced = k_grid_supercell(fdf, cell)
     # More than Γ (the DM then keeps its images; a Γ-only one is folded): SIESTA's gamma_scf (kpoint_scf.F90) is
     # one k-point at k = 0, i.e. a grid supercell of the cell's own volume and no displacement.
     out["kgrid"] = supercell is None or displaced or round(abs(np.linalg.det(supercell))) != 1
-    cell = _fdf_cell(fdf)
     if supercell is not None and cell is not None:
         out["k_supercell_length"] = shortest_period(supercell @ cell)
     return out
@@ -122,28 +122,35 @@ def _fdf_cell(fdf) -> np.ndarray | None:
         return None
 
 
-def k_grid_supercell(fdf) -> tuple[np.ndarray | None, bool]:
+def _monkhorst_pack(block) -> tuple[np.ndarray, list[float]]:
+    """(3x3 supercell matrix as written, displacement per row) of a ``kgrid_Monkhorst_Pack`` block: each of its
+    three lines holds a supercell vector in cell vectors and a displacement (SIESTA reads the first four numbers).
+    Raises ValueError or IndexError for a malformed block."""
+    if len(block) < 3:
+        raise ValueError(f"{len(block)} lines, not 3")
+    rows = [[float(x) for x in line.split()[:4]] for line in block[:3]]
+    return np.array([row[:3] for row in rows]), [row[3] if len(row) > 3 else 0.0 for row in rows]
+
+
+def k_grid_supercell(fdf, cell: np.ndarray | None) -> tuple[np.ndarray | None, bool]:
     """SIESTA's k-point grid as the integer matrix M of its supercell (supercell vector i = sum_j M[i, j] a_j: a
     grid samples the crystal as if it repeated with that period) and whether the grid is displaced from Γ. Γ only
     is the identity. SIESTA's order (``kpoint_t.F90``): a Monkhorst-Pack block, else ``kgrid.Cutoff``, else
-    ``kgrid.File`` (a list of k-points, no supercell: None). Written here because sisl reads the keys but does
-    not build SIESTA's grid."""
+    ``kgrid.File`` (a list of k-points, no supercell: None). ``cell`` is the fdf's (:func:`_fdf_cell`). Written
+    here because sisl reads the keys but does not build SIESTA's grid."""
     block = fdf.get("kgrid_Monkhorst_Pack")  # sisl ignores case and '.', '_', '-' in keys
     if block:
         try:
-            rows = [[float(x) for x in line.split()[:4]] for line in block[:3]]
-            matrix = np.array([row[:3] for row in rows]).round().astype(int)
-            shift = [(row[3] if len(row) > 3 else 0.0) % 1.0 for row in rows]
+            matrix, shifts = _monkhorst_pack(block)
         except (ValueError, IndexError) as exc:
             raise InputFileError(f"cannot read its kgrid_Monkhorst_Pack block ({exc})", fdf.file) from exc
         # SIESTA honours a given displacement: "1 0 0 0.5" is one k-point at the zone boundary, not Γ
-        return matrix, any(min(x, 1.0 - x) > 1e-8 for x in shift)
+        return matrix.round().astype(int), any(min(x % 1.0, 1.0 - x % 1.0) > 1e-8 for x in shifts)
     cutoff = fdf.get("kgrid.Cutoff", unit="Ang")
     if cutoff is not None and float(cutoff) > 0:  # SIESTA: a cutoff <= 0 means Γ only
         # setup_cutoff: int(2 rc / |v|) + 1 cells along each vector v of the reduced cell
         from ase.geometry import minkowski_reduce
 
-        cell = _fdf_cell(fdf)
         if cell is None:
             return None, True
         reduced, op = minkowski_reduce(cell)
@@ -165,15 +172,15 @@ def read_monkhorst_pack(path: str | Path) -> tuple[list[int], list[float]] | Non
     """(grid sizes, displacements in grid units) of an fdf's diagonal ``kgrid_Monkhorst_Pack`` block (what ASE
     writes); None without one or for a non-diagonal block."""
     block = fdf_sile(path).get("kgrid_Monkhorst_Pack")
-    if not isinstance(block, (list, tuple)) or len(block) < 3:
+    if not isinstance(block, (list, tuple)):
         return None
     try:
-        rows = [[float(x) for x in line.split()] for line in block[:3]]
-        if any(rows[i][j] for i in range(3) for j in range(3) if i != j):
-            return None
-        return [int(rows[i][i]) for i in range(3)], [rows[i][3] if len(rows[i]) > 3 else 0.0 for i in range(3)]
+        matrix, shifts = _monkhorst_pack(block)
     except (ValueError, IndexError):
         return None
+    if np.any(matrix != np.diag(np.diag(matrix))):
+        return None
+    return [int(n) for n in np.diag(matrix)], shifts  # int() truncates, as before the shared parser
 
 
 def read_structure(path: str | Path) -> Structure:
