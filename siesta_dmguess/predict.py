@@ -26,7 +26,7 @@ from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed, write_den
 from .errors import ModelCompatibilityError, UnreliablePredictionError
 from .evaluate import predict_flat
 from .refine import is_kpoint, projection_skipped, refine_folded
-from .structure import Structure, element_symbol, read_structure
+from .structure import FDF_ENERGY_KEYS, Structure, element_symbol, read_structure
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,18 @@ def _normalize_setting(value: str) -> str:
     return SETTING_ALIASES.get(value, value)
 
 
+def _same_setting(key: str, got, expected) -> bool:
+    """Whether two values of an fdf setting mean the same. Energies ("<value> Ry", :func:`read_fdf_settings`)
+    compare to 1e-3 relative: an energy shift written as 0.2721 eV is SIESTA's 0.02 Ry, not a new basis."""
+    if key in FDF_ENERGY_KEYS:
+        try:
+            a, b = (float(str(v).split()[0]) for v in (got, expected))
+            return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
+        except (ValueError, IndexError):
+            pass  # not a number: compare as text
+    return _normalize_setting(got) == _normalize_setting(expected)
+
+
 def _spin_setting(settings: dict) -> str:
     """'' for a spin-unpolarized run, else the fdf's spin setting (``Spin`` or the legacy ``SpinPolarized``)."""
     spin = _normalize_setting(settings.get("Spin", "non-polarized"))
@@ -240,7 +252,7 @@ def _setting_problems(settings: dict, card: dict) -> list[str]:
         if key == "MeshCutoff":
             continue  # does not change the basis; a different mesh still starts well
         got = settings.get(key, SIESTA_DEFAULTS.get(key))
-        if got is not None and _normalize_setting(got) != _normalize_setting(value):
+        if got is not None and not _same_setting(key, got, value):
             problems.append(f"fdf setting {key} is {got!r}, the model was trained with {value!r}")
     return problems
 

@@ -115,11 +115,42 @@ def read_fdf_settings(path: str | Path) -> dict:
 
 
 def _fdf_cell(fdf) -> np.ndarray | None:
-    """The fdf's lattice vectors (Å), or None for a partial fdf without them."""
+    """The fdf's lattice vectors (Å) as SIESTA reads them (``redcel.F``), or None where SIESTA builds its
+    automatic cell (no ``LatticeConstant``: a molecule) or the lattice cannot be read (a partial fdf)."""
     try:
+        alat = fdf.get("LatticeConstant", unit="Ang")
+        if alat is None:
+            return None  # SIESTA multiplies the vectors by a lattice constant of 0: the cell is automatic
+        if not (fdf.get("LatticeVectors") or fdf.get("LatticeParameters")):
+            return float(alat) * np.eye(3)  # SIESTA's default vectors; sisl 0.20 refuses this fdf
         return np.asarray(fdf.read_lattice().cell, float)
-    except Exception:  # sisl raises SileError or ValueError for a missing or malformed lattice
+    except Exception:  # sisl raises SileError or ValueError for a malformed lattice
         return None
+
+
+def _read_fdf_geometry(fdf, path: Path):
+    """(sisl Geometry, whether SIESTA treats it as periodic). sisl 0.20 reads coordinates only with a
+    LatticeConstant and lattice vectors; SIESTA also runs without them, so those two cases are read here with the
+    cell SIESTA would use (:func:`_fdf_cell`). Without a LatticeConstant SIESTA builds its automatic cell
+    (``automatic_cell.f``): the atoms' extent plus each species' longest orbital on both sides, plus 10 %, so no
+    orbital reaches a periodic image and the run is an isolated molecule (placeholder cell, not periodic)."""
+    import sisl
+
+    cell = _fdf_cell(fdf)
+    has_vectors = bool(fdf.get("LatticeVectors") or fdf.get("LatticeParameters"))
+    if cell is not None and has_vectors:
+        return fdf.read_geometry(), True  # sisl reads the lattice itself (and its nsc)
+    if cell is None and fdf.get("LatticeConstant") is not None:
+        raise InputFileError("cannot read its lattice (LatticeVectors or LatticeParameters malformed?)", path)
+    periodic = cell is not None
+    if not periodic:
+        fmt = str(fdf.get("AtomicCoordinatesFormat", default="Bohr")).lower()
+        if "scaled" in fmt or "fractional" in fmt:  # SIESTA would scale them by a zero cell
+            raise InputFileError(f"AtomicCoordinatesFormat {fmt} needs a lattice, and this fdf has no "
+                                 "LatticeConstant", path)
+        cell = 1000.0 * np.eye(3)  # a placeholder: sisl needs a cell to read Cartesian coordinates
+    fdf.read_lattice = lambda *args, **kwargs: sisl.Lattice(cell)  # hand sisl's reader SIESTA's cell
+    return fdf.read_geometry(), periodic
 
 
 def _monkhorst_pack(block) -> tuple[np.ndarray, list[float]]:
@@ -187,7 +218,8 @@ def read_structure(path: str | Path) -> Structure:
     """Read an fdf (via sisl, keeping species labels and the lattice) or any file ASE reads.
 
     Structures without a cell (e.g. an .xyz molecule) are treated as isolated: no
-    periodic images. SIESTA's own runs are always periodic boxes, and fdf input keeps that.
+    periodic images. An fdf with a lattice keeps its periodic box; one without a LatticeConstant is a
+    molecule in SIESTA's automatic cell, which no orbital crosses (:func:`_read_fdf_geometry`).
     """
     path = Path(path)
     if not path.is_file():
@@ -197,14 +229,16 @@ def read_structure(path: str | Path) -> Structure:
             fdf = fdf_sile(path)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                geom = fdf.read_geometry()
+                geom, periodic = _read_fdf_geometry(fdf, path)
+        except InputFileError:
+            raise
         except Exception as exc:
             raise InputFileError(f"sisl cannot read a geometry from this fdf ({exc})", path) from exc
         if geom is None or geom.na == 0:
             raise InputFileError("the fdf holds no atoms (AtomicCoordinatesAndAtomicSpecies missing?)", path)
         labels = _fdf_labels(fdf, geom)
         atoms = Atoms(numbers=[int(geom.atoms[ia].Z) for ia in range(geom.na)], positions=geom.xyz,
-                      cell=geom.cell, pbc=True)
+                      cell=geom.cell if periodic else None, pbc=periodic)
         return Structure(atoms, labels, str(path), read_fdf_settings(path))
     import ase.io
 

@@ -170,3 +170,66 @@ def test_a_malformed_k_grid_block_is_an_error_naming_the_file_and_the_block(tmp_
                           "%endblock kgrid_Monkhorst_Pack\n")
     with pytest.raises(InputFileError, match=r"run\.fdf: cannot read its kgrid_Monkhorst_Pack block"):
         read_structure(path)
+
+
+MOLECULE = """SystemLabel water
+NumberOfSpecies 2
+NumberOfAtoms 3
+%block ChemicalSpeciesLabel
+ 1 8 O
+ 2 1 H
+%endblock ChemicalSpeciesLabel
+{lattice}%block AtomicCoordinatesAndAtomicSpecies
+ 9.4486 9.4486 9.4486 1
+ 11.2571 9.4486 9.4486 2
+ 8.9951 11.2004 9.4486 2
+%endblock AtomicCoordinatesAndAtomicSpecies
+"""  # no AtomicCoordinatesFormat: SIESTA's default is Bohr (5 Å = 9.4486 Bohr)
+VECTORS = "%block LatticeVectors\n 9.0 0.0 0.0\n 0.0 9.0 0.0\n 0.0 0.0 9.0\n%endblock LatticeVectors\n"
+
+
+@pytest.mark.parametrize("lattice, cell", [
+    ("", None),  # SIESTA builds its automatic cell: an isolated molecule
+    (VECTORS, None),  # vectors without a LatticeConstant: SIESTA scales them by 0, the same automatic cell
+    ("LatticeConstant 9.0 Ang\n", np.eye(3) * 9.0),  # SIESTA's default vectors: a cube of that side
+    ("LatticeConstant 1.0 Ang\n" + VECTORS, np.eye(3) * 9.0),
+])
+def test_fdf_lattice_follows_siestas_rules(tmp_path, lattice, cell):
+    """sisl 0.20 reads no geometry from an fdf without LatticeConstant and lattice vectors; SIESTA runs both
+    (redcel.F, automatic_cell.f), so the structure is what SIESTA will run."""
+    path = tmp_path / "water.fdf"
+    path.write_text(MOLECULE.format(lattice=lattice))
+    st = read_structure(path)
+    assert np.allclose(st.atoms.positions[0], [5.0, 5.0, 5.0], atol=1e-4)
+    assert st.labels == ["O", "H", "H"]
+    if cell is None:
+        assert not st.periodic and st.fdf_settings["kgrid"] is False
+    else:
+        assert st.periodic and np.allclose(st.atoms.cell.array, cell)
+
+
+@pytest.mark.parametrize("lattice, message", [
+    ("AtomicCoordinatesFormat Fractional\n", "needs a lattice"),
+    ("LatticeConstant 1.0 Ang\n%block LatticeVectors\n 9.0 0.0\n%endblock LatticeVectors\n", "lattice"),
+])
+def test_an_fdf_lattice_siesta_cannot_use_is_a_clear_error(tmp_path, lattice, message):
+    path = tmp_path / "water.fdf"
+    path.write_text(MOLECULE.format(lattice=lattice))
+    with pytest.raises(InputFileError, match=message) as err:
+        read_structure(path)
+    assert "water.fdf" in str(err.value)
+
+
+def test_a_molecule_in_siestas_automatic_cell_is_predicted_as_isolated(tmp_path, shipped):
+    """The automatic cell leaves a 10 % margin beyond every orbital, so SIESTA's DM has no image pairs: the
+    prediction is that of the same molecule read from an .xyz (no cell), and the .DM is written Γ-only."""
+    from siesta_dmguess.predict import predict_density_matrix
+
+    path = tmp_path / "water.fdf"
+    path.write_text(MOLECULE.format(lattice=""))
+    xyz = tmp_path / "water.xyz"
+    read_structure(path).atoms.write(xyz)
+    a = predict_density_matrix(path, shipped("water"))
+    b = predict_density_matrix(xyz, shipped("water"))
+    assert np.array_equal(a.density_matrix.nsc, [1, 1, 1]) and a.values.shape == b.values.shape
+    assert np.allclose(a.values, b.values, atol=1e-12) and np.abs(a.values).max() > 0.1

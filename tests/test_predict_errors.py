@@ -167,6 +167,8 @@ XC.authors CA
     (lambda t: t.replace("PAO.BasisSize DZP\n", "PAO.BasisSize SZ\n"), "PAO.BasisSize"),
     (lambda t: t.replace("PAO.BasisSize DZP\n", ""), None),  # SIESTA's default basis size is DZP
     (lambda t: t + "PAO.EnergyShift 20 mRy\n", None),  # SIESTA's default energy shift, in other units
+    (lambda t: t + "PAO.EnergyShift 0.2721 eV\n", None),  # the same, rounded in eV (0.019999 Ry)
+    (lambda t: t + "PAO.EnergyShift 0.27 eV\n", "PAO.EnergyShift"),  # 0.8 % smaller: another basis
     (lambda t: t.replace("XC.authors CA", "XC.authors PZ"), None),  # SIESTA reads CA and PZ as the same LDA
     (lambda t: t.replace("XC.functional LDA\nXC.authors CA\n", ""), None),  # SIESTA's default XC is that LDA
 ])
