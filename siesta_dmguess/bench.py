@@ -39,6 +39,7 @@ class StructureResult:
     novelty: float | None = None  # the prediction's out-of-distribution score (see Prediction.novelty)
     flagged: bool = False  # novelty above the model's threshold
     fallback: str = ""  # why the "ml" run started from the atomic guess instead (as predict and the calculator do)
+    fallback_kind: str = ""  # the same in one word (Prediction.refusal_kind)
 
     def saved(self, guess: str = "ml", base: str = "atomic") -> int:
         return self.results[base].scf_iterations - self.results[guess].scf_iterations
@@ -50,14 +51,14 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
 
     A structure far outside the model's training data gets no predicted DM (``predict_to_file`` refuses it), so
     its "ml" run starts from the atomic guess, as the ``predict`` command and the ASE calculator would; the
-    reason is kept in ``StructureResult.fallback``.
+    reason is kept in ``StructureResult.fallback`` (in one word: ``fallback_kind``).
     """
     from .errors import UnreliablePredictionError
     from .predict import predict_to_file
     from .siesta import prepare_run, run_siesta
 
     results = {}
-    natoms, novelty, flagged, fallback = 0, None, False, ""
+    natoms, novelty, flagged, fallback, fallback_kind = 0, None, False, "", ""
     for guess in guesses:
         run_dir = workdir / guess
         prediction_s, dm_file, template = 0.0, None, guess
@@ -69,6 +70,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
                 dm_file = run_dir.parent / "predicted.DM"
             except UnreliablePredictionError as exc:
                 pred, fallback, template = exc.prediction, str(exc), "atomic"
+                fallback_kind = pred.refusal_kind
             prediction_s = time.perf_counter() - t0
             natoms = len(pred.structure.atoms)
             novelty, flagged = pred.novelty, pred.out_of_distribution
@@ -79,7 +81,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
                                      out.total_energy_eV, run.wall_s, prediction_s,
                                      [s.dDmax for s in out.scf_history],
                                      None if out.start_dm_electrons is None else out.start_dm_electrons - out.electrons)
-    return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback)
+    return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback, fallback_kind)
 
 
 def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "auto", limit: int = 0,
@@ -129,15 +131,10 @@ def summarize(rows: list[StructureResult], model: str, data: str) -> dict:
         "max_abs_energy_difference_eV": max(de) if de else 0.0,
         "structures_flagged_novel": sum(r.flagged for r in rows),
         "per_structure": [{"name": r.name, "natoms": r.natoms, "novelty": r.novelty, "flagged": r.flagged,
-                           "fallback": r.fallback,
+                           "fallback": r.fallback, "fallback_kind": r.fallback_kind,
                            **{g: asdict(v) for g, v in r.results.items()}}
                           for r in rows],
     }
-
-
-def _fallback_kind(reason: str) -> str:
-    """Why a structure's ML run started from the atomic guess, in one word for the tables (``Prediction.refusal_reason``)."""
-    return "far" if "far outside the training data" in reason else "k-sampling"
 
 
 def markdown(report: dict) -> str:
@@ -148,7 +145,7 @@ def markdown(report: dict) -> str:
         a, m = r["atomic"], r["ml"]
         novelty = "-" if r.get("novelty") is None else f"{r['novelty']:.2f}" + (" (flagged)" if r["flagged"] else "")
         if r.get("fallback"):
-            novelty += f", {_fallback_kind(r['fallback'])}: atomic guess used"
+            novelty += f", {r['fallback_kind']}: atomic guess used"
         lines.append(f"| {r['name']} | {r['natoms']} | {novelty} | {a['scf_iterations']} | {m['scf_iterations']} | "
                      f"{a['scf_iterations'] - m['scf_iterations']} | {a['siesta_wall_s']:.2f} | "
                      f"{m['siesta_wall_s'] + m['prediction_s']:.2f} | "
@@ -279,7 +276,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         # A frame far outside the training data starts the ML guesses from the atomic guess, as the calculator does.
         refusal = pred.refusal_reason if pred is not None else ""
         if refusal:
-            row["fallback"] = refusal
+            row["fallback"], row["fallback_kind"] = refusal, pred.refusal_kind
             predicted = None  # and the ml+residual history records no prediction for it
         for g in guesses:
             if refusal and g.startswith("ml"):
@@ -327,7 +324,7 @@ def trajectory_markdown(report: dict) -> str:
     for r in report["per_frame"]:
         frame = str(r["frame"])
         if r.get("fallback"):
-            frame += f" ({_fallback_kind(r['fallback'])}: atomic guess used)"
+            frame += f" ({r['fallback_kind']}: atomic guess used)"
         lines.append(f"| {frame} | " + " | ".join(str(r[g]["scf_iterations"]) for g in guesses) + " |")
     lines.append("| **total** | " + " | ".join(f"**{report['scf_iterations'][g]}**" for g in guesses) + " |")
     saved = report["iterations_saved_vs_atomic"]

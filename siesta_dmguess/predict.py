@@ -144,6 +144,11 @@ class Prediction:
         return self.far_reason or self.sampling_reason
 
     @property
+    def refusal_kind(self) -> str:
+        """:attr:`refusal_reason` in one word for tables: "far", "k-sampling", or "" when the prediction is used."""
+        return "far" if self.far_reason else ("k-sampling" if self.sampling_reason else "")
+
+    @property
     def far_reason(self) -> str:
         """Why a structure far outside the training data gets no predicted DM ("" when it is not)."""
         if not self.far_out_of_distribution:

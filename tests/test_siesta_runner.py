@@ -155,7 +155,8 @@ def test_benchmark_report_marks_structures_the_model_flags_as_novel(tmp_path):
     assert "(flagged)" not in markdown(calm)
     # With a near-zero threshold the structures are also *far* outside the training data: their "ml" runs start
     # from the atomic guess (no predicted DM, the atomic template), as predict and the calculator would do.
-    assert all("far outside the training data" in r["fallback"] for r in flagged["per_structure"])
+    assert all("far outside the training data" in r["fallback"] and r["fallback_kind"] == "far"
+               for r in flagged["per_structure"])
     assert not any(r["fallback"] for r in calm["per_structure"])
     assert flagged["structures_fallback_atomic"] == 2 and calm["structures_fallback_atomic"] == 0
     assert "far: atomic guess used" in table and "started from the atomic guess: 2" in table
@@ -177,8 +178,10 @@ def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
     sampling = ("the run samples the crystal with a period of 5.45 Å (its k-grid's supercell), shorter than the "
                 "7.77 Å its DM reaches, and model m was trained only on runs sampled more finely")
     rows = [{"frame": 0, "atomic": result("atomic", 10), "ml": result("ml", 4)},
-            {"frame": 1, "atomic": result("atomic", 11), "ml": result("atomic", 11), "fallback": reason},
-            {"frame": 2, "atomic": result("atomic", 12), "ml": result("atomic", 12), "fallback": sampling}]
+            {"frame": 1, "atomic": result("atomic", 11), "ml": result("atomic", 11), "fallback": reason,
+             "fallback_kind": "far"},
+            {"frame": 2, "atomic": result("atomic", 12), "ml": result("atomic", 12), "fallback": sampling,
+             "fallback_kind": "k-sampling"}]
     report = summarize_trajectory(rows, ("atomic", "ml"), "m", "md.traj")
     table = trajectory_markdown(report)
     assert report["frames_fallback_atomic"] == 2
