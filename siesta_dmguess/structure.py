@@ -136,16 +136,14 @@ def _read_fdf_geometry(fdf, path: Path):
     orbital reaches a periodic image and the run is an isolated molecule (placeholder cell, not periodic)."""
     import sisl
 
+    periodic = fdf.get("LatticeConstant") is not None
+    if periodic and (fdf.get("LatticeVectors") or fdf.get("LatticeParameters")):
+        return fdf.read_geometry(), True  # sisl reads the lattice itself (and its nsc), or says what is wrong
     cell = _fdf_cell(fdf)
-    has_vectors = bool(fdf.get("LatticeVectors") or fdf.get("LatticeParameters"))
-    if cell is not None and has_vectors:
-        return fdf.read_geometry(), True  # sisl reads the lattice itself (and its nsc)
-    if cell is None and fdf.get("LatticeConstant") is not None:
-        raise InputFileError("cannot read its lattice (LatticeVectors or LatticeParameters malformed?)", path)
-    periodic = cell is not None
     if not periodic:
-        fmt = str(fdf.get("AtomicCoordinatesFormat", default="Bohr")).lower()
-        if "scaled" in fmt or "fractional" in fmt:  # SIESTA would scale them by a zero cell
+        fmt = str(fdf.get("AtomicCoordinatesFormat", default="Bohr"))
+        if fmt.lower() in ("scaledcartesian", "latticeconstant", "fractional", "scaledbylatticevectors"):
+            # SIESTA would scale them by a zero cell
             raise InputFileError(f"AtomicCoordinatesFormat {fmt} needs a lattice, and this fdf has no "
                                  "LatticeConstant", path)
         cell = 1000.0 * np.eye(3)  # a placeholder: sisl needs a cell to read Cartesian coordinates

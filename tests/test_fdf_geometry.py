@@ -193,6 +193,7 @@ VECTORS = "%block LatticeVectors\n 9.0 0.0 0.0\n 0.0 9.0 0.0\n 0.0 0.0 9.0\n%end
     (VECTORS, None),  # vectors without a LatticeConstant: SIESTA scales them by 0, the same automatic cell
     ("LatticeConstant 9.0 Ang\n", np.eye(3) * 9.0),  # SIESTA's default vectors: a cube of that side
     ("LatticeConstant 1.0 Ang\n" + VECTORS, np.eye(3) * 9.0),
+    ("AtomicCoordinatesFormat NotScaledCartesianBohr\n", None),
 ])
 def test_fdf_lattice_follows_siestas_rules(tmp_path, lattice, cell):
     """sisl 0.20 reads no geometry from an fdf without LatticeConstant and lattice vectors; SIESTA runs both
@@ -210,7 +211,8 @@ def test_fdf_lattice_follows_siestas_rules(tmp_path, lattice, cell):
 
 @pytest.mark.parametrize("lattice, message", [
     ("AtomicCoordinatesFormat Fractional\n", "needs a lattice"),
-    ("LatticeConstant 1.0 Ang\n%block LatticeVectors\n 9.0 0.0\n%endblock LatticeVectors\n", "lattice"),
+    ("AtomicCoordinatesFormat ScaledByLatticeVectors\n", "needs a lattice"),
+    ("LatticeConstant 1.0 Ang\n%block LatticeVectors\n 9.0 0.0\n%endblock LatticeVectors\n", "sisl cannot read"),
 ])
 def test_an_fdf_lattice_siesta_cannot_use_is_a_clear_error(tmp_path, lattice, message):
     path = tmp_path / "water.fdf"
