@@ -257,3 +257,27 @@ def test_the_ase_md_example_runs_and_every_step_beats_the_atomic_guess(siesta_co
     steps = re.findall(r"step \d+: guess (\S+), (\d+) SCF iterations \(atomic guess (\d+)\)", done.stdout)
     assert len(steps) == 4
     assert all(guess.startswith("ml") and int(ml) < int(atomic) for guess, ml, atomic in steps)
+
+
+def test_a_molecule_in_siestas_automatic_cell_reads_the_ml_guess(siesta_command, water_model, tmp_path):
+    """An fdf without a lattice runs in SIESTA's automatic cell: the DM predicted for the isolated molecule is
+    read, saves iterations, and SIESTA converges to the same energy (a smaller box than the dataset's 12 Å)."""
+    import re
+    import shutil
+
+    from siesta_dmguess.bench import bench_structure
+
+    root = dataset("h2o")
+    rec = first_val_record(root)
+    text = (root / rec["id"] / "input.fdf").read_text()
+    text = re.sub(r"LatticeConstant.*?\n%block LatticeVectors.*?%endblock LatticeVectors\n", "", text, flags=re.S)
+    assert "Lattice" not in text
+    (tmp_path / "data" / "0000").mkdir(parents=True)
+    (tmp_path / "data" / "0000" / "input.fdf").write_text(text)
+    shutil.copytree(root / "basis", tmp_path / "data" / "basis")
+    result = bench_structure(tmp_path / "data" / "0000" / "input.fdf", tmp_path / "out", water_model,
+                             command=siesta_command)
+    ml, atomic = result.results["ml"], result.results["atomic"]
+    assert "Automatic unit cell" in (tmp_path / "out" / "ml" / "siesta.out").read_text()
+    assert ml.dm_read and ml.scf_iterations < atomic.scf_iterations
+    assert abs(ml.total_energy_eV - atomic.total_energy_eV) < 1e-4

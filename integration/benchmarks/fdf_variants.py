@@ -15,6 +15,7 @@ of the Monkhorst-Pack block). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 from pathlib import Path
@@ -28,8 +29,9 @@ def _block(text: str, name: str) -> re.Match:
     return re.search(rf"%block {name}\s*\n(.*?)%endblock {name}", text, re.S | re.I)
 
 
-def variants(text: str) -> dict[str, tuple[str, str, str | None]]:
-    """name -> (what it changes, fdf text, text of an included coordinates file or None)."""
+def variants(text: str, molecule: bool) -> dict[str, tuple[str, str, str | None]]:
+    """name -> (what it changes, fdf text, text of an included coordinates file or None). ``molecule``: the run
+    is a molecule in a box, which SIESTA can also run without a lattice."""
     cell_block, coord_block = _block(text, "LatticeVectors"), _block(text, "AtomicCoordinatesAndAtomicSpecies")
     species_block = _block(text, "ChemicalSpeciesLabel")
     if "LatticeConstant 1.0 Ang" not in text or "AtomicCoordinatesFormat Ang" not in text:
@@ -76,14 +78,14 @@ def variants(text: str) -> dict[str, tuple[str, str, str | None]]:
         out["kgrid-cutoff"] = ("another run: kgrid.Cutoff 10 Ang instead of the Monkhorst-Pack block", re.sub(
             r"%block kgrid_Monkhorst_Pack.*?%endblock kgrid_Monkhorst_Pack", "kgrid.Cutoff 10.0 Ang", text,
             flags=re.S | re.I), None)
-    else:
+    if molecule:
         out["no-lattice"] = ("another run: no lattice, SIESTA's automatic cell", text.replace(
             cell_block.group(0), "").replace("LatticeConstant 1.0 Ang\n", ""), None)
     return out
 
 
 def run_variant(name: str, fdf_text: str, include: str | None, run: Path, out: Path, model, command) -> dict:
-    from siesta_dmguess.errors import DMGuessError
+    from siesta_dmguess.errors import DMGuessError, SiestaError
     from siesta_dmguess.predict import predict_to_file
     from siesta_dmguess.siesta import prepare_run, run_siesta
     from siesta_dmguess.structure import species_block
@@ -107,7 +109,11 @@ def run_variant(name: str, fdf_text: str, include: str | None, run: Path, out: P
     fdf = prepare_run(src / "input.fdf", src / "ml", "ml", dm_file=src / "predicted.DM")
     if include is not None:
         shutil.copy(src / "coords.fdf", src / "ml" / "coords.fdf")
-    result = run_siesta(fdf, command=command, allow_unconverged=True).output
+    try:
+        result = run_siesta(fdf, command=command, allow_unconverged=True).output
+    except SiestaError as exc:
+        row["predicted"] += f"; SIESTA failed ({str(exc).splitlines()[0]})"
+        return row
     row.update(read=result.dm_read_from_file, scf=result.scf_iterations, energy=result.total_energy_eV,
                converged=result.converged)
     return row
@@ -125,7 +131,9 @@ def main() -> None:
     model = load_model(args.model)
     out = args.out / args.run.resolve().parent.name / args.run.name
     rows = []
-    for name, (what, text, include) in variants((args.run / "input.fdf").read_text()).items():
+    record = json.loads((args.run / "run.json").read_text())
+    for name, (what, text, include) in variants((args.run / "input.fdf").read_text(),
+                                                molecule=not record["periodic"]).items():
         row = run_variant(name, text, include, args.run, out, model, args.command)
         rows.append({"what": what, **row})
     base = rows[0]
