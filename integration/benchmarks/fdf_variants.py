@@ -7,9 +7,9 @@ rewrites the fdf without changing the physics (species order and labels, coordin
 atoms shifted by a lattice vector or wrapped across the cell's corner, keys spelled otherwise, the coordinates
 in an included file), predicts its DM with `predict_to_file`, and runs SIESTA from it. Every variant should give
 the original's SCF count and energy (up to SIESTA's grid: moving atoms relative to the mesh changes the energy
-by up to a few 1e-4 eV). Two variants are other runs, reported for what they show: `no-lattice` (a molecule in
-SIESTA's automatic cell, a smaller box than the original's) and `kgrid-cutoff` (k-points by a cutoff instead
-of the Monkhorst-Pack block). Prints a Markdown table.
+by up to a few 1e-4 eV). Two variants are other runs, also run from SIESTA's atomic guess: `no-lattice` (a
+molecule in SIESTA's automatic cell, a smaller box than the original's) and `kgrid-cutoff` (k-points by a
+cutoff instead of the Monkhorst-Pack block). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def variants(text: str, molecule: bool) -> dict[str, tuple[str, str, str | None]
     return out
 
 
-def run_variant(name: str, fdf_text: str, include: str | None, run: Path, out: Path, model, command) -> dict:
+def run_variant(name: str, fdf_text: str, include: str | None, run: Path, out: Path, model, command,
+                baseline: bool) -> dict:
+    """Predict the variant's DM and run SIESTA from it (and, with ``baseline``, from its atomic guess)."""
     from siesta_dmguess.errors import DMGuessError, SiestaError
     from siesta_dmguess.predict import predict_to_file
     from siesta_dmguess.siesta import prepare_run, run_siesta
@@ -106,16 +108,20 @@ def run_variant(name: str, fdf_text: str, include: str | None, run: Path, out: P
     except DMGuessError as exc:
         row["predicted"] = f"no: {exc}"
         return row
-    fdf = prepare_run(src / "input.fdf", src / "ml", "ml", dm_file=src / "predicted.DM")
-    if include is not None:
-        shutil.copy(src / "coords.fdf", src / "ml" / "coords.fdf")
-    try:
-        result = run_siesta(fdf, command=command, allow_unconverged=True).output
-    except SiestaError as exc:
-        row["predicted"] += f"; SIESTA failed ({str(exc).splitlines()[0]})"
-        return row
-    row.update(read=result.dm_read_from_file, scf=result.scf_iterations, energy=result.total_energy_eV,
-               converged=result.converged)
+    for init in ("ml", "atomic") if baseline else ("ml",):
+        fdf = prepare_run(src / "input.fdf", src / init, init, dm_file=src / "predicted.DM")
+        if include is not None:
+            shutil.copy(src / "coords.fdf", src / init / "coords.fdf")
+        try:
+            result = run_siesta(fdf, command=command, allow_unconverged=True).output
+        except SiestaError as exc:
+            row["predicted"] += f"; SIESTA failed from the {init} guess ({str(exc).splitlines()[0]})"
+            return row
+        if init == "atomic":
+            row["atomic"] = result.scf_iterations
+        else:
+            row.update(read=result.dm_read_from_file, scf=result.scf_iterations, energy=result.total_energy_eV,
+                       converged=result.converged)
     return row
 
 
@@ -134,7 +140,8 @@ def main() -> None:
     record = json.loads((args.run / "run.json").read_text())
     for name, (what, text, include) in variants((args.run / "input.fdf").read_text(),
                                                 molecule=not record["periodic"]).items():
-        row = run_variant(name, text, include, args.run, out, model, args.command)
+        row = run_variant(name, text, include, args.run, out, model, args.command,
+                          baseline=what.startswith("another run"))
         rows.append({"what": what, **row})
     base = rows[0]
     print(f"## {args.run} with {args.model}\n")
@@ -144,7 +151,8 @@ def main() -> None:
         if "scf" not in r:
             print(f"| {r['variant']} | {r['what']} | {r['predicted']} | | | |")
             continue
-        scf = f"{r['scf']}" + ("" if r["converged"] else " (not converged)")
+        scf = f"{r['scf']}" + ("" if r["converged"] else " (not converged)") + (
+            f" (atomic guess: {r['atomic']})" if "atomic" in r else "")
         print(f"| {r['variant']} | {r['what']} | {r['predicted']} | {'yes' if r['read'] else 'no'} | {scf} | "
               f"{r['energy'] - base['energy']:+.1e} |")
 
