@@ -197,3 +197,27 @@ def test_a_k_sampling_the_model_never_saw_starts_from_the_atomic_guess(tmp_path,
     else:
         c.write_input(atoms, properties=["energy"])
     assert c._used == used and (tmp_path / "run" / "siesta.DM").is_file() is (used == "ml")
+
+
+def test_the_prediction_is_for_the_cell_siesta_runs(model_dir, tmp_path):
+    """ASE's Siesta writes the cell whenever one is set, even with pbc=False, and SIESTA runs it as periodic:
+    the calculator predicts the periodic DM then too. Without a cell SIESTA builds its automatic cell, which no
+    orbital crosses: an isolated molecule."""
+    import numpy as np
+
+    from .conftest import water_box
+
+    predictions = []
+    for k, (pbc, cell) in enumerate([(True, "box"), (False, "box"), (False, "none")]):
+        box = water_box()
+        box.pbc = pbc
+        if cell == "none":
+            box.set_cell(np.zeros((3, 3)))
+        (tmp_path / str(k)).mkdir()
+        c = calc(model_dir, tmp_path / str(k))
+        c._write_guess(box)
+        predictions.append(c._prediction)
+    periodic, flagged_off, isolated = predictions
+    assert periodic.structure.periodic and flagged_off.structure.periodic and not isolated.structure.periodic
+    assert np.array_equal(periodic.values, flagged_off.values)
+    assert periodic.values.shape != isolated.values.shape  # the 5 Å box's image pairs are what differ
