@@ -164,31 +164,22 @@ class DMGuessSiesta(Siesta):
     def _dm_path(self) -> Path:
         return Path(self.directory) / f"{self.prefix}.DM"
 
-    @staticmethod
-    def _structure(atoms):
-        """The structure SIESTA runs. ASE's ``Siesta`` writes the cell whenever it is set, whatever ``atoms.pbc``
-        says, and SIESTA treats every cell as periodic; without a cell it builds its automatic cell, which no
-        orbital crosses (an isolated molecule)."""
-        from .structure import structure_from_atoms
-
-        structure = structure_from_atoms(atoms)
-        structure.atoms.pbc = structure.atoms.cell.rank == 3
-        return structure
-
     def _geometry(self, atoms):
         """The sisl geometry (with the model's basis) of this step's DM."""
         if self._prediction is not None:
             return self._prediction.density_matrix.geometry
         from .dm import build_geometry
+        from .structure import structure_as_siesta_runs
 
-        return build_geometry(self._structure(atoms), self._model().basis)
+        return build_geometry(structure_as_siesta_runs(atoms), self._model().basis)
 
     def _predict(self, atoms):
         """The ML prediction for ``atoms``, or None (with ``self._reason``) when falling back."""
         from .predict import predict_density_matrix, torch_threads
+        from .structure import structure_as_siesta_runs
 
         try:
-            structure = self._structure(atoms)
+            structure = structure_as_siesta_runs(atoms)
             sampling = self._sampling()
             structure.fdf_settings = {**self._run_settings(), **sampling}
             with torch_threads(self.threads):

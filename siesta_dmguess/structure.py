@@ -278,6 +278,15 @@ def structure_from_atoms(atoms: Atoms, labels=None) -> Structure:
     return Structure(atoms, list(labels) if labels is not None else list(atoms.get_chemical_symbols()))
 
 
+def structure_as_siesta_runs(atoms: Atoms, labels=None) -> Structure:
+    """Atoms as SIESTA runs them from the fdf that ASE's ``Siesta`` (or ``fdf_with_geometry``) writes: a cell,
+    whenever one is set, is written and SIESTA treats it as periodic, whatever ``atoms.pbc`` says; without a cell
+    SIESTA builds its automatic cell, which no orbital crosses (an isolated molecule)."""
+    structure = structure_from_atoms(atoms, labels)
+    structure.atoms.pbc = structure.atoms.cell.rank == 3
+    return structure
+
+
 class FdfFrames:
     """Frames of a trajectory (ASE Atoms) as Structures in the species and settings of an fdf template.
 
@@ -295,6 +304,6 @@ class FdfFrames:
         return [self.label_of.get(symbol, symbol) for symbol in atoms.get_chemical_symbols()]
 
     def structure(self, atoms: Atoms) -> Structure:
-        structure = structure_from_atoms(atoms, self.labels(atoms))
+        structure = structure_as_siesta_runs(atoms, self.labels(atoms))
         structure.fdf_settings = self.settings
         return structure

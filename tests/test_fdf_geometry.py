@@ -235,3 +235,24 @@ def test_a_molecule_in_siestas_automatic_cell_is_predicted_as_isolated(tmp_path,
     b = predict_density_matrix(xyz, shipped("water"))
     assert np.array_equal(a.density_matrix.nsc, [1, 1, 1]) and a.values.shape == b.values.shape
     assert np.allclose(a.values, b.values, atol=1e-12) and np.abs(a.values).max() > 0.1
+
+
+def test_trajectory_frames_are_written_and_predicted_for_the_cell_siesta_runs(tmp_path):
+    """A frame without a cell is written with no lattice at all (SIESTA's automatic cell: a LatticeConstant alone
+    would make a 1 Å cube) and read back as an isolated molecule; a frame with a cell but pbc=False is written
+    with it and SIESTA runs it periodic, so its structure is periodic too."""
+    path = tmp_path / "template.fdf"
+    path.write_text(FDF)
+    frames = FdfFrames(path)
+    molecule = Atoms("OH2", positions=[[1.0, 1.0, 1.0], [1.96, 1.0, 1.0], [0.76, 1.93, 1.0]])
+    text = fdf_with_geometry(frames.text, molecule, frames.labels(molecule))
+    assert "LatticeConstant" not in text and "LatticeVectors" not in text
+    (tmp_path / "frame.fdf").write_text(text)
+    read_back = read_structure(tmp_path / "frame.fdf")
+    assert not read_back.periodic and not frames.structure(molecule).periodic
+    assert np.allclose(read_back.atoms.positions, molecule.positions, atol=1e-9)
+    boxed = molecule.copy()
+    boxed.set_cell(np.eye(3) * 6.0)
+    boxed.pbc = False
+    (tmp_path / "boxed.fdf").write_text(fdf_with_geometry(frames.text, boxed, frames.labels(boxed)))
+    assert read_structure(tmp_path / "boxed.fdf").periodic and frames.structure(boxed).periodic

@@ -72,11 +72,12 @@ def fdf_with_geometry(fdf_text: str, atoms, labels: list[str]) -> str:
         if words and normalized_fdf_key(words[0]) in _GEOMETRY_KEYS:
             continue
         kept.append(line)
-    cell = atoms.cell.array if atoms.cell.rank == 3 else None
-    block = [f"NumberOfAtoms {len(atoms)}", "LatticeConstant 1.0 Ang"]
-    if cell is not None:
-        block += ["%block LatticeVectors", *(" ".join(f"{x:.10f}" for x in row) for row in cell),
-                  "%endblock LatticeVectors"]
+    block = [f"NumberOfAtoms {len(atoms)}"]
+    if atoms.cell.rank == 3:
+        block += ["LatticeConstant 1.0 Ang", "%block LatticeVectors",
+                  *(" ".join(f"{x:.10f}" for x in row) for row in atoms.cell.array), "%endblock LatticeVectors"]
+    # Without a cell no lattice at all: SIESTA then builds its automatic cell (a LatticeConstant alone would make
+    # a cube of that side, redcel.F)
     block += ["AtomicCoordinatesFormat Ang", "%block AtomicCoordinatesAndAtomicSpecies"]
     block += [" ".join(f"{x:.10f}" for x in pos) + f" {species.index(label) + 1}"
               for pos, label in zip(atoms.positions, labels)]
