@@ -168,13 +168,14 @@ def card_markdown(card: dict) -> str:
 
 
 def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = True,
-               optimize: bool = True) -> LoadedModel:
+               optimize: bool | None = None) -> LoadedModel:
     """Load a model folder (or shipped model by name); checks format version and weights sha256.
 
     ``optimize`` lets e3nn optimize the einsums of the network's tensor products as it builds them. That
     makes loading 0.6-1.5 s slower and each prediction of a small structure 0.02-0.06 s faster (no faster on
     hundreds of atoms; ``integration/benchmarks/model_load.py``): worth it from about 30 predictions on,
-    so ``predict`` turns it off for fewer structures. Both give the same DM to float precision.
+    so ``predict`` turns it off for fewer structures. Both give the same DM to float precision. None: e3nn's
+    default (on, unless ``e3nn.set_optimization_defaults`` turned it off, as the test suite does).
     """
     from .model import DensityMatrixModel, ModelConfig
 
@@ -195,7 +196,8 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = Tru
 
     prev, prev_e3nn = torch.get_default_dtype(), e3nn.get_optimization_defaults()
     torch.set_default_dtype(dtype)
-    e3nn.set_optimization_defaults(optimize_einsums=optimize)
+    if optimize is not None:
+        e3nn.set_optimization_defaults(optimize_einsums=optimize)
     try:
         model = DensityMatrixModel(config)
     finally:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import e3nn
 import numpy as np
 import pytest
 import torch
+
+# The suite builds many networks and runs each briefly: e3nn's einsum optimization costs more time as they are
+# built than it saves (it gives the same numbers: test_predict_errors.py builds both and compares). Tests that
+# want it ask for it (load_model(optimize=True)).
+e3nn.set_optimization_defaults(optimize_einsums=False)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIESTA_DMGUESS_SHARED", ROOT.parent / "shared"))
