@@ -152,7 +152,7 @@ def main() -> None:
             print(f"| {r['variant']} | {r['what']} | {r['predicted']} | | | |")
             continue
         scf = f"{r['scf']}" + ("" if r["converged"] else " (not converged)") + (
-            f" (atomic guess: {r['atomic']}, ΔE {r['energy'] - r['atomic_energy']:+.0e} eV)" if "atomic" in r else "")
+            f" (atomic guess: {r['atomic']}, ΔE {r['energy'] - r['atomic_energy']:+.1e} eV)" if "atomic" in r else "")
         print(f"| {r['variant']} | {r['what']} | {r['predicted']} | {'yes' if r['read'] else 'no'} | {scf} | "
               f"{r['energy'] - base['energy']:+.1e} |")
 
