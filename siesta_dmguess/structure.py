@@ -81,13 +81,51 @@ def _is_fdf(path: Path) -> bool:
     return path.suffix.lower() == ".fdf"
 
 
+def _fdf_sile_class():
+    """sisl's fdf reader with two fixes, written here because sisl 0.20 lacks them:
+
+    - a block piped from a file (``%block X < file``) whose file holds the ``%block X`` / ``%endblock X`` lines
+      itself: SIESTA's fdf library skips them (checked with SIESTA 4.1: the same coordinates), sisl read them as
+      data;
+    - sisl's ``_seek`` reopened the file it already held, so its handle was never closed (a ResourceWarning per
+      fdf), nor the parent of an ``%include`` file a key was found in.
+    """
+    import sisl
+
+    class FdfSile(sisl.io.siesta.fdfSileSiesta):
+        def _r_label(self, label):
+            value = super()._r_label(label)
+            if isinstance(value, list) and value and value[0].split()[0].lower() == "%block":
+                value = value[1:]
+                ends = [i for i, line in enumerate(value) if line.split()[0].lower() == "%endblock"]
+                value = value[:ends[0]] if ends else value
+            return value
+
+        def _seek(self):
+            if not hasattr(self, "fh"):
+                return super()._seek()
+            while self._popfile():
+                pass
+            self.fh.seek(0)
+            self._line = 0
+
+        def close(self):
+            if len(self._fh_tells) == 1:
+                while self._popfile():  # a key found in an %include file leaves its parents open
+                    pass
+            super().close()
+
+    return FdfSile
+
+
 def fdf_sile(path: str | Path):
-    """sisl's fdf reader; its warning about sibling output files it could also read is noise here."""
+    """sisl's fdf reader (:func:`_fdf_sile_class`); its warning about sibling output files it could also read is
+    noise here."""
     import sisl
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sisl.SislWarning)
-        return sisl.io.siesta.fdfSileSiesta(str(path))
+        return _fdf_sile_class()(str(path))
 
 
 def read_fdf_settings(path: str | Path) -> dict:

@@ -120,7 +120,11 @@ def test_the_same_structure_in_other_fdf_units_and_layouts_reads_the_same(tmp_pa
         "include": lattice_ang + "AtomicCoordinatesFormat Ang\n%include coords.fdf\n",
         "block-file": lattice_ang + "AtomicCoordinatesFormat Ang\n"
                       "%block AtomicCoordinatesAndAtomicSpecies < coords.dat\n",
+        # SIESTA skips the %block/%endblock lines in a piped file (sisl 0.20 read them as data)
+        "block-file-with-header": "LatticeConstant 1.0 Ang\n%block LatticeVectors < lattice.fdf\n"
+                                  "AtomicCoordinatesFormat Ang\n%block AtomicCoordinatesAndAtomicSpecies < coords.fdf\n",
     }
+    (tmp_path / "lattice.fdf").write_text(f"%block LatticeVectors\n{rows(cell)}\n%endblock LatticeVectors\n")
     spellings = ["kgrid_Monkhorst_Pack", "kgrid.MonkhorstPack", "KGRID-MONKHORST-PACK"]
     for k, (name, text) in enumerate(variants.items()):
         path = tmp_path / f"{name}.fdf"
@@ -256,3 +260,22 @@ def test_trajectory_frames_are_written_and_predicted_for_the_cell_siesta_runs(tm
     boxed.pbc = False
     (tmp_path / "boxed.fdf").write_text(fdf_with_geometry(frames.text, boxed, frames.labels(boxed)))
     assert read_structure(tmp_path / "boxed.fdf").periodic and frames.structure(boxed).periodic
+
+
+def test_reading_an_fdf_leaves_no_file_open(tmp_path):
+    """sisl 0.20's fdf reader kept its file open after every key it looked up (fixed in ``fdf_sile``); a user
+    predicting thousands of frames would run out of file handles, and each fdf gave a ResourceWarning."""
+    import gc
+    import warnings
+
+    (tmp_path / "coords.fdf").write_text("%block AtomicCoordinatesAndAtomicSpecies\n 0.0 0.0 0.0 1\n"
+                                         "%endblock AtomicCoordinatesAndAtomicSpecies\n")
+    path = tmp_path / "in.fdf"
+    path.write_text(FDF.replace("%block AtomicCoordinatesAndAtomicSpecies\n 0.0 0.0 0.0 1\n"
+                                "%endblock AtomicCoordinatesAndAtomicSpecies\n", "%include coords.fdf\n"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        structure = read_structure(path)
+        gc.collect()
+    assert structure.atoms.get_chemical_symbols() == ["O"]
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -74,6 +74,10 @@ def variants(text: str, molecule: bool) -> dict[str, tuple[str, str, str | None]
         None)
     out["include"] = ("coordinates read from a file (%block ... < coords.fdf)", text.replace(
         coord_block.group(0), "%block AtomicCoordinatesAndAtomicSpecies < coords.fdf"), coord_block.group(1))
+    out["include-block"] = ("the same, the file holding the %block lines too", out["include"][1],
+                            coord_block.group(0))
+    out["%include"] = ("the coordinates block in a file read with %include coords.fdf", text.replace(
+        coord_block.group(0), "%include coords.fdf"), coord_block.group(0))
     if "kgrid" in text.lower():
         out["kgrid-cutoff"] = ("another run: kgrid.Cutoff 10 Ang instead of the Monkhorst-Pack block", re.sub(
             r"%block kgrid_Monkhorst_Pack.*?%endblock kgrid_Monkhorst_Pack", "kgrid.Cutoff 10.0 Ang", text,
@@ -131,7 +135,9 @@ def main() -> None:
     p.add_argument("--model", default="water")
     p.add_argument("--out", type=Path, default=Path("fdf_variants"))
     p.add_argument("--command", default=None, help="SIESTA command (default: SIESTA_COMMAND, ASE's, PATH)")
+    p.add_argument("--only", default=None, help="comma-separated variants to run (the original always runs)")
     args = p.parse_args()
+    only = None if args.only is None else {"original", *args.only.split(",")}
     from siesta_dmguess.card import load_model
 
     model = load_model(args.model)
@@ -140,6 +146,8 @@ def main() -> None:
     record = json.loads((args.run / "run.json").read_text())
     for name, (what, text, include) in variants((args.run / "input.fdf").read_text(),
                                                 molecule=not record["periodic"]).items():
+        if only is not None and name not in only:
+            continue
         row = run_variant(name, text, include, args.run, out, model, args.command,
                           baseline=what.startswith("another run") or name == "corner")
         rows.append({"what": what, **row})
