@@ -156,7 +156,7 @@ def markdown(report: dict) -> str:
               f"{report['max_abs_energy_difference_eV']:.1e} eV; ML never worse: {report['ml_never_worse']}; "
               f"flagged as novel: {report.get('structures_flagged_novel', 0)} of {report['structures']}"
               + (f"; started from the atomic guess: {report['structures_fallback_atomic']} (far outside the training "
-                 f"data, or a k-sampling the model lacks)" if report.get("structures_fallback_atomic") else "")
+                 f"data, a k-sampling the model lacks, or no clear occupied space)" if report.get("structures_fallback_atomic") else "")
               + "."]
     return "\n".join(lines) + "\n"
 
@@ -273,23 +273,24 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         overlap = pred.history_overlap if pred else None
         geometry = build_geometry(structure, basis)
         row = {"frame": t, "natoms": len(atoms)}
-        # A frame far outside the training data starts the ML guesses from the atomic guess, as the calculator does.
+        # A frame whose prediction is refused (Prediction.refusals) starts `ml` from the atomic guess, as the calculator does.
         refusal = pred.refusal_reason if pred is not None else ""
         if refusal:
             row["fallback"], row["fallback_kind"] = refusal, pred.refusal_kind
             predicted = None  # and the ml+residual history records no prediction for it
         for g in guesses:
-            if refusal and g.startswith("ml"):
+            used = "extrapolation" if refusal and g == "ml+residual" else g  # as the calculator: the history alone
+            if refusal and g == "ml":
                 start = None
             else:
-                start = histories[g].guess(g, atoms.positions, predicted, refine=pred.refined if pred else None)
+                start = histories[g].guess(used, atoms.positions, predicted, refine=pred.refined if pred else None)
             out, wall, converged = _run_frame(text, out_dir / name / f"{t:04d}" / g, start, geometry, pseudo_dirs,
                                               command)
             if g == "ml+residual":  # the only guess built on past predictions; the others need converged DMs alone
                 histories[g].push(atoms.positions, converged, predicted, overlap)
             else:
                 histories[g].push(atoms.positions, converged)
-            row[g] = asdict(GuessResult(g if start is not None else "atomic", out.scf_iterations, out.converged,
+            row[g] = asdict(GuessResult(used if start is not None else "atomic", out.scf_iterations, out.converged,
                                         out.dm_read_from_file, out.total_energy_eV, wall,
                                         prediction_s if g.startswith("ml") else 0.0,
                                         [st.dDmax for st in out.scf_history]))

@@ -11,7 +11,9 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
   already at SIESTA's grid noise), ``"ml"`` (the prediction for every
   geometry), ``"reuse"`` (SIESTA's
   previous-step DM), ``"extrapolation"`` (SIESTA's DM extrapolation, applied
-  across ASE-driven steps) or ``"atomic"``; with k-points too;
+  across ASE-driven steps) or ``"atomic"``; with k-points too. Where a step's
+  prediction is not used (below), ``"ml+residual"`` starts from the extrapolation
+  alone once there is a history, ``"ml"`` from the atomic guess;
 * ``fallback``: ``"error"`` (default) or ``"atomic"``: what to do when the model
   does not cover the structure (species, basis, settings) — the atomic guess is
   used with a warning that says why;
@@ -23,7 +25,9 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
   ``fallback`` says, a structure *far* outside the training data
   (``Prediction.far_out_of_distribution``, 100x the flag level) starts from the
   atomic guess with a warning, because such predictions measured worse than it;
-  ``novelty_limit=None`` turns that off too;
+  ``novelty_limit=None`` turns that off too. So does, always, a run whose k-sampling
+  the model never trained on, and a prediction with no clear occupied space
+  (``Prediction.mixed_reason``: a bond breaking);
 * ``history_depth``: steps kept for extrapolation (SIESTA's ``DM.History.Depth``);
 * ``threads``: torch threads for the predictions (default: torch's, one per core); 1 where other
   programs keep the cores busy (``predict.torch_threads``).
@@ -190,8 +194,9 @@ class DMGuessSiesta(Siesta):
             self._reason = str(exc)
             warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {exc}", stacklevel=4)
             return None
-        if pred.sampling_reason or (self.novelty_limit is not None and pred.far_reason):
-            self._reason = pred.refusal_reason
+        refusals = [reason for kind, reason in pred.refusals.items() if kind != "far" or self.novelty_limit is not None]
+        if refusals:
+            self._reason = refusals[0]
             warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess: {self._reason}", stacklevel=4)
             return None
         limit = pred.novelty_threshold if self.novelty_limit == "model" else self.novelty_limit
@@ -214,12 +219,16 @@ class DMGuessSiesta(Siesta):
             self._used = "reuse" if self._dm_path().is_file() else "atomic"
             return
         t0 = time.perf_counter()
+        kind = self.guess
         if self.guess.startswith("ml"):
             self._prediction = self._predict(atoms)
-            if self._prediction is None:
+            if self._prediction is not None:
+                self._predicted = to_image_keyed(self._prediction.density_matrix)
+            elif self.guess == "ml+residual":
+                kind = "extrapolation"  # no usable prediction: the history alone still starts SIESTA closer
+            else:
                 return
-            self._predicted = to_image_keyed(self._prediction.density_matrix)
-        start = self.trajectory.guess(self.guess, atoms.positions, self._predicted,
+        start = self.trajectory.guess(kind, atoms.positions, self._predicted,
                                       refine=self._prediction.refined if self._prediction else None)
         if start is None:  # no history yet (extrapolation at the first step)
             return
@@ -228,8 +237,8 @@ class DMGuessSiesta(Siesta):
         if path.is_file():  # SIESTA's DM of the previous step: keep one copy, do not pile up backups
             shutil.copy(path, path.with_name(path.name + ".prev"))
         write_density_matrix(from_image_keyed(start, geometry), path, overwrite=True)
-        plain = self.guess == "ml+residual" and self.trajectory.uses_plain_prediction()
-        self._used = "ml" if plain else self.guess
+        plain = kind == "ml+residual" and self.trajectory.uses_plain_prediction()
+        self._used = "ml" if plain else kind
         self._prediction_s = time.perf_counter() - t0
 
     def _record_converged(self) -> None:

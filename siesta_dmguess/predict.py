@@ -25,7 +25,7 @@ from .data import Sample, prepare_sample
 from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed, write_density_matrix
 from .errors import ModelCompatibilityError, UnreliablePredictionError
 from .evaluate import predict_flat
-from .refine import is_kpoint, projection_skipped, refine_folded
+from .refine import MIN_OCCUPATION_GAP, is_kpoint, projection_skipped, refine_folded
 from .structure import FDF_ENERGY_KEYS, Structure, element_symbol, read_structure
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class Prediction:
     refinement_note: str = ""  # why an idempotent projection fell back to charge normalization
     occupation_gap: float | None = None  # the projection's HOMO-LUMO gap: of natural occupations, or ΔH-steered (Γ)
     sampling_reason: str = ""  # why the run's k-sampling lies outside the model's training runs ("" when it does not)
+    pure_on_validation: bool = False  # every validation DM of the model (card) had a clear occupation gap
 
     @property
     def electron_count_error(self) -> float | None:
@@ -139,14 +140,42 @@ class Prediction:
     @property
     def refusal_reason(self) -> str:
         """Why this prediction is not used by default ("" when it is): the one message that ``predict``, the ASE
-        calculator and ``bench`` give for a structure far outside the training data, or for a run whose k-sampling
-        the model has not seen (:attr:`sampling_reason`)."""
-        return self.far_reason or self.sampling_reason
+        calculator and ``bench`` give for a structure far outside the training data, for a run whose k-sampling
+        the model has not seen (:attr:`sampling_reason`), or for a DM with no clear occupied space
+        (:attr:`mixed_reason`)."""
+        return next(iter(self.refusals.values()), "")
 
     @property
     def refusal_kind(self) -> str:
-        """:attr:`refusal_reason` in one word for tables: "far", "k-sampling", or "" when the prediction is used."""
-        return "far" if self.far_reason else ("k-sampling" if self.sampling_reason else "")
+        """:attr:`refusal_reason` in one word for tables: "far", "k-sampling", "mixed", or "" when the prediction
+        is used."""
+        return next(iter(self.refusals), "")
+
+    @property
+    def refusals(self) -> dict[str, str]:
+        """Every reason not to use this prediction, by kind ("far", "k-sampling", "mixed"), most serious first."""
+        reasons = {"far": self.far_reason, "k-sampling": self.sampling_reason, "mixed": self.mixed_reason}
+        return {kind: reason for kind, reason in reasons.items() if reason}
+
+    @property
+    def mixed_reason(self) -> str:
+        """Why a DM with no clear occupied space is not used ("" when it is). The idempotent projection looks for
+        the N/2 most occupied natural orbitals; where the raw DM's HOMO and LUMO occupations differ by less than
+        :data:`~siesta_dmguess.refine.MIN_OCCUPATION_GAP` (1 for a pure state), the model does not say which
+        states hold the electrons, as where a bond breaks. Measured on the unseen sets (``docs/benchmarks.md``,
+        "Bonds breaking"): all 14 such structures, stretched CHNO molecules and water, and S22 complexes, took
+        as many SIESTA iterations from the ML guess in total as from the atomic guess (+1), three of them more,
+        while every near-equilibrium structure measured had a gap of 0.55 or more. Only known where the
+        projection was tried (Γ-only and molecular runs, even electron count, up to its size limit), and only
+        for a model whose own validation DMs all had a clear gap (:attr:`pure_on_validation`): a model of k-point
+        crystals (`silicon`) predicts DMs that are not pure states at Γ even where its guess helps (``si64-gamma``:
+        gap 0.43-0.50, 27 → 22 iterations)."""
+        if not self.pure_on_validation or self.occupation_gap is None or self.refinement == "idempotent" \
+                or self.occupation_gap >= MIN_OCCUPATION_GAP:
+            return ""
+        return (f"the model's DM has no clear occupied space (HOMO-LUMO natural-occupation gap "
+                f"{self.occupation_gap:.2f} < {MIN_OCCUPATION_GAP}; a pure state has 1), as where a bond breaks: "
+                "such guesses saved SIESTA no iterations in total and cost some")
 
     @property
     def far_reason(self) -> str:
@@ -320,11 +349,19 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
                       novelty_threshold=float(loaded.model.novelty_threshold), overlap=overlap,
                       electrons_expected=n_expected, electrons_predicted=n_predicted,
                       refinement=done.applied if done else "none", refinement_note=done.reason if done else "",
-                      occupation_gap=done.occupation_gap if done else None, sampling_reason=sampling_reason)
+                      occupation_gap=done.occupation_gap if done else None, sampling_reason=sampling_reason,
+                      pure_on_validation=_pure_on_validation(loaded.card))
     if pred.out_of_distribution:
         log.warning("%s looks unlike the training data of %s (novelty %.1f > %.1f): the guess may be poor",
                     structure.source or "structure", loaded.path.name, pred.novelty, pred.novelty_threshold)
     return pred
+
+
+def _pure_on_validation(card: dict) -> bool:
+    """Whether every validation DM in the model card was refined by the idempotent projection, i.e. had a clear
+    occupation gap (``validation.refinements``, written by ``train`` and ``evaluate``)."""
+    refinements = card.get("validation", {}).get("refinements") or {}
+    return set(refinements) == {"idempotent"}
 
 
 def _sampling_reason(sample, loaded: LoadedModel) -> str:

@@ -221,3 +221,52 @@ def test_the_prediction_is_for_the_cell_siesta_runs(model_dir, tmp_path):
     assert periodic.structure.periodic and flagged_off.structure.periodic and not isolated.structure.periodic
     assert np.array_equal(periodic.values, flagged_off.values)
     assert periodic.values.shape != isolated.values.shape  # the 5 Å box's image pairs are what differ
+
+
+def test_a_breaking_bond_starts_from_the_atomic_guess_whatever_the_fallback_setting(tmp_path, shipped):
+    """A prediction with no clear occupied space (Prediction.mixed_reason) is not written, even with
+    fallback="error" and novelty_limit=None (which only lets far structures through)."""
+    from ase.build import molecule
+
+    atoms = molecule("CH4")
+    atoms.positions[1] = 2.0 * atoms.positions[1] - atoms.positions[0]  # one C-H bond twice as long
+    c = DMGuessSiesta(model=shipped("chno-molecules"), label="siesta", directory=str(tmp_path), xc="CA",
+                      novelty_limit=None)
+    with pytest.warns(UserWarning, match="atomic guess: the model's DM has no clear occupied space"):
+        c._write_guess(atoms)
+    assert c._used == "atomic" and not (tmp_path / "siesta.DM").exists()
+
+
+def test_ml_plus_residual_falls_back_to_the_extrapolation_where_a_prediction_is_refused(tmp_path, shipped):
+    """Along a trajectory, a step whose prediction is not used (here: a C-H bond pulled to twice its length, no
+    clear occupied space) starts from the history's extrapolation, not from scratch; the first step, with no
+    history, from the atomic guess."""
+    import numpy as np
+    from ase.build import molecule
+
+    from siesta_dmguess.dm import read_density_matrix, write_density_matrix
+
+    c = DMGuessSiesta(model=shipped("chno-molecules"), guess="ml+residual", label="siesta",
+                      directory=str(tmp_path), xc="CA")
+    atoms = molecule("CH4")
+    c.atoms = atoms.copy()
+    c._write_guess(atoms)
+    assert c._used == "ml"
+    converged = c._prediction.density_matrix  # stands in for SIESTA's converged DM of step 1
+    write_density_matrix(converged, c._dm_path(), overwrite=True)
+    c._record_converged()
+
+    broken = atoms.copy()
+    broken.positions[1] = 2.0 * broken.positions[1] - broken.positions[0]
+    c.atoms = broken
+    with pytest.warns(UserWarning, match="no clear occupied space"):
+        c._write_guess(broken)
+    assert c._used == "extrapolation" and c._prediction is None
+    written = read_density_matrix(c._dm_path(), converged.geometry).tocsr(0).toarray()
+    assert np.abs(written - converged.tocsr(0).toarray()).max() < 1e-6  # one step of history: its converged DM
+
+    fresh = DMGuessSiesta(model=shipped("chno-molecules"), guess="ml+residual", label="siesta",
+                          directory=str(tmp_path / "fresh"), xc="CA")
+    with pytest.warns(UserWarning, match="no clear occupied space"):
+        fresh._write_guess(broken)
+    assert fresh._used == "atomic" and not fresh._dm_path().exists()

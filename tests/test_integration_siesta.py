@@ -134,8 +134,8 @@ def test_ml_guess_far_outside_the_training_data_is_no_worse(siesta_command, wate
 
 def test_frames_far_outside_the_training_data_start_from_the_atomic_guess(siesta_command, water_model, tmp_path):
     """With a copy of the `water` model whose flag level is near zero, every frame is 'far' outside its training
-    data: the trajectory benchmark (like the calculator) then runs the ML guesses from SIESTA's atomic guess,
-    which gives the atomic guess's iterations and energy."""
+    data: the trajectory benchmark (like the calculator) then runs `ml` from SIESTA's atomic guess, which gives
+    the atomic guess's iterations and energy, and `ml+residual` from its history alone once there is one."""
     from siesta_dmguess.bench import run_trajectory_benchmark
     from siesta_dmguess.card import load_model, save_model
     from siesta_dmguess.structure import read_structure
@@ -145,14 +145,22 @@ def test_frames_far_outside_the_training_data_start_from_the_atomic_guess(siesta
     save_model(far.model, tmp_path / "far-water", {"name": "far-water"})
     root = dataset("h2o")
     fdf = root / first_val_record(root)["id"] / "input.fdf"
-    report = run_trajectory_benchmark([read_structure(fdf).atoms], fdf, load_model(tmp_path / "far-water"),
-                                      tmp_path / "bench", ("atomic", "ml", "ml+residual"), command=siesta_command,
-                                      progress=False)
-    row = report["per_frame"][0]
-    assert "far outside the training data" in row["fallback"]
+    first = read_structure(fdf).atoms
+    second = first.copy()
+    second.positions[1] += [0.02, 0.0, 0.0]
+    report = run_trajectory_benchmark([first, second], fdf, load_model(tmp_path / "far-water"),
+                                      tmp_path / "bench", ("atomic", "ml", "ml+residual", "extrapolation"),
+                                      command=siesta_command, progress=False)
+    row, then = report["per_frame"]
+    assert "far outside the training data" in row["fallback"] and "far outside" in then["fallback"]
     for g in ("ml", "ml+residual"):
         assert row[g]["guess"] == "atomic" and not row[g]["dm_read"]
         assert row[g]["scf_iterations"] == row["atomic"]["scf_iterations"]
+    # the next frame: `ml` again from the atomic guess, `ml+residual` from its history, as SIESTA's extrapolation
+    assert then["ml"]["guess"] == "atomic" and then["ml"]["scf_iterations"] == then["atomic"]["scf_iterations"]
+    assert then["ml+residual"]["guess"] == "extrapolation" and then["ml+residual"]["dm_read"]
+    assert then["ml+residual"]["scf_iterations"] == then["extrapolation"]["scf_iterations"]
+    assert then["ml+residual"]["scf_iterations"] < then["atomic"]["scf_iterations"]
     assert "| 0 (far: atomic guess used) |" in (tmp_path / "bench" / "bench_trajectory.md").read_text()
 
 

@@ -362,3 +362,55 @@ def test_a_run_sampled_more_coarsely_than_the_models_training_runs_gets_no_dm(tm
     shutil.copytree(resolve_model("silicon"), other)
     update_card(other, {"training": {"aliased_sampling": True}})
     assert not predict_density_matrix(gamma, other).sampling_reason
+
+
+def _methane(c_h_factor: float = 1.0):
+    """CH4 with one C-H bond pulled out to ``c_h_factor`` times its length."""
+    from ase.build import molecule
+
+    atoms = molecule("CH4")
+    atoms.positions[1] = atoms.positions[0] + c_h_factor * (atoms.positions[1] - atoms.positions[0])
+    return atoms
+
+
+def test_a_breaking_bond_gets_no_dm_unless_forced(tmp_path, shipped):
+    """Where a bond breaks the model does not say which states hold the electrons: its DM's natural occupations
+    have no gap, and such guesses saved SIESTA nothing (docs/benchmarks.md, "Bonds breaking"). The same molecule
+    at equilibrium is predicted as usual."""
+    from siesta_dmguess.errors import UnreliablePredictionError
+    from siesta_dmguess.refine import MIN_OCCUPATION_GAP
+
+    model = shipped("chno-molecules")
+    for name, factor in (("equilibrium", 1.0), ("stretched", 2.0)):
+        _methane(factor).write(tmp_path / f"{name}.xyz")
+    ok = predict_to_file(tmp_path / "equilibrium.xyz", tmp_path / "equilibrium.DM", model=model)
+    assert ok.refinement == "idempotent" and not ok.refusals and (tmp_path / "equilibrium.DM").is_file()
+    out = tmp_path / "stretched.DM"
+    with pytest.raises(UnreliablePredictionError, match=r"stretched.xyz: the model's DM has no clear occupied space "
+                                                        r"\(HOMO-LUMO natural-occupation gap 0\.\d\d < 0.5.*--force"):
+        predict_to_file(tmp_path / "stretched.xyz", out, model=model)
+    assert not out.exists()
+    forced = predict_to_file(tmp_path / "stretched.xyz", out, model=model, force=True)
+    assert out.is_file() and forced.refusal_kind == "mixed" and forced.occupation_gap < MIN_OCCUPATION_GAP
+    assert forced.refinement == "charge"  # the written DM: charge-scaled, as no projection applies
+
+
+def test_only_a_failed_projection_is_a_mixed_state(model_dir, xyz, shipped):
+    """The gap decides only where the projection was tried and found none; a pure prediction, or one that was
+    never projected (k-points, odd electron counts, --refine charge), is used. So is any prediction of a model
+    whose own validation DMs were not all projected (`silicon`, a model of k-point crystals; the tiny test model,
+    never validated)."""
+    from dataclasses import replace
+
+    pred = replace(predict_density_matrix(xyz, model_dir), pure_on_validation=True)
+    assert replace(pred, refinement="charge", occupation_gap=0.3).refusal_kind == "mixed"
+    assert replace(pred, refinement="charge", occupation_gap=0.6).refusal_kind == ""
+    assert replace(pred, refinement="idempotent", occupation_gap=0.6).refusal_kind == ""
+    assert replace(pred, refinement="charge", occupation_gap=None).refusal_kind == ""
+    assert replace(pred, refinement="charge", occupation_gap=0.3, pure_on_validation=False).refusal_kind == ""
+    assert not predict_density_matrix(xyz, model_dir).pure_on_validation
+    assert [predict_density_matrix(xyz, shipped(name)).pure_on_validation
+            for name in ("water", "chno-molecules")] == [True, True]
+    from siesta_dmguess.predict import _pure_on_validation
+
+    assert not _pure_on_validation(shipped("silicon").card)
