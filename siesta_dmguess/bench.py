@@ -46,12 +46,13 @@ class StructureResult:
 
 
 def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), command=None,
-                    refine: str = "idempotent") -> StructureResult:
+                    refine: str = "idempotent", force: bool = False) -> StructureResult:
     """Run SIESTA on one fdf with each guess; the ML guess is predicted from the fdf (refined with ``refine``).
 
     A structure far outside the model's training data gets no predicted DM (``predict_to_file`` refuses it), so
     its "ml" run starts from the atomic guess, as the ``predict`` command and the ASE calculator would; the
-    reason is kept in ``StructureResult.fallback`` (in one word: ``fallback_kind``).
+    reason is kept in ``StructureResult.fallback`` (in one word: ``fallback_kind``). ``force`` uses every
+    prediction, to measure what the refused ones would do.
     """
     from .errors import UnreliablePredictionError
     from .predict import predict_to_file
@@ -66,7 +67,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
             t0 = time.perf_counter()
             try:
                 pred = predict_to_file(fdf, run_dir.parent / "predicted.DM", model=model, overwrite=True,
-                                       refine=refine)
+                                       refine=refine, force=force)
                 dm_file = run_dir.parent / "predicted.DM"
             except UnreliablePredictionError as exc:
                 pred, fallback, template = exc.prediction, str(exc), "atomic"
@@ -85,7 +86,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
 
 
 def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "auto", limit: int = 0,
-                  command=None, progress: bool = True, refine: str = "idempotent") -> dict:
+                  command=None, progress: bool = True, refine: str = "idempotent", force: bool = False) -> dict:
     """Benchmark the ML guess against the atomic guess on a dataset folder's structures (default ``"auto"``: the
     val split, or every run where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`)."""
     from tqdm.auto import tqdm
@@ -105,8 +106,9 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     rows = []
     for rec in tqdm(records, desc=f"bench {data_dir.name}", disable=not progress):
         rows.append(bench_structure(find_fdf(rec.folder), out_dir / data_dir.name / rec.id, loaded, command=command,
-                                    refine=refine))
-    report = summarize(rows, str(loaded.path), str(data_dir)) | {"refine": refine, "split": split or "all"}
+                                    refine=refine, force=force))
+    report = summarize(rows, str(loaded.path), str(data_dir)) | {"refine": refine, "split": split or "all",
+                                                                  "forced": force}
     (out_dir / f"bench_{data_dir.name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{data_dir.name}.md").write_text(markdown(report))
     plot(rows, out_dir / f"bench_{data_dir.name}.png", title=f"{data_dir.name}: {Path(loaded.path).name}")
@@ -219,13 +221,15 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
 
 def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="bench", guesses=TRAJECTORY_GUESSES,
                              depth: int = 3, frames: slice = slice(None), command=None, progress: bool = True,
-                             pseudo_dirs=(), refine: str = "idempotent") -> dict:
+                             pseudo_dirs=(), refine: str = "idempotent", force: bool = False) -> dict:
     """SCF iterations along a trajectory for each starting guess (see :mod:`siesta_dmguess.history`).
 
     Every frame of ``trajectory`` (any file ASE reads, or a list of Atoms) is run
     with the settings of ``fdf_template`` (its geometry replaced), once per guess;
     each guess keeps its own history of converged DMs (folded for Γ-only runs, with
-    their periodic images for k-point runs). Results go to ``bench_<name>.json/.md/.png``.
+    their periodic images for k-point runs). Results go to ``bench_<name>.json/.md/.png``. A frame whose
+    prediction is refused (:attr:`~siesta_dmguess.predict.Prediction.refusals`) runs ``ml`` from the atomic guess
+    and ``ml+residual`` from the history's extrapolation, as the calculator does, unless ``force``.
     """
     import ase.io
     from tqdm.auto import tqdm
@@ -274,7 +278,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         geometry = build_geometry(structure, basis)
         row = {"frame": t, "natoms": len(atoms)}
         # A frame whose prediction is refused (Prediction.refusals) starts `ml` from the atomic guess, as the calculator does.
-        refusal = pred.refusal_reason if pred is not None else ""
+        refusal = pred.refusal_reason if pred is not None and not force else ""
         if refusal:
             row["fallback"], row["fallback_kind"] = refusal, pred.refusal_kind
             predicted = None  # and the ml+residual history records no prediction for it
@@ -380,6 +384,9 @@ def add_bench_parser(sub) -> None:
                    "index.json records a val split, else all runs")
     b.add_argument("--limit", type=int, default=0, help="at most N structures")
     b.add_argument("--siesta", help="SIESTA command (default: SIESTA_COMMAND, ASE config, PATH)")
+    b.add_argument("--force", action="store_true", help="use the ML guess even where predict would refuse it (far "
+                   "outside the training data, a k-sampling the model lacks, no clear occupied space): measures "
+                   "what those guesses would do")
     add_refine_argument(b)
     add_threads_argument(b)
     b.set_defaults(func=_cmd_bench)
@@ -390,10 +397,10 @@ def _cmd_bench(args) -> int:
         report = run_trajectory_benchmark(args.data_dir, args.fdf, args.model, args.out,
                                           tuple(g.strip() for g in args.guesses.split(",") if g.strip()),
                                           depth=args.depth, command=args.siesta,
-                                          frames=slice(0, args.limit or None), refine=args.refine)
+                                          frames=slice(0, args.limit or None), refine=args.refine, force=args.force)
         print(trajectory_markdown(report))
         return 0
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,
-                           args.limit, args.siesta, refine=args.refine)
+                           args.limit, args.siesta, refine=args.refine, force=args.force)
     print(markdown(report))
     return 0

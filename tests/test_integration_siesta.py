@@ -162,6 +162,11 @@ def test_frames_far_outside_the_training_data_start_from_the_atomic_guess(siesta
     assert then["ml+residual"]["scf_iterations"] == then["extrapolation"]["scf_iterations"]
     assert then["ml+residual"]["scf_iterations"] < then["atomic"]["scf_iterations"]
     assert "| 0 (far: atomic guess used) |" in (tmp_path / "bench" / "bench_trajectory.md").read_text()
+    # --force uses the refused prediction: SIESTA reads it
+    forced = run_trajectory_benchmark([first], fdf, load_model(tmp_path / "far-water"), tmp_path / "forced",
+                                      ("ml",), command=siesta_command, progress=False, force=True)
+    assert forced["per_frame"][0]["ml"]["guess"] == "ml" and forced["per_frame"][0]["ml"]["dm_read"]
+    assert "fallback" not in forced["per_frame"][0]
 
 
 def test_ml_guess_for_a_compressed_water_box_is_no_worse(siesta_command, water_model, tmp_path):

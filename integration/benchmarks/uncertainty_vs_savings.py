@@ -7,6 +7,12 @@ the SCF iterations SIESTA saved, for every structure of ``siesta-dmguess bench``
 
     python integration/benchmarks/uncertainty_vs_savings.py bench_unseen [more bench output folders]
 
+It also says which structures the guard of ``predict`` refuses (``Prediction.refusals``: far, k-sampling,
+mixed) and what their ML guesses saved in the benchmarks given. Run ``bench`` with ``--force`` to measure what
+the refused predictions would do (without it their "ML" runs start from the atomic guess and save 0):
+
+    siesta-dmguess bench unseen/SET --model MODEL --split all --force --out bench_forced
+
 Each folder holds ``bench_SET.json`` and the runs ``SET/NNNN/atomic/input.fdf`` (``--out`` of ``bench``); the
 model is the one the JSON names. For each signal it prints where the structures that cost iterations fall
 among those that saved some: a signal is a usable switch only if the two ranges do not overlap.
@@ -41,7 +47,8 @@ def measure(folders) -> list[dict]:
                 rows.append({"set": name, "structure": r["name"], "model": model,
                              "novelty": pred.novelty / pred.novelty_threshold,
                              "electrons": abs(error) / pred.electrons_expected if error is not None else None,
-                             "gap": pred.occupation_gap,
+                             "gap": pred.occupation_gap, "refused": pred.refusal_kind,
+                             "forced": bool(data.get("forced")),
                              "saved": r["atomic"]["scf_iterations"] - r["ml"]["scf_iterations"]})
     return rows
 
@@ -53,13 +60,14 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # every novel structure would log its warning
     rows = measure(args.folders)
-    print("| set | structure | model | novelty / flag | abs(Tr(D S) - N) / N | occupation gap | iterations saved |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| set | structure | model | novelty / flag | abs(Tr(D S) - N) / N | occupation gap | refused | "
+          "iterations saved |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: r["saved"]):
         gap = "–" if r["gap"] is None else f"{r['gap']:.3f}"
         electrons = "–" if r["electrons"] is None else f"{r['electrons']:.2%}"
         print(f"| {r['set']} | {r['structure']} | {r['model']} | {r['novelty']:.2f} | {electrons} | {gap} | "
-              f"{r['saved']:+d} |")
+              f"{r['refused'] or ''} | {r['saved']:+d} |")
     costly, helpful = [r for r in rows if r["saved"] < 0], [r for r in rows if r["saved"] > 0]
     print(f"\n{len(costly)} structures cost iterations, {len(helpful)} saved some, {len(rows)} in all")
     for key, bad_is_high in (("novelty", True), ("electrons", True), ("gap", False)):
@@ -72,6 +80,15 @@ def main() -> None:
         caught = sum((g >= edge) if bad_is_high else (g <= edge) for g in good)
         print(f"{key}: costly {min(bad):.3g}–{max(bad):.3g}, helpful {min(good):.3g}–{max(good):.3g}; "
               f"a switch catching every costly one would also drop {caught} of {len(good)} helpful ones")
+    for kind in sorted({r["refused"] for r in rows if r["refused"]}):
+        caught = [r for r in rows if r["refused"] == kind]
+        measured = [r for r in caught if r["forced"]]
+        kept = [r for r in rows if not r["refused"] and r["gap"] is not None]
+        print(f"refused as {kind!r}: {len(caught)} structures; with the ML guess forced ({len(measured)} of them) it "
+              f"saved {sum(r['saved'] for r in measured):+d} iterations in total, cost some on "
+              f"{sum(r['saved'] < 0 for r in measured)}, saved some on {sum(r['saved'] > 0 for r in measured)}"
+              + (f"; the smallest gap of a structure not refused: {min(r['gap'] for r in kept):.3f}"
+                 if kind == "mixed" and kept else ""))
 
 
 if __name__ == "__main__":

@@ -239,7 +239,12 @@ def main() -> None:
                                      "water8-stretched,g2-stretched,si8-displaced,si8-gamma,si8-k2,water8-k3,h2o-smallbox")
     args = p.parse_args()
     sets = args.sets.split(",")
+    # The random orientations of three sets, drawn in one fixed order whichever sets are written, so that a few
+    # sets (--sets) are the same structures as in the full run (they once depended on the sets written before).
     rng = np.random.default_rng(11)
+    g2_val = [run for run in list_runs(args.datasets / "g2") if run.split == "val"]
+    turns = {name: [(rng.uniform(0, 360), rng.normal(size=3)) for _ in range(n)]
+             for name, n in (("chno", len(UNSEEN_G2)), ("g2-stress", len(g2_val)), ("chno-complexes", len(UNSEEN_S22)))}
     if "chno" in sets:
         dest = args.out / "chno"
         copy_basis(args.datasets / "g2", dest)
@@ -247,7 +252,7 @@ def main() -> None:
         for k, name in enumerate(UNSEEN_G2):
             atoms = g2[name].copy()
             atoms.rattle(0.04, seed=k)
-            atoms.rotate(rng.uniform(0, 360), rng.normal(size=3))  # drawn for every name: the same structures
+            atoms.rotate(*turns["chno"][k])
             if name in in_g2:  # a conformer of a training molecule, not a new molecule
                 print(f"chno: {name} is in g2; left out")
                 continue
@@ -351,11 +356,10 @@ def main() -> None:
     if "g2-stress" in sets:
         dest = args.out / "g2-stress"
         copy_basis(args.datasets / "g2", dest)
-        val = [run for run in list_runs(args.datasets / "g2") if run.split == "val"]
-        for k, run in enumerate(val):
+        for k, run in enumerate(g2_val):
             atoms = read_structure(run.folder / "input.fdf").atoms
             atoms.rattle(0.08, seed=400 + k)
-            atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
+            atoms.rotate(*turns["g2-stress"][k], center="COP")
             atoms.center()
             write_run(args.datasets / "g2/0000/input.fdf", atoms, dest / f"{k:04d}")
     if "water-clusters" in sets:
@@ -414,7 +418,7 @@ def main() -> None:
         copy_basis(args.datasets / "g2", dest)
         for k, name in enumerate(UNSEEN_S22):
             atoms = s22[name].copy()
-            atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
+            atoms.rotate(*turns["chno-complexes"][k], center="COP")
             atoms.center(vacuum=4.5)
             atoms.pbc = True
             write_run(args.datasets / "g2/0000/input.fdf", atoms, dest / f"{k:04d}")
