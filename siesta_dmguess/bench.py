@@ -329,7 +329,7 @@ def trajectory_markdown(report: dict) -> str:
     for r in report["per_frame"]:
         frame = str(r["frame"])
         if r.get("fallback"):
-            frame += f" ({r['fallback_kind']}: atomic guess used)"
+            frame += f" ({r['fallback_kind']}: no ML prediction)"
         lines.append(f"| {frame} | " + " | ".join(str(r[g]["scf_iterations"]) for g in guesses) + " |")
     lines.append("| **total** | " + " | ".join(f"**{report['scf_iterations'][g]}**" for g in guesses) + " |")
     saved = report["iterations_saved_vs_atomic"]
@@ -341,7 +341,8 @@ def trajectory_markdown(report: dict) -> str:
                      f"{report['wall_s_including_prediction'][g]:.1f} | {report['max_abs_energy_difference_eV'][g]:.1e} |")
     far = [r for r in report["per_frame"] if r.get("fallback")]
     if far:
-        lines += ["", f"{len(far)} of {report['frames']} frames started their ML guesses from the atomic guess: "
+        lines += ["", f"{len(far)} of {report['frames']} frames got no ML prediction (`ml` started from the atomic "
+                  f"guess, `ml+residual` from the history's extrapolation once there was one): "
                   f"{far[0]['fallback']}" + (" (and alike)." if len(far) > 1 else ".")]
     return "\n".join(lines) + "\n"
 

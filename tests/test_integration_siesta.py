@@ -161,7 +161,7 @@ def test_frames_far_outside_the_training_data_start_from_the_atomic_guess(siesta
     assert then["ml+residual"]["guess"] == "extrapolation" and then["ml+residual"]["dm_read"]
     assert then["ml+residual"]["scf_iterations"] == then["extrapolation"]["scf_iterations"]
     assert then["ml+residual"]["scf_iterations"] < then["atomic"]["scf_iterations"]
-    assert "| 0 (far: atomic guess used) |" in (tmp_path / "bench" / "bench_trajectory.md").read_text()
+    assert "| 0 (far: no ML prediction) |" in (tmp_path / "bench" / "bench_trajectory.md").read_text()
     # --force uses the refused prediction: SIESTA reads it
     forced = run_trajectory_benchmark([first], fdf, load_model(tmp_path / "far-water"), tmp_path / "forced",
                                       ("ml",), command=siesta_command, progress=False, force=True)

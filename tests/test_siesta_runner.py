@@ -185,8 +185,9 @@ def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
     report = summarize_trajectory(rows, ("atomic", "ml"), "m", "md.traj")
     table = trajectory_markdown(report)
     assert report["frames_fallback_atomic"] == 2
-    assert "| 1 (far: atomic guess used) | 11 | 11 |" in table and "| 0 | 10 | 4 |" in table
-    assert "| 2 (k-sampling: atomic guess used) | 12 | 12 |" in table
-    assert f"2 of 3 frames started their ML guesses from the atomic guess: {reason} (and alike)." in table
+    assert "| 1 (far: no ML prediction) | 11 | 11 |" in table and "| 0 | 10 | 4 |" in table
+    assert "| 2 (k-sampling: no ML prediction) | 12 | 12 |" in table
+    assert f"2 of 3 frames got no ML prediction (`ml` started from the atomic guess, `ml+residual` from the " \
+           f"history's extrapolation once there was one): {reason} (and alike)." in table
     calm = trajectory_markdown(summarize_trajectory(rows[:1], ("atomic", "ml"), "m", "md.traj"))
-    assert "atomic guess used" not in calm and "started their ML guesses" not in calm
+    assert "no ML prediction" not in calm
