@@ -158,7 +158,8 @@ def markdown(report: dict) -> str:
               f"{report['max_abs_energy_difference_eV']:.1e} eV; ML never worse: {report['ml_never_worse']}; "
               f"flagged as novel: {report.get('structures_flagged_novel', 0)} of {report['structures']}"
               + (f"; started from the atomic guess: {report['structures_fallback_atomic']} (far outside the training "
-                 f"data, a k-sampling the model lacks, or no clear occupied space)" if report.get("structures_fallback_atomic") else "")
+                 f"data, a k-sampling the model lacks, or no clear occupied space)"
+                 if report.get("structures_fallback_atomic") else "")
               + "."]
     return "\n".join(lines) + "\n"
 
@@ -277,7 +278,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
         overlap = pred.history_overlap if pred else None
         geometry = build_geometry(structure, basis)
         row = {"frame": t, "natoms": len(atoms)}
-        # A frame whose prediction is refused (Prediction.refusals) starts `ml` from the atomic guess, as the calculator does.
+        # A frame whose prediction is refused (Prediction.refusals) starts `ml` from the atomic guess, as the
+        # calculator does.
         refusal = pred.refusal_reason if pred is not None and not force else ""
         if refusal:
             row["fallback"], row["fallback_kind"] = refusal, pred.refusal_kind

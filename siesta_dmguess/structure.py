@@ -7,6 +7,7 @@ names the basis (``<label>.ion.xml``) and is the chemical symbol unless an fdf's
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ def _is_fdf(path: Path) -> bool:
     return path.suffix.lower() == ".fdf"
 
 
+@functools.cache
 def _fdf_sile_class():
     """sisl's fdf reader with two fixes, written here because sisl 0.20 lacks them:
 
