@@ -414,3 +414,13 @@ def test_only_a_failed_projection_is_a_mixed_state(model_dir, xyz, shipped):
     from siesta_dmguess.predict import _pure_on_validation
 
     assert not _pure_on_validation(shipped("silicon").card)
+
+
+def test_cli_predict_reports_the_projections_gap(tmp_path, capsys):
+    """The report of a projected DM gives the HOMO-LUMO gap the guard looks at (1 for a pure state)."""
+    from ase.build import molecule
+
+    molecule("H2O").write(tmp_path / "water.xyz")
+    assert main(["predict", str(tmp_path / "water.xyz"), "--model", "water", "-o", str(tmp_path / "w.DM")]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("electrons Tr(D S)")][0]
+    assert "refined: idempotent; HOMO-LUMO gap of the projection 1.00" in line
