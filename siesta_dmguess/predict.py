@@ -174,7 +174,7 @@ class Prediction:
                 or self.occupation_gap >= MIN_OCCUPATION_GAP:
             return ""
         return (f"the model's DM has no clear occupied space (HOMO-LUMO natural-occupation gap "
-                f"{self.occupation_gap:.2f} < {MIN_OCCUPATION_GAP}; a pure state has 1), as where a bond breaks: "
+                f"{self.occupation_gap:.3f} < {MIN_OCCUPATION_GAP}; a pure state has 1), as where a bond breaks: "
                 "such guesses saved SIESTA no iterations in total and cost some")
 
     @property

@@ -387,7 +387,7 @@ def test_a_breaking_bond_gets_no_dm_unless_forced(tmp_path, shipped):
     assert ok.refinement == "idempotent" and not ok.refusals and (tmp_path / "equilibrium.DM").is_file()
     out = tmp_path / "stretched.DM"
     with pytest.raises(UnreliablePredictionError, match=r"stretched.xyz: the model's DM has no clear occupied space "
-                                                        r"\(HOMO-LUMO natural-occupation gap 0\.\d\d < 0.5.*--force"):
+                                                        r"\(HOMO-LUMO natural-occupation gap 0\.\d\d\d < 0.5.*--force"):
         predict_to_file(tmp_path / "stretched.xyz", out, model=model)
     assert not out.exists()
     forced = predict_to_file(tmp_path / "stretched.xyz", out, model=model, force=True)
