@@ -65,16 +65,18 @@ def plot(sets, trajectories, out: Path) -> None:
 
     names = sorted(trajectories)
     width = 0.8 / len(GUESSES)
+    lowest = 0.0
     for g, guess in enumerate(GUESSES):
         values = [100 * (trajectories[t]["atomic"] - trajectories[t].get(guess, trajectories[t]["atomic"]))
                   / trajectories[t]["atomic"] for t in names]
+        lowest = min(lowest, *values)
         ax2.barh(np.arange(len(names)) + (g - 1.5) * width, values, height=width, label=guess)
     ax2.set_yticks(np.arange(len(names)), names, fontsize=8)
     ax2.invert_yaxis()
     ax2.axvline(65, ls="--", color="k", lw=0.8)
-    ax2.set_xlim(0, 100)
+    ax2.set_xlim(lowest - 2, 100)  # a guess can cost iterations (reuse on a bond scan)
     ax2.set_xlabel("SCF iterations saved vs atomic guess (%)")
-    ax2.set_title("trajectories (ASE-driven MD and relaxations)", fontsize=10)
+    ax2.set_title("trajectories (ASE-driven MD, relaxations, bond scans)", fontsize=10)
     ax2.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
