@@ -241,9 +241,9 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix
     from .siesta.templates import fdf_with_geometry
-    from .structure import FdfFrames
+    from .structure import FdfFrames, resolve_fdf
 
-    fdf_template, out_dir = Path(fdf_template), Path(out_dir)
+    fdf_template, out_dir = resolve_fdf(fdf_template), Path(out_dir)
     if not fdf_template.is_file():
         raise InputFileError("fdf template not found", fdf_template)
     images = list(ase.io.read(str(trajectory), index=":")) if not isinstance(trajectory, list) else trajectory

@@ -44,7 +44,9 @@ def _cmd_train(args) -> int:
 def default_dm_path(structure: str | Path) -> Path:
     """Where ``predict`` writes without ``-o``: for an fdf, the ``<SystemLabel>.DM`` next to it (the file SIESTA
     reads with ``DM.UseSaveDM T``); for any other structure file, the same name with suffix ``.DM``."""
-    structure = Path(structure)
+    from .structure import resolve_fdf
+
+    structure = resolve_fdf(structure)
     if structure.suffix.lower() == ".fdf" and structure.is_file():
         from .data import system_label
 

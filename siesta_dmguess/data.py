@@ -21,7 +21,7 @@ from .dm import (BlockLayout, build_geometry, build_layout, read_density_matrix,
                  siesta_orbital_mask)
 from .errors import InputFileError
 from .graph import Edges, extend_for_folding, pattern_pairs, radius_pairs
-from .structure import Structure, fdf_sile, read_structure
+from .structure import Structure, fdf_sile, find_fdf, read_structure  # find_fdf: re-exported for callers
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +163,6 @@ def list_runs(data_dir: str | Path) -> list[RunRecord]:
     if not runs:
         raise InputFileError("no run folders (sub-folders with an .fdf) found", data_dir)
     return [RunRecord(p, p.name) for p in sorted(set(runs))]
-
-
-def find_fdf(folder: Path) -> Path:
-    """The run's fdf: ``input.fdf`` if present, else the only ``*.fdf``."""
-    if (folder / "input.fdf").is_file():
-        return folder / "input.fdf"
-    fdfs = sorted(folder.glob("*.fdf"))
-    if len(fdfs) != 1:
-        raise InputFileError(f"expected one .fdf in the run folder, found {len(fdfs)}", folder)
-    return fdfs[0]
 
 
 def system_label(fdf: Path) -> str:

@@ -252,14 +252,32 @@ def read_monkhorst_pack(path: str | Path) -> tuple[list[int], list[float]] | Non
     return [int(n) for n in np.diag(matrix)], shifts  # int() truncates, as before the shared parser
 
 
+def find_fdf(folder: Path) -> Path:
+    """The fdf of a SIESTA run folder: ``input.fdf`` if present, else the only ``*.fdf``."""
+    folder = Path(folder)
+    if (folder / "input.fdf").is_file():
+        return folder / "input.fdf"
+    fdfs = sorted(folder.glob("*.fdf"))
+    if len(fdfs) != 1:
+        raise InputFileError(f"expected one .fdf in the run folder, found {len(fdfs)}", folder)
+    return fdfs[0]
+
+
+def resolve_fdf(path: str | Path) -> Path:
+    """A SIESTA run folder stands for its fdf (:func:`find_fdf`); any other path is returned as it is."""
+    path = Path(path)
+    return find_fdf(path) if path.is_dir() else path
+
+
 def read_structure(path: str | Path) -> Structure:
-    """Read an fdf (via sisl, keeping species labels and the lattice) or any file ASE reads.
+    """Read an fdf (via sisl, keeping species labels and the lattice) or any file ASE reads; a SIESTA run
+    folder stands for its fdf.
 
     Structures without a cell (e.g. an .xyz molecule) are treated as isolated: no
     periodic images. An fdf with a lattice keeps its periodic box; one without a LatticeConstant is a
     molecule in SIESTA's automatic cell, which no orbital crosses (:func:`_read_fdf_geometry`).
     """
-    path = Path(path)
+    path = resolve_fdf(path)
     if not path.is_file():
         raise InputFileError("structure file not found", path)
     if _is_fdf(path):
@@ -335,7 +353,7 @@ class FdfFrames:
     """
 
     def __init__(self, fdf_path: str | Path):
-        self.path = Path(fdf_path)
+        self.path = resolve_fdf(fdf_path)  # a run folder stands for its fdf
         self.text = self.path.read_text()
         self.label_of = {element_symbol(z): label for _, z, label in species_block(self.text)}
         self.settings = read_fdf_settings(self.path)

@@ -279,3 +279,22 @@ def test_reading_an_fdf_leaves_no_file_open(tmp_path):
         gc.collect()
     assert structure.atoms.get_chemical_symbols() == ["O"]
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_a_run_folder_stands_for_its_fdf(tmp_path):
+    """``predict RUN``, ``bench TRAJ --fdf RUN`` and the scripts take a SIESTA run folder as its fdf: input.fdf,
+    else the folder's only fdf; any other count is an error that names the folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "water.fdf").write_text(FDF)
+    assert np.allclose(read_structure(run).atoms.cell, read_structure(run / "water.fdf").atoms.cell)
+    assert FdfFrames(run).path == run / "water.fdf"
+    (run / "input.fdf").write_text(FDF.replace("9.0 0.0 0.0", "8.0 0.0 0.0"))
+    assert read_structure(run).atoms.cell[0, 0] == pytest.approx(8.0)  # input.fdf first, as for datasets
+    (run / "input.fdf").unlink()
+    (run / "other.fdf").write_text(FDF)
+    with pytest.raises(InputFileError, match=r"run: expected one \.fdf in the run folder, found 2"):
+        read_structure(run)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputFileError, match="found 0"):
+        read_structure(tmp_path / "empty")

@@ -424,3 +424,19 @@ def test_cli_predict_reports_the_projections_gap(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "water.xyz"), "--model", "water", "-o", str(tmp_path / "w.DM")]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("electrons Tr(D S)")][0]
     assert "refined: idempotent; HOMO-LUMO gap of the projection 1.00" in line
+
+
+def test_predict_on_a_run_folder_writes_the_dm_siesta_reads_there(model_dir, tmp_path):
+    """A run folder stands for its fdf; the DM goes to ``<SystemLabel>.DM`` in it, where ``DM.UseSaveDM T``
+    finds it."""
+    from siesta_dmguess.siesta.templates import fdf_with_geometry
+
+    from .test_fdf_geometry import FDF
+
+    run = tmp_path / "run"
+    run.mkdir()
+    atoms = water_molecule()
+    (run / "job.fdf").write_text(fdf_with_geometry(FDF.replace("SystemLabel siesta", "SystemLabel mol"), atoms,
+                                                   atoms.get_chemical_symbols()))
+    assert main(["predict", str(run), "--model", str(model_dir)]) == 0
+    assert read_dm_orbital_count(run / "mol.DM") == 23 and not (tmp_path / "run.DM").exists()

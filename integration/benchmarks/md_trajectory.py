@@ -30,7 +30,7 @@ from ase.md.verlet import VelocityVerlet
 from siesta_dmguess import DMGuessSiesta
 from siesta_dmguess.siesta import find_siesta
 from siesta_dmguess.siesta.runner import fdf_value
-from siesta_dmguess.structure import read_monkhorst_pack, read_structure
+from siesta_dmguess.structure import read_monkhorst_pack, read_structure, resolve_fdf
 
 
 def calculator_for(fdf: Path, model: str, guess: str, directory: Path) -> DMGuessSiesta:
@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("md.traj"))
     p.add_argument("--workdir", type=Path, default=Path("md_run"))
     args = p.parse_args()
+    args.fdf = resolve_fdf(args.fdf)  # a run folder stands for its fdf
 
     atoms = read_structure(args.fdf).atoms
     if args.rattle:
