@@ -377,7 +377,7 @@ def add_bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="SCF iterations with the ML guess vs SIESTA's atomic guess (real SIESTA)")
     b.add_argument("data_dir", help="dataset folder of run folders (fdf + basis/*.psf), or a trajectory file "
                                     "(with --fdf)")
-    b.add_argument("--fdf", help="for a trajectory: the fdf whose settings every frame is run with")
+    b.add_argument("--fdf", help="for a trajectory: the fdf (or its run folder) whose settings every frame is run with")
     b.add_argument("--guesses", default=",".join(TRAJECTORY_GUESSES),
                    help="for a trajectory: comma-separated starting guesses to compare")
     b.add_argument("--depth", type=int, default=3, help="for a trajectory: steps kept for extrapolation")

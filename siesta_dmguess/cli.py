@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     r = sub.add_parser("predict", help="predict the DM of a structure and write a SIESTA .DM")
-    r.add_argument("structure", nargs="+", help="one or more fdf files or files ASE reads (the model is loaded once)")
+    r.add_argument("structure", nargs="+", help="one or more fdf files, SIESTA run folders (their fdf) or files ASE reads (the model is loaded once)")
     r.add_argument("--model", default="water", help="shipped model name or model folder")
     r.add_argument("-o", "--output", help="the .DM to write (default: <SystemLabel>.DM next to an fdf, where "
                                           "SIESTA reads it with DM.UseSaveDM T; else STRUCTURE with suffix .DM)")
