@@ -11,6 +11,7 @@ unless ``force=True`` (logged as a warning).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ import numpy as np
 from .basis import find_basis_files, read_species_basis
 from .card import LoadedModel, load_model, sha256_file
 from .data import Sample, prepare_sample
-from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed, write_density_matrix
+from .dm import backup_path, density_matrix_from_flat, flat_to_csr, to_image_keyed, write_density_matrix
 from .errors import ModelCompatibilityError, UnreliablePredictionError
 from .evaluate import predict_flat
 from .refine import MIN_OCCUPATION_GAP, is_kpoint, projection_skipped, refine_folded
@@ -405,11 +406,18 @@ def predict_to_file(structure, out: str | Path, model="water", overwrite: bool =
     A structure far outside the model's training data (:attr:`Prediction.far_out_of_distribution`), or a run whose
     k-sampling the model has not seen (:attr:`Prediction.sampling_reason`), raises
     :class:`~siesta_dmguess.errors.UnreliablePredictionError` and writes nothing, so that SIESTA starts from its
-    atomic guess; ``force=True`` writes the prediction anyway.
+    atomic guess; an existing ``out`` (an earlier step's or run's DM, which SIESTA would read instead) is moved
+    to its backup name. ``force=True`` writes the prediction anyway.
     """
     pred = predict_density_matrix(structure, model, fold=fold, force=force, refine=refine)
     if pred.refusal_reason and not force:
-        raise UnreliablePredictionError(f"{pred.refusal_reason}; no DM was written to {out} (--force writes it)",
-                                        pred.structure.source or structure, prediction=pred)
+        out = Path(out)
+        moved = ""
+        if out.exists():  # DM.UseSaveDM T would start SIESTA from this stale file, not from its atomic guess
+            backup = backup_path(out)
+            os.replace(out, backup)
+            moved = f"; the existing {out.name} was moved to {backup.name} so that SIESTA does not read it"
+        raise UnreliablePredictionError(f"{pred.refusal_reason}; no DM was written to {out}{moved} (--force writes "
+                                        "it)", pred.structure.source or structure, prediction=pred)
     write_density_matrix(pred.density_matrix, out, overwrite=overwrite)
     return pred

@@ -290,6 +290,19 @@ def test_cli_predict_skips_far_structures_and_says_so(far_model_dir, model_dir, 
     assert out.is_file()
 
 
+def test_a_refused_prediction_moves_a_stale_dm_aside_so_siesta_starts_from_its_atomic_guess(far_model_dir, xyz,
+                                                                                             tmp_path):
+    """With ``DM.UseSaveDM T`` SIESTA reads whatever ``<SystemLabel>.DM`` it finds: a refusal that left an earlier
+    run's DM there would start SIESTA from it, not from its atomic guess. The file is kept, under a backup name."""
+    from siesta_dmguess.errors import UnreliablePredictionError
+
+    out = tmp_path / "water.DM"
+    out.write_bytes(b"an earlier run's DM")
+    with pytest.raises(UnreliablePredictionError, match=r"the existing water.DM was moved to water.DM.bak"):
+        predict_to_file(xyz, out, model=far_model_dir)
+    assert not out.exists() and (tmp_path / "water.DM.bak").read_bytes() == b"an earlier run's DM"
+
+
 def test_cli_predict_batch_goes_on_past_a_far_structure(model_dir, xyz, tmp_path, monkeypatch, capsys):
     """In a batch, a structure far outside the training data gets no DM, the others do, and the exit code says
     that one was skipped."""
