@@ -62,6 +62,8 @@ def _cmd_predict(args) -> int:
 
     from .card import load_model
     from .predict import predict_to_file
+    from .siesta.templates import dm_read_note
+    from .structure import resolve_fdf
 
     if args.output and len(args.structure) > 1:
         raise DMGuessError("-o names one output file; with several structures each DM is written next to its input")
@@ -80,6 +82,9 @@ def _cmd_predict(args) -> int:
             skipped += 1
             continue
         _report_prediction(out, pred, write=tqdm.write if many else print)
+        source = resolve_fdf(structure)
+        if source.suffix.lower() == ".fdf" and (note := dm_read_note(source, out)):
+            (tqdm.write if many else print)(f"note: {note}")
     return 2 if skipped else 0  # as main() does for any other error
 
 

@@ -439,7 +439,7 @@ def test_cli_predict_reports_the_projections_gap(tmp_path, capsys):
     assert "refined: idempotent; HOMO-LUMO gap of the projection 1.00" in line
 
 
-def test_predict_on_a_run_folder_writes_the_dm_siesta_reads_there(model_dir, tmp_path):
+def test_predict_on_a_run_folder_writes_the_dm_siesta_reads_there(model_dir, tmp_path, capsys):
     """A run folder stands for its fdf; the DM goes to ``<SystemLabel>.DM`` in it, where ``DM.UseSaveDM T``
     finds it."""
     from siesta_dmguess.siesta.templates import fdf_with_geometry
@@ -453,3 +453,5 @@ def test_predict_on_a_run_folder_writes_the_dm_siesta_reads_there(model_dir, tmp
                                                    atoms.get_chemical_symbols()))
     assert main(["predict", str(run), "--model", str(model_dir)]) == 0
     assert read_dm_orbital_count(run / "mol.DM") == 23 and not (tmp_path / "run.DM").exists()
+    # the fdf does not ask SIESTA to read it: predict says so (siesta.templates.dm_read_note)
+    assert "note: job.fdf does not set DM.UseSaveDM (default F)" in capsys.readouterr().out

@@ -191,3 +191,20 @@ def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
            f"history's extrapolation once there was one): {reason} (and alike)." in table
     calm = trajectory_markdown(summarize_trajectory(rows[:1], ("atomic", "ml"), "m", "md.traj"))
     assert "no ML prediction" not in calm
+
+
+def test_dm_read_note_says_when_siesta_would_not_read_the_predicted_dm(tmp_path):
+    """SIESTA 4.1 reads ``<SystemLabel>.DM`` from its folder, only with ``DM.UseSaveDM T``, and fdf keeps a key's
+    first value (checked with SIESTA on h2o/0004: T appended after the dataset's F is ignored, 10 iterations;
+    T on the first line, 2)."""
+    from siesta_dmguess.siesta.templates import dm_read_note
+
+    fdf = tmp_path / "run.fdf"
+    base = "SystemLabel water\nDM.Tolerance 1.0d-5\n"
+    fdf.write_text(base)
+    assert "does not set DM.UseSaveDM (default F)" in dm_read_note(fdf, tmp_path / "water.DM")
+    fdf.write_text(base + "DM.UseSaveDM F\nDM.UseSaveDM T\n")
+    assert "sets DM.UseSaveDM F" in dm_read_note(fdf, tmp_path / "water.DM")
+    fdf.write_text("DM.UseSaveDM T\n" + base + "DM.UseSaveDM F\n")
+    assert dm_read_note(fdf, tmp_path / "water.DM") is None
+    assert f"reads {tmp_path / 'water.DM'}, not" in dm_read_note(fdf, tmp_path / "other.DM")

@@ -43,6 +43,29 @@ def apply_dm_init(fdf_text: str, init: str) -> str:
     return "\n".join(kept + ["", f"# --- siesta-dmguess: DM initialisation '{init}' ---", block]) + "\n"
 
 
+def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
+    """Why SIESTA (4.1) run from ``fdf``'s folder would not read the DM written to ``dm_path``, or None.
+
+    SIESTA reads ``<SystemLabel>.DM`` from the folder it runs in, and only with ``DM.UseSaveDM T`` (default F).
+    fdf keeps a key's first value, as sisl's reader does, so a ``DM.UseSaveDM T`` appended after a ``F`` is
+    ignored: the note says where to put it.
+    """
+    from ..structure import fdf_sile
+
+    fdf, dm_path = Path(fdf), Path(dm_path)
+    reader = fdf_sile(fdf)
+    label = str(reader.get("SystemLabel", "siesta"))
+    expected = fdf.parent / f"{label}.DM"
+    if dm_path.resolve() != expected.resolve():
+        return f"SIESTA run from {fdf.parent} reads {expected}, not {dm_path}: copy it there before the run"
+    if reader.get("DM.UseSaveDM", False) is not True:
+        said = "sets DM.UseSaveDM F" if fdf_value(fdf, "DM.UseSaveDM") is not None else \
+            "does not set DM.UseSaveDM (default F)"
+        return (f"{fdf.name} {said}, so SIESTA will not read this DM: put 'DM.UseSaveDM T' on its first line "
+                "(fdf keeps a key's first value)")
+    return None
+
+
 _GEOMETRY_KEYS = {normalized_fdf_key(k) for k in ("NumberOfAtoms", "LatticeConstant", "AtomicCoordinatesFormat",
                                                    "AtomicCoordinatesOrigin")}
 _GEOMETRY_BLOCKS = {normalized_fdf_key(k)
