@@ -403,8 +403,8 @@ def predict_to_file(structure, out: str | Path, model="water", overwrite: bool =
                     force: bool = False, refine: str = "idempotent") -> Prediction:
     """Predict and write ``out`` (a ``.DM``) atomically; an existing file is kept as a backup.
 
-    A structure far outside the model's training data (:attr:`Prediction.far_out_of_distribution`), or a run whose
-    k-sampling the model has not seen (:attr:`Prediction.sampling_reason`), raises
+    A prediction the guard refuses (:attr:`Prediction.refusals`: a structure far outside the model's training
+    data, a k-sampling the model has not seen, a DM with no clear occupied space) raises
     :class:`~siesta_dmguess.errors.UnreliablePredictionError` and writes nothing, so that SIESTA starts from its
     atomic guess; an existing ``out`` (an earlier step's or run's DM, which SIESTA would read instead) is moved
     to its backup name. ``force=True`` writes the prediction anyway.
