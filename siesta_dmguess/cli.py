@@ -54,7 +54,7 @@ def default_dm_path(structure: str | Path) -> Path:
     return structure.with_suffix(".DM")
 
 
-OPTIMIZE_FROM_STRUCTURES = 30  # integration/benchmarks/model_load.py: break-even at 22-35 small structures
+OPTIMIZE_FROM_STRUCTURES = 30  # integration/benchmarks/model_load.py: break-even at 18-49 structures
 
 
 def _cmd_predict(args) -> int:
