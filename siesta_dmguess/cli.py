@@ -170,10 +170,30 @@ def _cmd_models(args) -> int:
         print("no shipped models found")
     for name in names:
         card = read_card(name)
-        mae = validation_mae_summary(card)
-        basis = "; ".join(f"{k} {v['shells']} [{v['hash']}]" for k, v in card.get("basis", {}).items())
-        print(f"{name:<16} species {','.join(card.get('species', []))}  val MAE {mae}  basis: {basis}")
+        xc = card.get("xc", {})
+        settings = ", ".join(f"{k} {v}" for k, v in card.get("siesta_settings", {}).items())
+        print(f"{name}: {', '.join(card.get('species', []))}; XC {xc.get('XC.functional', '?')} "
+              f"({xc.get('XC.authors', '?')}); {settings}")
+        print(f"  validation DM MAE: {validation_mae_summary(card)}")
+        print(f"  SCF iterations, atomic -> ML guess: {scf_saving_summary(card)}")
+        for entry in card.get("basis", {}).values():
+            print(f"  basis {entry['shells']} [{entry['hash']}]")
     return 0
+
+
+def scf_saving_summary(card: dict) -> str:
+    """The card's measured SCF benchmark: one held-out set (``scf_benchmark`` holds its counts) or several (one
+    entry per dataset)."""
+    bench = card.get("scf_benchmark", {})
+    if "scf_iterations_atomic" in bench:  # the held-out set is the one its command benchmarked
+        words = str(bench.get("command", "")).split()
+        sets = {Path(words[2]).name if len(words) > 2 else "val": bench}
+    else:
+        sets = {k: v for k, v in bench.items() if isinstance(v, dict) and "scf_iterations_atomic" in v}
+    if not sets:
+        return "not measured"
+    return ", ".join(f"{k} {v['scf_iterations_atomic']} -> {v['scf_iterations_ml']} "
+                     f"({v['iterations_saved_fraction']:.0%} saved)" for k, v in sets.items())
 
 
 def add_refine_argument(parser) -> None:

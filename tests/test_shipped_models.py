@@ -68,6 +68,9 @@ def test_models_cli_lists_and_shows(capsys):
     per = load_model("water", verify=False).card["validation_per_dataset"]
     for dataset in ("h2o", "water8"):
         assert f"{dataset} {per[dataset]['mae']:.2e}" in listing
+    # ... and the SCF iterations its card measured, per held-out set
+    bench = load_model("water", verify=False).card["scf_benchmark"]["water8"]
+    assert f"water8 {bench['scf_iterations_atomic']} -> {bench['scf_iterations_ml']}" in listing
     assert main(["models", "show", "water"]) == 0
     assert "Model card" in capsys.readouterr().out
 
