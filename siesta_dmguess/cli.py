@@ -62,7 +62,7 @@ def _cmd_predict(args) -> int:
 
     from .card import load_model
     from .predict import predict_to_file
-    from .siesta.templates import dm_read_note
+    from .siesta.templates import dm_read_note, enable_dm_read
     from .structure import resolve_fdf
 
     if args.output and len(args.structure) > 1:
@@ -83,7 +83,14 @@ def _cmd_predict(args) -> int:
             continue
         _report_prediction(out, pred, write=tqdm.write if many else print)
         source = resolve_fdf(structure)
-        if source.suffix.lower() == ".fdf" and (note := dm_read_note(source, out)):
+        if source.suffix.lower() != ".fdf":
+            continue
+        # only where SIESTA looks for the DM: an fdf switched on with the DM elsewhere would read a stale one
+        at_siesta_path = out.resolve() == default_dm_path(source).resolve()
+        if args.edit_fdf and at_siesta_path and dm_read_note(source, out) and (backup := enable_dm_read(source)):
+            (tqdm.write if many else print)(f"{source}: put 'DM.UseSaveDM T' on its first line (original kept as "
+                                            f"{backup.name})")
+        if note := dm_read_note(source, out):
             (tqdm.write if many else print)(f"note: {note}")
     return 2 if skipped else 0  # as main() does for any other error
 
@@ -251,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", help="the .DM to write (default: <SystemLabel>.DM next to an fdf, where "
                                           "SIESTA reads it with DM.UseSaveDM T; else STRUCTURE with suffix .DM)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing .DM without a backup")
+    r.add_argument("--edit-fdf", action="store_true",
+                   help="for an fdf that would not make SIESTA read the DM: put 'DM.UseSaveDM T' on its first line "
+                        "(the original kept as .bak)")
     r.add_argument("--fold", choices=["auto", "yes", "no"], default="auto",
                    help="fold periodic images into the unit cell (auto: for Γ-only runs)")
     r.add_argument("--force", action="store_true",

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from .basis import SpeciesBasis
 from .conventions import orbital_signs
 from .errors import InputFileError
-from .files import atomic_write
+from .files import atomic_write, backup_path
 from .graph import Edges, kb_member_pairs, kb_members, lookup_rows
 from .structure import Structure
 
@@ -381,16 +381,6 @@ def read_dm_orbital_count(path: str | Path) -> int:
     if not path.is_file():
         raise InputFileError("density matrix file not found", path)
     return check_dm_file(path)[0]
-
-
-def backup_path(path: Path) -> Path:
-    """First free ``<name>.bak``, ``<name>.bak1``, ... next to ``path``."""
-    cand = path.with_name(path.name + ".bak")
-    n = 1
-    while cand.exists():
-        cand = path.with_name(f"{path.name}.bak{n}")
-        n += 1
-    return cand
 
 
 def write_density_matrix(dm, path: str | Path, overwrite: bool = False) -> Path | None:

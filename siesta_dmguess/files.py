@@ -1,4 +1,4 @@
-"""Atomic file writes, shared by the ``.DM`` writer and the model saver.
+"""Atomic file writes and backup names, shared by the ``.DM`` writer, the model saver and the fdf editor.
 
 A file is written under a temporary name in its own folder and renamed into place, so a run killed mid-write
 keeps the previous file, never a truncated one. The standard library has the pieces (``tempfile``,
@@ -31,3 +31,14 @@ def atomic_write(path: str | Path, write, suffix: str = "", before_replace=None)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def backup_path(path: str | Path) -> Path:
+    """First free ``<name>.bak``, ``<name>.bak1``, ... next to ``path``."""
+    path = Path(path)
+    cand = path.with_name(path.name + ".bak")
+    n = 1
+    while cand.exists():
+        cand = path.with_name(f"{path.name}.bak{n}")
+        n += 1
+    return cand

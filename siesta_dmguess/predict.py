@@ -23,8 +23,9 @@ import numpy as np
 from .basis import find_basis_files, read_species_basis
 from .card import LoadedModel, load_model, sha256_file
 from .data import Sample, prepare_sample
-from .dm import backup_path, density_matrix_from_flat, flat_to_csr, to_image_keyed, write_density_matrix
+from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed, write_density_matrix
 from .errors import ModelCompatibilityError, UnreliablePredictionError
+from .files import backup_path
 from .evaluate import predict_flat
 from .refine import MIN_OCCUPATION_GAP, is_kpoint, projection_skipped, refine_folded
 from .structure import FDF_ENERGY_KEYS, Structure, element_symbol, read_structure

@@ -455,3 +455,10 @@ def test_predict_on_a_run_folder_writes_the_dm_siesta_reads_there(model_dir, tmp
     assert read_dm_orbital_count(run / "mol.DM") == 23 and not (tmp_path / "run.DM").exists()
     # the fdf does not ask SIESTA to read it: predict says so (siesta.templates.dm_read_note)
     assert "note: job.fdf does not set DM.UseSaveDM (default F)" in capsys.readouterr().out
+    # --edit-fdf switches it on, but not when the DM goes elsewhere (SIESTA would then read a stale one)
+    assert main(["predict", str(run), "--model", str(model_dir), "--edit-fdf", "-o", str(tmp_path / "x.DM")]) == 0
+    assert not (run / "job.fdf.bak").exists() and "reads" in capsys.readouterr().out  # the note says where instead
+    assert main(["predict", str(run), "--model", str(model_dir), "--edit-fdf"]) == 0
+    out = capsys.readouterr().out
+    assert "put 'DM.UseSaveDM T' on its first line" in out and "note:" not in out
+    assert (run / "job.fdf").read_text().startswith("DM.UseSaveDM T") and (run / "job.fdf.bak").is_file()

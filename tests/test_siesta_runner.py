@@ -208,3 +208,16 @@ def test_dm_read_note_says_when_siesta_would_not_read_the_predicted_dm(tmp_path)
     fdf.write_text("DM.UseSaveDM T\n" + base + "DM.UseSaveDM F\n")
     assert dm_read_note(fdf, tmp_path / "water.DM") is None
     assert f"reads {tmp_path / 'water.DM'}, not" in dm_read_note(fdf, tmp_path / "other.DM")
+
+
+def test_enable_dm_read_puts_the_switch_first_and_keeps_the_original(tmp_path):
+    from siesta_dmguess.siesta.templates import dm_read_note, enable_dm_read
+
+    fdf = tmp_path / "input.fdf"
+    original = "SystemLabel water\nDM.UseSaveDM F\n"
+    fdf.write_text(original)
+    backup = enable_dm_read(fdf)
+    assert backup == tmp_path / "input.fdf.bak" and backup.read_text() == original
+    assert fdf.read_text().startswith("DM.UseSaveDM T") and fdf.read_text().endswith(original)
+    assert dm_read_note(fdf, tmp_path / "water.DM") is None
+    assert enable_dm_read(fdf) is None and not (tmp_path / "input.fdf.bak1").exists()  # already on: left alone

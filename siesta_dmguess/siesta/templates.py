@@ -66,6 +66,25 @@ def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
     return None
 
 
+def enable_dm_read(fdf: Path) -> Path | None:
+    """Put ``DM.UseSaveDM T`` on the first line of ``fdf`` unless it already makes SIESTA read a saved DM; the
+    original is kept as ``<name>.bak`` and the new file written atomically. Returns the backup, or None if the
+    fdf was left alone. Only the switch changes: lines that set it F stay, and are overridden, since fdf keeps a
+    key's first value."""
+    from ..files import atomic_write, backup_path
+    from ..structure import fdf_sile
+
+    fdf = Path(fdf)
+    if fdf_sile(fdf).get("DM.UseSaveDM", False) is True:
+        return None
+    text = fdf.read_text()
+    backup = backup_path(fdf)
+    shutil.copy2(fdf, backup)
+    atomic_write(fdf, lambda tmp: tmp.write_text("DM.UseSaveDM T   # siesta-dmguess: start from the predicted DM\n"
+                                                 + text))
+    return backup
+
+
 _GEOMETRY_KEYS = {normalized_fdf_key(k) for k in ("NumberOfAtoms", "LatticeConstant", "AtomicCoordinatesFormat",
                                                    "AtomicCoordinatesOrigin")}
 _GEOMETRY_BLOCKS = {normalized_fdf_key(k)
