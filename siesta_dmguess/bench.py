@@ -201,7 +201,7 @@ TRAJECTORY_GUESSES = ("atomic", "reuse", "extrapolation", "ml", "ml+residual")
 def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, command) -> tuple:
     """Run SIESTA on one frame from ``start_dm`` (an image-keyed CSR, see :func:`~siesta_dmguess.dm.to_image_keyed`,
     or None: atomic guess); return (result, wall time, D_scf image-keyed)."""
-    from .data import system_label
+    from .structure import siesta_dm_path
     from .dm import from_image_keyed, read_density_matrix, to_image_keyed, write_density_matrix
     from .siesta import prepare_run, run_siesta
 
@@ -216,7 +216,7 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
                       pseudo_dirs=pseudo_dirs)
     run = run_siesta(fdf, command=command)
     out = run.output
-    converged = to_image_keyed(read_density_matrix(fdf.parent / f"{system_label(fdf)}.DM", geometry))
+    converged = to_image_keyed(read_density_matrix(siesta_dm_path(fdf), geometry))
     return out, run.wall_s, converged
 
 

@@ -44,13 +44,11 @@ def _cmd_train(args) -> int:
 def default_dm_path(structure: str | Path) -> Path:
     """Where ``predict`` writes without ``-o``: for an fdf, the ``<SystemLabel>.DM`` next to it (the file SIESTA
     reads with ``DM.UseSaveDM T``); for any other structure file, the same name with suffix ``.DM``."""
-    from .structure import resolve_fdf
+    from .structure import resolve_fdf, siesta_dm_path
 
     structure = resolve_fdf(structure)
     if structure.suffix.lower() == ".fdf" and structure.is_file():
-        from .data import system_label
-
-        return structure.parent / f"{system_label(structure)}.DM"
+        return siesta_dm_path(structure)
     return structure.with_suffix(".DM")
 
 
@@ -63,7 +61,7 @@ def _cmd_predict(args) -> int:
     from .card import load_model
     from .predict import predict_to_file
     from .siesta.templates import dm_read_note, enable_dm_read
-    from .structure import resolve_fdf
+    from .structure import resolve_fdf, siesta_dm_path
 
     if args.output and len(args.structure) > 1:
         raise DMGuessError("-o names one output file; with several structures each DM is written next to its input")
@@ -71,6 +69,7 @@ def _cmd_predict(args) -> int:
     # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
     model = load_model(args.model, optimize=len(args.structure) >= OPTIMIZE_FROM_STRUCTURES)
     many = len(args.structure) > 1
+    write = tqdm.write if many else print  # beside the progress bar of a batch
     skipped = 0
     for structure in tqdm(args.structure, desc="predict", disable=not many):
         out = Path(args.output) if args.output else default_dm_path(structure)
@@ -81,17 +80,15 @@ def _cmd_predict(args) -> int:
             print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
             skipped += 1
             continue
-        _report_prediction(out, pred, write=tqdm.write if many else print)
+        _report_prediction(out, pred, write=write)
         source = resolve_fdf(structure)
-        if source.suffix.lower() != ".fdf":
-            continue
-        # only where SIESTA looks for the DM: an fdf switched on with the DM elsewhere would read a stale one
-        at_siesta_path = out.resolve() == default_dm_path(source).resolve()
-        if args.edit_fdf and at_siesta_path and dm_read_note(source, out) and (backup := enable_dm_read(source)):
-            (tqdm.write if many else print)(f"{source}: put 'DM.UseSaveDM T' on its first line (original kept as "
-                                            f"{backup.name})")
-        if note := dm_read_note(source, out):
-            (tqdm.write if many else print)(f"note: {note}")
+        note = dm_read_note(source, out) if source.suffix.lower() == ".fdf" else None
+        # the switch only where SIESTA looks for the DM: switched on with the DM elsewhere, it would read a stale one
+        if note and args.edit_fdf and out.resolve() == siesta_dm_path(source).resolve():
+            backup = enable_dm_read(source)  # the note said the switch is off
+            write(f"{source}: put 'DM.UseSaveDM T' on its first line (original kept as {backup.name})")
+        elif note:
+            write(f"note: {note}")
     return 2 if skipped else 0  # as main() does for any other error
 
 

@@ -21,7 +21,7 @@ from .dm import (BlockLayout, build_geometry, build_layout, read_density_matrix,
                  siesta_orbital_mask)
 from .errors import InputFileError
 from .graph import Edges, extend_for_folding, pattern_pairs, radius_pairs
-from .structure import Structure, fdf_sile, find_fdf, read_structure  # find_fdf: re-exported for callers
+from .structure import Structure, find_fdf, read_structure, siesta_dm_path
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,6 @@ def list_runs(data_dir: str | Path) -> list[RunRecord]:
     return [RunRecord(p, p.name) for p in sorted(set(runs))]
 
 
-def system_label(fdf: Path) -> str:
-    return str(fdf_sile(fdf).get("SystemLabel", "siesta"))
-
-
 def run_basis(folder: Path, labels) -> dict[str, SpeciesBasis]:
     """Basis of every species of a run: ``.ion.xml`` in the run folder, else in ``../basis``."""
     labels = sorted(set(labels))
@@ -190,12 +186,11 @@ def load_run(folder: str | Path):
     fdf = find_fdf(folder)
     structure = read_structure(fdf)
     basis = run_basis(folder, structure.labels)
-    label = system_label(fdf)
-    dm_path = folder / f"{label}.DM"
+    dm_path = siesta_dm_path(fdf)
     dm = None
     if dm_path.is_file():
         dm = read_density_matrix(dm_path, build_geometry(structure, basis))
-    hsx = folder / f"{label}.HSX"
+    hsx = dm_path.with_suffix(".HSX")  # <SystemLabel>.HSX
     return structure, basis, dm, (hsx if hsx.is_file() else None)
 
 

@@ -13,7 +13,6 @@ read and written with sisl's ``dmSileSiesta``.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import scipy.sparse as sp
 from .basis import SpeciesBasis
 from .conventions import orbital_signs
 from .errors import InputFileError
-from .files import atomic_write, backup_path
+from .files import atomic_write, move_to_backup
 from .graph import Edges, kb_member_pairs, kb_members, lookup_rows
 from .structure import Structure
 
@@ -403,8 +402,7 @@ def write_density_matrix(dm, path: str | Path, overwrite: bool = False) -> Path 
     def keep_existing():
         nonlocal backup
         if path.exists() and not overwrite:
-            backup = backup_path(path)
-            os.replace(path, backup)
+            backup = move_to_backup(path)
             log.warning("kept the existing %s as %s", path, backup)
 
     atomic_write(path, lambda tmp: sisl.get_sile(tmp, mode="w").write_density_matrix(dm), suffix=".DM",

@@ -42,3 +42,10 @@ def backup_path(path: str | Path) -> Path:
         cand = path.with_name(f"{path.name}.bak{n}")
         n += 1
     return cand
+
+
+def move_to_backup(path: str | Path) -> Path:
+    """Rename ``path`` to :func:`backup_path`'s name (kept, never deleted); return that name."""
+    backup = backup_path(path)
+    os.replace(path, backup)
+    return backup

@@ -11,7 +11,6 @@ unless ``force=True`` (logged as a warning).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -25,7 +24,7 @@ from .card import LoadedModel, load_model, sha256_file
 from .data import Sample, prepare_sample
 from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed, write_density_matrix
 from .errors import ModelCompatibilityError, UnreliablePredictionError
-from .files import backup_path
+from .files import move_to_backup
 from .evaluate import predict_flat
 from .refine import MIN_OCCUPATION_GAP, is_kpoint, projection_skipped, refine_folded
 from .structure import FDF_ENERGY_KEYS, Structure, element_symbol, read_structure
@@ -415,8 +414,7 @@ def predict_to_file(structure, out: str | Path, model="water", overwrite: bool =
         out = Path(out)
         moved = ""
         if out.exists():  # DM.UseSaveDM T would start SIESTA from this stale file, not from its atomic guess
-            backup = backup_path(out)
-            os.replace(out, backup)
+            backup = move_to_backup(out)
             moved = f"; the existing {out.name} was moved to {backup.name} so that SIESTA does not read it"
         raise UnreliablePredictionError(f"{pred.refusal_reason}; no DM was written to {out}{moved} (--force writes "
                                         "it)", pred.structure.source or structure, prediction=pred)

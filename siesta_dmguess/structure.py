@@ -263,6 +263,17 @@ def find_fdf(folder: Path) -> Path:
     return fdfs[0]
 
 
+def system_label(fdf: str | Path) -> str:
+    """The fdf's ``SystemLabel`` (SIESTA's default: ``siesta``)."""
+    return str(fdf_sile(fdf).get("SystemLabel", "siesta"))
+
+
+def siesta_dm_path(fdf: str | Path) -> Path:
+    """The DM file a SIESTA run of ``fdf`` reads (``DM.UseSaveDM T``) and writes: ``<SystemLabel>.DM`` beside it."""
+    fdf = Path(fdf)
+    return fdf.parent / f"{system_label(fdf)}.DM"
+
+
 def resolve_fdf(path: str | Path) -> Path:
     """A SIESTA run folder stands for its fdf (:func:`find_fdf`); any other path is returned as it is."""
     path = Path(path)

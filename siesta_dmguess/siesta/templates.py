@@ -43,22 +43,27 @@ def apply_dm_init(fdf_text: str, init: str) -> str:
     return "\n".join(kept + ["", f"# --- siesta-dmguess: DM initialisation '{init}' ---", block]) + "\n"
 
 
+def _reads_saved_dm(fdf: Path) -> bool:
+    """Whether a SIESTA run of ``fdf`` reads a saved DM: ``DM.UseSaveDM`` true at its first occurrence (fdf keeps
+    a key's first value, as sisl's reader does)."""
+    from ..structure import fdf_sile
+
+    return fdf_sile(fdf).get("DM.UseSaveDM", False) is True
+
+
 def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
     """Why SIESTA (4.1) run from ``fdf``'s folder would not read the DM written to ``dm_path``, or None.
 
     SIESTA reads ``<SystemLabel>.DM`` from the folder it runs in, and only with ``DM.UseSaveDM T`` (default F).
-    fdf keeps a key's first value, as sisl's reader does, so a ``DM.UseSaveDM T`` appended after a ``F`` is
-    ignored: the note says where to put it.
+    A ``DM.UseSaveDM T`` appended after a ``F`` is ignored: the note says where to put it.
     """
-    from ..structure import fdf_sile
+    from ..structure import siesta_dm_path
 
     fdf, dm_path = Path(fdf), Path(dm_path)
-    reader = fdf_sile(fdf)
-    label = str(reader.get("SystemLabel", "siesta"))
-    expected = fdf.parent / f"{label}.DM"
+    expected = siesta_dm_path(fdf)
     if dm_path.resolve() != expected.resolve():
         return f"SIESTA run from {fdf.parent} reads {expected}, not {dm_path}: copy it there before the run"
-    if reader.get("DM.UseSaveDM", False) is not True:
+    if not _reads_saved_dm(fdf):
         said = "sets DM.UseSaveDM F" if fdf_value(fdf, "DM.UseSaveDM") is not None else \
             "does not set DM.UseSaveDM (default F)"
         return (f"{fdf.name} {said}, so SIESTA will not read this DM: put 'DM.UseSaveDM T' on its first line "
@@ -68,21 +73,20 @@ def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
 
 def enable_dm_read(fdf: Path) -> Path | None:
     """Put ``DM.UseSaveDM T`` on the first line of ``fdf`` unless it already makes SIESTA read a saved DM; the
-    original is kept as ``<name>.bak`` and the new file written atomically. Returns the backup, or None if the
+    new file is written atomically and the original kept as ``<name>.bak``. Returns the backup, or None if the
     fdf was left alone. Only the switch changes: lines that set it F stay, and are overridden, since fdf keeps a
     key's first value."""
-    from ..files import atomic_write, backup_path
-    from ..structure import fdf_sile
+    from ..files import atomic_write, move_to_backup
 
     fdf = Path(fdf)
-    if fdf_sile(fdf).get("DM.UseSaveDM", False) is True:
+    if _reads_saved_dm(fdf):
         return None
     text = fdf.read_text()
-    backup = backup_path(fdf)
-    shutil.copy2(fdf, backup)
+    backups = []
     atomic_write(fdf, lambda tmp: tmp.write_text("DM.UseSaveDM T   # siesta-dmguess: start from the predicted DM\n"
-                                                 + text))
-    return backup
+                                                 + text),
+                 before_replace=lambda: backups.append(move_to_backup(fdf)))
+    return backups[0]
 
 
 _GEOMETRY_KEYS = {normalized_fdf_key(k) for k in ("NumberOfAtoms", "LatticeConstant", "AtomicCoordinatesFormat",
