@@ -102,7 +102,7 @@ def _report_prediction(out: Path, pred, write=print) -> None:
         write(f"electrons Tr(D S): {pred.electrons_predicted:.4f} predicted, {pred.electrons_expected:.4f} expected "
               f"(error {pred.electron_count_error:+.2e}); written DM refined: {pred.refinement}"
               + (f" ({pred.refinement_note})" if pred.refinement_note else "")
-              + (f"; HOMO-LUMO gap of the projection {pred.occupation_gap:.2f}"
+              + (f"; HOMO-LUMO natural-occupation gap {pred.occupation_gap:.2f} (1 for a pure state)"
                  if pred.occupation_gap is not None and not pred.refinement_note else ""))
 
 

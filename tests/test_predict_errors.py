@@ -436,7 +436,7 @@ def test_cli_predict_reports_the_projections_gap(tmp_path, capsys):
     molecule("H2O").write(tmp_path / "water.xyz")
     assert main(["predict", str(tmp_path / "water.xyz"), "--model", "water", "-o", str(tmp_path / "w.DM")]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("electrons Tr(D S)")][0]
-    assert "refined: idempotent; HOMO-LUMO gap of the projection 1.00" in line
+    assert "refined: idempotent; HOMO-LUMO natural-occupation gap 1.00 (1 for a pure state)" in line
 
 
 def test_predict_on_a_run_folder_writes_the_dm_siesta_reads_there(model_dir, tmp_path, capsys):
