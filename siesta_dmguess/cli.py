@@ -1,4 +1,4 @@
-"""Command line: ``siesta-dmguess {train,predict,evaluate,models,bench}``.
+"""Command line: ``siesta-dmguess {train,predict,evaluate,models,bench}``: learn, predict and benchmark SIESTA density matrices (units and conventions: docs/conventions.md).
 
 Argument parsing only: every command calls one documented function of the
 package. Errors derived from :class:`~siesta_dmguess.errors.DMGuessError` are
@@ -164,9 +164,13 @@ def validation_mae_summary(card: dict) -> str:
 def _cmd_models(args) -> int:
     from .card import CARD_MD, list_shipped_models, read_card, resolve_model
 
+    if args.action not in ("list", "show"):  # `models water` reads as `models show water`
+        if args.name:
+            raise DMGuessError(f"models takes 'list' or 'show NAME', not {args.action!r} {args.name!r}")
+        args.action, args.name = "show", args.action
     if args.action == "show":
         if not args.name:
-            raise DMGuessError("models show needs a model name")
+            raise DMGuessError(f"models show needs a model name (shipped: {', '.join(list_shipped_models())})")
         print((resolve_model(args.name) / CARD_MD).read_text())
         return 0
     names = list_shipped_models()
@@ -215,17 +219,17 @@ def add_threads_argument(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="siesta-dmguess", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="siesta-dmguess", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("-v", "--verbose", action="store_true", help="log debug information")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on folders of converged SIESTA runs")
     t.add_argument("data_dirs", nargs="+", help="dataset folders (run folders with fdf + .DM)")
     t.add_argument("--out", required=True, help="model folder to write (resumes from its checkpoint)")
-    t.add_argument("--epochs", type=int, default=300)
-    t.add_argument("--lr", type=float, default=5e-3)
-    t.add_argument("--batch-atoms", type=int, default=24, help="atoms per optimizer step")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, default=300, help="passes over the training structures (default 300)")
+    t.add_argument("--lr", type=float, default=5e-3, help="initial Adam learning rate, decayed each epoch (default 5e-3)")
+    t.add_argument("--batch-atoms", type=int, default=24, help="atoms per optimizer step (default 24)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the weights, the batch order and a random validation split (default 0)")
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, one per core)")
     t.add_argument("--max-train", type=int, default=0, help="use at most N training structures")
     t.add_argument("--config", help='JSON of model settings, e.g. \'{"mp_cutoff": 4.0, "num_layers": 2}\'')
@@ -251,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="predict the DM of a structure and write a SIESTA .DM")
     r.add_argument("structure", nargs="+", help="one or more fdf files, SIESTA run folders (their fdf) or files ASE reads (the model is loaded once)")
-    r.add_argument("--model", default="water", help="shipped model name or model folder")
+    r.add_argument("--model", default="water",
+                   help="shipped model name (default: water; `siesta-dmguess models` lists them) or model folder")
     r.add_argument("-o", "--output", help="the .DM to write (default: <SystemLabel>.DM next to an fdf, where "
                                           "SIESTA reads it with DM.UseSaveDM T; else STRUCTURE with suffix .DM)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing .DM without a backup")
@@ -261,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fold", choices=["auto", "yes", "no"], default="auto",
                    help="fold periodic images into the unit cell (auto: for Γ-only runs)")
     r.add_argument("--force", action="store_true",
-                   help="use the model despite a basis/settings mismatch, or write a prediction for a structure far "
-                        "outside its training data")
+                   help="use the model despite a basis/settings mismatch, and write a prediction the guard refuses "
+                        "(a structure far outside its training data, a k-sampling it never trained on, a DM with no "
+                        "clear occupied space)")
     add_refine_argument(r)
     add_threads_argument(r)
     r.set_defaults(func=_cmd_predict)
@@ -280,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     m = sub.add_parser("models", help="list shipped models, or show one's card")
-    m.add_argument("action", nargs="?", choices=["list", "show"], default="list")
-    m.add_argument("name", nargs="?")
+    m.add_argument("action", nargs="?", default="list", help="list (default) or show; a model name alone shows it")
+    m.add_argument("name", nargs="?", help="with show: the model whose card to print")
     m.set_defaults(func=_cmd_models)
 
     try:
@@ -304,6 +310,10 @@ def main(argv=None) -> int:
     except DMGuessError as exc:
         print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other command-line tools do
+        # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

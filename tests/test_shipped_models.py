@@ -72,8 +72,38 @@ def test_models_cli_lists_and_shows(capsys):
     bench = load_model("water", verify=False).card["scf_benchmark"]["water8"]
     assert f"water8 {bench['scf_iterations_atomic']} -> {bench['scf_iterations_ml']}" in listing
     assert main(["models", "show", "water"]) == 0
-    assert "Model card" in capsys.readouterr().out
+    card = capsys.readouterr().out
+    assert "Model card" in card
+    assert main(["models", "water"]) == 0  # a name alone shows that card
+    assert capsys.readouterr().out == card
 
+
+def test_models_cli_errors_name_the_problem(capsys):
+    assert main(["models", "show"]) == 2
+    err = capsys.readouterr().err
+    assert "models show needs a model name" in err and all(name in err for name in SHIPPED)
+    assert main(["models", "water", "silicon"]) == 2
+    assert "'list' or 'show NAME'" in capsys.readouterr().err
+    assert main(["models", "nosuch"]) == 2
+    assert "no model folder or shipped model named 'nosuch'" in capsys.readouterr().err
+
+
+def test_cli_output_piped_into_head_stops_without_a_traceback():
+    """`siesta-dmguess models show water | head`: the reader closes the pipe early. Output longer than a pipe's
+    buffer (here the listing, repeated) makes the write fail for real."""
+    import subprocess
+    import sys
+
+    script = ("import siesta_dmguess.cli as cli\n"
+              "listing = cli._cmd_models\n"
+              "cli._cmd_models = lambda args: [listing(args) for _ in range(2000)][-1]\n"
+              "raise SystemExit(cli.main(['models']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 def test_every_model_folder_is_packaged():
     """A folder under models/ that pyproject.toml does not list would silently not install with `pip install .`."""
