@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import InputFileError
+from .errors import DMGuessError, InputFileError
+from .history import GUESSES
 
 
 @dataclass
@@ -195,9 +196,6 @@ def plot(rows: list[StructureResult], path: Path, title: str = "") -> None:
 # ---------------------------------------------------------------- trajectories
 
 
-TRAJECTORY_GUESSES = ("atomic", "reuse", "extrapolation", "ml", "ml+residual")
-
-
 def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, command) -> tuple:
     """Run SIESTA on one frame from ``start_dm`` (an image-keyed CSR, see :func:`~siesta_dmguess.dm.to_image_keyed`,
     or None: atomic guess); return (result, wall time, D_scf image-keyed)."""
@@ -220,7 +218,7 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
     return out, run.wall_s, converged
 
 
-def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="bench", guesses=TRAJECTORY_GUESSES,
+def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="bench", guesses=GUESSES,
                              depth: int = 3, frames: slice = slice(None), command=None, progress: bool = True,
                              pseudo_dirs=(), refine: str = "idempotent", force: bool = False) -> dict:
     """SCF iterations along a trajectory for each starting guess (see :mod:`siesta_dmguess.history`).
@@ -237,12 +235,14 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
 
     from .card import LoadedModel, load_model
     from .dm import build_geometry, to_image_keyed
-    from .errors import InputFileError
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix
     from .siesta.templates import fdf_with_geometry
     from .structure import FdfFrames, resolve_fdf
 
+    unknown = [g for g in guesses if g not in GUESSES]
+    if unknown or not guesses:  # before any SIESTA run, not midway through the trajectory
+        raise DMGuessError(f"unknown starting guesses {unknown}: choose from {', '.join(GUESSES)}")
     fdf_template, out_dir = resolve_fdf(fdf_template), Path(out_dir)
     if not fdf_template.is_file():
         raise InputFileError("fdf template not found", fdf_template)
@@ -372,17 +372,18 @@ def plot_trajectory(report: dict, path: Path) -> None:
 
 
 def add_bench_parser(sub) -> None:
-    from .cli import add_refine_argument, add_threads_argument
+    from .cli import add_model_argument, add_refine_argument, add_threads_argument
 
     b = sub.add_parser("bench", help="SCF iterations with the ML guess vs SIESTA's atomic guess (real SIESTA)")
     b.add_argument("data_dir", help="dataset folder of run folders (fdf + basis/*.psf), or a trajectory file "
                                     "(with --fdf)")
     b.add_argument("--fdf", help="for a trajectory: the fdf (or its run folder) whose settings every frame is run with")
-    b.add_argument("--guesses", default=",".join(TRAJECTORY_GUESSES),
-                   help="for a trajectory: comma-separated starting guesses to compare")
-    b.add_argument("--depth", type=int, default=3, help="for a trajectory: steps kept for extrapolation")
-    b.add_argument("--model", default="water")
-    b.add_argument("--out", default="bench", help="output folder for runs, JSON, Markdown and PNG")
+    b.add_argument("--guesses", default=",".join(GUESSES),
+                   help="for a trajectory: comma-separated starting guesses to compare (default: all of "
+                        f"{','.join(GUESSES)})")
+    b.add_argument("--depth", type=int, default=3, help="for a trajectory: steps kept for extrapolation (default 3)")
+    add_model_argument(b)
+    b.add_argument("--out", default="bench", help="output folder for runs, JSON, Markdown and PNG (default: bench)")
     b.add_argument("--split", default="auto", help="val, train, all, or auto (default): val where the folder's "
                    "index.json records a val split, else all runs")
     b.add_argument("--limit", type=int, default=0, help="at most N structures")

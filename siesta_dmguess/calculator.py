@@ -58,6 +58,7 @@ from pathlib import Path
 from ase.calculators.siesta import Siesta
 
 from .errors import DMGuessError
+from .history import GUESSES
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class GuessRecord:
 class DMGuessSiesta(Siesta):
     """ASE's SIESTA calculator that starts every SCF from an ML-predicted density matrix."""
 
-    GUESSES = ("ml", "ml+residual", "reuse", "extrapolation", "atomic")
+    GUESSES = GUESSES  # the starting guesses a trajectory history can give (siesta_dmguess.history)
 
     def __init__(self, *args, model="water", guess: str = "ml+residual", fallback: str = "error",
                  compare_baseline: bool = False, novelty_limit="model", history_depth: int = 3,

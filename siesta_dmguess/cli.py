@@ -212,6 +212,11 @@ def add_refine_argument(parser) -> None:
                              "with the right electron count, charge scaling only, or none")
 
 
+def add_model_argument(parser) -> None:
+    parser.add_argument("--model", default="water",
+                        help="shipped model name (default: water; `siesta-dmguess models` lists them) or model folder")
+
+
 def add_threads_argument(parser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for the predictions (default: torch's, one per core); use 1 where other "
@@ -255,8 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="predict the DM of a structure and write a SIESTA .DM")
     r.add_argument("structure", nargs="+", help="one or more fdf files, SIESTA run folders (their fdf) or files ASE reads (the model is loaded once)")
-    r.add_argument("--model", default="water",
-                   help="shipped model name (default: water; `siesta-dmguess models` lists them) or model folder")
+    add_model_argument(r)
     r.add_argument("-o", "--output", help="the .DM to write (default: <SystemLabel>.DM next to an fdf, where "
                                           "SIESTA reads it with DM.UseSaveDM T; else STRUCTURE with suffix .DM)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing .DM without a backup")

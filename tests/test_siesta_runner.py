@@ -221,3 +221,16 @@ def test_enable_dm_read_puts_the_switch_first_and_keeps_the_original(tmp_path):
     assert fdf.read_text().startswith("DM.UseSaveDM T") and fdf.read_text().endswith(original)
     assert dm_read_note(fdf, tmp_path / "water.DM") is None
     assert enable_dm_read(fdf) is None and not (tmp_path / "input.fdf.bak1").exists()  # already on: left alone
+
+
+def test_trajectory_benchmark_refuses_an_unknown_guess_before_running_siesta(tmp_path, capsys):
+    """A typo in --guesses is an error naming the guess and the choices, not a ValueError after the first frames'
+    SIESTA runs (the files given do not even exist: nothing is read or run)."""
+    from siesta_dmguess.cli import main
+    from siesta_dmguess.history import GUESSES
+
+    assert main(["bench", str(tmp_path / "md.traj"), "--fdf", str(tmp_path / "input.fdf"), "--guesses",
+                 "atomic,ml+residul", "--siesta", "false", "--out", str(tmp_path / "bench")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown starting guesses ['ml+residul']" in err and all(g in err for g in GUESSES)
+    assert not (tmp_path / "bench").exists()
