@@ -1,4 +1,4 @@
-"""Command line: ``siesta-dmguess {train,predict,evaluate,models,bench}``: learn, predict and benchmark SIESTA density matrices (units and conventions: docs/conventions.md).
+"""Command line: ``siesta-dmguess {train,predict,evaluate,models,bench}``.
 
 Argument parsing only: every command calls one documented function of the
 package. Errors derived from :class:`~siesta_dmguess.errors.DMGuessError` are
@@ -39,6 +39,9 @@ def _cmd_train(args) -> int:
               f"(atomic guess {summary['atomic_mae']:.3e}, {summary['mae_ratio_atomic_over_model']:.1f}x better), "
               f"max |error| {summary['max_abs']:.3e}")
     return 0
+
+
+DESCRIPTION = "Learn, predict and benchmark SIESTA density matrices (units and conventions: docs/conventions.md)."
 
 
 def default_dm_path(structure: str | Path) -> Path:
@@ -224,7 +227,7 @@ def add_threads_argument(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="siesta-dmguess", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="siesta-dmguess", description=DESCRIPTION)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug information")
     sub = p.add_subparsers(dest="command", required=True)
 
