@@ -167,14 +167,15 @@ def validation_mae_summary(card: dict) -> str:
 def _cmd_models(args) -> int:
     from .card import CARD_MD, list_shipped_models, read_card, resolve_model
 
-    if args.action not in ("list", "show"):  # `models water` reads as `models show water`
-        if args.name:
-            raise DMGuessError(f"models takes 'list' or 'show NAME', not {args.action!r} {args.name!r}")
-        args.action, args.name = "show", args.action
-    if args.action == "show":
-        if not args.name:
+    action, model_name = args.action, args.name
+    if action not in ("list", "show"):  # `models water` reads as `models show water`
+        if model_name:
+            raise DMGuessError(f"models takes 'list' or 'show NAME', not {action!r} {model_name!r}")
+        action, model_name = "show", action
+    if action == "show":
+        if not model_name:
             raise DMGuessError(f"models show needs a model name (shipped: {', '.join(list_shipped_models())})")
-        print((resolve_model(args.name) / CARD_MD).read_text())
+        print((resolve_model(model_name) / CARD_MD).read_text())
         return 0
     names = list_shipped_models()
     if not names:
@@ -235,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("data_dirs", nargs="+", help="dataset folders (run folders with fdf + .DM)")
     t.add_argument("--out", required=True, help="model folder to write (resumes from its checkpoint)")
     t.add_argument("--epochs", type=int, default=300, help="passes over the training structures (default 300)")
-    t.add_argument("--lr", type=float, default=5e-3, help="initial Adam learning rate, decayed each epoch (default 5e-3)")
+    t.add_argument("--lr", type=float, default=5e-3,
+                   help="initial Adam learning rate, decayed each epoch (default 5e-3)")
     t.add_argument("--batch-atoms", type=int, default=24, help="atoms per optimizer step (default 24)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the weights, the batch order and a random validation split (default 0)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the batch order and a random validation split (default 0)")
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, one per core)")
     t.add_argument("--max-train", type=int, default=0, help="use at most N training structures")
     t.add_argument("--config", help='JSON of model settings, e.g. \'{"mp_cutoff": 4.0, "num_layers": 2}\'')

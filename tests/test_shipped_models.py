@@ -105,6 +105,7 @@ def test_cli_output_piped_into_head_stops_without_a_traceback():
     assert proc.wait(timeout=120) == 1
     assert "Traceback" not in err and "BrokenPipe" not in err, err
 
+
 def test_every_model_folder_is_packaged():
     """A folder under models/ that pyproject.toml does not list would silently not install with `pip install .`."""
     tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python >= 3.11")
