@@ -287,26 +287,51 @@ class ChannelwiseTensorProduct(nn.Module):
                                                                   self.irreps_in)]
         shs = sh.split([ir.dim for _, ir in self.irreps_sh], 1)
         ws = weight.split([mul for _, _, mul in self.paths], 1)
+        if linear is not None:
+            return self._fused(n, xs, shs, ws, linear)
         outs, ys = [], {}
         for g, (i, j, ks) in enumerate(self.groups):
-            # The coupling depends only on the l's: input irreps of another parity share it if they make the same l's.
-            key = (self.irreps_in[i].ir.l, j, tuple(self.irreps_out[k].ir.l for k in ks))
+            key = self._coupling_key(g)
             if key not in ys:
                 ys[key] = torch.einsum("ej,ijk->eik", shs[j], getattr(self, f"cg_group_{g}"))  # (E, 2l_in+1, Σ)
             z = torch.bmm(xs[i], ys[key])  # (E, mul, Σ_k 2l_out+1)
             for k, part in zip(ks, z.split([self.irreps_out[k].ir.dim for k in ks], dim=2)):
                 outs.append(part * ws[k][:, :, None])  # (E, mul, 2l_out+1)
-        if linear is None:
-            return torch.cat([z.reshape(n, z.shape[1] * z.shape[2]) for z in outs], dim=1)  # n may be 0
+        return torch.cat([z.reshape(n, z.shape[1] * z.shape[2]) for z in outs], dim=1)  # n may be 0
+
+    def _coupling_key(self, g: int) -> tuple:
+        """The coupling of group ``g`` depends only on the l's: input irreps of another parity share it if they
+        make the same l's."""
+        i, j, ks = self.groups[g]
+        return self.irreps_in[i].ir.l, j, tuple(self.irreps_out[k].ir.l for k in ks)
+
+    def _fused(self, n: int, xs, shs, ws, linear: o3.Linear) -> torch.Tensor:
+        """The product followed by ``linear``, computed with the components before the channels, (E, 2l+1, mul):
+        the contraction of each path's channels with its rows of the Linear's weights is then a plain matmul (in
+        e3nn's layout, (E, mul, 2l+1), einsum copied and permuted every path's product; 12-26 % slower on
+        water boxes of 24-192 atoms)."""
+        parts, ys = [None] * len(self.paths), {}
+        for g, (i, j, ks) in enumerate(self.groups):
+            key = self._coupling_key(g)
+            if key not in ys:
+                ys[key] = torch.einsum("ej,ijk->eki", shs[j], getattr(self, f"cg_group_{g}"))  # (E, Σ, 2l_in+1)
+            z = torch.bmm(ys[key], xs[i].transpose(1, 2))  # (E, Σ_k 2l_out+1, mul)
+            for k, part in zip(ks, z.split([self.irreps_out[k].ir.dim for k in ks], dim=1)):
+                parts[k] = part  # (E, 2l_out+1, mul)
         matrix = dense_matrix(linear)
         result = []
         for (mul_out, ir), (paths, rows, cols) in zip(linear.irreps_out, self._linear_blocks(linear)):
             if not paths:  # an output irrep no path produces: the Linear leaves it zero
-                result.append(x.new_zeros(n, mul_out * ir.dim))
+                result.append(shs[0].new_zeros(n, mul_out * ir.dim))
                 continue
             block = matrix[rows[:, None], cols[None, :]]  # (Σ mul of the paths, mul of this output irrep)
-            z = torch.cat([outs[k] for k in paths], dim=1) if len(paths) > 1 else outs[paths[0]]
-            result.append(torch.einsum("eum,uv->evm", z, block).reshape(n, mul_out * ir.dim))
+            total, start = None, 0
+            for k in paths:  # Σ_k (path k times its edge weights) @ (its rows of the block)
+                mul = self.paths[k][2]
+                term = torch.matmul(parts[k] * ws[k][:, None, :], block[start:start + mul])
+                total = term if total is None else total + term
+                start += mul
+            result.append(total.transpose(1, 2).reshape(n, mul_out * ir.dim))  # e3nn's order (E, mul, 2l+1)
         return torch.cat(result, dim=1)
 
     def _linear_blocks(self, linear: o3.Linear) -> list:
