@@ -59,22 +59,36 @@ OPTIMIZE_FROM_STRUCTURES = 30  # integration/benchmarks/model_load.py: break-eve
 
 
 def _cmd_predict(args) -> int:
+    from .card import load_model
+    from .parallel import mpi_world
+    from .predict import torch_threads
+
+    if args.output and len(args.structure) > 1:
+        raise DMGuessError("-o names one output file; with several structures each DM is written next to its input")
+    world = mpi_world()  # under mpirun: this process's share of the structures (siesta_dmguess.parallel)
+    structures = world.share(args.structure)
+    # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
+    model = load_model(args.model, optimize=len(structures) >= OPTIMIZE_FROM_STRUCTURES)
+    # Ranks sharing a machine split its cores (unless --threads says otherwise); torch would give each all of them.
+    with torch_threads(0 if args.threads else world.threads()):
+        skipped = _predict_each(structures, args, model, many=len(args.structure) > 1,
+                                desc="predict" if world.size == 1 else f"predict (rank {world.rank} of {world.size})",
+                                progress=world.size == 1)  # one bar; under MPI the ranks' lines would cut it
+    return 2 if skipped else 0  # as main() does for any other error
+
+
+def _predict_each(structures: list[str], args, model, many: bool, desc: str, progress: bool) -> int:
+    """Predict and write each structure's DM (``predict``'s loop); returns how many the guard refused."""
     from tqdm.auto import tqdm
 
-    from .card import load_model
     from .predict import predict_to_file
     from .siesta.templates import dm_read_note, enable_dm_read
     from .structure import resolve_fdf, siesta_dm_path
 
-    if args.output and len(args.structure) > 1:
-        raise DMGuessError("-o names one output file; with several structures each DM is written next to its input")
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
-    # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
-    model = load_model(args.model, optimize=len(args.structure) >= OPTIMIZE_FROM_STRUCTURES)
-    many = len(args.structure) > 1
     write = tqdm.write if many else print  # beside the progress bar of a batch
     skipped = 0
-    for structure in tqdm(args.structure, desc="predict", disable=not many):
+    for structure in tqdm(structures, desc=desc, disable=not (many and progress)):
         out = Path(args.output) if args.output else default_dm_path(structure)
         try:
             pred = predict_to_file(structure, out, model=model, overwrite=args.overwrite, fold=fold,
@@ -92,7 +106,7 @@ def _cmd_predict(args) -> int:
             write(f"{source}: put 'DM.UseSaveDM T' on its first line (original kept as {backup.name})")
         elif note:
             write(f"note: {note}")
-    return 2 if skipped else 0  # as main() does for any other error
+    return skipped
 
 
 def _report_prediction(out: Path, pred, write=print) -> None:
