@@ -274,3 +274,18 @@ def test_a_pair_along_a_cube_axis_of_diamond_sees_the_octupole(float64, pair_irr
     assert (np.abs(p_z_d_xy).max() > 1e-6) == sees, p_z_d_xy
     if sees:  # the two sublattices are mirror images (inversion): opposite signs
         assert np.allclose(p_z_d_xy[0], -p_z_d_xy[1], atol=1e-10)
+
+
+def test_inference_in_chunks_of_edges_gives_the_same_dm(model):
+    """Large systems sum their messages and read out their pairs a few thousand edges at a time (bounded memory);
+    chunks of a handful of edges must give the DM of one pass over all edges."""
+    atoms = water_box(seed=3)
+    whole, _ = blocks(model, atoms)
+    networks = [model, *model.residuals]
+    layers = [layer for net in networks for layer in net.layers]
+    assert layers and all(hasattr(layer, "edge_chunk") for layer in layers)
+    for module in networks + layers:
+        module.edge_chunk = 7
+    chunked, _ = blocks(model, atoms)
+    assert whole.keys() == chunked.keys()
+    assert max(np.abs(whole[k] - chunked[k]).max() for k in whole) < 1e-12

@@ -3,7 +3,9 @@ the SCF iterations SIESTA saved, for every structure of ``siesta-dmguess bench``
 
 * novelty / flag level (the Mahalanobis score of the most unusual atom; ``predict`` refuses above 100),
 * |Tr(D S) - N| / N of the raw prediction (electron-count error, relative),
-* the occupation gap of the idempotent projection (1 for a pure state; Γ-only and molecular DMs).
+* the occupation gap of the idempotent projection (1 for a pure state; Γ-only and molecular DMs),
+* the projection's shift: the largest change the projection makes to any element of the charge-scaled
+  prediction (large where the prediction is far from every pure state).
 
     python integration/benchmarks/uncertainty_vs_savings.py bench_unseen [more bench output folders]
 
@@ -44,10 +46,14 @@ def measure(folders) -> list[dict]:
                     continue
                 pred = predict_density_matrix(fdf, models[model], force=True)
                 error = pred.electron_count_error
+                shift = None
+                if pred.refinement == "idempotent":
+                    scaled = predict_density_matrix(fdf, models[model], force=True, refine="charge")
+                    shift = float(abs(pred.values - scaled.values).max())
                 rows.append({"set": name, "structure": r["name"], "model": model,
                              "novelty": pred.novelty / pred.novelty_threshold,
                              "electrons": abs(error) / pred.electrons_expected if error is not None else None,
-                             "gap": pred.occupation_gap, "refused": pred.refusal_kind,
+                             "gap": pred.occupation_gap, "shift": shift, "refused": pred.refusal_kind,
                              "forced": bool(data.get("forced")),
                              "saved": r["atomic"]["scf_iterations"] - r["ml"]["scf_iterations"]})
     return rows
@@ -60,17 +66,18 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # every novel structure would log its warning
     rows = measure(args.folders)
-    print("| set | structure | model | novelty / flag | abs(Tr(D S) - N) / N | occupation gap | refused | "
-          "iterations saved |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| set | structure | model | novelty / flag | abs(Tr(D S) - N) / N | occupation gap | projection shift | "
+          "refused | iterations saved |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: r["saved"]):
         gap = "–" if r["gap"] is None else f"{r['gap']:.3f}"
         electrons = "–" if r["electrons"] is None else f"{r['electrons']:.2%}"
+        shift = "–" if r["shift"] is None else f"{r['shift']:.3f}"
         print(f"| {r['set']} | {r['structure']} | {r['model']} | {r['novelty']:.2f} | {electrons} | {gap} | "
-              f"{r['refused'] or ''} | {r['saved']:+d} |")
+              f"{shift} | {r['refused'] or ''} | {r['saved']:+d} |")
     costly, helpful = [r for r in rows if r["saved"] < 0], [r for r in rows if r["saved"] > 0]
     print(f"\n{len(costly)} structures cost iterations, {len(helpful)} saved some, {len(rows)} in all")
-    for key, bad_is_high in (("novelty", True), ("electrons", True), ("gap", False)):
+    for key, bad_is_high in (("novelty", True), ("electrons", True), ("gap", False), ("shift", True)):
         bad = [r[key] for r in costly if r[key] is not None]
         good = [r[key] for r in helpful if r[key] is not None]
         if not bad or not good:
