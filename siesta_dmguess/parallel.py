@@ -62,4 +62,8 @@ def mpi_world(environ=os.environ) -> World:
                            "predict every structure and write every DM: install the mpi extra (pip install "
                            "'siesta_dmguess[mpi]'), or run one process") from None
     comm = MPI.COMM_WORLD
+    if comm.Get_size() != size:  # e.g. mpi4py built for another MPI: each process would be a world of its own
+        raise DMGuessError(f"an MPI launcher started {size} processes, but mpi4py sees {comm.Get_size()}: it was "
+                           "built for another MPI library than the launcher's (reinstall mpi4py against the MPI "
+                           "of your mpirun), and each process would predict every structure")
     return World(comm.Get_rank(), comm.Get_size(), comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size())

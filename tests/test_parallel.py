@@ -63,6 +63,13 @@ def test_several_processes_without_mpi4py_is_an_error_that_says_how_to_fix_it(mo
     assert not any(p.with_suffix(".DM").exists() for p in structures)  # nothing half-done
 
 
+def test_an_mpi4py_that_sees_another_world_than_the_launcher_is_an_error(monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    fake_mpi4py(monkeypatch, rank=0, size=1)  # mpi4py built for another MPI: a singleton world per process
+    with pytest.raises(DMGuessError, match="launcher started 2 processes, but mpi4py sees 1"):
+        mpi_world()
+
+
 def test_one_process_does_everything_without_importing_mpi4py(monkeypatch):
     for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(name, raising=False)
