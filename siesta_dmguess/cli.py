@@ -323,10 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _refuse_duplicate_processes(command: str) -> None:
+    """Only ``predict`` shares its work over MPI processes (:mod:`siesta_dmguess.parallel`). Under ``mpirun``,
+    every process of ``train``, ``evaluate`` or ``bench`` would do the whole job and write the same files."""
+    from .parallel import launcher_size
+
+    size = launcher_size()
+    if size > 1 and command in ("train", "evaluate", "bench"):
+        hint = (" To run SIESTA itself in parallel, start one bench and set SIESTA_COMMAND (e.g. 'mpirun -np 4 "
+                "siesta')." if command == "bench" else "")
+        raise DMGuessError(f"an MPI launcher started {size} processes, but '{command}' does not share its work "
+                           f"over them: each would do all of it and write the same files; run one process.{hint}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
+        _refuse_duplicate_processes(args.command)
         from .predict import torch_threads
 
         with torch_threads(getattr(args, "threads", 0)):  # predict, evaluate, bench and train take --threads

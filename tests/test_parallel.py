@@ -106,3 +106,13 @@ def _is_root() -> bool:
     import os
 
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.parametrize("command", [["train", "data", "--out", "m"], ["evaluate", "water", "data"],
+                                     ["bench", "data"]])
+def test_commands_that_do_not_share_their_work_refuse_to_run_under_mpirun(command, monkeypatch, capsys):
+    monkeypatch.setenv("PMI_SIZE", "3")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "3 processes" in err and f"'{command[0]}' does not share its work" in err
+    assert ("SIESTA_COMMAND" in err) == (command[0] == "bench")
