@@ -32,8 +32,13 @@ class World:
         return list(items)[self.rank::self.size]
 
     def threads(self) -> int:
-        """torch threads that keep this node's ranks on separate cores (0: torch's default, for one process)."""
-        return 0 if self.size == 1 else max(1, (os.cpu_count() or 1) // self.ranks_on_node)
+        """torch threads that keep this node's ranks on separate cores (0: torch's default, for one process):
+        the node's cores split between its ranks, and no more than the cores the launcher bound this one to."""
+        if self.size == 1:
+            return 0
+        cores = os.cpu_count() or 1
+        bound = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+        return max(1, min(bound, cores // self.ranks_on_node))
 
 
 def launcher_size(environ=os.environ) -> int:

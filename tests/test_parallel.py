@@ -85,7 +85,10 @@ def test_share_covers_every_item_once_and_ranks_split_the_cores(monkeypatch):
     assert sorted(x for s in shares for x in s) == items
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
     monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)  # not bound
     assert World(0, 4, 4).threads() == 2 and World(0, 16, 16).threads() == 1 and World().threads() == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3}, raising=False)  # bound to one core by mpirun
+    assert World(0, 4, 4).threads() == 1
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (an MPI installation) on this machine")
