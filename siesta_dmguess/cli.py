@@ -71,14 +71,13 @@ def _cmd_predict(args) -> int:
     model = load_model(args.model, optimize=len(structures) >= OPTIMIZE_FROM_STRUCTURES)
     # Ranks sharing a machine split its cores (unless --threads says otherwise); torch would give each all of them.
     with torch_threads(0 if args.threads else world.threads()):
-        skipped = _predict_each(structures, args, model, many=len(args.structure) > 1,
-                                desc="predict" if world.size == 1 else f"predict (rank {world.rank} of {world.size})",
-                                progress=world.size == 1)  # one bar; under MPI the ranks' lines would cut it
+        skipped = _predict_each(structures, args, model, many=len(args.structure) > 1, world=world)
     return 2 if skipped else 0  # as main() does for any other error
 
 
-def _predict_each(structures: list[str], args, model, many: bool, desc: str, progress: bool) -> int:
-    """Predict and write each structure's DM (``predict``'s loop); returns how many the guard refused."""
+def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
+    """Predict and write each structure's DM (``predict``'s loop, on this MPI rank's share); returns how many the
+    guard refused."""
     from tqdm.auto import tqdm
 
     from .predict import predict_to_file
@@ -88,7 +87,8 @@ def _predict_each(structures: list[str], args, model, many: bool, desc: str, pro
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
     write = tqdm.write if many else print  # beside the progress bar of a batch
     skipped = 0
-    for structure in tqdm(structures, desc=desc, disable=not (many and progress)):
+    # One bar, for a single process: under MPI the ranks' lines would cut it.
+    for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1):
         out = Path(args.output) if args.output else default_dm_path(structure)
         try:
             pred = predict_to_file(structure, out, model=model, overwrite=args.overwrite, fold=fold,

@@ -359,6 +359,14 @@ class ChannelwiseTensorProduct(nn.Module):
         return blocks
 
 
+def inference_chunks(n_edges: int, chunk: int) -> list[slice]:
+    """Slices of at most ``chunk`` edges at inference, which bound the per-edge intermediates' memory on large
+    systems; one slice of all edges while gradients are recorded (training keeps its graph in one piece)."""
+    if torch.is_grad_enabled() or n_edges <= chunk:
+        return [slice(0, n_edges)]
+    return [slice(k, k + chunk) for k in range(0, n_edges, chunk)]
+
+
 def gate_for(irreps_out: o3.Irreps) -> e3nn_nn.Gate:
     """Gated nonlinearity producing ``irreps_out``: SiLU on scalars, sigmoid gates on the rest."""
     scalars = o3.Irreps([(m, ir) for m, ir in irreps_out if ir.l == 0])
@@ -406,11 +414,8 @@ class Interaction(nn.Module):
         radial_in = torch.cat([rbf, onehot[src], onehot[dst]], dim=1) if self.species_radial else rbf
         # The Linear is applied per message (fused into the product, narrower) before the sum: the two commute.
         m = torch.zeros(h.shape[0], self.gate.irreps_in.dim, dtype=x.dtype, device=x.device)
-        # Inference on large systems sums the messages chunk by chunk: bounded intermediates (as for the pair
-        # readout) instead of fresh multi-GB tensors, whose page faults made a 10^4-atom prediction superlinear.
-        chunk = src.numel() if torch.is_grad_enabled() else self.edge_chunk
-        for k in range(0, src.numel(), max(chunk, 1)):
-            part = slice(k, k + chunk)
+        # Summed chunk by chunk at inference: fresh multi-GB message tensors made a 10^4-atom prediction superlinear.
+        for part in inference_chunks(src.numel(), self.edge_chunk):
             msg = self.tp(x[src[part]], sh[part], self.radial(radial_in[part]), linear=self.linear_out)
             m.index_add_(0, dst[part], msg)
         m = m * self.norm
@@ -808,12 +813,8 @@ class DensityMatrixModel(nn.Module):
         if src.numel():
             sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
             rbf = self.rbf_pattern(vec.norm(dim=1))
-            if torch.is_grad_enabled() or src.numel() <= self.edge_chunk:
-                edge_out = edge_head(h, src, dst, sh, rbf)
-            else:  # inference on large systems: bound the per-edge intermediates' memory
-                edge_out = torch.cat([edge_head(h, src[k:k + self.edge_chunk], dst[k:k + self.edge_chunk],
-                                                sh[k:k + self.edge_chunk], rbf[k:k + self.edge_chunk])
-                                      for k in range(0, src.numel(), self.edge_chunk)])
+            edge_out = torch.cat([edge_head(h, src[part], dst[part], sh[part], rbf[part])
+                                  for part in inference_chunks(src.numel(), self.edge_chunk)])
             if within is not None:
                 edge_out = edge_out.new_zeros(n_edges, edge_out.shape[1]).index_copy(0, within, edge_out)
             for (a, b, idx_edges, flat_idx) in batch["edge_groups"]:
