@@ -49,6 +49,12 @@ of 2, 3, 4, 5, 6 and 8 molecules cut out of the training boxes (a molecule and
 its nearest neighbours, unwrapped), rattled 0.02 Å and set in vacuum with
 ``h2o``'s settings: intermolecular blocks that are not folded over images.
 
+``water-stretched`` (48 structures, from ``h2o`` and ``water8``; Γ only): one
+O-H bond of a training box (32) or molecule (16) pulled to 1.1-2.4 Å (uniform;
+the datasets: 0.93-1.04 Å), rattled 0.02 Å: bonds breaking, where the
+``water`` model's guess cost iterations on ``unseen_structures.py``'s
+``water8-stretched`` boxes (made from a *val* box).
+
 ``g2-extra`` (240 structures, from ``g2``): every training molecule twice more,
 rattled 0.06 and 0.10 Å (``g2`` itself: 0.04 Å). ``g2``'s validation molecules
 are other conformers of its training molecules, so they stay held out as
@@ -83,8 +89,8 @@ from pathlib import Path
 import numpy as np
 from ase.build import bulk
 from tqdm import tqdm
-from unseen_structures import (add_interstitial, copy_basis, remove_random_atom, strained, water_cluster,
-                               with_vacuum, write_run)
+from unseen_structures import (add_interstitial, copy_basis, remove_random_atom, strained, stretched, water_cluster,
+                               water_molecules, with_vacuum, write_run)
 
 from siesta_dmguess.data import list_runs
 from siesta_dmguess.siesta import prepare_run, run_siesta
@@ -203,6 +209,25 @@ def water_clusters(datasets: Path):
         yield atoms, None, f"water8/{source}: {size} molecules around molecule {seed_molecule}, rattled 0.02 Å", "h2o"
 
 
+def water_stretched(datasets: Path):
+    """(atoms, k-grid, description, source dataset) of the ``water-stretched`` set: one O-H bond pulled out."""
+    molecules, boxes = training_ids(datasets, "h2o"), training_ids(datasets, "water8")
+    rng = np.random.default_rng(2468)
+    for k in range(32):
+        source, bond = boxes[k % len(boxes)], rng.uniform(1.1, 2.4)
+        box = read_structure(datasets / "water8" / source / "input.fdf").atoms
+        molecules_of_box = water_molecules(box)
+        oxygen, hydrogens = molecules_of_box[int(rng.integers(len(molecules_of_box)))]
+        atoms = stretched(box, oxygen, hydrogens[int(rng.integers(2))], bond)
+        atoms.rattle(0.02, seed=12000 + k)
+        yield atoms, None, f"water8/{source}: one O-H at {bond:.2f} Å, rattled 0.02 Å", "water8"
+    for k in range(16):
+        source, bond = molecules[k % len(molecules)], rng.uniform(1.1, 2.4)
+        atoms = stretched(read_structure(datasets / "h2o" / source / "input.fdf").atoms, 0, 1 + k % 2, bond)
+        atoms.rattle(0.02, seed=13000 + k)
+        yield atoms, None, f"h2o/{source}: one O-H at {bond:.2f} Å, rattled 0.02 Å", "h2o"
+
+
 def chno_structures(datasets: Path):
     """(atoms, k-grid, description, source dataset) of the ``g2-extra`` set."""
     molecules = training_ids(datasets, "g2")
@@ -261,7 +286,7 @@ def chno_kinds(datasets: Path):
 SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "si-vacancy": silicon_vacancies,
         "si-interstitial": silicon_interstitials, "si-surface": silicon_surfaces,
         "water-extra": water_structures, "water-extra2": water_boxes_more, "water-clusters": water_clusters,
-        "g2-extra": chno_structures, "chno-kinds": chno_kinds}
+        "water-stretched": water_stretched, "g2-extra": chno_structures, "chno-kinds": chno_kinds}
 
 
 def converge(folder: Path, record: dict) -> dict:
