@@ -164,6 +164,7 @@ class DMGuessSiesta(Siesta):
 
             m = self.model_name
             self._loaded = m if isinstance(m, LoadedModel) else load_model(m)
+            self._loaded.warm_up()  # so that the first step's prediction_s is a prediction's cost, not start-up
         return self._loaded
 
     def _dm_path(self) -> Path:

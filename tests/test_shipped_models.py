@@ -44,6 +44,21 @@ def test_shipped_model_loads_and_predicts(name):
     assert pred.refinement != "idempotent" or 0.5 <= pred.occupation_gap <= 1.0 + 1e-9
 
 
+def test_warm_up_leaves_the_first_prediction_only_its_own_work():
+    """bench and the calculator warm a model up once, so that the first structure's prediction time holds no
+    start-up: every species pair's overlap table is made, and a prediction adds none."""
+    import sys
+
+    loaded = load_model("chno-molecules")
+    assert loaded.overlap is not None and not loaded.overlap._tables
+    assert loaded.warm_up() > 0 and "sisl" in sys.modules
+    pairs = {(a, b) for a in loaded.basis for b in loaded.basis}
+    assert set(loaded.overlap._tables) == pairs
+    tables = dict(loaded.overlap._tables)
+    predict_density_matrix(example(loaded.config.species), loaded)
+    assert loaded.overlap._tables == tables  # the same objects: nothing was tabulated again
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_guard_rejects_foreign_species_and_other_basis(name, tmp_path):
     loaded = load_model(name)

@@ -152,6 +152,8 @@ def test_benchmark_report_marks_structures_the_model_flags_as_novel(tmp_path):
     assert flagged["structures_flagged_novel"] == 2 and calm["structures_flagged_novel"] == 0
     table = markdown(flagged)
     assert "(flagged)" in table and "flagged as novel: 2 of 2" in table
+    # The one-off start-up (loading the model, warming it up) is reported apart from the per-structure times.
+    assert flagged["startup_s"] > 0 and f"{flagged['startup_s']:.1f} s of start-up once" in table
     assert "(flagged)" not in markdown(calm)
     # With a near-zero threshold the structures are also *far* outside the training data: their "ml" runs start
     # from the atomic guess (no predicted DM, the atomic template), as predict and the calculator would do.
