@@ -32,6 +32,19 @@ def test_ml_guess_written_for_the_geometry(model_dir, tmp_path):
     assert read_dm_orbital_count(tmp_path / "siesta.DM") == 23
 
 
+def test_loading_the_model_is_the_first_steps_start_up_not_its_prediction_time(model_dir, tmp_path, monkeypatch):
+    import time
+
+    from siesta_dmguess.card import LoadedModel
+
+    monkeypatch.setattr(LoadedModel, "warm_up", lambda self: time.sleep(1.0) or 1.0)  # a slow start-up
+    c = calc(model_dir, tmp_path)
+    c._write_guess(water_molecule())
+    assert c._startup_s >= 1.0 and 0 < c._prediction_s < 1.0
+    c._write_guess(water_molecule())  # the model is loaded: no start-up at later steps
+    assert c._startup_s == 0 and 0 < c._prediction_s < 1.0
+
+
 def test_uncovered_species_is_an_error_by_default(model_dir, tmp_path):
     nh3 = Atoms("NH3", positions=[[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], cell=[10] * 3, pbc=True)
     with pytest.raises(ModelCompatibilityError, match="'N'"):
