@@ -86,16 +86,8 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
     return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback, fallback_kind)
 
 
-def load_for_bench(model) -> tuple:
-    """The model, loaded (unless it is already) and warmed up (:meth:`~siesta_dmguess.card.LoadedModel.warm_up`),
-    and the seconds that took: the start-up a process pays once, which ``bench`` reports on its own line so that
-    the per-structure wall times hold what each further structure costs."""
-    from .card import LoadedModel, load_model
-
-    t0 = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    loaded.warm_up()
-    return loaded, time.perf_counter() - t0
+# What the start-up line of a benchmark's table holds (card.ready_model).
+STARTUP = "loading the model, importing sisl, the overlap tables"
 
 
 def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "auto", limit: int = 0,
@@ -104,6 +96,7 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     val split, or every run where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`)."""
     from tqdm.auto import tqdm
 
+    from .card import ready_model
     from .data import find_fdf, list_runs, resolve_split
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -114,7 +107,7 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
         records = records[:limit]
     if not records:
         raise InputFileError(f"no structures in split {split!r}", data_dir)
-    loaded, startup_s = load_for_bench(model)
+    loaded, startup_s = ready_model(model)
     rows = []
     for rec in tqdm(records, desc=f"bench {data_dir.name}", disable=not progress):
         rows.append(bench_structure(find_fdf(rec.folder), out_dir / data_dir.name / rec.id, loaded, command=command,
@@ -168,8 +161,7 @@ def markdown(report: dict) -> str:
     lines += ["", f"Total: {report['scf_iterations_atomic']} → {report['scf_iterations_ml']} SCF iterations "
               f"({100 * report['iterations_saved_fraction']:.0f}% saved); wall {report['wall_s_atomic']:.1f} s → "
               f"{report['wall_s_ml_including_prediction']:.1f} s with the predictions"
-              + (f" (and {report['startup_s']:.1f} s of start-up once: loading the model, importing sisl, the "
-                 f"overlap tables)" if report.get("startup_s") else "")
+              + (f" (and {report['startup_s']:.1f} s of start-up once: {STARTUP})" if report.get("startup_s") else "")
               + f"; max |ΔE| "
               f"{report['max_abs_energy_difference_eV']:.1e} eV; ML never worse: {report['ml_never_worse']}; "
               f"flagged as novel: {report.get('structures_flagged_novel', 0)} of {report['structures']}"
@@ -248,6 +240,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     import ase.io
     from tqdm.auto import tqdm
 
+    from .card import ready_model
     from .dm import build_geometry, to_image_keyed
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix
@@ -268,7 +261,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     name = Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory"
     loaded, startup_s = None, 0.0
     if any(g.startswith("ml") for g in guesses):
-        loaded, startup_s = load_for_bench(model)
+        loaded, startup_s = ready_model(model)
     pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
     histories = {g: TrajectoryHistory(depth) for g in guesses}
     frame_labels = [frames_in_fdf.labels(atoms) for atoms in images]
@@ -357,8 +350,8 @@ def trajectory_markdown(report: dict) -> str:
         lines.append(f"| {g} | {report['scf_iterations'][g]} | {frac} | "
                      f"{report['wall_s_including_prediction'][g]:.1f} | {report['max_abs_energy_difference_eV'][g]:.1e} |")
     if report.get("startup_s"):
-        lines += ["", f"The ML columns' wall times hold their predictions; the start-up, once per process (loading "
-                  f"the model, importing sisl, the overlap tables), took {report['startup_s']:.1f} s more."]
+        lines += ["", f"The ML columns' wall times hold their predictions; the start-up, once per process "
+                  f"({STARTUP}), took {report['startup_s']:.1f} s more."]
     far = [r for r in report["per_frame"] if r.get("fallback")]
     if far:
         lines += ["", f"{len(far)} of {report['frames']} frames got no ML prediction (`ml` started from the atomic "

@@ -160,12 +160,10 @@ class DMGuessSiesta(Siesta):
         return settings
 
     def _model(self):
-        if self._loaded is None:
-            from .card import LoadedModel, load_model
+        if self._loaded is None:  # once: its time is this step's start-up, not part of its prediction_s
+            from .card import ready_model
 
-            m = self.model_name
-            self._loaded = m if isinstance(m, LoadedModel) else load_model(m)
-            self._loaded.warm_up()  # so that the first step's prediction_s is a prediction's cost, not start-up
+            self._loaded, self._startup_s = ready_model(self.model_name)
         return self._loaded
 
     def _dm_path(self) -> Path:
@@ -221,10 +219,8 @@ class DMGuessSiesta(Siesta):
         if self.guess == "reuse":  # SIESTA reads the DM it wrote at the previous step, if any
             self._used = "reuse" if self._dm_path().is_file() else "atomic"
             return
-        if self.guess.startswith("ml") and self._loaded is None:  # once: kept apart from the prediction's time
-            t0 = time.perf_counter()
-            self._model()
-            self._startup_s = time.perf_counter() - t0
+        if self.guess.startswith("ml"):
+            self._model()  # before the prediction's clock starts (loads the model at the first step)
         t0 = time.perf_counter()
         kind = self.guess
         if self.guess.startswith("ml"):

@@ -102,6 +102,16 @@ class LoadedModel:
         return time.perf_counter() - t0
 
 
+def ready_model(model) -> tuple[LoadedModel, float]:
+    """``model`` loaded (a name or folder; a :class:`LoadedModel` is used as it is) and warmed up
+    (:meth:`LoadedModel.warm_up`), and the seconds that took: the start-up a process pays once, which ``bench``
+    and the ASE calculator report apart from the predictions' times."""
+    t0 = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded.warm_up()
+    return loaded, time.perf_counter() - t0
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
