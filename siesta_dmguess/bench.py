@@ -11,12 +11,16 @@ Results go to ``bench.json``, ``bench.md`` and ``bench.png``.
 from __future__ import annotations
 
 import json
+import logging
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import DMGuessError, InputFileError
 from .history import GUESSES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +34,11 @@ class GuessResult:
     prediction_s: float = 0.0
     dDmax: list = field(default_factory=list)
     start_electron_error: float | None = None  # Tr[D S] - N of the starting DM, as SIESTA printed it
+    # With bench's ``repeat`` > 1: every run's SIESTA wall time, SCF iterations and prediction time. The fields
+    # above are then those of the run with the median wall time, and prediction_s is the median prediction.
+    wall_samples: list = field(default_factory=list)
+    iteration_samples: list = field(default_factory=list)
+    prediction_samples: list = field(default_factory=list)
 
 
 @dataclass
@@ -47,8 +56,13 @@ class StructureResult:
 
 
 def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), command=None,
-                    refine: str = "idempotent", force: bool = False) -> StructureResult:
+                    refine: str = "idempotent", force: bool = False, repeat: int = 1) -> StructureResult:
     """Run SIESTA on one fdf with each guess; the ML guess is predicted from the fdf (refined with ``refine``).
+
+    ``repeat`` > 1 runs every guess (prediction included) that many times, alternating the guesses so that a
+    slow spell of the machine hits both, and keeps the run with the median wall time (:func:`median_run`): one
+    run's wall time varies by up to 30 % on a busy or throttled machine, more than the ML guess saves on a
+    small structure.
 
     A structure far outside the model's training data gets no predicted DM (``predict_to_file`` refuses it), so
     its "ml" run starts from the atomic guess, as the ``predict`` command and the ASE calculator would; the
@@ -59,9 +73,9 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
     from .predict import predict_to_file
     from .siesta import prepare_run, run_siesta
 
-    results = {}
+    samples = {guess: [] for guess in guesses}
     natoms, novelty, flagged, fallback, fallback_kind = 0, None, False, "", ""
-    for guess in guesses:
+    for guess in [g for _ in range(max(repeat, 1)) for g in guesses]:
         run_dir = workdir / guess
         prediction_s, dm_file, template = 0.0, None, guess
         if guess == "ml":
@@ -79,11 +93,30 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
         new_fdf = prepare_run(fdf, run_dir, template, dm_file=dm_file, pseudo_dirs=[fdf.parent.parent / "basis"])
         run = run_siesta(new_fdf, command=command)
         out = run.output
-        results[guess] = GuessResult(guess, out.scf_iterations, out.converged, out.dm_read_from_file,
-                                     out.total_energy_eV, run.wall_s, prediction_s,
-                                     [s.dDmax for s in out.scf_history],
-                                     None if out.start_dm_electrons is None else out.start_dm_electrons - out.electrons)
+        samples[guess].append(GuessResult(guess, out.scf_iterations, out.converged, out.dm_read_from_file,
+                                          out.total_energy_eV, run.wall_s, prediction_s,
+                                          [s.dDmax for s in out.scf_history],
+                                          None if out.start_dm_electrons is None
+                                          else out.start_dm_electrons - out.electrons))
+    results = {guess: median_run(runs) for guess, runs in samples.items()}
     return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback, fallback_kind)
+
+
+def median_run(runs: list[GuessResult]) -> GuessResult:
+    """One guess's repeated runs as one result: the run with the median SIESTA wall time (the lower middle one
+    for an even count, so that every field is a real run's), the median prediction time, and every run's wall
+    time, SCF iterations and prediction time in the ``*_samples`` fields. A single run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    walls = [r.siesta_wall_s for r in runs]
+    middle = runs[walls.index(statistics.median_low(walls))]
+    iterations = [r.scf_iterations for r in runs]
+    if len(set(iterations)) > 1:  # serial SIESTA is deterministic; threaded BLAS may not be
+        log.warning("%s guess: SCF iterations differ between repeated runs: %s; the median-time run's %d is "
+                    "reported", middle.guess, iterations, middle.scf_iterations)
+    predictions = [r.prediction_s for r in runs]
+    return replace(middle, prediction_s=statistics.median(predictions), wall_samples=walls,
+                   iteration_samples=iterations, prediction_samples=predictions)
 
 
 # What the start-up line of a benchmark's table holds (card.ready_model).
@@ -91,9 +124,11 @@ STARTUP = "loading the model, importing sisl, the overlap tables"
 
 
 def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "auto", limit: int = 0,
-                  command=None, progress: bool = True, refine: str = "idempotent", force: bool = False) -> dict:
+                  command=None, progress: bool = True, refine: str = "idempotent", force: bool = False,
+                  repeat: int = 1) -> dict:
     """Benchmark the ML guess against the atomic guess on a dataset folder's structures (default ``"auto"``: the
-    val split, or every run where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`)."""
+    val split, or every run where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`).
+    ``repeat`` runs each guess that many times and reports the median-time run (:func:`bench_structure`)."""
     from tqdm.auto import tqdm
 
     from .card import ready_model
@@ -111,9 +146,9 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     rows = []
     for rec in tqdm(records, desc=f"bench {data_dir.name}", disable=not progress):
         rows.append(bench_structure(find_fdf(rec.folder), out_dir / data_dir.name / rec.id, loaded, command=command,
-                                    refine=refine, force=force))
+                                    refine=refine, force=force, repeat=repeat))
     report = summarize(rows, str(loaded.path), str(data_dir), startup_s) | {"refine": refine, "split": split or "all",
-                                                                             "forced": force}
+                                                                             "forced": force, "repeat": repeat}
     (out_dir / f"bench_{data_dir.name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{data_dir.name}.md").write_text(markdown(report))
     plot(rows, out_dir / f"bench_{data_dir.name}.png", title=f"{data_dir.name}: {Path(loaded.path).name}")
@@ -161,6 +196,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"Total: {report['scf_iterations_atomic']} → {report['scf_iterations_ml']} SCF iterations "
               f"({100 * report['iterations_saved_fraction']:.0f}% saved); wall {report['wall_s_atomic']:.1f} s → "
               f"{report['wall_s_ml_including_prediction']:.1f} s with the predictions"
+              + (f" (each structure's median-time run of {report['repeat']}, with the median prediction)"
+                 if report.get("repeat", 1) > 1 else "")
               + (f" (and {report['startup_s']:.1f} s of start-up once: {STARTUP})" if report.get("startup_s") else "")
               + f"; max |ΔE| "
               f"{report['max_abs_energy_difference_eV']:.1e} eV; ML never worse: {report['ml_never_worse']}; "
@@ -402,13 +439,20 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--force", action="store_true", help="use the ML guess even where predict would refuse it (far "
                    "outside the training data, a k-sampling the model lacks, no clear occupied space): measures "
                    "what those guesses would do")
+    b.add_argument("--repeat", type=int, default=1, help="for a dataset folder: run every guess N times (alternating "
+                   "them) and report each structure's median-time run: steadier wall times (default 1)")
     add_refine_argument(b)
     add_threads_argument(b)
     b.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args) -> int:
+    if args.repeat < 1:
+        raise DMGuessError(f"--repeat must be at least 1, not {args.repeat}")
     if args.fdf:
+        if args.repeat > 1:  # a trajectory's guesses depend on the steps before: a repeat is a whole second run
+            raise DMGuessError("--repeat applies to a dataset folder, not to a trajectory (--fdf): run the "
+                               "trajectory benchmark again with another --out instead")
         report = run_trajectory_benchmark(args.data_dir, args.fdf, args.model, args.out,
                                           tuple(g.strip() for g in args.guesses.split(",") if g.strip()),
                                           depth=args.depth, command=args.siesta,
@@ -416,6 +460,6 @@ def _cmd_bench(args) -> int:
         print(trajectory_markdown(report))
         return 0
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,
-                           args.limit, args.siesta, refine=args.refine, force=args.force)
+                           args.limit, args.siesta, refine=args.refine, force=args.force, repeat=args.repeat)
     print(markdown(report))
     return 0

@@ -167,6 +167,68 @@ def test_benchmark_report_marks_structures_the_model_flags_as_novel(tmp_path):
     assert "DM.UseSaveDM T" in (tmp_path / "out1e+06" / "data" / "0000" / "ml" / "input.fdf").read_text()
 
 
+def test_repeated_bench_alternates_guesses_and_keeps_the_median_run(tmp_path):
+    """bench --repeat 3 runs atomic, ml, atomic, ml, atomic, ml (a slow spell hits both guesses) and keeps each
+    guess's median-time run with every run's numbers beside it."""
+    from siesta_dmguess.bench import bench_structure, markdown, summarize
+    from siesta_dmguess.card import load_model, save_model
+    from siesta_dmguess.model import DensityMatrixModel
+    from siesta_dmguess.siesta.templates import fdf_with_geometry
+
+    from .conftest import small_config, water_molecule
+
+    log = tmp_path / "calls.log"
+    script = tmp_path / "logging_siesta"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfdf = sys.stdin.read()\n"
+                      f"open({str(log)!r}, 'a').write('ml\\n' if 'DM.UseSaveDM T' in fdf else 'atomic\\n')\n"
+                      f"sys.stdout.write({GOOD!r})\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    run = tmp_path / "data" / "0000"
+    run.mkdir(parents=True)
+    for label in ("O", "H"):
+        (run / f"{label}.psf").write_text("fake")
+    molecule = water_molecule()
+    (run / "input.fdf").write_text(fdf_with_geometry(FDF, molecule, molecule.get_chemical_symbols()))
+    model = DensityMatrixModel(small_config())
+    model.novelty_threshold.fill_(1e6)
+    save_model(model, tmp_path / "model", {"name": "tiny"})
+    result = bench_structure(run / "input.fdf", tmp_path / "out", load_model(tmp_path / "model"),
+                             command=str(script), repeat=3)
+    assert log.read_text().split() == ["atomic", "ml"] * 3
+    for guess in ("atomic", "ml"):
+        r = result.results[guess]
+        assert len(r.wall_samples) == 3 and r.iteration_samples == [2, 2, 2]
+        assert r.siesta_wall_s == sorted(r.wall_samples)[1]
+    ml = result.results["ml"]
+    assert ml.prediction_s == sorted(ml.prediction_samples)[1] and all(t > 0 for t in ml.prediction_samples)
+    table = markdown(summarize([result], "tiny", "data") | {"repeat": 3})
+    assert "median-time run of 3" in table and f"{ml.siesta_wall_s + ml.prediction_s:.2f}" in table
+    single = bench_structure(run / "input.fdf", tmp_path / "out1", load_model(tmp_path / "model"), command=str(script))
+    assert single.results["ml"].wall_samples == [] and log.read_text().split()[-2:] == ["atomic", "ml"]
+
+
+def test_median_run_picks_a_real_run_and_warns_when_iterations_differ(caplog):
+    from siesta_dmguess.bench import GuessResult, median_run
+
+    runs = [GuessResult("ml", it, True, True, -1.0, wall, pred) for it, wall, pred in
+            [(9, 5.0, 0.3), (9, 4.0, 0.5), (10, 9.0, 0.1), (9, 4.5, 0.2)]]
+    with caplog.at_level("WARNING"):
+        middle = median_run(runs)
+    # Four runs: the lower middle wall time (4.5 s) is a real run's, and its iterations come with it.
+    assert middle.siesta_wall_s == 4.5 and middle.scf_iterations == 9
+    assert middle.prediction_s == 0.25 and middle.iteration_samples == [9, 9, 10, 9]
+    assert "differ between repeated runs" in caplog.text
+    assert median_run(runs[:1]) is runs[0]
+
+
+@pytest.mark.parametrize("extra", [["--repeat", "0"], ["--repeat", "2", "--fdf", "x.fdf"]])
+def test_bench_rejects_a_useless_repeat(tmp_path, capsys, extra):
+    from siesta_dmguess.cli import main
+
+    assert main(["bench", str(tmp_path), *extra]) != 0
+    assert "--repeat" in capsys.readouterr().err
+
+
 def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
     """A frame whose ML guesses fell back to the atomic guess is marked in the trajectory table, and the table
     says why; a trajectory without such frames has no such line."""
