@@ -20,7 +20,7 @@ from .basis import SpeciesBasis, find_basis_files, read_species_basis
 from .dm import (BlockLayout, build_geometry, build_layout, read_density_matrix, reference_lookup,
                  siesta_orbital_mask)
 from .errors import InputFileError
-from .graph import Edges, extend_for_folding, pattern_pairs, radius_pairs
+from .graph import Edges, Neighbours, extend_for_folding, pattern_pairs, pattern_reach, radius_pairs
 from .structure import Structure, find_fdf, read_structure, siesta_dm_path
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,16 @@ class Sample:
         return rows, cols
 
 
-def siesta_pattern(structure: Structure, basis: dict[str, SpeciesBasis]) -> Edges:
+def siesta_pattern(structure: Structure, basis: dict[str, SpeciesBasis], neighbours: Neighbours | None = None) -> Edges:
     """The atom pairs of SIESTA's DM sparsity pattern for a structure (:func:`~siesta_dmguess.graph.pattern_pairs`
     with each atom's largest orbital and KB-projector radius)."""
-    orbital_radius = np.array([basis[l].max_radius for l in structure.labels])
-    kb_radius = np.array([basis[l].max_kb_radius for l in structure.labels])
-    return pattern_pairs(structure.atoms, orbital_radius, kb_radius)
+    return pattern_pairs(structure.atoms, *atom_radii(structure, basis), neighbours)
+
+
+def atom_radii(structure: Structure, basis: dict[str, SpeciesBasis]) -> tuple[np.ndarray, np.ndarray]:
+    """Each atom's largest orbital radius and largest KB-projector radius (Å)."""
+    return (np.array([basis[l].max_radius for l in structure.labels]),
+            np.array([basis[l].max_kb_radius for l in structure.labels]))
 
 
 def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species: list[str],
@@ -77,21 +81,23 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
     index = {s: k for k, s in enumerate(species)}
     spec = np.array([index[l] for l in structure.labels], dtype=np.int64)
     atoms = structure.atoms
-    pattern = siesta_pattern(structure, basis)
+    # One neighbour search for every graph below (graph.Neighbours).
+    neighbours = Neighbours.search(atoms, max(pattern_reach(*atom_radii(structure, basis)), mp_cutoff, fold_reach))
+    pattern = siesta_pattern(structure, basis, neighbours)
     if fold is None:
         fold = dm_ref is None or bool(np.prod(dm_ref.geometry.lattice.nsc) == 1)
     if fold or (dm_ref is not None and np.any(dm_ref.geometry.lattice.nsc > pattern.nsc)):
         # Unfolded, a reference reaching beyond SIESTA's pattern is a crystal's DM on the pairs within the reach
         # (integration/benchmarks/crystal_references.py): it gives those pairs their own targets.
-        pattern = extend_for_folding(atoms, pattern, fold_reach)
-    mp_edges = radius_pairs(atoms, mp_cutoff)
+        pattern = extend_for_folding(atoms, pattern, fold_reach, neighbours)
+    mp_edges = radius_pairs(atoms, mp_cutoff, neighbours)
     lattice = build_geometry(structure, basis, nsc=pattern.nsc).lattice
     layout = build_layout(structure, basis, pattern, lattice)
     target_index = target_values = None
     if dm_ref is not None:
         target_index, target_values = reference_lookup(layout, dm_ref)
     return Sample(name, structure, spec, mp_edges, pattern, layout, fold, target_index, target_values, meta or {},
-                  siesta_orbital_mask(structure, basis, layout, fold))
+                  siesta_orbital_mask(structure, basis, layout, fold, neighbours))
 
 
 def sampling_period(sample: Sample) -> float | None:

@@ -23,7 +23,7 @@ from .basis import SpeciesBasis
 from .conventions import orbital_signs
 from .errors import InputFileError
 from .files import atomic_write, move_to_backup
-from .graph import Edges, kb_member_pairs, kb_members, lookup_rows
+from .graph import Edges, Neighbours, kb_member_pairs, kb_members, lookup_rows
 from .structure import Structure
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def build_layout(structure: Structure, basis: dict[str, SpeciesBasis], pattern: 
 
 
 def siesta_orbital_mask(structure: Structure, basis: dict[str, SpeciesBasis], layout: BlockLayout,
-                        fold: bool) -> np.ndarray:
+                        fold: bool, neighbours: Neighbours | None = None) -> np.ndarray:
     """Which flat elements SIESTA's own sparsity pattern holds: (M,) bool.
 
     The layout keeps whole atom-pair blocks, but SIESTA stores an *orbital* pair only
@@ -139,6 +139,7 @@ def siesta_orbital_mask(structure: Structure, basis: dict[str, SpeciesBasis], la
     signal and no physics (S and H vanish there), so the written file leaves them out.
     sisl has no such rule (it knows orbital ranges, not projectors), hence this function.
     With ``fold``, every image of a folded element that SIESTA stores is kept (their sum is that element).
+    ``neighbours`` (:class:`~siesta_dmguess.graph.Neighbours`, reaching the pattern's range) saves a search.
     """
     labels = structure.labels
     radius = np.concatenate([basis[l].orbital_radius for l in labels])
@@ -150,7 +151,7 @@ def siesta_orbital_mask(structure: Structure, basis: dict[str, SpeciesBasis], la
     # d_ak - Rkb_k < r_o1 and d_bk - Rkb_k < r_o2. Per block and per orbital radius level
     # r, keep the smallest d_bk - Rkb_k over the k's with d_ak - Rkb_k < r.
     atom_radius = np.array([basis[l].max_radius for l in labels])
-    k, a, Sa, d = kb_members(structure.atoms, atom_radius, kb)
+    k, a, Sa, d = kb_members(structure.atoms, atom_radius, kb, neighbours)
     if k.size:
         p, q = kb_member_pairs(k)
         keys = np.column_stack([layout.block_i, layout.block_j, layout.block_shift])

@@ -84,40 +84,81 @@ def lookup_rows(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return idx
 
 
-def radius_pairs(atoms: Atoms, cutoff: float) -> Edges:
-    """All directed pairs (i != j or a non-zero image) closer than ``cutoff`` Å."""
-    i, j, S = neighbor_list("ijS", atoms, float(cutoff), self_interaction=False)
-    return _finish(atoms, i, j, S)
+@dataclass
+class Neighbours:
+    """Every directed pair (i, j, image shift S) closer than ``cutoff`` Å, the self pairs (i, i, 0) included, with
+    its distance ``d``: one ASE neighbour search that each graph below filters. On the small cells of a
+    trajectory the searches were a tenth of a prediction (ASE's binning costs the same for any cutoff there), and
+    a structure's graphs used four of them."""
+
+    i: np.ndarray
+    j: np.ndarray
+    S: np.ndarray
+    d: np.ndarray
+    cutoff: float
+
+    @classmethod
+    def search(cls, atoms: Atoms, cutoff: float) -> "Neighbours":
+        i, j, S, d = neighbor_list("ijSd", atoms, float(cutoff), self_interaction=True)
+        return cls(i, j, S, d, float(cutoff))
+
+    def within(self, limit, keep_self: bool = False) -> np.ndarray:
+        """Mask of the pairs with d < ``limit`` (a number, or one per pair); self pairs only with ``keep_self``."""
+        if np.max(limit, initial=0.0) > self.cutoff:
+            raise ValueError(f"a neighbour table searched to {self.cutoff:.2f} Å cannot give pairs to "
+                             f"{np.max(limit):.2f} Å")
+        mask = self.d < limit
+        return mask if keep_self else mask & ~((self.i == self.j) & ~self.S.any(axis=1))
 
 
-def pattern_pairs(atoms: Atoms, orbital_radius: np.ndarray, kb_radius: np.ndarray) -> Edges:
+def _neighbours(atoms: Atoms, cutoff: float, neighbours: Neighbours | None) -> Neighbours:
+    return neighbours if neighbours is not None else Neighbours.search(atoms, cutoff)
+
+
+def radius_pairs(atoms: Atoms, cutoff: float, neighbours: Neighbours | None = None) -> Edges:
+    """All directed pairs (i != j or a non-zero image) closer than ``cutoff`` Å (from ``neighbours`` if given)."""
+    nb = _neighbours(atoms, cutoff, neighbours)
+    keep = nb.within(float(cutoff))
+    return _finish(atoms, nb.i[keep], nb.j[keep], nb.S[keep])
+
+
+def pattern_pairs(atoms: Atoms, orbital_radius: np.ndarray, kb_radius: np.ndarray,
+                  neighbours: Neighbours | None = None) -> Edges:
     """SIESTA's DM sparsity pattern at the atom level (on-site pairs excluded).
 
     ``orbital_radius[a]`` is atom a's largest orbital cutoff, ``kb_radius[a]`` its
     largest KB projector cutoff (both Å). A pair is kept when the orbital spheres
-    overlap, or when both overlap the KB sphere of a third atom k.
+    overlap, or when both overlap the KB sphere of a third atom k. ``neighbours`` must reach
+    :func:`pattern_reach` (default: searched here).
     """
     orbital_radius = np.asarray(orbital_radius, float)
-    # Orbital overlap: |r_ij| < R_i + R_j (ASE applies per-atom cutoffs that way).
-    i, j, S = neighbor_list("ijS", atoms, orbital_radius, self_interaction=False)
-    src, dst, shift = [i], [j], [S]
-    k, a, Sa, _ = kb_members(atoms, orbital_radius, kb_radius)
+    nb = _neighbours(atoms, pattern_reach(orbital_radius, kb_radius), neighbours)
+    overlap = nb.within(orbital_radius[nb.i] + orbital_radius[nb.j])  # orbital spheres overlap: d < R_i + R_j
+    src, dst, shift = [nb.i[overlap]], [nb.j[overlap]], [nb.S[overlap]]
+    k, a, Sa, _ = kb_members(atoms, orbital_radius, kb_radius, nb)
     first, second = kb_member_pairs(k)
     src.append(a[first]), dst.append(a[second]), shift.append(Sa[second] - Sa[first])
     return _finish(atoms, np.concatenate(src), np.concatenate(dst), np.concatenate(shift))
 
 
-def kb_members(atoms: Atoms, orbital_radius: np.ndarray, kb_radius: np.ndarray):
+def pattern_reach(orbital_radius: np.ndarray, kb_radius: np.ndarray) -> float:
+    """The longest distance (Å) :func:`pattern_pairs` and :func:`kb_members` look at."""
+    orbital, kb = np.max(orbital_radius, initial=0.0), np.max(kb_radius, initial=0.0)
+    return float(max(2 * orbital, orbital + kb))
+
+
+def kb_members(atoms: Atoms, orbital_radius: np.ndarray, kb_radius: np.ndarray,
+               neighbours: Neighbours | None = None):
     """Atoms whose largest orbital reaches a KB projector: (k, a, Sa, d) sorted by k, where atom a in image Sa
     lies at distance d < orbital_radius[a] + kb_radius[k] from projector atom k (Å)."""
     orbital_radius, kb_radius = np.asarray(orbital_radius, float), np.asarray(kb_radius, float)
     if kb_radius.max(initial=0.0) <= 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int64), np.zeros(0)
-    reach = np.maximum(orbital_radius, kb_radius)
-    k, a, Sa, d = neighbor_list("ijSd", atoms, reach, self_interaction=True)
-    keep = d < orbital_radius[a] + kb_radius[k]
-    order = np.argsort(k[keep], kind="stable")
-    return k[keep][order], a[keep][order], Sa[keep][order], d[keep][order]
+    nb = _neighbours(atoms, pattern_reach(orbital_radius, kb_radius), neighbours)
+    keep = nb.within(orbital_radius[nb.j] + kb_radius[nb.i], keep_self=True)
+    k, a, Sa, d = nb.i[keep], nb.j[keep], nb.S[keep], nb.d[keep]
+    order = np.argsort(k, kind="stable")
+    return k[order], a[order], Sa[order], d[order]
 
 
 def kb_member_pairs(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +174,7 @@ def kb_member_pairs(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first[not_self], second[not_self]
 
 
-def extend_for_folding(atoms: Atoms, pattern: Edges, reach: float) -> Edges:
+def extend_for_folding(atoms: Atoms, pattern: Edges, reach: float, neighbours: Neighbours | None = None) -> Edges:
     """``pattern`` plus every farther image pair (i, j, S) within ``reach`` Å whose folded element (i, j) the
     pattern already has (through another image, or i = j): what a folded Γ-only DM sums beyond orbital range.
 
@@ -142,7 +183,7 @@ def extend_for_folding(atoms: Atoms, pattern: Edges, reach: float) -> Edges:
     """
     if reach <= 0 or not np.any(atoms.pbc) or len(pattern) == 0:
         return pattern
-    far = radius_pairs(atoms, reach)
+    far = radius_pairs(atoms, reach, neighbours)
     n = len(atoms)
     folded = np.unique(pattern.src * n + pattern.dst)
     key = far.src * n + far.dst

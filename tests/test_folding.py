@@ -156,3 +156,39 @@ def test_a_run_is_aliased_when_its_sampling_period_is_shorter_than_its_dm_range(
     molecule = _sample(water_molecule(), True)
     assert dm_range(molecule) < 2.0 and not is_aliased(molecule)
     assert sampling_period(_sample(box, False, {"kgrid": True})) is None  # a k-point run without its grid
+
+
+@pytest.mark.parametrize("reach", [0.0, REACH])
+def test_one_shared_neighbour_search_gives_the_graphs_of_separate_searches(reach):
+    """prepare_sample filters one neighbour table (graph.Neighbours) for every graph; the graphs must be those
+    that ASE's own searches give, each with its rule's cutoffs (per-atom radii for the orbital overlaps and the
+    projectors), on a small cell with many images."""
+    from ase.neighborlist import neighbor_list
+
+    from siesta_dmguess.graph import Neighbours, _finish, kb_member_pairs
+
+    atoms = water_box(3, seed=2)
+    structure = Structure(atoms, list(atoms.get_chemical_symbols()))
+    basis = water_basis()
+    orbital = np.array([basis[l].max_radius for l in structure.labels])
+    kb = np.array([basis[l].max_kb_radius for l in structure.labels])
+    # SIESTA's pattern from separate ASE searches: orbital overlaps, then pairs sharing a projector.
+    i, j, S = neighbor_list("ijS", atoms, orbital, self_interaction=False)
+    k, a, Sa, d = neighbor_list("ijSd", atoms, np.maximum(orbital, kb), self_interaction=True)
+    keep = d < orbital[a] + kb[k]
+    order = np.argsort(k[keep], kind="stable")
+    k, a, Sa = k[keep][order], a[keep][order], Sa[keep][order]
+    p, q = kb_member_pairs(k)
+    expected = _finish(atoms, np.concatenate([i, a[p]]), np.concatenate([j, a[q]]), np.concatenate([S, Sa[q] - Sa[p]]))
+    if reach:
+        expected = extend_for_folding(atoms, expected, reach, Neighbours.search(atoms, reach))
+    i, j, S = neighbor_list("ijS", atoms, 4.0, self_interaction=False)
+    expected_mp = _finish(atoms, i, j, S)
+
+    sample = prepare_sample(structure, basis, ["O", "H"], 4.0, fold_reach=reach, fold=True)
+    for got, want in [(sample.pattern, expected), (sample.mp_edges, expected_mp)]:
+        assert len(got) > 0
+        for name in ("src", "dst", "shift", "vectors", "reverse"):
+            assert np.array_equal(getattr(got, name), getattr(want, name)), name
+    with pytest.raises(ValueError, match="cannot give pairs"):
+        Neighbours.search(atoms, 3.0).within(3.5)
