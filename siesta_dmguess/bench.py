@@ -119,10 +119,6 @@ def median_run(runs: list[GuessResult]) -> GuessResult:
                    iteration_samples=iterations, prediction_samples=predictions)
 
 
-# What the start-up line of a benchmark's table holds (card.ready_model).
-STARTUP = "loading the model, importing sisl, the overlap tables"
-
-
 def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "auto", limit: int = 0,
                   command=None, progress: bool = True, refine: str = "idempotent", force: bool = False,
                   repeat: int = 1) -> dict:
@@ -181,6 +177,7 @@ def summarize(rows: list[StructureResult], model: str, data: str, startup_s: flo
 
 
 def markdown(report: dict) -> str:
+    from .card import STARTUP  # not at the top: card imports torch, which `siesta-dmguess --help` need not wait for
     lines = [f"# SCF benchmark: {Path(report['data']).name} with {Path(report['model']).name}", "",
              "| structure | atoms | novelty | SCF it. atomic | SCF it. ML | saved | wall atomic (s) "
              "| wall ML incl. prediction (s) | abs(ΔE) (eV) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -370,6 +367,8 @@ def summarize_trajectory(rows: list[dict], guesses, model: str, data: str) -> di
 
 
 def trajectory_markdown(report: dict) -> str:
+    from .card import STARTUP
+
     guesses = report["guesses"]
     lines = [f"# SCF iterations along {Path(report['data']).name} ({report['frames']} frames)", "",
              "| frame | " + " | ".join(guesses) + " |", "| --- |" + " --- |" * len(guesses)]

@@ -102,12 +102,17 @@ class LoadedModel:
         return time.perf_counter() - t0
 
 
-def ready_model(model) -> tuple[LoadedModel, float]:
-    """``model`` loaded (a name or folder; a :class:`LoadedModel` is used as it is) and warmed up
-    (:meth:`LoadedModel.warm_up`), and the seconds that took: the start-up a process pays once, which ``bench``
-    and the ASE calculator report apart from the predictions' times."""
+# What ready_model's seconds hold, in the words bench and predict print them with.
+STARTUP = "loading the model, importing sisl, the overlap tables"
+
+
+def ready_model(model, **load_options) -> tuple[LoadedModel, float]:
+    """``model`` loaded (a name or folder, with :func:`load_model`'s ``load_options``; a :class:`LoadedModel` is
+    used as it is) and warmed up (:meth:`LoadedModel.warm_up`), and the seconds that took: the start-up a process
+    pays once, which ``bench``, ``predict`` (for several structures) and the ASE calculator report apart from the
+    predictions' times."""
     t0 = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, **load_options)
     loaded.warm_up()
     return loaded, time.perf_counter() - t0
 

@@ -59,7 +59,7 @@ OPTIMIZE_FROM_STRUCTURES = 30  # integration/benchmarks/model_load.py: break-eve
 
 
 def _cmd_predict(args) -> int:
-    from .card import load_model
+    from .card import STARTUP, load_model, ready_model
     from .parallel import mpi_world
     from .predict import torch_threads
 
@@ -68,7 +68,13 @@ def _cmd_predict(args) -> int:
     world = mpi_world()  # under mpirun: this process's share of the structures (siesta_dmguess.parallel)
     structures = world.share(args.structure)
     # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
-    model = load_model(args.model, optimize=len(structures) >= OPTIMIZE_FROM_STRUCTURES)
+    optimize = len(structures) >= OPTIMIZE_FROM_STRUCTURES
+    if len(args.structure) > 1:  # the one-off costs on their own line, so each structure's time is its own
+        model, startup_s = ready_model(args.model, optimize=optimize)
+        if world.rank == 0:
+            print(f"model {model.path.name} ready in {startup_s:.1f} s ({STARTUP})")
+    else:  # one structure: its time is the whole wait after torch's import
+        model = load_model(args.model, optimize=optimize)
     # Ranks sharing a machine split its cores (unless --threads says otherwise); torch would give each all of them.
     with torch_threads(0 if args.threads else world.threads()):
         skipped = _predict_each(structures, args, model, many=len(args.structure) > 1, world=world)

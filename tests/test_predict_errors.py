@@ -255,6 +255,35 @@ def test_predict_cli_handles_several_structures_and_refuses_one_output_for_them(
     assert "-o names one output file" in capsys.readouterr().err
 
 
+
+def test_predict_of_several_structures_reports_the_start_up_apart(model_dir, tmp_path, capsys, monkeypatch):
+    """With several structures the one-off start-up (card.ready_model) is printed once, and each structure's
+    printed time is its own; a single structure's time is the whole wait, start-up included."""
+    import re
+    import time
+
+    from siesta_dmguess.card import LoadedModel
+
+    def slow_warm_up(self):  # a start-up that stands out against a tiny model's prediction
+        time.sleep(1.0)
+        return 1.0
+
+    monkeypatch.setattr(LoadedModel, "warm_up", slow_warm_up)
+    paths = []
+    for k in range(2):
+        path = tmp_path / f"w{k}.xyz"
+        water_molecule(np.random.default_rng(k)).write(path)
+        paths.append(str(path))
+    assert main(["predict", *paths, "--model", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    startup = re.findall(r"ready in ([0-9.]+) s \(loading the model", out)
+    assert len(startup) == 1 and float(startup[0]) >= 1.0
+    times = [float(t) for t in re.findall(r"predicted in ([0-9.]+) s", out)]
+    assert len(times) == 2 and max(times) < 1.0
+    assert main(["predict", paths[0], "--model", str(model_dir), "-o", str(tmp_path / "one.DM")]) == 0
+    out = capsys.readouterr().out
+    assert "ready in" not in out
+
 @pytest.fixture(scope="module")
 def far_model_dir(tmp_path_factory):
     """A model whose novelty flag level is so low that every structure lies 'far' outside its training data."""
