@@ -242,12 +242,18 @@ def test_predict_cli_writes_systemlabel_dm_next_to_an_fdf_and_keeps_the_old_one(
     assert (tmp_path / "water.DM.bak").read_bytes() == before  # the previous file is kept, not overwritten
 
 
-def test_predict_cli_handles_several_structures_and_refuses_one_output_for_them(model_dir, tmp_path, capsys):
+def water_files(folder, n: int) -> list[str]:
+    """``n`` slightly different water molecules written as xyz files."""
     paths = []
-    for k in range(3):
-        path = tmp_path / f"w{k}.xyz"
+    for k in range(n):
+        path = folder / f"w{k}.xyz"
         water_molecule(np.random.default_rng(k)).write(path)
         paths.append(str(path))
+    return paths
+
+
+def test_predict_cli_handles_several_structures_and_refuses_one_output_for_them(model_dir, tmp_path, capsys):
+    paths = water_files(tmp_path, 3)
     assert main(["predict", *paths, "--model", str(model_dir)]) == 0
     for path in paths:
         assert read_dm_orbital_count(path.replace(".xyz", ".DM")) == 23
@@ -269,11 +275,7 @@ def test_predict_of_several_structures_reports_the_start_up_apart(model_dir, tmp
         return 1.0
 
     monkeypatch.setattr(LoadedModel, "warm_up", slow_warm_up)
-    paths = []
-    for k in range(2):
-        path = tmp_path / f"w{k}.xyz"
-        water_molecule(np.random.default_rng(k)).write(path)
-        paths.append(str(path))
+    paths = water_files(tmp_path, 2)
     assert main(["predict", *paths, "--model", str(model_dir)]) == 0
     out = capsys.readouterr().out
     startup = re.findall(r"ready in ([0-9.]+) s \(loading the model", out)
