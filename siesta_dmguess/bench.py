@@ -177,10 +177,10 @@ def summarize(rows: list[StructureResult], model: str, data: str, startup_s: flo
 
 
 def markdown(report: dict) -> str:
-    from .card import STARTUP  # not at the top: card imports torch, which `siesta-dmguess --help` need not wait for
+    from .card import STARTUP  # here, not at the top: card imports torch, which `--help` need not wait for
     lines = [f"# SCF benchmark: {Path(report['data']).name} with {Path(report['model']).name}", "",
              "| structure | atoms | novelty | SCF it. atomic | SCF it. ML | saved | wall atomic (s) "
-    from .card import STARTUP  # here, not at the top: card imports torch, which `--help` need not wait for
+             "| wall ML incl. prediction (s) | abs(ΔE) (eV) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["per_structure"]:
         a, m = r["atomic"], r["ml"]
         novelty = "-" if r.get("novelty") is None else f"{r['novelty']:.2f}" + (" (flagged)" if r["flagged"] else "")
