@@ -167,6 +167,7 @@ def summarize(rows: list[StructureResult], model: str, data: str, startup_s: flo
         "all_converged": all(g.converged for r in rows for g in r.results.values()),
         "wall_s_atomic": wall_a, "wall_s_ml_including_prediction": wall_m,
         "startup_s": startup_s,  # once per process: loading the model, importing sisl, the overlap tables
+        "wall_spread_max": wall_spread(rows),
         "max_abs_energy_difference_eV": max(de) if de else 0.0,
         "structures_flagged_novel": sum(r.flagged for r in rows),
         "per_structure": [{"name": r.name, "natoms": r.natoms, "novelty": r.novelty, "flagged": r.flagged,
@@ -174,6 +175,14 @@ def summarize(rows: list[StructureResult], model: str, data: str, startup_s: flo
                            **{g: asdict(v) for g, v in r.results.items()}}
                           for r in rows],
     }
+
+
+def wall_spread(rows: list[StructureResult]) -> float | None:
+    """The largest difference between one structure's repeated SIESTA runs with one guess, relative to the
+    fastest of them (``bench --repeat``), or None for single runs: how far one run's wall time is to be trusted."""
+    spreads = [(max(r.wall_samples) - min(r.wall_samples)) / min(r.wall_samples)
+               for row in rows for r in row.results.values() if len(r.wall_samples) > 1 and min(r.wall_samples) > 0]
+    return max(spreads) if spreads else None
 
 
 def markdown(report: dict) -> str:
@@ -193,8 +202,9 @@ def markdown(report: dict) -> str:
     lines += ["", f"Total: {report['scf_iterations_atomic']} → {report['scf_iterations_ml']} SCF iterations "
               f"({100 * report['iterations_saved_fraction']:.0f}% saved); wall {report['wall_s_atomic']:.1f} s → "
               f"{report['wall_s_ml_including_prediction']:.1f} s with the predictions"
-              + (f" (each structure's median-time run of {report['repeat']}, with the median prediction)"
-                 if report.get("repeat", 1) > 1 else "")
+              + (f" (each structure's median-time run of {report['repeat']}, with the median prediction; one "
+                 f"structure's runs differed by up to {100 * report['wall_spread_max']:.0f} %)"
+                 if report.get("wall_spread_max") is not None else "")
               + (f" (and {report['startup_s']:.1f} s of start-up once: {STARTUP})" if report.get("startup_s") else "")
               + f"; max |ΔE| "
               f"{report['max_abs_energy_difference_eV']:.1e} eV; ML never worse: {report['ml_never_worse']}; "

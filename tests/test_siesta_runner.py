@@ -201,10 +201,16 @@ def test_repeated_bench_alternates_guesses_and_keeps_the_median_run(tmp_path):
         assert r.siesta_wall_s == sorted(r.wall_samples)[1]
     ml = result.results["ml"]
     assert ml.prediction_s == sorted(ml.prediction_samples)[1] and all(t > 0 for t in ml.prediction_samples)
-    table = markdown(summarize([result], "tiny", "data") | {"repeat": 3})
+    report = summarize([result], "tiny", "data") | {"repeat": 3}
+    spreads = [(max(r.wall_samples) - min(r.wall_samples)) / min(r.wall_samples) for r in result.results.values()]
+    assert report["wall_spread_max"] == pytest.approx(max(spreads))
+    table = markdown(report)
     assert "median-time run of 3" in table and f"{ml.siesta_wall_s + ml.prediction_s:.2f}" in table
+    assert f"differed by up to {100 * report['wall_spread_max']:.0f} %" in table
     single = bench_structure(run / "input.fdf", tmp_path / "out1", load_model(tmp_path / "model"), command=str(script))
     assert single.results["ml"].wall_samples == [] and log.read_text().split()[-2:] == ["atomic", "ml"]
+    single_report = summarize([single], "tiny", "data")
+    assert single_report["wall_spread_max"] is None and "median-time" not in markdown(single_report)
 
 
 def test_median_run_picks_a_real_run_and_warns_when_iterations_differ(caplog):
