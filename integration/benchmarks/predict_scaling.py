@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--refine", default="charge", choices=["charge", "idempotent", "none"])
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    not_cubes = [n for n in args.sizes if n < 1 or round(n ** (1 / 3)) ** 3 != n]
+    if not_cubes:  # checked here, before any subprocess, so the error is one line, not a child's traceback
+        p.error(f"--sizes must be cubes (27, 216, 1000, 3375, ...): the molecules fill a cubic lattice; got {not_cubes}")
     if args.one:
         print(json.dumps(one_size(args.model, args.one, args.refine)))
         return
