@@ -38,7 +38,7 @@ def water_box(n_molecules: int, seed: int = 0):
     return Atoms("OH2" * n_molecules, positions=np.concatenate(pos), cell=np.eye(3) * length, pbc=True)
 
 
-def one_size(model: str, n_molecules: int, refine: str) -> dict:
+def one_size(model: str, n_molecules: int, refine: str, chunks: tuple[int, int] | None = None) -> dict:
     import resource
     import time
 
@@ -50,6 +50,12 @@ def one_size(model: str, n_molecules: int, refine: str) -> dict:
 
     torch.set_num_threads(2)
     loaded = load_model(model)
+    if chunks:  # edges per step at inference: (message passing, pair readout); they bound memory, not results
+        from siesta_dmguess.model import Interaction
+
+        for module in loaded.model.modules():
+            if hasattr(module, "edge_chunk"):
+                module.edge_chunk = chunks[0] if isinstance(module, Interaction) else chunks[1]
     structure = structure_from_atoms(water_box(n_molecules))
     t0 = time.perf_counter()
     pred = predict_density_matrix(structure, loaded, fold=True, refine=refine)
@@ -64,13 +70,16 @@ def main() -> None:
     p.add_argument("--model", default="water")
     p.add_argument("--sizes", type=int, nargs="+", default=[27, 216, 1000, 3375], help="water molecules per box")
     p.add_argument("--refine", default="charge", choices=["charge", "idempotent", "none"])
+    p.add_argument("--edge-chunks", type=int, nargs=2, metavar=("MESSAGES", "PAIRS"),
+                   help="edges per step at inference in the message passing and the pair readout (default: the "
+                        "model's, 8192 and 4096)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     not_cubes = [n for n in args.sizes if n < 1 or round(n ** (1 / 3)) ** 3 != n]
     if not_cubes:  # checked here, before any subprocess, so the error is one line, not a child's traceback
         p.error(f"--sizes must be cubes (27, 216, 1000, 3375, ...): the molecules fill a cubic lattice; got {not_cubes}")
     if args.one:
-        print(json.dumps(one_size(args.model, args.one, args.refine)))
+        print(json.dumps(one_size(args.model, args.one, args.refine, args.edge_chunks)))
         return
     import numpy as np
 
@@ -78,6 +87,7 @@ def main() -> None:
     print(f"{'atoms':>7} {'pairs':>9} {'DM elements':>12} {'time (s)':>9} {'s/atom':>9} {'peak RSS (MB)':>14} {'refinement':>11}")
     for n in args.sizes:
         command = [sys.executable, __file__, "--model", args.model, "--one", str(n), "--refine", args.refine]
+        command += ["--edge-chunks", *map(str, args.edge_chunks)] if args.edge_chunks else []
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
