@@ -218,6 +218,13 @@ def read_species_basis(path: str | Path) -> SpeciesBasis:
                         source=str(path))
 
 
+def atom_radii(labels, basis: dict[str, SpeciesBasis]) -> tuple[np.ndarray, np.ndarray]:
+    """Each atom's largest orbital radius and largest KB-projector radius (Å), for a structure's species labels:
+    the radii SIESTA's sparsity rule uses (graph.pattern_pairs, dm.siesta_orbital_mask)."""
+    return (np.array([basis[l].max_radius for l in labels], dtype=float),
+            np.array([basis[l].max_kb_radius for l in labels], dtype=float))
+
+
 def find_basis_files(folder: str | Path, labels) -> dict[str, Path]:
     """Locate ``<label>.ion.xml`` (or ``.ion.nc``) for each species label in ``folder``."""
     folder = Path(folder)

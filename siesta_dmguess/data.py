@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .basis import SpeciesBasis, find_basis_files, read_species_basis
+from .basis import SpeciesBasis, atom_radii, find_basis_files, read_species_basis
 from .dm import (BlockLayout, build_geometry, build_layout, read_density_matrix, reference_lookup,
                  siesta_orbital_mask)
 from .errors import InputFileError
@@ -53,16 +53,10 @@ class Sample:
         return rows, cols
 
 
-def siesta_pattern(structure: Structure, basis: dict[str, SpeciesBasis], neighbours: Neighbours | None = None) -> Edges:
+def siesta_pattern(structure: Structure, basis: dict[str, SpeciesBasis]) -> Edges:
     """The atom pairs of SIESTA's DM sparsity pattern for a structure (:func:`~siesta_dmguess.graph.pattern_pairs`
     with each atom's largest orbital and KB-projector radius)."""
-    return pattern_pairs(structure.atoms, *atom_radii(structure, basis), neighbours)
-
-
-def atom_radii(structure: Structure, basis: dict[str, SpeciesBasis]) -> tuple[np.ndarray, np.ndarray]:
-    """Each atom's largest orbital radius and largest KB-projector radius (Å)."""
-    return (np.array([basis[l].max_radius for l in structure.labels]),
-            np.array([basis[l].max_kb_radius for l in structure.labels]))
+    return pattern_pairs(structure.atoms, *atom_radii(structure.labels, basis))
 
 
 def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species: list[str],
@@ -82,8 +76,9 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
     spec = np.array([index[l] for l in structure.labels], dtype=np.int64)
     atoms = structure.atoms
     # One neighbour search for every graph below (graph.Neighbours).
-    neighbours = Neighbours.search(atoms, max(pattern_reach(*atom_radii(structure, basis)), mp_cutoff, fold_reach))
-    pattern = siesta_pattern(structure, basis, neighbours)
+    orbital_radius, kb_radius = atom_radii(structure.labels, basis)
+    neighbours = Neighbours.search(atoms, max(pattern_reach(orbital_radius, kb_radius), mp_cutoff, fold_reach))
+    pattern = pattern_pairs(atoms, orbital_radius, kb_radius, neighbours)  # = siesta_pattern, from the table
     if fold is None:
         fold = dm_ref is None or bool(np.prod(dm_ref.geometry.lattice.nsc) == 1)
     if fold or (dm_ref is not None and np.any(dm_ref.geometry.lattice.nsc > pattern.nsc)):

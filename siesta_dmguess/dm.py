@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .basis import SpeciesBasis
+from .basis import SpeciesBasis, atom_radii
 from .conventions import orbital_signs
 from .errors import InputFileError
 from .files import atomic_write, move_to_backup
@@ -143,14 +143,13 @@ def siesta_orbital_mask(structure: Structure, basis: dict[str, SpeciesBasis], la
     """
     labels = structure.labels
     radius = np.concatenate([basis[l].orbital_radius for l in labels])
-    kb = np.array([basis[l].max_kb_radius for l in labels])
+    atom_radius, kb = atom_radii(labels, basis)
     blk = layout.element_block
     r_row, r_col = radius[layout.rows], radius[layout.cols % layout.no]
     mask = np.linalg.norm(layout.block_vectors(structure), axis=1)[blk] < r_row + r_col
     # Shared projector k: element (o1, o2) of block (a, b) is kept when some k has
     # d_ak - Rkb_k < r_o1 and d_bk - Rkb_k < r_o2. Per block and per orbital radius level
     # r, keep the smallest d_bk - Rkb_k over the k's with d_ak - Rkb_k < r.
-    atom_radius = np.array([basis[l].max_radius for l in labels])
     k, a, Sa, d = kb_members(structure.atoms, atom_radius, kb, neighbours)
     if k.size:
         p, q = kb_member_pairs(k)

@@ -165,13 +165,13 @@ def test_one_shared_neighbour_search_gives_the_graphs_of_separate_searches(reach
     projectors), on a small cell with many images."""
     from ase.neighborlist import neighbor_list
 
+    from siesta_dmguess.basis import atom_radii
     from siesta_dmguess.graph import Neighbours, _finish, kb_member_pairs
 
     atoms = water_box(3, seed=2)
     structure = Structure(atoms, list(atoms.get_chemical_symbols()))
     basis = water_basis()
-    orbital = np.array([basis[l].max_radius for l in structure.labels])
-    kb = np.array([basis[l].max_kb_radius for l in structure.labels])
+    orbital, kb = atom_radii(structure.labels, basis)
     # SIESTA's pattern from separate ASE searches: orbital overlaps, then pairs sharing a projector.
     i, j, S = neighbor_list("ijS", atoms, orbital, self_interaction=False)
     k, a, Sa, d = neighbor_list("ijSd", atoms, np.maximum(orbital, kb), self_interaction=True)
