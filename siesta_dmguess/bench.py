@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import DMGuessError, InputFileError
+from .errors import DMGuessError, InputFileError, ModelCompatibilityError
 from .history import GUESSES
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,32 @@ def median_run(runs: list[GuessResult]) -> GuessResult:
                    iteration_samples=iterations, prediction_samples=predictions)
 
 
+def incompatible_runs(fdfs: dict[str, Path], loaded) -> dict[str, str]:
+    """The runs (id → fdf) a model cannot predict, each with what differs (species, basis, pseudopotential, XC or
+    basis settings: :func:`~siesta_dmguess.predict.check_compatibility`). Reading an fdf and its basis files
+    takes milliseconds, so a benchmark checks every run before SIESTA runs any."""
+    from .predict import check_compatibility
+    from .structure import read_structure
+
+    problems = {}
+    for run_id, fdf in fdfs.items():
+        try:
+            check_compatibility(read_structure(fdf), loaded)
+        except ModelCompatibilityError as exc:
+            problems[run_id] = str(exc)
+    return problems
+
+
 def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "auto", limit: int = 0,
                   command=None, progress: bool = True, refine: str = "idempotent", force: bool = False,
-                  repeat: int = 1) -> dict:
+                  repeat: int = 1, skip_incompatible: bool = False) -> dict:
     """Benchmark the ML guess against the atomic guess on a dataset folder's structures (default ``"auto"``: the
     val split, or every run where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`).
-    ``repeat`` runs each guess that many times and reports the median-time run (:func:`bench_structure`)."""
+    ``repeat`` runs each guess that many times and reports the median-time run (:func:`bench_structure`).
+
+    Every run is checked against the model before SIESTA runs any (:func:`incompatible_runs`): one the model
+    does not cover is an error naming each such run, or, with ``skip_incompatible``, left out and listed in the
+    report's ``skipped``. ``force`` uses the model anyway, as ``predict --force`` does."""
     from tqdm.auto import tqdm
 
     from .card import ready_model
@@ -139,12 +159,25 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     if not records:
         raise InputFileError(f"no structures in split {split!r}", data_dir)
     loaded, startup_s = ready_model(model)
+    fdfs = {rec.id: find_fdf(rec.folder) for rec in records}
+    skipped = {} if force else incompatible_runs(fdfs, loaded)
+    if skipped and not skip_incompatible:
+        listed = "\n  ".join(skipped.values())
+        raise ModelCompatibilityError(f"{len(skipped)} of {len(fdfs)} runs do not fit model {loaded.path.name!r} "
+                                      f"(nothing was run; --skip-incompatible benchmarks the others):\n  {listed}",
+                                      data_dir)
+    for run_id, reason in skipped.items():
+        log.warning("skipping %s: %s", run_id, reason)
+    if len(skipped) == len(fdfs):
+        raise ModelCompatibilityError(f"none of the {len(fdfs)} runs fits model {loaded.path.name!r}", data_dir)
     rows = []
-    for rec in tqdm(records, desc=f"bench {data_dir.name}", disable=not progress):
-        rows.append(bench_structure(find_fdf(rec.folder), out_dir / data_dir.name / rec.id, loaded, command=command,
+    for run_id, fdf in tqdm([(i, f) for i, f in fdfs.items() if i not in skipped], desc=f"bench {data_dir.name}",
+                            disable=not progress):
+        rows.append(bench_structure(fdf, out_dir / data_dir.name / run_id, loaded, command=command,
                                     refine=refine, force=force, repeat=repeat))
     report = summarize(rows, str(loaded.path), str(data_dir), startup_s) | {"refine": refine, "split": split or "all",
-                                                                             "forced": force, "repeat": repeat}
+                                                                             "forced": force, "repeat": repeat,
+                                                                             "skipped": skipped}
     (out_dir / f"bench_{data_dir.name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{data_dir.name}.md").write_text(markdown(report))
     plot(rows, out_dir / f"bench_{data_dir.name}.png", title=f"{data_dir.name}: {Path(loaded.path).name}")
@@ -213,6 +246,9 @@ def markdown(report: dict) -> str:
                  f"data, a k-sampling the model lacks, or no clear occupied space)"
                  if report.get("structures_fallback_atomic") else "")
               + "."]
+    if report.get("skipped"):  # bench --skip-incompatible
+        lines += ["", f"Not run, the model does not cover them ({len(report['skipped'])}):", ""]
+        lines += [f"- {run_id}: {reason}" for run_id, reason in report["skipped"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -448,6 +484,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--force", action="store_true", help="use the ML guess even where predict would refuse it (far "
                    "outside the training data, a k-sampling the model lacks, no clear occupied space): measures "
                    "what those guesses would do")
+    b.add_argument("--skip-incompatible", action="store_true", help="for a dataset folder: leave out the runs the "
+                   "model does not cover (species, basis, settings) and list them in the report, instead of stopping "
+                   "before any run")
     b.add_argument("--repeat", type=int, default=1, help="for a dataset folder: run every guess N times (alternating "
                    "them) and report each structure's median-time run: steadier wall times (default 1)")
     add_refine_argument(b)
@@ -469,6 +508,7 @@ def _cmd_bench(args) -> int:
         print(trajectory_markdown(report))
         return 0
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,
-                           args.limit, args.siesta, refine=args.refine, force=args.force, repeat=args.repeat)
+                           args.limit, args.siesta, refine=args.refine, force=args.force, repeat=args.repeat,
+                           skip_incompatible=args.skip_incompatible)
     print(markdown(report))
     return 0

@@ -40,6 +40,45 @@ def fake_siesta(tmp_path, body: str, exit_code: int = 0):
     return script
 
 
+def logging_siesta(tmp_path):
+    """A fake SIESTA that appends the guess of each run it is given (ml or atomic) to a log: (log, script)."""
+    log = tmp_path / "calls.log"
+    script = tmp_path / "logging_siesta"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfdf = sys.stdin.read()\n"
+                      f"open({str(log)!r}, 'a').write('ml\\n' if 'DM.UseSaveDM T' in fdf else 'atomic\\n')\n"
+                      f"sys.stdout.write({GOOD!r})\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return log, script
+
+
+def water_run(folder, fdf=FDF, labels=("O", "H")):
+    """A run folder with a water molecule's fdf and fake pseudopotentials."""
+    from siesta_dmguess.siesta.templates import fdf_with_geometry
+
+    from .conftest import water_molecule
+
+    folder.mkdir(parents=True)
+    for label in labels:
+        (folder / f"{label}.psf").write_text("fake")
+    molecule = water_molecule()
+    symbols = molecule.get_chemical_symbols()
+    (folder / "input.fdf").write_text(fdf_with_geometry(fdf, molecule, [labels[0] if s == "O" else s for s in symbols]))
+    return folder
+
+
+def tiny_model(folder, novelty_threshold=1e6):
+    """A small untrained model of H and O, saved to ``folder``; the default threshold flags nothing as novel."""
+    from siesta_dmguess.card import save_model
+    from siesta_dmguess.model import DensityMatrixModel
+
+    from .conftest import small_config
+
+    model = DensityMatrixModel(small_config())
+    model.novelty_threshold.fill_(novelty_threshold)
+    save_model(model, folder, {"name": "tiny"})
+    return folder
+
+
 @pytest.fixture
 def run_dir(tmp_path):
     d = tmp_path / "run"
@@ -123,11 +162,9 @@ def test_benchmark_report_marks_structures_the_model_flags_as_novel(tmp_path):
     """bench on a dataset folder with a fake SIESTA: per-structure rows carry the novelty score and the flag,
     the Markdown table shows them and counts the flagged structures."""
     from siesta_dmguess.bench import markdown, run_benchmark
-    from siesta_dmguess.card import save_model
-    from siesta_dmguess.model import DensityMatrixModel
     from siesta_dmguess.siesta.templates import fdf_with_geometry
 
-    from .conftest import small_config, water_molecule
+    from .conftest import water_molecule
 
     data = tmp_path / "data"
     (data / "basis").mkdir(parents=True)
@@ -140,9 +177,7 @@ def test_benchmark_report_marks_structures_the_model_flags_as_novel(tmp_path):
         (data / f"{k:04d}" / "input.fdf").write_text(fdf_with_geometry(FDF, molecule, molecule.get_chemical_symbols()))
     reports = []
     for threshold in (1e-6, 1e6):  # flagged by a near-zero threshold, not by a huge one
-        model = DensityMatrixModel(small_config())
-        model.novelty_threshold.fill_(threshold)
-        save_model(model, tmp_path / f"model{threshold:g}", {"name": "tiny"})
+        tiny_model(tmp_path / f"model{threshold:g}", threshold)
         reports.append(run_benchmark(data, tmp_path / f"model{threshold:g}", tmp_path / f"out{threshold:g}",
                                      split=None, command=str(fake_siesta(tmp_path, GOOD)), progress=False))
     flagged, calm = reports
@@ -171,27 +206,11 @@ def test_repeated_bench_alternates_guesses_and_keeps_the_median_run(tmp_path):
     """bench --repeat 3 runs atomic, ml, atomic, ml, atomic, ml (a slow spell hits both guesses) and keeps each
     guess's median-time run with every run's numbers beside it."""
     from siesta_dmguess.bench import bench_structure, markdown, summarize
-    from siesta_dmguess.card import load_model, save_model
-    from siesta_dmguess.model import DensityMatrixModel
-    from siesta_dmguess.siesta.templates import fdf_with_geometry
+    from siesta_dmguess.card import load_model
 
-    from .conftest import small_config, water_molecule
-
-    log = tmp_path / "calls.log"
-    script = tmp_path / "logging_siesta"
-    script.write_text(f"#!{sys.executable}\nimport sys\nfdf = sys.stdin.read()\n"
-                      f"open({str(log)!r}, 'a').write('ml\\n' if 'DM.UseSaveDM T' in fdf else 'atomic\\n')\n"
-                      f"sys.stdout.write({GOOD!r})\n")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    run = tmp_path / "data" / "0000"
-    run.mkdir(parents=True)
-    for label in ("O", "H"):
-        (run / f"{label}.psf").write_text("fake")
-    molecule = water_molecule()
-    (run / "input.fdf").write_text(fdf_with_geometry(FDF, molecule, molecule.get_chemical_symbols()))
-    model = DensityMatrixModel(small_config())
-    model.novelty_threshold.fill_(1e6)
-    save_model(model, tmp_path / "model", {"name": "tiny"})
+    log, script = logging_siesta(tmp_path)
+    run = water_run(tmp_path / "data" / "0000")
+    tiny_model(tmp_path / "model")
     result = bench_structure(run / "input.fdf", tmp_path / "out", load_model(tmp_path / "model"),
                              command=str(script), repeat=3)
     assert log.read_text().split() == ["atomic", "ml"] * 3
@@ -211,6 +230,29 @@ def test_repeated_bench_alternates_guesses_and_keeps_the_median_run(tmp_path):
     assert single.results["ml"].wall_samples == [] and log.read_text().split()[-2:] == ["atomic", "ml"]
     single_report = summarize([single], "tiny", "data")
     assert single_report["wall_spread_max"] is None and "median-time" not in markdown(single_report)
+
+
+def test_bench_checks_every_run_against_the_model_before_running_siesta(tmp_path):
+    """A run the model does not cover stops the benchmark before SIESTA runs any, naming the run; with
+    skip_incompatible the others are run and the skipped one is listed in the report."""
+    from siesta_dmguess.bench import markdown, run_benchmark
+    from siesta_dmguess.errors import ModelCompatibilityError
+
+    log, script = logging_siesta(tmp_path)
+    water_run(tmp_path / "data" / "0000")
+    # The same molecule with its oxygen relabelled as nitrogen: a species the H/O model does not have.
+    water_run(tmp_path / "data" / "0001", FDF.replace(" 1 8 O", " 1 7 N"), labels=("N", "H"))
+    tiny_model(tmp_path / "model")
+    kwargs = dict(model=tmp_path / "model", out_dir=tmp_path / "out", split=None, command=str(script), progress=False)
+    with pytest.raises(ModelCompatibilityError) as err:
+        run_benchmark(tmp_path / "data", **kwargs)
+    message = str(err.value)
+    assert "1 of 2 runs" in message and "0001" in message and "['N']" in message and "0000" not in message
+    assert not log.exists()  # nothing was run
+    report = run_benchmark(tmp_path / "data", skip_incompatible=True, **kwargs)
+    assert report["structures"] == 1 and report["per_structure"][0]["name"] == "0000"
+    assert list(report["skipped"]) == ["0001"] and log.read_text().split() == ["atomic", "ml"]
+    assert "- 0001: " in markdown(report)
 
 
 def test_median_run_picks_a_real_run_and_warns_when_iterations_differ(caplog):
