@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import DMGuessError, UnreliablePredictionError
+from .errors import DMGuessError
 
 
 def _cmd_train(args) -> int:
@@ -77,13 +77,18 @@ def _cmd_predict(args) -> int:
         model = load_model(args.model, optimize=optimize)
     # Ranks sharing a machine split its cores (unless --threads says otherwise); torch would give each all of them.
     with torch_threads(0 if args.threads else world.threads()):
-        skipped = _predict_each(structures, args, model, many=len(args.structure) > 1, world=world)
-    return 2 if skipped else 0  # as main() does for any other error
+        failed = _predict_each(structures, args, model, many=len(args.structure) > 1, world=world)
+    if failed and len(structures) > 1:
+        print(f"siesta-dmguess: {failed} of {len(structures)} structures got no DM (each is named above)",
+              file=sys.stderr)
+    return 2 if failed else 0  # as main() does for any other error
 
 
 def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
-    """Predict and write each structure's DM (``predict``'s loop, on this MPI rank's share); returns how many the
-    guard refused."""
+    """Predict and write each structure's DM (``predict``'s loop, on this MPI rank's share); returns how many got
+    none. A structure that cannot be predicted (unreadable, not covered by the model, refused by the guard) is
+    named with its reason, and the others of a batch still get their DMs: one bad file among a screening's
+    thousand should not cost the rest."""
     from tqdm.auto import tqdm
 
     from .predict import predict_to_file
@@ -92,16 +97,16 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
 
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
     write = tqdm.write if many else print  # beside the progress bar of a batch
-    skipped = 0
+    failed = 0
     # One bar, for a single process: under MPI the ranks' lines would cut it.
     for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1):
         out = Path(args.output) if args.output else default_dm_path(structure)
         try:
             pred = predict_to_file(structure, out, model=model, overwrite=args.overwrite, fold=fold,
                                    force=args.force, refine=args.refine)
-        except UnreliablePredictionError as exc:  # the other structures of a batch still get their DMs
+        except DMGuessError as exc:  # the other structures of a batch still get their DMs
             print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
-            skipped += 1
+            failed += 1
             continue
         _report_prediction(out, pred, write=write)
         source = resolve_fdf(structure)
@@ -112,7 +117,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
             write(f"{source}: put 'DM.UseSaveDM T' on its first line (original kept as {backup.name})")
         elif note:
             write(f"note: {note}")
-    return skipped
+    return failed
 
 
 def _report_prediction(out: Path, pred, write=print) -> None:

@@ -355,6 +355,24 @@ def test_cli_predict_batch_goes_on_past_a_far_structure(model_dir, xyz, tmp_path
     assert f"{xyz}: far outside the training data" in capsys.readouterr().err
 
 
+
+def test_cli_predict_batch_goes_on_past_a_bad_file_and_counts_the_failures(model_dir, xyz, tmp_path, capsys):
+    """One unreadable structure and one the model does not cover: each is named with its reason, the good one
+    still gets its DM, and a last line counts the failures (exit code 2)."""
+    from ase import Atoms
+
+    broken = tmp_path / "broken.xyz"
+    broken.write_text("3\nnot a structure\nO 0 0\n")
+    ammonia = tmp_path / "nh3.xyz"
+    Atoms("NH3", positions=[[0, 0, 0], [0.94, 0, 0.3], [-0.47, 0.81, 0.3], [-0.47, -0.81, 0.3]]).write(ammonia)
+    assert main(["predict", str(broken), str(xyz), str(ammonia), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {broken}" in err and f"error: {ammonia}" in err and "['N']" in err
+    assert "2 of 3 structures got no DM" in err
+    assert xyz.with_suffix(".DM").is_file() and not ammonia.with_suffix(".DM").exists()
+    assert main(["predict", str(broken), "--model", str(model_dir)]) == 2  # alone: the error, no count
+    assert "got no DM" not in capsys.readouterr().err
+
 def test_threads_option_sets_torch_threads_for_the_command_only(model_dir, xyz, tmp_path, torch_thread_log):
     """`predict --threads 1` predicts on one torch thread (the remedy for busy cores) and leaves torch's setting
     as it was afterwards; without it, torch's own setting is used."""
