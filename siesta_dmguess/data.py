@@ -212,12 +212,30 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
         check_basis_matches(run_b, basis, rec.folder)
         if dm is None:
             raise InputFileError("the run folder has no converged .DM", rec.folder)
+        check_converged(rec)
         sample = prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
                                 meta={"split": rec.split, **rec.meta}, fold_reach=fold_reach)
         if with_overlap and hsx is not None:
             sample.meta["overlap"] = read_overlap_at(hsx, dm)
         samples.append(sample)
     return samples
+
+
+def check_converged(rec: RunRecord) -> None:
+    """Error if the run's record (index.json) or its SIESTA output (``*.out``, ``*.out.gz`` in the folder) says the
+    SCF did not converge. SIESTA writes its ``.DM`` at every iteration, so a run stopped at ``MaxSCFIterations``
+    or killed midway leaves a ``.DM`` that looks like any other but is not the answer a model should learn, or
+    be measured against. A folder without an output is taken as converged: the DM is all there is."""
+    from .siesta.output import parse_output
+
+    if rec.meta.get("converged") is False:
+        raise InputFileError("the dataset's index.json records that SIESTA did not converge this run, so its .DM "
+                             "is not a converged density matrix: rerun it or leave the folder out", rec.folder)
+    for output in sorted([*rec.folder.glob("*.out"), *rec.folder.glob("*.out.gz")]):
+        if not parse_output(output).converged:
+            raise InputFileError(f"{output.name} does not say that SIESTA's SCF converged (it did not, or the "
+                                 f"output stops before), so the .DM is not a converged density matrix: rerun it or "
+                                 f"leave the folder out", rec.folder)
 
 
 def read_overlap_at(hsx: Path, dm_ref) -> np.ndarray | None:

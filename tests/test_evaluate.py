@@ -126,3 +126,34 @@ def test_evaluate_table_names_runs_by_dataset_and_run_not_by_a_cut_absolute_path
         ["datasets/h2o/0004", "datasets/water8/0004"]
     long = _display_names(["/" + "x" * 60 + "/0001"], width=20)[0]
     assert len(long) == 20 and long.startswith("…") and long.endswith("/0001")
+
+
+def test_a_run_siesta_did_not_converge_is_refused_as_reference(tmp_path):
+    """SIESTA writes its .DM at every SCF iteration, so a run stopped before convergence leaves a .DM that is no
+    reference: the folder's SIESTA output, or the dataset's index.json, saying so is an error naming the run."""
+    import gzip
+    import json
+    import shutil
+
+    from siesta_dmguess.basis import read_basis_folder
+    from siesta_dmguess.data import load_samples
+    from siesta_dmguess.errors import InputFileError
+
+    src = dataset("h2o") / "0004"
+    data = tmp_path / "data"
+    run = copy_run(src, data / "0004")
+    basis = read_basis_folder(src.parent / "basis", ["H", "O"])
+    load = lambda: load_samples([data], ["H", "O"], basis, 3.0)  # noqa: E731
+    shutil.copy(src / "siesta.out.gz", run / "siesta.out.gz")  # SIESTA's own output of the run: converged
+    assert len(load()) == 1
+    with gzip.open(src / "siesta.out.gz", "rt") as f:
+        text = f.read()
+    cut = text[:text.index("SCF cycle converged")]  # the same run, killed before its SCF converged
+    with gzip.open(run / "siesta.out.gz", "wt") as f:
+        f.write(cut)
+    with pytest.raises(InputFileError, match=r"0004: siesta.out.gz does not say that SIESTA's SCF converged"):
+        load()
+    (run / "siesta.out.gz").unlink()
+    (data / "index.json").write_text(json.dumps([{"id": "0004", "converged": False}]))
+    with pytest.raises(InputFileError, match=r"0004: the dataset's index.json records that SIESTA did not converge"):
+        load()
