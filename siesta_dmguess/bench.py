@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -416,7 +417,8 @@ def trajectory_markdown(report: dict) -> str:
     from .card import STARTUP
 
     guesses = report["guesses"]
-    lines = [f"# SCF iterations along {Path(report['data']).name} ({report['frames']} frames)", "",
+    model = f" with {Path(report['model']).name}" if report.get("model") else ""
+    lines = [f"# SCF iterations along {Path(report['data']).name} ({report['frames']} frames){model}", "",
              "| frame | " + " | ".join(guesses) + " |", "| --- |" + " --- |" * len(guesses)]
     for r in report["per_frame"]:
         frame = str(r["frame"])
@@ -440,6 +442,27 @@ def trajectory_markdown(report: dict) -> str:
                   f"guess, `ml+residual` from the history's extrapolation once there was one): "
                   f"{far[0]['fallback']}" + (" (and alike)." if len(far) > 1 else ".")]
     return "\n".join(lines) + "\n"
+
+
+_SET_TOTAL = re.compile(r"^# SCF benchmark: (?P<name>\S+) with (?P<model>\S+).*?"
+                        r"^Total: (?P<atomic>\d+) → (?P<ml>\d+) SCF", re.S | re.M)
+_TRAJECTORY_TITLE = re.compile(r"^# SCF iterations along (?P<name>\S+)\.traj \(\d+ frames\)(?: with (?P<model>\S+))?",
+                               re.M)
+_GUESS_TOTAL = re.compile(r"^\| (?P<guess>[\w+]+) \| (?P<total>\d+) \| ", re.M)
+
+
+def read_markdown_totals(text: str) -> dict:
+    """The totals of a table written by :func:`markdown` or :func:`trajectory_markdown`, read back for the model
+    cards and the summary plot (``docs/results``): ``{"kind": "set", "name", "model", "atomic", "ml"}`` or
+    ``{"kind": "trajectory", "name", "model", "totals": {guess: SCF iterations}}`` (``model`` None in a
+    trajectory table written before it named one). A :class:`DMGuessError` for any other text."""
+    if m := _SET_TOTAL.search(text):
+        return {"kind": "set", "name": m["name"], "model": m["model"], "atomic": int(m["atomic"]), "ml": int(m["ml"])}
+    if m := _TRAJECTORY_TITLE.search(text):
+        totals = {g["guess"]: int(g["total"]) for g in _GUESS_TOTAL.finditer(text) if g["guess"] in GUESSES}
+        if totals:
+            return {"kind": "trajectory", "name": m["name"], "model": m["model"], "totals": totals}
+    raise DMGuessError("not a table written by `siesta-dmguess bench`")
 
 
 def plot_trajectory(report: dict, path: Path) -> None:

@@ -183,3 +183,18 @@ def test_shipped_silicon_sees_the_octupole_across_a_cube_edge():
                          for (i, j), shift in [((7, 9), (1, 0, 0)), ((5, 11), (0, 1, 0)), ((6, 8), (0, 0, 1))]])
     sublattice = np.where(np.arange(coupling.shape[1]) % 2 == 0, 1.0, -1.0)  # +1: the origin's
     assert np.allclose(coupling * sublattice, -6.28e-3, atol=1e-3), coupling
+
+
+def test_model_cards_carry_the_scf_iterations_of_the_committed_benchmark_tables():
+    """Each card's SCF benchmarks (held-out, unseen sets, trajectories) equal the tables in docs/results that the
+    README shows (``integration/benchmarks/card_benchmarks.py`` writes them; it prints what differs)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "integration" / "benchmarks" / "card_benchmarks.py"
+    spec = importlib.util.spec_from_file_location("card_benchmarks", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    found = module.differences(root / "docs" / "results", root / "models")
+    assert set(found) == {"water", "chno-molecules", "silicon"}
+    assert not any(found.values()), found

@@ -305,6 +305,29 @@ def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
     assert "no ML prediction" not in calm
 
 
+def test_bench_tables_read_back_to_their_totals():
+    """The model cards and the summary plot read the committed tables back (read_markdown_totals): each table
+    gives the totals it was written from, and other text is an error."""
+    from siesta_dmguess.bench import (GuessResult, StructureResult, markdown, read_markdown_totals, summarize,
+                                      summarize_trajectory, trajectory_markdown)
+    from siesta_dmguess.errors import DMGuessError
+
+    def run(guess, iterations):
+        return GuessResult(guess, iterations, True, True, -465.0, 1.0, 0.1)
+
+    rows = [StructureResult(f"{k:04d}", 3, {"atomic": run("atomic", a), "ml": run("ml", m)}, 0.5, False)
+            for k, (a, m) in enumerate([(10, 4), (9, 7)])]
+    table = markdown(summarize(rows, "/models/water", "/data/h2o"))
+    assert read_markdown_totals(table) == {"kind": "set", "name": "h2o", "model": "water", "atomic": 19, "ml": 11}
+    frames = [{"frame": t, **{g: {**run(g, n).__dict__} for g, n in zip(("atomic", "ml", "ml+residual"), its)}}
+              for t, its in enumerate([(10, 5, 5), (11, 6, 4)])]
+    traj = trajectory_markdown(summarize_trajectory(frames, ("atomic", "ml", "ml+residual"), "/m/silicon", "md.traj"))
+    assert read_markdown_totals(traj) == {"kind": "trajectory", "name": "md", "model": "silicon",
+                                          "totals": {"atomic": 21, "ml": 11, "ml+residual": 9}}
+    with pytest.raises(DMGuessError, match="not a table"):
+        read_markdown_totals("# SCF benchmark: h2o with water\n\nno totals here\n")
+
+
 def test_dm_read_note_says_when_siesta_would_not_read_the_predicted_dm(tmp_path):
     """SIESTA 4.1 reads ``<SystemLabel>.DM`` from its folder, only with ``DM.UseSaveDM T``, and fdf keeps a key's
     first value (checked with SIESTA on h2o/0004: T appended after the dataset's F is ignored, 10 iterations;

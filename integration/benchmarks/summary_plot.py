@@ -12,13 +12,11 @@ the 65 % target. Nothing is rerun: the numbers are the committed tables'.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
-SET_TOTAL = re.compile(r"^# SCF benchmark: (?P<set>\S+) with (?P<model>\S+).*?^Total: (?P<atomic>\d+) → (?P<ml>\d+) SCF",
-                       re.S | re.M)
-TRAJECTORY_TITLE = re.compile(r"^# SCF iterations along (?P<traj>\S+)\.traj", re.M)
-GUESS_ROW = re.compile(r"^\| (?P<guess>atomic|reuse|extrapolation|ml|ml\+residual) \| (?P<total>\d+) \|", re.M)
+from siesta_dmguess.bench import read_markdown_totals
+from siesta_dmguess.errors import DMGuessError
+
 GUESSES = ("reuse", "extrapolation", "ml", "ml+residual")
 
 
@@ -26,18 +24,16 @@ def read_tables(folder: Path) -> tuple[list[tuple[str, int, int]], dict[str, dic
     """([(label, atomic, ml)] for structure sets, {trajectory: {guess: total}}) from ``bench_*.md``."""
     sets, trajectories = [], {}
     for path in sorted(folder.glob("bench_*.md")):
-        text = path.read_text()
-        if m := SET_TOTAL.search(text):
+        try:
+            table = read_markdown_totals(path.read_text())
+        except DMGuessError as exc:
+            raise SystemExit(f"{path}: {exc}") from exc
+        if table["kind"] == "set":
             unseen = path.stem.startswith("bench_unseen_")
-            sets.append((f"{m['set']}{' (unseen)' if unseen else ' val'} · {m['model']}",
-                         int(m["atomic"]), int(m["ml"])))
-        elif m := TRAJECTORY_TITLE.search(text):
-            totals = {g["guess"]: int(g["total"]) for g in GUESS_ROW.finditer(text)}
-            if "atomic" not in totals:  # the atomic total is in the summary table's first row
-                continue
-            trajectories[m["traj"]] = totals
-        else:
-            raise SystemExit(f"{path}: not a table written by `siesta-dmguess bench`")
+            sets.append((f"{table['name']}{' (unseen)' if unseen else ' val'} · {table['model']}",
+                         table["atomic"], table["ml"]))
+        elif "atomic" in table["totals"]:  # the bar is the saving against the atomic guess
+            trajectories[table["name"]] = table["totals"]
     sets.sort(key=lambda s: ("unseen" in s[0], s[0]))  # held-out validation sets first
     return sets, trajectories
 

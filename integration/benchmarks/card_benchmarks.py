@@ -1,0 +1,99 @@
+"""Keep the shipped model cards' SCF benchmarks equal to the committed tables in docs/results.
+
+    python integration/benchmarks/card_benchmarks.py docs/results            # what differs, exit 1 if anything
+    python integration/benchmarks/card_benchmarks.py docs/results --write    # write it into models/*/card.json
+
+Each model card carries the SCF iterations measured with it (issue 4), and the README shows the same numbers
+from the tables ``siesta-dmguess bench`` wrote (``docs/results/bench_*.md``). Copied by hand, the two drifted
+apart; this script reads the tables (``siesta_dmguess.bench.read_markdown_totals``) and fills each card's
+``scf_benchmark.unseen_structures`` (``bench_unseen_*.md``) and ``scf_benchmark.trajectories`` (MD, relaxations,
+bond scans) from them. The held-out sets' entries (with their wall times) are only compared: a card's
+``scf_iterations_atomic`` / ``scf_iterations_ml`` must equal the table's. ``tests/test_shipped_models.py`` runs
+the comparison, so a card and its tables cannot disagree on main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from siesta_dmguess.bench import read_markdown_totals
+from siesta_dmguess.card import read_card, shipped_models_dir, update_card
+
+UNSEEN_COMMAND = ("python integration/benchmarks/unseen_structures.py ../shared/datasets unseen; siesta-dmguess "
+                  "bench unseen/SET --model {model} --split all (rotations: ../shared/datasets/rotations)")
+TRAJECTORY_COMMAND = ("python integration/benchmarks/md_trajectory.py FDF --steps 20 (relaxations: --relax 0.05 "
+                      "--rattle 0.1; bond scans: bond_scan.py); siesta-dmguess bench TRAJ --fdf FDF --model {model}")
+# Entries of earlier cards that the two generated sections replace.
+REPLACED = ("md_trajectories", "relaxations", "unseen_molecules", "g2_stress")
+
+
+def tables_by_model(results: Path) -> dict[str, dict]:
+    """{model: {"held_out": {set: (atomic, ml)}, "unseen_structures": {...}, "trajectories": {...}}} from the
+    tables in ``results``."""
+    found: dict[str, dict] = {}
+    for path in sorted(results.glob("bench_*.md")):
+        table = read_markdown_totals(path.read_text())
+        if table["model"] is None:
+            raise SystemExit(f"{path}: the table does not name its model")
+        entry = found.setdefault(table["model"], {"held_out": {}, "unseen_structures": {}, "trajectories": {}})
+        if table["kind"] == "trajectory":
+            entry["trajectories"][table["name"]] = table["totals"]
+        elif path.stem.startswith("bench_unseen_"):
+            entry["unseen_structures"][table["name"]] = {"atomic": table["atomic"], "ml": table["ml"]}
+        else:
+            entry["held_out"][table["name"]] = (table["atomic"], table["ml"])
+    return found
+
+
+def card_sections(model: str, tables: dict) -> dict:
+    """The two generated sections of a card's ``scf_benchmark``, with the commands that reproduce them."""
+    return {"unseen_structures": {"command": UNSEEN_COMMAND.format(model=model),
+                                  "tables": "docs/results/bench_unseen_*.md", **tables["unseen_structures"]},
+            "trajectories": {"command": TRAJECTORY_COMMAND.format(model=model),
+                             "tables": "docs/results/bench_<trajectory>.md", **tables["trajectories"]}}
+
+
+def differences(results: Path, models: Path) -> dict[str, list[str]]:
+    """What each shipped card says differently from the tables (empty lists where they agree)."""
+    out = {}
+    for model, tables in tables_by_model(results).items():
+        bench = read_card(models / model).get("scf_benchmark", {})
+        problems = [f"{key}: card {bench.get(key)} != tables {value}"
+                    for key, value in card_sections(model, tables).items() if bench.get(key) != value]
+        problems += [f"{key}: an entry the generated sections replace" for key in REPLACED if key in bench]
+        for name, (atomic, ml) in tables["held_out"].items():
+            held = bench.get(name, bench)  # `water` keeps one entry per set, the others theirs at the top
+            if (held.get("scf_iterations_atomic"), held.get("scf_iterations_ml")) != (atomic, ml):
+                problems.append(f"{name}: card {held.get('scf_iterations_atomic')} -> {held.get('scf_iterations_ml')}"
+                                f" != table {atomic} -> {ml}")
+        out[model] = problems
+    return out
+
+
+def write(results: Path, models: Path) -> None:
+    """Fill every card's generated sections from the tables (held-out entries are left to the person who ran
+    them: they carry wall times and notes no table holds)."""
+    for model, tables in tables_by_model(results).items():
+        bench = {k: v for k, v in read_card(models / model).get("scf_benchmark", {}).items() if k not in REPLACED}
+        update_card(models / model, {"scf_benchmark": {**bench, **card_sections(model, tables)}})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", type=Path, help="folder with bench_*.md tables (docs/results)")
+    p.add_argument("--models", type=Path, default=shipped_models_dir(), help="folder of the model folders "
+                   "(default: the shipped models)")
+    p.add_argument("--write", action="store_true", help="write the tables' numbers into the cards")
+    args = p.parse_args()
+    if args.write:
+        write(args.results, args.models)
+    found = differences(args.results, args.models)
+    for model, problems in found.items():
+        print(f"{model}: " + ("agrees with the tables" if not problems else "\n  " + "\n  ".join(problems)))
+    sys.exit(1 if any(found.values()) else 0)
+
+
+if __name__ == "__main__":
+    main()
