@@ -43,3 +43,21 @@ def test_building_the_cli_parser_does_not_import_torch():
     code = "import sys; from siesta_dmguess.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", "building the CLI parser imported torch"
+
+
+def test_the_readme_tables_of_structure_sets_show_the_committed_benchmark_totals():
+    """Every held-out and unseen set benchmarked in docs/results has a README row with the same SCF iterations
+    (atomic → ML), so a rerun that changes a table cannot leave the README behind."""
+    from siesta_dmguess.bench import read_markdown_totals
+
+    rows = re.findall(r"^\| `(?P<set>[\w-]+)`[^|]*\| `(?P<model>[\w-]+)` \| \d+ \|(?: \d+ \|)? (?P<a>\d+) → (?P<m>\d+)"
+                      r"[^|]*\|", (ROOT / "README.md").read_text(), re.M)
+    readme = {}
+    for name, model, atomic, ml in rows:
+        readme.setdefault((name, model), set()).add((int(atomic), int(ml)))
+    tables = [read_markdown_totals(p.read_text()) for p in sorted((ROOT / "docs" / "results").glob("bench_*.md"))]
+    sets = [t for t in tables if t["kind"] == "set"]
+    assert len(sets) >= 4
+    wrong = [(t["name"], t["model"], (t["atomic"], t["ml"]), readme.get((t["name"], t["model"]))) for t in sets
+             if (t["atomic"], t["ml"]) not in readme.get((t["name"], t["model"]), set())]
+    assert not wrong, f"README rows that differ from docs/results (set, model, table, README): {wrong}"
