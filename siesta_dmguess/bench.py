@@ -146,6 +146,9 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     Every run is checked against the model before SIESTA runs any (:func:`incompatible_runs`): one the model
     does not cover is an error naming each such run, or, with ``skip_incompatible``, left out and listed in the
     report's ``skipped``. ``force`` uses the model anyway, as ``predict --force`` does."""
+    from .siesta import find_siesta
+
+    find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
     from tqdm.auto import tqdm
 
     from .card import ready_model
@@ -318,6 +321,9 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     prediction is refused (:attr:`~siesta_dmguess.predict.Prediction.refusals`) runs ``ml`` from the atomic guess
     and ``ml+residual`` from the history's extrapolation, as the calculator does, unless ``force``.
     """
+    from .siesta import find_siesta
+
+    find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
     import ase.io
     from tqdm.auto import tqdm
 

@@ -108,6 +108,13 @@ def test_missing_siesta_lists_where_it_looked(monkeypatch, tmp_path):
         find_siesta()
     msg = str(err.value)
     assert "SIESTA_COMMAND" in msg and "ASE_SIESTA_COMMAND" in msg and "PATH" in msg
+    # Both benchmarks say so first: before reading the data or loading a model (neither exists here).
+    from siesta_dmguess.bench import run_benchmark, run_trajectory_benchmark
+
+    for call in (lambda: run_benchmark(tmp_path / "no-data", model=tmp_path / "no-model"),
+                 lambda: run_trajectory_benchmark(tmp_path / "no.traj", tmp_path / "no.fdf", tmp_path / "no-model")):
+        with pytest.raises(SiestaNotFoundError):
+            call()
 
 
 def test_run_parses_output(run_dir, tmp_path):
