@@ -21,8 +21,8 @@ atoms.set_velocities(np.random.default_rng(0).normal(0, 0.01, (len(atoms), 3)))
 atoms.calc = DMGuessSiesta(
     model="water",  # guess="ml+residual" (the default) corrects each prediction by the model's past errors
     xc="CA", basis_set="DZP", mesh_cutoff=200 * units.Ry,  # energy_shift defaults to SIESTA's 0.02 Ry
-    pseudo_path=sys.argv[1], pseudo_qualifier="", label="siesta", directory="ase_md_run",
-    command=os.environ.get("SIESTA_COMMAND", "siesta") + " < PREFIX.fdf > PREFIX.out",
+    pseudo_path=sys.argv[1], pseudo_qualifier="", label="siesta", directory="ase_md_run",  # SIESTA: $SIESTA_COMMAND,
+    # ASE's configuration or PATH, as for the siesta-dmguess commands (or pass command= / profile= as to ASE's Siesta)
     fdf_arguments={"DM.Tolerance": "1.0d-5", "SCF.Mixer.Weight": 0.25, "SCF.Mixer.History": 6},
     compare_baseline=True,  # also run SIESTA from its atomic guess, to count the iterations saved
 )

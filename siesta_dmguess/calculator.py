@@ -32,6 +32,12 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
 * ``threads``: torch threads for the predictions (default: torch's, one per core); 1 where other
   programs keep the cores busy (``predict.torch_threads``).
 
+Without ``command`` or ``profile``, SIESTA is found as everywhere in the package
+(:func:`~siesta_dmguess.siesta.find_siesta`: ``$SIESTA_COMMAND``, ASE's configuration,
+``siesta`` on PATH); where there is none, the first calculation raises
+:class:`~siesta_dmguess.errors.SiestaNotFoundError`, saying where it looked, before it
+loads the model or predicts anything.
+
 One default differs from ASE's ``Siesta``: ``energy_shift`` is SIESTA's own default,
 0.02 Ry, not ASE's 0.1 eV. The energy shift sets the orbitals' cutoff radii, so it is
 part of the basis, and a model trained on fdf runs that leave it out (every shipped
@@ -83,6 +89,21 @@ class GuessRecord:
         return self.atomic_scf_iterations - self.scf_iterations
 
 
+def _siesta_command_line():
+    """(ASE command line, None) for the SIESTA :func:`~siesta_dmguess.siesta.find_siesta` finds, or (None, the
+    error saying where it looked). ASE's own default would look only at its configuration and PATH, and report a
+    missing SIESTA as a failed shell command (exit code 127) after the prediction."""
+    import shlex
+
+    from .errors import SiestaNotFoundError
+    from .siesta import find_siesta
+
+    try:
+        return shlex.join(find_siesta()) + " < PREFIX.fdf > PREFIX.out", None
+    except SiestaNotFoundError as exc:
+        return None, exc
+
+
 class DMGuessSiesta(Siesta):
     """ASE's SIESTA calculator that starts every SCF from an ML-predicted density matrix."""
 
@@ -94,6 +115,9 @@ class DMGuessSiesta(Siesta):
         from ase.units import Ry
 
         kwargs.setdefault("energy_shift", 0.02 * Ry)  # SIESTA's default (eV, ASE's unit); see the module doc
+        self._siesta_missing = None
+        if not args and kwargs.get("command") is None and kwargs.get("profile") is None:
+            kwargs["command"], self._siesta_missing = _siesta_command_line()
         super().__init__(*args, **kwargs)
         if guess not in self.GUESSES:
             raise ValueError(f"guess must be one of {self.GUESSES}, not {guess!r}")
@@ -274,6 +298,8 @@ class DMGuessSiesta(Siesta):
         self._apply_template("atomic" if self._used == "atomic" else "ml")
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=None):
+        if self._siesta_missing is not None:  # before the model is loaded and the guess predicted
+            raise self._siesta_missing
         t0 = time.perf_counter()
         super().calculate(atoms, properties, system_changes)
         scf_s = time.perf_counter() - t0 - self._prediction_s - self._startup_s

@@ -283,3 +283,27 @@ def test_ml_plus_residual_falls_back_to_the_extrapolation_where_a_prediction_is_
     with pytest.warns(UserWarning, match="no clear occupied space"):
         fresh._write_guess(broken)
     assert fresh._used == "atomic" and not fresh._dm_path().exists()
+
+
+def test_siesta_is_found_as_everywhere_else_and_a_missing_one_is_said_before_predicting(tmp_path, monkeypatch):
+    """Without command or profile the calculator runs the SIESTA that SIESTA_COMMAND names (ASE's own default would
+    not look there); with none anywhere, calculating raises SiestaNotFoundError before the model is loaded (the
+    model named here does not exist)."""
+    from siesta_dmguess.errors import SiestaNotFoundError
+
+    for var in ("SIESTA_COMMAND", "ASE_SIESTA_COMMAND"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr("siesta_dmguess.siesta.runner._ase_config_command", lambda: None)
+    atoms = water_molecule()
+    atoms.calc = DMGuessSiesta(model=tmp_path / "no-model", directory=str(tmp_path / "run"), xc="CA")
+    with pytest.raises(SiestaNotFoundError, match="SIESTA_COMMAND: not set"):
+        atoms.get_potential_energy()
+    fake = tmp_path / "my-siesta"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("SIESTA_COMMAND", str(fake))
+    found = DMGuessSiesta(model=tmp_path / "no-model", directory=str(tmp_path / "run"), xc="CA")
+    assert found._siesta_command().startswith(f"{fake} < ")
+    given = DMGuessSiesta(model=tmp_path / "no-model", command="other < PREFIX.fdf > PREFIX.out", xc="CA")
+    assert given._siesta_command().startswith("other")
