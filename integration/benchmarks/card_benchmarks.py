@@ -22,7 +22,8 @@ from siesta_dmguess.bench import read_markdown_totals
 from siesta_dmguess.card import read_card, shipped_models_dir, update_card
 
 UNSEEN_COMMAND = ("python integration/benchmarks/unseen_structures.py ../shared/datasets unseen; siesta-dmguess "
-                  "bench unseen/SET --model {model} --split all (rotations: ../shared/datasets/rotations)")
+                  "bench unseen/SET --model {model} --split all")
+ROTATIONS = " (rotations: ../shared/datasets/rotations, --skip-incompatible where the model lacks a species)"
 TRAJECTORY_COMMAND = ("python integration/benchmarks/md_trajectory.py FDF --steps 20 (relaxations: --relax 0.05 "
                       "--rattle 0.1; bond scans: bond_scan.py); siesta-dmguess bench TRAJ --fdf FDF --model {model}")
 # Entries of earlier cards that the two generated sections replace.
@@ -49,7 +50,8 @@ def tables_by_model(results: Path) -> dict[str, dict]:
 
 def card_sections(model: str, tables: dict) -> dict:
     """The two generated sections of a card's ``scf_benchmark``, with the commands that reproduce them."""
-    return {"unseen_structures": {"command": UNSEEN_COMMAND.format(model=model),
+    rotations = ROTATIONS if "rotations" in tables["unseen_structures"] else ""
+    return {"unseen_structures": {"command": UNSEEN_COMMAND.format(model=model) + rotations,
                                   "tables": "docs/results/bench_unseen_*.md", **tables["unseen_structures"]},
             "trajectories": {"command": TRAJECTORY_COMMAND.format(model=model),
                              "tables": "docs/results/bench_<trajectory>.md", **tables["trajectories"]}}
