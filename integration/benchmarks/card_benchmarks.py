@@ -62,8 +62,12 @@ def differences(results: Path, models: Path) -> dict[str, list[str]]:
     out = {}
     for model, tables in tables_by_model(results).items():
         bench = read_card(models / model).get("scf_benchmark", {})
-        problems = [f"{key}: card {bench.get(key)} != tables {value}"
-                    for key, value in card_sections(model, tables).items() if bench.get(key) != value]
+        problems = []
+        for section, expected in card_sections(model, tables).items():
+            card_section = bench.get(section) or {}
+            problems += [f"{section}.{key}: card {card_section.get(key)} != tables {expected.get(key)}"
+                         for key in sorted(set(expected) | set(card_section))
+                         if card_section.get(key) != expected.get(key)]
         problems += [f"{key}: an entry the generated sections replace" for key in REPLACED if key in bench]
         for name, (atomic, ml) in tables["held_out"].items():
             held = bench.get(name, bench)  # `water` keeps one entry per set, the others theirs at the top
