@@ -69,7 +69,8 @@ def _cmd_predict(args) -> int:
     structures = world.share(args.structure)
     # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
     optimize = len(structures) >= OPTIMIZE_FROM_STRUCTURES
-    if len(args.structure) > 1:  # the one-off costs on their own line, so each structure's time is its own
+    many = len(args.structure) > 1
+    if many:  # the one-off costs on their own line, so each structure's time is its own
         model, startup_s = ready_model(args.model, optimize=optimize)
         if world.rank == 0:
             print(f"model {model.path.name} ready in {startup_s:.1f} s ({STARTUP})")
@@ -77,8 +78,8 @@ def _cmd_predict(args) -> int:
         model = load_model(args.model, optimize=optimize)
     # Ranks sharing a machine split its cores (unless --threads says otherwise); torch would give each all of them.
     with torch_threads(0 if args.threads else world.threads()):
-        failed = _predict_each(structures, args, model, many=len(args.structure) > 1, world=world)
-    if failed and len(structures) > 1:
+        failed = _predict_each(structures, args, model, many=many, world=world)
+    if failed and many:
         print(f"siesta-dmguess: {failed} of {len(structures)} structures got no DM (each is named above)",
               file=sys.stderr)
     return 2 if failed else 0  # as main() does for any other error

@@ -261,7 +261,6 @@ def test_predict_cli_handles_several_structures_and_refuses_one_output_for_them(
     assert "-o names one output file" in capsys.readouterr().err
 
 
-
 def test_predict_of_several_structures_reports_the_start_up_apart(model_dir, tmp_path, capsys, monkeypatch):
     """With several structures the one-off start-up (card.ready_model) is printed once, and each structure's
     printed time is its own; a single structure's time is the whole wait, start-up included."""
@@ -285,6 +284,7 @@ def test_predict_of_several_structures_reports_the_start_up_apart(model_dir, tmp
     assert main(["predict", paths[0], "--model", str(model_dir), "-o", str(tmp_path / "one.DM")]) == 0
     out = capsys.readouterr().out
     assert "ready in" not in out
+
 
 @pytest.fixture(scope="module")
 def far_model_dir(tmp_path_factory):
@@ -355,7 +355,6 @@ def test_cli_predict_batch_goes_on_past_a_far_structure(model_dir, xyz, tmp_path
     assert f"{xyz}: far outside the training data" in capsys.readouterr().err
 
 
-
 def test_cli_predict_batch_goes_on_past_a_bad_file_and_counts_the_failures(model_dir, xyz, tmp_path, capsys):
     """One unreadable structure and one the model does not cover: each is named with its reason, the good one
     still gets its DM, and a last line counts the failures (exit code 2)."""
@@ -372,6 +371,7 @@ def test_cli_predict_batch_goes_on_past_a_bad_file_and_counts_the_failures(model
     assert xyz.with_suffix(".DM").is_file() and not ammonia.with_suffix(".DM").exists()
     assert main(["predict", str(broken), "--model", str(model_dir)]) == 2  # alone: the error, no count
     assert "got no DM" not in capsys.readouterr().err
+
 
 def test_threads_option_sets_torch_threads_for_the_command_only(model_dir, xyz, tmp_path, torch_thread_log):
     """`predict --threads 1` predicts on one torch thread (the remedy for busy cores) and leaves torch's setting
