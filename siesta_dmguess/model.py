@@ -43,7 +43,7 @@ from .conventions import to_e3nn_frame
 # inputs. E.g. a wider ``mp_cutoff`` gives the stage more context than the first network had.
 STAGE_SETTINGS = ("mp_cutoff", "num_layers", "hidden_irreps", "pair_irreps", "lmax_sh_mp", "num_radial",
                   "radial_hidden", "product_irreps", "pair_product", "radial_basis", "species_radial",
-                  "avg_num_neighbors")
+                  "avg_num_neighbors", "pair_set")
 
 
 @dataclass
@@ -91,7 +91,9 @@ class ModelConfig:
     fold_reach: float = 0.0
     # Which blocks this network predicts: "pattern" (SIESTA's pattern: on-site blocks and pattern pairs), "all"
     # (those and the pairs added for folding: a model trained with fold_reach from the start), or "added" (only
-    # the added pairs: a residual stage for fold_reach, which cannot change molecules or large cells).
+    # the added pairs: a residual stage for fold_reach, which cannot change molecules or large cells), or
+    # "onsite" (no pairs: a residual stage for the on-site blocks alone, which hold the largest errors of the
+    # silicon crystals and are 1 in ~90 blocks there, so a stage that also fits pairs barely moves them).
     pair_set: str = "pattern"
     seed: int = 0
     # A second readout (same form as the DM's) for a Hamiltonian-like correction ΔH used by the
@@ -656,14 +658,15 @@ class DensityMatrixModel(nn.Module):
         self.node_irreps = output_irreps([(b, b) for b in self.basis])
         self.edge_irreps = output_irreps([(a, b) for a in self.basis for b in self.basis])
         self.node_head = o3.FullyConnectedTensorProduct(hidden, o3.Irreps(f"{ns}x0e"), self.node_irreps)
-        if config.pair_set not in ("pattern", "added", "all"):
+        if config.pair_set not in ("pattern", "added", "all", "onsite"):
             raise ValueError(f"unknown pair_set {config.pair_set!r}")
         pattern_cutoff = config.pattern_cutoff or 2 * max(b.max_radius + b.max_kb_radius for b in self.basis)
-        if config.pair_set != "pattern":  # its radial functions must reach the pairs added for folding
+        if config.pair_set in ("added", "all"):  # its radial functions must reach the pairs added for folding
             pattern_cutoff = max(pattern_cutoff, config.fold_reach)
         self.rbf_pattern = RadialBasis(config.num_radial, pattern_cutoff + 1e-3, config.radial_basis)
-        self.edge_head = EdgeReadout(hidden, config.pair_irreps, self.irreps_sh, self.edge_irreps,
-                                     config.num_radial, config.radial_hidden, self.num_scalars, config.pair_product)
+        self.edge_head = None if config.pair_set == "onsite" else \
+            EdgeReadout(hidden, config.pair_irreps, self.irreps_sh, self.edge_irreps, config.num_radial,
+                        config.radial_hidden, self.num_scalars, config.pair_product)
         self.correction_node_head = self.correction_edge_head = None
         if config.correction_head:
             self.correction_node_head = o3.FullyConnectedTensorProduct(hidden, o3.Irreps(f"{ns}x0e"), self.node_irreps)
@@ -799,6 +802,8 @@ class DensityMatrixModel(nn.Module):
             for (a, idx_atoms, flat_idx) in batch["node_groups"]:
                 mat = getattr(self, f"node_assembly_{a}")
                 flat[flat_idx.reshape(-1)] = (node_out[idx_atoms] @ mat.T).reshape(-1)
+        if edge_head is None:  # pair_set "onsite": pair blocks stay zero
+            return 0.5 * (flat + flat[batch["transpose"]]) * batch["signs"]
         src, dst, vec = batch["pat_src"], batch["pat_dst"], to_e3nn_frame(batch["pat_vec"])
         n_edges = src.numel()
         # Pairs this network does not predict (pair_set; added for folding, see ModelConfig.fold_reach) keep zero
@@ -834,7 +839,8 @@ def _residual_stage(config: ModelConfig, k: int) -> DensityMatrixModel:
     stage.output_scale = float(config.residual_stages[k]["output_scale"])
     with torch.no_grad():
         stage.node_head.weight.mul_(0.1)
-        stage.edge_head.linear_out.weight.mul_(0.1)
+        if stage.edge_head is not None:
+            stage.edge_head.linear_out.weight.mul_(0.1)
     return stage
 
 

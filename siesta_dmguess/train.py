@@ -160,6 +160,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     # given to the whole model they would change what the frozen networks see.
     stage_overrides = {k: overrides.pop(k) for k in list(overrides) if k in STAGE_SETTINGS} \
         if options.add_stage else {}
+    if overrides.get("pair_set") == "onsite":
+        raise DMGuessError("pair_set 'onsite' predicts no pair blocks: it is for a residual stage (--add-stage)")
     init, init_record = _init_model(options.init, basis, overrides) if options.init else (None, None)
     cfg = init.config if init else ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()},
                                                seed=options.seed, **overrides)
@@ -170,7 +172,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     train_set, val_set = _split(samples, options)
     if not train_set:
         raise InputFileError("no training structures found", data_dirs[0])
-    previous, val_reference = None, None
+    previous, val_reference, onsite_stage = None, None, False
     if options.density_loss:  # the validation structures too: the model kept is the one with the best density
         attach_folded_overlap(train_set + val_set, basis)
     if options.add_stage:
@@ -183,6 +185,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             val_reference = np.array([m["mae"] for m in evaluate_samples(init.eval(), val_set)["structures"]])
         model, previous = add_residual_stage(init, train_set, keep_correction=bool(options.correction_epochs),
                                              overrides=stage_overrides)
+        onsite_stage = stage_overrides.get("pair_set") == "onsite"
         cfg = model.config
     elif init:
         model = init
@@ -233,10 +236,14 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                 else:
                     # Mean |error / frozen RMS|^p per structure: the weight 1 / Σ r² to the p/2, times n^(p/2) / n.
                     which, power = batch["sample_of_target"], options.loss_power
+                    error = pred - batch["target_values"]
+                    if onsite_stage:  # the elements it can change (the rest add a constant)
+                        learned = torch.cat([previous[id(g)][2] for g in group])
+                        which, error = which[learned], error[learned]
                     weight = torch.stack([previous[id(g)][1] for g in group])[which]
                     n = torch.bincount(which, minlength=len(group)).to(weight.dtype)[which]
                     weight = weight ** (power / 2) * n ** (power / 2 - 1)
-                    loss = torch.sum(weight * (pred - batch["target_values"]).abs() ** power) / len(group)
+                    loss = torch.sum(weight * error.abs() ** power) / len(group)
             if loss.requires_grad:  # a batch a stage gives no blocks (molecules for a folding stage) teaches nothing
                 opt.zero_grad()
                 loss.backward()
@@ -259,7 +266,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             score = summary["mae"]
             if options.density_loss:  # judged by what it is trained for, not by the element MAE it trades away
                 score = record[f"val_{relative}density_loss"] = validation_density_loss(model, val_set)
-            elif options.loss_power > 2:  # likewise: by each structure's largest error (the first SCF step's size)
+            elif options.loss_power > 2 or onsite_stage:  # likewise: by each structure's largest error (the
+                # first SCF step's size; an on-site stage barely moves the MAE, but the largest errors are its own)
                 score = record["val_mean_max_abs"] = float(np.mean([m["max_abs"] for m in evaluation["structures"]]))
             elif val_reference is not None:  # mean of MAE / frozen model's MAE: molecules count as much as boxes
                 score = record["val_relative_mae"] = float(np.mean(
@@ -406,6 +414,8 @@ def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bo
     prediction (so that training runs only the new stage) and the weight that makes the stage's loss relative:
     1 / (elements x mean squared residual) of that sample. Molecules that ``model`` already predicts 20x better
     than periodic boxes then count as much as the boxes, instead of vanishing from a plain mean squared error.
+    For an on-site stage (``pair_set`` "onsite") the scale and weight are those of the on-site residual, and the
+    third item of each value marks the sample's reference elements that on-site blocks fall on (else None).
 
     A ΔH head of ``model`` was trained to steer the projection of the DM it had; the stage changes that DM, so
     the head is dropped unless ``keep_correction`` (it is then retrained: ``--correction-epochs``).
@@ -417,8 +427,11 @@ def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bo
     model.eval()
     flats = predict_flat(model, train_set)
     residuals = [folded_to_reference(s, f) - s.target_values for s, f in zip(train_set, flats)]
-    rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
     overrides = dict(overrides or {})
+    # An on-site stage is scaled to, and its loss taken over, what it can change: the on-site residual.
+    learned = [_onsite_targets(s) if overrides.get("pair_set") == "onsite" else None for s in train_set]
+    residuals = [r if k is None else r[k] for r, k in zip(residuals, learned)]
+    rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
     unknown = sorted(set(overrides) - set(STAGE_SETTINGS))
     if unknown:
         raise DMGuessError(f"not settings of a residual stage: {unknown} (allowed: {list(STAGE_SETTINGS)})")
@@ -427,7 +440,7 @@ def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bo
     stage = {"output_scale": rms, **overrides}
     covered = model.config.pair_set != "pattern" or any(st.get("pair_set") in ("added", "all")
                                                         for st in model.config.residual_stages)
-    if model.config.fold_reach > 0 and not covered:
+    if model.config.fold_reach > 0 and not covered and "pair_set" not in overrides:
         # The first stage that meets pairs added for folding, on a model of SIESTA's pattern, predicts exactly
         # those (molecules and large cells have none, so it cannot change them). Otherwise a stage inherits the
         # model's pair set.
@@ -446,9 +459,17 @@ def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bo
         param.requires_grad_(name.startswith(f"residuals.{k}."))
     log.info("residual stage %d: output scale %.3e (RMS of the frozen model's training error)", k, rms)
     previous = {id(s): (torch.as_tensor(f, dtype=torch.float32),
-                        torch.tensor(1.0 / max(float(np.sum(r**2)), 1e-30), dtype=torch.float32))
-                for s, f, r in zip(train_set, flats, residuals)}
+                        torch.tensor(1.0 / max(float(np.sum(r**2)), 1e-30), dtype=torch.float32),
+                        None if k is None else torch.as_tensor(np.isin(np.arange(s.target_values.size), k)))
+                for s, f, r, k in zip(train_set, flats, residuals, learned)}
     return new, previous
+
+
+def _onsite_targets(sample) -> np.ndarray:
+    """Indices of the reference's stored elements that on-site blocks fall on."""
+    lay = sample.layout
+    index = sample.target_index[lay.element_block < lay.n_onsite]
+    return np.unique(index[index >= 0])
 
 
 def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, options: TrainOptions) -> list:

@@ -245,3 +245,39 @@ def test_loss_power_stage_keeps_the_epoch_with_the_lowest_mean_validation_max_er
     card = json.loads((tmp_path / "p4" / "card.json").read_text())
     assert card["training"]["best_epoch"] == int(np.argmin(largest))
     assert card["training"]["options"]["loss_power"] == 4
+
+
+def test_an_onsite_stage_changes_only_the_onsite_blocks_and_lowers_their_error(tmp_path):
+    """--add-stage --config '{"pair_set": "onsite"}': a stage with no pair readout. It is scaled to the frozen
+    model's on-site residual, its loss counts only the elements it can change (so it starts at 1 and falls),
+    it keeps the epoch with the lowest mean validation max error, and every pair block stays as it was."""
+    import torch
+
+    from siesta_dmguess.data import load_samples
+    from siesta_dmguess.evaluate import folded_to_reference, predict_flat
+
+    data = dataset("h2o")
+    base = tmp_path / "base"
+    train([data], base, TrainOptions(epochs=2, lr=1e-2, batch_atoms=12, max_train=6, progress=False), TINY)
+    with pytest.raises(DMGuessError, match="for a residual stage"):
+        train([data], tmp_path / "alone", TrainOptions(epochs=1, progress=False), {**TINY, "pair_set": "onsite"})
+    result = train([data], tmp_path / "on", TrainOptions(epochs=6, lr=3e-2, batch_atoms=12, max_train=6,
+                                                         eval_every=1, progress=False, init=str(base),
+                                                         add_stage=True), {"pair_set": "onsite"})
+    relative = [h["train_relative_rmse"] for h in result.history]
+    assert relative[0] < 1.01 and relative[-1] < 0.97
+    card = json.loads((tmp_path / "on" / "card.json").read_text())
+    assert card["training"]["best_epoch"] == int(np.argmin([h["val_mean_max_abs"] for h in result.history]))
+    old, new = load_model(base), load_model(tmp_path / "on")
+    assert new.model.residuals[0].edge_head is None
+    samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train")[:6]
+    before, after = predict_flat(old.model, samples), predict_flat(new.model.eval(), samples)
+    onsite_error = []
+    for s, b, a in zip(samples, before, after):
+        onsite = s.layout.element_block < s.layout.n_onsite
+        assert np.array_equal(b[~onsite], a[~onsite]) and not np.allclose(b[onsite], a[onsite])
+        onsite_error.append([np.linalg.norm((folded_to_reference(s, f) - s.target_values)[s.target_index[onsite]])
+                             for f in (b, a)])
+    assert np.sum(np.array(onsite_error)[:, 1] ** 2) < np.sum(np.array(onsite_error)[:, 0] ** 2)
+    assert new.config.residual_stages[0]["pair_set"] == "onsite" and torch.is_tensor(
+        new.model.residuals[0].node_head.weight)
