@@ -23,8 +23,11 @@ with S from the basis), so only that part differs from the answer:
   grid breaks translation symmetry, so an exact equivariant model can do no better:
   the floor of any prediction).
 
-For a k-point run (``si8``) only the floor is measured: D* as SIESTA wrote it (with
-its images), unmoved and moved.
+For a k-point run (``si8``) the DM keeps its images and has no dense Γ matrix, so E
+(of the charge-scaled prediction, the form written for k-point runs) is split by
+block instead: ``on-site`` (each atom's own block), ``pairs < 3 Å`` (first
+neighbours) and ``pairs >= 3 Å``; and the floor is D* as SIESTA wrote it (with its
+images), unmoved and moved.
 
 Prints, per start, its largest and mean element error, the density-operator error
 sqrt(Tr[(E S)²]), SIESTA's iteration count and the dDmax history. For a molecule the
@@ -109,19 +112,47 @@ def scf_from(run_fdf: Path, dm_file: Path, workdir: Path, run: Path) -> tuple[in
     return out.scf_iterations, " ".join(f"{st.dDmax:.1e}" for st in out.scf_history)
 
 
-def kpoint_floor(run: Path, fdf: Path, shifts: list[float]) -> None:
-    """SCF iterations of a k-point run started from its own converged DM file (images kept), unmoved and moved
-    by less than a grid spacing: the floor of any prediction for that run."""
+def kpoint_components(run: Path, fdf: Path, model: str, shifts: list[float]) -> None:
+    """SCF iterations of a k-point run started from D* plus the model's error on-site, on near pairs or on far
+    pairs, and from its own converged DM file (images kept), unmoved and moved by less than a grid spacing: the
+    floor of any prediction for that run."""
+    from siesta_dmguess.card import load_model
+    from siesta_dmguess.dm import density_matrix_from_flat, write_density_matrix
+    from siesta_dmguess.evaluate import raw_prediction_for_run
+    from siesta_dmguess.predict import predict_density_matrix
+
     dm_file = next(run.glob("*.DM"), None)
     if dm_file is None:
         raise SystemExit(f"{run}: no converged .DM to start from")
-    print(f"{run}: k-point run; starts from its converged DM ({dm_file.name}, images kept)")
-    print(f"{'start':>22} {'SCF it.':>7}  dDmax per iteration")
+    loaded = load_model(model)
+    pred = predict_density_matrix(fdf, loaded, fold=False)
+    structure, _, sample, _, reference = raw_prediction_for_run(loaded, run)
+    lay = pred.sample.layout
+    if reference.size != lay.size or pred.overlap is None:
+        raise SystemExit(f"{run}: the reference does not share the prediction's layout, or the model has no overlap")
+    stored = ~np.isnan(reference)  # SIESTA's pattern: the elements D* holds
+    exact = np.where(stored, reference, 0.0)
+    error = np.where(stored, pred.values - exact, 0.0)
+    onsite = lay.element_block < lay.n_onsite
+    distance = np.linalg.norm(lay.block_vectors(structure), axis=1)[lay.element_block]
+    parts = {"ml": np.ones(lay.size, bool), "on-site": onsite, "pairs < 3 Å": ~onsite & (distance < 3.0),
+             "pairs >= 3 Å": ~onsite & (distance >= 3.0)}
+    print(f"{run}: k-point run, {int(stored.sum())} stored elements; starts D* + part of E, charge-scaled")
+    print(f"{'start':>22} {'max|E|':>8} {'SCF it.':>7}  dDmax per iteration")
     with tempfile.TemporaryDirectory() as tmp:
+        for k, (name, part) in enumerate(parts.items()):
+            start = exact + np.where(part, error, 0.0)
+            start *= pred.electrons_expected / float(np.dot(start, pred.overlap))
+            work = Path(tmp) / f"part{k}"
+            work.mkdir()
+            write_density_matrix(density_matrix_from_flat(pred.structure, pred.sample_basis, lay, start, False,
+                                                          pred.sample.in_siesta_pattern), work / "start.DM")
+            iterations, history = scf_from(fdf, work / "start.DM", work / "run", run)
+            print(f"{name:>22} {np.abs(start - exact)[stored].max():>8.1e} {iterations:>7d}  {history}", flush=True)
         starts = {"converged DM": fdf} | {f"grid-shift {d:g} Å": moved_fdf(fdf, d, Path(tmp)) for d in shifts}
         for k, (name, run_fdf) in enumerate(starts.items()):
             iterations, history = scf_from(run_fdf, dm_file, Path(tmp) / f"start{k}", run)
-            print(f"{name:>22} {iterations:>7d}  {history}", flush=True)
+            print(f"{name:>22} {'-':>8} {iterations:>7d}  {history}", flush=True)
 
 
 def main() -> None:
@@ -134,7 +165,7 @@ def main() -> None:
     from siesta_dmguess.predict import predict_density_matrix
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path, help="a converged run folder (fdf + .DM); k-point runs: the floor only")
+    p.add_argument("run", type=Path, help="a converged run folder (fdf + .DM); k-point runs: split by block")
     p.add_argument("--model", default="water")
     p.add_argument("--null", type=float, default=0.05, help="S eigenvalue below which a direction is near-null")
     p.add_argument("--shifts", default="0.02,0.057", help="grid-shift starts: displacements in Å (0 to skip)")
@@ -144,8 +175,8 @@ def main() -> None:
     structure, _, dm_ref, _ = load_run(args.run)
     shifts = [float(x) for x in args.shifts.split(",") if float(x)]
     if structure.fdf_settings.get("kgrid"):
-        # A k-point DM keeps its images and has no dense Γ matrix to split: only the floor applies.
-        return kpoint_floor(args.run, fdf, shifts)
+        # A k-point DM keeps its images and has no dense Γ matrix to split in S's eigenbasis: split by block.
+        return kpoint_components(args.run, fdf, args.model, shifts)
     pred = predict_density_matrix(fdf, load_model(args.model), fold=True)
     if pred.overlap is None:
         raise SystemExit("the model carries no radial functions: no overlap")
