@@ -278,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the ΔH head (lower it when the projection is already close: near-exact "
                         "molecules make its relative loss steep)")
     t.add_argument("--add-stage", action="store_true",
-                   help="with --init: add a residual stage that learns what the init model leaves over (init frozen)")
+                   help="with --init: add a residual stage that learns what the init model leaves over (init frozen); "
+                        "--config then sets the stage's own form, e.g. '{\"mp_cutoff\": 4.6}', or "
+                        "'{\"pair_set\": \"onsite\"}' for the on-site blocks alone")
     t.add_argument("--density-loss", action="store_true",
                    help="fit folded (Γ-only, molecular) DMs by the density-operator error Tr[(ΔD S)²] (S from the "
                         "basis) instead of the element error; with --add-stage, each structure's relative to the "
