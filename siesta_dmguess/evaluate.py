@@ -69,10 +69,10 @@ def atom_batches(samples, max_atoms: int, shuffle: bool, rng=None):
         yield batch
 
 
-def raw_prediction_for_run(loaded, run) -> tuple:
-    """(structure, basis, sample, prediction, reference) for one SIESTA run folder: the model's raw flat prediction
-    (no refinement) and the run's converged DM on the same layout, NaN where the reference stores no element (an
-    element several images fold onto gets the folded value on each). For studies of where a model errs."""
+def reference_for_run(loaded, run) -> tuple:
+    """(structure, basis, sample, reference) for one SIESTA run folder: the run's converged DM on the model's flat
+    layout, NaN where the reference stores no element (an element several images fold onto gets the folded value
+    on each). For studies of where a model errs."""
     from .data import load_run, prepare_sample
 
     structure, basis, dm, _ = load_run(run)
@@ -81,6 +81,13 @@ def raw_prediction_for_run(loaded, run) -> tuple:
     covered = sample.target_index >= 0
     reference = np.full(sample.layout.size, np.nan)
     reference[covered] = sample.target_values[sample.target_index[covered]]
+    return structure, basis, sample, reference
+
+
+def raw_prediction_for_run(loaded, run) -> tuple:
+    """(structure, basis, sample, prediction, reference): :func:`reference_for_run` and the model's raw flat
+    prediction (no refinement) on the same layout."""
+    structure, basis, sample, reference = reference_for_run(loaded, run)
     return structure, basis, sample, predict_flat(loaded.model, [sample])[0], reference
 
 

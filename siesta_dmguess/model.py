@@ -802,8 +802,12 @@ class DensityMatrixModel(nn.Module):
             for (a, idx_atoms, flat_idx) in batch["node_groups"]:
                 mat = getattr(self, f"node_assembly_{a}")
                 flat[flat_idx.reshape(-1)] = (node_out[idx_atoms] @ mat.T).reshape(-1)
-        if edge_head is None:  # pair_set "onsite": pair blocks stay zero
-            return 0.5 * (flat + flat[batch["transpose"]]) * batch["signs"]
+        if edge_head is not None:  # pair_set "onsite" has none: its pair blocks stay zero
+            self._add_edge_blocks(flat, h, batch, edge_head, added_only)
+        return 0.5 * (flat + flat[batch["transpose"]]) * batch["signs"]
+
+    def _add_edge_blocks(self, flat, h, batch, edge_head, added_only: bool) -> None:
+        """Write the edge readout's pair blocks into ``flat`` (in place), for the pairs this network predicts."""
         src, dst, vec = batch["pat_src"], batch["pat_dst"], to_e3nn_frame(batch["pat_vec"])
         n_edges = src.numel()
         # Pairs this network does not predict (pair_set; added for folding, see ModelConfig.fold_reach) keep zero
@@ -825,7 +829,6 @@ class DensityMatrixModel(nn.Module):
             for (a, b, idx_edges, flat_idx) in batch["edge_groups"]:
                 mat = getattr(self, f"edge_assembly_{a}_{b}")
                 flat[flat_idx.reshape(-1)] = (edge_out[idx_edges] @ mat.T).reshape(-1)
-        return 0.5 * (flat + flat[batch["transpose"]]) * batch["signs"]
 
 
 def _residual_stage(config: ModelConfig, k: int) -> DensityMatrixModel:

@@ -185,7 +185,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             val_reference = np.array([m["mae"] for m in evaluate_samples(init.eval(), val_set)["structures"]])
         model, previous = add_residual_stage(init, train_set, keep_correction=bool(options.correction_epochs),
                                              overrides=stage_overrides)
-        onsite_stage = stage_overrides.get("pair_set") == "onsite"
+        onsite_stage = model.config.residual_stages[-1].get("pair_set") == "onsite"
         cfg = model.config
     elif init:
         model = init
@@ -429,7 +429,7 @@ def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bo
     residuals = [folded_to_reference(s, f) - s.target_values for s, f in zip(train_set, flats)]
     overrides = dict(overrides or {})
     # An on-site stage is scaled to, and its loss taken over, what it can change: the on-site residual.
-    learned = [_onsite_targets(s) if overrides.get("pair_set") == "onsite" else None for s in train_set]
+    learned = [_onsite_target_mask(s) if overrides.get("pair_set") == "onsite" else None for s in train_set]
     residuals = [r if k is None else r[k] for r, k in zip(residuals, learned)]
     rms = float(np.sqrt(np.mean(np.concatenate(residuals) ** 2)))
     unknown = sorted(set(overrides) - set(STAGE_SETTINGS))
@@ -460,16 +460,18 @@ def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bo
     log.info("residual stage %d: output scale %.3e (RMS of the frozen model's training error)", k, rms)
     previous = {id(s): (torch.as_tensor(f, dtype=torch.float32),
                         torch.tensor(1.0 / max(float(np.sum(r**2)), 1e-30), dtype=torch.float32),
-                        None if k is None else torch.as_tensor(np.isin(np.arange(s.target_values.size), k)))
+                        None if k is None else torch.as_tensor(k))
                 for s, f, r, k in zip(train_set, flats, residuals, learned)}
     return new, previous
 
 
-def _onsite_targets(sample) -> np.ndarray:
-    """Indices of the reference's stored elements that on-site blocks fall on."""
+def _onsite_target_mask(sample) -> np.ndarray:
+    """True on the reference's stored elements that on-site blocks fall on."""
     lay = sample.layout
     index = sample.target_index[lay.element_block < lay.n_onsite]
-    return np.unique(index[index >= 0])
+    mask = np.zeros(sample.target_values.size, bool)
+    mask[index[index >= 0]] = True
+    return mask
 
 
 def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, options: TrainOptions) -> list:

@@ -118,7 +118,7 @@ def kpoint_components(run: Path, fdf: Path, model: str, shifts: list[float]) -> 
     floor of any prediction for that run."""
     from siesta_dmguess.card import load_model
     from siesta_dmguess.dm import density_matrix_from_flat, write_density_matrix
-    from siesta_dmguess.evaluate import raw_prediction_for_run
+    from siesta_dmguess.evaluate import reference_for_run
     from siesta_dmguess.predict import predict_density_matrix
 
     dm_file = next(run.glob("*.DM"), None)
@@ -126,7 +126,7 @@ def kpoint_components(run: Path, fdf: Path, model: str, shifts: list[float]) -> 
         raise SystemExit(f"{run}: no converged .DM to start from")
     loaded = load_model(model)
     pred = predict_density_matrix(fdf, loaded, fold=False)
-    structure, _, sample, _, reference = raw_prediction_for_run(loaded, run)
+    structure, _, _, reference = reference_for_run(loaded, run)
     lay = pred.sample.layout
     if reference.size != lay.size or pred.overlap is None:
         raise SystemExit(f"{run}: the reference does not share the prediction's layout, or the model has no overlap")
