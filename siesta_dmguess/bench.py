@@ -132,7 +132,7 @@ def incompatible_runs(fdfs: dict[str, Path], loaded) -> dict[str, str]:
         try:
             check_compatibility(read_structure(fdf), loaded)
         except ModelCompatibilityError as exc:
-            problems[run_id] = str(exc)
+            problems[run_id] = exc.message  # the run id names it; reports need no machine's paths
     return problems
 
 
@@ -166,7 +166,7 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     fdfs = {rec.id: find_fdf(rec.folder) for rec in records}
     skipped = {} if force else incompatible_runs(fdfs, loaded)
     if skipped and not skip_incompatible:
-        listed = "\n  ".join(skipped.values())
+        listed = "\n  ".join(f"{fdfs[run_id]}: {reason}" for run_id, reason in skipped.items())
         raise ModelCompatibilityError(f"{len(skipped)} of {len(fdfs)} runs do not fit model {loaded.path.name!r} "
                                       f"(nothing was run; --skip-incompatible benchmarks the others):\n  {listed}",
                                       data_dir)

@@ -15,6 +15,7 @@ class DMGuessError(Exception):
 
     def __init__(self, message: str, path: str | Path | None = None):
         self.path = None if path is None else Path(path)
+        self.message = message  # without the path, for lists that name the file already
         super().__init__(f"{path}: {message}" if path is not None else message)
 
 
