@@ -169,6 +169,10 @@ def _cmd_evaluate(args) -> int:
         print(f"density-operator error sqrt(Tr[(ΔD S)²]): mean {s['density_operator_error_mean']:.3e}; atomic guess "
               f"{s['atomic_density_operator_error_mean']:.3e} ({s['density_operator_ratio_atomic_over_model']:.1f}x "
               f"the model's)")
+    if "band_energy_abs_error_mean_eV" in s:
+        print(f"band-structure energy error |Tr[(D - D_ref) H]| with SIESTA's H (.HSX): mean "
+              f"{s['band_energy_abs_error_mean_eV']:.2e} eV, max {s['band_energy_abs_error_max_eV']:.2e} eV; atomic "
+              f"guess mean {s['atomic_band_energy_abs_error_mean_eV']:.2e} eV")
     if "raw_electron_count_abs_error_mean" in s:
         print(f"raw prediction's electron count |Tr(D S) - N| (before refinement): mean "
               f"{s['raw_electron_count_abs_error_mean']:.2e}, max {s['raw_electron_count_abs_error_max']:.2e}")

@@ -200,8 +200,9 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
                  fold_reach: float = 0.0) -> list[Sample]:
     """Read every run of the given datasets (optionally one split) into samples with targets.
 
-    ``with_overlap`` also reads S from the run's ``.HSX`` (where present) into
-    ``sample.meta['overlap']``, aligned with the stored reference elements, for Tr(D S).
+    ``with_overlap`` also reads S and H from the run's ``.HSX`` (where present) into
+    ``sample.meta['overlap']`` and ``sample.meta['hamiltonian']`` (eV), aligned with the stored reference
+    elements, for Tr(D S) and the band-structure energy Tr(D H).
     """
     from tqdm.auto import tqdm
 
@@ -216,7 +217,7 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
         sample = prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
                                 meta={"split": rec.split, **rec.meta}, fold_reach=fold_reach)
         if with_overlap and hsx is not None:
-            sample.meta["overlap"] = read_overlap_at(hsx, dm)
+            sample.meta["overlap"], sample.meta["hamiltonian"] = read_hsx_at(hsx, dm)
         samples.append(sample)
     return samples
 
@@ -238,21 +239,25 @@ def check_converged(rec: RunRecord) -> None:
                                  f"leave the folder out", rec.folder)
 
 
-def read_overlap_at(hsx: Path, dm_ref) -> np.ndarray | None:
-    """S from an .HSX, at the reference DM's stored elements (None if the supercells differ)."""
+def read_hsx_at(hsx: Path, dm_ref) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(S, H) from an .HSX, at the reference DM's stored elements (None if the supercells differ). H is in eV
+    (sisl converts SIESTA's Ry) and is the spin-unpolarized one (the models' runs; ``check_compatibility`` refuses
+    spin-polarized ones)."""
     import warnings
 
     import sisl
 
-    from .dm import align_overlap
+    from .dm import values_at_stored
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            overlap = sisl.get_sile(str(hsx)).read_overlap(geometry=dm_ref.geometry)
+            sile = sisl.get_sile(str(hsx))
+            overlap = sile.read_overlap(geometry=dm_ref.geometry)
+            hamiltonian = sile.read_hamiltonian(geometry=dm_ref.geometry)
     except Exception as exc:
-        raise InputFileError(f"cannot read the overlap ({type(exc).__name__}: {exc})", hsx) from exc
-    return align_overlap(dm_ref, overlap)
+        raise InputFileError(f"cannot read the overlap and Hamiltonian ({type(exc).__name__}: {exc})", hsx) from exc
+    return values_at_stored(dm_ref, overlap), values_at_stored(dm_ref, hamiltonian)
 
 
 def check_basis_matches(run_basis_: dict[str, SpeciesBasis], model_basis: dict[str, SpeciesBasis], where) -> None:

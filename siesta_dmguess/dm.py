@@ -236,9 +236,11 @@ def csr_keys(csr) -> np.ndarray:
     return rows * csr.shape[1] + csr.indices
 
 
-def align_overlap(dm_ref, overlap) -> np.ndarray | None:
-    """Overlap S at every stored element of a reference DM (same supercell), for Tr(D S); None if layouts differ."""
-    d, s = dm_ref.tocsr(0).tocsr(), overlap.tocsr().tocsr()
+def values_at_stored(dm_ref, matrix) -> np.ndarray | None:
+    """A sisl sparse matrix of the same run (S, or H's first spin component) at every stored element of a
+    reference DM (same supercell), for Tr(D S) and Tr(D H); zero where it stores nothing, None if the layouts
+    differ."""
+    d, s = dm_ref.tocsr(0).tocsr(), matrix.tocsr(0).tocsr()
     if d.shape != s.shape:
         return None
     d.sort_indices(), s.sort_indices()

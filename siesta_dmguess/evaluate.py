@@ -5,7 +5,9 @@ folding periodic images the way the reference is folded), in SIESTA's basis,
 for the model and for SIESTA's atomic guess (the baseline an ML guess replaces).
 Electron counts Tr(D S) use S from the run's ``.HSX`` where one exists; with S,
 folded (Γ-only and molecular) DMs also get the error of the density-matrix
-*operator*, sqrt(Tr[(ΔD S)²]) (see :func:`density_operator_error`).
+*operator*, sqrt(Tr[(ΔD S)²]) (see :func:`density_operator_error`). With the
+converged H of the same file, each DM gets its band-structure energy error
+Tr[(D − D_ref) H] (eV): the energy SIESTA's Hamiltonian assigns to the error.
 """
 
 from __future__ import annotations
@@ -132,6 +134,11 @@ def sample_metrics(sample, flat: np.ndarray) -> dict:
         if sample.fold:
             m["density_operator_error"] = density_operator_error(sample, pred - ref)
             m["atomic_density_operator_error"] = density_operator_error(sample, atomic - ref)
+    hamiltonian = sample.meta.get("hamiltonian")
+    if hamiltonian is not None:  # Tr(D H) over the stored elements: images pair with their own H, as with S
+        m["band_energy_ref_eV"] = float(np.dot(ref, hamiltonian))
+        m["band_energy_error_eV"] = float(np.dot(pred - ref, hamiltonian))
+        m["atomic_band_energy_error_eV"] = float(np.dot(atomic - ref, hamiltonian))
     return m
 
 
@@ -178,6 +185,12 @@ def summarize(per_structure: list[dict]) -> dict:
         out["atomic_density_operator_error_mean"] = float(np.mean([b for _, b in op]))
         out["density_operator_ratio_atomic_over_model"] = (out["atomic_density_operator_error_mean"]
                                                            / max(out["density_operator_error_mean"], 1e-30))
+    eb = [(abs(m["band_energy_error_eV"]), abs(m["atomic_band_energy_error_eV"])) for m in per_structure
+          if "band_energy_error_eV" in m]
+    if eb:
+        out["band_energy_abs_error_mean_eV"] = float(np.mean([a for a, _ in eb]))
+        out["band_energy_abs_error_max_eV"] = float(np.max([a for a, _ in eb]))
+        out["atomic_band_energy_abs_error_mean_eV"] = float(np.mean([b for _, b in eb]))
     ne = [abs(m["electron_count_error"]) for m in per_structure if "electron_count_error" in m]
     if ne:
         out["electron_count_abs_error_mean"] = float(np.mean(ne))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -64,6 +66,24 @@ def test_the_reference_dm_has_the_norm_of_a_pure_state(h2o_sample):
     assert density_operator_error(h2o_sample, -ref) == pytest.approx(np.sqrt(2 * n_electrons), rel=1e-3)
 
 
+@pytest.mark.parametrize("name", ["h2o", "water8", "g2", "si8"])
+def test_band_energy_of_the_reference_dm_is_the_one_siesta_prints(name):
+    """Tr(D H) over the reference's stored elements, with H from the .HSX in eV and, for the k-point si8 runs,
+    every image paired with its own H, is SIESTA's band-structure energy Ebs: the H of the last SCF step against
+    the DM it gave, so equal to within the SCF tolerance (Ry vs eV would be off by 13.6x, a wrong image by eV)."""
+    from siesta_dmguess.basis import read_basis_folder
+    from siesta_dmguess.data import load_samples
+    from siesta_dmguess.siesta import parse_output
+
+    path = dataset(name)
+    species = {"h2o": ["H", "O"], "water8": ["H", "O"], "g2": ["H", "C", "N", "O"], "si8": ["Si"]}[name]
+    basis = read_basis_folder(path / "basis", species)
+    sample = load_samples([path], species, basis, 4.0, split="val", with_overlap=True)[0]
+    siesta_ebs = parse_output(Path(sample.name) / "siesta.out.gz").band_energy_eV
+    assert np.dot(sample.target_values, sample.meta["hamiltonian"]) == pytest.approx(siesta_ebs, abs=0.02)
+    assert abs(siesta_ebs) > 50  # eV: tens of eV per molecule or cell
+
+
 def copy_run(src, dest):
     """A user's run folder (fdf, converged .DM, basis files) without the dataset's index.json."""
     import shutil
@@ -91,7 +111,7 @@ def test_a_folder_without_index_or_val_split_is_evaluated_whole_and_an_empty_spl
     report, png = tmp_path / "eval.json", tmp_path / "eval.png"
     assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet", "--json", str(report), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "mean over 2 structures" in out and "density-operator error" in out
+    assert "mean over 2 structures" in out and "density-operator error" in out and "band-structure energy" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The plot shows the structures' own numbers: MAE of the atomic guess and the model, and MAE vs novelty.
     from siesta_dmguess.evaluate import plot_evaluation
@@ -99,6 +119,9 @@ def test_a_folder_without_index_or_val_split_is_evaluated_whole_and_an_empty_spl
     result = json.loads(report.read_text())
     left, right = plot_evaluation(result, tmp_path / "again.png").axes
     per = result["structures"]
+    # The band-structure energy of the model's DM is far closer to SIESTA's than the atomic guess's.
+    assert all(abs(m["band_energy_error_eV"]) < 0.1 * abs(m["atomic_band_energy_error_eV"]) for m in per)
+    assert result["summary"]["band_energy_abs_error_mean_eV"] < result["summary"]["atomic_band_energy_abs_error_mean_eV"]
     assert np.allclose(left.lines[0].get_ydata(), [m["atomic_mae"] for m in per])
     assert np.allclose(left.lines[1].get_ydata(), [m["mae"] for m in per])
     assert np.allclose(right.lines[0].get_xdata(), [m["novelty"] for m in per])

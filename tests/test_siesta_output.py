@@ -35,6 +35,8 @@ def test_truncated_output_is_not_converged():
     out = parse_output(cut)
     assert out.scf_iterations == 4 and not out.converged and not out.job_completed
     assert out.total_energy_eV == pytest.approx(out.scf_history[-1].e_ks_eV)
+    assert out.band_energy_eV is None  # only the starting DM's Ebs was printed, before the SCF
+    assert parse_output(text).band_energy_eV is not None
 
 
 def test_dm_read_succeeded_and_failed():

@@ -11,6 +11,7 @@ from pathlib import Path
 _SCF = re.compile(r"^\s*scf:\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", re.M)
 _TOTAL = re.compile(r"^siesta:\s+Total =\s+(\S+)", re.M)
 _FERMI = re.compile(r"^siesta:\s+Fermi =\s+(\S+)", re.M)
+_EBS = re.compile(r"^siesta:\s+Ebs\s+=\s+(\S+)", re.M)
 _WALL = re.compile(r"Elapsed wall time \(sec\) =\s+(\S+)")
 _VERSION = re.compile(r"Siesta Version\s*:\s*(\S+)")
 _START_Q = re.compile(r"For starting DM, Qtot, Tr\[D\*S\] =\s+(\S+)\s+(\S+)")
@@ -38,6 +39,7 @@ class SiestaOutput:
     converged: bool = False
     total_energy_eV: float | None = None
     fermi_eV: float | None = None
+    band_energy_eV: float | None = None  # "Ebs", the band-structure energy Tr(D H), printed after the SCF
     wall_s: float | None = None
     version: str | None = None
     job_completed: bool = False
@@ -75,7 +77,9 @@ def parse_output(source: str | Path) -> SiestaOutput:
     else:
         text = source
     histories: list[list[ScfStep]] = []
+    after_scf = 0  # where the last SCF line ends: SIESTA also prints an Ebs for the starting DM, before the SCF
     for m in _SCF.finditer(text):
+        after_scf = m.end()
         step = ScfStep(int(m.group(1)), *(_float(m.group(k)) for k in range(2, 8)))
         if step.iscf == 1 or not histories:
             histories.append([])
@@ -85,6 +89,7 @@ def parse_output(source: str | Path) -> SiestaOutput:
         "SCF_NOT_CONV" not in text and "SCF did not converge" not in text
     total = _TOTAL.findall(text)
     fermi = _FERMI.findall(text)
+    ebs = _EBS.findall(text, after_scf) if after_scf else []
     wall = _WALL.findall(text)
     version = _VERSION.search(text)
     last = histories[-1] if histories else []
@@ -95,6 +100,7 @@ def parse_output(source: str | Path) -> SiestaOutput:
         converged=converged,
         total_energy_eV=_float(total[-1]) if total else (last[-1].e_ks_eV if last else None),
         fermi_eV=_float(fermi[-1]) if fermi else None,
+        band_energy_eV=_float(ebs[-1]) if ebs else None,
         wall_s=_float(wall[-1]) if wall else None,
         version=version.group(1) if version else None,
         job_completed="Job completed" in text,
