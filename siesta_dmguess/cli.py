@@ -110,6 +110,8 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
             failed += 1
             continue
         _report_prediction(out, pred, write=write)
+        if args.charges:
+            _report_charges(pred, write=write)
         source = resolve_fdf(structure)
         note = dm_read_note(source, out) if source.suffix.lower() == ".fdf" else None
         # the switch only where SIESTA looks for the DM: switched on with the DM elsewhere, it would read a stale one
@@ -133,6 +135,19 @@ def _report_prediction(out: Path, pred, write=print) -> None:
               + (f" ({pred.refinement_note})" if pred.refinement_note else "")
               + (f"; HOMO-LUMO natural-occupation gap {pred.occupation_gap:.2f} (1 for a pure state)"
                  if pred.occupation_gap is not None and not pred.refinement_note else ""))
+
+
+def _report_charges(pred, write=print) -> None:
+    """One line per atom: index, species label and Mulliken net charge of the written DM (S from the basis)."""
+    try:
+        charges = pred.mulliken_charges()
+    except ValueError as exc:  # a model without radial functions has no S to weigh D with
+        write(f"no Mulliken charges: {exc}")
+        return
+    write("Mulliken net charges (e, positive = electron-poor; S from the basis):")
+    for k, (label, q) in enumerate(zip(pred.structure.labels, charges)):
+        write(f"{k:>6} {label:<6} {q:+.4f}")
+    write(f"{'sum':>6} {'':<6} {charges.sum():+.4f}")
 
 
 def _display_names(names: list[str], width: int = 44) -> list[str]:
@@ -311,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the model despite a basis/settings mismatch, and write a prediction the guard refuses "
                         "(a structure far outside its training data, a k-sampling it never trained on, a DM with no "
                         "clear occupied space)")
+    r.add_argument("--charges", action="store_true",
+                   help="also print each atom's Mulliken net charge (e, positive = electron-poor) in the written DM")
     add_refine_argument(r)
     add_threads_argument(r)
     r.set_defaults(func=_cmd_predict)

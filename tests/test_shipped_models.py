@@ -198,3 +198,47 @@ def test_model_cards_carry_the_scf_iterations_of_the_committed_benchmark_tables(
     found = module.differences(root / "docs" / "results", root / "models")
     assert set(found) == {"water", "chno-molecules", "silicon"}
     assert not any(found.values()), found
+
+
+def siesta_mulliken_charges(run):
+    """Mulliken net charges of SIESTA's own converged DM with SIESTA's own S (.HSX), through sisl only: an
+    independent reference for the package's S from the basis, its folding and image pairing, and atom order."""
+    import warnings
+
+    import sisl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        geometry = sisl.get_sile(str(run / "input.fdf")).read_geometry()
+        dm = sisl.get_sile(str(run / "siesta.DM")).read_density_matrix(geometry=geometry)
+        overlap = sisl.get_sile(str(run / "siesta.HSX")).read_overlap(geometry=dm.geometry)
+    populations = np.asarray(dm.tocsr(0).multiply(overlap.tocsr()).sum(axis=1)).ravel()
+    valence = {"H": 1, "C": 4, "N": 5, "O": 6, "Si": 4}
+    g = dm.geometry
+    return np.array([valence[g.atoms[ia].symbol] - populations[g.a2o(ia, all=True)].sum() for ia in range(g.na)])
+
+
+@pytest.mark.parametrize("run, model, tolerance", [("h2o/0004", "water", 1e-4), ("g2/0009", "chno-molecules", 0.05),
+                                                   ("si8/0004", "silicon", 0.015)])
+def test_mulliken_charges_of_a_prediction_are_siestas(run, model, tolerance):
+    """Held-out runs: a molecule, a CHNO molecule of four species, a k-point silicon cell (images kept)."""
+    from .conftest import dataset
+
+    folder = dataset(run.split("/")[0]) / run.split("/")[1]
+    reference = siesta_mulliken_charges(folder)
+    charges = predict_density_matrix(folder / "input.fdf", model=model).mulliken_charges()
+    assert np.abs(charges - reference).max() < tolerance
+    assert charges.sum() == pytest.approx(0.0, abs=1e-8)  # neutral: the refined DM holds every valence electron
+
+
+def test_predict_prints_mulliken_charges(tmp_path, capsys):
+    from .conftest import dataset
+
+    folder = dataset("h2o") / "0004"
+    assert main(["predict", str(folder / "input.fdf"), "--model", "water", "-o", str(tmp_path / "w.DM"),
+                 "--charges"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[lines.index(next(x for x in lines if x.startswith("Mulliken"))) + 1:]]
+    printed = np.array([float(r[2]) for r in rows if r[0].isdigit()])
+    assert [r[1] for r in rows if r[0].isdigit()] == ["O", "H", "H"]
+    assert np.allclose(printed, siesta_mulliken_charges(folder), atol=2e-4)  # printed to 4 decimals
