@@ -27,7 +27,7 @@ from .errors import ModelCompatibilityError, UnreliablePredictionError
 from .files import move_to_backup
 from .evaluate import predict_flat
 from .refine import MIN_OCCUPATION_GAP, is_kpoint, projection_skipped, refine_folded
-from .structure import FDF_ENERGY_KEYS, Structure, element_symbol, read_structure
+from .structure import FDF_ENERGY_KEYS, Structure, check_atoms_apart, element_symbol, read_structure
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,7 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     t0 = time.perf_counter()
     if not isinstance(structure, Structure):
         structure = read_structure(structure)
+    check_atoms_apart(structure)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     warnings = check_compatibility(structure, loaded, force=force)
     species_of = model_species_of_labels(structure, loaded.config.species)

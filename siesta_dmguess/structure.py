@@ -33,6 +33,26 @@ class Structure:
         return bool(np.any(self.atoms.pbc))
 
 
+# No two atoms of a real structure are this close (H2's bond is 0.74 Å); closer ones are a duplicated atom or a
+# unit slip (Bohr read as Å), and their orbitals make S nearly singular: a predicted DM there holds thousands of
+# electrons before its refinement, and SIESTA's own Cholesky factorization of S fails.
+MIN_ATOM_DISTANCE = 0.5  # Å
+
+
+def check_atoms_apart(structure: Structure, minimum: float = MIN_ATOM_DISTANCE) -> None:
+    """Error naming the closest pair of atoms (periodic images included) if any two are closer than ``minimum`` Å."""
+    from ase.neighborlist import neighbor_list
+
+    i, j, d, shift = neighbor_list("ijdS", structure.atoms, minimum, self_interaction=False)
+    if i.size:
+        k = int(np.argmin(d))
+        labels = structure.labels
+        image = "" if not shift[k].any() else f" (its image in cell {tuple(int(x) for x in shift[k])})"
+        raise InputFileError(f"atoms {i[k]} ({labels[i[k]]}) and {j[k]} ({labels[j[k]]}){image} are {d[k]:.3f} Å "
+                             f"apart, closer than the {minimum} Å of any real bond: an atom listed twice, or "
+                             f"coordinates in another unit?", structure.source or None)
+
+
 # fdf keys that decide the basis and the electronic structure; compared with a model card.
 FDF_SETTING_KEYS = ("XC.functional", "XC.authors", "PAO.BasisSize", "PAO.EnergyShift", "Spin", "SpinPolarized",
                     "MeshCutoff", "NetCharge")

@@ -511,3 +511,27 @@ def test_predict_on_a_run_folder_writes_the_dm_siesta_reads_there(model_dir, tmp
     out = capsys.readouterr().out
     assert "put 'DM.UseSaveDM T' on its first line" in out and "note:" not in out
     assert (run / "job.fdf").read_text().startswith("DM.UseSaveDM T") and (run / "job.fdf.bak").is_file()
+
+
+def test_atoms_on_one_site_are_a_clear_error_not_a_dm(model_dir, tmp_path, capsys):
+    """An atom listed twice (or coordinates in Bohr read as Å) would make S nearly singular: the shipped `water`
+    model's DM of such a water molecule held 14423 electrons before its refinement. Refused, naming the atoms."""
+    from ase import Atoms
+
+    doubled = tmp_path / "doubled.xyz"
+    atoms = water_molecule()
+    (atoms + atoms[1:2]).write(doubled)  # the first H twice
+    out = tmp_path / "doubled.DM"
+    assert main(["predict", str(doubled), "--model", str(model_dir), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "doubled.xyz" in err and "atoms 1 (H) and 3 (H)" in err and "0.000 Å apart" in err
+    assert not out.exists()
+    # Through a periodic boundary: an H 0.2 Å from the O's image in the next cell.
+    crossing = Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [2.8, 0, 0]], cell=[3.0, 8.0, 8.0], pbc=True)
+    from siesta_dmguess.structure import structure_from_atoms
+
+    with pytest.raises(InputFileError, match=r"atoms 0 \(O\) and 2 \(H\) \(its image in cell \(-1, 0, 0\)\) are 0.200 Å"):
+        predict_density_matrix(structure_from_atoms(crossing), model=model_dir)
+    # 0.6 Å is short but not on one site: predicted.
+    close = Atoms("OHH", positions=[[0, 0, 0], [0.6, 0, 0], [-0.3, 0.9, 0]])
+    assert predict_density_matrix(structure_from_atoms(close), model=model_dir).values.size > 0
