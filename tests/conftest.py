@@ -70,19 +70,24 @@ def water_molecule(rng=None):
 
 
 def water_box(n=4, seed=0, box=5.0):
-    """n randomly placed, randomly oriented water molecules in a small periodic box (images interact)."""
+    """n randomly placed, randomly oriented water molecules in a small periodic box (images interact), no two
+    atoms of different molecules closer than 1.4 Å, images included (``predict`` refuses atoms on one site)."""
     from ase import Atoms
+    from ase.geometry import get_distances
     from scipy.spatial.transform import Rotation
 
     rng = np.random.default_rng(seed)
+    cell = np.eye(3) * box + rng.normal(0, 0.1, (3, 3))
     mol = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]])
-    positions, symbols = [], []
+    positions = np.zeros((0, 3))
     for k in range(n):
-        rot = Rotation.random(random_state=seed * 100 + k).as_matrix()
-        positions.append(mol @ rot.T + rng.uniform(0, box, 3))
-        symbols += ["O", "H", "H"]
-    return Atoms(symbols, positions=np.concatenate(positions), cell=np.eye(3) * box + rng.normal(0, 0.1, (3, 3)),
-                 pbc=True)
+        for attempt in range(1000):  # draw again where the molecule would sit on another (or its image)
+            rot = Rotation.random(random_state=seed * 100 + k + 1000 * attempt).as_matrix()
+            placed = mol @ rot.T + rng.uniform(0, box, 3)
+            if not len(positions) or get_distances(placed, positions, cell=cell, pbc=True)[1].min() > 1.4:
+                break
+        positions = np.concatenate([positions, placed])
+    return Atoms("OHH" * n, positions=positions, cell=cell, pbc=True)
 
 
 @pytest.fixture
