@@ -326,6 +326,8 @@ def read_structure(path: str | Path) -> Structure:
         labels = _fdf_labels(fdf, geom)
         atoms = Atoms(numbers=[int(geom.atoms[ia].Z) for ia in range(geom.na)], positions=geom.xyz,
                       cell=geom.cell if periodic else None, pbc=periodic)
+        if fdf.get("AtomicCoordinatesFormat") is None:
+            _warn_if_bohr_by_default(atoms, path)
         return Structure(atoms, labels, str(path), read_fdf_settings(path))
     import ase.io
 
@@ -342,6 +344,20 @@ def read_structure(path: str | Path) -> Structure:
     if atoms.cell.rank < 3:
         atoms.pbc = False
     return Structure(atoms, list(atoms.get_chemical_symbols()), str(path))
+
+
+def _warn_if_bohr_by_default(atoms: Atoms, path: Path, shortest: float = 0.7) -> None:
+    """An fdf without ``AtomicCoordinatesFormat`` gives its coordinates in Bohr, SIESTA's default; coordinates
+    meant in Å then shrink by 0.53 (an O–H bond to 0.51 Å). Say so where two atoms end up closer than any bond
+    but H2's (0.74 Å): the DM is still predicted, for the structure SIESTA will run."""
+    from ase.neighborlist import neighbor_list
+
+    i, j, d = neighbor_list("ijd", atoms, shortest, self_interaction=False)
+    if i.size:
+        k = int(np.argmin(d))
+        log.warning("%s has no AtomicCoordinatesFormat, so SIESTA reads its coordinates in Bohr (its default), "
+                    "and atoms %d and %d are then %.2f Å apart: if they are in Å, add "
+                    "'AtomicCoordinatesFormat Ang'", path, i[k], j[k], d[k])
 
 
 def _fdf_labels(fdf, geom) -> list[str]:

@@ -298,3 +298,23 @@ def test_a_run_folder_stands_for_its_fdf(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputFileError, match="found 0"):
         read_structure(tmp_path / "empty")
+
+
+def test_coordinates_left_in_bohr_by_default_are_pointed_out(tmp_path, caplog):
+    """Without AtomicCoordinatesFormat SIESTA reads Bohr: Å coordinates then put an O–H at 0.51 Å. The structure
+    is still read as SIESTA reads it (the DM must be for what SIESTA runs), with a warning naming the fix."""
+    water = " 0.0 0.0 0.0 1\n 0.96 0.0 0.0 2\n -0.24 0.93 0.0 2\n"
+    text = FDF.replace("NumberOfAtoms 1", "NumberOfAtoms 3").replace(" 0.0 0.0 0.0 1\n", water)
+    written = {"angstrom": text, "bohr-by-default": text.replace("AtomicCoordinatesFormat Ang\n", ""),
+               "bohr-meant": text.replace("AtomicCoordinatesFormat Ang\n", "").replace(
+                   water, "".join(f" {float(x) / 0.529177:.6f} {float(y) / 0.529177:.6f} 0.0 {s}\n"
+                                  for x, y, _, s in (line.split() for line in water.splitlines())))}
+    shortest = {}
+    for name, fdf_text in written.items():
+        caplog.clear()
+        (tmp_path / f"{name}.fdf").write_text(fdf_text)
+        atoms = read_structure(tmp_path / f"{name}.fdf").atoms
+        shortest[name] = atoms.get_distance(0, 1)
+        assert ("add 'AtomicCoordinatesFormat Ang'" in caplog.text) == (name == "bohr-by-default"), name
+    assert shortest["bohr-by-default"] == pytest.approx(0.96 * 0.529177, rel=1e-5)
+    assert shortest["bohr-meant"] == pytest.approx(shortest["angstrom"], rel=1e-5) == pytest.approx(0.96)
