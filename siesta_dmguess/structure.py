@@ -34,8 +34,9 @@ class Structure:
 
 
 # No two atoms of a real structure are this close (H2's bond is 0.74 Å); closer ones are a duplicated atom or a
-# unit slip (Bohr read as Å), and their orbitals make S nearly singular: a predicted DM there holds thousands of
-# electrons before its refinement, and SIESTA's own Cholesky factorization of S fails.
+# unit slip, and their orbitals make S nearly singular: a water molecule with one H listed twice got a predicted
+# DM of 14423 electrons before its refinement, and SIESTA 4.1 stops on it ("rdiag: Error in Cholesky
+# factorisation", checked).
 MIN_ATOM_DISTANCE = 0.5  # Å
 
 
