@@ -40,18 +40,28 @@ class Structure:
 MIN_ATOM_DISTANCE = 0.5  # Å
 
 
-def check_atoms_apart(structure: Structure, minimum: float = MIN_ATOM_DISTANCE) -> None:
-    """Error naming the closest pair of atoms (periodic images included) if any two are closer than ``minimum`` Å."""
+def closest_pair(atoms: Atoms, within: float) -> tuple[int, int, np.ndarray, float] | None:
+    """(i, j, image shift of j, distance) of the two closest atoms, periodic images included, if any are closer
+    than ``within`` Å; else None."""
     from ase.neighborlist import neighbor_list
 
-    i, j, d, shift = neighbor_list("ijdS", structure.atoms, minimum, self_interaction=False)
-    if i.size:
-        k = int(np.argmin(d))
+    i, j, shift, d = neighbor_list("ijSd", atoms, within, self_interaction=False)
+    if not i.size:
+        return None
+    k = int(np.argmin(d))
+    return int(i[k]), int(j[k]), shift[k], float(d[k])
+
+
+def check_atoms_apart(structure: Structure, minimum: float = MIN_ATOM_DISTANCE) -> None:
+    """Error naming the closest pair of atoms (periodic images included) if any two are closer than ``minimum`` Å."""
+    pair = closest_pair(structure.atoms, minimum)
+    if pair:
+        i, j, shift, d = pair
         labels = structure.labels
-        image = "" if not shift[k].any() else f" (its image in cell {tuple(int(x) for x in shift[k])})"
-        raise InputFileError(f"atoms {i[k]} ({labels[i[k]]}) and {j[k]} ({labels[j[k]]}){image} are {d[k]:.3f} Å "
-                             f"apart, closer than the {minimum} Å of any real bond: an atom listed twice, or "
-                             f"coordinates in another unit?", structure.source or None)
+        image = "" if not shift.any() else f" (its image in cell {tuple(int(x) for x in shift)})"
+        raise InputFileError(f"atoms {i} ({labels[i]}) and {j} ({labels[j]}){image} are {d:.3f} Å apart, closer "
+                             f"than the {minimum} Å of any real bond: an atom listed twice, or coordinates in another "
+                             f"unit?", structure.source or None)
 
 
 # fdf keys that decide the basis and the electronic structure; compared with a model card.
@@ -351,14 +361,12 @@ def _warn_if_bohr_by_default(atoms: Atoms, path: Path, shortest: float = 0.7) ->
     """An fdf without ``AtomicCoordinatesFormat`` gives its coordinates in Bohr, SIESTA's default; coordinates
     meant in Å then shrink by 0.53 (an O–H bond to 0.51 Å). Say so where two atoms end up closer than any bond
     but H2's (0.74 Å): the DM is still predicted, for the structure SIESTA will run."""
-    from ase.neighborlist import neighbor_list
-
-    i, j, d = neighbor_list("ijd", atoms, shortest, self_interaction=False)
-    if i.size:
-        k = int(np.argmin(d))
+    pair = closest_pair(atoms, shortest)
+    if pair:
+        i, j, _, d = pair
         log.warning("%s has no AtomicCoordinatesFormat, so SIESTA reads its coordinates in Bohr (its default), "
                     "and atoms %d and %d are then %.2f Å apart: if they are in Å, add "
-                    "'AtomicCoordinatesFormat Ang'", path, i[k], j[k], d[k])
+                    "'AtomicCoordinatesFormat Ang'", path, i, j, d)
 
 
 def _fdf_labels(fdf, geom) -> list[str]:
