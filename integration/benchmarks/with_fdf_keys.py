@@ -7,7 +7,8 @@ compatibility guard of ``bench`` refuses those.
     SIESTA_COMMAND=... siesta-dmguess bench OUT/h2o --model water
 
 Writes OUT/<dataset>/<run>/input.fdf for the runs of one split (default ``val``), the keys set on its first lines
-and its own lines for them removed, the dataset's ``basis`` folder beside them, and an ``index.json`` with the runs and their split (no SCF counts: those of the dataset no longer apply).
+and its own lines for them removed, the dataset's ``basis`` folder beside them, and an ``index.json`` with the
+runs and their split (no SCF counts: those of the dataset no longer apply).
 """
 import argparse
 import json
@@ -17,12 +18,10 @@ from pathlib import Path
 
 def with_keys(text: str, settings: dict[str, str]) -> str:
     """``text`` with each ``key value`` of ``settings`` on its first lines and the fdf's own lines for those keys
-    (in any spelling fdf accepts: ``normalized_fdf_key``) removed, as ``apply_dm_init`` does for its block."""
-    from siesta_dmguess.structure import normalized_fdf_key
+    removed (``lines_without_keys``, as ``apply_dm_init`` does for its block)."""
+    from siesta_dmguess.siesta.templates import lines_without_keys
 
-    wanted = {normalized_fdf_key(key) for key in settings}
-    kept = [line for line in text.splitlines() if not (line.split() and normalized_fdf_key(line.split()[0]) in wanted)]
-    return "\n".join([f"{key} {value}" for key, value in settings.items()] + kept) + "\n"
+    return "\n".join([f"{key} {value}" for key, value in settings.items()] + lines_without_keys(text, settings)) + "\n"
 
 
 def main(argv=None):

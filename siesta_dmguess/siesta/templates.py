@@ -35,10 +35,16 @@ def template_path(name: str) -> Path:
     return Path(__file__).resolve().parents[2] / "integration" / "templates" / filename
 
 
+def lines_without_keys(fdf_text: str, keys) -> list[str]:
+    """The fdf's lines, less those that set any of ``keys`` (in any spelling fdf accepts: ``normalized_fdf_key``)."""
+    unwanted = {normalized_fdf_key(key) for key in keys}
+    return [line for line in fdf_text.splitlines()
+            if not (line.split() and normalized_fdf_key(line.split()[0]) in unwanted)]
+
+
 def apply_dm_init(fdf_text: str, init: str) -> str:
     """fdf text with its DM-initialisation keys replaced by the template's block."""
-    kept = [line for line in fdf_text.splitlines()
-            if not (line.split() and normalized_fdf_key(line.split()[0]) in _DM_INIT_KEYS)]
+    kept = lines_without_keys(fdf_text, _DM_INIT_KEYS)
     block = template_path(init).read_text().rstrip()
     return "\n".join(kept + ["", f"# --- siesta-dmguess: DM initialisation '{init}' ---", block]) + "\n"
 
