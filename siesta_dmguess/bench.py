@@ -138,14 +138,15 @@ def incompatible_runs(fdfs: dict[str, Path], loaded) -> dict[str, str]:
 
 def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "auto", limit: int = 0,
                   command=None, progress: bool = True, refine: str = "idempotent", force: bool = False,
-                  repeat: int = 1, skip_incompatible: bool = False) -> dict:
+                  repeat: int = 1, skip_incompatible: bool = False, name: str | None = None) -> dict:
     """Benchmark the ML guess against the atomic guess on a dataset folder's structures (default ``"auto"``: the
     val split, or every run where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`).
     ``repeat`` runs each guess that many times and reports the median-time run (:func:`bench_structure`).
 
     Every run is checked against the model before SIESTA runs any (:func:`incompatible_runs`): one the model
     does not cover is an error naming each such run, or, with ``skip_incompatible``, left out and listed in the
-    report's ``skipped``. ``force`` uses the model anyway, as ``predict --force`` does."""
+    report's ``skipped``. ``force`` uses the model anyway, as ``predict --force`` does. ``name`` (default: the
+    folder's name) titles the report and names its files, ``bench_<name>.json/.md/.png``."""
     from .siesta import find_siesta
 
     find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
@@ -155,6 +156,7 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     from .data import find_fdf, list_runs, resolve_split
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    name = benchmark_name(name, data_dir.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     split = resolve_split(data_dir, split)
     records = [r for r in list_runs(data_dir) if r.in_split(split)]
@@ -175,16 +177,15 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
     if len(skipped) == len(fdfs):
         raise ModelCompatibilityError(f"none of the {len(fdfs)} runs fits model {loaded.path.name!r}", data_dir)
     rows = []
-    for run_id, fdf in tqdm([(i, f) for i, f in fdfs.items() if i not in skipped], desc=f"bench {data_dir.name}",
+    for run_id, fdf in tqdm([(i, f) for i, f in fdfs.items() if i not in skipped], desc=f"bench {name}",
                             disable=not progress):
-        rows.append(bench_structure(fdf, out_dir / data_dir.name / run_id, loaded, command=command,
+        rows.append(bench_structure(fdf, out_dir / name / run_id, loaded, command=command,
                                     refine=refine, force=force, repeat=repeat))
-    report = summarize(rows, str(loaded.path), str(data_dir), startup_s) | {"refine": refine, "split": split or "all",
-                                                                             "forced": force, "repeat": repeat,
-                                                                             "skipped": skipped}
-    (out_dir / f"bench_{data_dir.name}.json").write_text(json.dumps(report, indent=1))
-    (out_dir / f"bench_{data_dir.name}.md").write_text(markdown(report))
-    plot(rows, out_dir / f"bench_{data_dir.name}.png", title=f"{data_dir.name}: {Path(loaded.path).name}")
+    report = summarize(rows, str(loaded.path), str(data_dir), startup_s) | {
+        "name": name, "refine": refine, "split": split or "all", "forced": force, "repeat": repeat, "skipped": skipped}
+    (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
+    (out_dir / f"bench_{name}.md").write_text(markdown(report))
+    plot(rows, out_dir / f"bench_{name}.png", title=f"{name}: {Path(loaded.path).name}")
     return report
 
 
@@ -222,9 +223,24 @@ def wall_spread(rows: list[StructureResult]) -> float | None:
     return max(spreads) if spreads else None
 
 
+def benchmark_name(name: str | None, default: str) -> str:
+    """A benchmark's name, which titles its report and names its files (``bench_<name>.*``): one word, so that
+    reports of the same set rerun from elsewhere (a copied folder, a renamed trajectory) keep their name."""
+    name = default if name is None else name
+    if not re.fullmatch(r"[\w.+-]+", name):
+        raise DMGuessError(f"benchmark name {name!r}: use letters, digits and . _ + - only (it names files)")
+    return name
+
+
+def report_name(report: dict) -> str:
+    """The name a report was written under (reports written before ``name`` existed: their data's file name,
+    a trajectory's with its suffix)."""
+    return report.get("name") or Path(report["data"]).name
+
+
 def markdown(report: dict) -> str:
     from .card import STARTUP  # here, not at the top: card imports torch, which `--help` need not wait for
-    lines = [f"# SCF benchmark: {Path(report['data']).name} with {Path(report['model']).name}", "",
+    lines = [f"# SCF benchmark: {report_name(report)} with {Path(report['model']).name}", "",
              "| structure | atoms | novelty | SCF it. atomic | SCF it. ML | saved | wall atomic (s) "
              "| wall ML incl. prediction (s) | abs(ΔE) (eV) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["per_structure"]:
@@ -311,13 +327,15 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
 
 def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="bench", guesses=GUESSES,
                              depth: int = 3, frames: slice = slice(None), command=None, progress: bool = True,
-                             pseudo_dirs=(), refine: str = "idempotent", force: bool = False) -> dict:
+                             pseudo_dirs=(), refine: str = "idempotent", force: bool = False,
+                             name: str | None = None) -> dict:
     """SCF iterations along a trajectory for each starting guess (see :mod:`siesta_dmguess.history`).
 
     Every frame of ``trajectory`` (any file ASE reads, or a list of Atoms) is run
     with the settings of ``fdf_template`` (its geometry replaced), once per guess;
     each guess keeps its own history of converged DMs (folded for Γ-only runs, with
-    their periodic images for k-point runs). Results go to ``bench_<name>.json/.md/.png``. A frame whose
+    their periodic images for k-point runs). Results go to ``bench_<name>.json/.md/.png`` (``name``, default: the
+    trajectory file's stem, also titles the report). A frame whose
     prediction is refused (:attr:`~siesta_dmguess.predict.Prediction.refusals`) runs ``ml`` from the atomic guess
     and ``ml+residual`` from the history's extrapolation, as the calculator does, unless ``force``.
     """
@@ -345,7 +363,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     if not images:
         raise InputFileError("the trajectory holds no frames", trajectory if not isinstance(trajectory, list) else None)
     frames_in_fdf = FdfFrames(fdf_template)
-    name = Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory"
+    name = benchmark_name(name, Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory")
     loaded, startup_s = None, 0.0
     if any(g.startswith("ml") for g in guesses):
         loaded, startup_s = ready_model(model)
@@ -396,7 +414,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
                                         [st.dDmax for st in out.scf_history]))
         rows.append(row)
     report = summarize_trajectory(rows, guesses, str(loaded.path) if loaded else "", str(trajectory)) | {
-        "refine": refine, "startup_s": startup_s}
+        "name": name, "refine": refine, "startup_s": startup_s}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(trajectory_markdown(report))
@@ -424,7 +442,7 @@ def trajectory_markdown(report: dict) -> str:
 
     guesses = report["guesses"]
     model = f" with {Path(report['model']).name}" if report.get("model") else ""
-    lines = [f"# SCF iterations along {Path(report['data']).name} ({report['frames']} frames){model}", "",
+    lines = [f"# SCF iterations along {report_name(report)} ({report['frames']} frames){model}", "",
              "| frame | " + " | ".join(guesses) + " |", "| --- |" + " --- |" * len(guesses)]
     for r in report["per_frame"]:
         frame = str(r["frame"])
@@ -452,7 +470,7 @@ def trajectory_markdown(report: dict) -> str:
 
 _SET_TOTAL = re.compile(r"^# SCF benchmark: (?P<name>\S+) with (?P<model>\S+).*?"
                         r"^Total: (?P<atomic>\d+) → (?P<ml>\d+) SCF", re.S | re.M)
-_TRAJECTORY_TITLE = re.compile(r"^# SCF iterations along (?P<name>\S+)\.traj \(\d+ frames\)(?: with (?P<model>\S+))?",
+_TRAJECTORY_TITLE = re.compile(r"^# SCF iterations along (?P<name>\S+?)(?:\.traj)? \(\d+ frames\)(?: with (?P<model>\S+))?",
                                re.M)
 _GUESS_TOTAL = re.compile(r"^\| (?P<guess>[\w+]+) \| (?P<total>\d+) \| ", re.M)
 
@@ -487,7 +505,7 @@ def plot_trajectory(report: dict, path: Path) -> None:
     ax.set_ylabel("SCF iterations")
     ax.set_ylim(bottom=0)
     ax.legend()
-    ax.set_title(Path(report["data"]).name)
+    ax.set_title(report_name(report))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -505,6 +523,8 @@ def add_bench_parser(sub) -> None:
                         f"{','.join(GUESSES)})")
     b.add_argument("--depth", type=int, default=3, help="for a trajectory: steps kept for extrapolation (default 3)")
     add_model_argument(b)
+    b.add_argument("--name", help="name of the report and its files bench_NAME.json/.md/.png (default: the "
+                   "dataset folder's name, or the trajectory file's without its suffix)")
     b.add_argument("--out", default="bench", help="output folder for runs, JSON, Markdown and PNG (default: bench)")
     b.add_argument("--split", default="auto", help="val, train, all, or auto (default): val where the folder's "
                    "index.json records a val split, else all runs")
@@ -533,11 +553,12 @@ def _cmd_bench(args) -> int:
         report = run_trajectory_benchmark(args.data_dir, args.fdf, args.model, args.out,
                                           tuple(g.strip() for g in args.guesses.split(",") if g.strip()),
                                           depth=args.depth, command=args.siesta,
-                                          frames=slice(0, args.limit or None), refine=args.refine, force=args.force)
+                                          frames=slice(0, args.limit or None), refine=args.refine, force=args.force,
+                                          name=args.name)
         print(trajectory_markdown(report))
         return 0
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,
                            args.limit, args.siesta, refine=args.refine, force=args.force, repeat=args.repeat,
-                           skip_incompatible=args.skip_incompatible)
+                           skip_incompatible=args.skip_incompatible, name=args.name)
     print(markdown(report))
     return 0

@@ -332,8 +332,27 @@ def test_bench_tables_read_back_to_their_totals():
     traj = trajectory_markdown(summarize_trajectory(frames, ("atomic", "ml", "ml+residual"), "/m/silicon", "md.traj"))
     assert read_markdown_totals(traj) == {"kind": "trajectory", "name": "md", "model": "silicon",
                                           "totals": {"atomic": 21, "ml": 11, "ml+residual": 9}}
+    # bench --name: a rerun from a renamed file keeps the report's name (an .xyz trajectory reads back too)
+    named = summarize_trajectory(frames, ("atomic", "ml"), "/m/water", "/tmp/w8_relax.xyz") | {"name": "water8_relax"}
+    assert read_markdown_totals(trajectory_markdown(named))["name"] == "water8_relax"
+    unnamed = summarize_trajectory(frames, ("atomic", "ml"), "/m/water", "/tmp/scan.xyz")
+    assert read_markdown_totals(trajectory_markdown(unnamed))["name"] == "scan.xyz"
+    renamed = summarize(rows, "/models/water", "/copy/of/h2o-set") | {"name": "h2o"}
+    assert read_markdown_totals(markdown(renamed))["name"] == "h2o"
     with pytest.raises(DMGuessError, match="not a table"):
         read_markdown_totals("# SCF benchmark: h2o with water\n\nno totals here\n")
+
+
+def test_benchmark_names_are_one_word_that_can_name_files():
+    """``bench --name`` names the report's files, so a name with a path separator or a space is refused before
+    any SIESTA run, with what is allowed."""
+    from siesta_dmguess.bench import benchmark_name
+    from siesta_dmguess.errors import DMGuessError
+
+    assert benchmark_name(None, "water8") == "water8" and benchmark_name("water8_relax", "w8") == "water8_relax"
+    for bad in ("../x", "a b", ""):
+        with pytest.raises(DMGuessError, match="letters, digits"):
+            benchmark_name(bad, "water8")
 
 
 def test_dm_read_note_says_when_siesta_would_not_read_the_predicted_dm(tmp_path):
