@@ -3,12 +3,14 @@
 import stat
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from siesta_dmguess.errors import InputFileError, SiestaError, SiestaNotFoundError
 from siesta_dmguess.siesta import apply_dm_init, find_siesta, prepare_run, run_siesta
 
+ROOT = Path(__file__).resolve().parents[1]
 FDF = textwrap.dedent("""\
     SystemLabel water
     NumberOfSpecies 2
@@ -396,3 +398,33 @@ def test_trajectory_benchmark_refuses_an_unknown_guess_before_running_siesta(tmp
     err = capsys.readouterr().err
     assert "unknown starting guesses ['ml+residul']" in err and all(g in err for g in GUESSES)
     assert not (tmp_path / "bench").exists()
+
+
+def test_with_fdf_keys_sets_each_key_once_where_fdf_reads_it(tmp_path, monkeypatch):
+    """``integration/benchmarks/with_fdf_keys.py`` (the README's runs at SIESTA's default SCF settings) writes the
+    chosen split's runs with each key on the first line and the fdf's own line for it gone, in any spelling fdf
+    accepts, so SIESTA cannot read the dataset's value instead; the other split stays out."""
+    import json
+
+    import sisl
+
+    monkeypatch.syspath_prepend(str(ROOT / "integration" / "benchmarks"))
+    import with_fdf_keys
+
+    data = tmp_path / "h2o"
+    for run_id, split in (("0000", "train"), ("0004", "val")):
+        water_run(data / run_id, FDF + "DM.Tolerance 1.0d-5\nscf.mixer.history 6\nMaxSCFIterations 200\n")
+    (data / "basis").mkdir()
+    (data / "basis" / "O.psf").write_text("pseudo\n")
+    (data / "index.json").write_text(json.dumps([{"id": "0000", "split": "train"}, {"id": "0004", "split": "val"}]))
+    with_fdf_keys.main([str(data), str(tmp_path / "out"), "--set", "DM.Tolerance 1.0d-4",
+                        "--set", "SCF.Mixer.History 2"])
+    out = tmp_path / "out" / "h2o"
+    assert sorted(p.name for p in out.iterdir()) == ["0004", "basis", "index.json"]
+    lines = (out / "0004" / "input.fdf").read_text().splitlines()
+    assert lines[:2] == ["DM.Tolerance 1.0d-4", "SCF.Mixer.History 2"]
+    assert not any(line.lower().startswith(("dm.tolerance 1.0d-5", "scf.mixer.history 6")) for line in lines)
+    fdf = sisl.get_sile(str(out / "0004" / "input.fdf"))
+    assert fdf.get("DM.Tolerance") == "1.0d-4" and fdf.get("SCF.Mixer.History", 0) == 2  # what SIESTA reads
+    assert fdf.get("MaxSCFIterations", 0) == 200 and (out / "basis" / "O.psf").is_file()
+    assert json.loads((out / "index.json").read_text()) == [{"id": "0004", "split": "val"}]
