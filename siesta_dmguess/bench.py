@@ -355,6 +355,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     unknown = [g for g in guesses if g not in GUESSES]
     if unknown or not guesses:  # before any SIESTA run, not midway through the trajectory
         raise DMGuessError(f"unknown starting guesses {unknown}: choose from {', '.join(GUESSES)}")
+    name = benchmark_name(name, Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory")
     fdf_template, out_dir = resolve_fdf(fdf_template), Path(out_dir)
     if not fdf_template.is_file():
         raise InputFileError("fdf template not found", fdf_template)
@@ -363,7 +364,6 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     if not images:
         raise InputFileError("the trajectory holds no frames", trajectory if not isinstance(trajectory, list) else None)
     frames_in_fdf = FdfFrames(fdf_template)
-    name = benchmark_name(name, Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory")
     loaded, startup_s = None, 0.0
     if any(g.startswith("ml") for g in guesses):
         loaded, startup_s = ready_model(model)
