@@ -412,11 +412,12 @@ def test_with_fdf_keys_sets_each_key_once_where_fdf_reads_it(tmp_path, monkeypat
     import with_fdf_keys
 
     data = tmp_path / "h2o"
-    for run_id, split in (("0000", "train"), ("0004", "val")):
+    splits = {"0000": "train", "0004": "val"}
+    for run_id in splits:
         water_run(data / run_id, FDF + "DM.Tolerance 1.0d-5\nscf.mixer.history 6\nMaxSCFIterations 200\n")
     (data / "basis").mkdir()
     (data / "basis" / "O.psf").write_text("pseudo\n")
-    (data / "index.json").write_text(json.dumps([{"id": "0000", "split": "train"}, {"id": "0004", "split": "val"}]))
+    (data / "index.json").write_text(json.dumps([{"id": i, "split": split} for i, split in splits.items()]))
     with_fdf_keys.main([str(data), str(tmp_path / "out"), "--set", "DM.Tolerance 1.0d-4",
                         "--set", "SCF.Mixer.History 2"])
     out = tmp_path / "out" / "h2o"
