@@ -136,7 +136,17 @@ def incompatible_runs(fdfs: dict[str, Path], loaded) -> dict[str, str]:
     return problems
 
 
-def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = "auto", limit: int = 0,
+def chosen_model(model, fdf: Path):
+    """``model``, or for ``"auto"`` the shipped model :func:`~siesta_dmguess.predict.choose_model` picks for the
+    structure of ``fdf`` (a dataset's first run, or a trajectory's fdf template: one model serves them all, and the
+    runs it does not cover are named before SIESTA runs)."""
+    from .predict import AUTO_MODEL, choose_model
+    from .structure import read_structure
+
+    return choose_model(read_structure(fdf)) if isinstance(model, str) and model == AUTO_MODEL else model
+
+
+def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "auto", limit: int = 0,
                   command=None, progress: bool = True, refine: str = "idempotent", force: bool = False,
                   repeat: int = 1, skip_incompatible: bool = False, name: str | None = None) -> dict:
     """Benchmark the ML guess against the atomic guess on a dataset folder's structures (default ``"auto"``: the
@@ -164,8 +174,8 @@ def run_benchmark(data_dir, model="water", out_dir="bench", split: str | None = 
         records = records[:limit]
     if not records:
         raise InputFileError(f"no structures in split {split!r}", data_dir)
-    loaded, startup_s = ready_model(model)
     fdfs = {rec.id: find_fdf(rec.folder) for rec in records}
+    loaded, startup_s = ready_model(chosen_model(model, next(iter(fdfs.values()))))
     skipped = {} if force else incompatible_runs(fdfs, loaded)
     if skipped and not skip_incompatible:
         listed = "\n  ".join(f"{fdfs[run_id]}: {reason}" for run_id, reason in skipped.items())
@@ -325,7 +335,7 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
     return out, run.wall_s, converged
 
 
-def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="bench", guesses=GUESSES,
+def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="bench", guesses=GUESSES,
                              depth: int = 3, frames: slice = slice(None), command=None, progress: bool = True,
                              pseudo_dirs=(), refine: str = "idempotent", force: bool = False,
                              name: str | None = None) -> dict:
@@ -366,7 +376,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="water", out_dir="b
     frames_in_fdf = FdfFrames(fdf_template)
     loaded, startup_s = None, 0.0
     if any(g.startswith("ml") for g in guesses):
-        loaded, startup_s = ready_model(model)
+        loaded, startup_s = ready_model(chosen_model(model, fdf_template))
     pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
     histories = {g: TrajectoryHistory(depth) for g in guesses}
     frame_labels = [frames_in_fdf.labels(atoms) for atoms in images]

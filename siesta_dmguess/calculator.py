@@ -3,7 +3,9 @@
 :class:`DMGuessSiesta` is ASE's :class:`ase.calculators.siesta.Siesta` (same
 constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
 
-* ``model``: a shipped model name, a model folder or a loaded model;
+* ``model``: a shipped model name, a model folder or a loaded model; ``"auto"`` (default) takes the
+  shipped model with the fewest species that covers the atoms' (``predict.choose_model``), chosen at the
+  first ML step;
 * ``guess``: how each SCF starts (see :mod:`siesta_dmguess.history`):
   ``"ml+residual"`` (default: the prediction; along MD and relaxations, SIESTA's
   DM extrapolation plus the model's prediction of the change, weighted by how
@@ -109,7 +111,7 @@ class DMGuessSiesta(Siesta):
 
     GUESSES = GUESSES  # the starting guesses a trajectory history can give (siesta_dmguess.history)
 
-    def __init__(self, *args, model="water", guess: str = "ml+residual", fallback: str = "error",
+    def __init__(self, *args, model="auto", guess: str = "ml+residual", fallback: str = "error",
                  compare_baseline: bool = False, novelty_limit="model", history_depth: int = 3,
                  threads: int | None = None, **kwargs):
         from ase.units import Ry
@@ -183,11 +185,16 @@ class DMGuessSiesta(Siesta):
                          if normalized_fdf_key(k) in canonical})
         return settings
 
-    def _model(self):
+    def _model(self, atoms):
         if self._loaded is None:  # once: its time is this step's start-up, not part of its prediction_s
             from .card import ready_model
+            from .predict import AUTO_MODEL, choose_model
+            from .structure import structure_as_siesta_runs
 
-            self._loaded, self._startup_s = ready_model(self.model_name)
+            name = self.model_name
+            if isinstance(name, str) and name == AUTO_MODEL:
+                name = choose_model(structure_as_siesta_runs(atoms))
+            self._loaded, self._startup_s = ready_model(name)
         return self._loaded
 
     def _dm_path(self) -> Path:
@@ -200,7 +207,7 @@ class DMGuessSiesta(Siesta):
         from .dm import build_geometry
         from .structure import structure_as_siesta_runs
 
-        return build_geometry(structure_as_siesta_runs(atoms), self._model().basis)
+        return build_geometry(structure_as_siesta_runs(atoms), self._model(atoms).basis)
 
     def _predict(self, atoms):
         """The ML prediction for ``atoms``, or None (with ``self._reason``) when falling back."""
@@ -212,7 +219,7 @@ class DMGuessSiesta(Siesta):
             sampling = self._sampling()
             structure.fdf_settings = {**self._run_settings(), **sampling}
             with torch_threads(self.threads):
-                pred = predict_density_matrix(structure, self._model(), fold=not sampling["kgrid"])
+                pred = predict_density_matrix(structure, self._model(atoms), fold=not sampling["kgrid"])
         except DMGuessError as exc:
             if self.fallback == "error":
                 raise
@@ -244,7 +251,10 @@ class DMGuessSiesta(Siesta):
             self._used = "reuse" if self._dm_path().is_file() else "atomic"
             return
         if self.guess.startswith("ml"):
-            self._model()  # before the prediction's clock starts (loads the model at the first step)
+            try:  # before the prediction's clock starts (loads the model at the first step)
+                self._model(atoms)
+            except DMGuessError:
+                pass  # no shipped model covers the atoms: _predict meets it again and applies the fallback
         t0 = time.perf_counter()
         kind = self.guess
         if self.guess.startswith("ml"):

@@ -58,10 +58,32 @@ def default_dm_path(structure: str | Path) -> Path:
 OPTIMIZE_FROM_STRUCTURES = 30  # integration/benchmarks/model_load.py: break-even at 18-49 structures
 
 
+class ModelsByName:
+    """``predict --model auto``: each structure gets the shipped model :func:`~siesta_dmguess.predict.choose_model`
+    picks for it, each model loaded once (a batch may mix water, CHNO molecules and silicon)."""
+
+    def __init__(self, optimize: bool, announce: bool):
+        self.optimize, self.announce, self.loaded = optimize, announce, {}
+
+    def for_structure(self, structure: str, write=print):
+        from .card import STARTUP, load_model, ready_model
+        from .predict import choose_model
+        from .structure import read_structure
+
+        name = choose_model(read_structure(structure))
+        if name not in self.loaded:
+            if self.announce:  # as for a named model: the one-off costs on their own line
+                self.loaded[name], startup_s = ready_model(name, optimize=self.optimize)
+                write(f"model {name} ready in {startup_s:.1f} s ({STARTUP})")
+            else:
+                self.loaded[name] = load_model(name, optimize=self.optimize)
+        return self.loaded[name]
+
+
 def _cmd_predict(args) -> int:
     from .card import STARTUP, load_model, ready_model
     from .parallel import mpi_world
-    from .predict import torch_threads
+    from .predict import AUTO_MODEL, torch_threads
 
     if args.output and len(args.structure) > 1:
         raise DMGuessError("-o names one output file; with several structures each DM is written next to its input")
@@ -70,7 +92,9 @@ def _cmd_predict(args) -> int:
     # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
     optimize = len(structures) >= OPTIMIZE_FROM_STRUCTURES
     many = len(args.structure) > 1
-    if many:  # the one-off costs on their own line, so each structure's time is its own
+    if args.model == AUTO_MODEL:  # chosen from each structure's species and loaded when first needed
+        model = ModelsByName(optimize, announce=many and world.rank == 0)
+    elif many:  # the one-off costs on their own line, so each structure's time is its own
         model, startup_s = ready_model(args.model, optimize=optimize)
         if world.rank == 0:
             print(f"model {model.path.name} ready in {startup_s:.1f} s ({STARTUP})")
@@ -103,7 +127,8 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
     for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1):
         out = Path(args.output) if args.output else default_dm_path(structure)
         try:
-            pred = predict_to_file(structure, out, model=model, overwrite=args.overwrite, fold=fold,
+            use = model.for_structure(structure, write) if isinstance(model, ModelsByName) else model
+            pred = predict_to_file(structure, out, model=use, overwrite=args.overwrite, fold=fold,
                                    force=args.force, refine=args.refine)
         except DMGuessError as exc:  # the other structures of a batch still get their DMs
             print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
@@ -262,8 +287,10 @@ def add_refine_argument(parser) -> None:
 
 
 def add_model_argument(parser) -> None:
-    parser.add_argument("--model", default="water",
-                        help="shipped model name (default: water; `siesta-dmguess models` lists them) or model folder")
+    parser.add_argument("--model", default="auto",
+                        help="shipped model name (`siesta-dmguess models` lists them) or model folder; default auto: "
+                             "the shipped model with the fewest species that covers the structure's (water for "
+                             "water, chno-molecules for other CHNO molecules, silicon for Si)")
 
 
 def add_threads_argument(parser) -> None:

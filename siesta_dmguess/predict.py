@@ -241,14 +241,49 @@ def model_species_of_labels(structure: Structure, model_species) -> dict[str, st
     return mapping
 
 
+# ``--model auto`` (``model="auto"``): the shipped model is chosen from the structure (:func:`choose_model`).
+AUTO_MODEL = "auto"
+
+
+def shipped_models_covering(structure: Structure) -> list[str]:
+    """The shipped models whose species cover all of the structure's (by label or chemical element, as
+    :func:`model_species_of_labels` maps them), the most specialized first: fewest species, then by name."""
+    from .card import list_shipped_models, read_card
+
+    covering = []
+    for name in list_shipped_models():
+        species = read_card(name).get("species", [])
+        if all(s is not None for s in model_species_of_labels(structure, species).values()):
+            covering.append((len(species), name))
+    return [name for _, name in sorted(covering)]
+
+
+def choose_model(structure: Structure) -> str:
+    """The shipped model ``auto`` stands for: the most specialized one that covers every species of the structure
+    (`water` rather than `chno-molecules` for water, which both cover). Only the species decide; the chosen
+    model's basis and settings are then checked as those of a model named by hand, so a run with another basis
+    still gets the error that names the difference."""
+    from .card import list_shipped_models, read_card
+
+    covering = shipped_models_covering(structure)
+    if not covering:
+        shipped = ", ".join(f"{name} {read_card(name).get('species')}" for name in list_shipped_models())
+        raise ModelCompatibilityError(f"no shipped model covers species {sorted(set(structure.labels))} "
+                                      f"(shipped: {shipped}); train one with 'siesta-dmguess train'",
+                                      structure.source or None)
+    return covering[0]
+
+
 def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool = False) -> list[str]:
     """Compare a structure (and its fdf folder) with a model card; error or (force) warnings naming the item."""
     problems = []
     species_of = model_species_of_labels(structure, loaded.config.species)
     missing = sorted(label for label, species in species_of.items() if species is None)
     if missing:
+        covering = shipped_models_covering(structure)
+        hint = f"; shipped models that cover all its species: {', '.join(covering)}" if covering else ""
         problems.append(f"species {missing} are not covered by model {loaded.path.name!r} "
-                        f"(model species: {loaded.config.species})")
+                        f"(model species: {loaded.config.species}){hint}")
     spin = _spin_setting(structure.fdf_settings)
     if spin:
         problems.append(f"the fdf asks for a {spin} calculation; the models predict spin-unpolarized DMs only")
@@ -313,6 +348,8 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     if not isinstance(structure, Structure):
         structure = read_structure(structure)
     check_atoms_apart(structure)
+    if isinstance(model, str) and model == AUTO_MODEL:
+        model = choose_model(structure)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     warnings = check_compatibility(structure, loaded, force=force)
     species_of = model_species_of_labels(structure, loaded.config.species)

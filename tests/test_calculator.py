@@ -307,3 +307,23 @@ def test_siesta_is_found_as_everywhere_else_and_a_missing_one_is_said_before_pre
     assert found._siesta_command().startswith(f"{fake} < ")
     given = DMGuessSiesta(model=tmp_path / "no-model", command="other < PREFIX.fdf > PREFIX.out", xc="CA")
     assert given._siesta_command().startswith("other")
+
+
+def test_the_default_model_is_chosen_from_the_atoms_and_an_uncovered_one_falls_back(tmp_path, monkeypatch):
+    """``model="auto"`` (the default): silicon gets `silicon` at the first ML step; atoms no shipped model covers
+    are an error by default and, with ``fallback="atomic"``, the atomic guess with the reason."""
+    from ase.build import bulk
+
+    (tmp_path / "Si.psf").write_text("placeholder\n")  # linked by ASE; SIESTA does not run
+    monkeypatch.setenv("SIESTA_PP_PATH", str(tmp_path))
+    c = DMGuessSiesta(label="siesta", directory=str(tmp_path / "run"), xc="CA", kpts=(2, 2, 2))
+    c.write_input(bulk("Si", "diamond", a=5.43, cubic=True), properties=["energy"])
+    assert c._used == "ml" and c._loaded.path.name == "silicon"
+    assert read_dm_orbital_count(tmp_path / "run" / "siesta.DM") == 8 * 13  # Si's DZP: 13 orbitals per atom
+    xe = Atoms("Xe2", positions=[[0, 0, 0], [3, 0, 0]], cell=[10] * 3, pbc=True)
+    with pytest.raises(ModelCompatibilityError, match="no shipped model covers species"):
+        DMGuessSiesta(label="siesta", directory=str(tmp_path / "xe"), xc="CA")._write_guess(xe)
+    c = DMGuessSiesta(label="siesta", directory=str(tmp_path / "xe"), xc="CA", fallback="atomic")
+    with pytest.warns(UserWarning, match="atomic guess because no shipped model covers species"):
+        c._write_guess(xe)
+    assert c._used == "atomic" and c._loaded is None

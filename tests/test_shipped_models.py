@@ -242,3 +242,59 @@ def test_predict_prints_mulliken_charges(tmp_path, capsys):
     printed = np.array([float(r[2]) for r in rows if r[0].isdigit()])
     assert [r[1] for r in rows if r[0].isdigit()] == ["O", "H", "H"]
     assert np.allclose(printed, siesta_mulliken_charges(folder), atol=2e-4)  # printed to 4 decimals
+
+
+def test_auto_model_is_the_most_specialized_shipped_model_that_covers_the_species():
+    """``--model auto``: water goes to `water` (which `chno-molecules` covers too), other CHNO molecules to
+    `chno-molecules`, silicon to `silicon`; a species label stands for its element (``Ow``); a species no shipped
+    model covers is an error that lists what is shipped."""
+    from dataclasses import replace
+
+    from siesta_dmguess.predict import choose_model
+
+    assert choose_model(example(["O", "H", "H"])) == "water"
+    assert choose_model(example(["H"])) == "water"
+    assert choose_model(example(["C", "O", "H", "H", "H", "H"])) == "chno-molecules"
+    assert choose_model(example(["N", "H", "H", "H"])) == "chno-molecules"
+    assert choose_model(example(["Si", "Si"])) == "silicon"
+    water = example(["O", "H", "H"])
+    assert choose_model(replace(water, labels=["Ow", "Hw", "Hw"])) == "water"
+    with pytest.raises(ModelCompatibilityError, match=r"no shipped model covers species \['Si', 'O'\]|"
+                                                      r"no shipped model covers species \['O', 'Si'\]") as err:
+        choose_model(example(["Si", "O", "O"]))
+    assert "silicon ['Si']" in str(err.value) and "water ['H', 'O']" in str(err.value)
+
+
+def test_species_error_names_the_shipped_models_that_cover_the_structure():
+    with pytest.raises(ModelCompatibilityError, match="shipped models that cover all its species: water, "
+                                                      "chno-molecules"):
+        check_compatibility(example(["O", "H", "H"]), load_model("silicon"))
+    with pytest.raises(ModelCompatibilityError) as err:  # nothing shipped covers Xe: no hint
+        check_compatibility(example(["Xe"]), load_model("water"))
+    assert "shipped models that cover" not in str(err.value)
+
+
+def test_predict_without_model_picks_one_per_structure_and_loads_each_once(tmp_path, capsys, monkeypatch):
+    """A batch of a water molecule, a CHNO molecule and silicon, predicted without --model: each DM comes from its
+    own shipped model (the orbital count says which basis was used), each model loaded once."""
+    from siesta_dmguess import card
+
+    from .conftest import dataset
+
+    runs = {"h2o": "water", "g2": "chno-molecules", "si8": "silicon"}
+    fdfs = []
+    for name in runs:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "input.fdf").write_text((dataset(name) / "0004" / "input.fdf").read_text())
+        fdfs.append(str(folder / "input.fdf"))
+    loads = []
+    real_load = card.load_model
+    monkeypatch.setattr(card, "load_model", lambda name, **kw: loads.append(name) or real_load(name, **kw))
+    assert main(["predict", *fdfs, fdfs[0]]) == 0  # the water run twice: its model is not loaded again
+    out = capsys.readouterr().out
+    for name, model in runs.items():
+        assert f"{tmp_path / name / 'siesta.DM'}:" in out
+        assert any(line.startswith(str(tmp_path / name / "siesta.DM")) and line.rstrip().split("with ")[1]
+                   .startswith(f"{model};") for line in out.splitlines())
+    assert sorted(loads) == sorted(runs.values())
