@@ -327,9 +327,10 @@ def _setting_problems(settings: dict, card: dict) -> list[str]:
     return problems
 
 
-def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel | str | Path = "water",
+def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel | str | Path = AUTO_MODEL,
                            fold: bool | None = None, force: bool = False, refine: str = "idempotent") -> Prediction:
-    """Predict the DM of a structure (an fdf, any ASE-readable file, or a :class:`Structure`).
+    """Predict the DM of a structure (an fdf, any ASE-readable file, or a :class:`Structure`) with ``model`` (a
+    loaded model, a model folder, a shipped model's name, or ``"auto"``: :func:`choose_model`).
 
     ``fold=None`` folds periodic images into the unit cell for Γ-only inputs (the
     form SIESTA itself writes) and keeps them for k-point runs (an fdf with a
@@ -437,7 +438,7 @@ def _expected_electrons(structure: Structure, basis) -> float:
         return total
 
 
-def predict_to_file(structure, out: str | Path, model="water", overwrite: bool = False, fold: bool | None = None,
+def predict_to_file(structure, out: str | Path, model=AUTO_MODEL, overwrite: bool = False, fold: bool | None = None,
                     force: bool = False, refine: str = "idempotent") -> Prediction:
     """Predict and write ``out`` (a ``.DM``) atomically; an existing file is kept as a backup.
 
