@@ -260,6 +260,8 @@ def _cmd_models(args) -> int:
         print(f"  SCF iterations, atomic -> ML guess: {scf_saving_summary(card)}")
         for entry in card.get("basis", {}).values():
             print(f"  basis {entry['shells']} [{entry['hash']}]")
+    if names:
+        print("--model auto (the default) takes the model with the fewest species that covers a structure's")
     return 0
 
 
