@@ -136,16 +136,6 @@ def incompatible_runs(fdfs: dict[str, Path], loaded) -> dict[str, str]:
     return problems
 
 
-def chosen_model(model, fdf: Path):
-    """``model``, or for ``"auto"`` the shipped model :func:`~siesta_dmguess.predict.choose_model` picks for the
-    structure of ``fdf`` (a dataset's first run, or a trajectory's fdf template: one model serves them all, and the
-    runs it does not cover are named before SIESTA runs)."""
-    from .predict import AUTO_MODEL, choose_model
-    from .structure import read_structure
-
-    return choose_model(read_structure(fdf)) if isinstance(model, str) and model == AUTO_MODEL else model
-
-
 def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "auto", limit: int = 0,
                   command=None, progress: bool = True, refine: str = "idempotent", force: bool = False,
                   repeat: int = 1, skip_incompatible: bool = False, name: str | None = None) -> dict:
@@ -164,6 +154,7 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
 
     from .card import ready_model
     from .data import find_fdf, list_runs, resolve_split
+    from .predict import resolve_auto_model
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     name = benchmark_name(name, data_dir.name)
@@ -175,7 +166,8 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
     if not records:
         raise InputFileError(f"no structures in split {split!r}", data_dir)
     fdfs = {rec.id: find_fdf(rec.folder) for rec in records}
-    loaded, startup_s = ready_model(chosen_model(model, next(iter(fdfs.values()))))
+    # "auto": the model of the first run's species; runs it does not cover are named below, before SIESTA runs
+    loaded, startup_s = ready_model(resolve_auto_model(model, next(iter(fdfs.values()))))
     skipped = {} if force else incompatible_runs(fdfs, loaded)
     if skipped and not skip_incompatible:
         listed = "\n  ".join(f"{fdfs[run_id]}: {reason}" for run_id, reason in skipped.items())
@@ -358,7 +350,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     from .card import ready_model
     from .dm import build_geometry, to_image_keyed
     from .history import TrajectoryHistory
-    from .predict import predict_density_matrix
+    from .predict import predict_density_matrix, resolve_auto_model
     from .siesta.templates import fdf_with_geometry
     from .structure import FdfFrames, resolve_fdf
 
@@ -376,7 +368,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     frames_in_fdf = FdfFrames(fdf_template)
     loaded, startup_s = None, 0.0
     if any(g.startswith("ml") for g in guesses):
-        loaded, startup_s = ready_model(chosen_model(model, fdf_template))
+        loaded, startup_s = ready_model(resolve_auto_model(model, fdf_template))  # "auto": by the template's species
     pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
     histories = {g: TrajectoryHistory(depth) for g in guesses}
     frame_labels = [frames_in_fdf.labels(atoms) for atoms in images]

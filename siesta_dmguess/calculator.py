@@ -188,13 +188,9 @@ class DMGuessSiesta(Siesta):
     def _model(self, atoms):
         if self._loaded is None:  # once: its time is this step's start-up, not part of its prediction_s
             from .card import ready_model
-            from .predict import AUTO_MODEL, choose_model
-            from .structure import structure_as_siesta_runs
+            from .predict import resolve_auto_model
 
-            name = self.model_name
-            if isinstance(name, str) and name == AUTO_MODEL:
-                name = choose_model(structure_as_siesta_runs(atoms))
-            self._loaded, self._startup_s = ready_model(name)
+            self._loaded, self._startup_s = ready_model(resolve_auto_model(self.model_name, atoms))
         return self._loaded
 
     def _dm_path(self) -> Path:

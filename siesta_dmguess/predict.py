@@ -274,6 +274,20 @@ def choose_model(structure: Structure) -> str:
     return covering[0]
 
 
+def resolve_auto_model(model, structure):
+    """``model`` as given, or for ``"auto"`` the shipped model's name :func:`choose_model` picks for ``structure``
+    (a :class:`Structure`, a file, or ASE Atoms as the calculator runs them; read only for ``"auto"``)."""
+    if not (isinstance(model, str) and model == AUTO_MODEL):
+        return model
+    if not isinstance(structure, Structure):
+        from ase import Atoms
+
+        from .structure import structure_as_siesta_runs
+
+        structure = structure_as_siesta_runs(structure) if isinstance(structure, Atoms) else read_structure(structure)
+    return choose_model(structure)
+
+
 def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool = False) -> list[str]:
     """Compare a structure (and its fdf folder) with a model card; error or (force) warnings naming the item."""
     problems = []
@@ -349,8 +363,7 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     if not isinstance(structure, Structure):
         structure = read_structure(structure)
     check_atoms_apart(structure)
-    if isinstance(model, str) and model == AUTO_MODEL:
-        model = choose_model(structure)
+    model = resolve_auto_model(model, structure)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     warnings = check_compatibility(structure, loaded, force=force)
     species_of = model_species_of_labels(structure, loaded.config.species)

@@ -434,10 +434,10 @@ def test_with_fdf_keys_sets_each_key_once_where_fdf_reads_it(tmp_path, monkeypat
 def test_bench_without_a_model_uses_the_shipped_model_of_the_first_runs_species(tmp_path):
     """``bench --model auto`` (the default) picks, from a dataset's first run or a trajectory's fdf template, the
     model ``predict`` would pick; a named model is used as given."""
-    from siesta_dmguess.bench import chosen_model
+    from siesta_dmguess.predict import resolve_auto_model
 
     from .conftest import dataset
 
     for name, model in {"h2o": "water", "g2": "chno-molecules", "si8": "silicon"}.items():
-        assert chosen_model("auto", dataset(name) / "0004" / "input.fdf") == model
-    assert chosen_model("water", dataset("si8") / "0004" / "input.fdf") == "water"  # checked later, per run
+        assert resolve_auto_model("auto", dataset(name) / "0004" / "input.fdf") == model
+    assert resolve_auto_model("water", dataset("si8") / "0004" / "input.fdf") == "water"  # checked later, per run
