@@ -431,7 +431,7 @@ def test_with_fdf_keys_sets_each_key_once_where_fdf_reads_it(tmp_path, monkeypat
     assert json.loads((out / "index.json").read_text()) == [{"id": "0004", "split": "val"}]
 
 
-def test_bench_without_a_model_uses_the_shipped_model_of_the_first_runs_species(tmp_path):
+def test_bench_without_a_model_uses_the_shipped_model_of_the_first_runs_species():
     """``bench --model auto`` (the default) picks, from a dataset's first run or a trajectory's fdf template, the
     model ``predict`` would pick; a named model is used as given."""
     from siesta_dmguess.predict import resolve_auto_model
