@@ -51,6 +51,7 @@ class StructureResult:
     flagged: bool = False  # novelty above the model's threshold
     fallback: str = ""  # why the "ml" run started from the atomic guess instead (as predict and the calculator do)
     fallback_kind: str = ""  # the same in one word (Prediction.refusal_kind)
+    model: str = ""  # the model's name (with ``--model auto`` a folder's runs may each have their own)
 
     def saved(self, guess: str = "ml", base: str = "atomic") -> int:
         return self.results[base].scf_iterations - self.results[guess].scf_iterations
@@ -100,7 +101,8 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
                                           None if out.start_dm_electrons is None
                                           else out.start_dm_electrons - out.electrons))
     results = {guess: median_run(runs) for guess, runs in samples.items()}
-    return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback, fallback_kind)
+    return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback, fallback_kind,
+                           Path(model.path).name if hasattr(model, "path") else str(model))
 
 
 def median_run(runs: list[GuessResult]) -> GuessResult:
@@ -120,20 +122,48 @@ def median_run(runs: list[GuessResult]) -> GuessResult:
                    iteration_samples=iterations, prediction_samples=predictions)
 
 
-def incompatible_runs(fdfs: dict[str, Path], loaded) -> dict[str, str]:
-    """The runs (id → fdf) a model cannot predict, each with what differs (species, basis, pseudopotential, XC or
-    basis settings: :func:`~siesta_dmguess.predict.check_compatibility`). Reading an fdf and its basis files
-    takes milliseconds, so a benchmark checks every run before SIESTA runs any."""
-    from .predict import check_compatibility
+def models_of_runs(model, fdfs: dict[str, Path], force: bool = False) -> tuple[dict, dict[str, str], float]:
+    """Each run's model, loaded and warmed up once: ``model`` for every run, or for ``"auto"`` the shipped model
+    :func:`~siesta_dmguess.predict.choose_model` picks for the run's species, as ``predict`` does for each
+    structure of a batch (a folder may hold water, CHNO molecules and silicon).
+
+    Returns run id → :class:`~siesta_dmguess.card.LoadedModel`, the runs left out (run id → why: no shipped model
+    covers its species, or its model does not cover it, :func:`~siesta_dmguess.predict.check_compatibility`,
+    which ``force`` skips) and the seconds the models' start-up took. Reading an fdf and its basis files takes
+    milliseconds, so a benchmark checks every run before SIESTA runs any."""
+    from .card import ready_model
+    from .predict import AUTO_MODEL, check_compatibility, choose_model
     from .structure import read_structure
 
-    problems = {}
-    for run_id, fdf in fdfs.items():
-        try:
-            check_compatibility(read_structure(fdf), loaded)
-        except ModelCompatibilityError as exc:
-            problems[run_id] = exc.message  # the run id names it; reports need no machine's paths
-    return problems
+    structures = {run_id: read_structure(fdf) for run_id, fdf in fdfs.items()}
+    skipped, startup_s = {}, 0.0
+    if isinstance(model, str) and model == AUTO_MODEL:
+        names = {}
+        for run_id, structure in structures.items():
+            try:
+                names[run_id] = choose_model(structure)
+            except ModelCompatibilityError as exc:
+                skipped[run_id] = exc.message  # the run id names it; reports need no machine's paths
+        loaded = {}
+        for name in sorted(set(names.values())):
+            loaded[name], seconds = ready_model(name)
+            startup_s += seconds
+        models = {run_id: loaded[name] for run_id, name in names.items()}
+    else:
+        one, startup_s = ready_model(model)
+        models = dict.fromkeys(structures, one)
+    if not force:
+        for run_id, loaded_model in models.items():
+            try:
+                check_compatibility(structures[run_id], loaded_model)
+            except ModelCompatibilityError as exc:
+                skipped[run_id] = exc.message
+    return {run_id: m for run_id, m in models.items() if run_id not in skipped}, skipped, startup_s
+
+
+def model_names(models) -> str:
+    """The names of the models a benchmark used, joined by "+" (one word, as report titles need)."""
+    return "+".join(sorted({Path(m.path).name for m in models}))
 
 
 def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "auto", limit: int = 0,
@@ -143,18 +173,17 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
     val split, or every run where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`).
     ``repeat`` runs each guess that many times and reports the median-time run (:func:`bench_structure`).
 
-    Every run is checked against the model before SIESTA runs any (:func:`incompatible_runs`): one the model
-    does not cover is an error naming each such run, or, with ``skip_incompatible``, left out and listed in the
-    report's ``skipped``. ``force`` uses the model anyway, as ``predict --force`` does. ``name`` (default: the
-    folder's name) titles the report and names its files, ``bench_<name>.json/.md/.png``."""
+    With ``model="auto"`` each run gets the shipped model chosen for its species (:func:`models_of_runs`). Every
+    run is checked against its model before SIESTA runs any: one the model does not cover is an error naming
+    each such run, or, with ``skip_incompatible``, left out and listed in the report's ``skipped``. ``force``
+    uses the model anyway, as ``predict --force`` does. ``name`` (default: the folder's name) titles the report
+    and names its files, ``bench_<name>.json/.md/.png``."""
     from .siesta import find_siesta
 
     find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
     from tqdm.auto import tqdm
 
-    from .card import ready_model
     from .data import find_fdf, list_runs, resolve_split
-    from .predict import resolve_auto_model
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     name = benchmark_name(name, data_dir.name)
@@ -166,29 +195,34 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
     if not records:
         raise InputFileError(f"no structures in split {split!r}", data_dir)
     fdfs = {rec.id: find_fdf(rec.folder) for rec in records}
-    # "auto": the model of the first run's species; runs it does not cover are named below, before SIESTA runs
-    loaded, startup_s = ready_model(resolve_auto_model(model, next(iter(fdfs.values()))))
-    skipped = {} if force else incompatible_runs(fdfs, loaded)
+    models, skipped, startup_s = models_of_runs(model, fdfs, force)
     if skipped and not skip_incompatible:
         listed = "\n  ".join(f"{fdfs[run_id]}: {reason}" for run_id, reason in skipped.items())
-        raise ModelCompatibilityError(f"{len(skipped)} of {len(fdfs)} runs do not fit model {loaded.path.name!r} "
-                                      f"(nothing was run; --skip-incompatible benchmarks the others):\n  {listed}",
-                                      data_dir)
+        raise ModelCompatibilityError(f"{len(skipped)} of {len(fdfs)} runs do not fit "
+                                      f"{_model_words(model, models)} (nothing was run; --skip-incompatible "
+                                      f"benchmarks the others):\n  {listed}", data_dir)
     for run_id, reason in skipped.items():
         log.warning("skipping %s: %s", run_id, reason)
-    if len(skipped) == len(fdfs):
-        raise ModelCompatibilityError(f"none of the {len(fdfs)} runs fits model {loaded.path.name!r}", data_dir)
+    if not models:
+        raise ModelCompatibilityError(f"none of the {len(fdfs)} runs fits {_model_words(model, models)}", data_dir)
     rows = []
-    for run_id, fdf in tqdm([(i, f) for i, f in fdfs.items() if i not in skipped], desc=f"bench {name}",
-                            disable=not progress):
-        rows.append(bench_structure(fdf, out_dir / name / run_id, loaded, command=command,
+    for run_id, loaded in tqdm(models.items(), desc=f"bench {name}", disable=not progress):
+        rows.append(bench_structure(fdfs[run_id], out_dir / name / run_id, loaded, command=command,
                                     refine=refine, force=force, repeat=repeat))
-    report = summarize(rows, str(loaded.path), str(data_dir), startup_s) | {
+    used = model_names(models.values())
+    report = summarize(rows, used, str(data_dir), startup_s) | {
         "name": name, "refine": refine, "split": split or "all", "forced": force, "repeat": repeat, "skipped": skipped}
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(markdown(report))
-    plot(rows, out_dir / f"bench_{name}.png", title=f"{name}: {Path(loaded.path).name}")
+    plot(rows, out_dir / f"bench_{name}.png", title=f"{name}: {used}")
     return report
+
+
+def _model_words(model, models: dict) -> str:
+    """How an error names the model(s) runs were checked against."""
+    if isinstance(model, str) and model == "auto":
+        return f"the shipped models ({model_names(models.values())})" if models else "any shipped model"
+    return f"model {Path(getattr(model, 'path', model)).name!r}"
 
 
 def summarize(rows: list[StructureResult], model: str, data: str, startup_s: float = 0.0) -> dict:
@@ -210,7 +244,8 @@ def summarize(rows: list[StructureResult], model: str, data: str, startup_s: flo
         "wall_spread_max": wall_spread(rows),
         "max_abs_energy_difference_eV": max(de) if de else 0.0,
         "structures_flagged_novel": sum(r.flagged for r in rows),
-        "per_structure": [{"name": r.name, "natoms": r.natoms, "novelty": r.novelty, "flagged": r.flagged,
+        "per_structure": [{"name": r.name, "model": r.model, "natoms": r.natoms, "novelty": r.novelty,
+                           "flagged": r.flagged,
                            "fallback": r.fallback, "fallback_kind": r.fallback_kind,
                            **{g: asdict(v) for g, v in r.results.items()}}
                           for r in rows],
@@ -245,12 +280,14 @@ def markdown(report: dict) -> str:
     lines = [f"# SCF benchmark: {report_name(report)} with {Path(report['model']).name}", "",
              "| structure | atoms | novelty | SCF it. atomic | SCF it. ML | saved | wall atomic (s) "
              "| wall ML incl. prediction (s) | abs(ΔE) (eV) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    several = len({r.get("model") for r in report["per_structure"]}) > 1  # auto gave runs their own models
     for r in report["per_structure"]:
         a, m = r["atomic"], r["ml"]
         novelty = "-" if r.get("novelty") is None else f"{r['novelty']:.2f}" + (" (flagged)" if r["flagged"] else "")
         if r.get("fallback"):
             novelty += f", {r['fallback_kind']}: atomic guess used"
-        lines.append(f"| {r['name']} | {r['natoms']} | {novelty} | {a['scf_iterations']} | {m['scf_iterations']} | "
+        structure = f"{r['name']} ({r['model']})" if several else r["name"]
+        lines.append(f"| {structure} | {r['natoms']} | {novelty} | {a['scf_iterations']} | {m['scf_iterations']} | "
                      f"{a['scf_iterations'] - m['scf_iterations']} | {a['siesta_wall_s']:.2f} | "
                      f"{m['siesta_wall_s'] + m['prediction_s']:.2f} | "
                      f"{abs(m['total_energy_eV'] - a['total_energy_eV']):.1e} |")

@@ -431,9 +431,52 @@ def test_with_fdf_keys_sets_each_key_once_where_fdf_reads_it(tmp_path, monkeypat
     assert json.loads((out / "index.json").read_text()) == [{"id": "0004", "split": "val"}]
 
 
-def test_bench_without_a_model_uses_the_shipped_model_of_the_first_runs_species():
-    """``bench --model auto`` (the default) picks, from a dataset's first run or a trajectory's fdf template, the
-    model ``predict`` would pick; a named model is used as given."""
+def test_bench_without_a_model_gives_each_run_the_shipped_model_of_its_species(tmp_path, monkeypatch):
+    """``bench`` with ``--model auto`` (the default) on a folder mixing water and ammonia gives each run the model
+    ``predict`` would pick, loads each model once, names each row's model and titles the report with all of them;
+    a run no shipped model covers (Xe) is named before SIESTA runs any, or skipped and listed."""
+    import siesta_dmguess.card as card
+    from siesta_dmguess.bench import markdown, run_benchmark
+    from siesta_dmguess.errors import ModelCompatibilityError
+
+    from .conftest import dataset
+
+    rotations = dataset("rotations")  # 0000-0003: H2O, 0004-0007: NH3
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "basis").symlink_to(rotations / "basis")
+    for run_id in ("0000", "0001", "0004"):
+        (data / run_id).mkdir()
+        (data / run_id / "input.fdf").write_text((rotations / run_id / "input.fdf").read_text())
+    (data / "0009").mkdir()  # the water molecule with its oxygen made xenon
+    xenon = (rotations / "0000" / "input.fdf").read_text().replace(" 1 8 O", " 1 54 Xe")
+    (data / "0009" / "input.fdf").write_text(xenon)
+    loads = []
+    ready_model = card.ready_model
+    monkeypatch.setattr(card, "ready_model", lambda name, **kw: loads.append(name) or ready_model(name, **kw))
+    log, script = logging_siesta(tmp_path)
+    kwargs = dict(out_dir=tmp_path / "out", split=None, command=str(script), progress=False)
+    with pytest.raises(ModelCompatibilityError, match=r"1 of 4 runs do not fit the shipped models") as err:
+        run_benchmark(data, **kwargs)
+    assert "0009" in str(err.value) and "no shipped model covers species ['H', 'Xe']" in str(err.value)
+    assert not log.exists()  # nothing was run
+    loads.clear()
+    report = run_benchmark(data, skip_incompatible=True, **kwargs)
+    assert sorted(loads) == ["chno-molecules", "water"]  # each once, though two runs are water
+    assert {r["name"]: r["model"] for r in report["per_structure"]} == {"0000": "water", "0001": "water",
+                                                                        "0004": "chno-molecules"}
+    assert report["model"] == "chno-molecules+water" and list(report["skipped"]) == ["0009"]
+    table = markdown(report)
+    assert "with chno-molecules+water" in table and "| 0004 (chno-molecules) |" in table
+    # A named model is used for every run, and the rows do not repeat its name.
+    report = run_benchmark(data, model="chno-molecules", skip_incompatible=True, **kwargs)
+    assert {r["model"] for r in report["per_structure"]} == {"chno-molecules"} and report["structures"] == 3
+    assert "| 0004 |" in markdown(report)
+
+
+def test_trajectory_bench_without_a_model_uses_the_shipped_model_of_the_fdf_templates_species():
+    """Along a trajectory ``auto`` picks once, from the fdf template, the model ``predict`` would pick; a named
+    model is used as given."""
     from siesta_dmguess.predict import resolve_auto_model
 
     from .conftest import dataset
