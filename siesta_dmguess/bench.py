@@ -220,7 +220,9 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
 
 def _model_words(model, models: dict) -> str:
     """How an error names the model(s) runs were checked against."""
-    if isinstance(model, str) and model == "auto":
+    from .predict import AUTO_MODEL
+
+    if isinstance(model, str) and model == AUTO_MODEL:
         return f"the shipped models ({model_names(models.values())})" if models else "any shipped model"
     return f"model {Path(getattr(model, 'path', model)).name!r}"
 
