@@ -48,6 +48,10 @@ model) knows only SIESTA's. The run's ``xc``, ``basis_set``, ``energy_shift``,
 each prediction; a mismatch is a :class:`~siesta_dmguess.errors.ModelCompatibilityError`
 that names the setting (or, with ``fallback="atomic"``, the atomic guess).
 
+Where SIESTA fails from a guess (stops, or returns an unconverged SCF with
+``SCF.MustConverge F``), the step is run again from SIESTA's atomic guess with a
+warning, so a guess never costs the step or its answer (``docs/guesses.md``).
+
 After each calculation ``calc.guess_record`` (a :class:`GuessRecord`) holds the
 SCF iterations, whether SIESTA read the DM, prediction and SCF times, and the
 prediction's uncertainty (electron-count error, novelty). The guess never
@@ -140,6 +144,7 @@ class DMGuessSiesta(Siesta):
         self._used = "atomic"
         self._prediction_s = self._startup_s = 0.0
         self._reason = ""
+        self._rerun_reason = ""  # set while SIESTA is run again from its atomic guess (calculate)
         self._prediction = None  # the current step's Prediction (ML guesses)
         self._predicted = None  # its DM in the trajectory history's layout (dm.to_image_keyed)
         self._positions = None
@@ -298,7 +303,10 @@ class DMGuessSiesta(Siesta):
     # -- FileIOCalculator contract ------------------------------------------
     def write_input(self, atoms, properties=None, system_changes=None):
         super().write_input(atoms, properties, system_changes)
-        self._write_guess(atoms)
+        if self._rerun_reason:  # the SCF failed from this step's guess: run it as plain SIESTA would
+            self._used, self._reason = "atomic", self._rerun_reason
+        else:
+            self._write_guess(atoms)
         if self._used == "atomic":
             self._dm_path().unlink(missing_ok=True)
         self._apply_template("atomic" if self._used == "atomic" else "ml")
@@ -306,11 +314,28 @@ class DMGuessSiesta(Siesta):
     def calculate(self, atoms=None, properties=("energy",), system_changes=None):
         if self._siesta_missing is not None:  # before the model is loaded and the guess predicted
             raise self._siesta_missing
-        t0 = time.perf_counter()
-        super().calculate(atoms, properties, system_changes)
-        scf_s = time.perf_counter() - t0 - self._prediction_s - self._startup_s
+        from ase.calculators.calculator import CalculationFailed
+
         from .siesta.output import parse_output
 
+        t0 = time.perf_counter()
+        try:
+            super().calculate(atoms, properties, system_changes)
+            failure = "" if parse_output(self.getpath(ext="out")).converged else "the SCF did not converge"
+        except CalculationFailed as exc:
+            if self._used == "atomic":
+                raise
+            failure = str(exc)
+        if failure and self._used != "atomic":
+            # A guess must never cost the answer: SIESTA's own start decides, as it would without this package.
+            self._rerun_reason = (f"SIESTA failed from the {self._used} guess ({failure}); rerun from its atomic "
+                                  f"guess")
+            warnings.warn(f"siesta-dmguess: {self._rerun_reason}", stacklevel=2)
+            try:
+                super().calculate(atoms, properties, system_changes)
+            finally:
+                self._rerun_reason = ""
+        scf_s = time.perf_counter() - t0 - self._prediction_s - self._startup_s
         out = parse_output(self.getpath(ext="out"))
         self._record_converged()
         baseline = self._run_baseline() if self.compare_baseline and self._used != "atomic" else None

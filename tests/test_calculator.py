@@ -328,3 +328,73 @@ def test_the_default_model_is_chosen_from_the_atoms_and_an_uncovered_one_falls_b
     with pytest.warns(UserWarning, match="atomic guess because no shipped model covers species"):
         c._write_guess(xe)
     assert c._used == "atomic" and c._loaded is None
+
+
+UNCONVERGED_OUTPUT = """\
+Siesta Version  : fake-1.0
+Attempting to read DM from file... Succeeded...
+   scf:    1     -465.9     -464.7     -464.7  0.010000 -4.7  0.2
+   scf:    2     -465.6     -465.6     -465.6  0.000900 -2.2  0.0001
+siesta:         Total =    -465.674271
+timer: Elapsed wall time (sec) =       0.10
+Job completed
+"""
+CONVERGED_OUTPUT = UNCONVERGED_OUTPUT.replace("siesta:         Total", "SCF cycle converged after 2 iterations\n"
+                                                                    "siesta:         Total")
+
+
+@pytest.mark.parametrize("ml_run", ["converges", "does not converge", "crashes"])
+def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_dir, tmp_path, monkeypatch, ml_run):
+    """Where SIESTA fails from the ML guess (crashes, or stops unconverged with SCF.MustConverge F), the step is
+    run again from SIESTA's atomic guess, as SIESTA alone would have run it, and the record says why; a failure
+    from the atomic guess itself is the user's, raised as ASE raises it."""
+    from pathlib import Path
+
+    from ase.calculators.calculator import CalculationFailed
+    from ase.calculators.siesta import Siesta
+
+    runs = []
+
+    def write_input(self, atoms, properties=None, system_changes=None):  # ASE's fdf, without the pseudopotentials
+        Path(self.getpath(ext="fdf")).write_text("SystemLabel siesta\n")
+
+    def execute(self):
+        guess = "ml" if "DM.UseSaveDM T" in Path(self.getpath(ext="fdf")).read_text() else "atomic"
+        runs.append((guess, Path(self._dm_path()).is_file()))
+        if guess == "ml" and ml_run == "crashes" or guess == "atomic" and ml_run == "atomic crashes":
+            raise CalculationFailed("siesta in . returned an error: 134")
+        converged = guess == "atomic" or ml_run == "converges"
+        Path(self.getpath(ext="out")).write_text(CONVERGED_OUTPUT if converged else UNCONVERGED_OUTPUT)
+
+    monkeypatch.setattr(Siesta, "write_input", write_input)
+    monkeypatch.setattr(Siesta, "execute", execute, raising=False)
+    monkeypatch.setattr(Siesta, "read_results", lambda self: self.results.update(energy=-465.67))
+    monkeypatch.setenv("SIESTA_COMMAND", "/bin/true")
+    atoms = water_molecule()
+    atoms.calc = calc(model_dir, tmp_path, guess="ml")
+    with pytest.warns(UserWarning) if ml_run != "converges" else _no_warning():
+        assert atoms.get_potential_energy() == -465.67
+    record = atoms.calc.guess_record
+    if ml_run == "converges":
+        assert runs == [("ml", True)] and record.guess == "ml" and record.reason == ""
+    else:  # the second run starts from SIESTA's atomic guess: no DM to read
+        assert runs == [("ml", True), ("atomic", False)] and record.guess == "atomic"
+        assert record.reason.startswith("SIESTA failed from the ml guess")
+        assert {"does not converge": "the SCF did not converge", "crashes": "error: 134"}[ml_run] in record.reason
+    ml_run = "atomic crashes"
+    atoms.calc.guess = "atomic"
+    atoms.rattle(0.01)
+    with pytest.raises(CalculationFailed):
+        atoms.get_potential_energy()
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def none():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            yield
+    return none()

@@ -78,6 +78,37 @@ def test_ase_calculator_md_steps(siesta_command, water_model, tmp_path):
     assert np.isfinite(atoms.get_forces()).all()
 
 
+def test_an_scf_cut_off_from_the_ml_guess_is_run_again_from_the_atomic_guess(siesta_command, water_model, tmp_path):
+    """One SCF iteration allowed and ``SCF.MustConverge F``: SIESTA stops unconverged from the ML guess, so the
+    calculator runs the step again from SIESTA's atomic guess (which reads no DM), says why, and returns that
+    run's results, as SIESTA alone would have."""
+    import warnings
+
+    from ase import Atoms, units
+
+    from siesta_dmguess import DMGuessSiesta
+    from siesta_dmguess.siesta.output import parse_output
+
+    atoms = Atoms("OH2", positions=[[0, 0, 0], [0.97, 0, 0], [-0.25, 0.92, 0]], cell=[12] * 3, pbc=True)
+    atoms.center()
+    atoms.calc = DMGuessSiesta(model=water_model, guess="ml", label="siesta", directory=str(tmp_path), xc="CA",
+                               basis_set="DZP", mesh_cutoff=200 * units.Ry, pseudo_qualifier="",
+                               pseudo_path=str(dataset("h2o") / "basis"),
+                               command=f"{siesta_command} < PREFIX.fdf > PREFIX.out",
+                               fdf_arguments={"DM.Tolerance": "1.0d-5", "SCF.Mixer.Weight": 0.25,
+                                              "SCF.Mixer.History": 6, "MaxSCFIterations": 1,
+                                              "SCF.MustConverge": False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        energy = atoms.get_potential_energy()
+    record = atoms.calc.guess_record
+    assert record.guess == "atomic" and "SIESTA failed from the ml guess (the SCF did not converge)" in record.reason
+    assert any("rerun from its atomic guess" in str(w.message) for w in caught)
+    out = parse_output(tmp_path / "siesta.out")  # the rerun's output: SIESTA's own start, cut off as well
+    assert not out.dm_read_from_file and not out.converged and out.scf_iterations == 1
+    assert energy == pytest.approx(out.total_energy_eV, abs=1e-3)
+
+
 def test_trajectory_benchmark_compares_guesses_on_the_same_frames(siesta_command, water_model, tmp_path):
     """Three displaced frames of one molecule: every guess converges to the same energies; the history-based
     guesses start from a DM SIESTA reads, and ML + residual never needs more iterations than the atomic guess."""
