@@ -76,7 +76,8 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 * ``water8-k3``: two ``water8`` val boxes with 3x3x3 k-points (the dataset: Γ
   only): the converse, a finer sampling than the `water` model's boxes.
 * ``h2o-smallbox``: three ``h2o`` val molecules, unchanged, in 8 Å and in 6 Å
-  boxes (the dataset: 12 Å): closer periodic images.
+  boxes (the dataset: 12 Å): closer periodic images; ``h2o-largebox``: the same
+  in 16 Å and 20 Å boxes, farther ones.
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
@@ -236,7 +237,8 @@ def main() -> None:
     p.add_argument("--sets", default="chno,water64,si16,si2-fcc,si64-gamma,si8-wide,water8-stress,h2o-stress,"
                                      "g2-stress,water-clusters,si-vacancy,si8-pressure,"
                                      "water-slab,si-interstitial,si-surface,si-hot,chno-complexes,h2o-stretched,"
-                                     "water8-stretched,g2-stretched,si8-displaced,si8-gamma,si8-k2,water8-k3,h2o-smallbox")
+                                     "water8-stretched,g2-stretched,si8-displaced,si8-gamma,si8-k2,water8-k3,h2o-smallbox,"
+                                     "h2o-largebox")
     args = p.parse_args()
     sets = args.sets.split(",")
     # The random orientations of three sets, drawn in one fixed order whichever sets are written, so that a few
@@ -308,10 +310,12 @@ def main() -> None:
             atoms = read_structure(args.datasets / "h2o" / run / "input.fdf").atoms
             atoms.rattle(0.15, seed=100 + k)
             write_run(args.datasets / "h2o/0000/input.fdf", atoms, dest / f"{k:04d}")
-    if "h2o-smallbox" in sets:
-        dest = args.out / "h2o-smallbox"
+    for name, boxes in (("h2o-smallbox", (8.0, 6.0)), ("h2o-largebox", (16.0, 20.0))):
+        if name not in sets:
+            continue
+        dest = args.out / name
         copy_basis(args.datasets / "h2o", dest)
-        for k, (run, box) in enumerate((r, b) for b in (8.0, 6.0) for r in ("0004", "0009", "0014")):
+        for k, (run, box) in enumerate((r, b) for b in boxes for r in ("0004", "0009", "0014")):
             atoms = read_structure(args.datasets / "h2o" / run / "input.fdf").atoms
             atoms.set_cell([box] * 3)
             atoms.center()
