@@ -328,8 +328,11 @@ class DMGuessSiesta(Siesta):
             failure = str(exc)
         if failure and self._used != "atomic":
             # A guess must never cost the answer: SIESTA's own start decides, as it would without this package.
-            self._rerun_reason = (f"SIESTA failed from the {self._used} guess ({failure}); rerun from its atomic "
-                                  f"guess")
+            failed = parse_output(self.getpath(ext="out")) if Path(self.getpath(ext="out")).is_file() else None
+            n = failed.scf_iterations if failed else 0
+            after = f" after {n} SCF iteration{'s' if n > 1 else ''}" if n else ""
+            self._rerun_reason = (f"SIESTA failed from the {self._used} guess{after} ({failure}); rerun from its "
+                                  f"atomic guess")
             warnings.warn(f"siesta-dmguess: {self._rerun_reason}", stacklevel=2)
             try:
                 super().calculate(atoms, properties, system_changes)

@@ -380,6 +380,8 @@ def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_di
     else:  # the second run starts from SIESTA's atomic guess: no DM to read
         assert runs == [("ml", True), ("atomic", False)] and record.guess == "atomic"
         assert record.reason.startswith("SIESTA failed from the ml guess")
+        if ml_run == "does not converge":  # the failed run's output says how far it got
+            assert "after 2 SCF iterations" in record.reason
         assert {"does not converge": "the SCF did not converge", "crashes": "error: 134"}[ml_run] in record.reason
     ml_run = "atomic crashes"
     atoms.calc.guess = "atomic"
