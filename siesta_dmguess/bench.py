@@ -132,23 +132,19 @@ def models_of_runs(model, fdfs: dict[str, Path], force: bool = False) -> tuple[d
     which ``force`` skips) and the seconds the models' start-up took. Reading an fdf and its basis files takes
     milliseconds, so a benchmark checks every run before SIESTA runs any."""
     from .card import ready_model
-    from .predict import AUTO_MODEL, check_compatibility, choose_model
+    from .predict import AUTO_MODEL, AutoModels, check_compatibility
     from .structure import read_structure
 
     structures = {run_id: read_structure(fdf) for run_id, fdf in fdfs.items()}
-    skipped, startup_s = {}, 0.0
+    skipped, models = {}, {}
     if isinstance(model, str) and model == AUTO_MODEL:
-        names = {}
+        chosen = AutoModels()
         for run_id, structure in structures.items():
             try:
-                names[run_id] = choose_model(structure)
+                models[run_id] = chosen.for_structure(structure)
             except ModelCompatibilityError as exc:
                 skipped[run_id] = exc.message  # the run id names it; reports need no machine's paths
-        loaded = {}
-        for name in sorted(set(names.values())):
-            loaded[name], seconds = ready_model(name)
-            startup_s += seconds
-        models = {run_id: loaded[name] for run_id, name in names.items()}
+        startup_s = sum(chosen.startup_s.values())
     else:
         one, startup_s = ready_model(model)
         models = dict.fromkeys(structures, one)

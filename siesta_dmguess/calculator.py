@@ -318,18 +318,19 @@ class DMGuessSiesta(Siesta):
 
         from .siesta.output import parse_output
 
+        output = Path(self.getpath(ext="out"))
         t0 = time.perf_counter()
         try:
             super().calculate(atoms, properties, system_changes)
-            failure = "" if parse_output(self.getpath(ext="out")).converged else "the SCF did not converge"
+            out = parse_output(output)
+            failure = "" if out.converged else "the SCF did not converge"
         except CalculationFailed as exc:
             if self._used == "atomic":
                 raise
-            failure = str(exc)
+            out, failure = (parse_output(output) if output.is_file() else None), str(exc)
         if failure and self._used != "atomic":
             # A guess must never cost the answer: SIESTA's own start decides, as it would without this package.
-            failed = parse_output(self.getpath(ext="out")) if Path(self.getpath(ext="out")).is_file() else None
-            n = failed.scf_iterations if failed else 0
+            n = out.scf_iterations if out else 0
             after = f" after {n} SCF iteration{'s' if n > 1 else ''}" if n else ""
             self._rerun_reason = (f"SIESTA failed from the {self._used} guess{after} ({failure}); rerun from its "
                                   f"atomic guess")
@@ -338,8 +339,8 @@ class DMGuessSiesta(Siesta):
                 super().calculate(atoms, properties, system_changes)
             finally:
                 self._rerun_reason = ""
+            out = parse_output(output)
         scf_s = time.perf_counter() - t0 - self._prediction_s - self._startup_s
-        out = parse_output(self.getpath(ext="out"))
         self._record_converged()
         baseline = self._run_baseline() if self.compare_baseline and self._used != "atomic" else None
         pred = self._prediction

@@ -59,25 +59,24 @@ OPTIMIZE_FROM_STRUCTURES = 30  # integration/benchmarks/model_load.py: break-eve
 
 
 class ModelsByName:
-    """``predict --model auto``: each structure gets the shipped model :func:`~siesta_dmguess.predict.choose_model`
-    picks for it, each model loaded once (a batch may mix water, CHNO molecules and silicon)."""
+    """``predict --model auto``: each structure gets its shipped model (:class:`~siesta_dmguess.predict.AutoModels`),
+    each loaded once; with ``announce``, each model's one-off start-up is printed on its own line, as for a named
+    model."""
 
     def __init__(self, optimize: bool, announce: bool):
-        self.optimize, self.announce, self.loaded = optimize, announce, {}
+        from .predict import AutoModels
+
+        self.announce, self.models = announce, AutoModels(warm=announce, optimize=optimize)
 
     def for_structure(self, structure: str, write=print):
-        from .card import STARTUP, load_model, ready_model
-        from .predict import choose_model
+        from .card import STARTUP
         from .structure import read_structure
 
-        name = choose_model(read_structure(structure))
-        if name not in self.loaded:
-            if self.announce:  # as for a named model: the one-off costs on their own line
-                self.loaded[name], startup_s = ready_model(name, optimize=self.optimize)
-                write(f"model {name} ready in {startup_s:.1f} s ({STARTUP})")
-            else:
-                self.loaded[name] = load_model(name, optimize=self.optimize)
-        return self.loaded[name]
+        known = len(self.models.loaded)
+        model = self.models.for_structure(read_structure(structure))
+        if self.announce and len(self.models.loaded) > known:
+            write(f"model {model.path.name} ready in {self.models.startup_s[model.path.name]:.1f} s ({STARTUP})")
+        return model
 
 
 def _cmd_predict(args) -> int:

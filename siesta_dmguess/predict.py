@@ -274,6 +274,28 @@ def choose_model(structure: Structure) -> str:
     return covering[0]
 
 
+class AutoModels:
+    """``auto`` for a batch of structures: each gets the shipped model :func:`choose_model` picks for it, each model
+    loaded once (a batch may mix water, CHNO molecules and silicon). With ``warm`` each is also warmed up
+    (:func:`~siesta_dmguess.card.ready_model`) and its start-up seconds kept in ``startup_s``."""
+
+    def __init__(self, warm: bool = True, **load_options):
+        self.warm, self.load_options = warm, load_options
+        self.loaded: dict[str, LoadedModel] = {}
+        self.startup_s: dict[str, float] = {}
+
+    def for_structure(self, structure: Structure) -> LoadedModel:
+        name = choose_model(structure)
+        if name not in self.loaded:
+            if self.warm:
+                from .card import ready_model
+
+                self.loaded[name], self.startup_s[name] = ready_model(name, **self.load_options)
+            else:
+                self.loaded[name] = load_model(name, **self.load_options)
+        return self.loaded[name]
+
+
 def resolve_auto_model(model, structure):
     """``model`` as given, or for ``"auto"`` the shipped model's name :func:`choose_model` picks for ``structure``
     (a :class:`Structure`, a file, or ASE Atoms as the calculator runs them; read only for ``"auto"``)."""
