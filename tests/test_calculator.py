@@ -1,5 +1,7 @@
 """The ASE calculator's guess logic (no SIESTA needed): ML DM written, or a fallback that says why."""
 
+import contextlib
+import warnings
 
 import pytest
 from ase import Atoms
@@ -383,20 +385,16 @@ def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_di
         if ml_run == "does not converge":  # the failed run's output says how far it got
             assert "after 2 SCF iterations" in record.reason
         assert {"does not converge": "the SCF did not converge", "crashes": "error: 134"}[ml_run] in record.reason
-    ml_run = "atomic crashes"
+    ml_run = "atomic crashes"  # read by execute() above
     atoms.calc.guess = "atomic"
     atoms.rattle(0.01)
     with pytest.raises(CalculationFailed):
         atoms.get_potential_energy()
 
 
+@contextlib.contextmanager
 def _no_warning():
-    import contextlib
-    import warnings
-
-    @contextlib.contextmanager
-    def none():
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)
-            yield
-    return none()
+    """Any UserWarning inside is an error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        yield
