@@ -102,7 +102,8 @@ def test_an_scf_cut_off_from_the_ml_guess_is_run_again_from_the_atomic_guess(sie
         warnings.simplefilter("always")
         energy = atoms.get_potential_energy()
     record = atoms.calc.guess_record
-    assert record.guess == "atomic" and "SIESTA failed from the ml guess after 1 SCF iteration (the SCF did not converge)" in record.reason
+    assert record.guess == "atomic"
+    assert "SIESTA failed from the ml guess after 1 SCF iteration (the SCF did not converge)" in record.reason
     assert any("rerun from its atomic guess" in str(w.message) for w in caught)
     out = parse_output(tmp_path / "siesta.out")  # the rerun's output: SIESTA's own start, cut off as well
     assert not out.dm_read_from_file and not out.converged and out.scf_iterations == 1
