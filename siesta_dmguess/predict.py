@@ -14,7 +14,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -258,11 +258,18 @@ def shipped_models_covering(structure: Structure) -> list[str]:
     return [name for _, name in sorted(covering)]
 
 
-def choose_model(structure: Structure) -> str:
-    """The shipped model ``auto`` stands for: the most specialized one that covers every species of the structure
-    (`water` rather than `chno-molecules` for water, which both cover). Only the species decide; the chosen
-    model's basis and settings are then checked as those of a model named by hand, so a run with another basis
-    still gets the error that names the difference."""
+def choose_model(structure: Structure, load=None) -> str:
+    """The shipped model ``auto`` stands for. Of the shipped models that cover every species of the structure
+    (:func:`shipped_models_covering`, most specialized first), the first in whose training data the structure
+    lies (novelty score within the model's flag level, :func:`structure_novelty`), else the one it is least novel
+    to (lowest novelty in multiples of the flag level). So water gets `water` rather than `chno-molecules`, which
+    also covers it, while H2O2 or O3, which `water` never saw (novelty 3-21x its flag level against 0.2-1.1x for
+    `chno-molecules` in `g2`), get `chno-molecules`. Where one model covers the species, it is chosen without
+    being run. ``load``: name → :class:`~siesta_dmguess.card.LoadedModel` (default: each shipped model loaded
+    once per process).
+
+    The chosen model's basis and settings are then checked as those of a model named by hand, so a run with
+    another basis still gets the error that names the difference."""
     from .card import list_shipped_models, read_card
 
     covering = shipped_models_covering(structure)
@@ -271,7 +278,43 @@ def choose_model(structure: Structure) -> str:
         raise ModelCompatibilityError(f"no shipped model covers species {sorted(set(structure.labels))} "
                                       f"(shipped: {shipped}); train one with 'siesta-dmguess train'",
                                       structure.source or None)
-    return covering[0]
+    if len(covering) == 1:
+        return covering[0]
+    load = load or _shipped_model
+    relative = {}
+    for name in covering:
+        novelty, threshold = structure_novelty(structure, load(name))
+        relative[name] = novelty / threshold if threshold > 0 else 0.0  # a model with no flag level: taken as is
+        if relative[name] <= 1.0:
+            break
+    chosen = min(relative, key=relative.get) if relative[name] > 1.0 else name
+    if chosen != covering[0]:
+        log.info("%s: model %s chosen over %s (novelty %s of each model's flag level)", structure.source or
+                 "structure", chosen, ", ".join(covering[:covering.index(chosen)]),
+                 ", ".join(f"{n} {r:.2f}x" for n, r in relative.items()))
+    return chosen
+
+
+@lru_cache(maxsize=None)
+def _shipped_model(name: str) -> LoadedModel:
+    return load_model(name)
+
+
+def structure_novelty(structure: Structure, loaded: LoadedModel) -> tuple[float, float]:
+    """The structure's novelty score for a model (largest per-atom score, as :attr:`Prediction.novelty`) and the
+    model's flag level, from the network's atom features alone: no DM is assembled or refined."""
+    import torch
+
+    from .model import collate
+
+    species_of = model_species_of_labels(structure, loaded.config.species)
+    structure = replace(structure, labels=[species_of[label] or label for label in structure.labels])
+    cfg, model = loaded.config, loaded.model
+    sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.message_cutoff, name=structure.source,
+                            fold_reach=cfg.fold_reach, fold=not structure.fdf_settings.get("kgrid", False))
+    batch = collate([sample], len(model.species), next(model.parameters()).dtype, with_targets=False)
+    with torch.no_grad():
+        return float(model.novelty(batch).max()), float(model.novelty_threshold)
 
 
 class AutoModels:
@@ -285,7 +328,10 @@ class AutoModels:
         self.startup_s: dict[str, float] = {}
 
     def for_structure(self, structure: Structure) -> LoadedModel:
-        name = choose_model(structure)
+        return self.model(choose_model(structure, load=self.model))
+
+    def model(self, name: str) -> LoadedModel:
+        """The shipped model ``name``, loaded (and warmed up) on first use."""
         if name not in self.loaded:
             if self.warm:
                 from .card import ready_model

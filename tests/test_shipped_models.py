@@ -244,6 +244,17 @@ def test_predict_prints_mulliken_charges(tmp_path, capsys):
     assert np.allclose(printed, siesta_mulliken_charges(folder), atol=2e-4)  # printed to 4 decimals
 
 
+def boxed_molecule(name, box=12.0):
+    """ASE's G2 geometry of ``name``, centred in the datasets' 12 Å box."""
+    from ase.build import molecule
+
+    atoms = molecule(name)
+    atoms.set_cell([box] * 3)
+    atoms.center()
+    atoms.pbc = True
+    return structure_from_atoms(atoms)
+
+
 def test_auto_model_is_the_most_specialized_shipped_model_that_covers_the_species():
     """``--model auto``: water goes to `water` (which `chno-molecules` covers too), other CHNO molecules to
     `chno-molecules`, silicon to `silicon`; a species label stands for its element (``Ow``); a species no shipped
@@ -252,17 +263,43 @@ def test_auto_model_is_the_most_specialized_shipped_model_that_covers_the_specie
 
     from siesta_dmguess.predict import choose_model
 
-    assert choose_model(example(["O", "H", "H"])) == "water"
-    assert choose_model(example(["H"])) == "water"
+    assert choose_model(boxed_molecule("H2O")) == "water"
     assert choose_model(example(["C", "O", "H", "H", "H", "H"])) == "chno-molecules"
     assert choose_model(example(["N", "H", "H", "H"])) == "chno-molecules"
     assert choose_model(example(["Si", "Si"])) == "silicon"
-    water = example(["O", "H", "H"])
+    water = boxed_molecule("H2O")
     assert choose_model(replace(water, labels=["Ow", "Hw", "Hw"])) == "water"
     with pytest.raises(ModelCompatibilityError, match=r"no shipped model covers species \['Si', 'O'\]|"
                                                       r"no shipped model covers species \['O', 'Si'\]") as err:
         choose_model(example(["Si", "O", "O"]))
     assert "silicon ['Si']" in str(err.value) and "water ['H', 'O']" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["H2O2", "O3"])
+def test_auto_model_passes_over_a_covering_model_that_never_saw_the_molecule(name):
+    """H2O2 and O3 hold only H and O, which `water` covers, but `water` learned water alone: the structure lies
+    far outside its training data (novelty above its flag level) and inside `chno-molecules`', so ``auto`` takes
+    `chno-molecules`. Water itself stays with the more specialized `water`."""
+    from siesta_dmguess.predict import _shipped_model, choose_model, shipped_models_covering, structure_novelty
+
+    structure = boxed_molecule(name)
+    assert shipped_models_covering(structure)[0] == "water"
+    novelty, flag = structure_novelty(structure, _shipped_model("water"))
+    assert novelty > flag
+    novelty, flag = structure_novelty(structure, _shipped_model("chno-molecules"))
+    assert novelty <= flag
+    assert choose_model(structure) == "chno-molecules"
+
+
+def test_novelty_for_the_choice_is_the_prediction_s():
+    """:func:`structure_novelty` (used to choose a model, no DM assembled) gives the score a prediction reports."""
+    from siesta_dmguess.predict import _shipped_model, structure_novelty
+
+    structure = boxed_molecule("H2O2")
+    loaded = _shipped_model("water")
+    novelty, flag = structure_novelty(structure, loaded)
+    pred = predict_density_matrix(structure, loaded, force=True)
+    assert novelty == pytest.approx(pred.novelty, rel=1e-6) and flag == pred.novelty_threshold
 
 
 def test_species_error_names_the_shipped_models_that_cover_the_structure():
