@@ -124,8 +124,8 @@ def median_run(runs: list[GuessResult]) -> GuessResult:
 
 def models_of_runs(model, fdfs: dict[str, Path], force: bool = False) -> tuple[dict, dict[str, str], float]:
     """Each run's model, loaded and warmed up once: ``model`` for every run, or for ``"auto"`` the shipped model
-    :func:`~siesta_dmguess.predict.choose_model` picks for the run's species, as ``predict`` does for each
-    structure of a batch (a folder may hold water, CHNO molecules and silicon).
+    :func:`~siesta_dmguess.predict.choose_model` picks for the run (by its species and novelty), as ``predict``
+    does for each structure of a batch (a folder may hold water, CHNO molecules and silicon).
 
     Returns run id → :class:`~siesta_dmguess.card.LoadedModel`, the runs left out (run id → why: no shipped model
     covers its species, or its model does not cover it, :func:`~siesta_dmguess.predict.check_compatibility`,

@@ -260,7 +260,8 @@ def _cmd_models(args) -> int:
         for entry in card.get("basis", {}).values():
             print(f"  basis {entry['shells']} [{entry['hash']}]")
     if names:
-        print("--model auto (the default) takes the model with the fewest species that covers a structure's")
+        print("--model auto (the default) takes the model with the fewest species that covers a structure's, "
+              "unless the structure is far more novel to it than to another covering model")
     return 0
 
 
@@ -291,7 +292,7 @@ def add_model_argument(parser) -> None:
     parser.add_argument("--model", default="auto",
                         help="shipped model name (`siesta-dmguess models` lists them) or model folder; default auto: "
                              "the shipped model with the fewest species that covers the structure's (water for "
-                             "water, chno-molecules for other CHNO molecules, silicon for Si)")
+                             "water, chno-molecules for other CHNO molecules such as H2O2, silicon for Si)")
 
 
 def add_threads_argument(parser) -> None:

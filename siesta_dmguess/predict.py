@@ -258,12 +258,22 @@ def shipped_models_covering(structure: Structure) -> list[str]:
     return [name for _, name in sorted(covering)]
 
 
+# How much less novel (in multiples of each model's flag level) a structure must be to a less specialized covering
+# model for ``auto`` to pass over the more specialized one it lies outside of. Stretched water molecules score
+# alike for `water` and `chno-molecules` (1.7x and 1.7x, 2.0x and 1.9x), and there `water`'s guesses took as many
+# SIESTA iterations or one fewer (`h2o-stretched`: 56 in all, 57 with `chno-molecules` for the three most
+# stretched); H2O2 and O3 score 2.9-21x for `water` and 0.2-1.1x for `chno-molecules`, whose guess starts SIESTA
+# where `water`'s is refused (integration/benchmarks/auto_choice.py prints these scores).
+CHOICE_NOVELTY_FACTOR = 2.0
+
+
 def choose_model(structure: Structure, load=None) -> str:
     """The shipped model ``auto`` stands for. Of the shipped models that cover every species of the structure
-    (:func:`shipped_models_covering`, most specialized first), the first in whose training data the structure
-    lies (novelty score within the model's flag level, :func:`structure_novelty`), else the one it is least novel
-    to (lowest novelty in multiples of the flag level). So water gets `water` rather than `chno-molecules`, which
-    also covers it, while H2O2 or O3, which `water` never saw (novelty 3-21x its flag level against 0.2-1.1x for
+    (:func:`shipped_models_covering`, most specialized first), the first, unless the structure lies outside its
+    training data (novelty score above the model's flag level, :func:`structure_novelty`) and another covering
+    model finds it at least :data:`CHOICE_NOVELTY_FACTOR` times less novel (novelty in multiples of each model's
+    flag level); then the one it is least novel to. So water gets `water` rather than `chno-molecules`, which
+    also covers it, while H2O2 or O3, which `water` never saw (novelty 2.9-21x its flag level against 0.2-1.1x for
     `chno-molecules` in `g2`), get `chno-molecules`. Where one model covers the species, it is chosen without
     being run. ``load``: name → :class:`~siesta_dmguess.card.LoadedModel` (default: each shipped model loaded
     once per process).
@@ -287,7 +297,9 @@ def choose_model(structure: Structure, load=None) -> str:
         relative[name] = novelty / threshold if threshold > 0 else 0.0  # a model with no flag level: taken as is
         if relative[name] <= 1.0:
             break
-    chosen = min(relative, key=relative.get) if relative[name] > 1.0 else name
+    least_novel = min(relative, key=relative.get)
+    first = relative[covering[0]]
+    chosen = least_novel if first > 1.0 and relative[least_novel] * CHOICE_NOVELTY_FACTOR < first else covering[0]
     if chosen != covering[0]:
         log.info("%s: model %s chosen over %s (novelty %s of each model's flag level)", structure.source or
                  "structure", chosen, ", ".join(covering[:covering.index(chosen)]),

@@ -291,6 +291,23 @@ def test_auto_model_passes_over_a_covering_model_that_never_saw_the_molecule(nam
     assert choose_model(structure) == "chno-molecules"
 
 
+def test_auto_model_keeps_the_specialized_model_where_the_other_is_not_much_more_familiar():
+    """A water molecule with one O-H bond stretched to 1.8 Å is outside `water`'s training data and a little less
+    novel to `chno-molecules` (less than CHOICE_NOVELTY_FACTOR times): ``auto`` keeps `water`, whose guesses took
+    as many SIESTA iterations or fewer on such molecules (`h2o-stretched`)."""
+    from siesta_dmguess.predict import CHOICE_NOVELTY_FACTOR, _shipped_model, choose_model, structure_novelty
+
+    atoms = boxed_molecule("H2O").atoms.copy()
+    bond = atoms.positions[1] - atoms.positions[0]
+    atoms.positions[1] = atoms.positions[0] + 1.8 * bond / np.linalg.norm(bond)
+    structure = structure_from_atoms(atoms)
+    relative = {name: np.divide(*structure_novelty(structure, _shipped_model(name)))
+                for name in ("water", "chno-molecules")}
+    assert relative["water"] > 1.0 and relative["chno-molecules"] < relative["water"]
+    assert relative["chno-molecules"] * CHOICE_NOVELTY_FACTOR > relative["water"]
+    assert choose_model(structure) == "water"
+
+
 def test_novelty_for_the_choice_is_the_prediction_s():
     """:func:`structure_novelty` (used to choose a model, no DM assembled) gives the score a prediction reports."""
     from siesta_dmguess.predict import _shipped_model, structure_novelty
