@@ -319,14 +319,22 @@ def structure_novelty(structure: Structure, loaded: LoadedModel) -> tuple[float,
 
     from .model import collate
 
-    species_of = model_species_of_labels(structure, loaded.config.species)
-    structure = replace(structure, labels=[species_of[label] or label for label in structure.labels])
-    cfg, model = loaded.config, loaded.model
-    sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.message_cutoff, name=structure.source,
-                            fold_reach=cfg.fold_reach, fold=not structure.fdf_settings.get("kgrid", False))
+    model = loaded.model
+    _, sample = model_sample(structure, loaded, fold=not structure.fdf_settings.get("kgrid", False))
     batch = collate([sample], len(model.species), next(model.parameters()).dtype, with_targets=False)
     with torch.no_grad():
         return float(model.novelty(batch).max()), float(model.novelty_threshold)
+
+
+def model_sample(structure: Structure, loaded: LoadedModel, fold: bool) -> tuple[Structure, Sample]:
+    """The structure with its species labels as the model names them (``Ow`` → ``O``, :func:`model_species_of_labels`)
+    and its graph and block layout for the model."""
+    species_of = model_species_of_labels(structure, loaded.config.species)
+    if any(species not in (None, label) for label, species in species_of.items()):
+        structure = replace(structure, labels=[species_of[label] or label for label in structure.labels])
+    cfg = loaded.config
+    return structure, prepare_sample(structure, loaded.basis, cfg.species, cfg.message_cutoff, name=structure.source,
+                                     fold_reach=cfg.fold_reach, fold=fold)
 
 
 class AutoModels:
@@ -446,14 +454,9 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     model = resolve_auto_model(model, structure)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     warnings = check_compatibility(structure, loaded, force=force)
-    species_of = model_species_of_labels(structure, loaded.config.species)
-    if any(species not in (None, label) for label, species in species_of.items()):  # e.g. "Ow" -> "O"
-        structure = replace(structure, labels=[species_of[label] or label for label in structure.labels])
-    cfg = loaded.config
     if fold is None:
         fold = not structure.fdf_settings.get("kgrid", False)
-    sample = prepare_sample(structure, loaded.basis, cfg.species, cfg.message_cutoff, name=structure.source,
-                            fold_reach=cfg.fold_reach, fold=fold)
+    structure, sample = model_sample(structure, loaded, fold)
     n_expected = _expected_electrons(structure, loaded.basis)
     sampling_reason = _sampling_reason(sample, loaded)
     # The ΔH head only steers the dense projection: skip it where that will not run (keeps large systems O(N)).

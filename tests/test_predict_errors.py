@@ -269,18 +269,18 @@ def test_predict_of_several_structures_reports_the_start_up_apart(model_dir, tmp
 
     from siesta_dmguess.card import LoadedModel
 
-    def slow_warm_up(self):  # a start-up that stands out against a tiny model's prediction
-        time.sleep(1.0)
-        return 1.0
+    def slow_warm_up(self):  # a start-up that stands out against a tiny model's prediction, even on a busy machine
+        time.sleep(3.0)
+        return 3.0
 
     monkeypatch.setattr(LoadedModel, "warm_up", slow_warm_up)
     paths = water_files(tmp_path, 2)
     assert main(["predict", *paths, "--model", str(model_dir)]) == 0
     out = capsys.readouterr().out
     startup = re.findall(r"ready in ([0-9.]+) s \(loading the model", out)
-    assert len(startup) == 1 and float(startup[0]) >= 1.0
+    assert len(startup) == 1 and float(startup[0]) >= 3.0
     times = [float(t) for t in re.findall(r"predicted in ([0-9.]+) s", out)]
-    assert len(times) == 2 and max(times) < 1.0
+    assert len(times) == 2 and max(times) < 3.0
     assert main(["predict", paths[0], "--model", str(model_dir), "-o", str(tmp_path / "one.DM")]) == 0
     out = capsys.readouterr().out
     assert "ready in" not in out
