@@ -382,10 +382,9 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     import ase.io
     from tqdm.auto import tqdm
 
-    from .card import ready_model
     from .dm import build_geometry, to_image_keyed
     from .history import TrajectoryHistory
-    from .predict import predict_density_matrix, resolve_auto_model
+    from .predict import predict_density_matrix, ready_chosen_model
     from .siesta.templates import fdf_with_geometry
     from .structure import FdfFrames, resolve_fdf
 
@@ -403,7 +402,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     frames_in_fdf = FdfFrames(fdf_template)
     loaded, startup_s = None, 0.0
     if any(g.startswith("ml") for g in guesses):
-        loaded, startup_s = ready_model(resolve_auto_model(model, fdf_template))  # "auto": by the template's species
+        loaded, startup_s = ready_chosen_model(model, fdf_template)  # "auto": chosen for the template's structure
     pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
     histories = {g: TrajectoryHistory(depth) for g in guesses}
     frame_labels = [frames_in_fdf.labels(atoms) for atoms in images]

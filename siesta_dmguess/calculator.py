@@ -193,10 +193,9 @@ class DMGuessSiesta(Siesta):
 
     def _model(self, atoms):
         if self._loaded is None:  # once: its time is this step's start-up, not part of its prediction_s
-            from .card import ready_model
-            from .predict import resolve_auto_model
+            from .predict import ready_chosen_model
 
-            self._loaded, self._startup_s = ready_model(resolve_auto_model(self.model_name, atoms))
+            self._loaded, self._startup_s = ready_chosen_model(self.model_name, atoms)
         return self._loaded
 
     def _dm_path(self) -> Path:

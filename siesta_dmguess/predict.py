@@ -362,18 +362,39 @@ class AutoModels:
         return self.loaded[name]
 
 
+def _is_auto(model) -> bool:
+    return isinstance(model, str) and model == AUTO_MODEL
+
+
+def _as_structure(structure) -> Structure:
+    """A :class:`Structure` from a Structure, a file, or ASE Atoms as the calculator runs them."""
+    if isinstance(structure, Structure):
+        return structure
+    from ase import Atoms
+
+    from .structure import structure_as_siesta_runs
+
+    return structure_as_siesta_runs(structure) if isinstance(structure, Atoms) else read_structure(structure)
+
+
 def resolve_auto_model(model, structure):
     """``model`` as given, or for ``"auto"`` the shipped model's name :func:`choose_model` picks for ``structure``
     (a :class:`Structure`, a file, or ASE Atoms as the calculator runs them; read only for ``"auto"``)."""
-    if not (isinstance(model, str) and model == AUTO_MODEL):
-        return model
-    if not isinstance(structure, Structure):
-        from ase import Atoms
+    return choose_model(_as_structure(structure)) if _is_auto(model) else model
 
-        from .structure import structure_as_siesta_runs
 
-        structure = structure_as_siesta_runs(structure) if isinstance(structure, Atoms) else read_structure(structure)
-    return choose_model(structure)
+def ready_chosen_model(model, structure) -> tuple[LoadedModel, float]:
+    """:func:`~siesta_dmguess.card.ready_model` for ``model``, where ``"auto"`` is the shipped model
+    :func:`choose_model` picks for ``structure`` (as :func:`resolve_auto_model` takes it). The seconds include
+    choosing, which loads and runs each covering model it tries: the start-up the calculator and a trajectory
+    ``bench`` pay once."""
+    from .card import ready_model
+
+    if not _is_auto(model):
+        return ready_model(model)
+    t0 = time.perf_counter()
+    loaded = AutoModels().for_structure(_as_structure(structure))
+    return loaded, time.perf_counter() - t0
 
 
 def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool = False) -> list[str]:

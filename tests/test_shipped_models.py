@@ -308,6 +308,19 @@ def test_auto_model_keeps_the_specialized_model_where_the_other_is_not_much_more
     assert choose_model(structure) == "water"
 
 
+def test_the_calculator_s_auto_model_is_chosen_for_its_atoms_and_its_start_up_timed():
+    """The ASE calculator and a trajectory ``bench`` ready their model with ``ready_chosen_model``: for ``"auto"``
+    the model chosen for the atoms (H2O2: `chno-molecules`, water: `water`), loaded and warmed once, and the
+    seconds that took, choosing included; a named model is readied as named."""
+    from siesta_dmguess.predict import ready_chosen_model
+
+    peroxide, water = (boxed_molecule(name).atoms for name in ("H2O2", "H2O"))
+    loaded, seconds = ready_chosen_model("auto", peroxide)
+    assert loaded.path.name == "chno-molecules" and seconds > 0
+    assert ready_chosen_model("auto", water)[0].path.name == "water"
+    assert ready_chosen_model("water", peroxide)[0].path.name == "water"
+
+
 def test_novelty_for_the_choice_is_the_prediction_s():
     """:func:`structure_novelty` (used to choose a model, no DM assembled) gives the score a prediction reports."""
     from siesta_dmguess.predict import _shipped_model, structure_novelty
