@@ -308,6 +308,29 @@ def test_auto_model_keeps_the_specialized_model_where_the_other_is_not_much_more
     assert choose_model(structure) == "water"
 
 
+def test_auto_model_takes_the_next_covering_model_where_the_first_one_s_guess_would_be_refused():
+    """An H2O2 rattled 0.08 Å (`g2-stress` 0020 of `integration/benchmarks/unseen_structures.py`) is about as novel
+    to `water` as to `chno-molecules` (2.9x and 3.2x their flag levels), so novelty keeps `water`; but `water`'s DM
+    has no clear occupied space there (refused: SIESTA from its atomic guess, 11 iterations) and
+    `chno-molecules`' has one (8). ``auto`` takes the first covering model whose guess would be used."""
+    from ase import Atoms
+
+    from siesta_dmguess.predict import (CHOICE_NOVELTY_FACTOR, _shipped_model, choose_model, predict_density_matrix,
+                                        structure_novelty)
+
+    atoms = Atoms("OOHH", positions=[[6.3582994225, 5.2669022050, 6.3674988126],
+                                     [5.8990903843, 6.4529638378, 5.4707641018],
+                                     [5.6417005775, 4.8943482136, 6.5292358982],
+                                     [6.1111648511, 7.1056517864, 6.1411963080]], cell=[12.0] * 3, pbc=True)
+    structure = structure_from_atoms(atoms)
+    relative = {name: np.divide(*structure_novelty(structure, _shipped_model(name)))
+                for name in ("water", "chno-molecules")}
+    assert relative["water"] > 1.0 and relative["chno-molecules"] * CHOICE_NOVELTY_FACTOR > relative["water"]
+    assert predict_density_matrix(structure, _shipped_model("water")).refusal_kind == "mixed"
+    assert not predict_density_matrix(structure, _shipped_model("chno-molecules")).refusals
+    assert choose_model(structure) == "chno-molecules"
+
+
 def test_the_calculator_s_auto_model_is_chosen_for_its_atoms_and_its_start_up_timed():
     """The ASE calculator and a trajectory ``bench`` ready their model with ``ready_chosen_model``: for ``"auto"``
     the model chosen for the atoms (H2O2: `chno-molecules`, water: `water`), loaded and warmed once, and the
