@@ -274,8 +274,10 @@ def choose_model(structure: Structure, load=None) -> str:
     model finds it at least :data:`CHOICE_NOVELTY_FACTOR` times less novel (novelty in multiples of each model's
     flag level); then the one it is least novel to. So water gets `water` rather than `chno-molecules`, which
     also covers it, while H2O2 or O3, which `water` never saw (novelty 2.9-21x its flag level against 0.2-1.1x for
-    `chno-molecules` in `g2`), get `chno-molecules`. Where one model covers the species, it is chosen without
-    being run. ``load``: name → :class:`~siesta_dmguess.card.LoadedModel` (default: each shipped model loaded
+    `chno-molecules` in `g2`), get `chno-molecules`. And where the structure is novel to the most specialized
+    covering model, a model whose prediction would be refused (:attr:`Prediction.refusals`) gives way to the next
+    covering model whose prediction would not (:func:`_first_usable`). Where one model covers the species, it is
+    chosen without being run. ``load``: name → :class:`~siesta_dmguess.card.LoadedModel` (default: each shipped model loaded
     once per process).
 
     The chosen model's basis and settings are then checked as those of a model named by hand, so a run with

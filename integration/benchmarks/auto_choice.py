@@ -3,8 +3,9 @@
     python integration/benchmarks/auto_choice.py ../shared/datasets/g2 ../shared/datasets/h2o unseen/h2o-stretched
 
 For every run folder (``*/input.fdf``) that more than one shipped model covers, prints its novelty score under
-each of them in multiples of that model's flag level, and the model ``predict.choose_model`` picks (marked where it
-is not the most specialized one). Then the mean time of the choice against that of the chosen model's
+each of them in multiples of that model's flag level (with the kind of refusal where that model's prediction would
+not be used: ``Prediction.refusal_kind``), and the model ``predict.choose_model`` picks (marked where it is not the
+most specialized one). Then the mean time of the choice against that of the chosen model's
 prediction, both after a warm-up (one thread unless ``--threads``). No SIESTA runs.
 """
 
@@ -25,8 +26,7 @@ def main() -> None:
 
     import torch
 
-    from siesta_dmguess.predict import (_shipped_model, choose_model, predict_density_matrix,
-                                        shipped_models_covering, structure_novelty)
+    from siesta_dmguess.predict import _shipped_model, choose_model, predict_density_matrix, shipped_models_covering
     from siesta_dmguess.structure import read_structure
 
     torch.set_num_threads(args.threads)
@@ -37,8 +37,11 @@ def main() -> None:
             covering = shipped_models_covering(structure)
             if len(covering) < 2:
                 continue
-            relative = {name: "{:.2f}x".format(novelty / flag if flag else 0.0)
-                        for name in covering for novelty, flag in [structure_novelty(structure, _shipped_model(name))]}
+            relative = {}
+            for name in covering:
+                pred = predict_density_matrix(structure, _shipped_model(name))
+                ratio = pred.novelty / pred.novelty_threshold if pred.novelty_threshold else 0.0
+                relative[name] = f"{ratio:.2f}x" + (f" ({pred.refusal_kind})" if pred.refusal_kind else "")
             chosen = choose_model(structure)  # warm: the timed calls below measure the work, not the loading
             loaded = _shipped_model(chosen)
             predict_density_matrix(structure, loaded)
