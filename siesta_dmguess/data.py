@@ -197,16 +197,23 @@ def load_run(folder: str | Path):
 
 def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], mp_cutoff: float,
                  split: str | None = None, progress: bool = False, with_overlap: bool = False,
-                 fold_reach: float = 0.0) -> list[Sample]:
+                 fold_reach: float = 0.0, max_train: int = 0) -> list[Sample]:
     """Read every run of the given datasets (optionally one split) into samples with targets.
 
     ``with_overlap`` also reads S and H from the run's ``.HSX`` (where present) into
     ``sample.meta['overlap']`` and ``sample.meta['hamiltonian']`` (eV), aligned with the stored reference
     elements, for Tr(D S) and the band-structure energy Tr(D H).
+
+    ``max_train`` (``train --max-train``): where some run records a ``val`` split (or ``split="train"``), read only
+    the first ``max_train`` training runs, in order, which are all that training keeps; without a val split the
+    hold-out is drawn from every run, so all are read.
     """
     from tqdm.auto import tqdm
 
     records = [r for d in data_dirs for r in list_runs(d) if r.in_split(split)]
+    if max_train and (split == "train" or any(r.split == "val" for r in records)):
+        training = {id(r) for r in [r for r in records if r.split in ("train", "")][:max_train]}
+        records = [r for r in records if r.split == "val" or id(r) in training]
     samples = []
     for rec in tqdm(records, desc="reading runs", disable=not progress):
         structure, run_b, dm, hsx = load_run(rec.folder)

@@ -168,7 +168,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     species = cfg.species
     cutoff = max(cfg.message_cutoff, float(stage_overrides.get("mp_cutoff", 0.0)))
     samples = load_samples(data_dirs, species, basis, cutoff, progress=options.progress, with_overlap=True,
-                           fold_reach=cfg.fold_reach)
+                           fold_reach=cfg.fold_reach, max_train=options.max_train)
     train_set, val_set = _split(samples, options)
     if not train_set:
         raise InputFileError("no training structures found", data_dirs[0])

@@ -116,7 +116,8 @@ def test_residual_stage_starts_as_the_frozen_model_and_lowers_its_training_error
     base = tmp_path / "base"
     train([data], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
     old = load_model(base)
-    samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train")[:8]
+    samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train",
+                           max_train=8)
     staged, _ = add_residual_stage(old.model, samples)
     before_all = predict_flat(old.model, samples)
     after = predict_flat(staged.eval(), samples)
@@ -210,7 +211,8 @@ def test_density_loss_stage_counts_each_structure_relative_to_the_frozen_model(t
     base = tmp_path / "base"
     train([data], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
     old = load_model(base)
-    samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train")[:6]
+    samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train",
+                           max_train=6)
     attach_folded_overlap(samples, old.basis)
     absolute = structure_density_losses(old.model, samples)
     assert len(set(absolute)) == 6 and min(absolute) > 0
@@ -270,7 +272,8 @@ def test_an_onsite_stage_changes_only_the_onsite_blocks_and_lowers_their_error(t
     assert card["training"]["best_epoch"] == int(np.argmin([h["val_mean_max_abs"] for h in result.history]))
     old, new = load_model(base), load_model(tmp_path / "on")
     assert new.model.residuals[0].edge_head is None
-    samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train")[:6]
+    samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train",
+                           max_train=6)
     before, after = predict_flat(old.model, samples), predict_flat(new.model.eval(), samples)
     onsite_error = []
     for s, b, a in zip(samples, before, after):
@@ -281,3 +284,27 @@ def test_an_onsite_stage_changes_only_the_onsite_blocks_and_lowers_their_error(t
     assert np.sum(np.array(onsite_error)[:, 1] ** 2) < np.sum(np.array(onsite_error)[:, 0] ** 2)
     assert new.config.residual_stages[0]["pair_set"] == "onsite" and torch.is_tensor(
         new.model.residuals[0].node_head.weight)
+
+
+def test_max_train_reads_only_the_training_runs_it_keeps(tmp_path):
+    """``--max-train N`` on a folder with a val split reads its first N training runs and every val run, the
+    structures training keeps (the others are not read at all); without a val split every run is read, because
+    the hold-out is drawn from all of them."""
+    import shutil
+
+    from siesta_dmguess.data import list_runs, load_samples
+    from siesta_dmguess.train import dataset_basis
+
+    data = dataset("h2o")
+    basis = dataset_basis([data])
+    runs = list_runs(data)
+    samples = load_samples([data], ["H", "O"], basis, 3.0, max_train=3)
+    expected = [r for r in runs if r.split == "train"][:3] + [r for r in runs if r.split == "val"]
+    assert sorted(s.name for s in samples) == sorted(str(r.folder) for r in expected)
+    assert [s.name for s in load_samples([data], ["H", "O"], basis, 3.0, split="train", max_train=2)] == \
+        [str(r.folder) for r in expected[:2]]
+    folder = tmp_path / "no-split"  # four runs and no index.json: all four are read
+    for r in runs[:4]:
+        shutil.copytree(r.folder, folder / r.id)
+    shutil.copytree(data / "basis", folder / "basis")
+    assert len(load_samples([folder], ["H", "O"], basis, 3.0, max_train=1)) == 4
