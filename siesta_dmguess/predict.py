@@ -277,8 +277,8 @@ def choose_model(structure: Structure, load=None) -> str:
     `chno-molecules` in `g2`), get `chno-molecules`. And where the structure is novel to the most specialized
     covering model, a model whose prediction would be refused (:attr:`Prediction.refusals`) gives way to the next
     covering model whose prediction would not (:func:`_first_usable`). Where one model covers the species, it is
-    chosen without being run. ``load``: name → :class:`~siesta_dmguess.card.LoadedModel` (default: each shipped model loaded
-    once per process).
+    chosen without being run. ``load``: name → :class:`~siesta_dmguess.card.LoadedModel` (default: each shipped
+    model loaded once per process).
 
     The chosen model's basis and settings are then checked as those of a model named by hand, so a run with
     another basis still gets the error that names the difference."""
@@ -302,12 +302,14 @@ def choose_model(structure: Structure, load=None) -> str:
     least_novel = min(relative, key=relative.get)
     first = relative[covering[0]]
     chosen = least_novel if first > 1.0 and relative[least_novel] * CHOICE_NOVELTY_FACTOR < first else covering[0]
+    by_novelty = chosen
     if first > 1.0:  # novel to the first model: a refused guess from it is worth another model's usable one
         chosen = _first_usable(structure, [chosen] + [name for name in covering if name != chosen], load)
     if chosen != covering[0]:
-        log.info("%s: model %s chosen over %s (novelty %s of each model's flag level)", structure.source or
+        log.info("%s: model %s chosen over %s (novelty %s of each model's flag level%s)", structure.source or
                  "structure", chosen, ", ".join(covering[:covering.index(chosen)]),
-                 ", ".join(f"{n} {r:.2f}x" for n, r in relative.items()))
+                 ", ".join(f"{n} {r:.2f}x" for n, r in relative.items()),
+                 "" if chosen == by_novelty else f"; {by_novelty}'s prediction would be refused")
     return chosen
 
 
