@@ -5,8 +5,8 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
 
 * ``model``: a shipped model name, a model folder or a loaded model; ``"auto"`` (default) takes the
   shipped model with the fewest species that covers the atoms', unless the atoms lie outside its training
-  data and another covering model knows them much better (``predict.choose_model``), chosen at the first ML
-  step;
+  data and another covering model knows them much better or would give a prediction that is used where its
+  own would be refused (``predict.choose_model``), chosen at the first ML step;
 * ``guess``: how each SCF starts (see :mod:`siesta_dmguess.history`):
   ``"ml+residual"`` (default: the prediction; along MD and relaxations, SIESTA's
   DM extrapolation plus the model's prediction of the change, weighted by how

@@ -261,7 +261,8 @@ def _cmd_models(args) -> int:
             print(f"  basis {entry['shells']} [{entry['hash']}]")
     if names:
         print("--model auto (the default) takes the model with the fewest species that covers a structure's, "
-              "unless the structure is far more novel to it than to another covering model")
+              "unless the structure is far more novel to it than to another covering model, or its prediction "
+              "from it would be refused where another's would not")
     return 0
 
 
