@@ -212,7 +212,7 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
 
     records = [r for d in data_dirs for r in list_runs(d) if r.in_split(split)]
     if max_train and (split == "train" or any(r.split == "val" for r in records)):
-        training = {id(r) for r in [r for r in records if r.split in ("train", "")][:max_train]}
+        training = {id(r) for r in [r for r in records if r.in_split("train")][:max_train]}
         records = [r for r in records if r.split == "val" or id(r) in training]
     samples = []
     for rec in tqdm(records, desc="reading runs", disable=not progress):
