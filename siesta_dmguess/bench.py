@@ -179,13 +179,13 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
     find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
     from tqdm.auto import tqdm
 
-    from .data import find_fdf, list_runs, resolve_split
+    from .data import find_fdf, resolve_split, select_runs
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     name = benchmark_name(name, data_dir.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     split = resolve_split(data_dir, split)
-    records = [r for r in list_runs(data_dir) if r.in_split(split)]
+    records = select_runs([data_dir], split)
     if limit:
         records = records[:limit]
     if not records:

@@ -195,6 +195,18 @@ def load_run(folder: str | Path):
     return structure, basis, dm, (hsx if hsx.is_file() else None)
 
 
+def select_runs(data_dirs, split: str | None = None, max_train: int = 0) -> list[RunRecord]:
+    """The runs :func:`load_samples` reads: every run of the datasets (optionally one split); with ``max_train``
+    (``train --max-train``), where some run records a ``val`` split (or ``split="train"`` is asked), only the first
+    ``max_train`` training runs, in order, which are all that training keeps. Without a val split the hold-out is
+    drawn from every run, so all are kept."""
+    records = [r for d in data_dirs for r in list_runs(d) if r.in_split(split)]
+    if max_train and (split == "train" or any(r.split == "val" for r in records)):
+        training = {id(r) for r in [r for r in records if r.in_split("train")][:max_train]}
+        records = [r for r in records if r.split == "val" or id(r) in training]
+    return records
+
+
 def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], mp_cutoff: float,
                  split: str | None = None, progress: bool = False, with_overlap: bool = False,
                  fold_reach: float = 0.0, max_train: int = 0) -> list[Sample]:
@@ -204,18 +216,12 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
     ``sample.meta['overlap']`` and ``sample.meta['hamiltonian']`` (eV), aligned with the stored reference
     elements, for Tr(D S) and the band-structure energy Tr(D H).
 
-    ``max_train`` (``train --max-train``): where some run records a ``val`` split (or ``split="train"``), read only
-    the first ``max_train`` training runs, in order, which are all that training keeps; without a val split the
-    hold-out is drawn from every run, so all are read.
+    ``max_train``: read only the training runs that training keeps (:func:`select_runs`).
     """
     from tqdm.auto import tqdm
 
-    records = [r for d in data_dirs for r in list_runs(d) if r.in_split(split)]
-    if max_train and (split == "train" or any(r.split == "val" for r in records)):
-        training = {id(r) for r in [r for r in records if r.in_split("train")][:max_train]}
-        records = [r for r in records if r.split == "val" or id(r) in training]
     samples = []
-    for rec in tqdm(records, desc="reading runs", disable=not progress):
+    for rec in tqdm(select_runs(data_dirs, split, max_train), desc="reading runs", disable=not progress):
         structure, run_b, dm, hsx = load_run(rec.folder)
         check_basis_matches(run_b, basis, rec.folder)
         if dm is None:

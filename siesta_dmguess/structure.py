@@ -115,13 +115,14 @@ def _is_fdf(path: Path) -> bool:
 
 @functools.cache
 def _fdf_sile_class():
-    """sisl's fdf reader with two fixes, written here because sisl 0.20 lacks them:
+    """sisl's fdf reader with two fixes, written here because sisl 0.20 lacks them, and one shortcut:
 
     - a block piped from a file (``%block X < file``) whose file holds the ``%block X`` / ``%endblock X`` lines
       itself: SIESTA's fdf library skips them (checked with SIESTA 4.1: the same coordinates), sisl read them as
       data;
     - sisl's ``_seek`` reopened the file it already held, so its handle was never closed (a ResourceWarning per
-      fdf), nor the parent of an ``%include`` file a key was found in.
+      fdf), nor the parent of an ``%include`` file a key was found in;
+    - the geometry's species come from the fdf alone (:meth:`read_basis`), not from the run's output files.
     """
     import sisl
 
@@ -133,6 +134,13 @@ def _fdf_sile_class():
                 ends = [i for i, line in enumerate(value) if line.split()[0].lower() == "%endblock"]
                 value = value[:ends[0]] if ends else value
             return value
+
+        def read_basis(self, *args, **kwargs):
+            # read_geometry asks for the basis only for each species' Z and label, which the fdf's
+            # ChemicalSpeciesLabel holds; sisl's default looks first in the run's .nc, .ion files and .HSX (an
+            # HSX read per structure: 20 % of reading one). The package reads the basis itself (basis.py).
+            kwargs.setdefault("order", ["fdf"])
+            return super().read_basis(*args, **kwargs)
 
         def _seek(self):
             if not hasattr(self, "fh"):

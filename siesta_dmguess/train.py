@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .card import atomic_torch_save, save_model, sha256_file
-from .data import is_aliased, list_runs, load_samples, run_basis
+from .data import is_aliased, load_samples, run_basis, select_runs
 from .errors import DMGuessError, InputFileError
 from .evaluate import atom_batches, evaluate_samples
 from .model import STAGE_SETTINGS, DensityMatrixModel, ModelConfig, collate, fold_to_targets, onsite_reference
@@ -61,15 +61,16 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
-def dataset_basis(data_dirs) -> dict:
-    """Species basis of the datasets: every species of every run, read once per species (checked on load)."""
+def dataset_basis(data_dirs, max_train: int = 0) -> dict:
+    """Species basis of the datasets: every species of every run training reads (:func:`~.data.select_runs`),
+    read once per species (checked on load)."""
     from .data import find_fdf
     from .structure import read_structure
 
     basis = {}
     for d in data_dirs:
         labels: dict[str, Path] = {}
-        for run in list_runs(d):
+        for run in select_runs([d], max_train=max_train):
             for label in read_structure(find_fdf(run.folder)).labels:
                 labels.setdefault(label, run.folder)
         for label, folder in labels.items():
@@ -142,6 +143,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         raise DMGuessError("--loss-power sets the element loss; --density-loss replaces it: use one of the two")
     if options.loss_power < 1:
         raise DMGuessError(f"--loss-power must be at least 1 (got {options.loss_power:g})")
+    if options.add_stage and not options.init:
+        raise DMGuessError("--add-stage needs --init: the model whose residual the new stage learns")
     check_config_overrides(config_overrides or {})
     data_dirs = [Path(d) for d in data_dirs]
     out_dir = Path(out_dir)
@@ -151,7 +154,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
 
-    basis = dataset_basis(data_dirs)
+    basis = dataset_basis(data_dirs, options.max_train)
     species = sorted(basis, key=lambda l: (basis[l].Z, l))
     overrides = dict(config_overrides or {})
     if options.correction_epochs:
@@ -176,8 +179,6 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     if options.density_loss:  # the validation structures too: the model kept is the one with the best density
         attach_folded_overlap(train_set + val_set, basis)
     if options.add_stage:
-        if not init:
-            raise InputFileError("--add-stage needs --init: the model whose residual the new stage learns", out_dir)
         if options.density_loss:  # relative too: each structure's density loss over the frozen model's
             for sample, value in zip(train_set + val_set, structure_density_losses(init, train_set + val_set)):
                 sample.meta["density_reference"] = max(value, 1e-30)

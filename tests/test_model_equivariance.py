@@ -24,17 +24,31 @@ def randomize(model, seed: int) -> None:
             p.add_(0.1 * torch.randn_like(p))
 
 
-@pytest.fixture(params=["dm", "dm+correction", "dm+residual-stage", "dm+folding-stage", "dm+wider-stage"])
-def model(float64, request):
+pytestmark = pytest.mark.usefixtures("float64")  # every test here compares float64 numbers
+
+
+@pytest.fixture(scope="module", params=["dm", "dm+correction", "dm+residual-stage", "dm+folding-stage",
+                                        "dm+wider-stage"])
+def model(request):
+    """One model of each form, built in float64 once for the module (the tests only read it)."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return _random_model(request.param)
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def _random_model(form: str) -> DensityMatrixModel:
     # correction_scale 1: ΔH blocks of DM size, so the equivariance check compares real numbers.
-    stages = [{"output_scale": 0.5, "num_layers": 1}] if request.param == "dm+residual-stage" else []
-    if request.param == "dm+wider-stage":  # a stage whose messages reach farther than the first network's
+    stages = [{"output_scale": 0.5, "num_layers": 1}] if form == "dm+residual-stage" else []
+    if form == "dm+wider-stage":  # a stage whose messages reach farther than the first network's
         stages = [{"output_scale": 0.5, "num_layers": 1, "mp_cutoff": 4.5, "avg_num_neighbors": 20.0}]
     reach = 0.0
-    if request.param == "dm+folding-stage":  # a stage that also predicts image pairs added for folding
+    if form == "dm+folding-stage":  # a stage that also predicts image pairs added for folding
         reach = 7.0
         stages = [{"output_scale": 0.5, "num_layers": 1, "pattern_cutoff": reach, "pair_set": "added"}]
-    m = DensityMatrixModel(small_config(correction_head=request.param == "dm+correction", correction_scale=1.0,
+    m = DensityMatrixModel(small_config(correction_head=form == "dm+correction", correction_scale=1.0,
                                         residual_stages=stages, fold_reach=reach))
     randomize(m, seed=1)
     return m.eval()
@@ -85,9 +99,10 @@ def test_rotation_translation_inversion(model, periodic, improper):
         got, _ = blocks(model, moved, correction)
         assert set(ref) == set(got)
         labels = atoms.get_chemical_symbols()
+        wigner = {label: wigner_siesta(label, rot) for label in set(labels)}  # once per species, not per block
         worst = 0.0
         for (i, j, S), b in ref.items():
-            expected = wigner_siesta(labels[i], rot) @ b @ wigner_siesta(labels[j], rot).T
+            expected = wigner[labels[i]] @ b @ wigner[labels[j]].T
             worst = max(worst, np.abs(got[(i, j, S)] - expected).max())
         assert worst < 1e-8
         assert max(np.abs(b).max() for b in ref.values()) > 1e-3  # the test compares real numbers
@@ -284,8 +299,13 @@ def test_inference_in_chunks_of_edges_gives_the_same_dm(model):
     networks = [model, *model.residuals]
     layers = [layer for net in networks for layer in net.layers]
     assert layers and all(hasattr(layer, "edge_chunk") for layer in layers)
-    for module in networks + layers:
-        module.edge_chunk = 7
-    chunked, _ = blocks(model, atoms)
+    chunk = {id(module): module.edge_chunk for module in networks + layers}
+    try:
+        for module in networks + layers:
+            module.edge_chunk = 7
+        chunked, _ = blocks(model, atoms)
+    finally:  # the model is the module's: later tests get it as it was
+        for module in networks + layers:
+            module.edge_chunk = chunk[id(module)]
     assert whole.keys() == chunked.keys()
     assert max(np.abs(whole[k] - chunked[k]).max() for k in whole) < 1e-12

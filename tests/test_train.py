@@ -15,6 +15,15 @@ TINY = {"hidden_irreps": "8x0e + 4x1o + 2x1e + 4x2e + 2x2o + 2x3o + 2x3e + 1x4e"
         "pair_irreps": "4x0e + 2x1o + 2x1e + 2x2e + 2x2o", "radial_hidden": 16, "mp_cutoff": 3.0}
 
 
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny model trained on h2o, read-only: the frozen model the stage and correction tests start from (trained
+    once for all of them)."""
+    base = tmp_path_factory.mktemp("h2o-base") / "base"
+    train([dataset("h2o")], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
+    return base
+
+
 def test_train_writes_model_learns_and_resumes(tmp_path):
     data = dataset("h2o")
     out = tmp_path / "m"
@@ -63,7 +72,7 @@ def test_density_loss_training_keeps_the_epoch_with_the_best_validation_density(
     assert card["training"]["best_epoch"] == int(np.argmin(density))
 
 
-def test_correction_head_trains_through_the_projection_from_a_trained_model(tmp_path):
+def test_correction_head_trains_through_the_projection_from_a_trained_model(tmp_path, base):
     """--init + --correction-epochs: the DM model is kept, the ΔH head lowers the projected training error, and
     the saved model's validation error is never worse than the plain projection's."""
     import torch
@@ -71,8 +80,6 @@ def test_correction_head_trains_through_the_projection_from_a_trained_model(tmp_
     from siesta_dmguess.evaluate import evaluate_samples
 
     data = dataset("h2o")
-    base = tmp_path / "base"
-    train([data], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
     opts = TrainOptions(epochs=0, max_train=8, progress=False, init=str(base), correction_epochs=4, eval_every=1,
                         correction_lr=5e-3)
     result = train([data], tmp_path / "corr", opts)
@@ -103,7 +110,7 @@ def test_init_from_a_model_of_other_species_is_a_clear_error(tmp_path):
                                                              correction_epochs=1))
 
 
-def test_residual_stage_starts_as_the_frozen_model_and_lowers_its_training_error(tmp_path):
+def test_residual_stage_starts_as_the_frozen_model_and_lowers_its_training_error(tmp_path, base):
     """--init + --add-stage: the new stage is scaled to the init model's training RMS, starts as a no-op, learns
     what the init model leaves over (its training error falls), and every earlier weight stays as it was."""
     import torch
@@ -113,8 +120,6 @@ def test_residual_stage_starts_as_the_frozen_model_and_lowers_its_training_error
     from siesta_dmguess.train import add_residual_stage
 
     data = dataset("h2o")
-    base = tmp_path / "base"
-    train([data], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
     old = load_model(base)
     samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train",
                            max_train=8)
@@ -165,14 +170,12 @@ def test_train_cli_reports_invalid_json_in_config(tmp_path, capsys):
     assert "--config is not valid JSON" in capsys.readouterr().err
 
 
-def test_add_stage_without_init_is_a_clear_error(tmp_path):
-    from siesta_dmguess.errors import InputFileError
-
-    with pytest.raises(InputFileError, match="--add-stage needs --init"):
-        train([dataset("h2o")], tmp_path / "m", TrainOptions(epochs=1, progress=False, add_stage=True), TINY)
+def test_add_stage_without_init_is_a_clear_error_before_anything_is_read(tmp_path):
+    with pytest.raises(DMGuessError, match="--add-stage needs --init"):
+        train([tmp_path / "no-data"], tmp_path / "m", TrainOptions(epochs=1, progress=False, add_stage=True), TINY)
 
 
-def test_a_stage_can_see_farther_than_the_frozen_networks(tmp_path):
+def test_a_stage_can_see_farther_than_the_frozen_networks(tmp_path, base):
     """--add-stage --config '{"mp_cutoff": ...}': the wider cutoff is the new stage's (with its own neighbour
     normalization), the frozen networks keep theirs, and settings that are not a stage's are refused."""
     import torch
@@ -182,8 +185,6 @@ def test_a_stage_can_see_farther_than_the_frozen_networks(tmp_path):
     from siesta_dmguess.train import add_residual_stage
 
     data = dataset("h2o")
-    base = tmp_path / "base"
-    train([data], base, TrainOptions(epochs=1, batch_atoms=12, max_train=4, progress=False), TINY)
     train([data], tmp_path / "wide", TrainOptions(epochs=1, batch_atoms=12, max_train=4, progress=False,
                                                  init=str(base), add_stage=True), {"mp_cutoff": 4.5})
     wide = load_model(tmp_path / "wide")
@@ -200,7 +201,7 @@ def test_a_stage_can_see_farther_than_the_frozen_networks(tmp_path):
         add_residual_stage(old.model, samples, overrides={"fold_reach": 8.0})
 
 
-def test_density_loss_stage_counts_each_structure_relative_to_the_frozen_model(tmp_path):
+def test_density_loss_stage_counts_each_structure_relative_to_the_frozen_model(tmp_path, base):
     """--add-stage --density-loss: the stage is trained by the density loss, each structure's relative to the
     frozen model's own (so the frozen model scores exactly 1 and a near-exact molecule counts as much as a
     box), its training lowers that score, and the epoch kept is the one with the lowest validation score."""
@@ -208,8 +209,6 @@ def test_density_loss_stage_counts_each_structure_relative_to_the_frozen_model(t
     from siesta_dmguess.train import attach_folded_overlap, structure_density_losses, validation_density_loss
 
     data = dataset("h2o")
-    base = tmp_path / "base"
-    train([data], base, TrainOptions(epochs=3, lr=1e-2, batch_atoms=12, max_train=8, progress=False), TINY)
     old = load_model(base)
     samples = load_samples([data], old.config.species, old.basis, old.config.message_cutoff, split="train",
                            max_train=6)
@@ -231,13 +230,11 @@ def test_density_loss_stage_counts_each_structure_relative_to_the_frozen_model(t
     assert card["training"]["best_epoch"] == int(np.argmin(val_loss))
 
 
-def test_loss_power_stage_keeps_the_epoch_with_the_lowest_mean_validation_max_error(tmp_path):
+def test_loss_power_stage_keeps_the_epoch_with_the_lowest_mean_validation_max_error(tmp_path, base):
     """--loss-power 4 fits a stage by mean |error / frozen RMS|^4 per structure (it reports that loss's 4th
     root) and keeps the epoch whose validation structures' largest errors are lowest on average: each
     structure's largest error is what sets SIESTA's first step on it."""
     data = dataset("h2o")
-    base = tmp_path / "base"
-    train([data], base, TrainOptions(epochs=2, lr=1e-2, batch_atoms=12, max_train=6, progress=False), TINY)
     result = train([data], tmp_path / "p4", TrainOptions(epochs=3, lr=3e-2, batch_atoms=12, max_train=6,
                                                          eval_every=1, progress=False, init=str(base),
                                                          add_stage=True, loss_power=4))
@@ -249,7 +246,7 @@ def test_loss_power_stage_keeps_the_epoch_with_the_lowest_mean_validation_max_er
     assert card["training"]["options"]["loss_power"] == 4
 
 
-def test_an_onsite_stage_changes_only_the_onsite_blocks_and_lowers_their_error(tmp_path):
+def test_an_onsite_stage_changes_only_the_onsite_blocks_and_lowers_their_error(tmp_path, base):
     """--add-stage --config '{"pair_set": "onsite"}': a stage with no pair readout. It is scaled to the frozen
     model's on-site residual, its loss counts only the elements it can change (so it starts at 1 and falls),
     it keeps the epoch with the lowest mean validation max error, and every pair block stays as it was."""
@@ -259,8 +256,6 @@ def test_an_onsite_stage_changes_only_the_onsite_blocks_and_lowers_their_error(t
     from siesta_dmguess.evaluate import folded_to_reference, predict_flat
 
     data = dataset("h2o")
-    base = tmp_path / "base"
-    train([data], base, TrainOptions(epochs=2, lr=1e-2, batch_atoms=12, max_train=6, progress=False), TINY)
     with pytest.raises(DMGuessError, match="for a residual stage"):
         train([data], tmp_path / "alone", TrainOptions(epochs=1, progress=False), {**TINY, "pair_set": "onsite"})
     result = train([data], tmp_path / "on", TrainOptions(epochs=6, lr=3e-2, batch_atoms=12, max_train=6,
@@ -286,20 +281,25 @@ def test_an_onsite_stage_changes_only_the_onsite_blocks_and_lowers_their_error(t
         new.model.residuals[0].node_head.weight)
 
 
-def test_max_train_reads_only_the_training_runs_it_keeps(tmp_path):
+def test_max_train_reads_only_the_training_runs_it_keeps(tmp_path, monkeypatch):
     """``--max-train N`` on a folder with a val split reads its first N training runs and every val run, the
-    structures training keeps (the others are not read at all); without a val split every run is read, because
-    the hold-out is drawn from all of them."""
+    structures training keeps (the others are not read at all, neither for the basis nor for the samples);
+    without a val split every run is read, because the hold-out is drawn from all of them."""
     import shutil
 
+    import siesta_dmguess.structure
     from siesta_dmguess.data import list_runs, load_samples
     from siesta_dmguess.train import dataset_basis
 
     data = dataset("h2o")
-    basis = dataset_basis([data])
     runs = list_runs(data)
-    samples = load_samples([data], ["H", "O"], basis, 3.0, max_train=3)
     expected = [r for r in runs if r.split == "train"][:3] + [r for r in runs if r.split == "val"]
+    read, read_structure = [], siesta_dmguess.structure.read_structure
+    monkeypatch.setattr(siesta_dmguess.structure, "read_structure", lambda p: read.append(p) or read_structure(p))
+    basis = dataset_basis([data], max_train=3)
+    assert sorted(str(p.parent) for p in read) == sorted(str(r.folder) for r in expected)
+    monkeypatch.undo()
+    samples = load_samples([data], ["H", "O"], basis, 3.0, max_train=3)
     assert sorted(s.name for s in samples) == sorted(str(r.folder) for r in expected)
     assert [s.name for s in load_samples([data], ["H", "O"], basis, 3.0, split="train", max_train=2)] == \
         [str(r.folder) for r in expected[:2]]
