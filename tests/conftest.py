@@ -15,6 +15,11 @@ import torch
 # want it ask for it (load_model(optimize=True)).
 e3nn.set_optimization_defaults(optimize_einsums=False)
 
+# Under pytest-xdist (the README's `-n 2`) each worker runs torch on one thread: the workers, not torch's threads,
+# share the cores, and the tests' small networks gain little from a second thread.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIESTA_DMGUESS_SHARED", ROOT.parent / "shared"))
 DATASETS = SHARED / "datasets"
