@@ -10,6 +10,7 @@ unless ``force=True`` (logged as a warning).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from contextlib import contextmanager
@@ -30,6 +31,11 @@ from .refine import MIN_OCCUPATION_GAP, is_kpoint, projection_skipped, refine_fo
 from .structure import FDF_ENERGY_KEYS, Structure, check_atoms_apart, element_symbol, read_structure
 
 log = logging.getLogger(__name__)
+
+# Set while choose_model tries a model's prediction: its messages are the trial's, and the chosen model's own
+# prediction gives them afterwards. A context variable (not the logger's level) so that other threads still log.
+_in_trial = contextvars.ContextVar("siesta_dmguess_trial_prediction", default=False)
+log.addFilter(lambda record: not _in_trial.get())
 
 # Novelty, in multiples of a model's flag level, beyond which its prediction is not used unless forced. Measured on
 # the unseen sets (README): every structure where the ML guess saved iterations, or at worst cost one, scored at
@@ -319,8 +325,7 @@ def _first_usable(structure: Structure, names: list[str], load) -> str:
     pay no prediction for it. Measured: a `g2-stress` H2O2 (rattled 0.08 Å) scores 2.9x `water`'s flag level and
     3.2x `chno-molecules'`; `water`'s DM has no clear occupied space there (SIESTA from its atomic guess, 11
     iterations), `chno-molecules'` does and starts SIESTA 3 iterations closer (8)."""
-    level = log.level
-    log.setLevel(logging.ERROR)  # a trial: the chosen model's own prediction gives the warnings afterwards
+    token = _in_trial.set(True)
     try:
         for name in names:
             try:
@@ -330,7 +335,7 @@ def _first_usable(structure: Structure, names: list[str], load) -> str:
                 continue
         return names[0]
     finally:
-        log.setLevel(level)
+        _in_trial.reset(token)
 
 
 @lru_cache(maxsize=None)

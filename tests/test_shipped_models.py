@@ -308,11 +308,15 @@ def test_auto_model_keeps_the_specialized_model_where_the_other_is_not_much_more
     assert choose_model(structure) == "water"
 
 
-def test_auto_model_takes_the_next_covering_model_where_the_first_one_s_guess_would_be_refused():
+def test_auto_model_takes_the_next_covering_model_where_the_first_one_s_guess_would_be_refused(caplog):
     """An H2O2 rattled 0.08 Å (`g2-stress` 0020 of `integration/benchmarks/unseen_structures.py`) is about as novel
     to `water` as to `chno-molecules` (2.9x and 3.2x their flag levels), so novelty keeps `water`; but `water`'s DM
     has no clear occupied space there (refused: SIESTA from its atomic guess, 11 iterations) and
-    `chno-molecules`' has one (8). ``auto`` takes the first covering model whose guess would be used."""
+    `chno-molecules`' has one (8). ``auto`` takes the first covering model whose guess would be used. Its trial
+    predictions are silent (the chosen model's own prediction warns afterwards), in this thread only."""
+    import logging
+    import threading
+
     from ase import Atoms
 
     from siesta_dmguess.predict import (CHOICE_NOVELTY_FACTOR, _shipped_model, choose_model, predict_density_matrix,
@@ -328,7 +332,24 @@ def test_auto_model_takes_the_next_covering_model_where_the_first_one_s_guess_wo
     assert relative["water"] > 1.0 and relative["chno-molecules"] * CHOICE_NOVELTY_FACTOR > relative["water"]
     assert predict_density_matrix(structure, _shipped_model("water")).refusal_kind == "mixed"
     assert not predict_density_matrix(structure, _shipped_model("chno-molecules")).refusals
-    assert choose_model(structure) == "chno-molecules"
+    assert "looks unlike the training data of water" in caplog.text  # the predictions above warn
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="siesta_dmguess.predict"):
+        assert choose_model(structure) == "chno-molecules"
+    [message] = [r.getMessage() for r in caplog.records]  # the choice's own line, none of the trials' warnings
+    assert "model chno-molecules chosen over water" in message and "water's prediction would be refused" in message
+    # Another thread's messages are kept while a trial runs in this one.
+    import siesta_dmguess.predict as predict
+
+    token = predict._in_trial.set(True)
+    try:
+        caplog.clear()
+        thread = threading.Thread(target=predict.log.warning, args=("from another thread",))
+        thread.start(), thread.join()
+        predict.log.warning("from the trial")
+    finally:
+        predict._in_trial.reset(token)
+    assert [r.getMessage() for r in caplog.records] == ["from another thread"]
 
 
 def test_the_calculator_s_auto_model_is_chosen_for_its_atoms_and_its_start_up_timed():
