@@ -88,6 +88,9 @@ class GuessRecord:
     electron_count_error: float | None = None  # Tr(D S) - N of the raw prediction
     novelty: float | None = None  # the prediction's out-of-distribution score
     startup_s: float = 0.0  # paid once, at the first ML step: loading and warming up the model (not in prediction_s)
+    # Where SIESTA failed from the guess and the step was rerun from its atomic guess: the failed run's SCF
+    # iterations (its time is in scf_s; scf_iterations is the rerun's). The step cost both.
+    failed_scf_iterations: int = 0
 
     @property
     def iterations_saved(self) -> int | None:
@@ -320,6 +323,7 @@ class DMGuessSiesta(Siesta):
 
         output = Path(self.getpath(ext="out"))
         t0 = time.perf_counter()
+        failed_iterations = 0
         try:
             super().calculate(atoms, properties, system_changes)
             out = parse_output(output)
@@ -330,7 +334,7 @@ class DMGuessSiesta(Siesta):
             out, failure = (parse_output(output) if output.is_file() else None), str(exc)
         if failure and self._used != "atomic":
             # A guess must never cost the answer: SIESTA's own start decides, as it would without this package.
-            n = out.scf_iterations if out else 0
+            n = failed_iterations = out.scf_iterations if out else 0
             after = f" after {n} SCF iteration{'s' if n > 1 else ''}" if n else ""
             self._rerun_reason = (f"SIESTA failed from the {self._used} guess{after} ({failure}); rerun from its "
                                   f"atomic guess")
@@ -347,7 +351,8 @@ class DMGuessSiesta(Siesta):
         self.guess_record = GuessRecord(self._used, out.scf_iterations, out.dm_read_from_file, self._prediction_s,
                                         scf_s, baseline, self._reason,
                                         None if pred is None else pred.electron_count_error,
-                                        None if pred is None else pred.novelty, startup_s=self._startup_s)
+                                        None if pred is None else pred.novelty, startup_s=self._startup_s,
+                                        failed_scf_iterations=failed_iterations)
         self.history.append(self.guess_record)
         self.results["guess"] = self.guess_record
 

@@ -379,11 +379,14 @@ def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_di
     record = atoms.calc.guess_record
     if ml_run == "converges":
         assert runs == [("ml", True)] and record.guess == "ml" and record.reason == ""
+        assert record.failed_scf_iterations == 0
     else:  # the second run starts from SIESTA's atomic guess: no DM to read
         assert runs == [("ml", True), ("atomic", False)] and record.guess == "atomic"
         assert record.reason.startswith("SIESTA failed from the ml guess")
         if ml_run == "does not converge":  # the failed run's output says how far it got
-            assert "after 2 SCF iterations" in record.reason
+            assert "after 2 SCF iterations" in record.reason and record.failed_scf_iterations == 2
+        else:  # a crash before any output: nothing counted
+            assert record.failed_scf_iterations == 0
         assert {"does not converge": "the SCF did not converge", "crashes": "error: 134"}[ml_run] in record.reason
     ml_run = "atomic crashes"  # read by execute() above
     atoms.calc.guess = "atomic"

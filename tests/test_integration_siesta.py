@@ -104,6 +104,7 @@ def test_an_scf_cut_off_from_the_ml_guess_is_run_again_from_the_atomic_guess(sie
     record = atoms.calc.guess_record
     assert record.guess == "atomic"
     assert "SIESTA failed from the ml guess after 1 SCF iteration (the SCF did not converge)" in record.reason
+    assert record.failed_scf_iterations == 1 and record.scf_iterations == 1  # the failed run's, then the rerun's
     assert any("rerun from its atomic guess" in str(w.message) for w in caught)
     out = parse_output(tmp_path / "siesta.out")  # the rerun's output: SIESTA's own start, cut off as well
     assert not out.dm_read_from_file and not out.converged and out.scf_iterations == 1
