@@ -284,22 +284,28 @@ def to_image_keyed(dm) -> sp.csr_matrix:
 
 def from_image_keyed(matrix: sp.spmatrix, geometry):
     """The sisl DensityMatrix of an image-keyed matrix (:func:`to_image_keyed`) on ``geometry``, whose supercell
-    is widened to hold every image present (a folded (no, no) matrix keeps ``geometry`` as it is)."""
+    is widened to hold every image present (a folded (no, no) matrix keeps ``geometry`` as it is).
+
+    Every diagonal element is kept in the pattern, as SIESTA's ``.DM`` needs: scipy's arithmetic on the history
+    drops an element that is exactly zero (a d orbital that symmetry leaves empty), and sisl would add it back on
+    writing, with a warning."""
     import sisl
 
-    matrix = sp.csr_matrix(matrix)
     no = geometry.no
+    coo = sp.coo_matrix(matrix)
     if matrix.shape[1] == no:
-        return sisl.DensityMatrix.fromsp(geometry, [matrix])
-    width = 2 * HISTORY_REACH + 1
-    coo = matrix.tocoo()
-    shifts = np.stack(np.unravel_index(coo.col // no, (width,) * 3), axis=1) - HISTORY_REACH
-    reach = np.abs(shifts).max(axis=0) if shifts.size else np.zeros(3, int)
-    nsc = [int(max(2 * r + 1, n)) for r, n in zip(reach, geometry.lattice.nsc)]
-    geometry = geometry.copy()
-    geometry.set_nsc(nsc)
-    image = image_index(geometry.lattice, shifts)
-    csr = sp.csr_matrix((coo.data, (coo.row, image * no + coo.col % no)), shape=(no, no * int(np.prod(nsc))))
+        shape, columns = (no, no), coo.col
+    else:
+        width = 2 * HISTORY_REACH + 1
+        shifts = np.stack(np.unravel_index(coo.col // no, (width,) * 3), axis=1) - HISTORY_REACH
+        reach = np.abs(shifts).max(axis=0) if shifts.size else np.zeros(3, int)
+        nsc = [int(max(2 * r + 1, n)) for r, n in zip(reach, geometry.lattice.nsc)]
+        geometry = geometry.copy()
+        geometry.set_nsc(nsc)
+        shape, columns = (no, no * int(np.prod(nsc))), image_index(geometry.lattice, shifts) * no + coo.col % no
+    diagonal = np.arange(no)  # the unit cell's own image is image 0 (sisl's ordering)
+    csr = sp.csr_matrix((np.concatenate([coo.data, np.zeros(no)]), (np.concatenate([coo.row, diagonal]),
+                                                                     np.concatenate([columns, diagonal]))), shape=shape)
     return sisl.DensityMatrix.fromsp(geometry, [csr])
 
 

@@ -258,3 +258,28 @@ def test_extrapolation_of_k_point_dms_whose_supercells_differ():
     guess = from_image_keyed(h.guess("extrapolation", line(2)), periodic_dm([1, 1, 1], {}).geometry)
     for (i, j, shift), value in ELEMENTS.items():  # linear extrapolation 2 * D(1) - D(0) = 3 * D(0)
         assert guess[i, j + guess.geometry.lattice.sc_index(shift) * 2] == pytest.approx(3 * value)
+
+
+@pytest.mark.parametrize("nsc", [[1, 1, 1], [3, 1, 1]])
+def test_a_guess_keeps_every_diagonal_element_in_the_pattern_siesta_reads(tmp_path, nsc):
+    """An orbital whose population is exactly zero (a d orbital symmetry leaves empty) has no element left after
+    the history's arithmetic; the DM written for SIESTA still holds its diagonal element (0), so sisl has none to
+    add (it would, with a warning) and the other elements are as they were."""
+    import warnings
+
+    import sisl
+
+    from siesta_dmguess.dm import from_image_keyed, to_image_keyed, write_density_matrix
+
+    elements = {k: v for k, v in ELEMENTS.items() if nsc[0] > 1 or k[2] == (0, 0, 0)}
+    elements.pop((0, 0, (0, 0, 0)))  # orbital 0 empty: no diagonal element stored
+    keyed = to_image_keyed(periodic_dm(nsc, elements))
+    assert keyed[0, 0] == 0 and 0 not in keyed[0].indices
+    dm = from_image_keyed(keyed, periodic_dm(nsc, {}).geometry)
+    csr = dm.tocsr(0).tocsr()
+    assert all(i in csr.indices[csr.indptr[i]:csr.indptr[i + 1]] for i in range(dm.no)) and csr[0, 0] == 0
+    for (i, j, shift), value in elements.items():
+        assert dm[i, j + dm.geometry.lattice.sc_index(shift) * 2] == pytest.approx(value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sisl.SislWarning)
+        write_density_matrix(dm, tmp_path / "siesta.DM")
