@@ -67,10 +67,12 @@ def dataset_basis(data_dirs, max_train: int = 0) -> dict:
     from .data import find_fdf
     from .structure import read_structure
 
+    # The selection over all datasets together, as load_samples makes it (--max-train counts across them).
+    kept = {run.folder for run in select_runs(data_dirs, max_train=max_train)}
     basis = {}
     for d in data_dirs:
         labels: dict[str, Path] = {}
-        for run in select_runs([d], max_train=max_train):
+        for run in [r for r in select_runs([d]) if r.folder in kept]:
             for label in read_structure(find_fdf(run.folder)).labels:
                 labels.setdefault(label, run.folder)
         for label, folder in labels.items():
