@@ -5,7 +5,9 @@ differing only by the DM-initialisation block (``integration/templates``), and
 the user's SIESTA runs both. Reported per structure and in total: SCF
 iterations, wall time (prediction + SIESTA), iterations saved, and the
 difference of the converged total energies (a guess must never change the answer).
-Results go to ``bench.json``, ``bench.md`` and ``bench.png``.
+Results go to ``bench_<name>.json``, ``.md`` and ``.png``. A dataset benchmark keeps each finished structure's
+result beside its runs (``<out>/<name>/<run>/result.json``), so that a run that is stopped (a killed job, a
+session's time limit) continues where it stopped when started again (:func:`finished_result`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import DMGuessError, InputFileError, ModelCompatibilityError
+from .files import atomic_write
 from .history import GUESSES
 
 log = logging.getLogger(__name__)
@@ -162,9 +165,53 @@ def model_names(models) -> str:
     return "+".join(sorted({Path(m.path).name for m in models}))
 
 
+RESULT_FILE = "result.json"
+
+
+def run_identity(fdf: Path, loaded, refine: str, force: bool, repeat: int, siesta: list[str]) -> dict:
+    """What one structure's benchmark result depends on: the fdf and the pseudopotentials its runs copy (by
+    sha256), the model (name and weights' sha256), the refinement, ``force``, ``repeat`` and the SIESTA command
+    (as :func:`~siesta_dmguess.siesta.find_siesta` resolves it). A finished result is reused only where every one
+    of them is the same (:func:`finished_result`)."""
+    from .card import sha256_file
+
+    pseudos = sorted({p for folder in (fdf.parent, fdf.parent.parent / "basis") for p in folder.glob("*.psf")})
+    return {"fdf_sha256": sha256_file(fdf), "pseudopotentials": {p.name: sha256_file(p) for p in pseudos},
+            "model": Path(loaded.path).name, "weights_sha256": loaded.card.get("weights_sha256"),
+            "refine": refine, "force": force, "repeat": repeat, "siesta": siesta}
+
+
+def save_result(workdir: Path, identity: dict, result: StructureResult) -> None:
+    """Keep a finished structure's result beside its runs (written atomically: a killed job leaves none, not half)."""
+    text = json.dumps({"identity": identity, "result": asdict(result)}, indent=1)
+    atomic_write(workdir / RESULT_FILE, lambda tmp: tmp.write_text(text))
+
+
+def finished_result(workdir: Path, identity: dict) -> StructureResult | None:
+    """The result an earlier run of the same benchmark kept in ``workdir`` (:func:`save_result`), or None where
+    there is none, it cannot be read (a warning names the file) or it was measured otherwise: another fdf,
+    pseudopotential, model, refinement, ``force``, ``repeat`` or SIESTA (:func:`run_identity`)."""
+    path = workdir / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+        if kept["identity"] != identity:
+            changed = sorted(k for k in identity if kept["identity"].get(k) != identity[k])
+            log.info("%s: measured with another %s: running the structure again", path, ", ".join(changed))
+            return None
+        data = kept["result"]
+        results = {guess: GuessResult(**r) for guess, r in data.pop("results").items()}
+        return StructureResult(results=results, **data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("%s cannot be read back (%s: %s): running the structure again", path, type(exc).__name__, exc)
+        return None
+
+
 def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "auto", limit: int = 0,
                   command=None, progress: bool = True, refine: str = "idempotent", force: bool = False,
-                  repeat: int = 1, skip_incompatible: bool = False, name: str | None = None) -> dict:
+                  repeat: int = 1, skip_incompatible: bool = False, name: str | None = None,
+                  resume: bool = True) -> dict:
     """Benchmark the ML guess against the atomic guess on a dataset folder's structures (default ``"auto"``: the
     val split, or every run where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`).
     ``repeat`` runs each guess that many times and reports the median-time run (:func:`bench_structure`).
@@ -173,10 +220,14 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
     run is checked against its model before SIESTA runs any: one the model does not cover is an error naming
     each such run, or, with ``skip_incompatible``, left out and listed in the report's ``skipped``. ``force``
     uses the model anyway, as ``predict --force`` does. ``name`` (default: the folder's name) titles the report
-    and names its files, ``bench_<name>.json/.md/.png``."""
+    and names its files, ``bench_<name>.json/.md/.png``.
+
+    With ``resume`` (the default) a structure whose result an earlier run of this benchmark kept in ``out_dir``
+    is not run again where nothing it depends on changed (:func:`finished_result`); the report lists those
+    structures under ``reused``. ``resume=False`` runs every structure again."""
     from .siesta import find_siesta
 
-    find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
+    siesta = find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
     from tqdm.auto import tqdm
 
     from .data import find_fdf, resolve_split, select_runs
@@ -201,13 +252,26 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
         log.warning("skipping %s: %s", run_id, reason)
     if not models:
         raise ModelCompatibilityError(f"none of the {len(fdfs)} runs fits {_model_words(model, models)}", data_dir)
+    identities = {run_id: run_identity(fdfs[run_id], loaded, refine, force, repeat, siesta)
+                  for run_id, loaded in models.items()}
+    kept = {run_id: finished_result(out_dir / name / run_id, identities[run_id]) if resume else None
+            for run_id in models}
+    reused = [run_id for run_id, result in kept.items() if result is not None]
+    if reused:
+        log.warning("bench %s: %d of %d structures were finished by an earlier run in %s with the same fdf, model, "
+                    "settings and SIESTA; their results are reused (--restart runs them again)", name, len(reused),
+                    len(models), out_dir)
     rows = []
     for run_id, loaded in tqdm(models.items(), desc=f"bench {name}", disable=not progress):
-        rows.append(bench_structure(fdfs[run_id], out_dir / name / run_id, loaded, command=command,
-                                    refine=refine, force=force, repeat=repeat))
+        if kept[run_id] is None:
+            kept[run_id] = bench_structure(fdfs[run_id], out_dir / name / run_id, loaded, command=command,
+                                           refine=refine, force=force, repeat=repeat)
+            save_result(out_dir / name / run_id, identities[run_id], kept[run_id])
+        rows.append(kept[run_id])
     used = model_names(models.values())
     report = summarize(rows, used, str(data_dir), startup_s) | {
-        "name": name, "refine": refine, "split": split or "all", "forced": force, "repeat": repeat, "skipped": skipped}
+        "name": name, "refine": refine, "split": split or "all", "forced": force, "repeat": repeat, "skipped": skipped,
+        "reused": reused}
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(markdown(report))
     plot(rows, out_dir / f"bench_{name}.png", title=f"{name}: {used}")
@@ -303,6 +367,9 @@ def markdown(report: dict) -> str:
                  f"data, a k-sampling the model lacks, or no clear occupied space)"
                  if report.get("structures_fallback_atomic") else "")
               + "."]
+    if report.get("reused"):  # a resumed benchmark
+        lines += ["", f"Reused from an earlier run of this benchmark, which finished them with the same fdf, model, "
+                  f"settings and SIESTA ({len(report['reused'])}): {', '.join(report['reused'])}."]
     if report.get("skipped"):  # bench --skip-incompatible
         lines += ["", f"Not run, the model does not cover them ({len(report['skipped'])}):", ""]
         lines += [f"- {run_id}: {reason}" for run_id, reason in report["skipped"].items()]
@@ -572,6 +639,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--skip-incompatible", action="store_true", help="for a dataset folder: leave out the runs the "
                    "model does not cover (species, basis, settings) and list them in the report, instead of stopping "
                    "before any run")
+    b.add_argument("--restart", action="store_true", help="for a dataset folder: run every structure again, also "
+                   "those an earlier run of this benchmark in --out finished (by default a stopped benchmark "
+                   "continues where it stopped)")
     b.add_argument("--repeat", type=int, default=1, help="for a dataset folder: run every guess N times (alternating "
                    "them) and report each structure's median-time run: steadier wall times (default 1)")
     add_refine_argument(b)
@@ -595,6 +665,6 @@ def _cmd_bench(args) -> int:
         return 0
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,
                            args.limit, args.siesta, refine=args.refine, force=args.force, repeat=args.repeat,
-                           skip_incompatible=args.skip_incompatible, name=args.name)
+                           skip_incompatible=args.skip_incompatible, name=args.name, resume=not args.restart)
     print(markdown(report))
     return 0

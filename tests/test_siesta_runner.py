@@ -265,6 +265,101 @@ def test_bench_checks_every_run_against_the_model_before_running_siesta(tmp_path
     assert "- 0001: species ['N']" in markdown(report)  # the report names the run, not this machine's path
 
 
+def test_a_stopped_bench_continues_where_it_stopped(tmp_path, caplog):
+    """A benchmark killed in its second structure, started again, runs only that structure and reports both; a
+    result measured otherwise (another refinement, another SIESTA) or unreadable is run again, and
+    ``resume=False`` (``--restart``) runs everything again."""
+    from siesta_dmguess.bench import RESULT_FILE, markdown, run_benchmark
+    from siesta_dmguess.errors import SiestaError
+
+    log, script = logging_siesta(tmp_path)
+    log.write_text("")
+    stop = tmp_path / "stop"  # while it exists, the third SIESTA run (the second structure's first) crashes
+    crashing = tmp_path / "crashing_siesta"
+    crashing.write_text(f"#!{sys.executable}\nimport os, subprocess, sys\n"
+                        f"if os.path.exists({str(stop)!r}) and len(open({str(log)!r}).read().split()) == 2:\n"
+                        f"    sys.exit(1)\n"
+                        f"sys.stdout.write(subprocess.run([{str(script)!r}], input=sys.stdin.read(), text=True, "
+                        f"capture_output=True).stdout)\n")
+    crashing.chmod(crashing.stat().st_mode | stat.S_IEXEC)
+    for k in range(2):
+        water_run(tmp_path / "data" / f"{k:04d}")
+    tiny_model(tmp_path / "model")
+    kwargs = dict(model=tmp_path / "model", out_dir=tmp_path / "out", split=None, command=str(crashing),
+                  progress=False)
+    stop.write_text("")
+    with pytest.raises(SiestaError):
+        run_benchmark(tmp_path / "data", **kwargs)
+    assert log.read_text().split() == ["atomic", "ml"]
+    assert (tmp_path / "out" / "data" / "0000" / RESULT_FILE).is_file()
+    assert not (tmp_path / "out" / "data" / "0001" / RESULT_FILE).exists()
+    stop.unlink()
+    with caplog.at_level("WARNING"):
+        resumed = run_benchmark(tmp_path / "data", **kwargs)
+    assert log.read_text().split() == ["atomic", "ml"] * 2  # only the unfinished structure ran
+    assert "1 of 2 structures were finished by an earlier run" in caplog.text
+    assert resumed["reused"] == ["0000"] and resumed["structures"] == 2
+    assert [r["name"] for r in resumed["per_structure"]] == ["0000", "0001"]
+    assert resumed["scf_iterations_atomic"] == 4 and resumed["scf_iterations_ml"] == 4
+    assert "(1): 0000." in markdown(resumed)
+    again = run_benchmark(tmp_path / "data", **kwargs)  # both finished: nothing runs, the same report
+    assert len(log.read_text().split()) == 4 and again["reused"] == ["0000", "0001"]
+    assert again["per_structure"] == resumed["per_structure"]
+
+
+def test_a_kept_bench_result_is_reused_only_where_it_was_measured_alike(tmp_path, caplog):
+    """finished_result gives back what save_result kept, and None, so that the structure runs again, where the
+    result was measured otherwise (each item of the identity) or cannot be read (a warning names the file)."""
+    from siesta_dmguess.bench import (RESULT_FILE, GuessResult, StructureResult, finished_result, run_identity,
+                                      save_result)
+
+    run = water_run(tmp_path / "data" / "0000")
+    tiny_model(tmp_path / "model")
+    from siesta_dmguess.card import load_model
+
+    loaded = load_model(tmp_path / "model")
+    identity = run_identity(run / "input.fdf", loaded, "idempotent", False, 1, ["/opt/siesta"])
+    result = StructureResult("0000", 3, {g: GuessResult(g, it, True, g == "ml", -465.0, 1.5, 0.1, [0.1, 1e-6])
+                                         for g, it in (("atomic", 10), ("ml", 3))}, 0.2, False, "", "", "model")
+    work = tmp_path / "out"
+    assert finished_result(work, identity) is None  # nothing kept yet
+    work.mkdir()
+    save_result(work, identity, result)
+    assert finished_result(work, identity) == result
+    others = [run_identity(run / "input.fdf", loaded, "charge", False, 1, ["/opt/siesta"]),
+              run_identity(run / "input.fdf", loaded, "idempotent", True, 1, ["/opt/siesta"]),
+              run_identity(run / "input.fdf", loaded, "idempotent", False, 3, ["/opt/siesta"]),
+              run_identity(run / "input.fdf", loaded, "idempotent", False, 1, ["/usr/bin/siesta"])]
+    (run / "O.psf").write_text("another pseudopotential")
+    others.append(run_identity(run / "input.fdf", loaded, "idempotent", False, 1, ["/opt/siesta"]))
+    (run / "input.fdf").write_text((run / "input.fdf").read_text() + "MeshCutoff 300 Ry\n")
+    others.append(run_identity(run / "input.fdf", loaded, "idempotent", False, 1, ["/opt/siesta"]))
+    tiny_model(tmp_path / "model2", novelty_threshold=1.0)  # other weights (tiny_model is seeded)
+    others.append({**identity, "weights_sha256": load_model(tmp_path / "model2").card["weights_sha256"]})
+    assert all(other != identity for other in others)
+    assert all(finished_result(work, other) is None for other in others)
+    assert finished_result(work, identity) == result  # still there for its own identity
+    for broken in ("{ truncated", '{"identity": {}}', "[1, 2]"):
+        (work / RESULT_FILE).write_text(broken)
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert finished_result(work, identity) is None
+        assert str(work / RESULT_FILE) in caplog.text
+
+
+def test_bench_restart_runs_every_structure_again(tmp_path, monkeypatch):
+    """--restart is resume=False; without it a dataset benchmark resumes."""
+    import siesta_dmguess.bench as bench
+    from siesta_dmguess.cli import main
+
+    calls = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *args, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(bench, "markdown", lambda report: "")
+    for extra in ([], ["--restart"]):
+        assert main(["bench", str(tmp_path), *extra]) == 0
+    assert [c["resume"] for c in calls] == [True, False]
+
+
 def test_median_run_picks_a_real_run_and_warns_when_iterations_differ(caplog):
     from siesta_dmguess.bench import GuessResult, median_run
 
