@@ -168,29 +168,39 @@ def model_names(models) -> str:
 RESULT_FILE = "result.json"
 
 
-def run_identity(fdf: Path, loaded, refine: str, force: bool, repeat: int, siesta: list[str]) -> dict:
-    """What one structure's benchmark result depends on: the fdf and the pseudopotentials its runs copy (by
-    sha256), the model (name and weights' sha256), the refinement, ``force``, ``repeat`` and the SIESTA command
-    (as :func:`~siesta_dmguess.siesta.find_siesta` resolves it). A finished result is reused only where every one
-    of them is the same (:func:`finished_result`)."""
+def measurement_identity(fdf_text: str, pseudo_dirs, loaded, siesta: list[str], **settings) -> dict:
+    """What a benchmark result depends on: the fdf text and the pseudopotentials in ``pseudo_dirs`` (which the
+    runs copy; by sha256), the model (name and weights' sha256; None for no model), the SIESTA command (as
+    :func:`~siesta_dmguess.siesta.find_siesta` resolves it) and the benchmark's ``settings``. A kept result is
+    reused only where every one of them is the same (:func:`read_kept`)."""
+    import hashlib
+
     from .card import sha256_file
 
-    pseudos = sorted({p for folder in (fdf.parent, fdf.parent.parent / "basis") for p in folder.glob("*.psf")})
-    return {"fdf_sha256": sha256_file(fdf), "pseudopotentials": {p.name: sha256_file(p) for p in pseudos},
-            "model": Path(loaded.path).name, "weights_sha256": loaded.card.get("weights_sha256"),
-            "refine": refine, "force": force, "repeat": repeat, "siesta": siesta}
+    pseudos = {p.name: sha256_file(p) for folder in map(Path, pseudo_dirs) for p in sorted(folder.glob("*.psf"))}
+    return {"fdf_sha256": hashlib.sha256(fdf_text.encode()).hexdigest(), "pseudopotentials": pseudos,
+            "model": Path(loaded.path).name if loaded is not None else None,
+            "weights_sha256": loaded.card.get("weights_sha256") if loaded is not None else None,
+            "siesta": siesta, **settings}
 
 
-def save_result(workdir: Path, identity: dict, result: StructureResult) -> None:
-    """Keep a finished structure's result beside its runs (written atomically: a killed job leaves none, not half)."""
-    text = json.dumps({"identity": identity, "result": asdict(result)}, indent=1)
+def run_identity(fdf: Path, loaded, refine: str, force: bool, repeat: int, siesta: list[str]) -> dict:
+    """:func:`measurement_identity` of one structure of a dataset benchmark: its fdf, the pseudopotentials beside
+    it and in the dataset's ``basis`` folder, the model, SIESTA, the refinement, ``force`` and ``repeat``."""
+    return measurement_identity(fdf.read_text(), (fdf.parent, fdf.parent.parent / "basis"), loaded, siesta,
+                                refine=refine, force=force, repeat=repeat)
+
+
+def save_kept(workdir: Path, identity: dict, result: dict) -> None:
+    """Keep a finished result beside its runs (written atomically: a killed job leaves none, not half of one)."""
+    text = json.dumps({"identity": identity, "result": result}, indent=1)
     atomic_write(workdir / RESULT_FILE, lambda tmp: tmp.write_text(text))
 
 
-def finished_result(workdir: Path, identity: dict) -> StructureResult | None:
-    """The result an earlier run of the same benchmark kept in ``workdir`` (:func:`save_result`), or None where
-    there is none, it cannot be read (a warning names the file) or it was measured otherwise: another fdf,
-    pseudopotential, model, refinement, ``force``, ``repeat`` or SIESTA (:func:`run_identity`)."""
+def read_kept(workdir: Path, identity: dict, rebuild=lambda result: result):
+    """``rebuild`` of the result an earlier run kept in ``workdir`` (:func:`save_kept`), or None where there is
+    none, where it was measured otherwise (another fdf, pseudopotential, model, SIESTA or setting:
+    :func:`measurement_identity`), or where it cannot be read back (a warning names the file)."""
     path = workdir / RESULT_FILE
     if not path.is_file():
         return None
@@ -198,14 +208,28 @@ def finished_result(workdir: Path, identity: dict) -> StructureResult | None:
         kept = json.loads(path.read_text())
         if kept["identity"] != identity:
             changed = sorted(k for k in identity if kept["identity"].get(k) != identity[k])
-            log.info("%s: measured with another %s: running the structure again", path, ", ".join(changed))
+            log.info("%s: measured with another %s: running it again", path, ", ".join(changed))
             return None
-        data = kept["result"]
-        results = {guess: GuessResult(**r) for guess, r in data.pop("results").items()}
-        return StructureResult(results=results, **data)
+        return rebuild(kept["result"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        log.warning("%s cannot be read back (%s: %s): running the structure again", path, type(exc).__name__, exc)
+        log.warning("%s cannot be read back (%s: %s): running it again", path, type(exc).__name__, exc)
         return None
+
+
+def save_result(workdir: Path, identity: dict, result: StructureResult) -> None:
+    """Keep a finished structure's result beside its runs (:func:`save_kept`)."""
+    save_kept(workdir, identity, asdict(result))
+
+
+def _structure_result(data: dict) -> StructureResult:
+    results = {guess: GuessResult(**r) for guess, r in data.pop("results").items()}
+    return StructureResult(results=results, **data)
+
+
+def finished_result(workdir: Path, identity: dict) -> StructureResult | None:
+    """The structure's result an earlier run of the same benchmark kept in ``workdir`` (:func:`save_result`), or
+    None where there is none, it was measured otherwise (:func:`run_identity`) or it cannot be read back."""
+    return read_kept(workdir, identity, _structure_result)
 
 
 def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "auto", limit: int = 0,
@@ -409,7 +433,7 @@ def plot(rows: list[StructureResult], path: Path, title: str = "") -> None:
 
 def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, command) -> tuple:
     """Run SIESTA on one frame from ``start_dm`` (an image-keyed CSR, see :func:`~siesta_dmguess.dm.to_image_keyed`,
-    or None: atomic guess); return (result, wall time, D_scf image-keyed)."""
+    or None: atomic guess); return (result, wall time, D_scf image-keyed, the converged .DM's path)."""
     from .structure import siesta_dm_path
     from .dm import from_image_keyed, read_density_matrix, to_image_keyed, write_density_matrix
     from .siesta import prepare_run, run_siesta
@@ -425,14 +449,32 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
                       pseudo_dirs=pseudo_dirs)
     run = run_siesta(fdf, command=command)
     out = run.output
-    converged = to_image_keyed(read_density_matrix(siesta_dm_path(fdf), geometry))
-    return out, run.wall_s, converged
+    dm_path = siesta_dm_path(fdf)
+    return out, run.wall_s, to_image_keyed(read_density_matrix(dm_path, geometry)), dm_path
+
+
+def _kept_frame(frame_dir: Path, identity: dict, guesses, geometry) -> dict | None:
+    """A frame an earlier run of the same trajectory benchmark finished (:func:`read_kept`): its row and each
+    guess's converged DM, read back from the run (which the next frames' history guesses start from); None where
+    any of that is missing or was measured otherwise."""
+    from .dm import read_density_matrix, to_image_keyed
+
+    def rebuild(kept: dict) -> dict:
+        converged = {g: to_image_keyed(read_density_matrix(frame_dir / kept["dm_files"][g], geometry))
+                     for g in guesses}
+        return {"row": kept["row"], "converged": converged}
+
+    try:
+        return read_kept(frame_dir, identity, rebuild)
+    except DMGuessError as exc:  # a converged .DM gone or damaged since: run the frame again
+        log.warning("%s: %s: running the frame again", frame_dir, exc)
+        return None
 
 
 def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="bench", guesses=GUESSES,
                              depth: int = 3, frames: slice = slice(None), command=None, progress: bool = True,
                              pseudo_dirs=(), refine: str = "idempotent", force: bool = False,
-                             name: str | None = None) -> dict:
+                             name: str | None = None, resume: bool = True) -> dict:
     """SCF iterations along a trajectory for each starting guess (see :mod:`siesta_dmguess.history`).
 
     Every frame of ``trajectory`` (any file ASE reads, or a list of Atoms) is run
@@ -442,10 +484,15 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     trajectory file's stem, also titles the report). A frame whose
     prediction is refused (:attr:`~siesta_dmguess.predict.Prediction.refusals`) runs ``ml`` from the atomic guess
     and ``ml+residual`` from the history's extrapolation, as the calculator does, unless ``force``.
+
+    With ``resume`` (the default) the frames an earlier run of this benchmark finished in ``out_dir``, from the
+    first on and with nothing they depend on changed (:func:`measurement_identity`), are not run again: their
+    results and converged DMs are read back and the guesses' histories rebuilt from them, so that a stopped
+    benchmark continues where it stopped. The report lists them under ``reused``.
     """
     from .siesta import find_siesta
 
-    find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
+    siesta = find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
     import ase.io
     from tqdm.auto import tqdm
 
@@ -479,7 +526,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         from .data import run_basis
 
         basis = run_basis(fdf_template.parent, {label for labels in frame_labels for label in labels})
-    rows = []
+    rows, reused = [], []
     for t, (atoms, labels) in enumerate(tqdm(list(zip(images, frame_labels)), desc=f"bench {name}",
                                              disable=not progress)):
         text = fdf_with_geometry(frames_in_fdf.text, atoms, labels)
@@ -492,7 +539,16 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
             predicted = to_image_keyed(pred.density_matrix)
         overlap = pred.history_overlap if pred else None
         geometry = build_geometry(structure, basis)
-        row = {"frame": t, "natoms": len(atoms)}
+        frame_dir = out_dir / name / f"{t:04d}"
+        # A frame's history guesses start from the frames before it: reuse only an unbroken run from the first.
+        identity = measurement_identity(text, pseudo_dirs, loaded, siesta, guesses=list(guesses), depth=depth,
+                                        refine=refine, force=force)
+        kept = _kept_frame(frame_dir, identity, guesses, geometry) if resume and len(reused) == t else None
+        if kept is not None:
+            reused.append(t)
+            row = kept["row"]
+        else:
+            row, dm_files = {"frame": t, "natoms": len(atoms)}, {}
         # A frame whose prediction is refused (Prediction.refusals) starts `ml` from the atomic guess, as the
         # calculator does.
         refusal = pred.refusal_reason if pred is not None and not force else ""
@@ -501,23 +557,33 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
             predicted = None  # and the ml+residual history records no prediction for it
         for g in guesses:
             used = "extrapolation" if refusal and g == "ml+residual" else g  # as the calculator: the history alone
-            if refusal and g == "ml":
-                start = None
+            if kept is not None:
+                converged = kept["converged"][g]
             else:
-                start = histories[g].guess(used, atoms.positions, predicted, refine=pred.refined if pred else None)
-            out, wall, converged = _run_frame(text, out_dir / name / f"{t:04d}" / g, start, geometry, pseudo_dirs,
-                                              command)
+                if refusal and g == "ml":
+                    start = None
+                else:
+                    start = histories[g].guess(used, atoms.positions, predicted,
+                                               refine=pred.refined if pred else None)
+                out, wall, converged, dm_path = _run_frame(text, frame_dir / g, start, geometry, pseudo_dirs, command)
+                dm_files[g] = str(dm_path.relative_to(frame_dir))
+                row[g] = asdict(GuessResult(used if start is not None else "atomic", out.scf_iterations,
+                                            out.converged, out.dm_read_from_file, out.total_energy_eV, wall,
+                                            prediction_s if g.startswith("ml") else 0.0,
+                                            [st.dDmax for st in out.scf_history]))
             if g == "ml+residual":  # the only guess built on past predictions; the others need converged DMs alone
                 histories[g].push(atoms.positions, converged, predicted, overlap)
             else:
                 histories[g].push(atoms.positions, converged)
-            row[g] = asdict(GuessResult(used if start is not None else "atomic", out.scf_iterations, out.converged,
-                                        out.dm_read_from_file, out.total_energy_eV, wall,
-                                        prediction_s if g.startswith("ml") else 0.0,
-                                        [st.dDmax for st in out.scf_history]))
+        if kept is None:
+            save_kept(frame_dir, identity, {"row": row, "dm_files": dm_files})
         rows.append(row)
+    if reused:
+        log.warning("bench %s: %d of %d frames were finished by an earlier run in %s with the same frames, model, "
+                    "settings and SIESTA; their results are reused and the histories rebuilt from their DMs",
+                    name, len(reused), len(images), out_dir)
     report = summarize_trajectory(rows, guesses, str(loaded.path) if loaded else "", str(trajectory)) | {
-        "name": name, "refine": refine, "startup_s": startup_s}
+        "name": name, "refine": refine, "startup_s": startup_s, "reused": reused}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(trajectory_markdown(report))
@@ -568,6 +634,9 @@ def trajectory_markdown(report: dict) -> str:
         lines += ["", f"{len(far)} of {report['frames']} frames got no ML prediction (`ml` started from the atomic "
                   f"guess, `ml+residual` from the history's extrapolation once there was one): "
                   f"{far[0]['fallback']}" + (" (and alike)." if len(far) > 1 else ".")]
+    if report.get("reused"):  # a resumed benchmark
+        lines += ["", f"Frames {report['reused'][0]}–{report['reused'][-1]} were reused from an earlier run of this "
+                  f"benchmark, which finished them with the same frames, model, settings and SIESTA."]
     return "\n".join(lines) + "\n"
 
 
@@ -639,9 +708,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--skip-incompatible", action="store_true", help="for a dataset folder: leave out the runs the "
                    "model does not cover (species, basis, settings) and list them in the report, instead of stopping "
                    "before any run")
-    b.add_argument("--restart", action="store_true", help="for a dataset folder: run every structure again, also "
-                   "those an earlier run of this benchmark in --out finished (by default a stopped benchmark "
-                   "continues where it stopped)")
+    b.add_argument("--restart", action="store_true", help="run every structure or frame again, also those an "
+                   "earlier run of this benchmark in --out finished (by default a stopped benchmark continues where "
+                   "it stopped)")
     b.add_argument("--repeat", type=int, default=1, help="for a dataset folder: run every guess N times (alternating "
                    "them) and report each structure's median-time run: steadier wall times (default 1)")
     add_refine_argument(b)
@@ -660,7 +729,7 @@ def _cmd_bench(args) -> int:
                                           tuple(g.strip() for g in args.guesses.split(",") if g.strip()),
                                           depth=args.depth, command=args.siesta,
                                           frames=slice(0, args.limit or None), refine=args.refine, force=args.force,
-                                          name=args.name)
+                                          name=args.name, resume=not args.restart)
         print(trajectory_markdown(report))
         return 0
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,

@@ -113,7 +113,8 @@ def test_an_scf_cut_off_from_the_ml_guess_is_run_again_from_the_atomic_guess(sie
 
 def test_trajectory_benchmark_compares_guesses_on_the_same_frames(siesta_command, water_model, tmp_path):
     """Three displaced frames of one molecule: every guess converges to the same energies; the history-based
-    guesses start from a DM SIESTA reads, and ML + residual never needs more iterations than the atomic guess."""
+    guesses start from a DM SIESTA reads, and ML + residual never needs more iterations than the atomic guess.
+    A stopped benchmark started again continues where it stopped."""
     from siesta_dmguess.bench import run_trajectory_benchmark
     from siesta_dmguess.structure import read_structure
 
@@ -127,14 +128,27 @@ def test_trajectory_benchmark_compares_guesses_on_the_same_frames(siesta_command
         frame = atoms.copy()
         frame.positions += 0.01 * t * direction / np.abs(direction).max()
         frames.append(frame)
+    calls = tmp_path / "calls.log"
+    counting = tmp_path / "counting_siesta"  # the real SIESTA, each run logged
+    counting.write_text(f"#!/bin/sh\necho run >> {calls}\nexec {siesta_command}\n")
+    counting.chmod(0o755)
     report = run_trajectory_benchmark(frames, fdf, water_model, tmp_path, ("atomic", "reuse", "ml+residual"),
-                                      command=siesta_command, progress=False)
+                                      command=str(counting), progress=False)
     assert report["all_converged"]
     assert max(report["max_abs_energy_difference_eV"].values()) < 1e-4
     rows = report["per_frame"]
     assert all(r["reuse"]["dm_read"] and r["ml+residual"]["dm_read"] for r in rows[1:])
     assert all(r["ml+residual"]["scf_iterations"] <= r["atomic"]["scf_iterations"] for r in rows)
     assert report["scf_iterations"]["ml+residual"] < report["scf_iterations"]["atomic"]
+    # Stopped in its last frame and started again, it runs only that frame, from histories rebuilt from the
+    # frames before (ml+residual extrapolates from two of them), and gives the same counts.
+    assert len(calls.read_text().split()) == 9 and report["reused"] == []
+    (tmp_path / "trajectory" / "0002" / "result.json").unlink()
+    resumed = run_trajectory_benchmark(frames, fdf, water_model, tmp_path, ("atomic", "reuse", "ml+residual"),
+                                       command=str(counting), progress=False)
+    assert len(calls.read_text().split()) == 12 and resumed["reused"] == [0, 1]
+    assert [{g: r[g]["scf_iterations"] for g in ("atomic", "reuse", "ml+residual")} for r in resumed["per_frame"]] \
+        == [{g: r[g]["scf_iterations"] for g in ("atomic", "reuse", "ml+residual")} for r in rows]
 
 
 def test_ml_guess_far_outside_the_training_data_is_no_worse(siesta_command, water_model, tmp_path):

@@ -347,6 +347,24 @@ def test_a_kept_bench_result_is_reused_only_where_it_was_measured_alike(tmp_path
         assert str(work / RESULT_FILE) in caplog.text
 
 
+def test_a_kept_trajectory_frame_whose_converged_dm_is_gone_is_run_again(tmp_path, caplog):
+    """A frame's kept result is only half of it: the next frames' history guesses start from its converged DMs.
+    Where one of those is gone or truncated, the frame is run again (a warning names the file)."""
+    from siesta_dmguess.bench import _kept_frame, save_kept
+
+    identity = {"fdf_sha256": "abc", "siesta": ["/opt/siesta"]}
+    frame = tmp_path / "0001"
+    (frame / "atomic" / "run").mkdir(parents=True)
+    save_kept(frame, identity, {"row": {"frame": 1}, "dm_files": {"atomic": "atomic/run/water.DM"}})
+    for content in (None, b"\x00" * 8):
+        if content is not None:
+            (frame / "atomic" / "run" / "water.DM").write_bytes(content)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert _kept_frame(frame, identity, ("atomic",), geometry=None) is None
+        assert str(frame / "atomic" / "run" / "water.DM") in caplog.text
+
+
 def test_bench_restart_runs_every_structure_again(tmp_path, monkeypatch):
     """--restart is resume=False; without it a dataset benchmark resumes."""
     import siesta_dmguess.bench as bench
