@@ -169,10 +169,10 @@ RESULT_FILE = "result.json"
 
 
 def measurement_identity(fdf_text: str, pseudo_dirs, loaded, siesta: list[str], **settings) -> dict:
-    """What a benchmark result depends on: the fdf text and the pseudopotentials in ``pseudo_dirs`` (which the
-    runs copy; by sha256), the model (name and weights' sha256; None for no model), the SIESTA command (as
-    :func:`~siesta_dmguess.siesta.find_siesta` resolves it) and the benchmark's ``settings``. A kept result is
-    reused only where every one of them is the same (:func:`read_kept`)."""
+    """What a benchmark result depends on: the fdf text (with the files it includes) and the pseudopotentials in
+    ``pseudo_dirs`` (which the runs copy; by sha256), the model (name and weights' sha256; None for no model), the
+    SIESTA command (as :func:`~siesta_dmguess.siesta.find_siesta` resolves it) and the benchmark's ``settings``. A
+    kept result is reused only where every one of them is the same (:func:`read_kept`)."""
     import hashlib
 
     from .card import sha256_file
@@ -184,11 +184,19 @@ def measurement_identity(fdf_text: str, pseudo_dirs, loaded, siesta: list[str], 
             "siesta": siesta, **settings}
 
 
+def _with_included(fdf_text: str, fdf: Path) -> str:
+    """An fdf's text (``fdf_text``: the file's, or a frame's made from it) followed by the files it includes."""
+    from .structure import fdf_input_files
+
+    return fdf_text + "".join(f"\n{p.name}\n{p.read_text(errors='replace')}" for p in fdf_input_files(fdf)[1:])
+
+
 def run_identity(fdf: Path, loaded, refine: str, force: bool, repeat: int, siesta: list[str]) -> dict:
-    """:func:`measurement_identity` of one structure of a dataset benchmark: its fdf, the pseudopotentials beside
-    it and in the dataset's ``basis`` folder, the model, SIESTA, the refinement, ``force`` and ``repeat``."""
-    return measurement_identity(fdf.read_text(), (fdf.parent, fdf.parent.parent / "basis"), loaded, siesta,
-                                refine=refine, force=force, repeat=repeat)
+    """:func:`measurement_identity` of one structure of a dataset benchmark: its fdf and the files it includes, the
+    pseudopotentials beside it and in the dataset's ``basis`` folder, the model, SIESTA, the refinement, ``force``
+    and ``repeat``."""
+    return measurement_identity(_with_included(fdf.read_text(), fdf), (fdf.parent, fdf.parent.parent / "basis"),
+                                loaded, siesta, refine=refine, force=force, repeat=repeat)
 
 
 def save_kept(workdir: Path, identity: dict, result: dict) -> None:
@@ -541,8 +549,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         geometry = build_geometry(structure, basis)
         frame_dir = out_dir / name / f"{t:04d}"
         # A frame's history guesses start from the frames before it: reuse only an unbroken run from the first.
-        identity = measurement_identity(text, pseudo_dirs, loaded, siesta, guesses=list(guesses), depth=depth,
-                                        refine=refine, force=force)
+        identity = measurement_identity(_with_included(text, fdf_template), pseudo_dirs, loaded, siesta,
+                                        guesses=list(guesses), depth=depth, refine=refine, force=force)
         kept = _kept_frame(frame_dir, identity, guesses, geometry) if resume and len(reused) == t else None
         if kept is not None:
             reused.append(t)

@@ -109,6 +109,27 @@ def species_block(fdf_text: str) -> list[tuple[int, int, str]]:
     return species_rows(lines)
 
 
+def fdf_input_files(path: str | Path) -> list[Path]:
+    """The fdf and every file it reads in, in order: ``%include FILE``, ``%block NAME < FILE`` and ``KEY < FILE``,
+    followed into the files they name (relative to the fdf's folder, as SIESTA's fdf library resolves them).
+    Files named but missing are left out: reading the fdf says so."""
+    path = Path(path)
+    seen: list[Path] = []
+    todo = [path]
+    while todo:
+        current = todo.pop(0)
+        if current in seen or not current.is_file():
+            continue
+        seen.append(current)
+        for line in current.read_text(errors="replace").splitlines():
+            words = line.split("#")[0].split()
+            if len(words) >= 2 and words[0].lower() == "%include":
+                todo.append(path.parent / words[1])
+            elif "<" in words[:-1]:
+                todo.append(path.parent / words[words.index("<") + 1])
+    return seen
+
+
 def _is_fdf(path: Path) -> bool:
     return path.suffix.lower() == ".fdf"
 

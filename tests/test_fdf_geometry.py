@@ -318,3 +318,18 @@ def test_coordinates_left_in_bohr_by_default_are_pointed_out(tmp_path, caplog):
         assert ("add 'AtomicCoordinatesFormat Ang'" in caplog.text) == (name == "bohr-by-default"), name
     assert shortest["bohr-by-default"] == pytest.approx(0.96 * 0.529177, rel=1e-5)
     assert shortest["bohr-meant"] == pytest.approx(shortest["angstrom"], rel=1e-5) == pytest.approx(0.96)
+
+
+def test_fdf_input_files_follows_includes_and_piped_blocks(tmp_path):
+    """The files an fdf reads in: %include (also nested), a block or key piped from a file, none twice; a named
+    file that is missing is left out."""
+    from siesta_dmguess.structure import fdf_input_files
+
+    (tmp_path / "input.fdf").write_text("SystemLabel w\n%include common.fdf  # settings\n"
+                                        "%block AtomicCoordinatesAndAtomicSpecies < coords.fdf\n"
+                                        "MeshCutoff < mesh.fdf\n# %include commented.fdf\n%include gone.fdf\n")
+    (tmp_path / "common.fdf").write_text("%include basis.fdf\n%include input.fdf\n")
+    for name in ("coords.fdf", "mesh.fdf", "basis.fdf", "commented.fdf"):
+        (tmp_path / name).write_text("x\n")
+    names = [p.name for p in fdf_input_files(tmp_path / "input.fdf")]
+    assert names == ["input.fdf", "common.fdf", "coords.fdf", "mesh.fdf", "basis.fdf"]

@@ -332,11 +332,14 @@ def test_a_kept_bench_result_is_reused_only_where_it_was_measured_alike(tmp_path
               run_identity(run / "input.fdf", loaded, "idempotent", False, 1, ["/usr/bin/siesta"])]
     (run / "O.psf").write_text("another pseudopotential")
     others.append(run_identity(run / "input.fdf", loaded, "idempotent", False, 1, ["/opt/siesta"]))
-    (run / "input.fdf").write_text((run / "input.fdf").read_text() + "MeshCutoff 300 Ry\n")
+    (run / "input.fdf").write_text((run / "input.fdf").read_text() + "%include mesh.fdf\n")
+    (run / "mesh.fdf").write_text("MeshCutoff 200 Ry\n")
+    others.append(run_identity(run / "input.fdf", loaded, "idempotent", False, 1, ["/opt/siesta"]))
+    (run / "mesh.fdf").write_text("MeshCutoff 300 Ry\n")  # only an included file changes
     others.append(run_identity(run / "input.fdf", loaded, "idempotent", False, 1, ["/opt/siesta"]))
     tiny_model(tmp_path / "model2", novelty_threshold=1.0)  # other weights (tiny_model is seeded)
     others.append({**identity, "weights_sha256": load_model(tmp_path / "model2").card["weights_sha256"]})
-    assert all(other != identity for other in others)
+    assert all(other != identity for other in others) and others[-3] != others[-2]
     assert all(finished_result(work, other) is None for other in others)
     assert finished_result(work, identity) == result  # still there for its own identity
     for broken in ("{ truncated", '{"identity": {}}', "[1, 2]"):
