@@ -5,9 +5,10 @@ differing only by the DM-initialisation block (``integration/templates``), and
 the user's SIESTA runs both. Reported per structure and in total: SCF
 iterations, wall time (prediction + SIESTA), iterations saved, and the
 difference of the converged total energies (a guess must never change the answer).
-Results go to ``bench_<name>.json``, ``.md`` and ``.png``. A dataset benchmark keeps each finished structure's
-result beside its runs (``<out>/<name>/<run>/result.json``), so that a run that is stopped (a killed job, a
-session's time limit) continues where it stopped when started again (:func:`finished_result`).
+Results go to ``bench_<name>.json``, ``.md`` and ``.png``. Each finished structure, or frame of a trajectory,
+keeps its result beside its runs (``<out>/<name>/<run or frame>/result.json``) with what it was measured with
+(:func:`measurement_identity`), so that a benchmark that is stopped (a killed job, a session's time limit)
+continues where it stopped when started again (:func:`read_kept`).
 """
 
 from __future__ import annotations
