@@ -197,7 +197,7 @@ def test_prediction_is_continuous_as_a_neighbour_crosses_the_message_cutoff(floa
 def test_channelwise_product_is_e3nns_uvu_tensor_product(float64):
     """The hand-written product is e3nn's TensorProduct with 'uvu' paths and per-edge weights (component
     normalization, no path normalization): same Clebsch-Gordan algebra, same weight layout."""
-    from siesta_dmguess.model import ChannelwiseTensorProduct
+    from siesta_dmguess.layers import ChannelwiseTensorProduct
 
     torch.manual_seed(1)
     irreps_in, irreps_sh = o3.Irreps("6x0e + 4x1o + 3x1e + 2x2e + 2x2o"), o3.Irreps.spherical_harmonics(3)
@@ -217,7 +217,7 @@ def test_channelwise_product_is_e3nns_uvu_tensor_product(float64):
 def test_fused_linear_contraction_matches_the_product_then_the_linear(float64):
     """The edge readout contracts each tensor-product path with its block of the output Linear instead of
     forming the product's wide output; values and gradients must equal the two steps done one after the other."""
-    from siesta_dmguess.model import ChannelwiseTensorProduct, dense_matrix
+    from siesta_dmguess.layers import ChannelwiseTensorProduct, dense_matrix
 
     torch.manual_seed(0)
     irreps_in, irreps_sh = o3.Irreps("6x0e + 4x1o + 3x1e + 2x2e"), o3.Irreps.spherical_harmonics(3)

@@ -51,7 +51,7 @@ def one_size(model: str, n_molecules: int, refine: str, chunks: tuple[int, int] 
     torch.set_num_threads(2)
     loaded = load_model(model)
     if chunks:  # edges per step at inference: (message passing, pair readout); they bound memory, not results
-        from siesta_dmguess.model import Interaction
+        from siesta_dmguess.layers import Interaction
 
         for module in loaded.model.modules():
             if hasattr(module, "edge_chunk"):
