@@ -20,7 +20,8 @@ Pipeline for one batch of structures:
 
 The output is the flat SIESTA-basis array of :class:`siesta_dmguess.dm.BlockLayout`.
 Species enter through embeddings and one-hot conditioning, never as one module
-per species pair, so adding species only widens a few input layers.
+per species pair, so adding species only widens a few input layers. The modules
+of steps 1-3 are in :mod:`siesta_dmguess.layers`.
 """
 
 from __future__ import annotations
