@@ -13,6 +13,7 @@ continues where it stopped when started again (:func:`read_kept`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -174,8 +175,6 @@ def measurement_identity(fdf_text: str, pseudo_dirs, loaded, siesta: list[str], 
     ``pseudo_dirs`` (which the runs copy; by sha256), the model (name and weights' sha256; None for no model), the
     SIESTA command (as :func:`~siesta_dmguess.siesta.find_siesta` resolves it) and the benchmark's ``settings``. A
     kept result is reused only where every one of them is the same (:func:`read_kept`)."""
-    import hashlib
-
     from .card import sha256_file
 
     pseudos = {p.name: sha256_file(p) for folder in map(Path, pseudo_dirs) for p in sorted(folder.glob("*.psf"))}
@@ -186,7 +185,7 @@ def measurement_identity(fdf_text: str, pseudo_dirs, loaded, siesta: list[str], 
 
 
 def _with_included(fdf_text: str, fdf: Path) -> str:
-    """An fdf's text (``fdf_text``: the file's, or a frame's made from it) followed by the files it includes."""
+    """``fdf_text`` (the fdf's own text, or "" for only its includes) followed by the files ``fdf`` includes."""
     from .structure import fdf_input_files
 
     return fdf_text + "".join(f"\n{p.name}\n{p.read_text(errors='replace')}" for p in fdf_input_files(fdf)[1:])
@@ -206,10 +205,11 @@ def save_kept(workdir: Path, identity: dict, result: dict) -> None:
     atomic_write(workdir / RESULT_FILE, lambda tmp: tmp.write_text(text))
 
 
-def read_kept(workdir: Path, identity: dict, rebuild=lambda result: result):
+def read_kept(workdir: Path, identity: dict, rebuild):
     """``rebuild`` of the result an earlier run kept in ``workdir`` (:func:`save_kept`), or None where there is
     none, where it was measured otherwise (another fdf, pseudopotential, model, SIESTA or setting:
-    :func:`measurement_identity`), or where it cannot be read back (a warning names the file)."""
+    :func:`measurement_identity`), or where it or what ``rebuild`` reads with it (a frame's converged ``.DM``)
+    cannot be read back (a warning names the file)."""
     path = workdir / RESULT_FILE
     if not path.is_file():
         return None
@@ -220,7 +220,7 @@ def read_kept(workdir: Path, identity: dict, rebuild=lambda result: result):
             log.info("%s: measured with another %s: running it again", path, ", ".join(changed))
             return None
         return rebuild(kept["result"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (DMGuessError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("%s cannot be read back (%s: %s): running it again", path, type(exc).__name__, exc)
         return None
 
@@ -473,11 +473,7 @@ def _kept_frame(frame_dir: Path, identity: dict, guesses, geometry) -> dict | No
                      for g in guesses}
         return {"row": kept["row"], "converged": converged}
 
-    try:
-        return read_kept(frame_dir, identity, rebuild)
-    except DMGuessError as exc:  # a converged .DM gone or damaged since: run the frame again
-        log.warning("%s: %s: running the frame again", frame_dir, exc)
-        return None
+    return read_kept(frame_dir, identity, rebuild)
 
 
 def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="bench", guesses=GUESSES,
@@ -535,6 +531,9 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         from .data import run_basis
 
         basis = run_basis(fdf_template.parent, {label for labels in frame_labels for label in labels})
+    # What every frame's kept result depends on besides its own fdf (:func:`measurement_identity`), read once.
+    template_identity = measurement_identity(_with_included("", fdf_template), pseudo_dirs, loaded, siesta,
+                                             guesses=list(guesses), depth=depth, refine=refine, force=force)
     rows, reused = [], []
     for t, (atoms, labels) in enumerate(tqdm(list(zip(images, frame_labels)), desc=f"bench {name}",
                                              disable=not progress)):
@@ -550,8 +549,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         geometry = build_geometry(structure, basis)
         frame_dir = out_dir / name / f"{t:04d}"
         # A frame's history guesses start from the frames before it: reuse only an unbroken run from the first.
-        identity = measurement_identity(_with_included(text, fdf_template), pseudo_dirs, loaded, siesta,
-                                        guesses=list(guesses), depth=depth, refine=refine, force=force)
+        identity = {**template_identity, "frame_sha256": hashlib.sha256(text.encode()).hexdigest()}
         kept = _kept_frame(frame_dir, identity, guesses, geometry) if resume and len(reused) == t else None
         if kept is not None:
             reused.append(t)
