@@ -302,9 +302,40 @@ def add_threads_argument(parser) -> None:
                              "programs, e.g. SIESTA runs, keep cores busy: predictions then run 3-5x faster")
 
 
+def version_text() -> str:
+    """This package's version and those of the stack it runs on, for bug reports.
+
+    Read from the installed distributions' metadata, so that `--version` imports neither torch nor e3nn.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    stack = ", ".join(f"{name} {installed(name)}" for name in ("torch", "e3nn", "sisl", "ase", "numpy"))
+    return f"siesta-dmguess {__version__} (Python {sys.version.split()[0]}; {stack})"
+
+
+class PrintVersion(argparse.Action):
+    """`--version`, printed on one line (argparse's own version action wraps it at the terminal's width)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siesta-dmguess", description=DESCRIPTION)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug information")
+    p.add_argument("--version", action=PrintVersion, help="print the version of siesta-dmguess and of torch, e3nn, sisl, ase and numpy, and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on folders of converged SIESTA runs")

@@ -1,0 +1,20 @@
+"""The command line's own options (each subcommand is tested with the function it wraps)."""
+
+from importlib.metadata import version
+
+import pytest
+
+from siesta_dmguess import __version__
+from siesta_dmguess.cli import main
+
+
+def test_version_names_the_package_and_its_stack(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    # The installed distribution must carry the version the package reports (pyproject reads it from there).
+    assert version("siesta_dmguess") == __version__
+    assert printed.startswith(f"siesta-dmguess {__version__} ")
+    for name in ("torch", "e3nn", "sisl", "ase", "numpy"):
+        assert f"{name} {version(name)}" in printed
