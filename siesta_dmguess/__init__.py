@@ -7,6 +7,23 @@ SCF iterations saved. See ``docs/`` for units and conventions.
 
 __version__ = "0.1.0"
 
+# The stack a model is trained and run with; each version is read from the installed metadata, not imported.
+STACK = ("torch", "e3nn", "sisl", "ase", "numpy")
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of this package, Python and :data:`STACK` (recorded in model cards and printed by ``--version``)."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"siesta_dmguess": __version__, "python": sys.version.split()[0], **{name: installed(name) for name in STACK}}
+
 from .errors import DMGuessError, InputFileError, ModelCompatibilityError, SiestaError  # noqa: F401
 
 
@@ -20,4 +37,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["DMGuessSiesta", "GuessRecord", "DMGuessError", "InputFileError", "ModelCompatibilityError", "SiestaError", "__version__"]
+__all__ = ["DMGuessSiesta", "GuessRecord", "DMGuessError", "InputFileError", "ModelCompatibilityError", "SiestaError", "__version__",
+           "software_versions"]

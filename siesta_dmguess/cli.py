@@ -303,22 +303,12 @@ def add_threads_argument(parser) -> None:
 
 
 def version_text() -> str:
-    """This package's version and those of the stack it runs on, for bug reports.
+    """This package's version and those of the stack it runs on, on one line, for bug reports."""
+    from . import software_versions
 
-    Read from the installed distributions' metadata, so that `--version` imports neither torch nor e3nn.
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    from . import __version__
-
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    stack = ", ".join(f"{name} {installed(name)}" for name in ("torch", "e3nn", "sisl", "ase", "numpy"))
-    return f"siesta-dmguess {__version__} (Python {sys.version.split()[0]}; {stack})"
+    versions = software_versions()
+    stack = ", ".join(f"{name} {versions[name]}" for name in versions if name not in ("siesta_dmguess", "python"))
+    return f"siesta-dmguess {versions['siesta_dmguess']} (Python {versions['python']}; {stack})"
 
 
 class PrintVersion(argparse.Action):

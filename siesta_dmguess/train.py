@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import software_versions
 from .card import atomic_torch_save, save_model, sha256_file
 from .data import is_aliased, load_samples, run_basis, select_runs
 from .errors import DMGuessError, InputFileError
@@ -309,7 +310,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                      # whether any training run sampled its crystal more coarsely than its DM's range (predict.py)
                      "aliased_sampling": any(is_aliased(s) for s in train_set),
                      **(init_record if init else {}),
-                     "wall_s": round(time.time() - t0, 1), "command": command},
+                     "wall_s": round(time.time() - t0, 1), "command": command,
+                     "software": software_versions()},
         "validation": {"split": "val", **validation["summary"]},
         "novelty_threshold": float(model.novelty_threshold),
     }

@@ -4,7 +4,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+from siesta_dmguess import software_versions
 from siesta_dmguess.card import load_model, sha256_file
 from siesta_dmguess.errors import DMGuessError
 from siesta_dmguess.train import TrainOptions, train
@@ -70,6 +72,9 @@ def test_density_loss_training_keeps_the_epoch_with_the_best_validation_density(
     assert len(density) == 5 and len(set(density)) == 5
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["best_epoch"] == int(np.argmin(density))
+    # what the model was trained with, for anyone reproducing it
+    assert card["training"]["software"] == software_versions()
+    assert card["training"]["software"]["torch"] == torch.__version__
 
 
 def test_correction_head_trains_through_the_projection_from_a_trained_model(tmp_path, base):
