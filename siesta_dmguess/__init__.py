@@ -7,6 +7,8 @@ SCF iterations saved. See ``docs/`` for units and conventions.
 
 __version__ = "0.1.0"
 
+from .errors import DMGuessError, InputFileError, ModelCompatibilityError, SiestaError  # noqa: F401
+
 # The stack a model is trained and run with; each version is read from the installed metadata, not imported.
 STACK = ("torch", "e3nn", "sisl", "ase", "numpy")
 
@@ -23,9 +25,6 @@ def software_versions() -> dict[str, str]:
             return "not installed"
 
     return {"siesta_dmguess": __version__, "python": sys.version.split()[0], **{name: installed(name) for name in STACK}}
-
-from .errors import DMGuessError, InputFileError, ModelCompatibilityError, SiestaError  # noqa: F401
-
 
 
 def __getattr__(name):

@@ -325,7 +325,8 @@ class PrintVersion(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siesta-dmguess", description=DESCRIPTION)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug information")
-    p.add_argument("--version", action=PrintVersion, help="print the version of siesta-dmguess and of torch, e3nn, sisl, ase and numpy, and exit")
+    p.add_argument("--version", action=PrintVersion,
+                   help="print the version of siesta-dmguess and of torch, e3nn, sisl, ase and numpy, and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on folders of converged SIESTA runs")
