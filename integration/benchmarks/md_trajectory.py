@@ -24,8 +24,17 @@ from pathlib import Path
 import numpy as np
 from ase import units
 from ase.io import Trajectory
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
+
+try:  # ASE >= 3.29; MaxwellBoltzmannDistribution, deprecated there, calls it with the same arguments
+    from ase.md.velocitydistribution import thermalize_momenta
+except ImportError:  # older ASE
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    def thermalize_momenta(atoms, temperature_K, rng=None):
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+
 
 from siesta_dmguess import DMGuessSiesta
 from siesta_dmguess.siesta import find_siesta
@@ -77,7 +86,7 @@ def main() -> None:
 
         dyn = BFGS(atoms)
     else:
-        MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(args.seed))
+        thermalize_momenta(atoms, args.temperature, rng=np.random.default_rng(args.seed))
         Stationary(atoms)
         dyn = VelocityVerlet(atoms, args.dt * units.fs)
     dyn.attach(traj.write, interval=1)
