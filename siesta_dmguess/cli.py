@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import STACK
 from .errors import DMGuessError
 
 
@@ -307,7 +308,7 @@ def version_text() -> str:
     from . import software_versions
 
     versions = software_versions()
-    stack = ", ".join(f"{name} {versions[name]}" for name in versions if name not in ("siesta_dmguess", "python"))
+    stack = ", ".join(f"{name} {versions[name]}" for name in STACK)
     return f"siesta-dmguess {versions['siesta_dmguess']} (Python {versions['python']}; {stack})"
 
 
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siesta-dmguess", description=DESCRIPTION)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug information")
     p.add_argument("--version", action=PrintVersion,
-                   help="print the version of siesta-dmguess and of torch, e3nn, sisl, ase and numpy, and exit")
+                   help=f"print the version of siesta-dmguess and of {', '.join(STACK)}, and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on folders of converged SIESTA runs")

@@ -13,7 +13,7 @@ def test_version_names_the_package_and_its_stack(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    # The installed distribution must carry the version the package reports (pyproject reads it from there).
+    # pyproject takes the version from __version__, so the installed distribution must carry the same one.
     assert version("siesta_dmguess") == __version__
     assert printed.startswith(f"siesta-dmguess {__version__} ")
     for name in ("torch", "e3nn", "sisl", "ase", "numpy"):
