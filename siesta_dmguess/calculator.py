@@ -305,7 +305,18 @@ class DMGuessSiesta(Siesta):
 
     # -- FileIOCalculator contract ------------------------------------------
     def write_input(self, atoms, properties=None, system_changes=None):
+        from .errors import InputFileError
+        from .siesta.runner import check_pseudopotentials
+
         super().write_input(atoms, properties, system_changes)
+        try:  # before the prediction, and instead of SIESTA aborting on a missing file
+            check_pseudopotentials(self.getpath(ext="fdf"))
+        except InputFileError as exc:
+            symbol, qualifier = exc.path.name.split(".")[0], self.pseudo_qualifier()
+            wanted = f"{symbol}.{qualifier}.psf" if qualifier else f"{symbol}.psf"
+            hint = f"; pseudo_qualifier='' takes {symbol}.psf" if qualifier else ""
+            raise InputFileError(f"{exc.message} (ASE takes {wanted}, else {symbol}.psml, from the calculator's "
+                                 f"pseudo_path, else $SIESTA_PP_PATH{hint})", exc.path) from None
         if self._rerun_reason:  # the SCF failed from this step's guess: run it as plain SIESTA would
             self._used, self._reason = "atomic", self._rerun_reason
         else:

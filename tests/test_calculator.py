@@ -10,7 +10,7 @@ from ase.calculators.siesta.parameters import Species
 from siesta_dmguess import DMGuessSiesta
 from siesta_dmguess.card import save_model
 from siesta_dmguess.dm import read_dm_orbital_count
-from siesta_dmguess.errors import ModelCompatibilityError
+from siesta_dmguess.errors import InputFileError, ModelCompatibilityError
 from siesta_dmguess.model import DensityMatrixModel
 
 from .conftest import small_config, water_molecule
@@ -24,6 +24,7 @@ def model_dir(tmp_path_factory):
 
 
 def calc(model_dir, tmp_path, **kw):
+    kw.setdefault("pseudo_qualifier", "")  # ASE then takes O.psf, not O.lda.psf
     return DMGuessSiesta(model=model_dir, label="siesta", directory=str(tmp_path), xc="CA", **kw)
 
 
@@ -160,14 +161,28 @@ def test_threads_apply_to_the_prediction_only(model_dir, tmp_path, torch_thread_
     (None, {"kgrid.Cutoff": "20.0 Ang"}, False),  # k-points given to SIESTA directly, not through ASE's kpts
     (None, {"kgrid.Cutoff": "2.0 Ang"}, True),  # shorter than half the 10 Å cell: SIESTA runs at Γ only
 ])
-def test_the_dm_is_folded_exactly_when_siesta_runs_at_gamma_only(model_dir, tmp_path, monkeypatch, kpts,
+def test_the_dm_is_folded_exactly_when_siesta_runs_at_gamma_only(model_dir, tmp_path, kpts,
                                                                    fdf_arguments, folded):
     for name in ("O.psf", "H.psf"):  # ASE links the pseudopotentials into the run folder; SIESTA does not run
         (tmp_path / name).write_text("placeholder\n")
-    monkeypatch.setenv("SIESTA_PP_PATH", str(tmp_path))
-    c = calc(model_dir, tmp_path / "run", kpts=kpts, fdf_arguments=fdf_arguments)
+    c = calc(model_dir, tmp_path / "run", kpts=kpts, fdf_arguments=fdf_arguments, pseudo_path=str(tmp_path))
     c.write_input(water_molecule(), properties=["energy"])
     assert c._prediction.folded is folded
+
+
+def test_a_pseudopotential_missing_from_pseudo_path_is_named_before_predicting(model_dir, tmp_path):
+    """ASE links a species' file into the run folder even when pseudo_path lacks it; SIESTA would then abort."""
+    for name in ("O.psf", "H.psf"):
+        (tmp_path / name).write_text("placeholder\n")
+    c = calc(model_dir, tmp_path / "run", pseudo_path=str(tmp_path), pseudo_qualifier=None)  # ASE's default
+    with pytest.raises(InputFileError, match=r"species 'O.1' not found: O.1.psml links to .*O.psml, which does not"
+                                             r" exist \(ASE takes O.lda.psf, else O.psml, from the calculator's "
+                                             r"pseudo_path, else \$SIESTA_PP_PATH; pseudo_qualifier='' takes O.psf"):
+        c.write_input(water_molecule(), properties=["energy"])
+    assert not (tmp_path / "run" / "siesta.DM").exists()
+    (tmp_path / "H.psf").unlink()  # and a file missing altogether
+    with pytest.raises(InputFileError, match=r"species 'H.2' not found: .*\(ASE takes H.psf, else H.psml"):
+        calc(model_dir, tmp_path / "run2", pseudo_path=str(tmp_path)).write_input(water_molecule(), ["energy"])
 
 
 def test_fdf_arguments_in_any_spelling_reach_the_compatibility_check(tmp_path, shipped):
@@ -198,14 +213,14 @@ def test_the_calculators_basis_and_xc_arguments_are_checked_against_the_card(tmp
 
 
 @pytest.mark.parametrize("kpts, used", [((2, 2, 2), "ml"), ((1, 1, 2), "atomic"), (None, "atomic")])
-def test_a_k_sampling_the_model_never_saw_starts_from_the_atomic_guess(tmp_path, monkeypatch, shipped, kpts, used):
+def test_a_k_sampling_the_model_never_saw_starts_from_the_atomic_guess(tmp_path, shipped, kpts, used):
     """`silicon` learned from k-point runs: with 1x1x2 k-points (or at Γ) an 8-atom cell is sampled with a period of
     5.43 Å, shorter than its DM's range, and the calculator starts SIESTA from its atomic guess and says why."""
     from ase.build import bulk
 
     (tmp_path / "Si.psf").write_text("placeholder\n")  # linked by ASE; SIESTA does not run
-    monkeypatch.setenv("SIESTA_PP_PATH", str(tmp_path))
-    c = DMGuessSiesta(model=shipped("silicon"), label="siesta", directory=str(tmp_path / "run"), xc="CA", kpts=kpts)
+    c = DMGuessSiesta(model=shipped("silicon"), label="siesta", directory=str(tmp_path / "run"), xc="CA", kpts=kpts,
+                      pseudo_path=str(tmp_path), pseudo_qualifier="")
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
     if used == "atomic":
         with pytest.warns(UserWarning, match="period of 5.43 .*more k-points, or a larger cell"):
@@ -314,14 +329,14 @@ def test_siesta_is_found_as_everywhere_else_and_a_missing_one_is_said_before_pre
     assert given._siesta_command().startswith("other")
 
 
-def test_the_default_model_is_chosen_from_the_atoms_and_an_uncovered_one_falls_back(tmp_path, monkeypatch):
+def test_the_default_model_is_chosen_from_the_atoms_and_an_uncovered_one_falls_back(tmp_path):
     """``model="auto"`` (the default): silicon gets `silicon` at the first ML step; atoms no shipped model covers
     are an error by default and, with ``fallback="atomic"``, the atomic guess with the reason."""
     from ase.build import bulk
 
     (tmp_path / "Si.psf").write_text("placeholder\n")  # linked by ASE; SIESTA does not run
-    monkeypatch.setenv("SIESTA_PP_PATH", str(tmp_path))
-    c = DMGuessSiesta(label="siesta", directory=str(tmp_path / "run"), xc="CA", kpts=(2, 2, 2))
+    c = DMGuessSiesta(label="siesta", directory=str(tmp_path / "run"), xc="CA", kpts=(2, 2, 2),
+                      pseudo_path=str(tmp_path), pseudo_qualifier="")
     c.write_input(bulk("Si", "diamond", a=5.43, cubic=True), properties=["energy"])
     assert c._used == "ml" and c._loaded.path.name == "silicon"
     assert read_dm_orbital_count(tmp_path / "run" / "siesta.DM") == 8 * 13  # Si's DZP: 13 orbitals per atom

@@ -146,6 +146,13 @@ def test_missing_pseudopotential_is_named_before_running(run_dir, tmp_path):
         run_siesta(run_dir / "input.fdf", command=str(fake_siesta(tmp_path, GOOD)))
 
 
+def test_a_dangling_pseudopotential_link_is_named_with_its_target(run_dir, tmp_path):
+    (run_dir / "H.psf").unlink()
+    (run_dir / "H.psml").symlink_to(tmp_path / "nowhere" / "H.psml")
+    with pytest.raises(InputFileError, match=r"species 'H' not found: H.psml links to .*nowhere/H.psml, which does"):
+        run_siesta(run_dir / "input.fdf", command=str(fake_siesta(tmp_path, GOOD)))
+
+
 def test_templates_replace_dm_keys(run_dir, tmp_path):
     text = apply_dm_init(FDF + "dm.use-save-dm true\n", "ml")
     keys = [l.split()[0].lower() for l in text.splitlines() if l.strip() and not l.startswith("#")]

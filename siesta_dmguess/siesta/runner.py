@@ -85,10 +85,17 @@ def check_pseudopotentials(fdf: Path) -> None:
     pseudo_dir = fdf_value(fdf, "Pseudo.Directory")
     dirs = [folder] + ([folder / pseudo_dir] if pseudo_dir else [])
     for label in species_labels(fdf):
-        names = [f"{label}{ext}" for ext in (".psf", ".psml", ".ion", ".ion.xml", ".ion.nc")]
-        if not any((d / n).is_file() for d in dirs for n in names):
-            raise InputFileError(f"pseudopotential {label}.psf for species {label!r} not found next to the fdf",
-                                 folder / f"{label}.psf")
+        candidates = [d / f"{label}{ext}" for d in dirs for ext in (".psf", ".psml", ".ion", ".ion.xml", ".ion.nc")]
+        if any(c.is_file() for c in candidates):
+            continue
+        # ASE links every species' file into the run folder, even one it did not find (it then links the
+        # .psml name): a dangling link is a missing pseudopotential, said here instead of as SIESTA's abort.
+        dangling = [c for c in candidates if c.is_symlink()]
+        if dangling:
+            raise InputFileError(f"pseudopotential for species {label!r} not found: {dangling[0].name} links to "
+                                 f"{os.readlink(dangling[0])}, which does not exist", dangling[0])
+        raise InputFileError(f"pseudopotential {label}.psf for species {label!r} not found next to the fdf",
+                             folder / f"{label}.psf")
 
 
 def run_siesta(fdf: str | Path, command: str | None = None, timeout: float | None = None,
