@@ -62,6 +62,7 @@ changes SIESTA's settings, so the converged answer is the same.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -125,6 +126,8 @@ class DMGuessSiesta(Siesta):
         from ase.units import Ry
 
         kwargs.setdefault("energy_shift", 0.02 * Ry)  # SIESTA's default (eV, ASE's unit); see the module doc
+        if kwargs.get("pseudo_path"):  # ASE 3.29 joins a relative one to itself and links it from the run folder
+            kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
         self._siesta_missing = None
         if not args and kwargs.get("command") is None and kwargs.get("profile") is None:
             kwargs["command"], self._siesta_missing = _siesta_command_line()

@@ -185,6 +185,16 @@ def test_a_pseudopotential_missing_from_pseudo_path_is_named_before_predicting(m
         calc(model_dir, tmp_path / "run2", pseudo_path=str(tmp_path)).write_input(water_molecule(), ["energy"])
 
 
+def test_a_relative_pseudo_path_is_taken_from_the_working_directory(model_dir, tmp_path, monkeypatch):
+    """ASE alone would look for pp/pp/O.psf and link pp/O.psml relative to the run folder (a dangling link)."""
+    (tmp_path / "pp").mkdir()
+    for name in ("O.psf", "H.psf"):
+        (tmp_path / "pp" / name).write_text(f"{name}\n")
+    monkeypatch.chdir(tmp_path)
+    calc(model_dir, "run", pseudo_path="pp").write_input(water_molecule(), ["energy"])
+    assert (tmp_path / "run" / "O.1.psf").read_text() == "O.psf\n"
+
+
 def test_fdf_arguments_in_any_spelling_reach_the_compatibility_check(tmp_path, shipped):
     """fdf keys ignore case and '.', '_', '-': a basis size given as ``pao_basis-size`` is checked like
     ``PAO.BasisSize`` against the model card."""
