@@ -18,3 +18,13 @@ def test_version_names_the_package_and_its_stack(capsys):
     assert printed.startswith(f"siesta-dmguess {__version__} ")
     for name in ("torch", "e3nn", "sisl", "ase", "numpy"):
         assert f"{name} {version(name)}" in printed
+
+
+def test_python_dash_m_runs_the_same_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "siesta_dmguess", "predict", "no-such-file.xyz", "--model", "water"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("siesta-dmguess: error: no-such-file.xyz") and "Traceback" not in done.stderr
