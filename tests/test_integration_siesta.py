@@ -54,7 +54,9 @@ def test_ml_guess_is_read_and_saves_iterations(name, siesta_command, water_model
     assert abs(ml.total_energy_eV - atomic.total_energy_eV) < 1e-4
 
 
-def test_ase_calculator_md_steps(siesta_command, water_model, tmp_path):
+def test_ase_calculator_md_steps(siesta_command, water_model, tmp_path, monkeypatch):
+    import os
+
     from ase import Atoms, units
     from ase.md.verlet import VelocityVerlet
 
@@ -63,9 +65,10 @@ def test_ase_calculator_md_steps(siesta_command, water_model, tmp_path):
     atoms = Atoms("OH2", positions=[[0, 0, 0], [0.97, 0, 0], [-0.25, 0.92, 0]], cell=[12] * 3, pbc=True)
     atoms.center()
     atoms.set_velocities(np.random.default_rng(0).normal(0, 0.01, (3, 3)))
-    calc = DMGuessSiesta(model=water_model, label="siesta", directory=str(tmp_path), xc="CA", basis_set="DZP",
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user's script gives them (ASE alone mislinks pseudo_path)
+    calc = DMGuessSiesta(model=water_model, label="siesta", directory="md", xc="CA", basis_set="DZP",
                          mesh_cutoff=200 * units.Ry, energy_shift=0.02 * units.Ry, pseudo_qualifier="",
-                         pseudo_path=str(dataset("h2o") / "basis"), compare_baseline=True,
+                         pseudo_path=os.path.relpath(dataset("h2o") / "basis"), compare_baseline=True,
                          command=f"{siesta_command} < PREFIX.fdf > PREFIX.out",
                          fdf_arguments={"DM.Tolerance": "1.0d-5", "SCF.Mixer.Weight": 0.25,
                                         "SCF.Mixer.History": 6, "MaxSCFIterations": 200})
