@@ -263,17 +263,17 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
     siesta = find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
     from tqdm.auto import tqdm
 
-    from .data import find_fdf, resolve_split, select_runs
+    from .data import empty_split_error, find_fdf, resolve_split, select_runs
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     name = benchmark_name(name, data_dir.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     split = resolve_split(data_dir, split)
     records = select_runs([data_dir], split)
+    if not records:
+        raise empty_split_error(data_dir, split)
     if limit:
         records = records[:limit]
-    if not records:
-        raise InputFileError(f"no structures in split {split!r}", data_dir)
     fdfs = {rec.id: find_fdf(rec.folder) for rec in records}
     models, skipped, startup_s = models_of_runs(model, fdfs, force)
     if skipped and not skip_incompatible:

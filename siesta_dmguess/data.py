@@ -146,6 +146,16 @@ def resolve_split(data_dir: str | Path, split: str | None) -> str | None:
     return None
 
 
+def empty_split_error(data_dir: str | Path, split: str | None) -> InputFileError:
+    """The error for a split that selects no run, naming the splits the folder's runs do record."""
+    from collections import Counter
+
+    recorded = Counter(r.split or "(none)" for r in list_runs(data_dir))
+    listed = ", ".join(f"{name} ({n})" for name, n in sorted(recorded.items()))
+    return InputFileError(f"no runs in split {split!r}; the runs record {listed}; --split all takes every run",
+                          data_dir)
+
+
 def list_runs(data_dir: str | Path) -> list[RunRecord]:
     """The run folders of a dataset, with their split (from ``index.json`` when present)."""
     data_dir = Path(data_dir)

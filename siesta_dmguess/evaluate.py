@@ -256,9 +256,9 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
         samples = load_samples([d], cfg.species, loaded.basis, cfg.message_cutoff, split=used, progress=progress,
                                with_overlap=True, fold_reach=cfg.fold_reach)
         if not samples:
-            from .errors import InputFileError
+            from .data import empty_split_error
 
-            raise InputFileError(f"no runs in split {used!r} (index.json); --split all evaluates every run", d)
+            raise empty_split_error(d, used)
         r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap, refine=refine)
         result["datasets"][str(d)] = r["summary"] | {"split": used or "all"}
         result["structures"].extend(r["structures"])

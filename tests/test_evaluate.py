@@ -138,7 +138,7 @@ def test_a_folder_without_index_or_val_split_is_evaluated_whole_and_an_empty_spl
     # Asking for 'val' explicitly names the folder and the fix.
     assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet", "--split", "val"]) == 2
     err = capsys.readouterr().err
-    assert "mine" in err and "no runs in split 'val'" in err and "--split all" in err
+    assert "mine" in err and "no runs in split 'val'; the runs record test (1), train (1); --split all" in err
     assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet", "--split", "test"]) == 0
     assert "mean over 1 structures" in capsys.readouterr().out
 

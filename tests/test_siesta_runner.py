@@ -272,6 +272,22 @@ def test_bench_checks_every_run_against_the_model_before_running_siesta(tmp_path
     assert "- 0001: species ['N']" in markdown(report)  # the report names the run, not this machine's path
 
 
+def test_bench_on_a_split_no_run_records_names_the_splits_there_are(tmp_path):
+    import json
+
+    from siesta_dmguess.bench import run_benchmark
+
+    log, script = logging_siesta(tmp_path)
+    for run_id in ("0000", "0001"):
+        water_run(tmp_path / "data" / run_id)
+    index = [{"id": "0000", "split": "train"}, {"id": "0001", "split": "test"}]
+    (tmp_path / "data" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InputFileError, match=r"data: no runs in split 'val'; the runs record test \(1\), train "
+                                             r"\(1\); --split all takes every run"):
+        run_benchmark(tmp_path / "data", model="water", out_dir=tmp_path / "out", split="val", command=str(script))
+    assert not log.exists()
+
+
 def test_a_stopped_bench_continues_where_it_stopped(tmp_path, caplog):
     """A benchmark killed in its second structure, started again, runs only that structure and reports both; a
     result measured otherwise (another refinement, another SIESTA) or unreadable is run again, and
