@@ -126,8 +126,6 @@ class DMGuessSiesta(Siesta):
         from ase.units import Ry
 
         kwargs.setdefault("energy_shift", 0.02 * Ry)  # SIESTA's default (eV, ASE's unit); see the module doc
-        if kwargs.get("pseudo_path"):  # ASE 3.29 joins a relative one to itself and links it from the run folder
-            kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
         self._siesta_missing = None
         if not args and kwargs.get("command") is None and kwargs.get("profile") is None:
             kwargs["command"], self._siesta_missing = _siesta_command_line()
@@ -307,6 +305,13 @@ class DMGuessSiesta(Siesta):
         fdf.write_text(apply_dm_init(fdf.read_text(), init))
 
     # -- FileIOCalculator contract ------------------------------------------
+    def set(self, **kwargs):
+        """ASE's ``set`` (which the constructor calls too), with ``pseudo_path`` made absolute: ASE 3.29 joins a
+        relative one to itself and links the pseudopotentials into the run folder by that relative path."""
+        if kwargs.get("pseudo_path"):
+            kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
+        return super().set(**kwargs)
+
     def write_input(self, atoms, properties=None, system_changes=None):
         from .errors import InputFileError
         from .siesta.runner import check_pseudopotentials

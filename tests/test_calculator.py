@@ -193,6 +193,10 @@ def test_a_relative_pseudo_path_is_taken_from_the_working_directory(model_dir, t
     monkeypatch.chdir(tmp_path)
     calc(model_dir, "run", pseudo_path="pp").write_input(water_molecule(), ["energy"])
     assert (tmp_path / "run" / "O.1.psf").read_text() == "O.psf\n"
+    later = calc(model_dir, "run2", pseudo_path=str(tmp_path / "elsewhere"))
+    later.set(pseudo_path="pp")  # set after construction, as ASE allows
+    later.write_input(water_molecule(), ["energy"])
+    assert (tmp_path / "run2" / "O.1.psf").read_text() == "O.psf\n"
 
 
 def test_fdf_arguments_in_any_spelling_reach_the_compatibility_check(tmp_path, shipped):
