@@ -66,6 +66,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,11 +313,27 @@ class DMGuessSiesta(Siesta):
             kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
         return super().set(**kwargs)
 
+    @contextmanager
+    def _absolute_fallback_pseudo_path(self):
+        """Without ``pseudo_path`` ASE takes its configuration's, then ``$SIESTA_PP_PATH``, and mishandles a
+        relative one as in :meth:`set`: lend it, made absolute against the current directory, for one write."""
+        fallback = None if self["pseudo_path"] else (self.profile.configvars.get("pseudo_path")
+                                                      or self.cfg.get("SIESTA_PP_PATH"))
+        if not fallback or os.path.isabs(fallback):
+            yield
+            return
+        self.parameters["pseudo_path"] = os.path.abspath(fallback)
+        try:
+            yield
+        finally:
+            self.parameters["pseudo_path"] = None
+
     def write_input(self, atoms, properties=None, system_changes=None):
         from .errors import InputFileError
         from .siesta.runner import check_pseudopotentials
 
-        super().write_input(atoms, properties, system_changes)
+        with self._absolute_fallback_pseudo_path():
+            super().write_input(atoms, properties, system_changes)
         try:  # before the prediction, and instead of SIESTA aborting on a missing file
             check_pseudopotentials(self.getpath(ext="fdf"))
         except InputFileError as exc:

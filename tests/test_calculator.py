@@ -199,6 +199,24 @@ def test_a_relative_pseudo_path_is_taken_from_the_working_directory(model_dir, t
     assert (tmp_path / "run2" / "O.1.psf").read_text() == "O.psf\n"
 
 
+def test_a_relative_siesta_pp_path_is_taken_from_the_working_directory(model_dir, tmp_path, monkeypatch):
+    """ASE's fallback $SIESTA_PP_PATH, relative, has the same fault as a relative pseudo_path; it is resolved at
+    each write (the calculator keeps no path of its own) so a later chdir is followed."""
+    for folder in ("a", "b"):
+        (tmp_path / folder / "pp").mkdir(parents=True)
+        for name in ("O.psf", "H.psf"):
+            (tmp_path / folder / "pp" / name).write_text(f"{folder}/{name}\n")
+    monkeypatch.setenv("SIESTA_PP_PATH", "pp")
+    monkeypatch.chdir(tmp_path / "a")
+    c = calc(model_dir, str(tmp_path / "run"))
+    c.write_input(water_molecule(), ["energy"])
+    assert (tmp_path / "run" / "O.1.psf").read_text() == "a/O.psf\n"
+    assert c["pseudo_path"] is None
+    monkeypatch.chdir(tmp_path / "b")
+    c.write_input(water_molecule(), ["energy"])
+    assert (tmp_path / "run" / "O.1.psf").read_text() == "b/O.psf\n"
+
+
 def test_fdf_arguments_in_any_spelling_reach_the_compatibility_check(tmp_path, shipped):
     """fdf keys ignore case and '.', '_', '-': a basis size given as ``pao_basis-size`` is checked like
     ``PAO.BasisSize`` against the model card."""
