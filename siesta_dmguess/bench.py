@@ -266,6 +266,9 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
     from .data import empty_split_error, find_fdf, resolve_split, select_runs
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if data_dir.is_file():
+        raise InputFileError("a file, where a dataset folder (of SIESTA run folders) is expected; to benchmark a "
+                             "trajectory file, give the fdf its frames are run with: --fdf FDF", data_dir)
     name = benchmark_name(name, data_dir.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     split = resolve_split(data_dir, split)
@@ -498,14 +501,13 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     from .siesta import find_siesta
 
     siesta = find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
-    import ase.io
     from tqdm.auto import tqdm
 
     from .dm import build_geometry, to_image_keyed
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix, ready_chosen_model
     from .siesta.templates import fdf_with_geometry
-    from .structure import FdfFrames, resolve_fdf
+    from .structure import FdfFrames, read_frames, resolve_fdf
 
     unknown = [g for g in guesses if g not in GUESSES]
     if unknown or not guesses:  # before any SIESTA run, not midway through the trajectory
@@ -514,8 +516,10 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     fdf_template, out_dir = resolve_fdf(fdf_template), Path(out_dir)
     if not fdf_template.is_file():
         raise InputFileError("fdf template not found", fdf_template)
-    images = list(ase.io.read(str(trajectory), index=":")) if not isinstance(trajectory, list) else trajectory
-    images = images[frames]
+    if not isinstance(trajectory, list) and Path(trajectory).is_dir():
+        raise InputFileError("--fdf is for a trajectory file, and this is a folder: benchmark a dataset folder "
+                             "without --fdf", trajectory)
+    images = read_frames(trajectory)[frames] if not isinstance(trajectory, list) else trajectory[frames]
     if not images:
         raise InputFileError("the trajectory holds no frames", trajectory if not isinstance(trajectory, list) else None)
     frames_in_fdf = FdfFrames(fdf_template)
@@ -691,7 +695,7 @@ def plot_trajectory(report: dict, path: Path) -> None:
 
 
 def add_bench_parser(sub) -> None:
-    from .cli import add_model_argument, add_refine_argument, add_threads_argument
+    from .cli import add_model_argument, add_refine_argument, add_threads_argument, at_least
 
     b = sub.add_parser("bench", help="SCF iterations with the ML guess vs SIESTA's atomic guess (real SIESTA)")
     b.add_argument("data_dir", help="dataset folder of run folders (fdf + basis/*.psf), or a trajectory file "
@@ -700,14 +704,14 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--guesses", default=",".join(GUESSES),
                    help="for a trajectory: comma-separated starting guesses to compare (default: all of "
                         f"{','.join(GUESSES)})")
-    b.add_argument("--depth", type=int, default=3, help="for a trajectory: steps kept for extrapolation (default 3)")
+    b.add_argument("--depth", type=at_least(1), default=3, help="for a trajectory: steps kept for extrapolation (default 3)")
     add_model_argument(b)
     b.add_argument("--name", help="name of the report and its files bench_NAME.json/.md/.png (default: the "
                    "dataset folder's name, or the trajectory file's without its suffix)")
     b.add_argument("--out", default="bench", help="output folder for runs, JSON, Markdown and PNG (default: bench)")
     b.add_argument("--split", default="auto", help="val, train, all, or auto (default): val where the folder's "
                    "index.json records a val split, else all runs")
-    b.add_argument("--limit", type=int, default=0, help="at most N structures")
+    b.add_argument("--limit", type=at_least(0), default=0, help="at most N structures")
     b.add_argument("--siesta", help="SIESTA command (default: SIESTA_COMMAND, ASE config, PATH)")
     b.add_argument("--force", action="store_true", help="use the ML guess even where predict would refuse it (far "
                    "outside the training data, a k-sampling the model lacks, no clear occupied space): measures "
@@ -718,7 +722,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--restart", action="store_true", help="run every structure or frame again, also those an "
                    "earlier run of this benchmark in --out finished (by default a stopped benchmark continues where "
                    "it stopped)")
-    b.add_argument("--repeat", type=int, default=1, help="for a dataset folder: run every guess N times (alternating "
+    b.add_argument("--repeat", type=at_least(1), default=1, help="for a dataset folder: run every guess N times (alternating "
                    "them) and report each structure's median-time run: steadier wall times (default 1)")
     add_refine_argument(b)
     add_threads_argument(b)
@@ -726,8 +730,6 @@ def add_bench_parser(sub) -> None:
 
 
 def _cmd_bench(args) -> int:
-    if args.repeat < 1:
-        raise DMGuessError(f"--repeat must be at least 1, not {args.repeat}")
     if args.fdf:
         if args.repeat > 1:  # a trajectory's guesses depend on the steps before: a repeat is a whole second run
             raise DMGuessError("--repeat applies to a dataset folder, not to a trajectory (--fdf): run the "

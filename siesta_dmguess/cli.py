@@ -282,6 +282,19 @@ def scf_saving_summary(card: dict) -> str:
                      f"({v['iterations_saved_fraction']:.0%} saved)" for k, v in sets.items())
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer no smaller than ``minimum`` (a negative --limit would slice from the end)."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+    return count
+
+
 def add_refine_argument(parser) -> None:
     from .refine import REFINEMENTS
 
@@ -298,7 +311,7 @@ def add_model_argument(parser) -> None:
 
 
 def add_threads_argument(parser) -> None:
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=at_least(0), default=0,
                         help="torch threads for the predictions (default: torch's, one per core); use 1 where other "
                              "programs, e.g. SIESTA runs, keep cores busy: predictions then run 3-5x faster")
 
@@ -333,18 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model on folders of converged SIESTA runs")
     t.add_argument("data_dirs", nargs="+", help="dataset folders (run folders with fdf + .DM)")
     t.add_argument("--out", required=True, help="model folder to write (resumes from its checkpoint)")
-    t.add_argument("--epochs", type=int, default=300, help="passes over the training structures (default 300)")
+    t.add_argument("--epochs", type=at_least(0), default=300, help="passes over the training structures (default 300)")
     t.add_argument("--lr", type=float, default=5e-3,
                    help="initial Adam learning rate, decayed each epoch (default 5e-3)")
-    t.add_argument("--batch-atoms", type=int, default=24, help="atoms per optimizer step (default 24)")
+    t.add_argument("--batch-atoms", type=at_least(1), default=24, help="atoms per optimizer step (default 24)")
     t.add_argument("--seed", type=int, default=0,
                    help="seed of the weights, the batch order and a random validation split (default 0)")
-    t.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, one per core)")
-    t.add_argument("--max-train", type=int, default=0, help="use at most N training structures")
+    t.add_argument("--threads", type=at_least(0), default=0, help="torch threads (default: torch's, one per core)")
+    t.add_argument("--max-train", type=at_least(0), default=0, help="use at most N training structures")
     t.add_argument("--config", help='JSON of model settings, e.g. \'{"mp_cutoff": 4.0, "num_layers": 2}\'')
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--init", default="", help="start from this model's weights (model folder or shipped name)")
-    t.add_argument("--correction-epochs", type=int, default=0,
+    t.add_argument("--correction-epochs", type=at_least(0), default=0,
                    help="then train a ΔH head through the idempotent projection for N epochs (Γ-only data)")
     t.add_argument("--correction-lr", type=float, default=1e-3,
                    help="learning rate of the ΔH head (lower it when the projection is already close: near-exact "

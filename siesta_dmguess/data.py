@@ -159,6 +159,8 @@ def empty_split_error(data_dir: str | Path, split: str | None) -> InputFileError
 def list_runs(data_dir: str | Path) -> list[RunRecord]:
     """The run folders of a dataset, with their split (from ``index.json`` when present)."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise InputFileError("a file, where a dataset folder (of SIESTA run folders) is expected", data_dir)
     if not data_dir.is_dir():
         raise InputFileError("dataset folder not found", data_dir)
     index = data_dir / "index.json"

@@ -369,14 +369,7 @@ def read_structure(path: str | Path) -> Structure:
         if fdf.get("AtomicCoordinatesFormat") is None:
             _warn_if_bohr_by_default(atoms, path)
         return Structure(atoms, labels, str(path), read_fdf_settings(path))
-    import ase.io
-
-    try:
-        frames = ase.io.read(str(path), index=":")
-    except Exception as exc:
-        raise InputFileError(f"ASE cannot read this structure ({type(exc).__name__}: {exc})", path) from exc
-    if not frames or len(frames[-1]) == 0:
-        raise InputFileError("the file holds no atoms", path)
+    frames = read_frames(path)
     atoms = frames[-1]
     if len(frames) > 1:  # ASE's default; say so, since one DM per file is written
         log.warning("%s holds %d structures; predicting the last one. For every frame, split the file, or run "
@@ -384,6 +377,28 @@ def read_structure(path: str | Path) -> Structure:
     if atoms.cell.rank < 3:
         atoms.pbc = False
     return Structure(atoms, list(atoms.get_chemical_symbols()), str(path))
+
+
+def read_frames(path: str | Path) -> list[Atoms]:
+    """Every frame of a file ASE reads (a structure or a trajectory), or an :class:`InputFileError` naming the
+    file and the problem: missing, a folder, unreadable, or without atoms."""
+    import ase.io
+
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError("file not found", path)
+    if path.is_dir():
+        raise InputFileError("a folder, where a structure or trajectory file is expected", path)
+    try:
+        frames = ase.io.read(str(path), index=":")
+    except KeyError as exc:  # ASE's own message is the bare symbol, e.g. 'Xx'
+        raise InputFileError(f"ASE cannot read this structure: unknown chemical symbol {exc}", path) from exc
+    except Exception as exc:
+        raise InputFileError(f"ASE cannot read this structure ({type(exc).__name__}: {exc})", path) from exc
+    if not frames or any(len(atoms) == 0 for atoms in frames):
+        raise InputFileError("the file holds no atoms" if len(frames) <= 1 else "a frame of the file holds no atoms",
+                             path)
+    return frames
 
 
 def _warn_if_bohr_by_default(atoms: Atoms, path: Path, shortest: float = 0.7) -> None:

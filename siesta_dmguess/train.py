@@ -151,6 +151,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     check_config_overrides(config_overrides or {})
     data_dirs = [Path(d) for d in data_dirs]
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputFileError("a file is in the way: the model is written as a folder here (--out)", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if options.threads:
         torch.set_num_threads(options.threads)

@@ -44,3 +44,22 @@ def test_the_written_file_replaces_the_old_one_with_plain_write_permissions(tmp_
         os.umask(old)
     assert target.read_text() == "new"
     assert oct(target.stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_a_folder_in_the_way_is_named_before_anything_is_written_or_moved(tmp_path, capsys):
+    """``predict -o X.DM`` where X.DM is a folder used to move the folder aside as X.DM.bak (or, with
+    --overwrite, end in IsADirectoryError); ``train --out FILE`` ended in FileExistsError."""
+    from siesta_dmguess.cli import main
+    from siesta_dmguess.errors import InputFileError
+
+    (tmp_path / "de.DM").mkdir()
+    (tmp_path / "de.DM" / "inside").write_text("kept")
+    moved = []
+    with pytest.raises(InputFileError, match="de.DM: a folder is in the way"):
+        atomic_write(tmp_path / "de.DM", lambda tmp: tmp.write_text("new"), before_replace=lambda: moved.append(1))
+    assert not moved and sorted(p.name for p in tmp_path.iterdir()) == ["de.DM"]
+    assert (tmp_path / "de.DM" / "inside").read_text() == "kept"
+    (tmp_path / "model.txt").write_text("a file")
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "model.txt")]) == 2
+    assert "model.txt: a file is in the way" in capsys.readouterr().err
+    assert (tmp_path / "model.txt").read_text() == "a file"

@@ -1,5 +1,6 @@
 """Finding and running SIESTA, with small fake `siesta` scripts for the failure modes."""
 
+import re
 import stat
 import sys
 import textwrap
@@ -99,6 +100,24 @@ def test_find_siesta_order(tmp_path, monkeypatch):
     monkeypatch.delenv("SIESTA_COMMAND")
     monkeypatch.setenv("ASE_SIESTA_COMMAND", f"{exe} < PREFIX.fdf > PREFIX.out")
     assert find_siesta() == [str(exe)]  # ASE's template reduced to the executable
+
+
+def test_a_siesta_command_that_is_set_but_wrong_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    """A mistyped --siesta (or $SIESTA_COMMAND) must not quietly run another SIESTA found further down the list."""
+    exe = fake_siesta(tmp_path, GOOD)
+    monkeypatch.setenv("SIESTA_COMMAND", str(exe))
+    monkeypatch.delenv("ASE_SIESTA_COMMAND", raising=False)
+    monkeypatch.setattr("siesta_dmguess.siesta.runner._ase_config_command", lambda: None)
+    with pytest.raises(SiestaNotFoundError, match=r"given by argument \('/nonexistent/siesta'\) is not an executable"):
+        find_siesta("/nonexistent/siesta")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "siesta").symlink_to(exe)  # a working `siesta` on PATH too
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.delenv("SIESTA_COMMAND")
+    assert find_siesta() == [str(tmp_path / "bin" / "siesta")]
+    monkeypatch.setenv("SIESTA_COMMAND", str(tmp_path / "siesta-typo"))
+    with pytest.raises(SiestaNotFoundError, match="given by SIESTA_COMMAND"):
+        find_siesta()
 
 
 def test_missing_siesta_lists_where_it_looked(monkeypatch, tmp_path):
@@ -418,12 +437,28 @@ def test_median_run_picks_a_real_run_and_warns_when_iterations_differ(caplog):
     assert median_run(runs[:1]) is runs[0]
 
 
-@pytest.mark.parametrize("extra", [["--repeat", "0"], ["--repeat", "2", "--fdf", "x.fdf"]])
-def test_bench_rejects_a_useless_repeat(tmp_path, capsys, extra):
+def test_bench_rejects_a_repeat_on_a_trajectory(tmp_path, capsys):
     from siesta_dmguess.cli import main
 
-    assert main(["bench", str(tmp_path), *extra]) != 0
+    assert main(["bench", str(tmp_path), "--repeat", "2", "--fdf", "x.fdf"]) != 0
     assert "--repeat" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("bench", "--repeat", "0"), ("bench", "--limit", "-1"), ("bench", "--depth", "0"), ("bench", "--threads", "-1"),
+    ("predict", "--threads", "-2"), ("evaluate", "--threads", "-1"), ("train", "--epochs", "-5"),
+    ("train", "--batch-atoms", "0"), ("bench", "--limit", "two")])
+def test_counts_out_of_range_are_refused_before_any_work(tmp_path, capsys, command, option, value):
+    """``--limit -1`` used to slice off the last structure, ``--depth 0`` ended in a traceback."""
+    from siesta_dmguess.cli import main
+
+    positional = {"bench": [str(tmp_path)], "predict": ["x.xyz"], "evaluate": ["water", str(tmp_path)],
+                  "train": [str(tmp_path), "--out", str(tmp_path / "m")]}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *positional, option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and ("must be at least" in err or "not a whole number" in err)
 
 
 def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
@@ -623,3 +658,26 @@ def test_trajectory_bench_without_a_model_uses_the_shipped_model_of_the_fdf_temp
     for name, model in {"h2o": "water", "g2": "chno-molecules", "si8": "silicon"}.items():
         assert resolve_auto_model("auto", dataset(name) / "0004" / "input.fdf") == model
     assert resolve_auto_model("water", dataset("si8") / "0004" / "input.fdf") == "water"  # checked later, per run
+
+
+@pytest.mark.parametrize("case", ["folder-with-fdf", "file-without-fdf", "empty-trajectory", "unknown-element"])
+def test_bench_inputs_of_the_wrong_kind_are_named(tmp_path, capsys, run_dir, case):
+    """Each used to end in a traceback (OSError: Not a BundleTrajectory, UnknownFileTypeError: Empty file) or in
+    'dataset folder not found' for a file that exists."""
+    from siesta_dmguess.cli import main
+
+    siesta = str(fake_siesta(tmp_path, GOOD))
+    (tmp_path / "empty.xyz").write_text("")
+    (tmp_path / "xx.xyz").write_text("1\n\nXx 0 0 0\n")
+    args = {"folder-with-fdf": [str(run_dir.parent), "--fdf", str(run_dir)],
+            "file-without-fdf": [str(tmp_path / "xx.xyz")],
+            "empty-trajectory": [str(tmp_path / "empty.xyz"), "--fdf", str(run_dir)],
+            "unknown-element": [str(tmp_path / "xx.xyz"), "--fdf", str(run_dir)]}[case]
+    assert main(["bench", *args, "--siesta", siesta, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search({"folder-with-fdf": "--fdf is for a trajectory file, and this is a folder",
+                      "file-without-fdf": r"xx\.xyz: a file, where a dataset folder .* --fdf FDF",
+                      "empty-trajectory": r"empty\.xyz: ASE cannot read",
+                      "unknown-element": r"xx\.xyz: ASE cannot read this structure: unknown chemical symbol 'Xx'"}[case],
+                     err), err

@@ -34,6 +34,9 @@ def find_siesta(command: str | None = None) -> list[str]:
     config file), then ``siesta`` on ``PATH``. ASE-style templates such as
     ``siesta < PREFIX.fdf > PREFIX.out`` are reduced to the executable and its
     arguments: the runner redirects input and output itself.
+
+    The first of these that is set decides: one that names no executable is an error, not a reason to run
+    another SIESTA (whose results a benchmark would then file under the wrong binary).
     """
     tried = []
     candidates = [("argument", command), ("SIESTA_COMMAND", os.environ.get("SIESTA_COMMAND")),
@@ -50,6 +53,9 @@ def find_siesta(command: str | None = None) -> list[str]:
         exe = shutil.which(args[0]) or (args[0] if os.access(args[0], os.X_OK) and Path(args[0]).is_file() else None)
         if exe:
             return [exe] + args[1:]
+        if where != "PATH":
+            raise SiestaNotFoundError(f"the SIESTA command given by {where} ({cmd!r}) is not an executable: "
+                                      f"{args[0]!r} is neither a file with execute permission nor found on PATH")
         tried.append(f"{where}: {args[0]!r} is not an executable")
     raise SiestaNotFoundError("no SIESTA executable found; looked at " + "; ".join(tried) +
                               ". Install SIESTA (e.g. the container in integration/) and set SIESTA_COMMAND.")
