@@ -239,6 +239,7 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
         if dm is None:
             raise InputFileError("the run folder has no converged .DM", rec.folder)
         check_converged(rec)
+        check_dm_is_siestas(siesta_dm_path(find_fdf(rec.folder)))
         sample = prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
                                 meta={"split": rec.split, **rec.meta}, fold_reach=fold_reach)
         if with_overlap and hsx is not None:
@@ -262,6 +263,23 @@ def check_converged(rec: RunRecord) -> None:
             raise InputFileError(f"{output.name} does not say that SIESTA's SCF converged (it did not, or the "
                                  f"output stops before), so the .DM is not a converged density matrix: rerun it or "
                                  f"leave the folder out", rec.folder)
+
+
+def check_dm_is_siestas(dm_path: Path) -> None:
+    """Error if the run's ``.DM`` looks written by ``predict`` rather than by SIESTA: a backup of it sits beside it
+    (``predict`` keeps the DM it replaces as ``<name>.bak``) and it is newer than every SIESTA output of the
+    folder. ``predict RUN/`` on a converged run does exactly that, and a model evaluated or trained on the folder
+    would then be measured against its own prediction."""
+    backups = sorted(dm_path.parent.glob(dm_path.name + ".bak*"))
+    if not backups or not dm_path.is_file():
+        return
+    outputs = [*dm_path.parent.glob("*.out"), *dm_path.parent.glob("*.out.gz")]
+    newest_output = max((p.stat().st_mtime for p in outputs), default=None)
+    if newest_output is None or dm_path.stat().st_mtime > newest_output + 1.0:  # SIESTA writes its .out last
+        raise InputFileError(f"this .DM is newer than the folder's SIESTA output and a backup ({backups[0].name}) "
+                             f"sits beside it: it looks written by `siesta-dmguess predict`, not converged by "
+                             f"SIESTA. Put SIESTA's DM back (mv {backups[0].name} {dm_path.name}) or rerun SIESTA "
+                             f"in the folder", dm_path)
 
 
 def read_hsx_at(hsx: Path, dm_ref) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -183,3 +183,31 @@ def test_a_run_siesta_did_not_converge_is_refused_as_reference(tmp_path):
     (data / "index.json").write_text(json.dumps([{"id": "0004", "converged": False}]))
     with pytest.raises(InputFileError, match=r"0004: the dataset's index.json records that SIESTA did not converge"):
         load()
+
+
+def test_a_dm_that_predict_wrote_into_a_run_folder_is_refused_as_reference(tmp_path, capsys):
+    """``predict RUN/`` keeps SIESTA's DM as siesta.DM.bak and writes its own; evaluate on the folder used to
+    measure the model against its own prediction (MAE 6e-9). Rerunning SIESTA from it makes it a reference again."""
+    import os
+    import shutil
+
+    from siesta_dmguess.basis import read_basis_folder
+    from siesta_dmguess.cli import main
+    from siesta_dmguess.data import load_samples
+    from siesta_dmguess.errors import InputFileError
+
+    src = dataset("h2o") / "0004"
+    data = tmp_path / "data"
+    run = copy_run(src, data / "0004")
+    shutil.copy(src / "siesta.out.gz", run / "siesta.out.gz")
+    basis = read_basis_folder(src.parent / "basis", ["H", "O"])
+    load = lambda: load_samples([data], ["H", "O"], basis, 3.0)  # noqa: E731
+    assert main(["predict", str(run), "--model", "water", "--threads", "1"]) == 0
+    assert (run / "siesta.DM.bak").is_file()
+    with pytest.raises(InputFileError, match=r"siesta.DM: this .DM is newer .*\(mv siesta.DM.bak siesta.DM\)"):
+        load()
+    assert main(["evaluate", "water", str(data), "--quiet"]) == 2
+    assert "looks written by `siesta-dmguess predict`" in capsys.readouterr().err
+    later = (run / "siesta.DM").stat().st_mtime + 5  # SIESTA run again in the folder: its output is the newest file
+    os.utime(run / "siesta.out.gz", (later, later))
+    assert len(load()) == 1
