@@ -710,7 +710,7 @@ def add_bench_parser(sub) -> None:
                    "dataset folder's name, or the trajectory file's without its suffix)")
     b.add_argument("--out", default="bench", help="output folder for runs, JSON, Markdown and PNG (default: bench)")
     b.add_argument("--split", default="auto", help="val, train, all, or auto (default): val where the folder's "
-                   "index.json records a val split, else all runs")
+                   "index.json (or the runs' run.json) records a val split, else all runs")
     b.add_argument("--limit", type=at_least(0), default=0, help="at most N structures")
     b.add_argument("--siesta", help="SIESTA command (default: SIESTA_COMMAND, ASE config, PATH)")
     b.add_argument("--force", action="store_true", help="use the ML guess even where predict would refuse it (far "

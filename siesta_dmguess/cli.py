@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="shipped model name or model folder")
     e.add_argument("data_dirs", nargs="+")
     e.add_argument("--split", default="auto", help="split to evaluate: val, train, all, or auto (default): val "
-                   "where the folder's index.json records a val split, else all runs")
+                   "where the folder's index.json (or the runs' run.json) records a val split, else all runs")
     e.add_argument("--json", help="write all metrics to this JSON file")
     e.add_argument("--plot", help="write a PNG: MAE per structure vs the atomic guess, and MAE vs novelty score")
     e.add_argument("--quiet", action="store_true")

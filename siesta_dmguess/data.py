@@ -136,9 +136,14 @@ class RunRecord:
 def resolve_split(data_dir: str | Path, split: str | None) -> str | None:
     """The split to use in ``data_dir``: ``"auto"`` means ``"val"`` where its index.json records val runs and
     every run (None) where it does not, e.g. a folder of new structures; other values are returned unchanged."""
-    if split != "auto":
-        return split
+    if split is None or split == "all":
+        return None
     runs = list_runs(data_dir)
+    if split != "auto":
+        if not any(r.split for r in runs):
+            log.warning("%s: its runs record no split (no index.json or run.json), so --split %s takes all %d runs",
+                        data_dir, split, len(runs))
+        return split
     if any(r.split == "val" for r in runs):
         return "val"
     if any(r.split for r in runs):
@@ -175,7 +180,22 @@ def list_runs(data_dir: str | Path) -> list[RunRecord]:
         runs = [data_dir]
     if not runs:
         raise InputFileError("no run folders (sub-folders with an .fdf) found", data_dir)
-    return [RunRecord(p, p.name) for p in sorted(set(runs))]
+    return [_record_of_folder(p) for p in sorted(set(runs))]
+
+
+def _record_of_folder(folder: Path) -> RunRecord:
+    """A run folder outside an indexed dataset, with its split from the ``run.json`` the datasets keep beside each
+    run (the same record as in their index.json), so that copied runs keep the split they were measured in."""
+    record_file = folder / "run.json"
+    if not record_file.is_file():
+        return RunRecord(folder, folder.name)
+    try:
+        record = json.loads(record_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"run.json is not valid JSON ({exc})", record_file) from exc
+    if not isinstance(record, dict):
+        raise InputFileError("run.json holds no record (a JSON object) of the run", record_file)
+    return RunRecord(folder, folder.name, str(record.get("split") or ""), record)
 
 
 def run_basis(folder: Path, labels) -> dict[str, SpeciesBasis]:

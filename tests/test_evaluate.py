@@ -211,3 +211,30 @@ def test_a_dm_that_predict_wrote_into_a_run_folder_is_refused_as_reference(tmp_p
     later = (run / "siesta.DM").stat().st_mtime + 5  # SIESTA run again in the folder: its output is the newest file
     os.utime(run / "siesta.out.gz", (later, later))
     assert len(load()) == 1
+
+
+def test_copied_runs_keep_the_split_their_run_json_records_and_a_split_nobody_records_is_said(tmp_path, caplog):
+    """Without index.json the runs' own run.json gives their split (``--split train`` took val runs before);
+    where no run records one, a named split takes every run, with a warning instead of silently."""
+    import json
+
+    from siesta_dmguess.data import resolve_split, select_runs
+    from siesta_dmguess.errors import InputFileError
+
+    for run_id, split in (("0001", "train"), ("0004", "val"), ("0007", None)):
+        (tmp_path / "copied" / run_id).mkdir(parents=True)
+        (tmp_path / "copied" / run_id / "input.fdf").write_text("SystemLabel siesta\n")
+        if split:
+            (tmp_path / "copied" / run_id / "run.json").write_text(json.dumps({"id": run_id, "split": split}))
+    copied = tmp_path / "copied"
+    assert [r.id for r in select_runs([copied], "train")] == ["0001", "0007"]  # 0007 records none: every split
+    assert resolve_split(copied, "auto") == "val"
+    assert [r.id for r in select_runs([copied], resolve_split(copied, "auto"))] == ["0004", "0007"]
+    (tmp_path / "own" / "a").mkdir(parents=True)
+    (tmp_path / "own" / "a" / "input.fdf").write_text("SystemLabel siesta\n")
+    with caplog.at_level("WARNING"):
+        assert resolve_split(tmp_path / "own", "bogus") == "bogus"
+    assert "record no split" in caplog.text and "--split bogus takes all 1 runs" in caplog.text
+    (copied / "0001" / "run.json").write_text("{not json")
+    with pytest.raises(InputFileError, match=r"0001/run.json: run.json is not valid JSON"):
+        select_runs([copied])
