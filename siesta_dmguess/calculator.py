@@ -313,6 +313,18 @@ class DMGuessSiesta(Siesta):
             kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
         return super().set(**kwargs)
 
+    def _remove_pseudopotential_links(self):
+        """ASE links each species' pseudopotential into the run folder at every write, as ``O.1.psf`` or, where it
+        found none, as a dangling ``O.1.psml``; a link from an earlier write under the other name would stay, and
+        SIESTA would read that old pseudopotential. Removing ASE's links (never a file, nor a link named otherwise,
+        e.g. a user's O.psf when the run folder is the working directory) lets each write start clean."""
+        import re
+
+        ase_name = re.compile(r"\.\d+(\.ghost)?\.(psf|psml)$")  # ASE inserts the species number: O.1.psf, O.lda.1.psf
+        for path in Path(self.directory).glob("*.ps*"):
+            if ase_name.search(path.name) and path.is_symlink():
+                path.unlink()
+
     @contextmanager
     def _absolute_fallback_pseudo_path(self):
         """Without ``pseudo_path`` ASE takes its configuration's, then ``$SIESTA_PP_PATH``, and mishandles a
@@ -332,6 +344,7 @@ class DMGuessSiesta(Siesta):
         from .errors import InputFileError
         from .siesta.runner import check_pseudopotentials
 
+        self._remove_pseudopotential_links()
         with self._absolute_fallback_pseudo_path():
             super().write_input(atoms, properties, system_changes)
         try:  # before the prediction, and instead of SIESTA aborting on a missing file

@@ -199,6 +199,28 @@ def test_a_relative_pseudo_path_is_taken_from_the_working_directory(model_dir, t
     assert (tmp_path / "run2" / "O.1.psf").read_text() == "O.psf\n"
 
 
+def test_a_reused_run_folder_does_not_keep_the_previous_pseudopotential(model_dir, tmp_path):
+    """With pseudo_path changed to a folder that lacks O.psf, ASE links a dangling O.1.psml; the O.1.psf link of
+    the previous write stayed beside it and SIESTA would have read the old pseudopotential without a word."""
+    for folder in ("old", "new"):
+        (tmp_path / folder).mkdir()
+    for name in ("O.psf", "H.psf"):
+        (tmp_path / "old" / name).write_text(f"old {name}\n")
+    (tmp_path / "new" / "H.psf").write_text("new H.psf\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.psf").write_text("a user's file, not a link: kept")
+    (tmp_path / "run" / "O.psf").symlink_to(tmp_path / "old" / "O.psf")  # a user's link, not named as ASE's
+    c = calc(model_dir, tmp_path / "run", pseudo_path=str(tmp_path / "old"))
+    c.write_input(water_molecule(), ["energy"])
+    assert (tmp_path / "run" / "O.1.psf").read_text() == "old O.psf\n"
+    c.set(pseudo_path=str(tmp_path / "new"))
+    with pytest.raises(InputFileError, match=r"species 'O.1' not found"):
+        c.write_input(water_molecule(), ["energy"])
+    assert not (tmp_path / "run" / "O.1.psf").exists()
+    assert (tmp_path / "run" / "notes.psf").read_text() == "a user's file, not a link: kept"
+    assert (tmp_path / "run" / "O.psf").is_symlink()
+
+
 def test_a_relative_siesta_pp_path_is_taken_from_the_working_directory(model_dir, tmp_path, monkeypatch):
     """ASE's fallback $SIESTA_PP_PATH, relative, has the same fault as a relative pseudo_path; it is resolved at
     each write (the calculator keeps no path of its own) so a later chdir is followed."""
