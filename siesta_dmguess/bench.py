@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import re
+import shlex
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -307,7 +308,7 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
     used = model_names(models.values())
     report = summarize(rows, used, str(data_dir), startup_s) | {
         "name": name, "refine": refine, "split": split or "all", "forced": force, "repeat": repeat, "skipped": skipped,
-        "reused": reused}
+        "reused": reused, "siesta": shlex.join(siesta)}
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(markdown(report))
     plot(rows, out_dir / f"bench_{name}.png", title=f"{name}: {used}")
@@ -373,6 +374,11 @@ def report_name(report: dict) -> str:
     return report.get("name") or Path(report["data"]).name
 
 
+def siesta_line(report: dict) -> list[str]:
+    """The report's line naming the SIESTA that ran (reports written before it was recorded have none)."""
+    return ["", f"SIESTA: `{report['siesta']}`."] if report.get("siesta") else []
+
+
 def markdown(report: dict) -> str:
     from .card import STARTUP  # here, not at the top: card imports torch, which `--help` need not wait for
     lines = [f"# SCF benchmark: {report_name(report)} with {Path(report['model']).name}", "",
@@ -402,7 +408,7 @@ def markdown(report: dict) -> str:
               + (f"; started from the atomic guess: {report['structures_fallback_atomic']} (far outside the training "
                  f"data, a k-sampling the model lacks, or no clear occupied space)"
                  if report.get("structures_fallback_atomic") else "")
-              + "."]
+              + "."] + siesta_line(report)
     if report.get("reused"):  # a resumed benchmark
         lines += ["", f"Reused from an earlier run of this benchmark, which finished them with the same fdf, model, "
                   f"settings and SIESTA ({len(report['reused'])}): {', '.join(report['reused'])}."]
@@ -594,7 +600,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
                     "settings and SIESTA; their results are reused and the histories rebuilt from their DMs",
                     name, len(reused), len(images), out_dir)
     report = summarize_trajectory(rows, guesses, str(loaded.path) if loaded else "", str(trajectory)) | {
-        "name": name, "refine": refine, "startup_s": startup_s, "reused": reused}
+        "name": name, "refine": refine, "startup_s": startup_s, "reused": reused, "siesta": shlex.join(siesta)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(trajectory_markdown(report))
@@ -640,6 +646,7 @@ def trajectory_markdown(report: dict) -> str:
     if report.get("startup_s"):
         lines += ["", f"The ML columns' wall times hold their predictions; the start-up, once per process "
                   f"({STARTUP}), took {report['startup_s']:.1f} s more."]
+    lines += siesta_line(report)
     far = [r for r in report["per_frame"] if r.get("fallback")]
     if far:
         lines += ["", f"{len(far)} of {report['frames']} frames got no ML prediction (`ml` started from the atomic "

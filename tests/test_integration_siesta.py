@@ -243,6 +243,7 @@ def test_ml_guess_for_a_compressed_water_box_is_no_worse(siesta_command, water_m
                                       progress=False)
     row = report["per_frame"][0]
     assert report["all_converged"] and row["ml"]["dm_read"]
+    assert report["siesta"].split()[0] == siesta_command.split()[0]  # the report names the SIESTA that ran
     assert max(report["max_abs_energy_difference_eV"].values()) < 1e-4
     assert row["ml"]["scf_iterations"] <= row["atomic"]["scf_iterations"]
 

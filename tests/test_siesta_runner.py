@@ -487,6 +487,9 @@ def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
            f"history's extrapolation once there was one): {reason} (and alike)." in table
     calm = trajectory_markdown(summarize_trajectory(rows[:1], ("atomic", "ml"), "m", "md.traj"))
     assert "no ML prediction" not in calm
+    assert "SIESTA:" not in calm  # a report written before the SIESTA that ran was recorded
+    assert trajectory_markdown(report | {"siesta": "/opt/siesta/bin/siesta"}).endswith(
+        "\nSIESTA: `/opt/siesta/bin/siesta`.")
 
 
 def test_bench_tables_read_back_to_their_totals():
