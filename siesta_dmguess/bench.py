@@ -408,14 +408,14 @@ def markdown(report: dict) -> str:
               + (f"; started from the atomic guess: {report['structures_fallback_atomic']} (far outside the training "
                  f"data, a k-sampling the model lacks, or no clear occupied space)"
                  if report.get("structures_fallback_atomic") else "")
-              + "."] + siesta_line(report)
+              + "."]
     if report.get("reused"):  # a resumed benchmark
         lines += ["", f"Reused from an earlier run of this benchmark, which finished them with the same fdf, model, "
                   f"settings and SIESTA ({len(report['reused'])}): {', '.join(report['reused'])}."]
     if report.get("skipped"):  # bench --skip-incompatible
         lines += ["", f"Not run, the model does not cover them ({len(report['skipped'])}):", ""]
         lines += [f"- {run_id}: {reason}" for run_id, reason in report["skipped"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + siesta_line(report)) + "\n"
 
 
 def plot(rows: list[StructureResult], path: Path, title: str = "") -> None:
@@ -646,7 +646,6 @@ def trajectory_markdown(report: dict) -> str:
     if report.get("startup_s"):
         lines += ["", f"The ML columns' wall times hold their predictions; the start-up, once per process "
                   f"({STARTUP}), took {report['startup_s']:.1f} s more."]
-    lines += siesta_line(report)
     far = [r for r in report["per_frame"] if r.get("fallback")]
     if far:
         lines += ["", f"{len(far)} of {report['frames']} frames got no ML prediction (`ml` started from the atomic "
@@ -655,7 +654,7 @@ def trajectory_markdown(report: dict) -> str:
     if report.get("reused"):  # a resumed benchmark
         lines += ["", f"Frames {report['reused'][0]}–{report['reused'][-1]} were reused from an earlier run of this "
                   f"benchmark, which finished them with the same frames, model, settings and SIESTA."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + siesta_line(report)) + "\n"
 
 
 _SET_TOTAL = re.compile(r"^# SCF benchmark: (?P<name>\S+) with (?P<model>\S+).*?"

@@ -489,7 +489,7 @@ def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
     assert "no ML prediction" not in calm
     assert "SIESTA:" not in calm  # a report written before the SIESTA that ran was recorded
     assert trajectory_markdown(report | {"siesta": "/opt/siesta/bin/siesta"}).endswith(
-        "\nSIESTA: `/opt/siesta/bin/siesta`.")
+        "\n\nSIESTA: `/opt/siesta/bin/siesta`.\n")
 
 
 def test_bench_tables_read_back_to_their_totals():
