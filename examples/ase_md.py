@@ -16,6 +16,8 @@ from ase.md.verlet import VelocityVerlet
 
 from siesta_dmguess import DMGuessSiesta
 
+if len(sys.argv) != 2:
+    sys.exit(f"usage: python {sys.argv[0]} PSEUDO_DIR   (the folder holding O.psf and H.psf)")
 atoms = read(os.path.join(os.path.dirname(__file__), "water.xyz"))
 atoms.set_velocities(np.random.default_rng(0).normal(0, 0.01, (len(atoms), 3)))
 atoms.calc = DMGuessSiesta(
