@@ -63,6 +63,10 @@ def resolve_model(name_or_path: str | Path) -> Path:
     shipped = shipped_models_dir() / str(name_or_path)
     if (shipped / CONFIG).is_file():
         return shipped
+    if p.is_dir():  # a folder, but not one `train` wrote (or one whose config.json is gone)
+        raise ModelCompatibilityError(f"a folder without {CONFIG}, so not a model folder (`siesta-dmguess train` "
+                                      f"writes {WEIGHTS}, {CONFIG} and {CARD}); shipped models: "
+                                      f"{list_shipped_models()}", p)
     raise ModelCompatibilityError(f"no model folder or shipped model named {str(name_or_path)!r} "
                                   f"(shipped: {list_shipped_models()})", p)
 

@@ -242,6 +242,8 @@ def _cmd_models(args) -> int:
         if model_name:
             raise DMGuessError(f"models takes 'list' or 'show NAME', not {action!r} {model_name!r}")
         action, model_name = "show", action
+    if action == "list" and model_name:
+        raise DMGuessError(f"models list takes no name; to print {model_name!r}'s card: models show {model_name}")
     if action == "show":
         if not model_name:
             raise DMGuessError(f"models show needs a model name (shipped: {', '.join(list_shipped_models())})")

@@ -109,25 +109,39 @@ def species_block(fdf_text: str) -> list[tuple[int, int, str]]:
     return species_rows(lines)
 
 
-def fdf_input_files(path: str | Path) -> list[Path]:
+def fdf_input_files(path: str | Path, missing: list | None = None) -> list[Path]:
     """The fdf and every file it reads in, in order: ``%include FILE``, ``%block NAME < FILE`` and ``KEY < FILE``,
     followed into the files they name (relative to the fdf's folder, as SIESTA's fdf library resolves them).
-    Files named but missing are left out: reading the fdf says so."""
+    Files named but missing are left out, and appended to ``missing`` as (file, the fdf that names it)."""
     path = Path(path)
     seen: list[Path] = []
-    todo = [path]
+    todo = [(path, None)]
     while todo:
-        current = todo.pop(0)
-        if current in seen or not current.is_file():
+        current, named_in = todo.pop(0)
+        if current in seen:
+            continue
+        if not current.is_file():
+            if missing is not None and named_in is not None:
+                missing.append((current, named_in))
             continue
         seen.append(current)
         for line in current.read_text(errors="replace").splitlines():
             words = line.split("#")[0].split()
             if len(words) >= 2 and words[0].lower() == "%include":
-                todo.append(path.parent / words[1])
+                todo.append((path.parent / words[1], current))
             elif "<" in words[:-1]:
-                todo.append(path.parent / words[words.index("<") + 1])
+                todo.append((path.parent / words[words.index("<") + 1], current))
     return seen
+
+
+def check_fdf_inputs(path: str | Path) -> None:
+    """Error naming a file the fdf reads in (``%include``, ``< FILE``) that does not exist: SIESTA stops there,
+    while sisl only warns and reads on without it."""
+    missing: list = []
+    fdf_input_files(path, missing)
+    if missing:
+        file, named_in = missing[0]
+        raise InputFileError(f"reads in {file}, which does not exist: SIESTA would stop there", named_in)
 
 
 def _is_fdf(path: Path) -> bool:
@@ -352,6 +366,7 @@ def read_structure(path: str | Path) -> Structure:
     if not path.is_file():
         raise InputFileError("structure file not found", path)
     if _is_fdf(path):
+        check_fdf_inputs(path)
         try:
             fdf = fdf_sile(path)
             with warnings.catch_warnings():
@@ -364,6 +379,9 @@ def read_structure(path: str | Path) -> Structure:
         if geom is None or geom.na == 0:
             raise InputFileError("the fdf holds no atoms (AtomicCoordinatesAndAtomicSpecies missing?)", path)
         labels = _fdf_labels(fdf, geom)
+        if fdf.get("ChemicalSpeciesLabel") is None:  # sisl then names every atom 'unknown'
+            raise InputFileError("the fdf has no ChemicalSpeciesLabel block, which SIESTA needs to know the species "
+                                 "(index, atomic number, label) of its atoms", path)
         atoms = Atoms(numbers=[int(geom.atoms[ia].Z) for ia in range(geom.na)], positions=geom.xyz,
                       cell=geom.cell if periodic else None, pbc=periodic)
         if fdf.get("AtomicCoordinatesFormat") is None:

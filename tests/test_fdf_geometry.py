@@ -333,3 +333,17 @@ def test_fdf_input_files_follows_includes_and_piped_blocks(tmp_path):
         (tmp_path / name).write_text("x\n")
     names = [p.name for p in fdf_input_files(tmp_path / "input.fdf")]
     assert names == ["input.fdf", "common.fdf", "coords.fdf", "mesh.fdf", "basis.fdf"]
+
+
+def test_an_fdf_without_species_block_or_with_a_missing_include_is_named(tmp_path):
+    """sisl reads on in both cases (every atom 'unknown'; the include disregarded with a warning), SIESTA stops:
+    the error says which, instead of 'species ['unknown'] are not covered' or a prediction for another input."""
+    start, end = FDF.index("%block ChemicalSpeciesLabel"), FDF.index("%endblock ChemicalSpeciesLabel\n")
+    (tmp_path / "nospecies.fdf").write_text(FDF[:start] + FDF[end + len("%endblock ChemicalSpeciesLabel\n"):])
+    with pytest.raises(InputFileError, match=r"nospecies.fdf: the fdf has no ChemicalSpeciesLabel block"):
+        read_structure(tmp_path / "nospecies.fdf")
+    (tmp_path / "inc.fdf").write_text(FDF + "%include settings.fdf\n")
+    with pytest.raises(InputFileError, match=r"inc.fdf: reads in .*settings.fdf, which does not exist"):
+        read_structure(tmp_path / "inc.fdf")
+    (tmp_path / "settings.fdf").write_text("XC.functional LDA\n")
+    assert read_structure(tmp_path / "inc.fdf").labels == ["O"]

@@ -101,6 +101,14 @@ def test_models_cli_errors_name_the_problem(capsys):
     assert "'list' or 'show NAME'" in capsys.readouterr().err
     assert main(["models", "nosuch"]) == 2
     assert "no model folder or shipped model named 'nosuch'" in capsys.readouterr().err
+    assert main(["models", "list", "water"]) == 2  # the name used to be ignored
+    assert "models list takes no name; to print 'water''s card: models show water" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_model_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "weights.pt").write_text("")  # a folder with weights alone, say, but no config.json
+    assert main(["predict", "x.xyz", "--model", str(tmp_path)]) == 2
+    assert f"{tmp_path}: a folder without config.json, so not a model folder" in capsys.readouterr().err
 
 
 def test_cli_output_piped_into_head_stops_without_a_traceback():
