@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -318,8 +319,6 @@ class DMGuessSiesta(Siesta):
         found none, as a dangling ``O.1.psml``; a link from an earlier write under the other name would stay, and
         SIESTA would read that old pseudopotential. Removing ASE's links (never a file, nor a link named otherwise,
         e.g. a user's O.psf when the run folder is the working directory) lets each write start clean."""
-        import re
-
         ase_name = re.compile(r"\.\d+(\.ghost)?\.(psf|psml)$")  # ASE inserts the species number: O.1.psf, O.lda.1.psf
         for path in Path(self.directory).glob("*.ps*"):
             if ase_name.search(path.name) and path.is_symlink():

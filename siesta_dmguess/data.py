@@ -214,7 +214,8 @@ def run_basis(folder: Path, labels) -> dict[str, SpeciesBasis]:
 
 
 def load_run(folder: str | Path):
-    """Read a run folder: (structure, basis, reference DM or None, HSX path or None)."""
+    """Read a run folder: (structure, basis, reference DM or None, HSX path or None). A ``.DM`` that ``predict``
+    wrote into the folder is no reference: an error (:func:`check_dm_is_siestas`)."""
     folder = Path(folder)
     fdf = find_fdf(folder)
     structure = read_structure(fdf)
@@ -222,6 +223,7 @@ def load_run(folder: str | Path):
     dm_path = siesta_dm_path(fdf)
     dm = None
     if dm_path.is_file():
+        check_dm_is_siestas(dm_path)
         dm = read_density_matrix(dm_path, build_geometry(structure, basis))
     hsx = dm_path.with_suffix(".HSX")  # <SystemLabel>.HSX
     return structure, basis, dm, (hsx if hsx.is_file() else None)
@@ -259,7 +261,6 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
         if dm is None:
             raise InputFileError("the run folder has no converged .DM", rec.folder)
         check_converged(rec)
-        check_dm_is_siestas(siesta_dm_path(find_fdf(rec.folder)))
         sample = prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
                                 meta={"split": rec.split, **rec.meta}, fold_reach=fold_reach)
         if with_overlap and hsx is not None:
@@ -291,7 +292,7 @@ def check_dm_is_siestas(dm_path: Path) -> None:
     folder. ``predict RUN/`` on a converged run does exactly that, and a model evaluated or trained on the folder
     would then be measured against its own prediction."""
     backups = sorted(dm_path.parent.glob(dm_path.name + ".bak*"))
-    if not backups or not dm_path.is_file():
+    if not backups:
         return
     outputs = [*dm_path.parent.glob("*.out"), *dm_path.parent.glob("*.out.gz")]
     newest_output = max((p.stat().st_mtime for p in outputs), default=None)
