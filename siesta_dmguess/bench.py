@@ -707,10 +707,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("data_dir", help="dataset folder of run folders (fdf + basis/*.psf), or a trajectory file "
                                     "(with --fdf)")
     b.add_argument("--fdf", help="for a trajectory: the fdf (or its run folder) whose settings every frame is run with")
-    b.add_argument("--guesses", default=",".join(GUESSES),
-                   help="for a trajectory: comma-separated starting guesses to compare (default: all of "
-                        f"{','.join(GUESSES)})")
-    b.add_argument("--depth", type=at_least(1), default=3, help="for a trajectory: steps kept for extrapolation (default 3)")
+    b.add_argument("--guesses", help="for a trajectory: comma-separated starting guesses to compare (default: all "
+                                     f"of {','.join(GUESSES)})")
+    b.add_argument("--depth", type=at_least(1), help="for a trajectory: steps kept for extrapolation (default 3)")
     add_model_argument(b)
     b.add_argument("--name", help="name of the report and its files bench_NAME.json/.md/.png (default: the "
                    "dataset folder's name, or the trajectory file's without its suffix)")
@@ -736,17 +735,26 @@ def add_bench_parser(sub) -> None:
 
 
 def _cmd_bench(args) -> int:
+    # Options of the other kind of benchmark are refused, not ignored: a user who set them expects them to act.
     if args.fdf:
         if args.repeat > 1:  # a trajectory's guesses depend on the steps before: a repeat is a whole second run
             raise DMGuessError("--repeat applies to a dataset folder, not to a trajectory (--fdf): run the "
                                "trajectory benchmark again with another --out instead")
+        if args.skip_incompatible:
+            raise DMGuessError("--skip-incompatible applies to a dataset folder, not to a trajectory (--fdf): all "
+                               "frames share one fdf, which the model covers or not")
+        guesses = args.guesses or ",".join(GUESSES)
         report = run_trajectory_benchmark(args.data_dir, args.fdf, args.model, args.out,
-                                          tuple(g.strip() for g in args.guesses.split(",") if g.strip()),
-                                          depth=args.depth, command=args.siesta,
+                                          tuple(g.strip() for g in guesses.split(",") if g.strip()),
+                                          depth=args.depth or 3, command=args.siesta,
                                           frames=slice(0, args.limit or None), refine=args.refine, force=args.force,
                                           name=args.name, resume=not args.restart)
         print(trajectory_markdown(report))
         return 0
+    given = [option for option, value in (("--guesses", args.guesses), ("--depth", args.depth)) if value is not None]
+    if given:
+        raise DMGuessError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a trajectory (a trajectory file with --fdf); a dataset "
+                           "folder is run from the atomic and the ML guess")
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,
                            args.limit, args.siesta, refine=args.refine, force=args.force, repeat=args.repeat,
                            skip_incompatible=args.skip_incompatible, name=args.name, resume=not args.restart)

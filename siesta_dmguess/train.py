@@ -148,6 +148,9 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         raise DMGuessError(f"--loss-power must be at least 1 (got {options.loss_power:g})")
     if options.add_stage and not options.init:
         raise DMGuessError("--add-stage needs --init: the model whose residual the new stage learns")
+    if not options.epochs and not options.init:  # it would write an untrained network as if it were a model
+        raise DMGuessError("--epochs 0 trains nothing: give --epochs N, or --init MODEL to re-measure a model (and "
+                           "train its ΔH head with --correction-epochs)")
     check_config_overrides(config_overrides or {})
     data_dirs = [Path(d) for d in data_dirs]
     out_dir = Path(out_dir)

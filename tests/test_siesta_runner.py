@@ -444,6 +444,20 @@ def test_bench_rejects_a_repeat_on_a_trajectory(tmp_path, capsys):
     assert "--repeat" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, named", [
+    (["--fdf", "x.fdf", "--skip-incompatible"], "--skip-incompatible"),
+    (["--depth", "2"], "--depth applies"), (["--guesses", "atomic,reuse"], "--guesses applies"),
+    (["--depth", "3", "--guesses", "ml"], "--guesses and --depth apply")])
+def test_bench_refuses_options_of_the_other_kind_of_benchmark(tmp_path, capsys, options, named):
+    """Trajectory-only options on a dataset folder (and the reverse) used to be ignored silently; the error comes
+    before any file is read (tmp_path holds no runs)."""
+    from siesta_dmguess.cli import main
+
+    assert main(["bench", str(tmp_path), *options]) != 0
+    err = capsys.readouterr().err
+    assert named in err and "trajectory" in err
+
+
 @pytest.mark.parametrize("command, option, value", [
     ("bench", "--repeat", "0"), ("bench", "--limit", "-1"), ("bench", "--depth", "0"), ("bench", "--threads", "-1"),
     ("predict", "--threads", "-2"), ("evaluate", "--threads", "-1"), ("train", "--epochs", "-5"),

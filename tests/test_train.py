@@ -180,6 +180,13 @@ def test_add_stage_without_init_is_a_clear_error_before_anything_is_read(tmp_pat
         train([tmp_path / "no-data"], tmp_path / "m", TrainOptions(epochs=1, progress=False, add_stage=True), TINY)
 
 
+def test_zero_epochs_without_init_is_refused_before_a_model_folder_is_made(tmp_path):
+    """It used to write an untrained network with a model card, as if it were a model."""
+    with pytest.raises(DMGuessError, match="--epochs 0 trains nothing"):
+        train([tmp_path / "no-data"], tmp_path / "m", TrainOptions(epochs=0, progress=False), TINY)
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_stage_can_see_farther_than_the_frozen_networks(tmp_path, base):
     """--add-stage --config '{"mp_cutoff": ...}': the wider cutoff is the new stage's (with its own neighbour
     normalization), the frozen networks keep theirs, and settings that are not a stage's are refused."""
