@@ -753,7 +753,8 @@ def _cmd_bench(args) -> int:
         return 0
     given = [option for option, value in (("--guesses", args.guesses), ("--depth", args.depth)) if value is not None]
     if given:
-        raise DMGuessError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to a trajectory (a trajectory file with --fdf); a dataset "
+        verb = "apply" if len(given) > 1 else "applies"
+        raise DMGuessError(f"{' and '.join(given)} {verb} to a trajectory (a trajectory file with --fdf); a dataset "
                            "folder is run from the atomic and the ML guess")
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,
                            args.limit, args.siesta, refine=args.refine, force=args.force, repeat=args.repeat,
