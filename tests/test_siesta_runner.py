@@ -193,6 +193,22 @@ def test_prepare_run_atomic_removes_stale_dm_and_ml_copies_it(run_dir, tmp_path)
         prepare_run(run_dir / "input.fdf", tmp_path / "w2", "ml")
 
 
+def test_prepare_run_in_its_own_folder_keeps_the_pseudopotentials(run_dir, tmp_path):
+    """A run prepared in the folder that holds its fdf and pseudopotentials (an interrupted run started again)
+    used to end in shutil.SameFileError; a pseudopotential from elsewhere still replaces the folder's copy."""
+    before = (run_dir / "H.psf").read_text()
+    fdf = prepare_run(run_dir / "input.fdf", run_dir, "atomic")
+    assert fdf == run_dir / "input.fdf" and (run_dir / "H.psf").read_text() == before
+    other = tmp_path / "pseudos"
+    other.mkdir()
+    (other / "H.psf").write_text("another H")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "H.psf").write_text("stale H")
+    prepare_run(run_dir / "input.fdf", work, "atomic", pseudo_dirs=[other])
+    assert (work / "H.psf").read_text() == before  # the fdf's own folder comes first, as before
+
+
 def test_benchmark_report_marks_structures_the_model_flags_as_novel(tmp_path):
     """bench on a dataset folder with a fake SIESTA: per-structure rows carry the novelty score and the flag,
     the Markdown table shows them and counts the flagged structures."""

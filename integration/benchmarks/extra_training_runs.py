@@ -46,6 +46,9 @@ molecules' means with σ 0.04 Å and 6°, randomly oriented, in the same 12 Å
 box): more molecules of the held-out kind, for a residual stage that the
 training molecules alone would overfit.
 
+``h2o-wide`` (160 structures, from ``h2o``; Γ only): as ``h2o-more`` with twice
+the widths (σ 0.08 Å and 12°): hotter molecules than the dataset's.
+
 ``water-extra2`` (96 structures, from ``water8``): training boxes scaled by
 0.95-1.05 (density -14 % to +16 %) and rattled with σ cycling through 0.03 /
 0.05 / 0.07 / 0.09 Å; Γ only.
@@ -193,17 +196,17 @@ def water_structures(datasets: Path):
         yield atoms, None, f"water8/{source} scaled {scale:.3f}, rattled 0.05 Å", "water8"
 
 
-def water_molecules_more(datasets: Path):
-    """(atoms, k-grid, description, source dataset) of the ``h2o-more`` set."""
+def water_molecules_more(datasets: Path, bond_sigma: float = 0.04, angle_sigma: float = 6.0, seed: int = 97531):
+    """(atoms, k-grid, description, source dataset) of the ``h2o-more`` set (``h2o-wide``: twice the widths)."""
     from ase import Atoms
 
     molecules = [read_structure(datasets / "h2o" / i / "input.fdf").atoms for i in training_ids(datasets, "h2o")]
     bonds = [m.get_distance(0, h) for m in molecules for h in (1, 2)]
     angles = [m.get_angle(1, 0, 2) for m in molecules]
-    rng = np.random.default_rng(97531)
+    rng = np.random.default_rng(seed)
     for k in range(160):
-        r1, r2 = rng.normal(np.mean(bonds), 0.04, 2)
-        theta = np.radians(rng.normal(np.mean(angles), 6.0))
+        r1, r2 = rng.normal(np.mean(bonds), bond_sigma, 2)
+        theta = np.radians(rng.normal(np.mean(angles), angle_sigma))
         atoms = Atoms("OH2", [[0, 0, 0], [r1, 0, 0], [r2 * np.cos(theta), r2 * np.sin(theta), 0]],
                       cell=molecules[k % len(molecules)].cell)
         atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
@@ -309,7 +312,8 @@ def chno_kinds(datasets: Path):
 
 SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "si-vacancy": silicon_vacancies,
         "si-interstitial": silicon_interstitials, "si-surface": silicon_surfaces,
-        "water-extra": water_structures, "h2o-more": water_molecules_more, "water-extra2": water_boxes_more, "water-clusters": water_clusters,
+        "water-extra": water_structures, "h2o-more": water_molecules_more,
+        "h2o-wide": lambda datasets: water_molecules_more(datasets, 0.08, 12.0, seed=86420), "water-extra2": water_boxes_more, "water-clusters": water_clusters,
         "water-stretched": water_stretched, "g2-extra": chno_structures, "chno-kinds": chno_kinds}
 
 
