@@ -78,6 +78,10 @@ The sets (same basis, XC, mesh and SCF settings as the dataset each comes from):
 * ``h2o-smallbox``: three ``h2o`` val molecules, unchanged, in 8 Å and in 6 Å
   boxes (the dataset: 12 Å): closer periodic images; ``h2o-largebox``: the same
   in 16 Å and 20 Å boxes, farther ones.
+* ``h2o-hot``: 12 new water molecules drawn as ``h2o``'s own (bond lengths and
+  angle around the training molecules' means) with twice its widths (σ 0.08 Å,
+  12°), randomly oriented in the 12 Å box; ``h2o-warm``: 12 more at 1.5 times
+  (σ 0.06 Å, 9°). Hotter molecules than the dataset's, none flagged as novel.
 
 Each folder is a dataset the benchmark reads directly (run folders with
 ``input.fdf`` plus ``basis/``); there is no reference DM, SIESTA makes it.
@@ -226,6 +230,24 @@ def with_vacuum(atoms, vacuum: float):
     return atoms
 
 
+def write_water_molecules(datasets: Path, dest: Path, bond_sigma: float, angle_sigma: float, seed: int) -> None:
+    """12 water molecules with O-H lengths and angle drawn around the ``h2o`` training molecules' means."""
+    molecules = [read_structure(run.folder / "input.fdf").atoms for run in list_runs(datasets / "h2o")
+                 if run.split == "train"]
+    bonds = [m.get_distance(0, h) for m in molecules for h in (1, 2)]
+    angles = [m.get_angle(1, 0, 2) for m in molecules]
+    copy_basis(datasets / "h2o", dest)
+    rng = np.random.default_rng(seed)
+    for k in range(12):
+        r1, r2 = rng.normal(np.mean(bonds), bond_sigma, 2)
+        theta = np.radians(rng.normal(np.mean(angles), angle_sigma))
+        atoms = Atoms("OH2", [[0, 0, 0], [r1, 0, 0], [r2 * np.cos(theta), r2 * np.sin(theta), 0]],
+                      cell=molecules[0].cell)
+        atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
+        atoms.center()
+        write_run(datasets / "h2o/0000/input.fdf", atoms, dest / f"{k:04d}")
+
+
 def copy_basis(dataset: Path, dest: Path) -> None:
     shutil.copytree(dataset / "basis", dest / "basis", dirs_exist_ok=True)
 
@@ -238,7 +260,7 @@ def main() -> None:
                                      "g2-stress,water-clusters,si-vacancy,si8-pressure,"
                                      "water-slab,si-interstitial,si-surface,si-hot,chno-complexes,h2o-stretched,"
                                      "water8-stretched,g2-stretched,si8-displaced,si8-gamma,si8-k2,water8-k3,h2o-smallbox,"
-                                     "h2o-largebox")
+                                     "h2o-largebox,h2o-hot,h2o-warm")
     args = p.parse_args()
     sets = args.sets.split(",")
     # The random orientations of three sets, drawn in one fixed order whichever sets are written, so that a few
@@ -320,6 +342,9 @@ def main() -> None:
             atoms.set_cell([box] * 3)
             atoms.center()
             write_run(args.datasets / "h2o/0000/input.fdf", atoms, dest / f"{k:04d}")
+    for name, bond_sigma, angle_sigma, seed in (("h2o-hot", 0.08, 12.0, 1), ("h2o-warm", 0.06, 9.0, 2)):
+        if name in sets:
+            write_water_molecules(args.datasets, args.out / name, bond_sigma, angle_sigma, seed)
     if "h2o-stretched" in sets:
         dest = args.out / "h2o-stretched"
         copy_basis(args.datasets / "h2o", dest)
