@@ -206,6 +206,8 @@ def test_model_cards_carry_the_scf_iterations_of_the_committed_benchmark_tables(
     found = module.differences(root / "docs" / "results", root / "models")
     assert set(found) == {"water", "chno-molecules", "silicon"}
     assert not any(found.values()), found
+    # --write's default is this checkout's cards, even where a non-editable install imports its own copy
+    assert module.default_models_dir() == root / "models"
 
 
 def siesta_mulliken_charges(run):

@@ -86,13 +86,17 @@ def write(results: Path, models: Path) -> None:
         update_card(models / model, {"scf_benchmark": {**bench, **card_sections(model, tables)}})
 
 
+def default_models_dir() -> Path:
+    """The checkout's models/ where this script sits in one: a non-editable install has its own copy of the
+    cards, and writing there would leave the repo's as they were."""
+    checkout = Path(__file__).resolve().parents[2] / "models"
+    return checkout if checkout.is_dir() else shipped_models_dir()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", type=Path, help="folder with bench_*.md tables (docs/results)")
-    # The checkout's models/ where this script sits in one: an installed (non-editable) package has its own copy,
-    # and writing there would leave the repo's cards as they were.
-    checkout = Path(__file__).resolve().parents[2] / "models"
-    p.add_argument("--models", type=Path, default=checkout if checkout.is_dir() else shipped_models_dir(),
+    p.add_argument("--models", type=Path, default=default_models_dir(),
                    help="folder of the model folders (default: this checkout's models/, else the installed ones)")
     p.add_argument("--write", action="store_true", help="write the tables' numbers into the cards")
     args = p.parse_args()
