@@ -98,8 +98,8 @@ from pathlib import Path
 import numpy as np
 from ase.build import bulk
 from tqdm import tqdm
-from unseen_structures import (add_interstitial, copy_basis, remove_random_atom, strained, stretched, water_cluster,
-                               water_molecules, with_vacuum, write_run)
+from unseen_structures import (add_interstitial, copy_basis, drawn_water_molecules, remove_random_atom, strained,
+                               stretched, water_cluster, water_molecules, with_vacuum, write_run)
 
 from siesta_dmguess.data import list_runs
 from siesta_dmguess.siesta import prepare_run, run_siesta
@@ -198,20 +198,8 @@ def water_structures(datasets: Path):
 
 def water_molecules_more(datasets: Path, bond_sigma: float = 0.04, angle_sigma: float = 6.0, seed: int = 97531):
     """(atoms, k-grid, description, source dataset) of the ``h2o-more`` set (``h2o-wide``: twice the widths)."""
-    from ase import Atoms
-
-    molecules = [read_structure(datasets / "h2o" / i / "input.fdf").atoms for i in training_ids(datasets, "h2o")]
-    bonds = [m.get_distance(0, h) for m in molecules for h in (1, 2)]
-    angles = [m.get_angle(1, 0, 2) for m in molecules]
-    rng = np.random.default_rng(seed)
-    for k in range(160):
-        r1, r2 = rng.normal(np.mean(bonds), bond_sigma, 2)
-        theta = np.radians(rng.normal(np.mean(angles), angle_sigma))
-        atoms = Atoms("OH2", [[0, 0, 0], [r1, 0, 0], [r2 * np.cos(theta), r2 * np.sin(theta), 0]],
-                      cell=molecules[k % len(molecules)].cell)
-        atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
-        atoms.center()
-        yield atoms, None, f"water molecule, O-H {r1:.3f} / {r2:.3f} Å, angle {np.degrees(theta):.1f}°", "h2o"
+    for atoms, (r1, r2), angle in drawn_water_molecules(datasets, 160, bond_sigma, angle_sigma, seed):
+        yield atoms, None, f"water molecule, O-H {r1:.3f} / {r2:.3f} Å, angle {angle:.1f}°", "h2o"
 
 
 def water_boxes_more(datasets: Path):

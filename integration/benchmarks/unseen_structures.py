@@ -230,22 +230,22 @@ def with_vacuum(atoms, vacuum: float):
     return atoms
 
 
-def write_water_molecules(datasets: Path, dest: Path, bond_sigma: float, angle_sigma: float, seed: int) -> None:
-    """12 water molecules with O-H lengths and angle drawn around the ``h2o`` training molecules' means."""
+def drawn_water_molecules(datasets: Path, count: int, bond_sigma: float, angle_sigma: float, seed: int):
+    """(atoms, O-H lengths, angle in degrees) of ``count`` water molecules whose O-H lengths and angle are drawn
+    around the ``h2o`` training molecules' means, randomly oriented in their 12 Å box."""
     molecules = [read_structure(run.folder / "input.fdf").atoms for run in list_runs(datasets / "h2o")
                  if run.split == "train"]
     bonds = [m.get_distance(0, h) for m in molecules for h in (1, 2)]
     angles = [m.get_angle(1, 0, 2) for m in molecules]
-    copy_basis(datasets / "h2o", dest)
     rng = np.random.default_rng(seed)
-    for k in range(12):
+    for _ in range(count):
         r1, r2 = rng.normal(np.mean(bonds), bond_sigma, 2)
         theta = np.radians(rng.normal(np.mean(angles), angle_sigma))
         atoms = Atoms("OH2", [[0, 0, 0], [r1, 0, 0], [r2 * np.cos(theta), r2 * np.sin(theta), 0]],
                       cell=molecules[0].cell)
         atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COP")
         atoms.center()
-        write_run(datasets / "h2o/0000/input.fdf", atoms, dest / f"{k:04d}")
+        yield atoms, (r1, r2), np.degrees(theta)
 
 
 def copy_basis(dataset: Path, dest: Path) -> None:
@@ -344,7 +344,9 @@ def main() -> None:
             write_run(args.datasets / "h2o/0000/input.fdf", atoms, dest / f"{k:04d}")
     for name, bond_sigma, angle_sigma, seed in (("h2o-hot", 0.08, 12.0, 1), ("h2o-warm", 0.06, 9.0, 2)):
         if name in sets:
-            write_water_molecules(args.datasets, args.out / name, bond_sigma, angle_sigma, seed)
+            copy_basis(args.datasets / "h2o", args.out / name)
+            for k, (atoms, *_) in enumerate(drawn_water_molecules(args.datasets, 12, bond_sigma, angle_sigma, seed)):
+                write_run(args.datasets / "h2o/0000/input.fdf", atoms, args.out / name / f"{k:04d}")
     if "h2o-stretched" in sets:
         dest = args.out / "h2o-stretched"
         copy_basis(args.datasets / "h2o", dest)
