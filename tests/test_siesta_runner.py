@@ -195,7 +195,7 @@ def test_prepare_run_atomic_removes_stale_dm_and_ml_copies_it(run_dir, tmp_path)
 
 def test_prepare_run_in_its_own_folder_keeps_the_pseudopotentials(run_dir, tmp_path):
     """A run prepared in the folder that holds its fdf and pseudopotentials (an interrupted run started again)
-    used to end in shutil.SameFileError; a pseudopotential from elsewhere still replaces the folder's copy."""
+    used to end in shutil.SameFileError; a stale copy in another work folder is still replaced by the fdf's own."""
     before = (run_dir / "H.psf").read_text()
     fdf = prepare_run(run_dir / "input.fdf", run_dir, "atomic")
     assert fdf == run_dir / "input.fdf" and (run_dir / "H.psf").read_text() == before
