@@ -301,7 +301,8 @@ def chno_kinds(datasets: Path):
 SETS = {"si-extra": silicon_structures, "si-extra2": silicon_structures_more, "si-vacancy": silicon_vacancies,
         "si-interstitial": silicon_interstitials, "si-surface": silicon_surfaces,
         "water-extra": water_structures, "h2o-more": water_molecules_more,
-        "h2o-wide": lambda datasets: water_molecules_more(datasets, 0.08, 12.0, seed=86420), "water-extra2": water_boxes_more, "water-clusters": water_clusters,
+        "h2o-wide": lambda datasets: water_molecules_more(datasets, 0.08, 12.0, seed=86420),
+        "water-extra2": water_boxes_more, "water-clusters": water_clusters,
         "water-stretched": water_stretched, "g2-extra": chno_structures, "chno-kinds": chno_kinds}
 
 

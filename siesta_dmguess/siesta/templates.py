@@ -154,8 +154,7 @@ def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: st
     for label_ in species_labels(fdf):
         for d in [src_fdf.parent, *map(Path, pseudo_dirs)]:
             if (d / f"{label_}.psf").is_file():
-                if not (workdir / f"{label_}.psf").is_file() \
-                        or not (d / f"{label_}.psf").samefile(workdir / f"{label_}.psf"):  # run in place: kept
+                if (d / f"{label_}.psf").resolve() != (workdir / f"{label_}.psf").resolve():  # in place: kept
                     shutil.copy(d / f"{label_}.psf", workdir / f"{label_}.psf")
                 break
         else:
