@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .errors import DMGuessError, InputFileError, ModelCompatibilityError
 from .files import atomic_write
-from .history import GUESSES
+from .history import DEFAULT_DEPTH, GUESSES
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +486,8 @@ def _kept_frame(frame_dir: Path, identity: dict, guesses, geometry) -> dict | No
 
 
 def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="bench", guesses=GUESSES,
-                             depth: int = 3, frames: slice = slice(None), command=None, progress: bool = True,
+                             depth: int = DEFAULT_DEPTH, frames: slice = slice(None), command=None,
+                             progress: bool = True,
                              pseudo_dirs=(), refine: str = "idempotent", force: bool = False,
                              name: str | None = None, resume: bool = True) -> dict:
     """SCF iterations along a trajectory for each starting guess (see :mod:`siesta_dmguess.history`).
@@ -709,7 +710,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--fdf", help="for a trajectory: the fdf (or its run folder) whose settings every frame is run with")
     b.add_argument("--guesses", help="for a trajectory: comma-separated starting guesses to compare (default: all "
                                      f"of {','.join(GUESSES)})")
-    b.add_argument("--depth", type=at_least(1), help="for a trajectory: steps kept for extrapolation (default 3)")
+    b.add_argument("--depth", type=at_least(1),
+                   help=f"for a trajectory: steps kept for extrapolation (default {DEFAULT_DEPTH})")
     add_model_argument(b)
     b.add_argument("--name", help="name of the report and its files bench_NAME.json/.md/.png (default: the "
                    "dataset folder's name, or the trajectory file's without its suffix)")
@@ -746,7 +748,7 @@ def _cmd_bench(args) -> int:
         guesses = args.guesses or ",".join(GUESSES)
         report = run_trajectory_benchmark(args.data_dir, args.fdf, args.model, args.out,
                                           tuple(g.strip() for g in guesses.split(",") if g.strip()),
-                                          depth=args.depth or 3, command=args.siesta,
+                                          depth=args.depth or DEFAULT_DEPTH, command=args.siesta,
                                           frames=slice(0, args.limit or None), refine=args.refine, force=args.force,
                                           name=args.name, resume=not args.restart)
         print(trajectory_markdown(report))

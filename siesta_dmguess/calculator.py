@@ -74,7 +74,7 @@ from pathlib import Path
 from ase.calculators.siesta import Siesta
 
 from .errors import DMGuessError
-from .history import GUESSES
+from .history import DEFAULT_DEPTH, GUESSES
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class DMGuessSiesta(Siesta):
     GUESSES = GUESSES  # the starting guesses a trajectory history can give (siesta_dmguess.history)
 
     def __init__(self, *args, model="auto", guess: str = "ml+residual", fallback: str = "error",
-                 compare_baseline: bool = False, novelty_limit="model", history_depth: int = 3,
+                 compare_baseline: bool = False, novelty_limit="model", history_depth: int = DEFAULT_DEPTH,
                  threads: int | None = None, **kwargs):
         from ase.units import Ry
 

@@ -73,10 +73,13 @@ class _Step:
     predicted: sp.csr_matrix | None  # D_ml of the step (for the residual)
 
 
+DEFAULT_DEPTH = 3  # steps kept, as the extrapolation template's DM.History.Depth (SIESTA's own default is 1)
+
+
 class TrajectoryHistory:
     """The last ``depth`` steps of a trajectory: positions, converged DMs and (optionally) ML predictions."""
 
-    def __init__(self, depth: int = 3):
+    def __init__(self, depth: int = DEFAULT_DEPTH):
         if depth < 1:
             raise ValueError("the history needs a depth of at least 1")
         self.steps: deque[_Step] = deque(maxlen=depth)
