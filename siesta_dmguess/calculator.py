@@ -152,6 +152,7 @@ class DMGuessSiesta(Siesta):
         self._prediction_s = self._startup_s = 0.0
         self._reason = ""
         self._rerun_reason = ""  # set while SIESTA is run again from its atomic guess (calculate)
+        self._copied_pseudopotentials: set[str] = set()  # ASE's copies (symlink_pseudos=False) of the last write
         self._prediction = None  # the current step's Prediction (ML guesses)
         self._predicted = None  # its DM in the trajectory history's layout (dm.to_image_keyed)
         self._positions = None
@@ -314,15 +315,20 @@ class DMGuessSiesta(Siesta):
             kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
         return super().set(**kwargs)
 
-    def _remove_pseudopotential_links(self):
+    def _remove_previous_pseudopotentials(self):
         """ASE links each species' pseudopotential into the run folder at every write, as ``O.1.psf`` or, where it
         found none, as a dangling ``O.1.psml``; a link from an earlier write under the other name would stay, and
         SIESTA would read that old pseudopotential. Removing ASE's links (never a file, nor a link named otherwise,
-        e.g. a user's O.psf when the run folder is the working directory) lets each write start clean."""
-        ase_name = re.compile(r"\.\d+(\.ghost)?\.(psf|psml)$")  # ASE inserts the species number: O.1.psf, O.lda.1.psf
-        for path in Path(self.directory).glob("*.ps*"):
-            if ase_name.search(path.name) and path.is_symlink():
+        e.g. a user's O.psf when the run folder is the working directory) lets each write start clean. With
+        ``symlink_pseudos=False`` ASE copies instead: the copies this calculator's last write made go too."""
+        for path in self._ase_pseudopotential_files():
+            if path.is_symlink() or path.name in self._copied_pseudopotentials:
                 path.unlink()
+        self._copied_pseudopotentials = set()
+
+    def _ase_pseudopotential_files(self):
+        ase_name = re.compile(r"\.\d+(\.ghost)?\.(psf|psml)$")  # ASE inserts the species number: O.1.psf, O.lda.1.psf
+        return [path for path in Path(self.directory).glob("*.ps*") if ase_name.search(path.name)]
 
     @contextmanager
     def _absolute_fallback_pseudo_path(self):
@@ -343,9 +349,11 @@ class DMGuessSiesta(Siesta):
         from .errors import InputFileError
         from .siesta.runner import check_pseudopotentials
 
-        self._remove_pseudopotential_links()
+        self._remove_previous_pseudopotentials()
         with self._absolute_fallback_pseudo_path():
             super().write_input(atoms, properties, system_changes)
+        self._copied_pseudopotentials = {path.name for path in self._ase_pseudopotential_files()
+                                         if not path.is_symlink()}
         try:  # before the prediction, and instead of SIESTA aborting on a missing file
             check_pseudopotentials(self.getpath(ext="fdf"))
         except InputFileError as exc:

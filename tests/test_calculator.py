@@ -221,6 +221,28 @@ def test_a_reused_run_folder_does_not_keep_the_previous_pseudopotential(model_di
     assert (tmp_path / "run" / "O.psf").is_symlink()
 
 
+def test_a_reused_run_folder_does_not_keep_a_copied_pseudopotential_of_the_other_format(model_dir, tmp_path):
+    """With ``symlink_pseudos=False`` ASE copies the pseudopotentials; moved to a folder with O.psml instead of
+    O.psf, the O.1.psf copy of the previous write stayed beside the new O.1.psml. A user's file is kept."""
+    for folder in ("old", "new", "run"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "old" / "O.psf").write_text("old O.psf\n")
+    (tmp_path / "new" / "O.psml").write_text("<psml/>\n")
+    for folder in ("old", "new"):
+        (tmp_path / folder / "H.psf").write_text("H.psf\n")
+    (tmp_path / "run" / "notes.psf").write_text("a user's file: kept")
+    c = calc(model_dir, tmp_path / "run", pseudo_path=str(tmp_path / "old"), symlink_pseudos=False)
+    c.write_input(water_molecule(), ["energy"])
+    copied = tmp_path / "run" / "O.1.psf"
+    assert copied.read_text() == "old O.psf\n" and not copied.is_symlink()
+    c.set(pseudo_path=str(tmp_path / "new"))
+    c.write_input(water_molecule(), ["energy"])
+    assert not copied.exists()
+    assert (tmp_path / "run" / "O.1.psml").read_text() == "<psml/>\n"
+    assert (tmp_path / "run" / "H.2.psf").read_text() == "H.psf\n"
+    assert (tmp_path / "run" / "notes.psf").read_text() == "a user's file: kept"
+
+
 def test_a_relative_siesta_pp_path_is_taken_from_the_working_directory(model_dir, tmp_path, monkeypatch):
     """ASE's fallback $SIESTA_PP_PATH, relative, has the same fault as a relative pseudo_path; it is resolved at
     each write (the calculator keeps no path of its own) so a later chdir is followed."""
