@@ -350,10 +350,12 @@ class DMGuessSiesta(Siesta):
         from .siesta.runner import check_pseudopotentials
 
         self._remove_previous_pseudopotentials()
+        before = {path.name: path.lstat().st_mtime_ns for path in self._ase_pseudopotential_files()}
         with self._absolute_fallback_pseudo_path():
             super().write_input(atoms, properties, system_changes)
+        # Only files this write made (new or rewritten): a user's file under an ASE-like name is never removed.
         self._copied_pseudopotentials = {path.name for path in self._ase_pseudopotential_files()
-                                         if not path.is_symlink()}
+                                         if not path.is_symlink() and before.get(path.name) != path.lstat().st_mtime_ns}
         try:  # before the prediction, and instead of SIESTA aborting on a missing file
             check_pseudopotentials(self.getpath(ext="fdf"))
         except InputFileError as exc:

@@ -231,6 +231,7 @@ def test_a_reused_run_folder_does_not_keep_a_copied_pseudopotential_of_the_other
     for folder in ("old", "new"):
         (tmp_path / folder / "H.psf").write_text("H.psf\n")
     (tmp_path / "run" / "notes.psf").write_text("a user's file: kept")
+    (tmp_path / "run" / "C.3.psf").write_text("a user's file under an ASE-like name: kept")
     c = calc(model_dir, tmp_path / "run", pseudo_path=str(tmp_path / "old"), symlink_pseudos=False)
     c.write_input(water_molecule(), ["energy"])
     copied = tmp_path / "run" / "O.1.psf"
@@ -241,6 +242,8 @@ def test_a_reused_run_folder_does_not_keep_a_copied_pseudopotential_of_the_other
     assert (tmp_path / "run" / "O.1.psml").read_text() == "<psml/>\n"
     assert (tmp_path / "run" / "H.2.psf").read_text() == "H.psf\n"
     assert (tmp_path / "run" / "notes.psf").read_text() == "a user's file: kept"
+    c.write_input(water_molecule(), ["energy"])
+    assert (tmp_path / "run" / "C.3.psf").read_text() == "a user's file under an ASE-like name: kept"
 
 
 def test_a_relative_siesta_pp_path_is_taken_from_the_working_directory(model_dir, tmp_path, monkeypatch):
