@@ -43,6 +43,7 @@ def main() -> None:
         atoms = base.copy()
         atoms.positions[b] = atoms.positions[a] + f * bond
         frames.append(atoms)
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # ase.io.write does not make the folder
     ase.io.write(args.out, frames)
     print(f"wrote {args.out}: {args.fixed}{a}-{args.moved}{b} from {np.linalg.norm(bond):.3f} Å to "
           f"{args.to * np.linalg.norm(bond):.3f} Å in {args.frames} frames")

@@ -80,6 +80,7 @@ def main() -> None:
     if args.rattle:
         atoms.rattle(stdev=args.rattle, seed=args.seed)
     atoms.calc = calculator_for(args.fdf, args.model, args.guess, args.workdir)
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # ASE's Trajectory does not make the folder
     traj = Trajectory(str(args.out), "w", atoms)
     if args.relax:
         from ase.optimize import BFGS
