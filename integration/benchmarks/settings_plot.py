@@ -16,20 +16,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from siesta_dmguess.bench import read_markdown_totals
-from siesta_dmguess.errors import DMGuessError
+# summary_plot.py sits beside this script (run as python integration/benchmarks/settings_plot.py)
+from summary_plot import read_bench_tables
 
 
 def read_totals(folder: Path) -> dict[str, tuple[int, int]]:
     """{set name: (atomic, ml)} from the structure-set tables ``bench_*.md`` in ``folder``."""
-    totals = {}
-    for path in sorted(folder.glob("bench_*.md")):
-        try:
-            table = read_markdown_totals(path.read_text())
-        except DMGuessError as exc:
-            raise SystemExit(f"{path}: {exc}") from exc
-        if table["kind"] == "set":
-            totals[table["name"]] = (table["atomic"], table["ml"])
+    totals = {table["name"]: (table["atomic"], table["ml"]) for _, table in read_bench_tables(folder)
+              if table["kind"] == "set"}
     if not totals:
         raise SystemExit(f"{folder}: no bench_*.md table of a structure set")
     return totals

@@ -20,14 +20,22 @@ from siesta_dmguess.errors import DMGuessError
 GUESSES = ("reuse", "extrapolation", "ml", "ml+residual")
 
 
+def read_bench_tables(folder: Path) -> list[tuple[Path, dict]]:
+    """[(path, totals)] of every ``bench_*.md`` in ``folder`` (``read_markdown_totals``); a table that cannot be
+    read stops the script with its path."""
+    tables = []
+    for path in sorted(folder.glob("bench_*.md")):
+        try:
+            tables.append((path, read_markdown_totals(path.read_text())))
+        except DMGuessError as exc:
+            raise SystemExit(f"{path}: {exc}") from exc
+    return tables
+
+
 def read_tables(folder: Path) -> tuple[list[tuple[str, int, int]], dict[str, dict[str, int]]]:
     """([(label, atomic, ml)] for structure sets, {trajectory: {guess: total}}) from ``bench_*.md``."""
     sets, trajectories = [], {}
-    for path in sorted(folder.glob("bench_*.md")):
-        try:
-            table = read_markdown_totals(path.read_text())
-        except DMGuessError as exc:
-            raise SystemExit(f"{path}: {exc}") from exc
+    for path, table in read_bench_tables(folder):
         if table["kind"] == "set":
             unseen = path.stem.startswith("bench_unseen_")
             sets.append((f"{table['name']}{' (unseen)' if unseen else ' val'} · {table['model']}",
