@@ -41,11 +41,12 @@ def main(argv=None):
     for item in args.points:
         value, sep, folder = item.partition("=")
         try:
-            points.append((float(value), read_totals(Path(folder))))
+            number = float(value) if sep else None
         except ValueError:
+            number = None
+        if number is None:
             parser.error(f"{item!r}: expected VALUE=FOLDER with a number for VALUE")
-        if not sep:
-            parser.error(f"{item!r}: expected VALUE=FOLDER")
+        points.append((number, read_totals(Path(folder))))
     points.sort(key=lambda p: p[0])
     sets = sorted(set.intersection(*(set(t) for _, t in points)))
     print("| set | " + " | ".join(f"{args.key} {v:g}" for v, _ in points) + " |")
