@@ -13,9 +13,10 @@ import math
 
 import numpy as np
 import torch
-from e3nn import nn as e3nn_nn
-from e3nn import o3
 from torch import nn
+
+from .e3nn_modules import nn as e3nn_nn
+from .e3nn_modules import o3
 
 
 class RadialBasis(nn.Module):

@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from e3nn import o3
 from torch import nn
 
 from .basis import SpeciesBasis
 from .conventions import to_e3nn_frame
+from .e3nn_modules import o3
 from .layers import (DensityEmbedding, EdgeReadout, Interaction, RadialBasis, SpeciesNorm, inference_chunks,
                      smooth_switch)
 

@@ -50,7 +50,8 @@ def gaunt(l1: int, l2: int, L: int) -> np.ndarray:
     these polynomial degrees (so the e3nn convention is used as is, never re-derived).
     """
     import torch
-    from e3nn import o3
+
+    from .e3nn_modules import o3
 
     n = l1 + l2 + L + 2
     x, w = np.polynomial.legendre.leggauss(n)
@@ -105,7 +106,7 @@ class OverlapTable:
     def blocks(self, vectors: np.ndarray) -> np.ndarray:
         """Overlap blocks (E, n_a, n_b) in SIESTA's orbital basis for pair vectors (E, 3) in Å."""
         import torch
-        from e3nn import o3
+        from .e3nn_modules import o3
 
         vectors = np.atleast_2d(vectors)
         dist = np.linalg.norm(vectors, axis=1)
