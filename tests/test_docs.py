@@ -45,7 +45,6 @@ def test_building_the_cli_parser_does_not_import_torch():
     assert out.stdout.strip() == "False", "building the CLI parser imported torch"
 
 
-
 def test_loading_a_model_does_not_import_torch_dynamo():
     """e3nn marks a function with torch.compiler.disable, which imports torch._dynamo (1-2 s of every `predict`'s
     start-up); ``siesta_dmguess.e3nn_modules`` imports e3nn without it, and every module must take e3nn from there."""
@@ -56,6 +55,7 @@ def test_loading_a_model_does_not_import_torch_dynamo():
             "load_model('water'); print('e3nn' in sys.modules, 'torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True False", f"e3nn imported, torch._dynamo imported: {out.stdout}"
+
 
 def test_the_readme_tables_of_structure_sets_show_the_committed_benchmark_totals():
     """Every held-out and unseen set benchmarked in docs/results has a README row with the same SCF iterations

@@ -194,16 +194,14 @@ def test_one_shared_neighbour_search_gives_the_graphs_of_separate_searches(reach
         Neighbours.search(atoms, 3.0).within(3.5)
 
 
-
 def test_siestas_own_hamiltonian_folded_like_the_dm_gives_back_its_gamma_dm(monkeypatch):
     """The folded Γ-only reference, its stored positions and the .HSX's S and H agree: the lowest N/2 states of
     SIESTA's H c = ε S c, assembled as ``integration/benchmarks/h_model.py`` assembles a learned H, give back
     SIESTA's DM of the box. A wrong fold, orbital order or sign would give another matrix."""
     import importlib
     import json
-    from pathlib import Path
 
-    from siesta_dmguess.data import load_samples, run_basis
+    from siesta_dmguess.data import load_run, read_hsx_at
 
     from .conftest import ROOT, dataset
 
@@ -211,9 +209,9 @@ def test_siestas_own_hamiltonian_folded_like_the_dm_gives_back_its_gamma_dm(monk
     run = next(r["id"] for r in json.loads((data / "index.json").read_text()) if r.get("has_hsx"))
     monkeypatch.syspath_prepend(str(ROOT / "integration" / "benchmarks"))
     h_model = importlib.import_module("h_model")
-    basis = run_basis(data / run, ["O", "H"])
-    (sample,) = [s for s in load_samples([data], ["H", "O"], basis, 4.0, split="val", with_overlap=True)
-                 if Path(s.name).name == run]
+    structure, basis, dm, hsx = load_run(data / run)
+    sample = prepare_sample(structure, basis, ["H", "O"], 4.0, dm)
+    sample.meta["overlap"], sample.meta["hamiltonian"] = read_hsx_at(hsx, dm)
     sample.meta["dm"] = sample.target_values
     _, mae, density_error, gap = h_model.dm_from_hamiltonian(sample, sample.meta["hamiltonian"])
     assert mae < 1e-5 and density_error < 1e-3, (mae, density_error)

@@ -59,25 +59,24 @@ def with_hamiltonians(dataset: Path, out: Path) -> Path:
     return target
 
 
-def dense_at_gamma(sample, values: np.ndarray) -> np.ndarray:
-    """The folded (Γ) matrix whose stored elements are ``values`` (aligned with the sample's reference)."""
-    rows, cols = sample.stored_cell_positions()
-    ok = rows >= 0
-    matrix = np.zeros((sample.layout.no, sample.layout.no))
-    np.add.at(matrix, (rows[ok], cols[ok]), values[ok])
-    return (matrix + matrix.T) / 2
-
-
 def dm_from_hamiltonian(sample, h_values: np.ndarray) -> tuple[np.ndarray, float, float, float]:
     """(DM at the stored elements, element MAE, density-operator error, Γ gap in eV) from H's lowest states."""
-    s = dense_at_gamma(sample, sample.meta["overlap"])
-    ref = dense_at_gamma(sample, sample.meta["dm"])
-    n_occupied = int(round(np.trace(ref @ s) / 2))
-    d, gap = occupied_dm(dense_at_gamma(sample, h_values), s, n_occupied)
+    from siesta_dmguess.evaluate import density_operator_error
+
     rows, cols = sample.stored_cell_positions()
-    at_stored = np.where(rows >= 0, d[rows, cols], 0.0)
-    error_s = ((d - ref) * (ref != 0)) @ s
-    return at_stored, float(np.abs(at_stored - sample.meta["dm"]).mean()), float(np.sqrt(np.trace(error_s @ error_s))), gap
+    ok = rows >= 0
+
+    def dense(values: np.ndarray) -> np.ndarray:  # the folded (Γ) matrix with these stored elements
+        matrix = np.zeros((sample.layout.no, sample.layout.no))
+        np.add.at(matrix, (rows[ok], cols[ok]), values[ok])
+        return (matrix + matrix.T) / 2
+
+    s = dense(sample.meta["overlap"])
+    n_occupied = int(round(np.trace(dense(sample.meta["dm"]) @ s) / 2))
+    d, gap = occupied_dm(dense(h_values), s, n_occupied)
+    at_stored = np.where(ok, d[rows, cols], 0.0)
+    error = at_stored - sample.meta["dm"]
+    return at_stored, float(np.abs(error).mean()), density_operator_error(sample, error), gap
 
 
 def main() -> None:
