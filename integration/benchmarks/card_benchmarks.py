@@ -7,9 +7,10 @@ Each model card carries the SCF iterations measured with it (issue 4), and the R
 from the tables ``siesta-dmguess bench`` wrote (``docs/results/bench_*.md``). Copied by hand, the two drifted
 apart; this script reads the tables (``siesta_dmguess.bench.read_markdown_totals``) and fills each card's
 ``scf_benchmark.unseen_structures`` (``bench_unseen_*.md``) and ``scf_benchmark.trajectories`` (MD, relaxations,
-bond scans) from them. The held-out sets' entries (with their wall times) are only compared: a card's
-``scf_iterations_atomic`` / ``scf_iterations_ml`` must equal the table's. ``tests/test_shipped_models.py`` runs
-the comparison, so a card and its tables cannot disagree on main.
+bond scans) from them, and each held-out set's wall times and start-up from its table (``bench_<set>.md``, the
+README's held-out rows). A held-out set's SCF counts are only compared: a card's ``scf_iterations_atomic`` /
+``scf_iterations_ml`` must equal the table's, and a new count is a new model, whose card its maker writes.
+``tests/test_shipped_models.py`` runs the comparison, so a card and its tables cannot disagree on main.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ TRAJECTORY_COMMAND = ("python integration/benchmarks/md_trajectory.py FDF --step
                       "--rattle 0.1; bond scans: bond_scan.py); siesta-dmguess bench TRAJ --fdf FDF --model {model}")
 # Entries of earlier cards that the two generated sections replace.
 REPLACED = ("md_trajectories", "relaxations", "unseen_molecules", "g2_stress")
+# A held-out set's timings, copied from its table, and where they come from.
+WALL_KEYS = ("wall_s_atomic", "wall_s_ml_including_prediction", "startup_s")
+WALL_NOTE = ("wall times: docs/results/bench_{name}.md, from `bench --repeat 3` with nothing else running (each "
+             "structure's median-time run of three, the median prediction; start-up once apart); docs/benchmarks.md, "
+             "'When each number was measured', names the session")
 
 
 def tables_by_model(results: Path) -> dict[str, dict]:
@@ -44,7 +50,7 @@ def tables_by_model(results: Path) -> dict[str, dict]:
         elif path.stem.startswith("bench_unseen_"):
             entry["unseen_structures"][table["name"]] = {"atomic": table["atomic"], "ml": table["ml"]}
         else:
-            entry["held_out"][table["name"]] = (table["atomic"], table["ml"])
+            entry["held_out"][table["name"]] = table
     return found
 
 
@@ -69,20 +75,32 @@ def differences(results: Path, models: Path) -> dict[str, list[str]]:
                          for key in sorted(set(expected) | set(card_section))
                          if card_section.get(key) != expected.get(key)]
         problems += [f"{key}: an entry the generated sections replace" for key in REPLACED if key in bench]
-        for name, (atomic, ml) in tables["held_out"].items():
-            held = bench.get(name, bench)  # `water` keeps one entry per set, the others theirs at the top
-            if (held.get("scf_iterations_atomic"), held.get("scf_iterations_ml")) != (atomic, ml):
+        for name, table in tables["held_out"].items():
+            held = held_out_entry(bench, name)
+            if (held.get("scf_iterations_atomic"), held.get("scf_iterations_ml")) != (table["atomic"], table["ml"]):
                 problems.append(f"{name}: card {held.get('scf_iterations_atomic')} -> {held.get('scf_iterations_ml')}"
-                                f" != table {atomic} -> {ml}")
+                                f" != table {table['atomic']} -> {table['ml']}")
+            problems += [f"{name}.{key}: card {held.get(key)} != table {table[key]}" for key in WALL_KEYS
+                         if key in table and held.get(key) != table[key]]
         out[model] = problems
     return out
 
 
+def held_out_entry(bench: dict, name: str) -> dict:
+    """A card's entry for held-out set ``name``: `water` keeps one entry per set, the other cards theirs at the top
+    of ``scf_benchmark``."""
+    return bench.get(name, bench)
+
+
 def write(results: Path, models: Path) -> None:
-    """Fill every card's generated sections from the tables (held-out entries are left to the person who ran
-    them: they carry wall times and notes no table holds)."""
+    """Fill every card's generated sections, and its held-out sets' timings, from the tables (a held-out set's SCF
+    counts are left to the person who trained the model: they are only compared)."""
     for model, tables in tables_by_model(results).items():
         bench = {k: v for k, v in read_card(models / model).get("scf_benchmark", {}).items() if k not in REPLACED}
+        for name, table in tables["held_out"].items():
+            timings = {key: table[key] for key in WALL_KEYS if key in table}
+            if timings:
+                held_out_entry(bench, name).update(timings, wall_note=WALL_NOTE.format(name=name))
         update_card(models / model, {"scf_benchmark": {**bench, **card_sections(model, tables)}})
 
 
