@@ -659,7 +659,7 @@ def trajectory_markdown(report: dict) -> str:
 
 
 _SET_TOTAL = re.compile(r"^# SCF benchmark: (?P<name>\S+) with (?P<model>\S+).*?"
-                        r"^Total: (?P<atomic>\d+) → (?P<ml>\d+) SCF(?P<rest>.*)$", re.S | re.M)
+                        r"^Total: (?P<atomic>\d+) → (?P<ml>\d+) SCF(?P<rest>[^\n]*)", re.S | re.M)
 _SET_WALL = re.compile(r"wall (?P<wall_s_atomic>[\d.]+) s → (?P<wall_s_ml_including_prediction>[\d.]+) s")
 _SET_STARTUP = re.compile(r"\(and (?P<startup_s>[\d.]+) s of start-up")
 _TRAJECTORY_TITLE = re.compile(r"^# SCF iterations along (?P<name>\S+?)(?:\.traj)? \(\d+ frames\)(?: with (?P<model>\S+))?",
@@ -674,9 +674,8 @@ def read_markdown_totals(text: str) -> dict:
     ``{"kind": "trajectory", "name", "model", "totals": {guess: SCF iterations}}`` (``model`` None in a
     trajectory table written before it named one). A :class:`DMGuessError` for any other text."""
     if m := _SET_TOTAL.search(text):
-        total_line = m["rest"].splitlines()[0]
         # the wall times (s) and start-up as the table rounds them; absent from a table written without them
-        walls = {key: float(value) for pattern in (_SET_WALL, _SET_STARTUP) if (found := pattern.search(total_line))
+        walls = {key: float(value) for pattern in (_SET_WALL, _SET_STARTUP) if (found := pattern.search(m["rest"]))
                  for key, value in found.groupdict().items()}
         return {"kind": "set", "name": m["name"], "model": m["model"], "atomic": int(m["atomic"]), "ml": int(m["ml"]),
                 **walls}
