@@ -440,7 +440,8 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
                         f"(model species: {loaded.config.species}){hint}")
     spin = _spin_setting(structure.fdf_settings)
     if spin:
-        problems.append(f"the fdf asks for a {spin} calculation; the models predict spin-unpolarized DMs only")
+        problems.append(f"the fdf asks for a {spin} calculation; the models predict spin-unpolarized DMs only "
+                        "(a start with no spin moment keeps SIESTA from a magnetic ground state: docs/conventions.md)")
     card = loaded.card
     if structure.source and Path(structure.source).suffix.lower() == ".fdf":
         folder = Path(structure.source).parent
