@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import e3nn
@@ -23,6 +25,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIESTA_DMGUESS_SHARED", ROOT.parent / "shared"))
 DATASETS = SHARED / "datasets"
+
+
+def benchmark_script(name: str):
+    """Import ``integration/benchmarks/<name>.py``, a study script outside the package. Its folder is on sys.path
+    only while it is imported, which is when a script imports its siblings (``h_model`` imports
+    ``h_noise_tolerance``)."""
+    folder = str(ROOT / "integration" / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
 
 
 def dataset(name: str) -> Path:

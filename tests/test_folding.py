@@ -194,21 +194,19 @@ def test_one_shared_neighbour_search_gives_the_graphs_of_separate_searches(reach
         Neighbours.search(atoms, 3.0).within(3.5)
 
 
-def test_siestas_own_hamiltonian_folded_like_the_dm_gives_back_its_gamma_dm(monkeypatch):
+def test_siestas_own_hamiltonian_folded_like_the_dm_gives_back_its_gamma_dm():
     """The folded Γ-only reference, its stored positions and the .HSX's S and H agree: the lowest N/2 states of
     SIESTA's H c = ε S c, assembled as ``integration/benchmarks/h_model.py`` assembles a learned H, give back
     SIESTA's DM of the box. A wrong fold, orbital order or sign would give another matrix."""
-    import importlib
     import json
 
     from siesta_dmguess.data import load_run, read_hsx_at
 
-    from .conftest import ROOT, dataset
+    from .conftest import benchmark_script, dataset
 
     data = dataset("water8")
     run = next(r["id"] for r in json.loads((data / "index.json").read_text()) if r.get("has_hsx"))
-    monkeypatch.syspath_prepend(str(ROOT / "integration" / "benchmarks"))
-    h_model = importlib.import_module("h_model")
+    h_model = benchmark_script("h_model")
     structure, basis, dm, hsx = load_run(data / run)
     sample = prepare_sample(structure, basis, ["H", "O"], 4.0, dm)
     sample.meta["overlap"], sample.meta["hamiltonian"] = read_hsx_at(hsx, dm)

@@ -196,13 +196,9 @@ def test_shipped_silicon_sees_the_octupole_across_a_cube_edge():
 def test_model_cards_carry_the_scf_iterations_of_the_committed_benchmark_tables():
     """Each card's SCF benchmarks (held-out, unseen sets, trajectories) equal the tables in docs/results that the
     README shows (``integration/benchmarks/card_benchmarks.py`` writes them; it prints what differs)."""
-    import importlib.util
+    from .conftest import ROOT as root, benchmark_script
 
-    root = Path(__file__).resolve().parents[1]
-    script = root / "integration" / "benchmarks" / "card_benchmarks.py"
-    spec = importlib.util.spec_from_file_location("card_benchmarks", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("card_benchmarks")
     found = module.differences(root / "docs" / "results", root / "models")
     assert set(found) == {"water", "chno-molecules", "silicon"}
     assert not any(found.values()), found

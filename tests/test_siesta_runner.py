@@ -611,7 +611,7 @@ def test_trajectory_benchmark_refuses_an_unknown_guess_before_running_siesta(tmp
     assert not (tmp_path / "bench").exists()
 
 
-def test_with_fdf_keys_sets_each_key_once_where_fdf_reads_it(tmp_path, monkeypatch):
+def test_with_fdf_keys_sets_each_key_once_where_fdf_reads_it(tmp_path):
     """``integration/benchmarks/with_fdf_keys.py`` (the README's runs at SIESTA's default SCF settings) writes the
     chosen split's runs with each key on the first line and the fdf's own line for it gone, in any spelling fdf
     accepts, so SIESTA cannot read the dataset's value instead; the other split stays out."""
@@ -619,8 +619,9 @@ def test_with_fdf_keys_sets_each_key_once_where_fdf_reads_it(tmp_path, monkeypat
 
     import sisl
 
-    monkeypatch.syspath_prepend(str(ROOT / "integration" / "benchmarks"))
-    import with_fdf_keys
+    from .conftest import benchmark_script
+
+    with_fdf_keys = benchmark_script("with_fdf_keys")
 
     data = tmp_path / "h2o"
     splits = {"0000": "train", "0004": "val"}

@@ -1,26 +1,18 @@
 """The spin-polarized starts of ``integration/benchmarks/spin_start.py`` (why such runs are refused):
 the two-spin DM it writes and the moment it reads back from SIESTA's output."""
 
-import importlib
-
 import numpy as np
 import pytest
 
 from siesta_dmguess.dm import check_dm_file, write_density_matrix
 from siesta_dmguess.predict import predict_density_matrix
 
-from .conftest import ROOT
+from .conftest import ROOT, benchmark_script
 
 
 @pytest.fixture(scope="module")
 def spin_start():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "integration" / "benchmarks"))
-    try:
-        yield importlib.import_module("spin_start")
-    finally:
-        sys.path.remove(str(ROOT / "integration" / "benchmarks"))
+    return benchmark_script("spin_start")
 
 
 @pytest.fixture(scope="module")
