@@ -298,6 +298,7 @@ def choose_model(structure: Structure, load=None) -> str:
                                       structure.source or None)
     if len(covering) == 1:
         return covering[0]
+    check_atoms_apart(structure)  # before any model looks at it: its error beats a failed novelty score
     load = load or _shipped_model
     relative = {}
     for name in covering:

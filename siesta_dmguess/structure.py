@@ -53,7 +53,19 @@ def closest_pair(atoms: Atoms, within: float) -> tuple[int, int, np.ndarray, flo
 
 
 def check_atoms_apart(structure: Structure, minimum: float = MIN_ATOM_DISTANCE) -> None:
-    """Error naming the closest pair of atoms (periodic images included) if any two are closer than ``minimum`` Å."""
+    """Error naming the closest pair of atoms (periodic images included) if any two are closer than ``minimum`` Å,
+    or naming the first atom (or cell vector) that has no finite coordinates."""
+    # A NaN or inf coordinate (a failed conversion, a blown-up MD step) passes every distance test and would
+    # only surface as a linear-algebra failure deep in the refinement.
+    positions = structure.atoms.positions
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        raise InputFileError(f"atom {i} ({structure.labels[i]}) has coordinates that are not finite numbers "
+                             f"({', '.join(str(x) for x in positions[i])}); {bad.size} atom(s) in all",
+                             structure.source or None)
+    if structure.atoms.pbc.any() and not np.isfinite(structure.atoms.cell.array).all():
+        raise InputFileError("the cell has lattice vectors that are not finite numbers", structure.source or None)
     pair = closest_pair(structure.atoms, minimum)
     if pair:
         i, j, shift, d = pair

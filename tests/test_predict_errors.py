@@ -535,3 +535,23 @@ def test_atoms_on_one_site_are_a_clear_error_not_a_dm(model_dir, tmp_path, capsy
     # 0.6 Å is short but not on one site: predicted.
     close = Atoms("OHH", positions=[[0, 0, 0], [0.6, 0, 0], [-0.3, 0.9, 0]])
     assert predict_density_matrix(structure_from_atoms(close), model=model_dir).values.size > 0
+
+
+def test_coordinates_that_are_not_numbers_are_a_clear_error(model_dir, tmp_path, capsys):
+    """A NaN or inf coordinate (a blown-up MD step, a failed unit conversion) passes every distance test and used to
+    end as a bare LinAlgError inside the refinement. Refused, naming the file and the atom, also under --model auto
+    (whose choice of model looks at the structure first) and for an in-memory cell."""
+    from ase import Atoms
+    from siesta_dmguess.structure import structure_from_atoms
+
+    bad = tmp_path / "nan.xyz"
+    bad.write_text("3\n\nO 0 0 0\nH 0 0 nan\nH 0 0.96 0\n")
+    for model in (str(model_dir), "auto"):
+        assert main(["predict", str(bad), "--model", model, "-o", str(tmp_path / "nan.DM")]) == 2
+        err = capsys.readouterr().err
+        assert "nan.xyz" in err and "atom 1 (H) has coordinates that are not finite" in err and "Traceback" not in err
+    assert not (tmp_path / "nan.DM").exists()
+    box = Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [0, 0.96, 0]], cell=[[8, 0, 0], [0, 8, 0], [0, 0, np.inf]],
+                pbc=True)
+    with pytest.raises(InputFileError, match="lattice vectors that are not finite"):
+        predict_density_matrix(structure_from_atoms(box), model=model_dir)
