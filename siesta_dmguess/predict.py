@@ -439,6 +439,17 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
         hint = f"; shipped models that cover all its species: {', '.join(covering)}" if covering else ""
         problems.append(f"species {missing} are not covered by model {loaded.path.name!r} "
                         f"(model species: {loaded.config.species}){hint}")
+    z_of = dict(zip(structure.labels, (int(z) for z in structure.atoms.numbers)))
+    for label, species in species_of.items():
+        # A label names the basis and pseudopotential; an atomic number that is not the model species' own (a
+        # ghost atom, Z < 0, or a typo) is another atom, whose DM the model does not know.
+        if species is not None and z_of[label] != loaded.basis[species].Z:
+            problems.append(f"species {label!r} has atomic number {z_of[label]} in the structure, but the model's "
+                            f"{species!r} has {loaded.basis[species].Z}")
+    ghosts = structure.fdf_settings.get("ghost_species")
+    if ghosts:
+        problems.append(f"species {ghosts} are ghost atoms (a negative atomic number in ChemicalSpeciesLabel: "
+                        "orbitals without nucleus or electrons), which no model has learned")
     spin = _spin_setting(structure.fdf_settings)
     if spin:
         problems.append(f"the fdf asks for a {spin} calculation; the models predict spin-unpolarized DMs only "

@@ -156,6 +156,43 @@ def check_fdf_inputs(path: str | Path) -> None:
         raise InputFileError(f"reads in {file}, which does not exist: SIESTA would stop there", named_in)
 
 
+def check_fdf_text(path: str | Path) -> None:
+    """Error, naming the file, where the fdf or a file it reads in is not text or leaves a ``%block`` open:
+    sisl 0.20 stops on the first with a bare UnicodeDecodeError and reads forever on the second."""
+    for file in fdf_input_files(path):
+        problem = _fdf_text_problem(file)
+        if problem:
+            raise InputFileError(problem, file)
+
+
+def _fdf_text_problem(file: Path) -> str | None:
+    """What keeps sisl from reading this fdf file, if anything: bytes that are not UTF-8 text, or a ``%block NAME``
+    with no ``%endblock`` before the next block or the end of the file (a block piped in, ``%block NAME < FILE``,
+    has none)."""
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (f"is not a text fdf: byte 0x{raw[exc.start]:02x} at position {exc.start} is not UTF-8 "
+                "(a binary file, or a comment in another encoding)")
+    if "\x00" in text:
+        return "is not a text fdf: it holds NUL bytes (a binary file?)"
+    open_block = None
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#")[0].split()
+        if not words or words[0].lower() not in ("%block", "%endblock"):
+            continue
+        if open_block:
+            if words[0].lower() == "%block":
+                break
+            open_block = None
+        elif words[0].lower() == "%block" and "<" not in words:
+            open_block = (number, " ".join(words[1:2]))
+    if open_block:
+        return f"%block {open_block[1]} (line {open_block[0]}) has no %endblock"
+    return None
+
+
 def _is_fdf(path: Path) -> bool:
     return path.suffix.lower() == ".fdf"
 
@@ -207,10 +244,11 @@ def _fdf_sile_class():
 
 
 def fdf_sile(path: str | Path):
-    """sisl's fdf reader (:func:`_fdf_sile_class`); its warning about sibling output files it could also read is
-    noise here."""
+    """sisl's fdf reader (:func:`_fdf_sile_class`), for an fdf that :func:`check_fdf_text` passes; its warning
+    about sibling output files it could also read is noise here."""
     import sisl
 
+    check_fdf_text(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sisl.SislWarning)
         return _fdf_sile_class()(str(path))
@@ -218,9 +256,16 @@ def fdf_sile(path: str | Path):
 
 def read_fdf_settings(path: str | Path) -> dict:
     """The basis- and XC-relevant settings of an fdf (strings as written, energies as "<value> Ry" whatever
-    unit the fdf used; absent keys omitted)."""
+    unit the fdf used; absent keys omitted), and ``ghost_species``: the labels the ChemicalSpeciesLabel block
+    gives a negative atomic number (SIESTA's ghost atoms: orbitals without nucleus or electrons)."""
     fdf = fdf_sile(path)
     out = {}
+    try:
+        ghosts = [label for _, z, label in species_rows(fdf.get("ChemicalSpeciesLabel") or []) if z < 0]
+    except ValueError:  # a malformed block: read_structure names it
+        ghosts = []
+    if ghosts:
+        out["ghost_species"] = ghosts
     for key in FDF_SETTING_KEYS:
         if key in FDF_ENERGY_KEYS:  # sisl converts energies to eV; cards keep SIESTA's unit and say so
             value = fdf.get(key, unit="Ry")
@@ -252,6 +297,29 @@ def _fdf_cell(fdf) -> np.ndarray | None:
         return np.asarray(fdf.read_lattice().cell, float)
     except Exception:  # sisl raises SileError or ValueError for a malformed lattice
         return None
+
+
+def _geometry_block_problem(fdf) -> str | None:
+    """Which row of the lattice or coordinates block is malformed, where sisl's own error is only an IndexError
+    ("list index out of range"); None where these blocks look right."""
+    def rows(name):
+        return [line.split("#")[0].split() for line in fdf.get(name) or [] if line.split("#")[0].strip()]
+
+    vectors = rows("LatticeVectors")
+    if vectors and (len(vectors) != 3 or any(len(row) < 3 for row in vectors)):
+        return f"LatticeVectors needs 3 rows of 3 numbers; it has {len(vectors)} rows"
+    try:
+        n_species = len(species_rows(fdf.get("ChemicalSpeciesLabel") or []))
+    except ValueError:
+        return "a ChemicalSpeciesLabel row is not 'index atomic-number label'"
+    for number, row in enumerate(rows("AtomicCoordinatesAndAtomicSpecies"), 1):
+        if len(row) < 4:
+            return (f"row {number} of AtomicCoordinatesAndAtomicSpecies has {len(row)} columns; SIESTA needs x, y, "
+                    "z and the species index")
+        if not row[3].isdigit() or not 1 <= int(row[3]) <= n_species:
+            return (f"row {number} of AtomicCoordinatesAndAtomicSpecies has species index {row[3]}, but "
+                    f"ChemicalSpeciesLabel defines species 1 to {n_species}")
+    return None
 
 
 def _read_fdf_geometry(fdf, path: Path):
@@ -387,7 +455,8 @@ def read_structure(path: str | Path) -> Structure:
         except InputFileError:
             raise
         except Exception as exc:
-            raise InputFileError(f"sisl cannot read a geometry from this fdf ({exc})", path) from exc
+            reason = _geometry_block_problem(fdf) or str(exc)
+            raise InputFileError(f"sisl cannot read a geometry from this fdf ({reason})", path) from exc
         if geom is None or geom.na == 0:
             raise InputFileError("the fdf holds no atoms (AtomicCoordinatesAndAtomicSpecies missing?)", path)
         labels = _fdf_labels(fdf, geom)

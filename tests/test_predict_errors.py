@@ -555,3 +555,50 @@ def test_coordinates_that_are_not_numbers_are_a_clear_error(model_dir, tmp_path,
                 pbc=True)
     with pytest.raises(InputFileError, match="lattice vectors that are not finite"):
         predict_density_matrix(structure_from_atoms(box), model=model_dir)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda t: t.replace("%endblock AtomicCoordinatesAndAtomicSpecies\n", ""),  # sisl read on forever
+     r"%block AtomicCoordinatesAndAtomicSpecies \(line 15\) has no %endblock"),
+    (lambda t: t.replace("4.760 5.927 5.000 1", "4.760 5.927 5.000 3"),
+     "row 3 of AtomicCoordinatesAndAtomicSpecies has species index 3, but ChemicalSpeciesLabel defines species 1 to 2"),
+    (lambda t: t.replace("4.760 5.927 5.000 1", "4.760 5.927 1"),
+     "row 3 of AtomicCoordinatesAndAtomicSpecies has 3 columns"),
+    (lambda t: t.replace("0.0 0.0 10.0\n", ""), "LatticeVectors needs 3 rows of 3 numbers; it has 2 rows"),
+])
+def test_a_malformed_fdf_block_is_named(model_dir, tmp_path, edit, problem):
+    """sisl's own errors for these were "list index out of range", and an unclosed block hung it."""
+    fdf = tmp_path / "input.fdf"
+    fdf.write_text(edit(WATER_FDF))
+    with pytest.raises(InputFileError, match=problem) as info:
+        predict_density_matrix(fdf, model_dir)
+    assert "input.fdf" in str(info.value)
+
+
+def test_an_fdf_that_is_not_text_is_named_also_where_only_its_label_is_read(model_dir, tmp_path, capsys):
+    """A binary file named .fdf (or a comment in Latin-1) was a bare UnicodeDecodeError; `predict` reads the fdf's
+    SystemLabel first, for the output's name, so that read must say it too. An %include'd file is named itself."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "input.fdf").write_bytes(WATER_FDF.encode() + "# 2 Å apart\n".encode("latin-1"))
+    assert main(["predict", str(run), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "input.fdf: is not a text fdf: byte 0xc5" in err and "Traceback" not in err
+    (run / "geometry.fdf").write_bytes(b"\x00\x01\x02")
+    (run / "input.fdf").write_text(WATER_FDF + "%include geometry.fdf\n")
+    with pytest.raises(InputFileError, match="geometry.fdf: is not a text fdf"):
+        predict_density_matrix(run / "input.fdf", model_dir)
+
+
+def test_an_atomic_number_that_is_not_the_model_species_is_refused(model_dir, tmp_path):
+    """Labels name the basis files; the atomic number decides the atom. A label the model knows with another
+    atomic number, or a ghost atom (negative: orbitals without nucleus or electrons), is another atom: refused,
+    named, not predicted as the label's element."""
+    fdf = tmp_path / "input.fdf"
+    fdf.write_text(WATER_FDF.replace("1 1 H\n", "1 9 H\n"))
+    with pytest.raises(ModelCompatibilityError, match="species 'H' has atomic number 9 in the structure, but the "
+                                                      "model's 'H' has 1"):
+        predict_density_matrix(fdf, model_dir)
+    fdf.write_text(WATER_FDF.replace("1 1 H\n", "1 -1 H\n"))
+    with pytest.raises(ModelCompatibilityError, match=r"species \['H'\] are ghost atoms"):
+        predict_density_matrix(fdf, model_dir)
