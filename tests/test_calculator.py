@@ -497,3 +497,22 @@ def _no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         yield
+
+
+def test_a_ghost_species_is_refused_or_falls_back(model_dir, tmp_path):
+    """ASE writes ``Species(..., ghost=True)`` with a negative atomic number: orbitals without nucleus or electrons
+    (counterpoise corrections). Predicted as the element, the DM would hold that atom's electrons too."""
+    for name in ("O.psf", "H.psf"):
+        (tmp_path / name).write_text("placeholder\n")
+    ghost = [Species(symbol="H", tag=1, ghost=True)]
+    atoms = water_molecule()
+    atoms.set_tags([0, 0, 1])  # the second H is the ghost
+    with pytest.raises(ModelCompatibilityError, match="are ghost atoms"):
+        calc(model_dir, tmp_path / "run", species=ghost, pseudo_path=str(tmp_path)).write_input(atoms, ["energy"])
+    c = calc(model_dir, tmp_path / "run2", species=ghost, pseudo_path=str(tmp_path), fallback="atomic")
+    with pytest.warns(UserWarning, match="atomic guess because .*ghost atoms"):
+        c.write_input(atoms, ["energy"])
+    assert c._used == "atomic" and not (tmp_path / "run2" / "siesta.DM").exists()
+    plain = calc(model_dir, tmp_path / "run3", pseudo_path=str(tmp_path))
+    plain.write_input(atoms, ["energy"])  # the same atoms without the ghost species: predicted
+    assert plain._used == "ml"
