@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import zlib
 
 import pytest
 
@@ -37,6 +38,26 @@ def test_truncated_output_is_not_converged():
     assert out.total_energy_eV == pytest.approx(out.scf_history[-1].e_ks_eV)
     assert out.band_energy_eV is None  # only the starting DM's Ebs was printed, before the SCF
     assert parse_output(text).band_energy_eV is not None
+
+
+def test_a_gzipped_output_cut_short_is_read_as_far_as_it_goes(tmp_path):
+    """A copied .out.gz cut short (or not gzip at all) was a bare EOFError; it reads as a plain output cut short:
+    the SCF steps it holds, not converged."""
+    text = _text()
+    packed = gzip.compress(text.encode())
+    cut = tmp_path / "cut.out.gz"
+    # the gzip stream of the text up to the middle of its SCF, and no further
+    middle = text.index("   scf:    5")
+    stream = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    cut.write_bytes(stream.compress(text[:middle].encode()) + stream.flush(zlib.Z_SYNC_FLUSH))
+    out = parse_output(cut)
+    assert not out.converged and out.scf_iterations == 4
+    assert out.scf_history[0] == parse_output(text).scf_history[0]
+    (tmp_path / "plain.out.gz").write_text("not gzip\n")
+    assert not parse_output(tmp_path / "plain.out.gz").converged
+    whole = tmp_path / "whole.out.gz"
+    whole.write_bytes(packed)
+    assert parse_output(whole) == parse_output(text)
 
 
 def test_dm_read_succeeded_and_failed():

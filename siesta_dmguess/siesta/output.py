@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +63,23 @@ def _float(text: str) -> float:
         return float("nan")
 
 
+def _read_text(path: Path) -> str:
+    """A SIESTA output's text, plain or gzipped; of a truncated or corrupt ``.gz`` (a copy cut short), what could
+    be decompressed, as of a plain output cut short."""
+    if path.suffix != ".gz":
+        return path.read_text(errors="replace")
+    # zlib rather than gzip.open: gzip drops the last chunk it decompressed when the stream ends early.
+    raw, text = path.read_bytes(), b""
+    while raw:
+        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+        try:
+            text += stream.decompress(raw)
+        except zlib.error:  # not gzip data (from here on)
+            break
+        raw = stream.unused_data  # a next gzip member, if any
+    return text.decode(errors="replace")
+
+
 def parse_output(source: str | Path) -> SiestaOutput:
     """Parse a SIESTA output given as a path (plain or ``.gz``) or as its text.
 
@@ -70,10 +87,7 @@ def parse_output(source: str | Path) -> SiestaOutput:
     ``converged`` is False unless SIESTA said the SCF converged.
     """
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and len(source) < 4096):
-        path = Path(source)
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", errors="replace") as f:
-            text = f.read()
+        text = _read_text(Path(source))
     else:
         text = source
     histories: list[list[ScfStep]] = []
