@@ -297,6 +297,18 @@ def at_least(minimum: int):
     return count
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a number above zero (a learning rate or a loss power; torch's own error for a negative
+    one is a bare ValueError)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):  # NaN fails the first test
+        raise argparse.ArgumentTypeError(f"must be a number above 0, not {text}")
+    return value
+
+
 def add_refine_argument(parser) -> None:
     from .refine import REFINEMENTS
 
@@ -349,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("data_dirs", nargs="+", help="dataset folders (run folders with fdf + .DM)")
     t.add_argument("--out", required=True, help="model folder to write (resumes from its checkpoint)")
     t.add_argument("--epochs", type=at_least(0), default=300, help="passes over the training structures (default 300)")
-    t.add_argument("--lr", type=float, default=5e-3,
+    t.add_argument("--lr", type=positive_number, default=5e-3,
                    help="initial Adam learning rate, decayed each epoch (default 5e-3)")
     t.add_argument("--batch-atoms", type=at_least(1), default=24, help="atoms per optimizer step (default 24)")
     t.add_argument("--seed", type=int, default=0,
@@ -361,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default="", help="start from this model's weights (model folder or shipped name)")
     t.add_argument("--correction-epochs", type=at_least(0), default=0,
                    help="then train a ΔH head through the idempotent projection for N epochs (Γ-only data)")
-    t.add_argument("--correction-lr", type=float, default=1e-3,
+    t.add_argument("--correction-lr", type=positive_number, default=1e-3,
                    help="learning rate of the ΔH head (lower it when the projection is already close: near-exact "
                         "molecules make its relative loss steep)")
     t.add_argument("--add-stage", action="store_true",
@@ -372,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit folded (Γ-only, molecular) DMs by the density-operator error Tr[(ΔD S)²] (S from the "
                         "basis) instead of the element error; with --add-stage, each structure's relative to the "
                         "frozen model's")
-    t.add_argument("--loss-power", type=float, default=2.0,
+    t.add_argument("--loss-power", type=positive_number, default=2.0,
                    help="fit by mean |element error|^P (default 2: squared); P > 2 weighs the largest errors, "
                         "which set SIESTA's first SCF step, and keeps the epoch whose validation structures have the lowest mean "
                         "max error")

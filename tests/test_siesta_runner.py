@@ -477,7 +477,8 @@ def test_bench_refuses_options_of_the_other_kind_of_benchmark(tmp_path, capsys, 
 @pytest.mark.parametrize("command, option, value", [
     ("bench", "--repeat", "0"), ("bench", "--limit", "-1"), ("bench", "--depth", "0"), ("bench", "--threads", "-1"),
     ("predict", "--threads", "-2"), ("evaluate", "--threads", "-1"), ("train", "--epochs", "-5"),
-    ("train", "--batch-atoms", "0"), ("bench", "--limit", "two")])
+    ("train", "--batch-atoms", "0"), ("bench", "--limit", "two"), ("train", "--lr", "-1"),
+    ("train", "--correction-lr", "0"), ("train", "--loss-power", "nan"), ("train", "--lr", "fast")])
 def test_counts_out_of_range_are_refused_before_any_work(tmp_path, capsys, command, option, value):
     """``--limit -1`` used to slice off the last structure, ``--depth 0`` ended in a traceback."""
     from siesta_dmguess.cli import main
@@ -488,7 +489,8 @@ def test_counts_out_of_range_are_refused_before_any_work(tmp_path, capsys, comma
         main([command, *positional, option, value])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {option}" in err and ("must be at least" in err or "not a whole number" in err)
+    assert f"argument {option}" in err and any(reason in err for reason in (
+        "must be at least", "not a whole number", "must be a number above 0", "is not a number"))
 
 
 def test_trajectory_table_marks_frames_started_from_the_atomic_guess():
