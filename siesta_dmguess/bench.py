@@ -738,6 +738,7 @@ def add_bench_parser(sub) -> None:
                    "it stopped)")
     b.add_argument("--repeat", type=at_least(1), default=1, help="for a dataset folder: run every guess N times (alternating "
                    "them) and report each structure's median-time run: steadier wall times (default 1)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar (as for train and evaluate)")
     add_refine_argument(b)
     add_threads_argument(b)
     b.set_defaults(func=_cmd_bench)
@@ -757,7 +758,7 @@ def _cmd_bench(args) -> int:
                                           tuple(g.strip() for g in guesses.split(",") if g.strip()),
                                           depth=args.depth or DEFAULT_DEPTH, command=args.siesta,
                                           frames=slice(0, args.limit or None), refine=args.refine, force=args.force,
-                                          name=args.name, resume=not args.restart)
+                                          name=args.name, resume=not args.restart, progress=not args.quiet)
         print(trajectory_markdown(report))
         return 0
     given = [option for option, value in (("--guesses", args.guesses), ("--depth", args.depth)) if value is not None]
@@ -767,6 +768,7 @@ def _cmd_bench(args) -> int:
                            "folder is run from the atomic and the ML guess")
     report = run_benchmark(args.data_dir, args.model, args.out, None if args.split == "all" else args.split,
                            args.limit, args.siesta, refine=args.refine, force=args.force, repeat=args.repeat,
-                           skip_incompatible=args.skip_incompatible, name=args.name, resume=not args.restart)
+                           skip_incompatible=args.skip_incompatible, name=args.name, resume=not args.restart,
+                           progress=not args.quiet)
     print(markdown(report))
     return 0

@@ -437,6 +437,13 @@ def test_bench_restart_runs_every_structure_again(tmp_path, monkeypatch):
     for extra in ([], ["--restart"]):
         assert main(["bench", str(tmp_path), *extra]) == 0
     assert [c["resume"] for c in calls] == [True, False]
+    # --quiet turns the progress bar off, for both kinds of benchmark, as for train and evaluate
+    monkeypatch.setattr(bench, "run_trajectory_benchmark", lambda *args, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(bench, "trajectory_markdown", lambda report: "")
+    calls.clear()
+    for extra in ([], ["--quiet"], ["--fdf", "x.fdf"], ["--fdf", "x.fdf", "--quiet"]):
+        assert main(["bench", str(tmp_path), *extra]) == 0
+    assert [c["progress"] for c in calls] == [True, False, True, False]
 
 
 def test_median_run_picks_a_real_run_and_warns_when_iterations_differ(caplog):
