@@ -303,7 +303,10 @@ def _geometry_block_problem(fdf) -> str | None:
     """Which row of the lattice or coordinates block is malformed, where sisl's own error is only an IndexError
     ("list index out of range"); None where these blocks look right."""
     def rows(name):
-        return [line.split("#")[0].split() for line in fdf.get(name) or [] if line.split("#")[0].strip()]
+        block = fdf.get(name)
+        if not isinstance(block, list):  # absent, or written as a key rather than a block
+            return []
+        return [line.split("#")[0].split() for line in block if line.split("#")[0].strip()]
 
     vectors = rows("LatticeVectors")
     if vectors and (len(vectors) != 3 or any(len(row) < 3 for row in vectors)):
