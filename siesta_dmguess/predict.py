@@ -442,7 +442,8 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
     z_of = dict(zip(structure.labels, (int(z) for z in structure.atoms.numbers)))
     for label, species in species_of.items():
         # A label names the basis and pseudopotential; an atomic number that is not the model species' own (a
-        # ghost atom, Z < 0, or a typo) is another atom, whose DM the model does not know.
+        # typo, or another element under a label the model knows) is another atom, whose DM the model does not
+        # know. Ghost atoms keep their element's number here (sisl reads |Z|): ghost_species flags them.
         if species is not None and z_of[label] != loaded.basis[species].Z:
             problems.append(f"species {label!r} has atomic number {z_of[label]} in the structure, but the model's "
                             f"{species!r} has {loaded.basis[species].Z}")
