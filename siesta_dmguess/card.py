@@ -225,6 +225,9 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = Tru
         raise ModelCompatibilityError(f"model format {version} is newer than this package reads ({FORMAT_VERSION})",
                                       path)
     weights = path / WEIGHTS
+    if not weights.is_file():
+        raise ModelCompatibilityError(f"the model folder has no {WEIGHTS} (only {CONFIG} and the card were copied?)",
+                                      path)
     if verify and card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
         raise ModelCompatibilityError("weights.pt does not match the sha256 in card.json (corrupt or altered)", path)
     import e3nn
@@ -238,7 +241,11 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = Tru
     finally:
         torch.set_default_dtype(prev)
         e3nn.set_optimization_defaults(**prev_e3nn)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    except Exception as exc:  # a card without a sha256 (or verify=False) lets a corrupt or foreign file get here
+        raise ModelCompatibilityError(f"{WEIGHTS} cannot be loaded into the network its {CONFIG} describes "
+                                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", path) from exc
     model.to(dtype).eval()
     return LoadedModel(model, config, card, path, config.species_basis())

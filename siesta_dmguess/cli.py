@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from . import STACK
-from .errors import DMGuessError
+from .errors import DMGuessError, InputFileError
 
 
 def _cmd_train(args) -> int:
@@ -191,6 +191,9 @@ def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate, plot_evaluation
 
     split = None if args.split == "all" else args.split
+    for output in (args.json, args.plot):  # before the evaluation, not after it
+        if output and not Path(output).resolve().parent.is_dir():
+            raise InputFileError("the output folder does not exist", Path(output).parent)
     result = evaluate(args.model, args.data_dirs, split=split, out_json=args.json, progress=not args.quiet,
                       refine=args.refine)
     if args.plot:

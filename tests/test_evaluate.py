@@ -238,3 +238,14 @@ def test_copied_runs_keep_the_split_their_run_json_records_and_a_split_nobody_re
     (copied / "0001" / "run.json").write_text("{not json")
     with pytest.raises(InputFileError, match=r"0001/run.json: run.json is not valid JSON"):
         select_runs([copied])
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_an_output_into_a_missing_folder_is_refused_before_evaluating(tmp_path, capsys, option):
+    """It was a bare FileNotFoundError after the whole evaluation had run. The folder here holds no runs, so an
+    error about the output (not about the runs) shows the check comes first."""
+    from siesta_dmguess.cli import main
+
+    assert main(["evaluate", "water", str(tmp_path), option, str(tmp_path / "missing" / "out.x")]) == 2
+    err = capsys.readouterr().err
+    assert "missing: the output folder does not exist" in err and "no run folders" not in err

@@ -60,6 +60,23 @@ def test_card_sha256_guards_weights(model_dir, tmp_path):
         load_model(bad)
 
 
+def test_missing_or_unloadable_weights_are_named(model_dir, tmp_path):
+    """A model folder copied without weights.pt, or with a file that is not this network's weights and no sha256
+    to catch it, was a bare FileNotFoundError or a torch traceback."""
+    bad = tmp_path / "bad-model"
+    shutil.copytree(model_dir, bad)
+    (bad / "weights.pt").unlink()
+    with pytest.raises(ModelCompatibilityError, match="has no weights.pt") as err:
+        load_model(bad)
+    assert "bad-model" in str(err.value)
+    (bad / "weights.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ModelCompatibilityError, match="weights.pt cannot be loaded into the network"):
+        load_model(bad, verify=False)
+    torch.save({"foreign.weight": torch.zeros(2)}, bad / "weights.pt")
+    with pytest.raises(ModelCompatibilityError, match="weights.pt cannot be loaded into the network"):
+        load_model(bad, verify=False)
+
+
 
 @pytest.mark.parametrize("broken", ["card.json", "config.json"])
 def test_corrupt_card_or_config_is_named(model_dir, tmp_path, broken):
