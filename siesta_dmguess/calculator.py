@@ -158,7 +158,7 @@ class DMGuessSiesta(Siesta):
         self._positions = None
 
     # -- helpers -------------------------------------------------------------
-    def _sampling(self) -> dict:
+    def _written_fdf_settings(self) -> dict:
         """The run's k-sampling as SIESTA will build it: ``kgrid`` (more than Γ; else the DM is folded) and
         ``k_supercell_length``, by SIESTA's own rule applied to the fdf ASE has just written, so that k-points
         given as ``kpts`` or as fdf arguments (``kgrid.Cutoff``, a Monkhorst-Pack block) count alike; with them
@@ -225,7 +225,7 @@ class DMGuessSiesta(Siesta):
 
         try:
             structure = structure_as_siesta_runs(atoms)
-            sampling = self._sampling()
+            sampling = self._written_fdf_settings()
             structure.fdf_settings = {**self._run_settings(), **sampling}
             with torch_threads(self.threads):
                 pred = predict_density_matrix(structure, self._model(atoms), fold=not sampling["kgrid"])

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from . import STACK
-from .errors import DMGuessError, InputFileError
+from .errors import DMGuessError
+from .files import check_output_folder
 
 
 def _cmd_train(args) -> int:
@@ -192,8 +193,8 @@ def _cmd_evaluate(args) -> int:
 
     split = None if args.split == "all" else args.split
     for output in (args.json, args.plot):  # before the evaluation, not after it
-        if output and not Path(output).resolve().parent.is_dir():
-            raise InputFileError("the output folder does not exist", Path(output).parent)
+        if output:
+            check_output_folder(output)
     result = evaluate(args.model, args.data_dirs, split=split, out_json=args.json, progress=not args.quiet,
                       refine=args.refine)
     if args.plot:

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from .basis import SpeciesBasis, atom_radii
 from .conventions import orbital_signs
 from .errors import InputFileError
-from .files import atomic_write, move_to_backup
+from .files import atomic_write, check_output_folder, move_to_backup
 from .graph import Edges, Neighbours, kb_member_pairs, kb_members, lookup_rows
 from .structure import Structure
 
@@ -403,8 +403,7 @@ def write_density_matrix(dm, path: str | Path, overwrite: bool = False) -> Path 
     path = Path(path)
     if path.suffix != ".DM":
         raise InputFileError("a SIESTA density matrix file must end in .DM", path)
-    if not path.parent.is_dir():
-        raise InputFileError("the output folder does not exist", path.parent)
+    check_output_folder(path)
     backup = None
 
     def keep_existing():

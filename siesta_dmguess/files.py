@@ -37,6 +37,16 @@ def atomic_write(path: str | Path, write, suffix: str = "", before_replace=None)
             os.unlink(tmp)
 
 
+def check_output_folder(path: str | Path) -> None:
+    """Error naming the folder ``path`` is to be written into, if it does not exist (checked before the work that
+    makes the file, not when writing it)."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        from .errors import InputFileError
+
+        raise InputFileError("the output folder does not exist", folder)
+
+
 def backup_path(path: str | Path) -> Path:
     """First free ``<name>.bak``, ``<name>.bak1``, ... next to ``path``."""
     path = Path(path)

@@ -28,7 +28,7 @@ from .errors import DMGuessError, ModelCompatibilityError, UnreliablePredictionE
 from .files import move_to_backup
 from .evaluate import predict_flat
 from .refine import MIN_OCCUPATION_GAP, is_kpoint, projection_skipped, refine_folded
-from .structure import FDF_ENERGY_KEYS, Structure, check_atoms_apart, element_symbol, read_structure
+from .structure import FDF_ENERGY_KEYS, Structure, check_geometry, element_symbol, read_structure
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def choose_model(structure: Structure, load=None) -> str:
                                       structure.source or None)
     if len(covering) == 1:
         return covering[0]
-    check_atoms_apart(structure)  # before any model looks at it: its error beats a failed novelty score
+    check_geometry(structure)  # before any model looks at it: its error beats a failed novelty score
     load = load or _shipped_model
     relative = {}
     for name in covering:
@@ -516,7 +516,7 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     t0 = time.perf_counter()
     if not isinstance(structure, Structure):
         structure = read_structure(structure)
-    check_atoms_apart(structure)
+    check_geometry(structure)
     model = resolve_auto_model(model, structure)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     warnings = check_compatibility(structure, loaded, force=force)

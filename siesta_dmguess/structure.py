@@ -52,9 +52,9 @@ def closest_pair(atoms: Atoms, within: float) -> tuple[int, int, np.ndarray, flo
     return int(i[k]), int(j[k]), shift[k], float(d[k])
 
 
-def check_atoms_apart(structure: Structure, minimum: float = MIN_ATOM_DISTANCE) -> None:
-    """Error naming the closest pair of atoms (periodic images included) if any two are closer than ``minimum`` Å,
-    or naming the first atom (or cell vector) that has no finite coordinates."""
+def check_geometry(structure: Structure, minimum: float = MIN_ATOM_DISTANCE) -> None:
+    """Error naming the first atom (or the cell) without finite coordinates, or the closest pair of atoms
+    (periodic images included) if any two are closer than ``minimum`` Å."""
     # A NaN or inf coordinate (a failed conversion, a blown-up MD step) passes every distance test and would
     # only surface as a linear-algebra failure deep in the refinement.
     positions = structure.atoms.positions
@@ -87,6 +87,11 @@ def normalized_fdf_key(key: str) -> str:
     return key.lower().replace(".", "").replace("_", "").replace("-", "")
 
 
+def fdf_words(line: str) -> list[str]:
+    """The words of an fdf line, its ``#`` comment dropped."""
+    return line.split("#")[0].split()
+
+
 def element_symbol(z: int) -> str | None:
     """Chemical symbol of atomic number ``z`` (None for ghost or out-of-table numbers an fdf may hold)."""
     from ase.data import chemical_symbols
@@ -98,7 +103,7 @@ def species_rows(lines) -> list[tuple[int, int, str]]:
     """(species index, atomic number, label) of the rows of a ``ChemicalSpeciesLabel`` block, in index order."""
     rows = []
     for line in lines:
-        words = line.split("#")[0].split()
+        words = fdf_words(line)
         if len(words) >= 3:
             rows.append((int(words[0]), int(words[1]), words[2]))
     return sorted(rows)
@@ -109,7 +114,7 @@ def species_block(fdf_text: str) -> list[tuple[int, int, str]]:
     ``%include`` files; :func:`read_structure` asks sisl, which does)."""
     lines, inside = [], False
     for line in fdf_text.splitlines():
-        words = line.split("#")[0].split()
+        words = fdf_words(line)
         if not words:
             continue
         if words[0].lower() == "%block" and len(words) > 1 and normalized_fdf_key(words[1]) == "chemicalspecieslabel":
@@ -138,7 +143,7 @@ def fdf_input_files(path: str | Path, missing: list | None = None) -> list[Path]
             continue
         seen.append(current)
         for line in current.read_text(errors="replace").splitlines():
-            words = line.split("#")[0].split()
+            words = fdf_words(line)
             if len(words) >= 2 and words[0].lower() == "%include":
                 todo.append((path.parent / words[1], current))
             elif "<" in words[:-1]:
@@ -179,7 +184,7 @@ def _fdf_text_problem(file: Path) -> str | None:
         return "is not a text fdf: it holds NUL bytes (a binary file?)"
     open_block = None
     for number, line in enumerate(text.splitlines(), 1):
-        words = line.split("#")[0].split()
+        words = fdf_words(line)
         if not words or words[0].lower() not in ("%block", "%endblock"):
             continue
         if open_block:
@@ -306,7 +311,7 @@ def _geometry_block_problem(fdf) -> str | None:
         block = fdf.get(name)
         if not isinstance(block, list):  # absent, or written as a key rather than a block
             return []
-        return [line.split("#")[0].split() for line in block if line.split("#")[0].strip()]
+        return [words for words in map(fdf_words, block) if words]
 
     vectors = rows("LatticeVectors")
     if vectors and (len(vectors) != 3 or any(len(row) < 3 for row in vectors)):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputFileError, SiestaError, SiestaNotFoundError
-from ..structure import normalized_fdf_key, species_block
+from ..structure import fdf_words, normalized_fdf_key, species_block
 from .output import SiestaOutput, parse_output
 
 
@@ -74,7 +74,7 @@ def fdf_value(fdf: Path, key: str, default: str | None = None) -> str | None:
     """A top-level fdf value (fdf keys ignore case, '.', '_' and '-')."""
     want = normalized_fdf_key(key)
     for line in Path(fdf).read_text().splitlines():
-        parts = line.split("#")[0].split()
+        parts = fdf_words(line)
         if len(parts) >= 2 and normalized_fdf_key(parts[0]) == want:
             return " ".join(parts[1:])
     return default

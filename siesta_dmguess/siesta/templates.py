@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputFileError
-from ..structure import normalized_fdf_key, species_block
+from ..structure import fdf_words, normalized_fdf_key, species_block
 from .runner import fdf_value, species_labels
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
@@ -113,7 +113,7 @@ def fdf_with_geometry(fdf_text: str, atoms, labels: list[str]) -> str:
         raise InputFileError(f"species {missing} are not in the fdf's ChemicalSpeciesLabel block ({species})")
     kept, skipping = [], False
     for line in fdf_text.splitlines():
-        words = line.split("#")[0].split()
+        words = fdf_words(line)
         if skipping:
             skipping = not (words and words[0].lower() == "%endblock")
             continue
