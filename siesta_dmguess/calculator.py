@@ -210,13 +210,22 @@ class DMGuessSiesta(Siesta):
         return Path(self.directory) / f"{self.prefix}.DM"
 
     def _geometry(self, atoms):
-        """The sisl geometry (with the model's basis) of this step's DM."""
+        """The sisl geometry of this step's DM: the prediction's, else the one in the basis SIESTA wrote for the
+        run (``<species label>.ion.xml`` beside the fdf; the model's basis where the guard let a prediction
+        through), so that the history also works where no model fits the run (``fallback="atomic"``) or none is
+        asked for (``guess="extrapolation"``)."""
         if self._prediction is not None:
             return self._prediction.density_matrix.geometry
+        from .basis import read_basis_folder
         from .dm import build_geometry
-        from .structure import structure_as_siesta_runs
+        from .structure import read_structure, structure_as_siesta_runs
 
-        return build_geometry(structure_as_siesta_runs(atoms), self._model(atoms).basis)
+        try:
+            labels = read_structure(self.getpath(ext="fdf")).labels  # ASE's species labels, e.g. O.1
+            basis = read_basis_folder(self.directory, sorted(set(labels)))
+        except DMGuessError:  # no run yet in this folder: the model's basis (the guard compared it with the run's)
+            return build_geometry(structure_as_siesta_runs(atoms), self._model(atoms).basis)
+        return build_geometry(structure_as_siesta_runs(atoms, labels), basis)
 
     def _predict(self, atoms):
         """The ML prediction for ``atoms``, or None (with ``self._reason``) when falling back."""

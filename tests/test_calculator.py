@@ -516,3 +516,53 @@ def test_a_ghost_species_is_refused_or_falls_back(model_dir, tmp_path):
     plain = calc(model_dir, tmp_path / "run3", pseudo_path=str(tmp_path))
     plain.write_input(atoms, ["energy"])  # the same atoms without the ghost species: predicted
     assert plain._used == "ml"
+
+
+def test_the_history_is_kept_in_the_runs_own_basis_where_the_model_does_not_fit(model_dir, tmp_path):
+    """With fallback="atomic" and a model that does not cover the run (here: N), the steps still start from the
+    extrapolation of SIESTA's converged DMs, read in the basis SIESTA wrote for the run (<label>.ion.xml), not
+    from scratch (the model's basis cannot even hold them)."""
+    import shutil
+
+    import numpy as np
+    import sisl
+
+    from siesta_dmguess.basis import read_basis_folder
+    from siesta_dmguess.dm import build_geometry, read_density_matrix, write_density_matrix
+    from siesta_dmguess.structure import structure_as_siesta_runs
+
+    from .conftest import dataset
+
+    basis_folder = dataset("g2") / "basis"
+    nh3 = Atoms("NH3", positions=[[5, 5, 5], [6.0, 5, 5], [5, 6.0, 5], [5, 5, 6.0]], cell=[10] * 3, pbc=True)
+    c = calc(model_dir, tmp_path, fallback="atomic")
+    c.atoms = nh3.copy()
+    with pytest.warns(UserWarning, match="atomic guess because .*'N'"):
+        c._write_guess(nh3)
+    assert c._used == "atomic"
+    # What SIESTA leaves in the folder after the step: the fdf ASE wrote (labels N.1, H.2), the basis it used and
+    # its converged DM (a stand-in: half an electron on every orbital).
+    labels = ["N.1", "H.2", "H.2", "H.2"]
+    for label in ("N.1", "H.2"):
+        shutil.copy(basis_folder / f"{label.split('.')[0]}.ion.xml", tmp_path / f"{label}.ion.xml")
+    rows = "\n".join(f"{x} {y} {z} {1 if lab == 'N.1' else 2}" for (x, y, z), lab in zip(nh3.positions, labels))
+    (tmp_path / "siesta.fdf").write_text(
+        "NumberOfAtoms 4\nNumberOfSpecies 2\n%block ChemicalSpeciesLabel\n1 7 N.1\n2 1 H.2\n%endblock "
+        "ChemicalSpeciesLabel\nLatticeConstant 1.0 Ang\n%block LatticeVectors\n10 0 0\n0 10 0\n0 0 10\n%endblock "
+        "LatticeVectors\nAtomicCoordinatesFormat Ang\n%block AtomicCoordinatesAndAtomicSpecies\n" + rows
+        + "\n%endblock AtomicCoordinatesAndAtomicSpecies\n")
+    geometry = build_geometry(structure_as_siesta_runs(nh3, labels), read_basis_folder(tmp_path, ["H.2", "N.1"]))
+    converged = sisl.DensityMatrix(geometry)
+    for orbital in range(geometry.no):
+        converged[orbital, orbital] = 0.5
+    write_density_matrix(converged, c._dm_path(), overwrite=True)
+    c._record_converged()
+
+    moved = nh3.copy()
+    moved.positions[1, 0] += 0.02
+    c.atoms = moved
+    with pytest.warns(UserWarning, match="atomic guess because .*'N'"):
+        c._write_guess(moved)
+    assert c._used == "extrapolation" and "'N'" in c._reason
+    written = read_density_matrix(c._dm_path(), geometry).tocsr(0).toarray()
+    assert np.abs(written - converged.tocsr(0).toarray()).max() < 1e-12  # one step of history: its converged DM
