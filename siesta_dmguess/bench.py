@@ -530,6 +530,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     if not images:
         raise InputFileError("the trajectory holds no frames", trajectory if not isinstance(trajectory, list) else None)
     frames_in_fdf = FdfFrames(fdf_template)
+    frames_in_fdf.check_trajectory(images, trajectory if not isinstance(trajectory, list) else None)
     loaded, startup_s = None, 0.0
     if any(g.startswith("ml") for g in guesses):
         loaded, startup_s = ready_chosen_model(model, fdf_template)  # "auto": chosen for the template's structure

@@ -568,6 +568,20 @@ class FdfFrames:
     def labels(self, atoms: Atoms) -> list[str]:
         return [self.label_of.get(symbol, symbol) for symbol in atoms.get_chemical_symbols()]
 
+    def check_trajectory(self, frames: list[Atoms], source) -> None:
+        """Before any frame is run: every frame holds the first one's atoms in its order (a trajectory, whose
+        DMs the history guesses extrapolate), and the fdf has a species for each of its elements."""
+        first = frames[0].get_chemical_symbols()
+        for t, atoms in enumerate(frames[1:], 1):
+            if atoms.get_chemical_symbols() != first:
+                raise InputFileError(f"frame {t} holds {atoms.get_chemical_formula()} ({len(atoms)} atoms) where frame "
+                                     f"0 holds {frames[0].get_chemical_formula()} ({len(first)} atoms): a trajectory's "
+                                     f"frames must hold the same atoms in the same order", source)
+        missing = sorted(set(first) - set(self.label_of))
+        if missing:
+            raise InputFileError(f"no species in its ChemicalSpeciesLabel block for the trajectory's element(s) "
+                                 f"{missing} (it has {sorted(self.label_of)})", self.path)
+
     def structure(self, atoms: Atoms) -> Structure:
         structure = structure_as_siesta_runs(atoms, self.labels(atoms))
         structure.fdf_settings = self.settings

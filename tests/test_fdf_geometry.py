@@ -66,6 +66,34 @@ def test_unknown_species_is_a_clear_error():
         fdf_with_geometry(FDF, atoms, ["N"])
 
 
+def test_a_trajectory_is_checked_before_any_frame_is_run(tmp_path):
+    """Frames whose atoms change (another molecule appended to a trajectory) or an element the fdf has no species
+    for are refused by ``bench`` before SIESTA runs a frame, naming the file and the frame; the history guesses
+    could not extrapolate across them (a bare numpy broadcast error at the frame, before)."""
+    from siesta_dmguess.bench import run_trajectory_benchmark
+
+    path = tmp_path / "template.fdf"
+    path.write_text(FDF)
+    water = Atoms("OH2", positions=[[1.0, 1.0, 1.0], [1.96, 1.0, 1.0], [0.76, 1.93, 1.0]], cell=np.eye(3) * 11.0,
+                  pbc=True)
+    peroxide = Atoms("O2H2", positions=[[1, 1, 1], [2.4, 1, 1], [0.7, 1.9, 1], [2.7, 0.1, 1]], cell=water.cell,
+                     pbc=True)
+    frames = FdfFrames(path)
+    frames.check_trajectory([water, water.copy()], "traj.xyz")  # a trajectory: passes
+    with pytest.raises(InputFileError, match=r"traj.xyz: frame 2 holds H2O2 \(4 atoms\) where frame 0 holds H2O"):
+        frames.check_trajectory([water, water.copy(), peroxide], "traj.xyz")
+    nitrogen = Atoms("N", positions=[[0, 0, 0]], cell=np.eye(3) * 5, pbc=True)
+    with pytest.raises(InputFileError, match=r"template.fdf: no species .* \['N'\]"):
+        frames.check_trajectory([nitrogen], "traj.xyz")
+    never_run = tmp_path / "siesta"
+    never_run.write_text("#!/bin/sh\nexit 1\n")
+    never_run.chmod(0o755)
+    with pytest.raises(InputFileError, match="frame 1 holds"):  # by bench itself, before it runs any frame
+        run_trajectory_benchmark([water, peroxide], path, model="water", out_dir=tmp_path / "out",
+                                 guesses=("atomic",), command=str(never_run))
+    assert not (tmp_path / "out").exists()
+
+
 def test_monkhorst_pack_block_is_read_only_when_diagonal(tmp_path):
     from siesta_dmguess.structure import read_monkhorst_pack
 
