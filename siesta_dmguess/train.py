@@ -129,6 +129,46 @@ def check_config_overrides(overrides: dict) -> None:
     if unknown:
         raise DMGuessError(f"--config has unknown model settings {unknown}; known: "
                            f"{sorted(fields - set(RUN_SETTINGS))}")
+    for key, value in overrides.items():
+        problem = _config_value_problem(key, value)
+        if problem:
+            raise DMGuessError(f"--config {key}: {problem}, got {value!r}")
+
+
+# Allowed words of the ModelConfig settings that take one (model.py and layers.py read them).
+_CONFIG_CHOICES = {"radial_basis": ("bessel", "gaussian"), "embedding": ("species", "density"),
+                   "pair_set": ("pattern", "all", "added", "onsite")}
+_POSITIVE = ("mp_cutoff", "num_layers", "num_radial", "radial_hidden", "avg_num_neighbors", "correction_scale")
+
+
+def _config_value_problem(key: str, value) -> str:
+    """What is wrong with one ``--config`` value ("" if nothing), before a network is built from it (a negative
+    cutoff ended in a bare ``math domain error``, a misspelt irreps string in e3nn's parser traceback)."""
+    from e3nn import o3
+
+    default = ModelConfig.__dataclass_fields__[key].default
+    if isinstance(default, bool):
+        return "" if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "must be a number"
+        if isinstance(default, int) and value != int(value):
+            return "must be a whole number"
+        if key in _POSITIVE and value <= 0:
+            return "must be positive"
+        return "must not be negative" if value < 0 else ""
+    if key in _CONFIG_CHOICES:
+        return "" if value in _CONFIG_CHOICES[key] else f"must be one of {', '.join(_CONFIG_CHOICES[key])}"
+    if key.endswith("_irreps"):
+        if not isinstance(value, str):
+            return "must be an irreps string such as '16x0e + 8x1o'"
+        if value == "" and key == "product_irreps":
+            return ""  # no many-body product
+        try:
+            o3.Irreps(value)
+        except (ValueError, AssertionError) as exc:
+            return f"is not an irreps string such as '16x0e + 8x1o' ({exc})"
+    return ""
 
 
 def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overrides: dict | None = None,

@@ -159,13 +159,31 @@ def test_conflicting_loss_options_are_a_clear_error(tmp_path, options, message):
 @pytest.mark.parametrize("config, message", [({"seed": 3}, "cannot set \\['seed'\\]: use --seed"),
                                              ({"mp_cutof": 3.0}, "unknown model settings \\['mp_cutof'\\]"),
                                              ({"residual_stages": []}, "--add-stage"),
-                                             ([3.0], "must be a JSON object")])
+                                             ([3.0], "must be a JSON object"),
+                                             ({"mp_cutoff": -1}, "mp_cutoff: must be positive, got -1"),
+                                             ({"fold_reach": -2.0}, "fold_reach: must not be negative"),
+                                             ({"mp_cutoff": "4"}, "mp_cutoff: must be a number, got '4'"),
+                                             ({"avg_num_neighbors": float("nan")}, "must be a number"),
+                                             ({"num_layers": 1.5}, "num_layers: must be a whole number"),
+                                             ({"feature_norm": 1}, "feature_norm: must be true or false"),
+                                             ({"pair_set": "some"}, "pair_set: must be one of pattern, all"),
+                                             ({"hidden_irreps": "8x0e + 4x1q"}, "hidden_irreps: is not an irreps"),
+                                             ({"pair_irreps": 16}, "pair_irreps: must be an irreps string")])
 def test_bad_config_is_a_clear_error_before_anything_is_read(tmp_path, config, message):
     from siesta_dmguess.errors import DMGuessError
 
     with pytest.raises(DMGuessError, match=message):
         train([tmp_path / "no-data"], tmp_path / "m", TrainOptions(epochs=1, progress=False), config)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("config", [{"mp_cutoff": 3}, {"num_layers": 3, "feature_norm": True, "fold_reach": 0},
+                                    {"product_irreps": "", "pair_set": "onsite", "radial_basis": "gaussian"},
+                                    {"hidden_irreps": "4x0e + 2x1o + 2x2e"}])
+def test_good_config_values_pass_the_check(config):
+    from siesta_dmguess.train import check_config_overrides
+
+    check_config_overrides(config)
 
 
 def test_train_cli_reports_invalid_json_in_config(tmp_path, capsys):
