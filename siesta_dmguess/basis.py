@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -122,6 +122,11 @@ class SpeciesBasis:
             "radial_digest": self.radial_digest,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def same_orbitals(self, other: "SpeciesBasis") -> bool:
+        """The same basis whatever each species is called: the label is part of :attr:`hash`, but ASE's ``Siesta``
+        names the species of a run ``O.1``, ``H.2`` (and SIESTA its .ion.xml files so) where a model says ``O``."""
+        return replace(self, symbol=other.symbol).hash == other.hash
 
     def sisl_atom(self):
         """A sisl.Atom with this basis' orbitals (SIESTA order), for building geometries."""

@@ -162,14 +162,16 @@ class DMGuessSiesta(Siesta):
         """The run's k-sampling as SIESTA will build it: ``kgrid`` (more than Γ; else the DM is folded) and
         ``k_supercell_length``, by SIESTA's own rule applied to the fdf ASE has just written, so that k-points
         given as ``kpts`` or as fdf arguments (``kgrid.Cutoff``, a Monkhorst-Pack block) count alike; with them
-        ``ghost_species``, which ASE writes for a ``Species(..., ghost=True)``. Before that fdf exists (a guess
+        ``ghost_species``, which ASE writes for a ``Species(..., ghost=True)``, and the basis options and
+        per-species sizes (``PAO.*`` fdf arguments, ASE's ``PAO.BasisSizes`` block). Before that fdf exists (a guess
         built by hand), from ``kpts`` alone (ASE writes no displacement)."""
         from .structure import read_fdf_settings
 
         fdf = self.getpath(ext="fdf")
         if Path(fdf).is_file():
             settings = read_fdf_settings(fdf)
-            return {k: settings[k] for k in ("kgrid", "k_supercell_length", "ghost_species") if k in settings}
+            return {k: settings[k] for k in ("kgrid", "k_supercell_length", "ghost_species", "basis_options",
+                                             "basis_sizes") if k in settings}
         kpts = self["kpts"]
         return {"kgrid": not (kpts is None or all(int(k) == 1 for k in kpts))}
 

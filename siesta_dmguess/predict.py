@@ -28,7 +28,7 @@ from .errors import DMGuessError, ModelCompatibilityError, UnreliablePredictionE
 from .files import move_to_backup
 from .evaluate import predict_flat
 from .refine import MIN_OCCUPATION_GAP, is_kpoint, projection_skipped, refine_folded
-from .structure import FDF_ENERGY_KEYS, Structure, check_geometry, element_symbol, read_structure
+from .structure import FDF_ENERGY_KEYS, Structure, check_geometry, element_symbol, normalized_fdf_key, read_structure
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +461,7 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
         known = {label for label, species in species_of.items() if species is not None}
         for label, path in find_basis_files(folder, known).items():
             b, model_basis = read_species_basis(path), loaded.basis[species_of[label]]
-            if b.hash != model_basis.hash:
+            if not b.same_orbitals(model_basis):
                 problems.append(f"basis of {label!r} in {path.name} differs from the model's "
                                 f"{species_of[label]!r} ({b.describe()}, hash {b.hash} vs {model_basis.describe()}, "
                                 f"hash {model_basis.hash})")
@@ -492,7 +492,31 @@ def _setting_problems(settings: dict, card: dict) -> list[str]:
         got = settings.get(key, SIESTA_DEFAULTS.get(key))
         if got is not None and not _same_setting(key, got, value):
             problems.append(f"fdf setting {key} is {got!r}, the model was trained with {value!r}")
+    # A PAO.BasisSizes block sets the size of the species it lists (ASE's Siesta writes one for every species).
+    trained_sizes = card.get("basis_sizes", {})
+    for label, size in settings.get("basis_sizes", {}).items():
+        trained = trained_sizes.get(label, expected["PAO.BasisSize"])
+        if not _same_setting("PAO.BasisSize", size, trained):
+            problems.append(f"fdf block PAO.BasisSizes gives species {label!r} a {size} basis, the model was trained "
+                            f"with {trained}")
+    # Every other basis option (split norms, soft confinement, a PAO.Basis block, User.Basis): as trained, or absent.
+    got, trained = ({normalized_fdf_key(k): (k, v) for k, v in options.items()}
+                    for options in (settings.get("basis_options", {}), card.get("basis_options", {})))
+    for key in sorted(set(got) | set(trained)):
+        if key not in trained:
+            problems.append(f"fdf sets {got[key][0]} ({_shortened(got[key][1])}), which shapes the basis; the model "
+                            "was trained without it")
+        elif key not in got:
+            problems.append(f"the model was trained with {trained[key][0]} ({_shortened(trained[key][1])}), which "
+                            "shapes the basis and this fdf does not set")
+        elif _normalize_setting(got[key][1]) != _normalize_setting(trained[key][1]):
+            problems.append(f"fdf setting {got[key][0]} is {_shortened(got[key][1])!r}, the model was trained with "
+                            f"{_shortened(trained[key][1])!r}")
     return problems
+
+
+def _shortened(text: str, most: int = 60) -> str:
+    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel | str | Path = AUTO_MODEL,

@@ -280,6 +280,11 @@ def read_fdf_settings(path: str | Path) -> dict:
         value = fdf.get(key)
         if value is not None:
             out[key] = " ".join(str(value).split())
+    options, sizes = _basis_options(path, fdf)
+    if options:
+        out["basis_options"] = options
+    if sizes:
+        out["basis_sizes"] = sizes
     cell = _fdf_cell(fdf)
     supercell, displaced = k_grid_supercell(fdf, cell)
     # More than Γ (the DM then keeps its images; a Γ-only one is folded): SIESTA's gamma_scf (kpoint_scf.F90) is
@@ -288,6 +293,43 @@ def read_fdf_settings(path: str | Path) -> dict:
     if supercell is not None and cell is not None:
         out["k_supercell_length"] = shortest_period(supercell @ cell)
     return out
+
+
+# Shapes the basis, but compared on its own (FDF_SETTING_KEYS; PAO.BasisSizes per species).
+_COMPARED_BASIS_KEYS = {normalized_fdf_key(k) for k in ("PAO.BasisSize", "PAO.EnergyShift", "PAO.BasisSizes")}
+
+
+def _basis_options(path: str | Path, fdf) -> tuple[dict[str, str], dict[str, str]]:
+    """The fdf's other basis settings: every ``PAO.*`` key or block (split norms, soft confinement, polarization,
+    a ``PAO.Basis`` block, ...) and ``User.Basis*`` (orbitals read from .ion files), each as sisl reads it ({name: value};
+    a block's lines joined by "; "), and the ``PAO.BasisSizes`` block ({species label: size}). Only their names
+    are looked for in the text (sisl has no list of an fdf's keys); their values come from sisl, which follows
+    ``%include`` and ``<`` as SIESTA does, and keeps a key's first value."""
+    names = {}
+    for file in fdf_input_files(path):
+        for line in file.read_text(errors="replace").splitlines():
+            words = fdf_words(line)
+            if words and words[0].lower() == "%block" and len(words) > 1:
+                name = words[1]
+            elif words and not words[0].startswith("%"):
+                name = words[0]
+            else:
+                continue
+            key = normalized_fdf_key(name)
+            if (key.startswith("pao") or key.startswith("userbasis")) and key not in _COMPARED_BASIS_KEYS:
+                names.setdefault(key, name)
+    options = {}
+    for name in names.values():
+        value = fdf.get(name)
+        if isinstance(value, list):  # a block
+            value = "; ".join(" ".join(str(line).split()) for line in value)
+        options[name] = " ".join(str(value).split())
+    sizes = {}
+    for line in fdf.get("PAO.BasisSizes") or []:
+        words = str(line).split()
+        if len(words) >= 2:
+            sizes.setdefault(words[0], words[1])
+    return options, sizes
 
 
 def _fdf_cell(fdf) -> np.ndarray | None:

@@ -349,6 +349,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "xc": _first_setting(samples, ("XC.functional", "XC.authors")),
         "siesta_settings": _first_setting(samples, ("PAO.BasisSize", "PAO.EnergyShift", "MeshCutoff", "Spin")),
+        # The training fdfs' other basis options and per-species sizes, where they set any (predict compares them).
+        **_first_setting(samples, ("basis_options", "basis_sizes")),
         "pseudopotentials": _pseudopotential_checksums(data_dirs, species),
         "training": {"data": [str(d) for d in data_dirs], "train_structures": len(train_set),
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],

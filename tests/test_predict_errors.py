@@ -188,6 +188,15 @@ XC.authors CA
     (lambda t: t + "PAO.EnergyShift 0.27 eV\n", "PAO.EnergyShift"),  # 0.8 % smaller: another basis
     (lambda t: t.replace("XC.authors CA", "XC.authors PZ"), None),  # SIESTA reads CA and PZ as the same LDA
     (lambda t: t.replace("XC.functional LDA\nXC.authors CA\n", ""), None),  # SIESTA's default XC is that LDA
+    # Other basis options, which the card's training fdfs did not set (a bare DZP prediction, before):
+    (lambda t: t + "PAO.SplitNorm 0.30\n", r"fdf sets PAO.SplitNorm \(0.3\), which shapes the basis"),
+    (lambda t: t + "pao-soft-default T\n", "pao-soft-default"),  # fdf keys ignore case, '.', '-' and '_'
+    (lambda t: t + "%block PAO.Basis\nH 1\n n=1 0 1\n 0.0\n%endblock PAO.Basis\n", "fdf sets PAO.Basis"),
+    (lambda t: t + "User.Basis T\n", "User.Basis"),
+    # ASE's Siesta writes a PAO.BasisSizes block, one size per species, which overrides PAO.BasisSize:
+    (lambda t: t + "%block PAO.BasisSizes\n O DZP\n H DZP\n%endblock PAO.BasisSizes\n", None),
+    (lambda t: t + "%block PAO.BasisSizes\n O DZP\n H SZ\n%endblock PAO.BasisSizes\n",
+     "PAO.BasisSizes gives species 'H' a SZ basis, the model was trained with DZP"),
 ])
 def test_a_setting_the_fdf_leaves_out_is_compared_as_siestas_default(tmp_path, shipped, edit, problem):
     """The shipped `water` card records only the settings its fdf runs wrote; what a run leaves out is SIESTA's
@@ -200,6 +209,23 @@ def test_a_setting_the_fdf_leaves_out_is_compared_as_siestas_default(tmp_path, s
         with pytest.raises(ModelCompatibilityError, match=problem) as err:
             predict_density_matrix(fdf, shipped("water"))
         assert "water.fdf" in str(err.value)
+
+
+def test_a_run_folder_written_by_ases_siesta_passes_the_basis_check(tmp_path, shipped):
+    """ASE's Siesta labels species O.1, H.2 and SIESTA names its .ion.xml files so: the same basis under another
+    label is the model's basis (the label is part of the basis hash; such a folder was refused, before)."""
+    basis = dataset("h2o") / "basis"
+    labelled = WATER_FDF.replace("1 1 H\n", "1 1 H.2\n").replace("2 8 O\n", "2 8 O.1\n")
+    (tmp_path / "siesta.fdf").write_text(labelled)
+    for element, label in (("O", "O.1"), ("H", "H.2")):  # as SIESTA writes them for such a run
+        text = (basis / f"{element}.ion.xml").read_text()
+        text = text.replace(f"<label> {element} </label>", f"<label> {label} </label>")
+        (tmp_path / f"{label}.ion.xml").write_text(text)
+    assert "<label> H.2 </label>" in (tmp_path / "H.2.ion.xml").read_text()
+    assert predict_density_matrix(tmp_path / "siesta.fdf", shipped("water")).warnings == []
+    shutil.copy(basis / "O.ion.xml", tmp_path / "H.2.ion.xml")  # another basis under that label is still refused
+    with pytest.raises(ModelCompatibilityError, match="basis of 'H.2' in H.2.ion.xml differs"):
+        predict_density_matrix(tmp_path / "siesta.fdf", shipped("water"))
 
 
 def test_species_labels_that_are_not_element_symbols_map_to_the_model_species(model_dir, tmp_path):

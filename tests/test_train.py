@@ -338,3 +338,28 @@ def test_max_train_reads_only_the_training_runs_it_keeps(tmp_path, monkeypatch):
         shutil.copytree(r.folder, folder / r.id)
     shutil.copytree(data / "basis", folder / "basis")
     assert len(load_samples([folder], ["H", "O"], basis, 3.0, max_train=1)) == 4
+
+
+def test_the_card_records_the_training_fdfs_other_basis_options(tmp_path):
+    """Runs made with a basis option beyond PAO.BasisSize and PAO.EnergyShift (here SIESTA's default split norm,
+    written out) give a card that records it: predict takes runs written the same way and refuses those without."""
+    import shutil
+
+    from siesta_dmguess.errors import ModelCompatibilityError
+    from siesta_dmguess.predict import predict_density_matrix
+
+    source = dataset("h2o")
+    data = tmp_path / "h2o-split"
+    shutil.copytree(source / "basis", data / "basis")
+    for run in ("0000", "0001", "0002", "0004"):
+        shutil.copytree(source / run, data / run)
+        fdf = data / run / "input.fdf"
+        fdf.write_text(fdf.read_text() + "PAO.SplitNorm 0.15\n")
+    train([data], tmp_path / "m", TrainOptions(epochs=1, batch_atoms=12, progress=False), TINY)
+    card = json.loads((tmp_path / "m" / "card.json").read_text())
+    assert card["basis_options"] == {"PAO.SplitNorm": "0.15"}
+    predict_density_matrix(data / "0004" / "input.fdf", tmp_path / "m")
+    plain = tmp_path / "plain.fdf"
+    shutil.copy(source / "0004" / "input.fdf", plain)
+    with pytest.raises(ModelCompatibilityError, match=r"trained with PAO.SplitNorm \(0.15\), which shapes the basis"):
+        predict_density_matrix(plain, tmp_path / "m")
