@@ -479,9 +479,10 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
     return problems
 
 
-def _setting_problems(settings: dict, card: dict) -> list[str]:
+def _setting_problems(settings: dict, card: dict, trained: str = "the model was trained with") -> list[str]:
     """The run's basis and XC settings that differ from the card's, each missing one read as SIESTA's default.
-    Nothing is compared for a structure without settings (an .xyz file: the basis is the model's by definition)."""
+    Nothing is compared for a structure without settings (an .xyz file: the basis is the model's by definition).
+    ``trained`` names the card's side in the messages."""
     if not settings:
         return []
     expected = {**SIESTA_DEFAULTS, **card.get("xc", {}), **card.get("siesta_settings", {})}
@@ -491,27 +492,27 @@ def _setting_problems(settings: dict, card: dict) -> list[str]:
             continue  # does not change the basis; a different mesh still starts well
         got = settings.get(key, SIESTA_DEFAULTS.get(key))
         if got is not None and not _same_setting(key, got, value):
-            problems.append(f"fdf setting {key} is {got!r}, the model was trained with {value!r}")
+            problems.append(f"fdf setting {key} is {got!r}, {trained} {value!r}")
     # A PAO.BasisSizes block sets the size of the species it lists (ASE's Siesta writes one for every species).
     trained_sizes = card.get("basis_sizes", {})
     for label, size in settings.get("basis_sizes", {}).items():
-        trained = trained_sizes.get(label, expected["PAO.BasisSize"])
-        if not _same_setting("PAO.BasisSize", size, trained):
-            problems.append(f"fdf block PAO.BasisSizes gives species {label!r} a {size} basis, the model was trained "
-                            f"with {trained}")
+        expected_size = trained_sizes.get(label, expected["PAO.BasisSize"])
+        if not _same_setting("PAO.BasisSize", size, expected_size):
+            problems.append(f"fdf block PAO.BasisSizes gives species {label!r} a {size} basis, {trained} "
+                            f"{expected_size}")
     # Every other basis option (split norms, soft confinement, a PAO.Basis block, User.Basis): as trained, or absent.
-    got, trained = ({normalized_fdf_key(k): (k, v) for k, v in options.items()}
-                    for options in (settings.get("basis_options", {}), card.get("basis_options", {})))
-    for key in sorted(set(got) | set(trained)):
-        if key not in trained:
-            problems.append(f"fdf sets {got[key][0]} ({_shortened(got[key][1])}), which shapes the basis; the model "
-                            "was trained without it")
+    got, known = ({normalized_fdf_key(k): (k, v) for k, v in options.items()}
+                  for options in (settings.get("basis_options", {}), card.get("basis_options", {})))
+    for key in sorted(set(got) | set(known)):
+        if key not in known:
+            problems.append(f"fdf sets {got[key][0]} ({_shortened(got[key][1])}), which shapes the basis; {trained} "
+                            "no such setting")
         elif key not in got:
-            problems.append(f"the model was trained with {trained[key][0]} ({_shortened(trained[key][1])}), which "
-                            "shapes the basis and this fdf does not set")
-        elif _normalize_setting(got[key][1]) != _normalize_setting(trained[key][1]):
-            problems.append(f"fdf setting {got[key][0]} is {_shortened(got[key][1])!r}, the model was trained with "
-                            f"{_shortened(trained[key][1])!r}")
+            problems.append(f"{trained} {known[key][0]} ({_shortened(known[key][1])}), which shapes the basis and "
+                            "this fdf does not set")
+        elif _normalize_setting(got[key][1]) != _normalize_setting(known[key][1]):
+            problems.append(f"fdf setting {got[key][0]} is {_shortened(got[key][1])!r}, {trained} "
+                            f"{_shortened(known[key][1])!r}")
     return problems
 
 

@@ -213,13 +213,14 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         if options.add_stage else {}
     if overrides.get("pair_set") == "onsite":
         raise DMGuessError("pair_set 'onsite' predicts no pair blocks: it is for a residual stage (--add-stage)")
-    init, init_record = _init_model(options.init, basis, overrides) if options.init else (None, None)
+    init, init_record, init_card = _init_model(options.init, basis, overrides) if options.init else (None, None, None)
     cfg = init.config if init else ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()},
                                                seed=options.seed, **overrides)
     species = cfg.species
     cutoff = max(cfg.message_cutoff, float(stage_overrides.get("mp_cutoff", 0.0)))
     samples = load_samples(data_dirs, species, basis, cutoff, progress=options.progress, with_overlap=True,
                            fold_reach=cfg.fold_reach, max_train=options.max_train)
+    check_same_settings(samples, init_card)
     train_set, val_set = _split(samples, options)
     if not train_set:
         raise InputFileError("no training structures found", data_dirs[0])
@@ -347,10 +348,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         "name": out_dir.name,
         "description": f"Equivariant DM model for {', '.join(species)} trained on {', '.join(d.name for d in data_dirs)}.",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "xc": _first_setting(samples, ("XC.functional", "XC.authors")),
-        "siesta_settings": _first_setting(samples, ("PAO.BasisSize", "PAO.EnergyShift", "MeshCutoff", "Spin")),
-        # The training fdfs' other basis options and per-species sizes, where they set any (predict compares them).
-        **_first_setting(samples, ("basis_options", "basis_sizes")),
+        **settings_record(samples[0].structure.fdf_settings if samples else {}),
         "pseudopotentials": _pseudopotential_checksums(data_dirs, species),
         "training": {"data": [str(d) for d in data_dirs], "train_structures": len(train_set),
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
@@ -430,10 +428,10 @@ def validation_density_loss(model: DensityMatrixModel, samples) -> float:
     return float(np.mean(structure_density_losses(model, samples, relative=True))) if samples else 0.0
 
 
-def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[DensityMatrixModel, dict]:
+def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[DensityMatrixModel, dict, dict]:
     """A model built from another model's config (plus ``overrides``) with its weights, new heads starting
-    fresh; and, for the card, the other model's training record and weights sha256 (so that a chain of
-    ``--init`` runs names every starting point)."""
+    fresh; for the card, the other model's training record and weights sha256 (so that a chain of ``--init``
+    runs names every starting point); and the other model's card (its settings hold for the new data too)."""
     from .card import load_model
 
     loaded = load_model(name_or_path)
@@ -449,7 +447,7 @@ def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[Densit
     if unexpected or any(not k.startswith("correction_") for k in missing):
         raise InputFileError(f"--init model {name_or_path!r} does not fit this configuration", loaded.path)
     return model, {"init_model_training": loaded.card.get("training", {}),
-                   "init_model_sha256": loaded.card.get("weights_sha256")}
+                   "init_model_sha256": loaded.card.get("weights_sha256")}, loaded.card
 
 
 def mean_neighbours(samples, cutoff: float) -> float:
@@ -708,9 +706,32 @@ def _load_state(model, state: dict) -> None:
         raise RuntimeError(f"checkpoint does not match the model: {bad[:5]}")
 
 
-def _first_setting(samples, keys) -> dict:
-    settings = samples[0].structure.fdf_settings if samples else {}
-    return {k: settings[k] for k in keys if k in settings}
+def settings_record(settings: dict) -> dict:
+    """The card's record of the settings a run was made with (``read_fdf_settings``): XC, the basis settings
+    and, where the fdf sets any, its other basis options and per-species sizes (``predict`` compares them all)."""
+    def pick(keys):
+        return {k: settings[k] for k in keys if k in settings}
+
+    return {"xc": pick(("XC.functional", "XC.authors")),
+            "siesta_settings": pick(("PAO.BasisSize", "PAO.EnergyShift", "MeshCutoff", "Spin")),
+            **pick(("basis_options", "basis_sizes"))}
+
+
+def check_same_settings(samples, init_card: dict | None = None) -> None:
+    """Every training run made with the XC, spin and basis settings of the first (with ``--init``, of that
+    model's card): a card records one set, which ``predict`` then holds every run to, so runs made otherwise
+    would be learned under a wrong label (another functional's DMs in an LDA model)."""
+    from .predict import _setting_problems
+
+    if not samples:
+        return
+    reference = init_card or settings_record(samples[0].structure.fdf_settings)
+    first = "the --init model was trained with" if init_card else f"{samples[0].name} (the first run) has"
+    for sample in samples:
+        problems = _setting_problems(sample.structure.fdf_settings, reference, trained=first)
+        if problems:
+            raise InputFileError(f"made with other settings than the training data: {'; '.join(problems)}",
+                                 sample.name)
 
 
 def plot_history(history: list, path: Path) -> None:

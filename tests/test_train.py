@@ -8,7 +8,7 @@ import torch
 
 from siesta_dmguess import software_versions
 from siesta_dmguess.card import load_model, sha256_file
-from siesta_dmguess.errors import DMGuessError
+from siesta_dmguess.errors import DMGuessError, InputFileError
 from siesta_dmguess.train import TrainOptions, train
 
 from .conftest import dataset
@@ -363,3 +363,28 @@ def test_the_card_records_the_training_fdfs_other_basis_options(tmp_path):
     shutil.copy(source / "0004" / "input.fdf", plain)
     with pytest.raises(ModelCompatibilityError, match=r"trained with PAO.SplitNorm \(0.15\), which shapes the basis"):
         predict_density_matrix(plain, tmp_path / "m")
+
+
+def test_runs_made_with_other_settings_are_refused_before_training(tmp_path, base):
+    """A card records one set of settings: a training run made with another functional (or basis setting) than
+    the first run, or than the --init model's, is named before any training (it was learned under the first
+    run's label, an LDA card over GGA DMs)."""
+    import shutil
+
+    source = dataset("h2o")
+    data = tmp_path / "mixed"
+    shutil.copytree(source / "basis", data / "basis")
+    for run in ("0000", "0001", "0004"):
+        shutil.copytree(source / run, data / run)
+    fdf = data / "0001" / "input.fdf"
+    fdf.write_text(fdf.read_text().replace("XC.functional LDA", "XC.functional GGA").replace("XC.authors CA",
+                                                                                             "XC.authors PBE"))
+    opts = TrainOptions(epochs=1, batch_atoms=12, progress=False)
+    with pytest.raises(InputFileError, match=r"0001: made with other settings than the training data: fdf setting "
+                                             r"XC.functional is 'GGA', .*0000 \(the first run\) has 'LDA'"):
+        train([data], tmp_path / "m", opts, TINY)
+    assert not (tmp_path / "m" / "weights.pt").exists()
+    shutil.rmtree(data / "0000"), shutil.rmtree(data / "0004")
+    with pytest.raises(InputFileError, match="XC.functional is 'GGA', the --init model was trained with 'LDA'"):
+        train([data], tmp_path / "m2", TrainOptions(epochs=1, batch_atoms=12, progress=False, init=str(base),
+                                                    add_stage=True), {})
