@@ -241,7 +241,7 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
     """Evaluate a model on the runs of one or more dataset folders (default ``"auto"``: their ``val`` split, or
     all their runs where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`).
 
-    Each dataset folder is checked against the model's species and basis first.
+    Each dataset folder is checked against the model's species, basis and settings (XC, spin) first.
     Returns ``{"summary": ..., "structures": [...], "datasets": {dir: summary}}``.
     """
     from .card import load_model
@@ -259,6 +259,9 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
             from .data import empty_split_error
 
             raise empty_split_error(d, used)
+        from .predict import check_runs_made_as
+
+        check_runs_made_as(samples, loaded.card)  # an LDA model scored against GGA references would mean nothing
         r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap, refine=refine)
         result["datasets"][str(d)] = r["summary"] | {"split": used or "all"}
         result["structures"].extend(r["structures"])

@@ -516,6 +516,16 @@ def _setting_problems(settings: dict, card: dict, trained: str = "the model was 
     return problems
 
 
+def check_runs_made_as(samples, card: dict, trained: str = "the model was trained with",
+                       error=ModelCompatibilityError) -> None:
+    """Every run (a loaded sample) made with the XC, spin and basis settings ``card`` records; else ``error``
+    naming the first run that is not and what differs (train: against its first run; evaluate: its model)."""
+    for sample in samples:
+        problems = _setting_problems(sample.structure.fdf_settings, card, trained)
+        if problems:
+            raise error(f"made with other settings than the model's data: {'; '.join(problems)}", sample.name)
+
+
 def _shortened(text: str, most: int = 60) -> str:
     return text if len(text) <= most else text[:most - 3] + "..."
 

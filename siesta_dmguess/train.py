@@ -721,17 +721,12 @@ def check_same_settings(samples, init_card: dict | None = None) -> None:
     """Every training run made with the XC, spin and basis settings of the first (with ``--init``, of that
     model's card): a card records one set, which ``predict`` then holds every run to, so runs made otherwise
     would be learned under a wrong label (another functional's DMs in an LDA model)."""
-    from .predict import _setting_problems
+    from .predict import check_runs_made_as
 
-    if not samples:
-        return
-    reference = init_card or settings_record(samples[0].structure.fdf_settings)
-    first = "the --init model was trained with" if init_card else f"{samples[0].name} (the first run) has"
-    for sample in samples:
-        problems = _setting_problems(sample.structure.fdf_settings, reference, trained=first)
-        if problems:
-            raise InputFileError(f"made with other settings than the training data: {'; '.join(problems)}",
-                                 sample.name)
+    if samples:
+        reference = init_card or settings_record(samples[0].structure.fdf_settings)
+        named = "the --init model was trained with" if init_card else f"{samples[0].name} (the first run) has"
+        check_runs_made_as(samples, reference, named, InputFileError)
 
 
 def plot_history(history: list, path: Path) -> None:

@@ -249,3 +249,23 @@ def test_an_output_into_a_missing_folder_is_refused_before_evaluating(tmp_path, 
     assert main(["evaluate", "water", str(tmp_path), option, str(tmp_path / "missing" / "out.x")]) == 2
     err = capsys.readouterr().err
     assert "missing: the output folder does not exist" in err and "no run folders" not in err
+
+
+def test_references_made_with_other_settings_than_the_models_are_refused(tmp_path, capsys):
+    """A model scored against references of another functional (or basis setting) would measure the difference
+    of the functionals, not the model: evaluate names the run and the setting, as predict does."""
+    import shutil
+
+    from siesta_dmguess.cli import main
+
+    src = dataset("h2o")
+    data = tmp_path / "data"
+    shutil.copytree(src / "basis", data / "basis")
+    run = copy_run(src / "0004", data / "0004")
+    fdf = run / "input.fdf"
+    fdf.write_text(fdf.read_text().replace("XC.functional LDA", "XC.functional GGA"))
+    assert main(["evaluate", "water", str(data), "--quiet"]) == 2
+    assert "0004: made with other settings than the model's data: fdf setting XC.functional is 'GGA', the model " \
+           "was trained with 'LDA'" in capsys.readouterr().err
+    fdf.write_text(fdf.read_text().replace("XC.functional GGA", "XC.functional LDA"))
+    assert main(["evaluate", "water", str(data), "--quiet"]) == 0

@@ -380,7 +380,7 @@ def test_runs_made_with_other_settings_are_refused_before_training(tmp_path, bas
     fdf.write_text(fdf.read_text().replace("XC.functional LDA", "XC.functional GGA").replace("XC.authors CA",
                                                                                              "XC.authors PBE"))
     opts = TrainOptions(epochs=1, batch_atoms=12, progress=False)
-    with pytest.raises(InputFileError, match=r"0001: made with other settings than the training data: fdf setting "
+    with pytest.raises(InputFileError, match=r"0001: made with other settings than the model.s data: fdf setting "
                                              r"XC.functional is 'GGA', .*0000 \(the first run\) has 'LDA'"):
         train([data], tmp_path / "m", opts, TINY)
     assert not (tmp_path / "m" / "weights.pt").exists()
