@@ -495,9 +495,11 @@ def _setting_problems(settings: dict, card: dict, trained: str = "the model was 
             problems.append(f"fdf setting {key} is {got!r}, {trained} {value!r}")
     # A PAO.BasisSizes block sets the size of the species it lists (ASE's Siesta writes one for every species).
     trained_sizes = card.get("basis_sizes", {})
+    run_size = settings.get("PAO.BasisSize", SIESTA_DEFAULTS["PAO.BasisSize"])
     for label, size in settings.get("basis_sizes", {}).items():
         expected_size = trained_sizes.get(label, expected["PAO.BasisSize"])
-        if not _same_setting("PAO.BasisSize", size, expected_size):
+        said = _same_setting("PAO.BasisSize", size, run_size) and any("PAO.BasisSize is" in p for p in problems)
+        if not said and not _same_setting("PAO.BasisSize", size, expected_size):
             problems.append(f"fdf block PAO.BasisSizes gives species {label!r} a {size} basis, {trained} "
                             f"{expected_size}")
     # Every other basis option (split norms, soft confinement, a PAO.Basis block, User.Basis): as trained, or absent.

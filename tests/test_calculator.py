@@ -291,6 +291,24 @@ def test_the_calculators_basis_and_xc_arguments_are_checked_against_the_card(tmp
             c._write_guess(water_molecule())
 
 
+@pytest.mark.parametrize("kwargs, problem", [
+    ({}, None),  # ASE writes a PAO.BasisSizes block (DZP for O.1 and H.2): the model's basis
+    ({"fdf_arguments": {"PAO.SplitNorm": 0.3}}, r"fdf sets PAO.SplitNorm \(0.3\), which shapes the basis"),
+    ({"basis_set": "SZ"}, r"^[^;]*PAO.BasisSize is 'SZ'[^;]*$"),  # said once, not again for each species' block row
+])
+def test_the_fdf_ase_writes_is_checked_for_every_basis_option(tmp_path, shipped, kwargs, problem):
+    for element in ("O", "H"):
+        (tmp_path / f"{element}.psf").write_text("placeholder\n")  # linked by ASE; SIESTA does not run
+    c = DMGuessSiesta(model=shipped("water"), label="siesta", directory=str(tmp_path / "run"), xc="CA",
+                      pseudo_path=str(tmp_path), pseudo_qualifier="", **kwargs)
+    if problem is None:
+        c.write_input(water_molecule(), properties=["energy"])
+        assert c._used == "ml"
+    else:
+        with pytest.raises(ModelCompatibilityError, match=problem):
+            c.write_input(water_molecule(), properties=["energy"])
+
+
 @pytest.mark.parametrize("kpts, used", [((2, 2, 2), "ml"), ((1, 1, 2), "atomic"), (None, "atomic")])
 def test_a_k_sampling_the_model_never_saw_starts_from_the_atomic_guess(tmp_path, shipped, kpts, used):
     """`silicon` learned from k-point runs: with 1x1x2 k-points (or at Γ) an 8-atom cell is sampled with a period of
