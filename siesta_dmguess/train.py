@@ -263,6 +263,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             log.info("resuming from epoch %d", start_epoch)
         else:
             log.warning("checkpoint in %s is for another configuration; starting afresh", out_dir)
+    if resume and start_epoch == 0:
+        _check_no_model_replaced(out_dir, options.init)
 
     bar = tqdm(range(start_epoch, options.epochs), desc="training", disable=not options.progress,
                initial=start_epoch, total=options.epochs, file=sys.stderr)
@@ -685,6 +687,20 @@ class _OccupiedProjector(torch.autograd.Function):
         denom = torch.where(denom.abs() < 1e-3, torch.full_like(denom, -1e-3), denom)
         m = emp @ (2.0 * (emp.T @ g @ occ) / denom) @ occ.T
         return 0.5 * (m + m.T), None
+
+
+def _check_no_model_replaced(out_dir: Path, init: str | None) -> None:
+    """Training afresh into a folder that holds a finished model would replace that model: refused unless asked for
+    (``--restart``), or unless the folder is the ``--init`` model's own (``train --init M --add-stage --out M``
+    grows M in place, as the shipped models were made). A typo in ``--out`` lost a model, before."""
+    from .card import WEIGHTS, resolve_model
+
+    if not (out_dir / WEIGHTS).is_file():
+        return
+    if init and resolve_model(init).resolve() == out_dir.resolve():
+        return
+    raise DMGuessError("holds a model that this training run cannot resume (another configuration or other data) "
+                       "and would replace: give another --out, or --restart to replace it", out_dir)
 
 
 def _read_checkpoint(path: Path) -> dict | None:

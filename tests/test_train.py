@@ -388,3 +388,25 @@ def test_runs_made_with_other_settings_are_refused_before_training(tmp_path, bas
     with pytest.raises(InputFileError, match="XC.functional is 'GGA', the --init model was trained with 'LDA'"):
         train([data], tmp_path / "m2", TrainOptions(epochs=1, batch_atoms=12, progress=False, init=str(base),
                                                     add_stage=True), {})
+
+
+def test_a_finished_model_is_not_replaced_by_a_run_that_cannot_resume_it(tmp_path, base):
+    """--out naming a folder that holds another model (other data or configuration) is refused before training,
+    unless --restart; growing the --init model in its own folder (--add-stage) is allowed."""
+    import shutil
+
+    out = tmp_path / "m"
+    shutil.copytree(base, out)  # a finished h2o model, with its checkpoint
+    weights = (out / "weights.pt").read_bytes()
+    opts = TrainOptions(epochs=1, batch_atoms=12, max_train=2, progress=False)
+    with pytest.raises(DMGuessError, match=r"m: holds a model that this training run cannot resume .* --restart"):
+        train([dataset("h2o")], out, opts, {**TINY, "num_layers": 3})
+    (out / "checkpoint.pt").unlink()  # a copied model without its checkpoint cannot be resumed either
+    with pytest.raises(DMGuessError, match="cannot resume"):
+        train([dataset("h2o")], out, opts, TINY)
+    assert (out / "weights.pt").read_bytes() == weights
+    train([dataset("h2o")], out, TrainOptions(epochs=1, batch_atoms=12, max_train=2, progress=False, init=str(out),
+                                              add_stage=True), {})
+    assert len(load_model(out).config.residual_stages) == 1
+    train([dataset("h2o")], out, opts, TINY, resume=False)  # --restart: replaced on purpose
+    assert load_model(out).config.residual_stages == []
