@@ -234,17 +234,26 @@ def _spin_setting(settings: dict) -> str:
     return ""
 
 
-def model_species_of_labels(structure: Structure, model_species) -> dict[str, str | None]:
+def model_species_of_labels(structure: Structure, model_species, model_z: dict | None = None) -> dict[str, str | None]:
     """The model species each of the structure's species labels stands for: the label itself if the model
     has it, else its chemical element (SIESTA labels only name the basis and pseudopotential files, e.g.
-    ``Ow`` or ``O_pbe`` for oxygen), or None when the model covers neither. Whether that species' basis is
-    the model's is :func:`check_compatibility`'s job."""
+    ``Ow`` or ``O_pbe`` for oxygen), else (given each model species' atomic number, ``model_z``) the model's one
+    species of that element (a model trained on runs of ASE's ``Siesta``, whose labels are ``O.1``, ``H.2``), or
+    None when the model covers none of these. Whether that species' basis is the model's is
+    :func:`check_compatibility`'s job."""
     mapping = {}
     for label, z in zip(structure.labels, structure.atoms.numbers):
         if label not in mapping:
             element = element_symbol(int(z))
-            mapping[label] = label if label in model_species else (element if element in model_species else None)
+            same_z = [s for s, sz in (model_z or {}).items() if sz == int(z)]
+            mapping[label] = (label if label in model_species else element if element in model_species
+                              else same_z[0] if len(same_z) == 1 else None)
     return mapping
+
+
+def _model_species_of_labels(structure: Structure, loaded: LoadedModel) -> dict[str, str | None]:
+    return model_species_of_labels(structure, loaded.config.species,
+                                   {s: loaded.basis[s].Z for s in loaded.config.species})
 
 
 # ``--model auto`` (``model="auto"``): the shipped model is chosen from the structure (:func:`choose_model`).
@@ -361,7 +370,7 @@ def structure_novelty(structure: Structure, loaded: LoadedModel) -> tuple[float,
 def model_sample(structure: Structure, loaded: LoadedModel, fold: bool) -> tuple[Structure, Sample]:
     """The structure with its species labels as the model names them (``Ow`` → ``O``, :func:`model_species_of_labels`)
     and its graph and block layout for the model."""
-    species_of = model_species_of_labels(structure, loaded.config.species)
+    species_of = _model_species_of_labels(structure, loaded)
     if any(species not in (None, label) for label, species in species_of.items()):
         structure = replace(structure, labels=[species_of[label] or label for label in structure.labels])
     cfg = loaded.config
@@ -432,7 +441,7 @@ def ready_chosen_model(model, structure) -> tuple[LoadedModel, float]:
 def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool = False) -> list[str]:
     """Compare a structure (and its fdf folder) with a model card; error or (force) warnings naming the item."""
     problems = []
-    species_of = model_species_of_labels(structure, loaded.config.species)
+    species_of = _model_species_of_labels(structure, loaded)
     missing = sorted(label for label, species in species_of.items() if species is None)
     if missing:
         covering = shipped_models_covering(structure)

@@ -228,6 +228,30 @@ def test_a_run_folder_written_by_ases_siesta_passes_the_basis_check(tmp_path, sh
         predict_density_matrix(tmp_path / "siesta.fdf", shipped("water"))
 
 
+def test_a_model_whose_species_carry_ases_labels_predicts_plain_labels_by_element(tmp_path):
+    """A model trained on runs of ASE's Siesta has species O.1 and H.2: an fdf labelled O and H (or the ASE
+    calculator, whose structures are labelled by element) maps to them by atomic number (it was refused as not
+    covered)."""
+    from dataclasses import replace
+
+    from siesta_dmguess.predict import model_species_of_labels
+    from siesta_dmguess.structure import read_structure
+
+    from .conftest import water_basis
+
+    plain = water_basis()
+    basis = {"O.1": replace(plain["O"], symbol="O.1"), "H.2": replace(plain["H"], symbol="H.2")}
+    save_model(DensityMatrixModel(small_config(basis)), tmp_path / "ase-labels", {"name": "ase-labels"})
+    (tmp_path / "plain.fdf").write_text(WATER_FDF)
+    (tmp_path / "ase.fdf").write_text(WATER_FDF.replace("1 1 H\n", "1 1 H.2\n").replace("2 8 O\n", "2 8 O.1\n"))
+    a = predict_density_matrix(tmp_path / "plain.fdf", tmp_path / "ase-labels")
+    b = predict_density_matrix(tmp_path / "ase.fdf", tmp_path / "ase-labels")
+    assert np.abs(a.values).max() > 0.1 and np.array_equal(a.values, b.values)
+    structure = read_structure(tmp_path / "plain.fdf")
+    assert model_species_of_labels(structure, ["O.1", "O.3", "H.2"], {"O.1": 8, "O.3": 8, "H.2": 1}) == \
+        {"O": None, "H": "H.2"}  # two oxygen species: which one the run means is not for predict to guess
+
+
 def test_species_labels_that_are_not_element_symbols_map_to_the_model_species(model_dir, tmp_path):
     """SIESTA labels only name files ("Ow", "H_pbe"): the prediction follows the element, and the basis
     check compares each label's .ion file with the model's basis of that element, naming both."""
