@@ -323,6 +323,27 @@ def test_the_ase_md_example_runs_and_every_step_beats_the_atomic_guess(siesta_co
     assert all(guess.startswith("ml") and int(ml) < int(atomic) for guess, ml, atomic in steps)
 
 
+def test_the_ase_relaxation_example_changes_the_cell_and_every_step_beats_the_atomic_guess(siesta_command, tmp_path):
+    """examples/ase_relax.py: a variable-cell relaxation of silicon with k-points; the cell shrinks towards the
+    LDA lattice constant and each step's SCF from the ML guess (or ML + residual) needs fewer iterations."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "ase_relax.py"
+    done = subprocess.run([sys.executable, str(example), str(dataset("si8") / "basis")], cwd=tmp_path,
+                          env={**os.environ, "SIESTA_COMMAND": siesta_command}, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = re.findall(r"step \d+: guess (\S+), (\d+) SCF iterations \(atomic guess (\d+)\)", done.stdout)
+    assert len(steps) >= 2 and any(guess == "ml+residual" for guess, _, _ in steps)
+    assert all(guess.startswith("ml") and int(ml) < int(atomic) for guess, ml, atomic in steps)
+    lengths = [float(x) for x in re.search(r"cell lengths \(Å\): (.*)", done.stdout).group(1).split()]
+    assert all(x < 5.43 * 1.02 for x in lengths)
+
+
 def test_a_molecule_in_siestas_automatic_cell_reads_the_ml_guess(siesta_command, water_model, tmp_path):
     """An fdf without a lattice runs in SIESTA's automatic cell: the DM predicted for the isolated molecule is
     read, saves iterations, and SIESTA converges to the same energy (a smaller box than the dataset's 12 Å)."""
