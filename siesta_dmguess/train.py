@@ -261,10 +261,10 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                 best["score"] = best.pop("mae")
             rng = np.random.default_rng([options.seed, start_epoch])
             log.info("resuming from epoch %d", start_epoch)
-        else:
-            log.warning("checkpoint in %s is for another configuration; starting afresh", out_dir)
     if resume and start_epoch == 0:
         _check_no_model_replaced(out_dir, options.init)
+        if ckpt is not None:  # for another configuration: nothing to resume from it
+            log.warning("checkpoint in %s is for another configuration; starting afresh", out_dir)
 
     bar = tqdm(range(start_epoch, options.epochs), desc="training", disable=not options.progress,
                initial=start_epoch, total=options.epochs, file=sys.stderr)
