@@ -134,11 +134,12 @@ def models_of_runs(model, fdfs: dict[str, Path], force: bool = False) -> tuple[d
     does for each structure of a batch (a folder may hold water, CHNO molecules and silicon).
 
     Returns run id → :class:`~siesta_dmguess.card.LoadedModel`, the runs left out (run id → why: no shipped model
-    covers its species, or its model does not cover it, :func:`~siesta_dmguess.predict.check_compatibility`,
+    covers its species, or its model does not cover it, :func:`~siesta_dmguess.guard.check_compatibility`,
     which ``force`` skips) and the seconds the models' start-up took. Reading an fdf and its basis files takes
     milliseconds, so a benchmark checks every run before SIESTA runs any."""
     from .card import ready_model
-    from .predict import AUTO_MODEL, AutoModels, check_compatibility
+    from .guard import check_compatibility
+    from .predict import AUTO_MODEL, AutoModels
     from .structure import read_structure
 
     structures = {run_id: read_structure(fdf) for run_id, fdf in fdfs.items()}

@@ -259,7 +259,7 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
             from .data import empty_split_error
 
             raise empty_split_error(d, used)
-        from .predict import check_runs_made_as
+        from .guard import check_runs_made_as
 
         check_runs_made_as(samples, loaded.card)  # an LDA model scored against GGA references would mean nothing
         r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap, refine=refine)

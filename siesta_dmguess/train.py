@@ -737,7 +737,7 @@ def check_same_settings(samples, init_card: dict | None = None) -> None:
     """Every training run made with the XC, spin and basis settings of the first (with ``--init``, of that
     model's card): a card records one set, which ``predict`` then holds every run to, so runs made otherwise
     would be learned under a wrong label (another functional's DMs in an LDA model)."""
-    from .predict import check_runs_made_as
+    from .guard import check_runs_made_as
 
     if samples:
         reference = init_card or settings_record(samples[0].structure.fdf_settings)

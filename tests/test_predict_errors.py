@@ -234,7 +234,7 @@ def test_a_model_whose_species_carry_ases_labels_predicts_plain_labels_by_elemen
     covered)."""
     from dataclasses import replace
 
-    from siesta_dmguess.predict import model_species_of_labels
+    from siesta_dmguess.guard import model_species_of_labels
     from siesta_dmguess.structure import read_structure
 
     from .conftest import water_basis

@@ -11,7 +11,8 @@ from siesta_dmguess.basis import Shell, SpeciesBasis
 from siesta_dmguess.card import CARD, list_shipped_models, load_model, resolve_model, sha256_file
 from siesta_dmguess.cli import main
 from siesta_dmguess.errors import ModelCompatibilityError
-from siesta_dmguess.predict import check_compatibility, predict_density_matrix
+from siesta_dmguess.guard import check_compatibility
+from siesta_dmguess.predict import predict_density_matrix
 from siesta_dmguess.structure import structure_from_atoms
 
 SHIPPED = list_shipped_models()
@@ -286,7 +287,8 @@ def test_auto_model_passes_over_a_covering_model_that_never_saw_the_molecule(nam
     """H2O2 and O3 hold only H and O, which `water` covers, but `water` learned water alone: the structure lies
     far outside its training data (novelty above its flag level) and inside `chno-molecules`', so ``auto`` takes
     `chno-molecules`. Water itself stays with the more specialized `water`."""
-    from siesta_dmguess.predict import _shipped_model, choose_model, shipped_models_covering, structure_novelty
+    from siesta_dmguess.guard import shipped_models_covering
+    from siesta_dmguess.predict import _shipped_model, choose_model, structure_novelty
 
     structure = boxed_molecule(name)
     assert shipped_models_covering(structure)[0] == "water"

@@ -26,7 +26,8 @@ def main() -> None:
 
     import torch
 
-    from siesta_dmguess.predict import _shipped_model, choose_model, predict_density_matrix, shipped_models_covering
+    from siesta_dmguess.guard import shipped_models_covering
+    from siesta_dmguess.predict import _shipped_model, choose_model, predict_density_matrix
     from siesta_dmguess.structure import read_structure
 
     torch.set_num_threads(args.threads)

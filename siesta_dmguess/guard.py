@@ -1,0 +1,197 @@
+"""The guard: whether a model may predict the DM of a run, before it does.
+
+:func:`check_compatibility` compares what can be known about a run with the model card: species (by label, else
+element), the basis in any ``.ion.xml`` next to an fdf (hash of shells, cutoffs and radial shapes, whatever the
+species is called), the fdf's XC, spin and basis settings (:func:`setting_problems`: every option that shapes the
+basis, each missing one read as SIESTA's default) and the pseudopotential checksums. A mismatch is a
+:class:`~siesta_dmguess.errors.ModelCompatibilityError` naming the differing item, unless ``force=True`` (logged
+as a warning). ``train`` and ``evaluate`` hold their runs to one set of settings the same way
+(:func:`check_runs_made_as`). What a prediction itself says about its use (novelty, sampling, occupied space) is
+:class:`~siesta_dmguess.predict.Prediction`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .basis import find_basis_files, read_species_basis
+from .card import LoadedModel, sha256_file
+from .errors import ModelCompatibilityError
+from .structure import FDF_ENERGY_KEYS, Structure, element_symbol, normalized_fdf_key
+
+log = logging.getLogger(__name__)
+
+
+# SIESTA's defaults for the settings a card records (SIESTA manual): a run that leaves one out uses this value, so
+# a missing key is compared as the default, on both sides (an fdf without PAO.EnergyShift makes a different basis
+# from ASE's Siesta calculator, whose own default energy_shift is 0.1 eV).
+SIESTA_DEFAULTS = {"XC.functional": "LDA", "XC.authors": "PZ", "PAO.BasisSize": "DZP", "PAO.EnergyShift": "0.02 Ry"}
+# Names of one setting value: SIESTA reads "CA" and "PZ" as the same LDA (Ceperley-Alder, Perdew-Zunger's fit).
+SETTING_ALIASES = {"ca": "pz"}
+
+
+def _normalize_setting(value: str) -> str:
+    value = " ".join(str(value).lower().replace("_", ".").split())
+    return SETTING_ALIASES.get(value, value)
+
+
+def _same_setting(key: str, got, expected) -> bool:
+    """Whether two values of an fdf setting mean the same. Energies ("<value> Ry", :func:`read_fdf_settings`)
+    compare to 1e-3 relative: an energy shift written as 0.2721 eV is SIESTA's 0.02 Ry, not a new basis."""
+    if key in FDF_ENERGY_KEYS:
+        try:
+            a, b = (float(str(v).split()[0]) for v in (got, expected))
+            return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
+        except (ValueError, IndexError):
+            pass  # not a number: compare as text
+    return _normalize_setting(got) == _normalize_setting(expected)
+
+
+def _spin_setting(settings: dict) -> str:
+    """'' for a spin-unpolarized run, else the fdf's spin setting (``Spin`` or the legacy ``SpinPolarized``)."""
+    spin = _normalize_setting(settings.get("Spin", "non-polarized"))
+    if spin not in ("non-polarized", "nonpolarized", "unpolarized", "none"):
+        return f"Spin {settings['Spin']}"
+    if _normalize_setting(settings.get("SpinPolarized", "F")) in ("t", "true", ".true."):
+        return "SpinPolarized T"
+    return ""
+
+
+def model_species_of_labels(structure: Structure, model_species, model_z: dict | None = None) -> dict[str, str | None]:
+    """The model species each of the structure's species labels stands for: the label itself if the model
+    has it, else its chemical element (SIESTA labels only name the basis and pseudopotential files, e.g.
+    ``Ow`` or ``O_pbe`` for oxygen), else (given each model species' atomic number, ``model_z``) the model's one
+    species of that element (a model trained on runs of ASE's ``Siesta``, whose labels are ``O.1``, ``H.2``), or
+    None when the model covers none of these. Whether that species' basis is the model's is
+    :func:`check_compatibility`'s job."""
+    mapping = {}
+    for label, z in zip(structure.labels, structure.atoms.numbers):
+        if label not in mapping:
+            element = element_symbol(int(z))
+            same_z = [s for s, sz in (model_z or {}).items() if sz == int(z)]
+            mapping[label] = (label if label in model_species else element if element in model_species
+                              else same_z[0] if len(same_z) == 1 else None)
+    return mapping
+
+
+def model_species_of(structure: Structure, loaded: LoadedModel) -> dict[str, str | None]:
+    """:func:`model_species_of_labels` for a loaded model, which knows its species' atomic numbers."""
+    return model_species_of_labels(structure, loaded.config.species,
+                                   {s: loaded.basis[s].Z for s in loaded.config.species})
+
+
+def shipped_models_covering(structure: Structure) -> list[str]:
+    """The shipped models whose species cover all of the structure's (by label or chemical element, as
+    :func:`model_species_of_labels` maps them), the most specialized first: fewest species, then by name."""
+    from .card import list_shipped_models, read_card
+
+    covering = []
+    for name in list_shipped_models():
+        species = read_card(name).get("species", [])
+        if all(s is not None for s in model_species_of_labels(structure, species).values()):
+            covering.append((len(species), name))
+    return [name for _, name in sorted(covering)]
+
+
+def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool = False) -> list[str]:
+    """Compare a structure (and its fdf folder) with a model card; error or (force) warnings naming the item."""
+    problems = []
+    species_of = model_species_of(structure, loaded)
+    missing = sorted(label for label, species in species_of.items() if species is None)
+    if missing:
+        covering = shipped_models_covering(structure)
+        hint = f"; shipped models that cover all its species: {', '.join(covering)}" if covering else ""
+        problems.append(f"species {missing} are not covered by model {loaded.path.name!r} "
+                        f"(model species: {loaded.config.species}){hint}")
+    z_of = dict(zip(structure.labels, (int(z) for z in structure.atoms.numbers)))
+    for label, species in species_of.items():
+        # A label names the basis and pseudopotential; an atomic number that is not the model species' own (a
+        # typo, or another element under a label the model knows) is another atom, whose DM the model does not
+        # know. Ghost atoms keep their element's number here (sisl reads |Z|): ghost_species flags them.
+        if species is not None and z_of[label] != loaded.basis[species].Z:
+            problems.append(f"species {label!r} has atomic number {z_of[label]} in the structure, but the model's "
+                            f"{species!r} has {loaded.basis[species].Z}")
+    ghosts = structure.fdf_settings.get("ghost_species")
+    if ghosts:
+        problems.append(f"species {ghosts} are ghost atoms (a negative atomic number in ChemicalSpeciesLabel: "
+                        "orbitals without nucleus or electrons), which no model has learned")
+    spin = _spin_setting(structure.fdf_settings)
+    if spin:
+        problems.append(f"the fdf asks for a {spin} calculation; the models predict spin-unpolarized DMs only "
+                        "(a start with no spin moment keeps SIESTA from a magnetic ground state: docs/conventions.md)")
+    card = loaded.card
+    if structure.source and Path(structure.source).suffix.lower() == ".fdf":
+        folder = Path(structure.source).parent
+        known = {label for label, species in species_of.items() if species is not None}
+        for label, path in find_basis_files(folder, known).items():
+            b, model_basis = read_species_basis(path), loaded.basis[species_of[label]]
+            if not b.same_orbitals(model_basis):
+                problems.append(f"basis of {label!r} in {path.name} differs from the model's "
+                                f"{species_of[label]!r} ({b.describe()}, hash {b.hash} vs {model_basis.describe()}, "
+                                f"hash {model_basis.hash})")
+        digests = card.get("pseudopotentials", {})
+        for label in sorted(known):
+            psf = folder / f"{label}.psf"
+            digest = digests.get(species_of[label])
+            if digest and psf.is_file() and sha256_file(psf) != digest:
+                problems.append(f"pseudopotential {psf.name} differs from the one the model was trained with")
+    problems += setting_problems(structure.fdf_settings, card)
+    if problems and not force:
+        raise ModelCompatibilityError("; ".join(problems), structure.source or None)
+    for p in problems:
+        log.warning("--force: using the model although %s", p)
+    return problems
+
+
+def setting_problems(settings: dict, card: dict, trained: str = "the model was trained with") -> list[str]:
+    """The run's basis and XC settings that differ from the card's, each missing one read as SIESTA's default.
+    Nothing is compared for a structure without settings (an .xyz file: the basis is the model's by definition).
+    ``trained`` names the card's side in the messages."""
+    if not settings:
+        return []
+    expected = {**SIESTA_DEFAULTS, **card.get("xc", {}), **card.get("siesta_settings", {})}
+    problems = []
+    for key, value in expected.items():
+        if key == "MeshCutoff":
+            continue  # does not change the basis; a different mesh still starts well
+        got = settings.get(key, SIESTA_DEFAULTS.get(key))
+        if got is not None and not _same_setting(key, got, value):
+            problems.append(f"fdf setting {key} is {got!r}, {trained} {value!r}")
+    # A PAO.BasisSizes block sets the size of the species it lists (ASE's Siesta writes one for every species).
+    trained_sizes = card.get("basis_sizes", {})
+    run_size = settings.get("PAO.BasisSize", SIESTA_DEFAULTS["PAO.BasisSize"])
+    for label, size in settings.get("basis_sizes", {}).items():
+        expected_size = trained_sizes.get(label, expected["PAO.BasisSize"])
+        said = _same_setting("PAO.BasisSize", size, run_size) and any("PAO.BasisSize is" in p for p in problems)
+        if not said and not _same_setting("PAO.BasisSize", size, expected_size):
+            problems.append(f"fdf block PAO.BasisSizes gives species {label!r} a {size} basis, {trained} "
+                            f"{expected_size}")
+    # Every other basis option (split norms, soft confinement, a PAO.Basis block, User.Basis): as trained, or absent.
+    got, known = ({normalized_fdf_key(k): (k, v) for k, v in options.items()}
+                  for options in (settings.get("basis_options", {}), card.get("basis_options", {})))
+    for key in sorted(set(got) | set(known)):
+        if key not in known:
+            problems.append(f"fdf sets {got[key][0]} ({_shortened(got[key][1])}), which shapes the basis; {trained} "
+                            "no such setting")
+        elif key not in got:
+            problems.append(f"{trained} {known[key][0]} ({_shortened(known[key][1])}), which shapes the basis and "
+                            "this fdf does not set")
+        elif _normalize_setting(got[key][1]) != _normalize_setting(known[key][1]):
+            problems.append(f"fdf setting {got[key][0]} is {_shortened(got[key][1])!r}, {trained} "
+                            f"{_shortened(known[key][1])!r}")
+    return problems
+
+
+def check_runs_made_as(samples, card: dict, trained: str = "the model was trained with",
+                       error=ModelCompatibilityError) -> None:
+    """Every run (a loaded sample) made with the XC, spin and basis settings ``card`` records; else ``error``
+    naming the first run that is not and what differs (train: against its first run; evaluate: its model)."""
+    for sample in samples:
+        problems = setting_problems(sample.structure.fdf_settings, card, trained)
+        if problems:
+            raise error(f"made with other settings than the model's data: {'; '.join(problems)}", sample.name)
+
+
+def _shortened(text: str, most: int = 60) -> str:
+    return text if len(text) <= most else text[:most - 3] + "..."
