@@ -304,43 +304,40 @@ def read_fdf_species(fdf) -> list[str]:
     return species_labels(fdf)
 
 
-def test_the_ase_md_example_runs_and_every_step_beats_the_atomic_guess(siesta_command, tmp_path):
-    """examples/ase_md.py, as the README runs it: each MD step's SCF starts from the ML guess and needs fewer
-    iterations than SIESTA's atomic guess."""
+def run_example(name: str, pseudo_dir, siesta_command: str, cwd) -> tuple[str, list[tuple[str, int, int]]]:
+    """Run ``examples/<name>`` as the README does; its output and each step's (guess, SCF iterations, atomic
+    guess's iterations)."""
     import os
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    example = Path(__file__).resolve().parents[1] / "examples" / "ase_md.py"
-    done = subprocess.run([sys.executable, str(example), str(dataset("h2o") / "basis")], cwd=tmp_path,
-                          env={**os.environ, "SIESTA_COMMAND": siesta_command}, capture_output=True, text=True,
-                          timeout=900)
+    example = Path(__file__).resolve().parents[1] / "examples" / name
+    done = subprocess.run([sys.executable, str(example), str(pseudo_dir)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "SIESTA_COMMAND": siesta_command}, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
     steps = re.findall(r"step \d+: guess (\S+), (\d+) SCF iterations \(atomic guess (\d+)\)", done.stdout)
+    return done.stdout, [(guess, int(ml), int(atomic)) for guess, ml, atomic in steps]
+
+
+def test_the_ase_md_example_runs_and_every_step_beats_the_atomic_guess(siesta_command, tmp_path):
+    """examples/ase_md.py, as the README runs it: each MD step's SCF starts from the ML guess and needs fewer
+    iterations than SIESTA's atomic guess."""
+    _, steps = run_example("ase_md.py", dataset("h2o") / "basis", siesta_command, tmp_path)
     assert len(steps) == 4
-    assert all(guess.startswith("ml") and int(ml) < int(atomic) for guess, ml, atomic in steps)
+    assert all(guess.startswith("ml") and ml < atomic for guess, ml, atomic in steps)
 
 
 def test_the_ase_relaxation_example_changes_the_cell_and_every_step_beats_the_atomic_guess(siesta_command, tmp_path):
     """examples/ase_relax.py: a variable-cell relaxation of silicon with k-points; the cell shrinks towards the
     LDA lattice constant and each step's SCF from the ML guess (or ML + residual) needs fewer iterations."""
-    import os
     import re
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    example = Path(__file__).resolve().parents[1] / "examples" / "ase_relax.py"
-    done = subprocess.run([sys.executable, str(example), str(dataset("si8") / "basis")], cwd=tmp_path,
-                          env={**os.environ, "SIESTA_COMMAND": siesta_command}, capture_output=True, text=True,
-                          timeout=1200)
-    assert done.returncode == 0, done.stderr[-2000:]
-    steps = re.findall(r"step \d+: guess (\S+), (\d+) SCF iterations \(atomic guess (\d+)\)", done.stdout)
+    output, steps = run_example("ase_relax.py", dataset("si8") / "basis", siesta_command, tmp_path)
     assert len(steps) >= 2 and any(guess == "ml+residual" for guess, _, _ in steps)
-    assert all(guess.startswith("ml") and int(ml) < int(atomic) for guess, ml, atomic in steps)
-    lengths = [float(x) for x in re.search(r"cell lengths \(Å\): (.*)", done.stdout).group(1).split()]
+    assert all(guess.startswith("ml") and ml < atomic for guess, ml, atomic in steps)
+    lengths = [float(x) for x in re.search(r"cell lengths \(Å\): (.*)", output).group(1).split()]
     assert all(x < 5.43 * 1.02 for x in lengths)
 
 
