@@ -167,20 +167,57 @@ def setting_problems(settings: dict, card: dict, trained: str = "the model was t
         if not said and not _same_setting("PAO.BasisSize", size, expected_size):
             problems.append(f"fdf block PAO.BasisSizes gives species {label!r} a {size} basis, {trained} "
                             f"{expected_size}")
-    # Every other basis option (split norms, soft confinement, a PAO.Basis block, User.Basis): as trained, or absent.
+    # Every other basis option (split norms, soft confinement, a PAO.Basis block, User.Basis): as trained, a missing
+    # one read as SIESTA's default where it has one.
     got, known = ({normalized_fdf_key(k): (k, v) for k, v in options.items()}
                   for options in (settings.get("basis_options", {}), card.get("basis_options", {})))
     for key in sorted(set(got) | set(known)):
+        default = BASIS_OPTION_DEFAULTS.get(key)
+        run_value, card_value = (side[key][1] if key in side else default for side in (got, known))
+        if run_value is not None and card_value is not None and _same_option(run_value, card_value):
+            continue
         if key not in known:
             problems.append(f"fdf sets {got[key][0]} ({_shortened(got[key][1])}), which shapes the basis; {trained} "
-                            "no such setting")
+                            + ("no such setting" if default is None else f"SIESTA's default ({default})"))
         elif key not in got:
             problems.append(f"{trained} {known[key][0]} ({_shortened(known[key][1])}), which shapes the basis and "
-                            "this fdf does not set")
-        elif _normalize_setting(got[key][1]) != _normalize_setting(known[key][1]):
+                            + ("this fdf does not set" if default is None else f"this fdf leaves at SIESTA's default "
+                                                                               f"({default})"))
+        else:
             problems.append(f"fdf setting {got[key][0]} is {_shortened(got[key][1])!r}, {trained} "
                             f"{_shortened(known[key][1])!r}")
     return problems
+
+
+# SIESTA 4.1's defaults of the other options that shape the basis (basis_specs.f, atom.F), as sisl reads a value
+# (booleans True/False, energies in eV): a run that states one is the run that leaves it out.
+BASIS_OPTION_DEFAULTS = {normalized_fdf_key(k): v for k, v in {
+    "PAO.BasisType": "split", "PAO.SplitNorm": 0.15, "PAO.SplitNormH": -1.0, "PAO.SplitTailNorm": False,
+    "PAO.FixSplitTable": False, "PAO.NewSplitCode": False, "PAO.OldStylePolorbs": True, "PAO.SoftDefault": False,
+    "PAO.SoftInnerRadius": 0.9, "PAO.SoftPotential": 40.0, "PAO.EnergyCutoff": "20 Ry",
+    "PAO.EnergyPolCutoff": "20 Ry"}.items()}
+_EV_PER = {"ev": 1.0, "mev": 1e-3, "ry": 13.605693122994, "mry": 13.605693122994e-3, "ha": 27.211386245988}
+
+
+def _same_option(a, b) -> bool:
+    """Two values of a basis option, as written or as sisl reads them, mean the same: booleans in any fdf spelling,
+    numbers to 1e-3 relative (energies in eV, sisl's unit, or with their unit), else the same words."""
+    def value(v):
+        text = " ".join(str(v).lower().split())
+        if text in ("t", "true", ".true.", "yes"):
+            return True
+        if text in ("f", "false", ".false.", "no"):
+            return False
+        number, _, unit = text.partition(" ")
+        try:
+            return float(number) * _EV_PER.get(unit, 1.0) if unit in _EV_PER or not unit else text
+        except ValueError:
+            return text
+
+    a, b = value(a), value(b)
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
+    return a == b
 
 
 def check_runs_made_as(samples, card: dict, trained: str = "the model was trained with",

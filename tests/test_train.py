@@ -341,8 +341,9 @@ def test_max_train_reads_only_the_training_runs_it_keeps(tmp_path, monkeypatch):
 
 
 def test_the_card_records_the_training_fdfs_other_basis_options(tmp_path):
-    """Runs made with a basis option beyond PAO.BasisSize and PAO.EnergyShift (here SIESTA's default split norm,
-    written out) give a card that records it: predict takes runs written the same way and refuses those without."""
+    """Runs made with a basis option beyond PAO.BasisSize and PAO.EnergyShift (here a split norm other than SIESTA's
+    0.15; only the fdfs say so, the DMs are the dataset's) give a card that records it: predict takes runs written the
+    same way and refuses those without."""
     import shutil
 
     from siesta_dmguess.errors import ModelCompatibilityError
@@ -354,14 +355,15 @@ def test_the_card_records_the_training_fdfs_other_basis_options(tmp_path):
     for run in ("0000", "0001", "0002", "0004"):
         shutil.copytree(source / run, data / run)
         fdf = data / run / "input.fdf"
-        fdf.write_text(fdf.read_text() + "PAO.SplitNorm 0.15\n")
+        fdf.write_text(fdf.read_text() + "PAO.SplitNorm 0.25\n")
     train([data], tmp_path / "m", TrainOptions(epochs=1, batch_atoms=12, progress=False), TINY)
     card = json.loads((tmp_path / "m" / "card.json").read_text())
-    assert card["basis_options"] == {"PAO.SplitNorm": "0.15"}
+    assert card["basis_options"] == {"PAO.SplitNorm": "0.25"}
     predict_density_matrix(data / "0004" / "input.fdf", tmp_path / "m")
     plain = tmp_path / "plain.fdf"
     shutil.copy(source / "0004" / "input.fdf", plain)
-    with pytest.raises(ModelCompatibilityError, match=r"trained with PAO.SplitNorm \(0.15\), which shapes the basis"):
+    with pytest.raises(ModelCompatibilityError, match=r"trained with PAO.SplitNorm \(0.25\), which shapes the basis "
+                                                     r"and this fdf leaves at SIESTA's default \(0.15\)"):
         predict_density_matrix(plain, tmp_path / "m")
 
 
