@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -243,8 +243,11 @@ def select_runs(data_dirs, split: str | None = None, max_train: int = 0) -> list
 
 def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], mp_cutoff: float,
                  split: str | None = None, progress: bool = False, with_overlap: bool = False,
-                 fold_reach: float = 0.0, max_train: int = 0) -> list[Sample]:
+                 fold_reach: float = 0.0, max_train: int = 0, species_of=None) -> list[Sample]:
     """Read every run of the given datasets (optionally one split) into samples with targets.
+
+    ``species_of`` (``evaluate``: :func:`~siesta_dmguess.guard.model_species_of` for its model) maps each run's
+    species labels onto the model's (``Ow`` → ``O``), as ``predict`` does; without it the labels are the species.
 
     ``with_overlap`` also reads S and H from the run's ``.HSX`` (where present) into
     ``sample.meta['overlap']`` and ``sample.meta['hamiltonian']`` (eV), aligned with the stored reference
@@ -257,6 +260,10 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
     samples = []
     for rec in tqdm(select_runs(data_dirs, split, max_train), desc="reading runs", disable=not progress):
         structure, run_b, dm, hsx = load_run(rec.folder)
+        if species_of is not None:
+            names = {label: model or label for label, model in species_of(structure).items()}
+            structure = replace(structure, labels=[names[label] for label in structure.labels])
+            run_b = {names[label]: b for label, b in run_b.items()}
         check_basis_matches(run_b, basis, rec.folder)
         if dm is None:
             raise InputFileError("the run folder has no converged .DM", rec.folder)
@@ -332,7 +339,7 @@ def check_basis_matches(run_basis_: dict[str, SpeciesBasis], model_basis: dict[s
 
             raise ModelCompatibilityError(f"species {label!r} is not covered by the model "
                                           f"(model species: {sorted(model_basis)})", where)
-        if b.hash != model_basis[label].hash:
+        if not b.same_orbitals(model_basis[label]):  # the same orbitals, whatever the run calls the species
             from .errors import ModelCompatibilityError
 
             raise ModelCompatibilityError(

@@ -253,8 +253,11 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
               "novelty_threshold": float(loaded.model.novelty_threshold)}
     for d in data_dirs:
         used = resolve_split(d, split)
+        from .guard import model_species_of
+
         samples = load_samples([d], cfg.species, loaded.basis, cfg.message_cutoff, split=used, progress=progress,
-                               with_overlap=True, fold_reach=cfg.fold_reach)
+                               with_overlap=True, fold_reach=cfg.fold_reach,
+                               species_of=lambda structure: model_species_of(structure, loaded))
         if not samples:
             from .data import empty_split_error
 

@@ -269,3 +269,21 @@ def test_references_made_with_other_settings_than_the_models_are_refused(tmp_pat
            "was trained with 'LDA'" in capsys.readouterr().err
     fdf.write_text(fdf.read_text().replace("XC.functional GGA", "XC.functional LDA"))
     assert main(["evaluate", "water", str(data), "--quiet"]) == 0
+
+
+def test_runs_whose_labels_are_not_the_models_species_are_evaluated_as_predict_maps_them(tmp_path):
+    """A run labelling oxygen Ow (its Ow.ion.xml says so too) is the model's O, for evaluate as for predict: the
+    same errors as the same run labelled O (it was refused as not covered)."""
+    from siesta_dmguess.evaluate import evaluate
+
+    src = dataset("h2o") / "0004"
+    plain = copy_run(src, tmp_path / "plain" / "0004")
+    labelled = copy_run(src, tmp_path / "labelled" / "0004")
+    fdf = labelled / "input.fdf"
+    fdf.write_text(fdf.read_text().replace(" 8 O\n", " 8 Ow\n"))
+    assert " 8 Ow\n" in fdf.read_text()
+    ion = (labelled / "O.ion.xml").read_text().replace("<label> O </label>", "<label> Ow </label>")
+    (labelled / "Ow.ion.xml").write_text(ion)
+    (labelled / "O.ion.xml").unlink()
+    a, b = (evaluate("water", [folder], progress=False)["structures"][0] for folder in (plain.parent, labelled.parent))
+    assert a["mae"] == b["mae"] and a["max_abs"] == b["max_abs"] and a["mae"] < 1e-3
