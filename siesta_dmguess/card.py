@@ -177,8 +177,8 @@ def card_markdown(card: dict) -> str:
     """Human-readable model card."""
     lines = [f"# Model card: {card.get('name', 'model')}", "", card.get("description", ""), ""]
     lines += ["| field | value |", "| --- | --- |"]
-    for key in ("format_version", "species", "xc", "siesta_settings", "num_parameters", "size_bytes",
-                "weights_sha256", "created"):
+    for key in ("format_version", "species", "xc", "siesta_settings", "basis_options", "basis_sizes",
+                "num_parameters", "size_bytes", "weights_sha256", "created"):
         if key in card:
             lines.append(f"| {key} | {card[key]} |")
     lines += ["", "## Basis per species", "", "| species | shells | hash | cutoffs (Å) |", "| --- | --- | --- | --- |"]

@@ -359,6 +359,7 @@ def test_the_card_records_the_training_fdfs_other_basis_options(tmp_path):
     train([data], tmp_path / "m", TrainOptions(epochs=1, batch_atoms=12, progress=False), TINY)
     card = json.loads((tmp_path / "m" / "card.json").read_text())
     assert card["basis_options"] == {"PAO.SplitNorm": "0.25"}
+    assert "| basis_options | {'PAO.SplitNorm': '0.25'} |" in (tmp_path / "m" / "card.md").read_text()
     predict_density_matrix(data / "0004" / "input.fdf", tmp_path / "m")
     plain = tmp_path / "plain.fdf"
     shutil.copy(source / "0004" / "input.fdf", plain)
