@@ -21,7 +21,7 @@ import numpy as np
 from .card import LoadedModel, load_model
 from .data import Sample, prepare_sample
 from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed, write_density_matrix
-from .errors import DMGuessError, ModelCompatibilityError, UnreliablePredictionError
+from .errors import DMGuessError, InputFileError, ModelCompatibilityError, UnreliablePredictionError
 from .files import move_to_backup
 from .evaluate import predict_flat
 from .refine import MIN_OCCUPATION_GAP, is_kpoint, projection_skipped, refine_folded
@@ -391,9 +391,16 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     model = resolve_auto_model(model, structure)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     warnings = check_compatibility(structure, loaded, force=force)
+    asked_fold = fold
     if fold is None:
         fold = not structure.fdf_settings.get("kgrid", False)
     structure, sample = model_sample(structure, loaded, fold)
+    problem = _fold_problem(structure, sample.layout, asked_fold)
+    if problem:
+        if not force:
+            raise InputFileError(f"{problem}; leave --fold at auto (or --force)", structure.source or None)
+        warnings.append(problem)
+        log.warning("--force: %s", problem)
     n_expected = _expected_electrons(structure, loaded.basis)
     sampling_reason = _sampling_reason(sample, loaded)
     # The ΔH head only steers the dense projection: skip it where that will not run (keeps large systems O(N)).
@@ -428,6 +435,24 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
         log.warning("%s looks unlike the training data of %s (novelty %.1f > %.1f): the guess may be poor",
                     structure.source or "structure", loaded.path.name, pred.novelty, pred.novelty_threshold)
     return pred
+
+
+def _fold_problem(structure: Structure, layout, asked_fold: bool | None) -> str:
+    """Why a fold asked for explicitly (``--fold yes/no``) does not fit the sampling the fdf runs ("" if it does,
+    or nothing says: a structure file without an fdf). SIESTA reads either DM ("Succeeded") and takes a folded one
+    as the crystal's or an unfolded one as a Γ DM, a start worse than the right one's: `si8/0004` (k-points)
+    folded 9 SCF iterations, as predicted 7, atomic guess 10; `water8/0004` (Γ only) unfolded 13, as predicted 9,
+    atomic guess 12 (2026-12-07)."""
+    if asked_fold is None or "kgrid" not in structure.fdf_settings or int(np.prod(layout.nsc)) == 1:
+        return ""  # auto, no fdf, or no periodic image in the DM: folding changes nothing
+    kgrid = bool(structure.fdf_settings["kgrid"])
+    if asked_fold and kgrid:
+        return ("the fdf runs k-points, where SIESTA keeps the DM's periodic images, and --fold yes folds them "
+                "into the cell: a start worse than the unfolded one's")
+    if not asked_fold and not kgrid:
+        return ("the fdf runs at Γ only, where SIESTA folds the DM's periodic images into the cell, and --fold no "
+                "keeps them: a start worse than the folded one's, and than SIESTA's atomic guess on a water box")
+    return ""
 
 
 def _pure_on_validation(card: dict) -> bool:

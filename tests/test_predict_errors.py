@@ -673,3 +673,23 @@ def test_an_atomic_number_that_is_not_the_model_species_is_refused(model_dir, tm
     fdf.write_text(WATER_FDF.replace("1 1 H\n", "1 -1 H\n"))
     with pytest.raises(ModelCompatibilityError, match=r"species \['H'\] are ghost atoms"):
         predict_density_matrix(fdf, model_dir)
+
+
+@pytest.mark.parametrize("name, model, fold, problem", [
+    ("water8", "water", False, "runs at Γ only, where SIESTA folds"),
+    ("si8", "silicon", True, "runs k-points, where SIESTA keeps the DM's periodic images"),
+    ("h2o", "water", False, None),  # a molecule in its box: no image in the DM, nothing to fold
+    ("water8", "water", True, None),  # what auto does
+])
+def test_a_fold_that_does_not_fit_the_runs_sampling_is_refused_unless_forced(shipped, name, model, fold, problem):
+    """SIESTA reads a folded DM into a k-point run, or an unfolded one into a Γ-only run ("Succeeded"), and starts
+    worse than from the right one: si8/0004 folded 9 SCF iterations (7 as predicted), water8/0004 unfolded 13 (9;
+    atomic guess 12)."""
+    fdf = dataset(name) / "0004" / "input.fdf"
+    if problem is None:
+        assert predict_density_matrix(fdf, shipped(model), fold=fold).warnings == []
+        return
+    with pytest.raises(InputFileError, match=f"input.fdf: the fdf {problem}.*leave --fold at auto"):
+        predict_density_matrix(fdf, shipped(model), fold=fold)
+    pred = predict_density_matrix(fdf, shipped(model), fold=fold, force=True)
+    assert pred.folded is fold and any(problem in w for w in pred.warnings)
