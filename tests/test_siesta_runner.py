@@ -102,6 +102,18 @@ def test_find_siesta_order(tmp_path, monkeypatch):
     assert find_siesta() == [str(exe)]  # ASE's template reduced to the executable
 
 
+@pytest.mark.parametrize("template", ["{exe} < input.fdf > siesta.out", "{exe} <input.fdf >siesta.out 2>&1",
+                                      "{exe} < PREFIX.fdf >> PREFIX.out"])
+def test_a_command_with_redirections_is_reduced_to_the_executable(tmp_path, monkeypatch, template):
+    """Redirections name files the runner handles itself; left in, 'input.fdf' and 'siesta.out' reached SIESTA as
+    arguments (4.1 opens the first as its input: another run's fdf, or none)."""
+    exe = fake_siesta(tmp_path, GOOD)
+    monkeypatch.setenv("SIESTA_COMMAND", template.format(exe=exe))
+    assert find_siesta() == [str(exe)]
+    monkeypatch.setenv("SIESTA_COMMAND", f"env OMP_NUM_THREADS=1 {exe} < input.fdf")
+    assert find_siesta()[-1] == str(exe) and find_siesta()[1] == "OMP_NUM_THREADS=1"
+
+
 def test_a_siesta_command_that_is_set_but_wrong_is_an_error_not_a_fallback(tmp_path, monkeypatch):
     """A mistyped --siesta (or $SIESTA_COMMAND) must not quietly run another SIESTA found further down the list."""
     exe = fake_siesta(tmp_path, GOOD)

@@ -46,7 +46,7 @@ def find_siesta(command: str | None = None) -> list[str]:
         if not cmd:
             tried.append(f"{where}: not set")
             continue
-        args = [a for a in shlex.split(cmd) if "PREFIX" not in a and a not in ("<", ">")]
+        args = _without_redirections(shlex.split(cmd))
         if not args:
             tried.append(f"{where}: empty command {cmd!r}")
             continue
@@ -59,6 +59,23 @@ def find_siesta(command: str | None = None) -> list[str]:
         tried.append(f"{where}: {args[0]!r} is not an executable")
     raise SiestaNotFoundError("no SIESTA executable found; looked at " + "; ".join(tried) +
                               ". Install SIESTA (e.g. the container in integration/) and set SIESTA_COMMAND.")
+
+
+def _without_redirections(words: list[str]) -> list[str]:
+    """A shell command's words without its redirections (``< in.fdf``, ``> out``, ``>out``, ``2>&1``, ASE's
+    ``PREFIX`` templates): the runner feeds the fdf and keeps the output itself. A file left in would reach SIESTA
+    as an argument, which 4.1 opens as its input (another run's fdf, or none)."""
+    kept, skip_next = [], False
+    for word in words:
+        if skip_next:
+            skip_next = False
+        elif word.lstrip("0123456789&") in ("<", ">", ">>"):
+            skip_next = True  # the file is the next word
+        elif word.lstrip("0123456789&")[:1] in ("<", ">") or "PREFIX" in word:
+            pass  # '>out', '2>&1', '<PREFIX.fdf'
+        else:
+            kept.append(word)
+    return kept
 
 
 @dataclass
