@@ -30,6 +30,21 @@ def _text():
         return f.read()
 
 
+def test_scf_lines_are_read_by_siestas_fixed_fields_where_values_touch():
+    """SIESTA writes each scf: line as '(a8,i4,3f16.6,3f10.6)': a Fermi level below -10 eV fills its field and
+    touches the dDmax before it, and a value too large for its field prints as stars. Split at blanks, the first
+    line read dDmax '0.000077-12.131650' as one word and took the next line's first number as a seventh."""
+    text = ("   scf:    1     -465.790057     -465.790027     -465.790027  0.000077-12.131650  0.001198\n"
+            "   scf:    2     -465.790027     -465.790027     -465.790027**********-12.131401  0.000449\n"
+            "   scf:    3     -465.790027     -465.790027     -465.790027  0.000009 -2.131401  0.000449\n"
+            "SCF cycle converged after 3 iterations\n")
+    steps = parse_output(text).scf_history
+    assert [s.iscf for s in steps] == [1, 2, 3]
+    assert steps[0].dDmax == 7.7e-05 and steps[0].ef_eV == -12.13165 and steps[0].dHmax_eV == 0.001198
+    assert steps[1].dDmax != steps[1].dDmax and steps[1].ef_eV == -12.131401  # NaN: overflowed
+    assert steps[2].dDmax == 9e-06 and steps[2].ef_eV == -2.131401
+
+
 def test_truncated_output_is_not_converged():
     text = _text()
     cut = text[: text.index("   scf:    5")]

@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # "   scf:    3     -465.688652     -465.669509     -465.669509  0.029728 -2.552361  0.329929"
-_SCF = re.compile(r"^\s*scf:\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", re.M)
+_SCF = re.compile(r"^ *scf: *\d+ .*$", re.M)
+# SIESTA 4.1 writes that line as '(a8,i4,3f16.6,3f10.6)' (write_subs.F): fixed fields, which touch where a value
+# fills its field, e.g. a Fermi level below -10 eV ("0.000077-12.131650"). Split at the fields, not at blanks.
+_SCF_FIELDS = (4, 16, 16, 16, 10, 10, 10)
 _TOTAL = re.compile(r"^siesta:\s+Total =\s+(\S+)", re.M)
 _FERMI = re.compile(r"^siesta:\s+Fermi =\s+(\S+)", re.M)
 _EBS = re.compile(r"^siesta:\s+Ebs\s+=\s+(\S+)", re.M)
@@ -63,6 +66,29 @@ def _float(text: str) -> float:
         return float("nan")
 
 
+def _scf_step(line: str) -> ScfStep | None:
+    """One ``scf:`` line, read by SIESTA's fixed fields, else (another layout) by blanks; None if neither gives
+    an iteration number and six values (a value that overflowed its field, '*****', reads as NaN)."""
+    def numbers(values):
+        if len(values) != 7 or not values[0].strip().isdigit():
+            return None
+        out = []
+        for v in (v.strip() for v in values[1:]):
+            if v and set(v) == {"*"}:
+                out.append(float("nan"))
+                continue
+            try:
+                out.append(float(v.replace("D", "E")))
+            except ValueError:
+                return None
+        return ScfStep(int(values[0]), *out)
+
+    start = line.index("scf:") + 5  # the end of SIESTA's a8 field "   scf: "
+    bounds = [start + sum(_SCF_FIELDS[:k]) for k in range(len(_SCF_FIELDS) + 1)]
+    fields = [line[a:b] for a, b in zip(bounds, bounds[1:])]
+    return numbers(fields) or numbers(line[start:].split()[:7])
+
+
 def _read_text(path: Path) -> str:
     """A SIESTA output's text, plain or gzipped; of a truncated or corrupt ``.gz`` (a copy cut short), what could
     be decompressed, as of a plain output cut short."""
@@ -93,8 +119,10 @@ def parse_output(source: str | Path) -> SiestaOutput:
     histories: list[list[ScfStep]] = []
     after_scf = 0  # where the last SCF line ends: SIESTA also prints an Ebs for the starting DM, before the SCF
     for m in _SCF.finditer(text):
+        step = _scf_step(m.group(0))
+        if step is None:
+            continue
         after_scf = m.end()
-        step = ScfStep(int(m.group(1)), *(_float(m.group(k)) for k in range(2, 8)))
         if step.iscf == 1 or not histories:
             histories.append([])
         histories[-1].append(step)
