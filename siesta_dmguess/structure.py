@@ -355,6 +355,10 @@ def _geometry_block_problem(fdf) -> str | None:
             return []
         return [words for words in map(fdf_words, block) if words]
 
+    if rows("Zmatrix") and not rows("AtomicCoordinatesAndAtomicSpecies"):
+        return ("its atoms are given as a Zmatrix block, which sisl does not read: give them as "
+                "AtomicCoordinatesAndAtomicSpecies, or predict from the <SystemLabel>.STRUCT_OUT SIESTA writes "
+                "(read as Γ-only: --fold no for a k-point run)")
     vectors = rows("LatticeVectors")
     if vectors and (len(vectors) != 3 or any(len(row) < 3 for row in vectors)):
         return f"LatticeVectors needs 3 rows of 3 numbers; it has {len(vectors)} rows"

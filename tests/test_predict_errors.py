@@ -636,6 +636,9 @@ def test_coordinates_that_are_not_numbers_are_a_clear_error(model_dir, tmp_path,
     (lambda t: t.replace("4.760 5.927 5.000 1", "4.760 5.927 1"),
      "row 3 of AtomicCoordinatesAndAtomicSpecies has 3 columns"),
     (lambda t: t.replace("0.0 0.0 10.0\n", ""), "LatticeVectors needs 3 rows of 3 numbers; it has 2 rows"),
+    (lambda t: t.replace("%block AtomicCoordinatesAndAtomicSpecies", "%block Zmatrix\nmolecule cartesian")
+     .replace("%endblock AtomicCoordinatesAndAtomicSpecies", "%endblock Zmatrix"),
+     "its atoms are given as a Zmatrix block, which sisl does not read"),
 ])
 def test_a_malformed_fdf_block_is_named(model_dir, tmp_path, edit, problem):
     """sisl's own errors for these were "list index out of range", and an unclosed block hung it."""
