@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from .errors import DMGuessError, InputFileError, ModelCompatibilityError
 from .files import atomic_write
 from .history import DEFAULT_DEPTH, GUESSES
@@ -560,6 +562,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
             predicted = to_image_keyed(pred.density_matrix)
         overlap = pred.history_overlap if pred else None
         geometry = build_geometry(structure, basis)
+        cell = structure.atoms.cell.array if structure.atoms.pbc.any() else None
+        orbital_atom = geometry.o2a(np.arange(geometry.no))
         frame_dir = out_dir / name / f"{t:04d}"
         # A frame's history guesses start from the frames before it: reuse only an unbroken run from the first.
         identity = {**template_identity, "frame_sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -584,17 +588,18 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
                     start = None
                 else:
                     start = histories[g].guess(used, atoms.positions, predicted,
-                                               refine=pred.refined if pred else None)
+                                               refine=pred.refined if pred else None, cell=cell)
                 out, wall, converged, dm_path = _run_frame(text, frame_dir / g, start, geometry, pseudo_dirs, command)
                 dm_files[g] = str(dm_path.relative_to(frame_dir))
                 row[g] = asdict(GuessResult(used if start is not None else "atomic", out.scf_iterations,
                                             out.converged, out.dm_read_from_file, out.total_energy_eV, wall,
                                             prediction_s if g.startswith("ml") else 0.0,
                                             [st.dDmax for st in out.scf_history]))
+            frame = {"cell": cell, "orbital_atom": orbital_atom}  # to follow atoms a wrapped trajectory moves
             if g == "ml+residual":  # the only guess built on past predictions; the others need converged DMs alone
-                histories[g].push(atoms.positions, converged, predicted, overlap)
+                histories[g].push(atoms.positions, converged, predicted, overlap, **frame)
             else:
-                histories[g].push(atoms.positions, converged)
+                histories[g].push(atoms.positions, converged, **frame)
         if kept is None:
             save_kept(frame_dir, identity, {"row": row, "dm_files": dm_files})
         rows.append(row)

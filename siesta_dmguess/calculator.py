@@ -71,6 +71,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from ase.calculators.siesta import Siesta
 
 from .errors import DMGuessError
@@ -100,6 +101,13 @@ class GuessRecord:
         if self.atomic_scf_iterations is None:
             return None
         return self.atomic_scf_iterations - self.scf_iterations
+
+
+def _periodic_cell(atoms):
+    """The lattice vectors SIESTA runs ``atoms`` in, or None for a molecule in its automatic cell (as
+    :func:`~siesta_dmguess.structure.structure_as_siesta_runs` decides): what the trajectory history follows
+    wrapped atoms across."""
+    return atoms.cell.array if atoms.cell.rank == 3 else None
 
 
 def _siesta_command_line():
@@ -286,7 +294,8 @@ class DMGuessSiesta(Siesta):
             else:
                 return
         start = self.trajectory.guess(kind, atoms.positions, self._predicted,
-                                      refine=self._prediction.refined if self._prediction else None)
+                                      refine=self._prediction.refined if self._prediction else None,
+                                      cell=_periodic_cell(atoms))
         if start is None:  # no history yet (extrapolation at the first step)
             return
         geometry = self._geometry(atoms)
@@ -305,13 +314,15 @@ class DMGuessSiesta(Siesta):
         from .dm import read_density_matrix, to_image_keyed
 
         try:
-            converged = to_image_keyed(read_density_matrix(self._dm_path(), self._geometry(self.atoms)))
+            geometry = self._geometry(self.atoms)
+            converged = to_image_keyed(read_density_matrix(self._dm_path(), geometry))
         except (DMGuessError, OSError) as exc:
             log.warning("could not read SIESTA's converged DM (%s); the next step starts without history", exc)
             self.trajectory.clear()
             return
         self.trajectory.push(self._positions, converged, self._predicted,
-                             self._prediction.history_overlap if self._prediction else None)
+                             self._prediction.history_overlap if self._prediction else None,
+                             cell=_periodic_cell(self.atoms), orbital_atom=geometry.o2a(np.arange(geometry.no)))
 
     def _apply_template(self, init: str) -> None:
         from .siesta.templates import apply_dm_init

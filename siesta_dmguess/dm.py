@@ -282,6 +282,26 @@ def to_image_keyed(dm) -> sp.csr_matrix:
                          shape=(no, no * width**3))
 
 
+def shift_image_keys(matrix: sp.spmatrix, orbital_shift: np.ndarray) -> sp.csr_matrix:
+    """An image-keyed matrix (:func:`to_image_keyed`) of a step whose atoms sat a whole number of cells away from
+    where they sit now (a trajectory wrapped into the cell, an atom jumping across it): element (i, j, R) is the
+    pair that is now (i, j, R + n_j - n_i), ``orbital_shift`` (no, 3) holding each orbital's atom's n (its old
+    position minus its current one, in lattice vectors). Keys beyond :data:`HISTORY_REACH` are dropped; a folded
+    (no, no) matrix, whose images are summed, is returned as it is."""
+    matrix = sp.csr_matrix(matrix)
+    no = matrix.shape[0]
+    if matrix.shape[1] == no or not np.any(orbital_shift):
+        return matrix
+    width = 2 * HISTORY_REACH + 1
+    coo = matrix.tocoo()
+    shifts = np.stack(np.unravel_index(coo.col // no, (width,) * 3), axis=1) - HISTORY_REACH
+    j = coo.col % no
+    shifts = shifts + orbital_shift[j] - orbital_shift[coo.row]
+    keep = np.all(np.abs(shifts) <= HISTORY_REACH, axis=1)
+    key = np.ravel_multi_index((shifts[keep] + HISTORY_REACH).T, (width,) * 3)
+    return sp.csr_matrix((coo.data[keep], (coo.row[keep], key * no + j[keep])), shape=matrix.shape)
+
+
 def from_image_keyed(matrix: sp.spmatrix, geometry):
     """The sisl DensityMatrix of an image-keyed matrix (:func:`to_image_keyed`) on ``geometry``, whose supercell
     is widened to hold every image present (a folded (no, no) matrix keeps ``geometry`` as it is).

@@ -71,6 +71,7 @@ class _Step:
     positions: np.ndarray
     converged: sp.csr_matrix  # D_scf of the step
     predicted: sp.csr_matrix | None  # D_ml of the step (for the residual)
+    cell: np.ndarray | None = None  # lattice vectors (rows), where the step is periodic
 
 
 DEFAULT_DEPTH = 3  # steps kept, as the extrapolation template's DM.History.Depth (SIESTA's own default is 1)
@@ -83,6 +84,7 @@ class TrajectoryHistory:
         if depth < 1:
             raise ValueError("the history needs a depth of at least 1")
         self.steps: deque[_Step] = deque(maxlen=depth)
+        self.orbital_atom: np.ndarray | None = None  # each orbital's atom, to re-key images (_aligned)
         self.weights = FULL_CORRECTION  # of (D_ml, E, E + C) in the ml+residual guess (module docstring)
         self.fitted = FULL_CORRECTION  # the last step's least-squares weights, before the held-out check
 
@@ -90,25 +92,61 @@ class TrajectoryHistory:
         return len(self.steps)
 
     def push(self, positions, converged: sp.spmatrix, predicted: sp.spmatrix | None = None,
-             overlap: sp.spmatrix | None = None) -> None:
+             overlap: sp.spmatrix | None = None, cell=None, orbital_atom=None) -> None:
         """Record a finished step (most recent first in the history). With the step's ``overlap`` S (same
-        layout), the ml+residual weights compare density errors, Tr[(ΔD S)²], instead of element errors."""
+        layout), the ml+residual weights compare density errors, Tr[(ΔD S)²], instead of element errors. With its
+        ``cell`` (and, for DMs that keep their images, each orbital's atom ``orbital_atom``), atoms that a
+        trajectory wraps into the cell are followed across it (:meth:`_aligned`)."""
         converged = sp.csr_matrix(converged)
         if self.steps and self.steps[0].converged.shape != converged.shape:
             self.clear()  # a different system: start a new history
+        if orbital_atom is not None:
+            self.orbital_atom = np.asarray(orbital_atom, dtype=np.int64)
+        cell = None if cell is None else np.asarray(cell, float).copy()
         if predicted is not None:
-            self._update_weight(positions, converged, sp.csr_matrix(predicted), overlap)
+            self._update_weight(positions, converged, sp.csr_matrix(predicted), overlap, cell)
         self.steps.appendleft(_Step(np.asarray(positions, float).copy(), converged,
-                                    None if predicted is None else sp.csr_matrix(predicted)))
+                                    None if predicted is None else sp.csr_matrix(predicted), cell))
 
     def clear(self) -> None:
         self.steps.clear()
         self.weights = self.fitted = FULL_CORRECTION
 
-    def _parts(self, positions, predicted: sp.csr_matrix):
+    def _aligned(self, positions, cell) -> list[_Step]:
+        """The steps as seen from a frame at ``positions`` in ``cell``: an atom that sat a whole number of cells
+        away (a trajectory wrapped into the cell, whose atom jumps across it) is put back next to where it is now,
+        and its DM elements re-keyed to the images they are now (:func:`~siesta_dmguess.dm.shift_image_keys`), so
+        that the extrapolation follows the atoms, not the wrapping. SIESTA's own extrapolation sees the jump: a
+        wrapped `si8` MD lost ... (measured below)."""
+        from .dm import shift_image_keys
+
+        if cell is None:
+            return list(self.steps)
+        cell = np.asarray(cell, float)
+        now = np.asarray(positions, float) @ np.linalg.inv(cell)
+        aligned = []
+        for step in self.steps:
+            if step.cell is None or step.positions.shape != now.shape:
+                aligned.append(step)
+                continue
+            jump = np.rint(step.positions @ np.linalg.inv(step.cell) - now).astype(np.int64)
+            if not jump.any():
+                aligned.append(step)
+                continue
+            moved = step.positions - jump @ step.cell
+            if self.orbital_atom is None or self.orbital_atom.size != step.converged.shape[0]:
+                orbital_shift = np.zeros((step.converged.shape[0], 3), np.int64)  # folded DMs need none
+            else:
+                orbital_shift = jump[self.orbital_atom]
+            aligned.append(_Step(moved, shift_image_keys(step.converged, orbital_shift),
+                                 None if step.predicted is None else shift_image_keys(step.predicted, orbital_shift),
+                                 step.cell))
+        return aligned
+
+    def _parts(self, positions, predicted: sp.csr_matrix, steps: list[_Step] | None = None):
         """(E, C): SIESTA's extrapolation of the converged DMs and the model's correction, on ``predicted``'s
-        pattern; None when there is no usable history."""
-        steps = [s for s in self.steps if s.predicted is not None]
+        pattern; None when there is no usable history. ``steps``: the history aligned to this frame."""
+        steps = [s for s in (self.steps if steps is None else steps) if s.predicted is not None]
         if not steps or steps[0].converged.shape != predicted.shape:
             return None
         # Elements no step holds (new to SIESTA's pattern) take the prediction in both: E = D_ml, C = 0 there.
@@ -118,12 +156,13 @@ class TrajectoryHistory:
                                              fallback=predicted)
         return extrapolated, correction.tocsr()
 
-    def _update_weight(self, positions, converged: sp.csr_matrix, predicted: sp.csr_matrix, overlap=None) -> None:
+    def _update_weight(self, positions, converged: sp.csr_matrix, predicted: sp.csr_matrix, overlap=None,
+                       cell=None) -> None:
         """Weights of (D_ml, E, E + C) that would have made this step's ml+residual guess best."""
         # The last step alone: summing the fits of the last three steps (measured with the element-wise fit) helped
         # a molecule near SIESTA's grid floor (h2o MD 73 -> 67 iterations) and hurt silicon, whose model error
         # drifts (si8 MD 83 -> 91).
-        parts = self._parts(positions, predicted)
+        parts = self._parts(positions, predicted, self._aligned(positions, cell))
         candidates = [predicted] if parts is None else [predicted, parts[0], parts[0] + parts[1]]  # D_ml, E, E + C
         gram = error_gram(candidates, converged, overlap)
         # Gate: the plain prediction already at SIESTA's grid noise (PLAIN_BELOW relative to |D_scf|) is kept.
@@ -142,13 +181,14 @@ class TrajectoryHistory:
         return not any(s.predicted is not None for s in self.steps) or tuple(self.weights) == PLAIN_PREDICTION
 
     def guess(self, kind: str, positions, predicted: sp.spmatrix | None = None,
-              refine=None) -> sp.csr_matrix | None:
+              refine=None, cell=None) -> sp.csr_matrix | None:
         """The starting DM of the given kind for a step at ``positions``; None where there is no history.
 
         ``predicted`` (the ML prediction of this step, in the history's layout) is needed for ``ml`` and
         ``ml+residual``.
         ``refine`` (e.g. :meth:`~siesta_dmguess.predict.Prediction.refined`) is applied to the ``ml+residual``
-        combination, so that it is refined like the prediction it is built on.
+        combination, so that it is refined like the prediction it is built on. ``cell``: this frame's lattice
+        vectors, where it is periodic (:meth:`_aligned`).
         Elements outside the pattern of the newest matrix involved are dropped (SIESTA would drop them too).
         """
         if kind not in GUESSES:
@@ -160,7 +200,7 @@ class TrajectoryHistory:
         predicted = None if predicted is None else sp.csr_matrix(predicted)
         if kind == "ml" or (kind == "ml+residual" and self.uses_plain_prediction()):
             return predicted  # already refined: combining it with zero weights and refining again changes nothing
-        steps = list(self.steps)
+        steps = self._aligned(positions, cell)
         if kind == "ml+residual":
             steps = [s for s in steps if s.predicted is not None]
         if not steps:
@@ -172,7 +212,7 @@ class TrajectoryHistory:
         if kind == "extrapolation":
             return extrapolate([s.positions for s in steps], positions, [s.converged for s in steps],
                                pattern=steps[0].converged)
-        extrapolated, correction = self._parts(positions, predicted)
+        extrapolated, correction = self._parts(positions, predicted, steps)
         a, b, g = self.weights
         combined = (a * predicted + b * extrapolated + g * (extrapolated + correction)).tocsr()
         return refine(combined) if refine is not None else combined

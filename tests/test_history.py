@@ -283,3 +283,53 @@ def test_a_guess_keeps_every_diagonal_element_in_the_pattern_siesta_reads(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error", sisl.SislWarning)
         write_density_matrix(dm, tmp_path / "siesta.DM")
+
+
+def _keyed_dm(positions, cell, cutoff=6.0):
+    """An image-keyed DM (dm.to_image_keyed's layout, one orbital per atom) whose element between atom i and the
+    image R of atom j is exp(-distance): a smooth function of where the atoms are, keyed as SIESTA keys it."""
+    import itertools
+
+    from siesta_dmguess.dm import HISTORY_REACH
+
+    no, width = len(positions), 2 * HISTORY_REACH + 1
+    rows, cols, vals = [], [], []
+    for i, j in itertools.product(range(no), repeat=2):
+        for shift in itertools.product((-1, 0, 1), repeat=3):
+            d = np.linalg.norm(positions[j] + np.array(shift) @ cell - positions[i])
+            if d < cutoff:
+                key = np.ravel_multi_index(tuple(np.array(shift) + HISTORY_REACH), (width,) * 3)
+                rows.append(i), cols.append(key * no + j), vals.append(np.exp(-d))
+    return sp.csr_matrix((vals, (rows, cols)), shape=(no, no * width**3))
+
+
+def test_a_trajectory_wrapped_into_its_cell_is_extrapolated_as_the_unwrapped_one():
+    """An MD code that wraps atoms into the cell makes one jump by a lattice vector between frames. The history
+    follows the atom (cell and each orbital's atom given): the extrapolated DM is the unwrapped trajectory's, its
+    images re-keyed to where the atom now is; without them it extrapolated a 5 Å jump."""
+    from siesta_dmguess.dm import shift_image_keys
+
+    cell = np.diag([5.0, 5.0, 5.0])
+    frames = [np.array([[1.0, 1.0, 1.0], [4.4 + 0.3 * t, 1.2, 0.9 + 0.05 * t]]) for t in range(4)]  # crosses x = 5
+    wrapped = [f.copy() for f in frames]
+    for f in wrapped:
+        f[:, 0] %= 5.0
+    assert wrapped[3][1, 0] < 1.0 < wrapped[1][1, 0]
+    plain, followed, blind = (TrajectoryHistory(3) for _ in range(3))
+    for t in range(3):
+        plain.push(frames[t], _keyed_dm(frames[t], cell))
+        followed.push(wrapped[t], _keyed_dm(wrapped[t], cell), cell=cell, orbital_atom=[0, 1])
+        blind.push(wrapped[t], _keyed_dm(wrapped[t], cell))
+    expected = shift_image_keys(plain.guess("extrapolation", frames[3]), np.array([[0, 0, 0], [1, 0, 0]]))
+    got = followed.guess("extrapolation", wrapped[3], cell=cell)
+    assert abs(got - expected).max() < 1e-12 and expected.nnz == got.nnz
+    truth = _keyed_dm(wrapped[3], cell)  # the frame's own DM: far closer than the extrapolated jump
+    assert 3 * abs(got - truth).max() < abs(blind.guess("extrapolation", wrapped[3]) - truth).max()
+    # A folded (Γ-only) DM needs no re-keying, only the positions: the same coefficients as unwrapped.
+    fold = [sp.csr_matrix(np.array([[1.0, 0.1 * t], [0.1 * t, 1.0]])) for t in range(3)]
+    plain, followed = TrajectoryHistory(3), TrajectoryHistory(3)
+    for t in range(3):
+        plain.push(frames[t], fold[t])
+        followed.push(wrapped[t], fold[t], cell=cell)
+    assert abs(followed.guess("extrapolation", wrapped[3], cell=cell)
+               - plain.guess("extrapolation", frames[3])).max() < 1e-12
