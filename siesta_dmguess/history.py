@@ -116,8 +116,9 @@ class TrajectoryHistory:
         """The steps as seen from a frame at ``positions`` in ``cell``: an atom that sat a whole number of cells
         away (a trajectory wrapped into the cell, whose atom jumps across it) is put back next to where it is now,
         and its DM elements re-keyed to the images they are now (:func:`~siesta_dmguess.dm.shift_image_keys`), so
-        that the extrapolation follows the atoms, not the wrapping. SIESTA's own extrapolation sees the jump: a
-        wrapped `si8` MD lost ... (measured below)."""
+        that the extrapolation follows the atoms, not the wrapping (docs/guesses.md, "Atoms wrapped into the
+        cell": a wrapped `water8` MD took 174 and 161 SCF iterations from the extrapolation and ML + residual
+        without this, 155 and 149 with it, as unwrapped)."""
         from .dm import shift_image_keys
 
         if cell is None:
