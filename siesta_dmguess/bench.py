@@ -517,7 +517,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix, ready_chosen_model
     from .siesta.templates import fdf_with_geometry
-    from .structure import FdfFrames, read_frames, resolve_fdf
+    from .structure import FdfFrames, periodic_cell, read_frames, resolve_fdf
 
     unknown = [g for g in guesses if g not in GUESSES]
     if unknown or not guesses:  # before any SIESTA run, not midway through the trajectory
@@ -562,8 +562,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
             predicted = to_image_keyed(pred.density_matrix)
         overlap = pred.history_overlap if pred else None
         geometry = build_geometry(structure, basis)
-        cell = structure.atoms.cell.array if structure.atoms.pbc.any() else None
-        orbital_atom = geometry.o2a(np.arange(geometry.no))
+        # Each frame's cell and orbitals' atoms: the histories follow atoms a wrapped trajectory moves across it.
+        frame = {"cell": periodic_cell(atoms), "orbital_atom": geometry.o2a(np.arange(geometry.no))}
         frame_dir = out_dir / name / f"{t:04d}"
         # A frame's history guesses start from the frames before it: reuse only an unbroken run from the first.
         identity = {**template_identity, "frame_sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -588,14 +588,13 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
                     start = None
                 else:
                     start = histories[g].guess(used, atoms.positions, predicted,
-                                               refine=pred.refined if pred else None, cell=cell)
+                                               refine=pred.refined if pred else None, cell=frame["cell"])
                 out, wall, converged, dm_path = _run_frame(text, frame_dir / g, start, geometry, pseudo_dirs, command)
                 dm_files[g] = str(dm_path.relative_to(frame_dir))
                 row[g] = asdict(GuessResult(used if start is not None else "atomic", out.scf_iterations,
                                             out.converged, out.dm_read_from_file, out.total_energy_eV, wall,
                                             prediction_s if g.startswith("ml") else 0.0,
                                             [st.dDmax for st in out.scf_history]))
-            frame = {"cell": cell, "orbital_atom": orbital_atom}  # to follow atoms a wrapped trajectory moves
             if g == "ml+residual":  # the only guess built on past predictions; the others need converged DMs alone
                 histories[g].push(atoms.positions, converged, predicted, overlap, **frame)
             else:

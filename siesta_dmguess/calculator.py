@@ -76,6 +76,7 @@ from ase.calculators.siesta import Siesta
 
 from .errors import DMGuessError
 from .history import DEFAULT_DEPTH, GUESSES
+from .structure import periodic_cell
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,6 @@ class GuessRecord:
         if self.atomic_scf_iterations is None:
             return None
         return self.atomic_scf_iterations - self.scf_iterations
-
-
-def _periodic_cell(atoms):
-    """The lattice vectors SIESTA runs ``atoms`` in, or None for a molecule in its automatic cell (as
-    :func:`~siesta_dmguess.structure.structure_as_siesta_runs` decides): what the trajectory history follows
-    wrapped atoms across."""
-    return atoms.cell.array if atoms.cell.rank == 3 else None
 
 
 def _siesta_command_line():
@@ -295,7 +289,7 @@ class DMGuessSiesta(Siesta):
                 return
         start = self.trajectory.guess(kind, atoms.positions, self._predicted,
                                       refine=self._prediction.refined if self._prediction else None,
-                                      cell=_periodic_cell(atoms))
+                                      cell=periodic_cell(atoms))
         if start is None:  # no history yet (extrapolation at the first step)
             return
         geometry = self._geometry(atoms)
@@ -322,7 +316,7 @@ class DMGuessSiesta(Siesta):
             return
         self.trajectory.push(self._positions, converged, self._predicted,
                              self._prediction.history_overlap if self._prediction else None,
-                             cell=_periodic_cell(self.atoms), orbital_atom=geometry.o2a(np.arange(geometry.no)))
+                             cell=periodic_cell(self.atoms), orbital_atom=geometry.o2a(np.arange(geometry.no)))
 
     def _apply_template(self, init: str) -> None:
         from .siesta.templates import apply_dm_init

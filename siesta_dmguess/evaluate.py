@@ -246,6 +246,7 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
     """
     from .card import load_model
     from .data import load_samples, resolve_split
+    from .guard import check_runs_made_as, model_species_of
 
     loaded = load_model(model_name_or_path)
     cfg = loaded.config
@@ -253,8 +254,6 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
               "novelty_threshold": float(loaded.model.novelty_threshold)}
     for d in data_dirs:
         used = resolve_split(d, split)
-        from .guard import model_species_of
-
         samples = load_samples([d], cfg.species, loaded.basis, cfg.message_cutoff, split=used, progress=progress,
                                with_overlap=True, fold_reach=cfg.fold_reach,
                                species_of=lambda structure: model_species_of(structure, loaded))
@@ -262,8 +261,6 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
             from .data import empty_split_error
 
             raise empty_split_error(d, used)
-        from .guard import check_runs_made_as
-
         check_runs_made_as(samples, loaded.card)  # an LDA model scored against GGA references would mean nothing
         r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap, refine=refine)
         result["datasets"][str(d)] = r["summary"] | {"split": used or "all"}

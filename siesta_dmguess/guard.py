@@ -41,8 +41,7 @@ def _same_setting(key: str, got, expected) -> bool:
     compare to 1e-3 relative: an energy shift written as 0.2721 eV is SIESTA's 0.02 Ry, not a new basis."""
     if key in FDF_ENERGY_KEYS:
         try:
-            a, b = (float(str(v).split()[0]) for v in (got, expected))
-            return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
+            return _close(*(float(str(v).split()[0]) for v in (got, expected)))
         except (ValueError, IndexError):
             pass  # not a number: compare as text
     return _normalize_setting(got) == _normalize_setting(expected)
@@ -216,8 +215,13 @@ def _same_option(a, b) -> bool:
 
     a, b = value(a), value(b)
     if isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
+        return _close(a, b)
     return a == b
+
+
+def _close(a: float, b: float) -> bool:
+    """Equal to 1e-3 relative: a value printed to a few digits, or converted between units, is the same value."""
+    return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
 
 
 def check_runs_made_as(samples, card: dict, trained: str = "the model was trained with",

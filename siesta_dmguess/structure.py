@@ -598,6 +598,12 @@ def structure_as_siesta_runs(atoms: Atoms, labels=None) -> Structure:
     return structure
 
 
+def periodic_cell(atoms: Atoms) -> np.ndarray | None:
+    """The lattice vectors SIESTA runs ``atoms`` in, or None for a molecule in its automatic cell (the rule of
+    :func:`structure_as_siesta_runs`): what the trajectory history follows wrapped atoms across."""
+    return atoms.cell.array if atoms.cell.rank == 3 else None
+
+
 class FdfFrames:
     """Frames of a trajectory (ASE Atoms) as Structures in the species and settings of an fdf template.
 

@@ -213,7 +213,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         if options.add_stage else {}
     if overrides.get("pair_set") == "onsite":
         raise DMGuessError("pair_set 'onsite' predicts no pair blocks: it is for a residual stage (--add-stage)")
-    init, init_record, init_card = _init_model(options.init, basis, overrides) if options.init else (None, None, None)
+    init, init_card = _init_model(options.init, basis, overrides) if options.init else (None, None)
     cfg = init.config if init else ModelConfig(species=species, basis={k: b.to_dict() for k, b in basis.items()},
                                                seed=options.seed, **overrides)
     species = cfg.species
@@ -356,7 +356,9 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
                      # whether any training run sampled its crystal more coarsely than its DM's range (predict.py)
                      "aliased_sampling": any(is_aliased(s) for s in train_set),
-                     **(init_record if init else {}),
+                     # the --init model's training record and weights, so that a chain of runs names each start
+                     **({"init_model_training": init_card.get("training", {}),
+                         "init_model_sha256": init_card.get("weights_sha256")} if init else {}),
                      "wall_s": round(time.time() - t0, 1), "command": command,
                      "software": software_versions()},
         "validation": {"split": "val", **validation["summary"]},
@@ -430,10 +432,10 @@ def validation_density_loss(model: DensityMatrixModel, samples) -> float:
     return float(np.mean(structure_density_losses(model, samples, relative=True))) if samples else 0.0
 
 
-def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[DensityMatrixModel, dict, dict]:
+def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[DensityMatrixModel, dict]:
     """A model built from another model's config (plus ``overrides``) with its weights, new heads starting
-    fresh; for the card, the other model's training record and weights sha256 (so that a chain of ``--init``
-    runs names every starting point); and the other model's card (its settings hold for the new data too)."""
+    fresh, and the other model's card (its training record goes into the new card; its settings hold for the new
+    data too)."""
     from .card import load_model
 
     loaded = load_model(name_or_path)
@@ -448,8 +450,7 @@ def _init_model(name_or_path: str, basis: dict, overrides: dict) -> tuple[Densit
     missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("correction_") for k in missing):
         raise InputFileError(f"--init model {name_or_path!r} does not fit this configuration", loaded.path)
-    return model, {"init_model_training": loaded.card.get("training", {}),
-                   "init_model_sha256": loaded.card.get("weights_sha256")}, loaded.card
+    return model, loaded.card
 
 
 def mean_neighbours(samples, cutoff: float) -> float:
