@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DMGuessError, InputFileError, ModelCompatibilityError
-from .files import atomic_write
+from .files import atomic_write, make_output_folder
 from .history import DEFAULT_DEPTH, GUESSES
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
         raise InputFileError("a file, where a dataset folder (of SIESTA run folders) is expected; to benchmark a "
                              "trajectory file, give the fdf its frames are run with: --fdf FDF", data_dir)
     name = benchmark_name(name, data_dir.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)
     split = resolve_split(data_dir, split)
     records = select_runs([data_dir], split)
     if not records:
@@ -522,10 +522,14 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     unknown = [g for g in guesses if g not in GUESSES]
     if unknown or not guesses:  # before any SIESTA run, not midway through the trajectory
         raise DMGuessError(f"unknown starting guesses {unknown}: choose from {', '.join(GUESSES)}")
+    repeated = sorted({g for g in guesses if list(guesses).count(g) > 1})
+    if repeated:  # a second run of a history guess would start from the DM the first just converged
+        raise DMGuessError(f"starting guesses given more than once: {', '.join(repeated)}")
     name = benchmark_name(name, Path(str(trajectory)).stem if not isinstance(trajectory, list) else "trajectory")
     fdf_template, out_dir = resolve_fdf(fdf_template), Path(out_dir)
     if not fdf_template.is_file():
         raise InputFileError("fdf template not found", fdf_template)
+    make_output_folder(out_dir)
     if not isinstance(trajectory, list) and Path(trajectory).is_dir():
         raise InputFileError("--fdf is for a trajectory file, and this is a folder: benchmark a dataset folder "
                              "without --fdf", trajectory)
@@ -608,7 +612,6 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
                     name, len(reused), len(images), out_dir)
     report = summarize_trajectory(rows, guesses, str(loaded.path) if loaded else "", str(trajectory)) | {
         "name": name, "refine": refine, "startup_s": startup_s, "reused": reused, "siesta": shlex.join(siesta)}
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(trajectory_markdown(report))
     plot_trajectory(report, out_dir / f"bench_{name}.png")
@@ -759,7 +762,7 @@ def _cmd_bench(args) -> int:
         if args.skip_incompatible:
             raise DMGuessError("--skip-incompatible applies to a dataset folder, not to a trajectory (--fdf): all "
                                "frames share one fdf, which the model covers or not")
-        guesses = args.guesses or ",".join(GUESSES)
+        guesses = ",".join(GUESSES) if args.guesses is None else args.guesses  # "" is no guess, not all of them
         report = run_trajectory_benchmark(args.data_dir, args.fdf, args.model, args.out,
                                           tuple(g.strip() for g in guesses.split(",") if g.strip()),
                                           depth=args.depth or DEFAULT_DEPTH, command=args.siesta,

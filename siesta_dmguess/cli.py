@@ -455,6 +455,15 @@ def _refuse_duplicate_processes(command: str) -> None:
                            f"over them: each would do all of it and write the same files; run one process.{hint}")
 
 
+# What an interrupted command keeps, and how to go on from it.
+INTERRUPTED_HINTS = {
+    "train": "; the checkpoint of the last finished epoch is kept in the --out folder: run the same command again to "
+             "resume from it",
+    "bench": "; the structures (or trajectory frames) already run are kept in the --out folder: run the same command "
+             "again to reuse them and go on",
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
@@ -467,6 +476,9 @@ def main(argv=None) -> int:
     except DMGuessError as exc:
         print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line saying what is kept, not a traceback through torch or SIESTA
+        print(f"siesta-dmguess: interrupted{INTERRUPTED_HINTS.get(args.command, '')}", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other command-line tools do
         # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -147,7 +147,8 @@ def resolve_split(data_dir: str | Path, split: str | None) -> str | None:
     if any(r.split == "val" for r in runs):
         return "val"
     if any(r.split for r in runs):
-        log.warning("%s: index.json records no 'val' split; using all %d runs", data_dir, len(runs))
+        log.warning("%s: its runs' records (index.json or run.json) hold no 'val' split; using all %d runs",
+                    data_dir, len(runs))
     return None
 
 
@@ -174,13 +175,29 @@ def list_runs(data_dir: str | Path) -> list[RunRecord]:
             records = json.loads(index.read_text())
         except json.JSONDecodeError as exc:
             raise InputFileError(f"index.json is not valid JSON ({exc})", index) from exc
-        return [RunRecord(data_dir / r["id"], str(r["id"]), r.get("split", ""), r) for r in records]
+        return [_indexed_record(data_dir, r, index) for r in _index_entries(records, index)]
     runs = sorted(p.parent for p in data_dir.glob("*/*.fdf"))
     if (data_dir / "input.fdf").is_file() or list(data_dir.glob("*.DM")):
         runs = [data_dir]
     if not runs:
         raise InputFileError("no run folders (sub-folders with an .fdf) found", data_dir)
     return [_record_of_folder(p) for p in sorted(set(runs))]
+
+
+def _index_entries(records, index: Path) -> list[dict]:
+    """The entries of an ``index.json``: a list of objects, each naming its run folder by ``id``."""
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "id" in r for r in records):
+        raise InputFileError('index.json must be a list of run records, each an object with the run folder\'s "id" '
+                             '(e.g. [{"id": "0000", "split": "train"}, ...])', index)
+    return records
+
+
+def _indexed_record(data_dir: Path, record: dict, index: Path) -> RunRecord:
+    folder = data_dir / str(record["id"])
+    if not folder.is_dir():
+        raise InputFileError(f"index.json lists run {record['id']!r}, whose folder {folder} does not exist (remove "
+                             f"it from index.json, or the index.json of a partly copied dataset)", index)
+    return RunRecord(folder, str(record["id"]), str(record.get("split") or ""), record)
 
 
 def _record_of_folder(folder: Path) -> RunRecord:
@@ -234,7 +251,15 @@ def select_runs(data_dirs, split: str | None = None, max_train: int = 0) -> list
     (``train --max-train``), where some run records a ``val`` split (or ``split="train"`` is asked), only the first
     ``max_train`` training runs, in order, which are all that training keeps. Without a val split the hold-out is
     drawn from every run, so all are kept."""
-    records = [r for d in data_dirs for r in list_runs(d) if r.in_split(split)]
+    records, seen = [], set()
+    for rec in (r for d in data_dirs for r in list_runs(d)):
+        key = rec.folder.resolve()
+        if key in seen:  # a folder given twice (or inside two given folders) would train twice, or validate on
+            log.warning("%s: given more than once; taken once", rec.folder)  # a structure it trained on
+            continue
+        seen.add(key)
+        if rec.in_split(split):
+            records.append(rec)
     if max_train and (split == "train" or any(r.split == "val" for r in records)):
         training = {id(r) for r in [r for r in records if r.in_split("train")][:max_train]}
         records = [r for r in records if r.split == "val" or id(r) in training]
@@ -284,8 +309,8 @@ def check_converged(rec: RunRecord) -> None:
     from .siesta.output import parse_output
 
     if rec.meta.get("converged") is False:
-        raise InputFileError("the dataset's index.json records that SIESTA did not converge this run, so its .DM "
-                             "is not a converged density matrix: rerun it or leave the folder out", rec.folder)
+        raise InputFileError("the run's record (index.json or run.json) says that SIESTA did not converge it, so "
+                             "its .DM is not a converged density matrix: rerun it or leave the folder out", rec.folder)
     for output in sorted([*rec.folder.glob("*.out"), *rec.folder.glob("*.out.gz")]):
         if not parse_output(output).converged:
             raise InputFileError(f"{output.name} does not say that SIESTA's SCF converged (it did not, or the "

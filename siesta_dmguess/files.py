@@ -47,6 +47,21 @@ def check_output_folder(path: str | Path) -> None:
         raise InputFileError("the output folder does not exist", folder)
 
 
+def make_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Create the output folder ``path`` (and its parents), or error naming it: a file in the way, or no right to
+    create it. Called before the work whose results go there, not when the first result is written."""
+    from .errors import InputFileError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputFileError(f"a file is in the way of the output folder ({option})", path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, a read-only folder
+        raise InputFileError(f"cannot create the output folder ({option}): {exc.strerror}", path) from exc
+    return path
+
+
 def backup_path(path: str | Path) -> Path:
     """First free ``<name>.bak``, ``<name>.bak1``, ... next to ``path``."""
     path = Path(path)

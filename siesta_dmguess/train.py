@@ -24,6 +24,7 @@ from . import software_versions
 from .card import atomic_torch_save, save_model, sha256_file
 from .data import is_aliased, load_samples, run_basis, select_runs
 from .errors import DMGuessError, InputFileError
+from .files import make_output_folder
 from .evaluate import atom_batches, evaluate_samples
 from .model import STAGE_SETTINGS, DensityMatrixModel, ModelConfig, collate, fold_to_targets, onsite_reference
 
@@ -95,6 +96,10 @@ def _pseudopotential_checksums(data_dirs, species) -> dict:
 
 
 def _split(records_samples, options: TrainOptions):
+    other = [s.name for s in records_samples if s.meta.get("split") not in ("train", "val", "", None)]
+    if other:  # a "test" split, or a misspelt "Val": neither trained on nor validated against, so say so
+        log.warning("%d run(s) record a split other than train or val and are left out of training and validation: "
+                    "%s", len(other), ", ".join(other[:5]) + (" ..." if len(other) > 5 else ""))
     train = [s for s in records_samples if s.meta.get("split") in ("train", "", None)]
     val = [s for s in records_samples if s.meta.get("split") == "val"]
     if not val:  # no split given: seeded random hold-out
@@ -194,9 +199,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     check_config_overrides(config_overrides or {})
     data_dirs = [Path(d) for d in data_dirs]
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputFileError("a file is in the way: the model is written as a folder here (--out)", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out_dir)
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
@@ -223,7 +226,12 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     check_same_settings(samples, init_card)
     train_set, val_set = _split(samples, options)
     if not train_set:
-        raise InputFileError("no training structures found", data_dirs[0])
+        if len(samples) == 1:  # the random hold-out took it
+            raise InputFileError("only one run: training needs at least two, one of them held out to validate the "
+                                 "model (or runs whose index.json / run.json records a train and a val split)",
+                                 data_dirs[0])
+        raise InputFileError("no training structures: every run is held out for validation or records another "
+                             "split", data_dirs[0])
     previous, val_reference, onsite_stage = None, None, False
     if options.density_loss:  # the validation structures too: the model kept is the one with the best density
         attach_folded_overlap(train_set + val_set, basis)
@@ -252,11 +260,17 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     start_epoch, history, best = 0, [], {"score": math.inf, "state": None, "epoch": -1}
     ckpt_path = out_dir / "checkpoint.pt"
     ckpt = _read_checkpoint(ckpt_path) if resume else None
+    wall_before = 0.0  # training time of the runs this one resumes
     if ckpt is not None:
         if ckpt.get("config") == cfg.to_dict():
+            _check_resume_options(ckpt, options, out_dir)
             _load_state(model, ckpt["model"]), opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             start_epoch, history, best = ckpt["epoch"] + 1, ckpt["history"], ckpt["best"]
+            wall_before = ckpt.get("wall_s", 0.0)
+            if ckpt.get("options", {}).get("epochs", options.epochs) != options.epochs and start_epoch < options.epochs:
+                # more epochs than first asked: decay from here to lr_final over the new end, as a fresh run would
+                sched.gamma = (options.lr_final / sched.get_last_lr()[0]) ** (1.0 / (options.epochs - start_epoch))
             if "mae" in best:  # checkpoints written before the best score was renamed
                 best["score"] = best.pop("mae")
             rng = np.random.default_rng([options.seed, start_epoch])
@@ -332,7 +346,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         bar.set_postfix(loss=f"{record[loss_key]:.2e}", val_best=f"{best['score']:.2e}")
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
-                           "best": best, "config": cfg.to_dict()}, ckpt_path)
+                           "best": best, "config": cfg.to_dict(), "options": asdict(options),
+                           "wall_s": wall_before + time.time() - t0}, ckpt_path)
     if best["state"] is not None:
         _load_state(model, best["state"])
     model.eval()
@@ -359,7 +374,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                      # the --init model's training record and weights, so that a chain of runs names each start
                      **({"init_model_training": init_card.get("training", {}),
                          "init_model_sha256": init_card.get("weights_sha256")} if init else {}),
-                     "wall_s": round(time.time() - t0, 1), "command": command,
+                     "wall_s": round(wall_before + time.time() - t0, 1), "command": command,
                      "software": software_versions()},
         "validation": {"split": "val", **validation["summary"]},
         "novelty_threshold": float(model.novelty_threshold),
@@ -702,6 +717,30 @@ def _check_no_model_replaced(out_dir: Path, init: str | None) -> None:
         return
     raise DMGuessError("holds a model that this training run cannot resume (another configuration or other data) "
                        "and would replace: give another --out, or --restart to replace it", out_dir)
+
+
+# TrainOptions a resumed run must share with its checkpoint: the optimizer, the data and the score it kept its best
+# model by. (--epochs may grow: the learning rate then decays to lr_final over the new end.)
+RESUME_OPTIONS = ("lr", "lr_final", "batch_atoms", "seed", "max_train", "val_fraction", "init", "add_stage",
+                  "density_loss", "loss_power")
+
+
+def _check_resume_options(ckpt: dict, options: TrainOptions, out_dir: Path) -> None:
+    """Error if resuming the checkpoint with ``options`` would train on with other settings than it was made with
+    (the card would record the new ones for a model trained mostly by the old), or if it has already trained
+    beyond ``--epochs``."""
+    saved = ckpt.get("options")
+    if saved is None:  # checkpoints written before the options were kept
+        return
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(options, k)!r})"
+               for k in RESUME_OPTIONS if k in saved and saved[k] != getattr(options, k)]
+    if changed:
+        raise DMGuessError(f"{out_dir}: its checkpoint was trained with " + ", ".join(changed) + ": resume it with "
+                           "the same options, or give --restart to train afresh")
+    done = ckpt["epoch"] + 1
+    if done > options.epochs:
+        raise DMGuessError(f"{out_dir}: its checkpoint has trained {done} epochs, more than --epochs "
+                           f"{options.epochs}: give --epochs {done} or more to resume it, or --restart")
 
 
 def _read_checkpoint(path: Path) -> dict | None:

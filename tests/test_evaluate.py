@@ -134,7 +134,7 @@ def test_a_folder_without_index_or_val_split_is_evaluated_whole_and_an_empty_spl
     (tmp_path / "mine" / "index.json").write_text(json.dumps(index))
     assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet"]) == 0
     assert "mean over 2 structures" in capsys.readouterr().out
-    assert "records no 'val' split; using all 2 runs" in caplog.text
+    assert "hold no 'val' split; using all 2 runs" in caplog.text
     # Asking for 'val' explicitly names the folder and the fix.
     assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet", "--split", "val"]) == 2
     err = capsys.readouterr().err
@@ -181,7 +181,7 @@ def test_a_run_siesta_did_not_converge_is_refused_as_reference(tmp_path):
         load()
     (run / "siesta.out.gz").unlink()
     (data / "index.json").write_text(json.dumps([{"id": "0004", "converged": False}]))
-    with pytest.raises(InputFileError, match=r"0004: the dataset's index.json records that SIESTA did not converge"):
+    with pytest.raises(InputFileError, match=r"0004: the run's record \(index.json or run.json\) says that SIESTA did not converge"):
         load()
 
 
@@ -238,6 +238,38 @@ def test_copied_runs_keep_the_split_their_run_json_records_and_a_split_nobody_re
     (copied / "0001" / "run.json").write_text("{not json")
     with pytest.raises(InputFileError, match=r"0001/run.json: run.json is not valid JSON"):
         select_runs([copied])
+
+
+def test_a_run_given_twice_is_read_once(tmp_path, caplog):
+    """``train DATA DATA`` (or DATA and DATA/) trained on each run twice, and its random hold-out could validate on a
+    structure it also trained on."""
+    from siesta_dmguess.data import select_runs
+
+    for run_id in ("0001", "0002"):
+        (tmp_path / "data" / run_id).mkdir(parents=True)
+        (tmp_path / "data" / run_id / "input.fdf").write_text("SystemLabel siesta\n")
+    data = tmp_path / "data"
+    with caplog.at_level("WARNING"):
+        runs = select_runs([data, Path(f"{data}/"), tmp_path / "data" / ".." / "data"])
+    assert [r.id for r in runs] == ["0001", "0002"]
+    assert "0001: given more than once; taken once" in caplog.text
+
+
+@pytest.mark.parametrize("index, problem", [
+    ({"runs": []}, "must be a list of run records"), ([{"name": "x"}], "must be a list of run records"),
+    ([{"id": "0001"}, {"id": "0009"}], "lists run '0009', whose folder")])
+def test_a_malformed_index_json_is_named(tmp_path, index, problem):
+    """Each was a bare TypeError, KeyError or a missing-fdf error about a folder that does not exist."""
+    import json
+
+    from siesta_dmguess.data import select_runs
+    from siesta_dmguess.errors import InputFileError
+
+    (tmp_path / "data" / "0001").mkdir(parents=True)
+    (tmp_path / "data" / "0001" / "input.fdf").write_text("SystemLabel siesta\n")
+    (tmp_path / "data" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InputFileError, match=f"index.json: .*{problem}"):
+        select_runs([tmp_path / "data"])
 
 
 @pytest.mark.parametrize("option", ["--json", "--plot"])

@@ -171,6 +171,15 @@ def test_not_converged_is_an_error_unless_allowed(run_dir, tmp_path):
     assert not run_siesta(run_dir / "input.fdf", command=str(exe), allow_unconverged=True).output.converged
 
 
+@pytest.mark.parametrize("edit", [lambda t: re.sub(r"   scf:.*\n", "", t), lambda t: t.replace("-465.674271", "*********")])
+def test_a_converged_output_without_scf_lines_or_a_finite_energy_is_no_result(run_dir, tmp_path, edit):
+    """A wrapper or broken build saying "converged" with no energy crashed bench's summary (a bare TypeError, kept
+    for every rerun), or gave a report with |ΔE| nan and no warning."""
+    exe = fake_siesta(tmp_path, edit(GOOD))
+    with pytest.raises(SiestaError, match="converged but holds no scf: lines or no finite total energy"):
+        run_siesta(run_dir / "input.fdf", command=str(exe))
+
+
 def test_missing_pseudopotential_is_named_before_running(run_dir, tmp_path):
     (run_dir / "H.psf").unlink()
     with pytest.raises(InputFileError, match="H.psf"):
@@ -491,6 +500,54 @@ def test_bench_refuses_options_of_the_other_kind_of_benchmark(tmp_path, capsys, 
     assert main(["bench", str(tmp_path), *options]) != 0
     err = capsys.readouterr().err
     assert named in err and "trajectory" in err
+
+
+def test_a_guess_given_twice_is_refused_before_any_run(tmp_path):
+    """``--guesses atomic,reuse,reuse`` ran reuse twice per frame, the second from the DM the first had just
+    converged: 1 iteration a frame, a saving that is not there."""
+    from siesta_dmguess.bench import run_trajectory_benchmark
+    from siesta_dmguess.errors import DMGuessError
+
+    with pytest.raises(DMGuessError, match="starting guesses given more than once: reuse"):
+        run_trajectory_benchmark(tmp_path / "none.traj", tmp_path / "none.fdf", guesses=("atomic", "reuse", "reuse"),
+                                 command=str(fake_siesta(tmp_path, GOOD)))
+
+
+@pytest.mark.parametrize("command", ["bench", "train"])
+@pytest.mark.parametrize("out", ["afile", "afile/sub"])
+def test_an_output_folder_a_file_is_in_the_way_of_is_named(tmp_path, capsys, command, out):
+    """A file in the way of --out (or of its parent) was a bare FileExistsError / NotADirectoryError."""
+    from siesta_dmguess.cli import main
+
+    data = water_run(tmp_path / "data" / "0000").parent
+    (tmp_path / "afile").write_text("kept")
+    options = ["--epochs", "1"] if command == "train" else ["--siesta", str(fake_siesta(tmp_path, GOOD))]
+    assert main([command, str(data), "--out", str(tmp_path / out), *options]) == 2
+    err = capsys.readouterr().err
+    assert "afile" in err and ("a file is in the way of the output folder" in err or "cannot create the output "
+                               "folder (--out): Not a directory" in err), err
+    assert (tmp_path / "afile").read_text() == "kept"
+
+
+@pytest.mark.parametrize("command, hint", [("train", "checkpoint of the last finished epoch"),
+                                           ("bench", "already run are kept"), ("predict", "")])
+def test_ctrl_c_is_one_line_saying_what_is_kept(monkeypatch, capsys, command, hint):
+    from siesta_dmguess import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    parser = cli.build_parser
+
+    def patched():
+        p = parser()
+        p._subparsers._group_actions[0].choices[command].set_defaults(func=interrupted)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", patched)
+    assert cli.main([command, "x", *(["--out", "y"] if command == "train" else [])]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("siesta-dmguess: interrupted") and hint in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("command, option, value", [

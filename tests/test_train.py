@@ -46,6 +46,38 @@ def test_train_writes_model_learns_and_resumes(tmp_path):
     assert [h["epoch"] for h in result2.history] == list(range(8))
     assert result2.history[:6] == result.history
     assert not list(out.glob(".*.tmp"))  # checkpoint written atomically, no temporary left over
+    # The longer run decays its learning rate to lr_final at its own end (it went on below it), and the card
+    # counts the training time of both runs.
+    assert result2.history[-1]["lr"] == pytest.approx(opts.lr_final)
+    assert json.loads((out / "card.json").read_text())["training"]["wall_s"] >= card["training"]["wall_s"]
+    # Resuming with another optimizer setting, or fewer epochs than the checkpoint has trained, is refused: the
+    # card would record settings the model was mostly not trained with.
+    with pytest.raises(DMGuessError, match=r"trained with --lr 0.01 \(now 0.001\), --batch-atoms 12 \(now 6\)"):
+        train([data], out, TrainOptions(**{**opts.__dict__, "epochs": 9, "lr": 1e-3, "batch_atoms": 6}), TINY)
+    with pytest.raises(DMGuessError, match="has trained 8 epochs, more than --epochs 5: give --epochs 8"):
+        train([data], out, TrainOptions(**{**opts.__dict__, "epochs": 5}), TINY)
+
+
+def test_one_run_or_runs_of_another_split_are_said_so(tmp_path, caplog):
+    """One run was "no training structures found" (the random hold-out had taken it); a run recording a split
+    other than train or val (a "test", a misspelt "Val") was left out of both without a word."""
+    import shutil
+
+    data = dataset("h2o")
+    one = tmp_path / "one"
+    shutil.copytree(data / "basis", one / "basis")
+    shutil.copytree(data / "0000", one / "0000")
+    (one / "0000" / "run.json").unlink(missing_ok=True)
+    opts = TrainOptions(epochs=1, progress=False)
+    with pytest.raises(InputFileError, match="only one run: training needs at least two"):
+        train([one], tmp_path / "m", opts, TINY)
+    shutil.copytree(data / "0001", one / "0001")
+    (one / "0001" / "run.json").write_text(json.dumps({"id": "0001", "split": "Val"}))
+    shutil.copytree(data / "0002", one / "0002")
+    (one / "0002" / "run.json").unlink(missing_ok=True)
+    with caplog.at_level("WARNING", logger="siesta_dmguess.train"):
+        train([one], tmp_path / "m2", opts, TINY)
+    assert "1 run(s) record a split other than train or val" in caplog.text and "0001" in caplog.text
 
 
 def test_truncated_checkpoint_is_reported_and_training_starts_afresh(tmp_path, caplog):

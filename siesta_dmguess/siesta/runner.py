@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import shutil
@@ -150,4 +151,9 @@ def run_siesta(fdf: str | Path, command: str | None = None, timeout: float | Non
         raise SiestaError(f"SIESTA failed (exit status {proc.returncode}); last lines:\n{tail}", out_file)
     if not output.converged and not allow_unconverged:
         raise SiestaError(f"SCF did not converge after {output.scf_iterations} iterations", out_file)
+    energy = output.total_energy_eV
+    if output.converged and (not output.scf_iterations or energy is None or not math.isfinite(energy)):
+        # SIESTA itself never writes this: a wrapper or a broken build, whose run must not count as a result
+        raise SiestaError("the output says the SCF converged but holds no scf: lines or no finite total energy; "
+                          f"last lines:\n{tail}", out_file)
     return SiestaRun(output, wall, fdf.parent, out_file, proc.returncode)
