@@ -6,14 +6,15 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
 * ``model``: a shipped model name, a model folder or a loaded model; ``"auto"`` (default) takes the
   shipped model with the fewest species that covers the atoms', unless the atoms lie outside its training
   data and another covering model knows them much better or would give a prediction that is used where its
-  own would be refused (``predict.choose_model``), chosen at the first ML step;
+  own would be refused (``predict.choose_model``), chosen at the first ML step and again when the elements
+  change; a name or folder that is no model is an error when the calculator is made (whatever ``fallback``);
 * ``guess``: how each SCF starts (see :mod:`siesta_dmguess.history`):
   ``"ml+residual"`` (default: the prediction; along MD and relaxations, SIESTA's
   DM extrapolation plus the model's prediction of the change, weighted by how
   well it predicted the previous step, or the plain prediction where that is
   already at SIESTA's grid noise), ``"ml"`` (the prediction for every
   geometry), ``"reuse"`` (SIESTA's
-  previous-step DM), ``"extrapolation"`` (SIESTA's DM extrapolation, applied
+  previous-step DM; as ASE's Siesta, none at the first step or after the atomic numbers change), ``"extrapolation"`` (SIESTA's DM extrapolation, applied
   across ASE-driven steps) or ``"atomic"``; with k-points too. Where a step's
   prediction is not used (below), ``"ml+residual"`` starts from the extrapolation
   alone once there is a history, ``"ml"`` from the atomic guess;
@@ -31,7 +32,8 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
   ``novelty_limit=None`` turns that off too. So does, always, a run whose k-sampling
   the model never trained on, and a prediction with no clear occupied space
   (``Prediction.mixed_reason``: a bond breaking);
-* ``history_depth``: steps kept for extrapolation (SIESTA's ``DM.History.Depth``);
+* ``history_depth``: steps kept for extrapolation (SIESTA's ``DM.History.Depth``); the history starts again
+  when the atomic numbers change (other elements, or the same atoms in another order);
 * ``threads``: torch threads for the predictions (default: torch's, one per core); 1 where other
   programs keep the cores busy (``predict.torch_threads``).
 
@@ -119,6 +121,34 @@ def _siesta_command_line():
         return None, exc
 
 
+def _warn_of_replaced_dm_keys(fdf_arguments: dict) -> None:
+    """Say that the starting-guess keys among ``fdf_arguments`` (``DM.UseSaveDM F``, ``File.DM.Init``) are
+    replaced at each step by the guess's template (integration/templates), rather than drop them silently."""
+    from .siesta.templates import DM_INIT_KEYS
+    from .structure import normalized_fdf_key
+
+    replaced = [k for k in fdf_arguments if normalized_fdf_key(k) in DM_INIT_KEYS]  # (keys in SIESTA's spelling)
+    if replaced:
+        warnings.warn(f"siesta-dmguess: fdf_arguments {replaced} are replaced at each step by the starting guess's "
+                      f"settings; guess='atomic' starts every step from SIESTA's atomic guess", stacklevel=3)
+
+
+def _checked_model(model):
+    """The calculator's ``model`` argument, checked when the calculator is made: a misspelt name was found only at
+    the first step, and with ``fallback="atomic"`` ran the whole job from SIESTA's atomic guess (the fallback is
+    for structures a model does not fit, not for a model that is not there)."""
+    from .card import LoadedModel, resolve_model
+    from .predict import _is_auto
+
+    if isinstance(model, LoadedModel) or _is_auto(model):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be 'auto', a shipped model's name, a model folder or a loaded model, "
+                        f"not {model!r}")
+    resolve_model(model)  # ModelCompatibilityError naming it and the shipped models
+    return model
+
+
 class DMGuessSiesta(Siesta):
     """ASE's SIESTA calculator that starts every SCF from an ML-predicted density matrix."""
 
@@ -138,9 +168,10 @@ class DMGuessSiesta(Siesta):
             raise ValueError(f"guess must be one of {self.GUESSES}, not {guess!r}")
         if fallback not in ("error", "atomic"):
             raise ValueError(f"fallback must be 'error' or 'atomic', not {fallback!r}")
+        _warn_of_replaced_dm_keys(self["fdf_arguments"] or {})
         from .history import TrajectoryHistory
 
-        self.model_name = model
+        self.model_name = _checked_model(model)
         self.guess = guess
         self.fallback = fallback
         self.compare_baseline = compare_baseline
@@ -150,6 +181,9 @@ class DMGuessSiesta(Siesta):
         self.history: list[GuessRecord] = []
         self.trajectory = TrajectoryHistory(history_depth)
         self._loaded = None
+        self._loaded_for: frozenset | None = None  # the elements "auto" chose self._loaded for
+        self._auto_models: dict[frozenset, object] = {}  # "auto": the model chosen for each set of elements
+        self._numbers = None  # atomic numbers of the last converged step: the system the history is of
         self._used = "atomic"
         self._prediction_s = self._startup_s = 0.0
         self._reason = ""
@@ -204,10 +238,18 @@ class DMGuessSiesta(Siesta):
         return settings
 
     def _model(self, atoms):
-        if self._loaded is None:  # once: its time is this step's start-up, not part of its prediction_s
-            from .predict import ready_chosen_model
+        """The model of this step: loaded once (its time is this step's start-up, not part of its
+        prediction_s); with "auto", chosen again when the elements change (water, then a CHNO molecule)."""
+        from .predict import _is_auto, ready_chosen_model
 
-            self._loaded, self._startup_s = ready_chosen_model(self.model_name, atoms)
+        elements = frozenset(atoms.get_chemical_symbols())
+        if self._loaded is None or (_is_auto(self.model_name) and elements != self._loaded_for):
+            if elements in self._auto_models:
+                self._loaded = self._auto_models[elements]
+            else:
+                self._loaded, self._startup_s = ready_chosen_model(self.model_name, atoms)
+                self._auto_models[elements] = self._loaded
+            self._loaded_for = elements
         return self._loaded
 
     def _dm_path(self) -> Path:
@@ -267,10 +309,14 @@ class DMGuessSiesta(Siesta):
         self._used, self._reason, self._prediction_s, self._startup_s = "atomic", "", 0.0, 0.0
         self._prediction, self._predicted = None, None
         self._positions = atoms.positions.copy()
+        same_system = self._numbers is not None and np.array_equal(self._numbers, atoms.numbers)
+        if not same_system:  # other elements, or the same in another order: no earlier step is this system's
+            self.trajectory.clear()
         if self.guess == "atomic":
             return
-        if self.guess == "reuse":  # SIESTA reads the DM it wrote at the previous step, if any
-            self._used = "reuse" if self._dm_path().is_file() else "atomic"
+        if self.guess == "reuse":  # SIESTA reads the DM it wrote at this calculator's previous step, if any (as
+            # ASE's Siesta, never a .DM left in the folder by another run, nor one of other atoms)
+            self._used = "reuse" if same_system and self._dm_path().is_file() else "atomic"
             return
         if self.guess.startswith("ml"):
             try:  # before the prediction's clock starts (loads the model at the first step)
@@ -286,6 +332,7 @@ class DMGuessSiesta(Siesta):
             elif self.guess == "ml+residual":
                 kind = "extrapolation"  # no usable prediction: the history alone still starts SIESTA closer
             else:
+                self._prediction_s = time.perf_counter() - t0  # spent, though SIESTA starts from its own guess
                 return
         start = self.trajectory.guess(kind, atoms.positions, self._predicted,
                                       refine=self._prediction.refined if self._prediction else None,
@@ -303,6 +350,7 @@ class DMGuessSiesta(Siesta):
 
     def _record_converged(self) -> None:
         """Keep this step's converged DM (and prediction) for the next step's guess."""
+        self._numbers = self.atoms.numbers.copy()  # the system SIESTA's .DM is now of (reuse)
         if self.guess not in ("ml+residual", "extrapolation"):
             return
         from .dm import read_density_matrix, to_image_keyed
@@ -404,9 +452,10 @@ class DMGuessSiesta(Siesta):
             out = parse_output(output)
             failure = "" if out.converged else "the SCF did not converge"
         except CalculationFailed as exc:
-            if self._used == "atomic":
-                raise
-            out, failure = (parse_output(output) if output.is_file() else None), str(exc)
+            out = parse_output(output) if output.is_file() else None
+            if self._used == "atomic" or out is not None and out.version is None:
+                raise  # from its own guess, or SIESTA never started (an empty output: no program there)
+            failure = str(exc)
         if failure and self._used != "atomic":
             # A guess must never cost the answer: SIESTA's own start decides, as it would without this package.
             n = failed_iterations = out.scf_iterations if out else 0
@@ -430,6 +479,16 @@ class DMGuessSiesta(Siesta):
                                         failed_scf_iterations=failed_iterations)
         self.history.append(self.guess_record)
         self.results["guess"] = self.guess_record
+
+    def todict(self, skip_default=True) -> dict:
+        """ASE's parameters, with this calculator's own arguments, so that ``DMGuessSiesta(**calc.todict())``
+        makes the same calculator."""
+        own = {"model": self.model_name, "guess": self.guess, "fallback": self.fallback,
+               "compare_baseline": self.compare_baseline, "novelty_limit": self.novelty_limit,
+               "history_depth": self.trajectory.steps.maxlen, "threads": self.threads}
+        own["model"] = str(own["model"]) if isinstance(own["model"], os.PathLike) else own["model"]
+        return {**super().todict(skip_default), **{k: v for k, v in own.items()  # a loaded model is no parameter
+                                                   if isinstance(v, (str, int, float, bool, type(None)))}}
 
     def _run_baseline(self) -> int:
         """SIESTA from the atomic guess on the same input, in ``<directory>/baseline``."""

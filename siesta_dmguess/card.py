@@ -238,6 +238,11 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = Tru
         e3nn.set_optimization_defaults(optimize_einsums=optimize)
     try:
         model = DensityMatrixModel(config)
+        species_basis = config.species_basis()
+    except Exception as exc:  # a value of the wrong kind or a basis entry missing: any error of building it
+        raise InputFileError(f"model config is not valid: the network it describes cannot be built "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                             path / CONFIG) from exc
     finally:
         torch.set_default_dtype(prev)
         e3nn.set_optimization_defaults(**prev_e3nn)
@@ -248,4 +253,4 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = Tru
         raise ModelCompatibilityError(f"{WEIGHTS} cannot be loaded into the network its {CONFIG} describes "
                                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", path) from exc
     model.to(dtype).eval()
-    return LoadedModel(model, config, card, path, config.species_basis())
+    return LoadedModel(model, config, card, path, species_basis)

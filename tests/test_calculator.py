@@ -143,6 +143,70 @@ def test_ml_plus_residual_guess_is_written_refined(tmp_path):
     assert impurity(d) < 1e-8 < 1e-4 < impurity(raw)
 
 
+def test_the_history_is_of_one_system_and_reuse_only_of_this_calculators_steps(model_dir, tmp_path):
+    """The same atoms in another order (or other elements) started SIESTA from the previous step's DM of other
+    atoms (29 SCF iterations where the atomic guess takes 12), and the first step of a calculator "reused" a .DM an
+    earlier process had left in the folder. ASE's Siesta reads no DM after a change of atomic numbers either."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    (tmp_path / "siesta.DM").write_text("left by an earlier run")
+    water = water_molecule()
+    c = calc(model_dir, tmp_path, guess="reuse")
+    c._write_guess(water)
+    assert c._used == "atomic"  # the first step: nothing of this calculator to reuse
+    c.atoms = water.copy()
+    c._record_converged()  # as after a converged step
+    c._write_guess(water)
+    assert c._used == "reuse"
+    swapped = water[[1, 0, 2]]
+    c._write_guess(swapped)
+    assert c._used == "atomic"
+    c = calc(model_dir, tmp_path, guess="extrapolation")
+    c.atoms = water.copy()
+    c._record_converged()
+    c.trajectory.push(water.positions, sp.identity(23, format="csr"))
+    c._write_guess(water.copy())
+    assert len(c.trajectory) == 1
+    c._write_guess(swapped)
+    assert len(c.trajectory) == 0 and c._used == "atomic" and np.array_equal(c._numbers, water.numbers)
+
+
+def test_the_model_is_checked_when_the_calculator_is_made(tmp_path):
+    """A misspelt model with fallback="atomic" ran every step from the atomic guess, warning at each; a model that
+    is no name or folder was a TypeError from pathlib at the first step."""
+    with pytest.raises(ModelCompatibilityError, match="no model folder or shipped model named 'watr'"):
+        DMGuessSiesta(model="watr", fallback="atomic", directory=str(tmp_path))
+    with pytest.raises(TypeError, match="model must be 'auto', a shipped model's name, a model folder"):
+        DMGuessSiesta(model=42, directory=str(tmp_path))
+
+
+def test_auto_chooses_again_when_the_elements_change(tmp_path):
+    """``model="auto"`` stayed on its first choice: a CH4 after a water molecule was refused by `water`."""
+    from ase.build import molecule
+
+    c = DMGuessSiesta(label="siesta", directory=str(tmp_path), xc="CA")
+    c._write_guess(water_molecule())
+    assert c._used == "ml" and c._loaded.path.name == "water"
+    methane = molecule("CH4", cell=[10] * 3, pbc=True)
+    methane.center()
+    c._write_guess(methane)
+    assert c._used == "ml" and c._loaded.path.name == "chno-molecules" and c._startup_s > 0
+    c._write_guess(water_molecule())  # loaded already: no start-up
+    assert c._loaded.path.name == "water" and c._startup_s == 0
+
+
+def test_todict_makes_the_same_calculator_and_replaced_dm_keys_are_said(model_dir, tmp_path):
+    with pytest.warns(UserWarning, match=r"fdf_arguments \['DM.UseSaveDM'\] are replaced at each step"):
+        c = calc(model_dir, tmp_path, guess="extrapolation", history_depth=2, fallback="atomic",
+                 fdf_arguments={"DM.UseSaveDM": "F", "DM.Tolerance": "1e-5"})
+    d = c.todict()
+    assert (d["model"], d["guess"], d["history_depth"], d["fallback"]) == (str(model_dir), "extrapolation", 2, "atomic")
+    with pytest.warns(UserWarning):
+        again = DMGuessSiesta(**d)
+    assert (again.model_name, again.guess, again.trajectory.steps.maxlen) == (str(model_dir), "extrapolation", 2)
+
+
 def test_threads_apply_to_the_prediction_only(model_dir, tmp_path, torch_thread_log):
     """``threads=1`` runs the calculator's prediction on one torch thread and restores torch's setting."""
     import torch
@@ -413,16 +477,17 @@ def test_siesta_is_found_as_everywhere_else_and_a_missing_one_is_said_before_pre
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr("siesta_dmguess.siesta.runner._ase_config_command", lambda: None)
     atoms = water_molecule()
-    atoms.calc = DMGuessSiesta(model=tmp_path / "no-model", directory=str(tmp_path / "run"), xc="CA")
+    atoms.calc = DMGuessSiesta(model="water", directory=str(tmp_path / "run"), xc="CA")
     with pytest.raises(SiestaNotFoundError, match="SIESTA_COMMAND: not set"):
         atoms.get_potential_energy()
+    assert atoms.calc._loaded is None  # said before the model was loaded
     fake = tmp_path / "my-siesta"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     monkeypatch.setenv("SIESTA_COMMAND", str(fake))
-    found = DMGuessSiesta(model=tmp_path / "no-model", directory=str(tmp_path / "run"), xc="CA")
+    found = DMGuessSiesta(model="water", directory=str(tmp_path / "run"), xc="CA")
     assert found._siesta_command().startswith(f"{fake} < ")
-    given = DMGuessSiesta(model=tmp_path / "no-model", command="other < PREFIX.fdf > PREFIX.out", xc="CA")
+    given = DMGuessSiesta(model="water", command="other < PREFIX.fdf > PREFIX.out", xc="CA")
     assert given._siesta_command().startswith("other")
 
 
@@ -459,7 +524,7 @@ CONVERGED_OUTPUT = UNCONVERGED_OUTPUT.replace("siesta:         Total", "SCF cycl
                                                                     "siesta:         Total")
 
 
-@pytest.mark.parametrize("ml_run", ["converges", "does not converge", "crashes"])
+@pytest.mark.parametrize("ml_run", ["converges", "does not converge", "crashes", "never starts"])
 def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_dir, tmp_path, monkeypatch, ml_run):
     """Where SIESTA fails from the ML guess (crashes, or stops unconverged with SCF.MustConverge F), the step is
     run again from SIESTA's atomic guess, as SIESTA alone would have run it, and the record says why; a failure
@@ -479,6 +544,9 @@ def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_di
         runs.append((guess, Path(self._dm_path()).is_file()))
         if guess == "ml" and ml_run == "crashes" or guess == "atomic" and ml_run == "atomic crashes":
             raise CalculationFailed("siesta in . returned an error: 134")
+        if ml_run == "never starts":  # the shell made the output, then found no program to run
+            Path(self.getpath(ext="out")).write_text("")
+            raise CalculationFailed("siesta in . returned an error: 127")
         converged = guess == "atomic" or ml_run == "converges"
         Path(self.getpath(ext="out")).write_text(CONVERGED_OUTPUT if converged else UNCONVERGED_OUTPUT)
 
@@ -488,6 +556,11 @@ def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_di
     monkeypatch.setenv("SIESTA_COMMAND", "/bin/true")
     atoms = water_molecule()
     atoms.calc = calc(model_dir, tmp_path, guess="ml")
+    if ml_run == "never starts":  # no guess to blame, and no point in a second run: ASE's error, at once
+        with _no_warning(), pytest.raises(CalculationFailed, match="127"):
+            atoms.get_potential_energy()
+        assert runs == [("ml", True)]
+        return
     with pytest.warns(UserWarning) if ml_run != "converges" else _no_warning():
         assert atoms.get_potential_energy() == -465.67
     record = atoms.calc.guess_record

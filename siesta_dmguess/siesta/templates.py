@@ -15,8 +15,9 @@ from ..structure import fdf_words, normalized_fdf_key, species_block
 from .runner import fdf_value, species_labels
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
-_DM_INIT_KEYS = {normalized_fdf_key(k) for k in ("DM.UseSaveDM", "DM.AllowExtrapolation", "DM.History.Depth",
-                                                  "DM.Init.File", "DM.FormattedFiles", "MD.UseSaveXV")}
+# The keys of a run's starting DM, which a template replaces (normalized: structure.normalized_fdf_key).
+DM_INIT_KEYS = {normalized_fdf_key(k) for k in ("DM.UseSaveDM", "DM.AllowExtrapolation", "DM.History.Depth",
+                                                "DM.Init.File", "DM.FormattedFiles", "MD.UseSaveXV")}
 
 
 def template_path(name: str) -> Path:
@@ -44,7 +45,7 @@ def lines_without_keys(fdf_text: str, keys) -> list[str]:
 
 def apply_dm_init(fdf_text: str, init: str) -> str:
     """fdf text with its DM-initialisation keys replaced by the template's block."""
-    kept = lines_without_keys(fdf_text, _DM_INIT_KEYS)
+    kept = lines_without_keys(fdf_text, DM_INIT_KEYS)
     block = template_path(init).read_text().rstrip()
     return "\n".join(kept + ["", f"# --- siesta-dmguess: DM initialisation '{init}' ---", block]) + "\n"
 
