@@ -529,7 +529,6 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     fdf_template, out_dir = resolve_fdf(fdf_template), Path(out_dir)
     if not fdf_template.is_file():
         raise InputFileError("fdf template not found", fdf_template)
-    make_output_folder(out_dir)
     if not isinstance(trajectory, list) and Path(trajectory).is_dir():
         raise InputFileError("--fdf is for a trajectory file, and this is a folder: benchmark a dataset folder "
                              "without --fdf", trajectory)
@@ -538,6 +537,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         raise InputFileError("the trajectory holds no frames", trajectory if not isinstance(trajectory, list) else None)
     frames_in_fdf = FdfFrames(fdf_template)
     frames_in_fdf.check_trajectory(images, trajectory if not isinstance(trajectory, list) else None)
+    make_output_folder(out_dir)  # after the input checks: a refused trajectory leaves no folder behind
     loaded, startup_s = None, 0.0
     if any(g.startswith("ml") for g in guesses):
         loaded, startup_s = ready_chosen_model(model, fdf_template)  # "auto": chosen for the template's structure

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from . import STACK
-from .errors import DMGuessError
-from .files import check_output_folder
+from .errors import DMGuessError, InputFileError
+from .files import check_output_file
 
 
 def _cmd_train(args) -> int:
@@ -126,26 +126,25 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
     failed = 0
     # One bar, for a single process: under MPI the ranks' lines would cut it.
     for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1):
-        out = Path(args.output) if args.output else default_dm_path(structure)
-        try:
+        try:  # the default output reads the structure's fdf (its SystemLabel): a bad one is this structure's error
+            out = Path(args.output) if args.output else default_dm_path(structure)
             use = model.for_structure(structure, write) if isinstance(model, ModelsByName) else model
             pred = predict_to_file(structure, out, model=use, overwrite=args.overwrite, fold=fold,
                                    force=args.force, refine=args.refine)
+            _report_prediction(out, pred, write=write)
+            if args.charges:
+                _report_charges(pred, write=write)
+            source = resolve_fdf(structure)
+            note = dm_read_note(source, out) if source.suffix.lower() == ".fdf" else None
+            # the switch only where SIESTA looks for the DM: on with the DM elsewhere, it would read a stale one
+            if note and args.edit_fdf and out.resolve() == siesta_dm_path(source).resolve():
+                backup = enable_dm_read(source)  # the note said the switch is off
+                write(f"{source}: put 'DM.UseSaveDM T' on its first line (original kept as {backup.name})")
+            elif note:
+                write(f"note: {note}")
         except DMGuessError as exc:  # the other structures of a batch still get their DMs
             print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
             failed += 1
-            continue
-        _report_prediction(out, pred, write=write)
-        if args.charges:
-            _report_charges(pred, write=write)
-        source = resolve_fdf(structure)
-        note = dm_read_note(source, out) if source.suffix.lower() == ".fdf" else None
-        # the switch only where SIESTA looks for the DM: switched on with the DM elsewhere, it would read a stale one
-        if note and args.edit_fdf and out.resolve() == siesta_dm_path(source).resolve():
-            backup = enable_dm_read(source)  # the note said the switch is off
-            write(f"{source}: put 'DM.UseSaveDM T' on its first line (original kept as {backup.name})")
-        elif note:
-            write(f"note: {note}")
     return failed
 
 
@@ -192,13 +191,11 @@ def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate, plot_evaluation
 
     split = None if args.split == "all" else args.split
-    for output in (args.json, args.plot):  # before the evaluation, not after it
+    for output, image in ((args.json, False), (args.plot, True)):  # before the evaluation, not after it
         if output:
-            check_output_folder(output)
+            check_output_file(output, image=image)
     result = evaluate(args.model, args.data_dirs, split=split, out_json=args.json, progress=not args.quiet,
                       refine=args.refine)
-    if args.plot:
-        plot_evaluation(result, args.plot)
     print(f"{'structure':<44} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'rho err':>9} "
           f"{'raw dN':>10} {'novelty':>8}")
     for m, name in zip(result["structures"], _display_names([m["name"] for m in result["structures"]])):
@@ -225,6 +222,8 @@ def _cmd_evaluate(args) -> int:
     if "electron_count_abs_error_mean" in s:
         print(f"written DM's electron count with SIESTA's S (.HSX) |Tr(D S) - N|: mean "
               f"{s['electron_count_abs_error_mean']:.2e}, max {s['electron_count_abs_error_max']:.2e}")
+    if args.plot:  # after the table: it is the result, whatever becomes of the picture
+        plot_evaluation(result, args.plot)
     return 0
 
 
@@ -239,7 +238,7 @@ def validation_mae_summary(card: dict) -> str:
 
 
 def _cmd_models(args) -> int:
-    from .card import CARD_MD, list_shipped_models, read_card, resolve_model
+    from .card import CARD, card_markdown, list_shipped_models, read_card, resolve_model
 
     action, model_name = args.action, args.name
     if action not in ("list", "show"):  # `models water` reads as `models show water`
@@ -247,11 +246,14 @@ def _cmd_models(args) -> int:
             raise DMGuessError(f"models takes 'list' or 'show NAME', not {action!r} {model_name!r}")
         action, model_name = "show", action
     if action == "list" and model_name:
-        raise DMGuessError(f"models list takes no name; to print {model_name!r}'s card: models show {model_name}")
+        raise DMGuessError(f"models list takes no name; to print the card of {model_name}: models show {model_name}")
     if action == "show":
         if not model_name:
             raise DMGuessError(f"models show needs a model name (shipped: {', '.join(list_shipped_models())})")
-        print((resolve_model(model_name) / CARD_MD).read_text())
+        card = read_card(model_name)  # a card.json that is not JSON is named, as predict names it
+        if not card:
+            raise InputFileError(f"the model folder has no {CARD}", resolve_model(model_name))
+        print(card_markdown(card))  # what train writes as card.md, made from the card itself (card.md may be gone)
         return 0
     names = list_shipped_models()
     if not names:

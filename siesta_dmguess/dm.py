@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from .basis import SpeciesBasis, atom_radii
 from .conventions import orbital_signs
 from .errors import InputFileError
-from .files import atomic_write, check_output_folder, move_to_backup
+from .files import atomic_write, check_output_file, move_to_backup
 from .graph import Edges, Neighbours, kb_member_pairs, kb_members, lookup_rows
 from .structure import Structure
 
@@ -410,6 +410,17 @@ def read_dm_orbital_count(path: str | Path) -> int:
     return check_dm_file(path)[0]
 
 
+def check_dm_output(path: str | Path) -> Path:
+    """``path`` if a ``.DM`` can be written there: error naming it if a folder is in the way, its folder does not
+    exist, or it does not end in ``.DM`` (SIESTA reads ``<SystemLabel>.DM``). ``predict`` checks this before the
+    prediction, not after it."""
+    path = Path(path)
+    check_output_file(path)
+    if path.suffix != ".DM":
+        raise InputFileError("a SIESTA density matrix file must end in .DM", path)
+    return path
+
+
 def write_density_matrix(dm, path: str | Path, overwrite: bool = False) -> Path | None:
     """Write a DM as a SIESTA ``.DM`` atomically.
 
@@ -420,10 +431,7 @@ def write_density_matrix(dm, path: str | Path, overwrite: bool = False) -> Path 
     """
     import sisl
 
-    path = Path(path)
-    if path.suffix != ".DM":
-        raise InputFileError("a SIESTA density matrix file must end in .DM", path)
-    check_output_folder(path)
+    path = check_dm_output(path)
     backup = None
 
     def keep_existing():

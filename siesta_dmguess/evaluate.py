@@ -13,6 +13,7 @@ Tr[(D − D_ref) H] (eV): the energy SIESTA's Hamiltonian assigns to the error.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ import scipy.sparse as sp
 import torch
 
 from .model import collate
+
+log = logging.getLogger(__name__)
 
 
 def predict_flat(model, samples, dtype=torch.float32, batch_atoms: int = 256, novelty: list | None = None,
@@ -252,7 +255,12 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
     cfg = loaded.config
     result = {"model": str(loaded.path), "split": split, "refine": refine, "datasets": {}, "structures": [],
               "novelty_threshold": float(loaded.model.novelty_threshold)}
+    seen = set()
     for d in data_dirs:
+        if Path(d).resolve() in seen:  # counted once in the means, as train reads a run once
+            log.warning("%s: given more than once; evaluated once", d)
+            continue
+        seen.add(Path(d).resolve())
         used = resolve_split(d, split)
         samples = load_samples([d], cfg.species, loaded.basis, cfg.message_cutoff, split=used, progress=progress,
                                with_overlap=True, fold_reach=cfg.fold_reach,

@@ -22,7 +22,10 @@ def atomic_write(path: str | Path, write, suffix: str = "", before_replace=None)
         from .errors import InputFileError
 
         raise InputFileError("a folder is in the way: a file is to be written here", path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)  # sisl: format by the end
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)  # sisl: format by end
+    except OSError as exc:  # a read-only or missing folder: said before any work on the file
+        raise _unwritable(path, exc) from exc
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -32,9 +35,35 @@ def atomic_write(path: str | Path, write, suffix: str = "", before_replace=None)
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, or a file or backup that may not be replaced
+        raise _unwritable(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_output_file(path: str | Path, image: bool = False) -> None:
+    """:func:`check_output_folder`, and error if a folder is in the way of the file or (``image``) its suffix is no
+    image format matplotlib writes: checked before the work whose result it holds."""
+    from .errors import InputFileError
+
+    check_output_folder(path)
+    path = Path(path)
+    if path.is_dir():
+        raise InputFileError("a folder is in the way: a file is to be written here", path)
+    if image:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if path.suffix.lower().lstrip(".") not in formats:
+            raise InputFileError(f"the image's format is given by its suffix: one of "
+                                 f"{', '.join('.' + f for f in sorted(formats))}", path)
+
+
+def _unwritable(path: Path, exc: OSError):
+    from .errors import InputFileError
+
+    return InputFileError(f"cannot write this file ({exc.strerror or exc})", path)
 
 
 def check_output_folder(path: str | Path) -> None:
@@ -76,5 +105,8 @@ def backup_path(path: str | Path) -> Path:
 def move_to_backup(path: str | Path) -> Path:
     """Rename ``path`` to :func:`backup_path`'s name (kept, never deleted); return that name."""
     backup = backup_path(path)
-    os.replace(path, backup)
+    try:
+        os.replace(path, backup)
+    except OSError as exc:  # a read-only folder: the file stays where it was
+        raise _unwritable(backup, exc) from exc
     return backup

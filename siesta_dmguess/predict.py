@@ -20,7 +20,7 @@ import numpy as np
 
 from .card import LoadedModel, load_model
 from .data import Sample, prepare_sample
-from .dm import density_matrix_from_flat, flat_to_csr, to_image_keyed, write_density_matrix
+from .dm import check_dm_output, density_matrix_from_flat, flat_to_csr, to_image_keyed, write_density_matrix
 from .errors import DMGuessError, InputFileError, ModelCompatibilityError, UnreliablePredictionError
 from .files import move_to_backup
 from .evaluate import predict_flat
@@ -506,6 +506,7 @@ def predict_to_file(structure, out: str | Path, model=AUTO_MODEL, overwrite: boo
     atomic guess; an existing ``out`` (an earlier step's or run's DM, which SIESTA would read instead) is moved
     to its backup name. ``force=True`` writes the prediction anyway.
     """
+    check_dm_output(out)  # before the prediction: a wrong -o is said at once
     pred = predict_density_matrix(structure, model, fold=fold, force=force, refine=refine)
     if pred.refusal_reason and not force:
         out = Path(out)

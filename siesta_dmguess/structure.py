@@ -66,6 +66,8 @@ def check_geometry(structure: Structure, minimum: float = MIN_ATOM_DISTANCE) -> 
                              structure.source or None)
     if structure.atoms.pbc.any() and not np.isfinite(structure.atoms.cell.array).all():
         raise InputFileError("the cell has lattice vectors that are not finite numbers", structure.source or None)
+    if structure.atoms.pbc.any():
+        check_cell_spans_space(structure.atoms.cell.array, structure.source or None)
     pair = closest_pair(structure.atoms, minimum)
     if pair:
         i, j, shift, d = pair
@@ -341,9 +343,21 @@ def _fdf_cell(fdf) -> np.ndarray | None:
             return None  # SIESTA multiplies the vectors by a lattice constant of 0: the cell is automatic
         if not (fdf.get("LatticeVectors") or fdf.get("LatticeParameters")):
             return float(alat) * np.eye(3)  # SIESTA's default vectors; sisl 0.20 refuses this fdf
-        return np.asarray(fdf.read_lattice().cell, float)
+        cell = np.asarray(fdf.read_lattice().cell, float)
     except Exception:  # sisl raises SileError or ValueError for a malformed lattice
         return None
+    check_cell_spans_space(cell, Path(str(fdf.file)))
+    return cell
+
+
+def check_cell_spans_space(cell, source=None) -> None:
+    """Error if the lattice vectors span no volume (two of them parallel, or one zero): SIESTA cannot run such a
+    cell, and the k-grid and image counts built on it would divide by zero."""
+    cell = np.asarray(cell, float)
+    if np.isfinite(cell).all() and abs(np.linalg.det(cell)) < 1e-6 * max(np.abs(cell).max(), 1.0) ** 3:
+        raise InputFileError(f"the lattice vectors span no volume (cell volume {abs(np.linalg.det(cell)):.3g} Å³: "
+                             f"two of them parallel, or one zero); a periodic cell needs three independent vectors",
+                             source)
 
 
 def _geometry_block_problem(fdf) -> str | None:
@@ -527,9 +541,7 @@ def read_structure(path: str | Path) -> Structure:
     if len(frames) > 1:  # ASE's default; say so, since one DM per file is written
         log.warning("%s holds %d structures; predicting the last one. For every frame, split the file, or run "
                     "`siesta-dmguess bench TRAJ --fdf FDF` or the ASE calculator along it", path, len(frames))
-    if atoms.cell.rank < 3:
-        atoms.pbc = False
-    return Structure(atoms, list(atoms.get_chemical_symbols()), str(path))
+    return structure_from_atoms(atoms, source=str(path))
 
 
 def read_frames(path: str | Path) -> list[Atoms]:
@@ -581,12 +593,14 @@ def _fdf_labels(fdf, geom) -> list[str]:
     return [rows[int(k)][2] for k in geom.atoms.species]
 
 
-def structure_from_atoms(atoms: Atoms, labels=None) -> Structure:
-    """Wrap an in-memory ASE Atoms (e.g. from an ASE calculator) as a Structure."""
+def structure_from_atoms(atoms: Atoms, labels=None, source: str = "") -> Structure:
+    """Wrap an in-memory ASE Atoms (e.g. from an ASE calculator) as a Structure. A cell of fewer than three
+    independent vectors is none (a molecule), and dropped: ASE's neighbour lists would try to invert it."""
     atoms = atoms.copy()
     if atoms.cell.rank < 3:
         atoms.pbc = False
-    return Structure(atoms, list(labels) if labels is not None else list(atoms.get_chemical_symbols()))
+        atoms.set_cell(np.zeros((3, 3)))
+    return Structure(atoms, list(labels) if labels is not None else list(atoms.get_chemical_symbols()), source)
 
 
 def structure_as_siesta_runs(atoms: Atoms, labels=None) -> Structure:

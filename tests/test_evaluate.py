@@ -255,6 +255,14 @@ def test_a_run_given_twice_is_read_once(tmp_path, caplog):
     assert "0001: given more than once; taken once" in caplog.text
 
 
+def test_evaluate_counts_a_folder_given_twice_once(capsys):
+    from siesta_dmguess.cli import main
+
+    h2o = dataset("h2o")
+    assert main(["evaluate", "water", str(h2o), f"{h2o}/", "--quiet"]) == 0
+    assert "mean over 12 structures" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("index, problem", [
     ({"runs": []}, "must be a list of run records"), ([{"name": "x"}], "must be a list of run records"),
     ([{"id": "0001"}, {"id": "0009"}], "lists run '0009', whose folder")])
@@ -281,6 +289,14 @@ def test_an_output_into_a_missing_folder_is_refused_before_evaluating(tmp_path, 
     assert main(["evaluate", "water", str(tmp_path), option, str(tmp_path / "missing" / "out.x")]) == 2
     err = capsys.readouterr().err
     assert "missing: the output folder does not exist" in err and "no run folders" not in err
+    # a folder in the way, and (--plot) a suffix that is no image format: also before, not after the evaluation
+    (tmp_path / "adir").mkdir()
+    assert main(["evaluate", "water", str(tmp_path), option, str(tmp_path / "adir")]) == 2
+    assert "adir: a folder is in the way" in capsys.readouterr().err
+    if option == "--plot":
+        assert main(["evaluate", "water", str(tmp_path), option, str(tmp_path / "plot.txt")]) == 2
+        err = capsys.readouterr().err
+        assert "plot.txt: the image's format is given by its suffix" in err and ".png" in err
 
 
 def test_references_made_with_other_settings_than_the_models_are_refused(tmp_path, capsys):

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from siesta_dmguess.errors import InputFileError
 from siesta_dmguess.files import atomic_write
 
 
@@ -15,7 +16,7 @@ def test_a_failing_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_pat
         tmp.write_text("trunc")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(InputFileError, match="weights.pt: cannot write this file \\(disk full\\)"):
         atomic_write(target, half_write)
     assert target.read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.pt"]
@@ -28,7 +29,7 @@ def test_a_failing_hook_before_the_rename_keeps_the_previous_file(tmp_path):
     def refuse():
         raise PermissionError("backup folder is read-only")
 
-    with pytest.raises(PermissionError):
+    with pytest.raises(InputFileError, match="card.json: cannot write this file \\(backup folder is read-only\\)"):
         atomic_write(target, lambda tmp: tmp.write_text("new"), before_replace=refuse)
     assert target.read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["card.json"]

@@ -87,6 +87,20 @@ def test_corrupt_card_or_config_is_named(model_dir, tmp_path, broken):
         load_model(bad)
     assert broken in str(err.value)
 
+@pytest.mark.parametrize("key, value", [("mp_cutoff", "abc"), ("basis", {}), ("hidden_irreps", "8x0q")])
+def test_a_config_whose_network_cannot_be_built_is_named(model_dir, tmp_path, key, value):
+    """Values of the wrong kind were a bare ValueError or KeyError from deep inside the network's layers."""
+    import json
+
+    bad = tmp_path / "bad-model"
+    shutil.copytree(model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config[key] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputFileError, match="config.json: model config is not valid: the network it describes"):
+        load_model(bad)
+
+
 def test_species_missing_from_model(model_dir, tmp_path):
     from ase import Atoms
 
@@ -442,6 +456,60 @@ def test_cli_predict_batch_goes_on_past_a_bad_file_and_counts_the_failures(model
     assert xyz.with_suffix(".DM").is_file() and not ammonia.with_suffix(".DM").exists()
     assert main(["predict", str(broken), "--model", str(model_dir)]) == 2  # alone: the error, no count
     assert "got no DM" not in capsys.readouterr().err
+    # A run folder whose fdf cannot be read (its SystemLabel names the default output) or with two fdfs: the same,
+    # where it stopped the batch before.
+    (tmp_path / "badfdf").mkdir()
+    (tmp_path / "badfdf" / "input.fdf").write_text("%block ChemicalSpeciesLabel\n 1 8 O\n")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "a.fdf").write_text("SystemLabel a\n")
+    (tmp_path / "two" / "b.fdf").write_text("SystemLabel b\n")
+    xyz.with_suffix(".DM").unlink()
+    assert main(["predict", str(tmp_path / "badfdf"), str(tmp_path / "two"), str(xyz), "--model",
+                 str(model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "has no %endblock" in err and "found 2" in err and "2 of 3 structures got no DM" in err
+    assert xyz.with_suffix(".DM").is_file()
+
+
+def test_an_output_that_cannot_be_written_is_named_before_predicting(model_dir, xyz, tmp_path, capsys,
+                                                                    monkeypatch):
+    """-o onto a folder said "must end in .DM", after the prediction; a read-only folder was a bare
+    PermissionError (which also stopped a batch)."""
+    import tempfile
+
+    (tmp_path / "folder.DM").mkdir()
+    monkeypatch.setattr("siesta_dmguess.predict.predict_density_matrix", lambda *a, **k: pytest.fail("predicted"))
+    assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(tmp_path / "folder.DM")]) == 2
+    assert "folder.DM: a folder is in the way" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(tmp_path / "x.DM")]) == 2
+    assert "x.DM: cannot write this file (Permission denied)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["extxyz", "fdf"])
+def test_a_cell_that_spans_no_volume_is_named(tmp_path, kind):
+    """Two parallel lattice vectors were a numpy LinAlgError (a structure file) or a NaN conversion error (an
+    fdf)."""
+    if kind == "extxyz":
+        path = tmp_path / "flat.extxyz"
+        path.write_text('3\nLattice="5 0 0 5 0 0 0 0 5" pbc="T T T"\nO 0 0 0\nH 0.96 0 0\nH -0.24 0.93 0\n')
+    else:
+        run = tmp_path / "run"
+        shutil.copytree(dataset("h2o") / "0004", run)
+        fdf = next(run.glob("*.fdf"))
+        text = fdf.read_text()
+        start = text.index("%block LatticeVectors")
+        rows = text[start:].splitlines()
+        rows[2] = rows[1]  # the second vector repeats the first
+        fdf.write_text(text[:start] + "\n".join(rows) + "\n")
+        path = fdf
+    with pytest.raises(InputFileError, match="the lattice vectors span no volume"):
+        predict_density_matrix(path, "water")
 
 
 def test_threads_option_sets_torch_threads_for_the_command_only(model_dir, xyz, tmp_path, torch_thread_log):

@@ -103,7 +103,24 @@ def test_models_cli_errors_name_the_problem(capsys):
     assert main(["models", "nosuch"]) == 2
     assert "no model folder or shipped model named 'nosuch'" in capsys.readouterr().err
     assert main(["models", "list", "water"]) == 2  # the name used to be ignored
-    assert "models list takes no name; to print 'water''s card: models show water" in capsys.readouterr().err
+    assert "models list takes no name; to print the card of water: models show water" in capsys.readouterr().err
+
+
+def test_models_show_prints_a_folders_card_without_its_markdown(tmp_path, capsys):
+    """card.md is made from card.json: a folder without it was a FileNotFoundError, one with a broken card.json
+    printed the stale Markdown."""
+    import shutil
+
+    from siesta_dmguess.card import resolve_model
+
+    shutil.copytree(resolve_model("water"), tmp_path / "m")
+    shown = (tmp_path / "m" / "card.md").read_text()
+    (tmp_path / "m" / "card.md").unlink()
+    assert main(["models", "show", str(tmp_path / "m")]) == 0
+    assert capsys.readouterr().out.strip() == shown.strip()
+    (tmp_path / "m" / "card.json").write_text("{")
+    assert main(["models", "show", str(tmp_path / "m")]) == 2
+    assert "card.json: model card is not valid JSON" in capsys.readouterr().err
 
 
 def test_a_folder_that_is_no_model_is_named_as_such(tmp_path, capsys):
