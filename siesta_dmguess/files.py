@@ -76,14 +76,17 @@ def check_output_folder(path: str | Path) -> None:
         raise InputFileError("the output folder does not exist", folder)
 
 
-def make_output_folder(path: str | Path, option: str = "--out") -> Path:
+def make_output_folder(path: str | Path, option: str = "--out", create: bool = True) -> Path:
     """Create the output folder ``path`` (and its parents), or error naming it: a file in the way, or no right to
-    create it. Called before the work whose results go there, not when the first result is written."""
+    create it. Called before the work whose results go there, not when the first result is written; with
+    ``create=False`` only the file in the way is checked (for a folder made once its inputs are known good)."""
     from .errors import InputFileError
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputFileError(f"a file is in the way of the output folder ({option})", path)
+    if not create:
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a parent that is a file, a read-only folder

@@ -199,7 +199,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     check_config_overrides(config_overrides or {})
     data_dirs = [Path(d) for d in data_dirs]
     out_dir = Path(out_dir)
-    make_output_folder(out_dir)
+    make_output_folder(out_dir, create=False)  # a file in the way is said at once; the folder is made below
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
@@ -280,6 +280,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         if ckpt is not None:  # for another configuration: nothing to resume from it
             log.warning("checkpoint in %s is for another configuration; starting afresh", out_dir)
 
+    make_output_folder(out_dir)  # not before: a run refused for its data leaves no empty model folder behind
     bar = tqdm(range(start_epoch, options.epochs), desc="training", disable=not options.progress,
                initial=start_epoch, total=options.epochs, file=sys.stderr)
     t0 = time.time()

@@ -71,6 +71,7 @@ def test_one_run_or_runs_of_another_split_are_said_so(tmp_path, caplog):
     opts = TrainOptions(epochs=1, progress=False)
     with pytest.raises(InputFileError, match="only one run: training needs at least two"):
         train([one], tmp_path / "m", opts, TINY)
+    assert not (tmp_path / "m").exists()  # a run refused for its data leaves no empty model folder
     shutil.copytree(data / "0001", one / "0001")
     (one / "0001" / "run.json").write_text(json.dumps({"id": "0001", "split": "Val"}))
     shutil.copytree(data / "0002", one / "0002")
