@@ -47,13 +47,14 @@ DESCRIPTION = "Learn, predict and benchmark SIESTA density matrices (units and c
 
 
 def default_dm_path(structure: str | Path) -> Path:
-    """Where ``predict`` writes without ``-o``: for an fdf, the ``<SystemLabel>.DM`` next to it (the file SIESTA
-    reads with ``DM.UseSaveDM T``); for any other structure file, the same name with suffix ``.DM``."""
-    from .structure import resolve_fdf, siesta_dm_path
+    """Where ``predict`` writes without ``-o``: for an fdf, the file SIESTA reads with ``DM.UseSaveDM T`` next to it
+    (``<SystemLabel>.DM``, or the fdf's ``File.DM.Init``); for any other structure file, the same name with suffix
+    ``.DM``."""
+    from .structure import resolve_fdf, siesta_dm_init_path
 
     structure = resolve_fdf(structure)
     if structure.suffix.lower() == ".fdf" and structure.is_file():
-        return siesta_dm_path(structure)
+        return siesta_dm_init_path(structure)
     return structure.with_suffix(".DM")
 
 
@@ -119,7 +120,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
 
     from .predict import predict_to_file
     from .siesta.templates import dm_read_note, enable_dm_read
-    from .structure import resolve_fdf, siesta_dm_path
+    from .structure import resolve_fdf, siesta_dm_init_path
 
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
     write = tqdm.write if many else print  # beside the progress bar of a batch
@@ -137,7 +138,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
             source = resolve_fdf(structure)
             note = dm_read_note(source, out) if source.suffix.lower() == ".fdf" else None
             # the switch only where SIESTA looks for the DM: on with the DM elsewhere, it would read a stale one
-            if note and args.edit_fdf and out.resolve() == siesta_dm_path(source).resolve():
+            if note and args.edit_fdf and out.resolve() == siesta_dm_init_path(source).resolve():
                 backup = enable_dm_read(source)  # the note said the switch is off
                 write(f"{source}: put 'DM.UseSaveDM T' on its first line (original kept as {backup.name})")
             elif note:
@@ -401,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("structure", nargs="+", help="one or more fdf files, SIESTA run folders (their fdf) or files ASE reads (the model is loaded once)")
     add_model_argument(r)
     r.add_argument("-o", "--output", help="the .DM to write (default: <SystemLabel>.DM next to an fdf, where "
-                                          "SIESTA reads it with DM.UseSaveDM T; else STRUCTURE with suffix .DM)")
+                                          "SIESTA reads it with DM.UseSaveDM T, or the fdf's File.DM.Init; else "
+                                          "STRUCTURE with suffix .DM)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing .DM without a backup")
     r.add_argument("--edit-fdf", action="store_true",
                    help="for an fdf that would not make SIESTA read the DM: put 'DM.UseSaveDM T' on its first line "

@@ -85,7 +85,10 @@ def make_output_folder(path: str | Path, option: str = "--out", create: bool = T
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputFileError(f"a file is in the way of the output folder ({option})", path)
-    if not create:
+    if not create:  # as mkdir would fail: the nearest existing folder above is a file
+        existing = next((p for p in path.parents if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise InputFileError(f"cannot create the output folder ({option}): {existing} is a file", path)
         return path
     try:
         path.mkdir(parents=True, exist_ok=True)

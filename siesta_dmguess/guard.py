@@ -47,13 +47,20 @@ def _same_setting(key: str, got, expected) -> bool:
     return _normalize_setting(got) == _normalize_setting(expected)
 
 
+# SIESTA 4.1's spellings of a spin-unpolarized run (m_spin.F90; with three older ones this package took), and the
+# words fdf_boolean reads as true ("" is a logical key on its own).
+UNPOLARIZED = ("none", "non-polarized", "non-polarised", "np", "n-p", "nonpolarized", "unpolarized")
+TRUE_WORDS = ("yes", "true", ".true.", "t", "y", "")
+
+
 def _spin_setting(settings: dict) -> str:
-    """'' for a spin-unpolarized run, else the fdf's spin setting (``Spin`` or the legacy ``SpinPolarized``)."""
-    spin = _normalize_setting(settings.get("Spin", "non-polarized"))
-    if spin not in ("non-polarized", "nonpolarized", "unpolarized", "none"):
-        return f"Spin {settings['Spin']}"
-    if _normalize_setting(settings.get("SpinPolarized", "F")) in ("t", "true", ".true."):
-        return "SpinPolarized T"
+    """'' for a spin-unpolarized run, else the setting that polarizes it, as SIESTA 4.1 decides (m_spin.F90):
+    ``Spin`` where the fdf gives it, else the legacy ``SpinOrbit``, ``NonCollinearSpin`` or ``SpinPolarized``."""
+    if "Spin" in settings:
+        return "" if str(settings["Spin"]).strip().lower() in UNPOLARIZED else f"Spin {settings['Spin']}"
+    for key in ("SpinOrbit", "NonCollinearSpin", "SpinPolarized"):
+        if key in settings and str(settings[key]).strip().lower() in TRUE_WORDS:
+            return f"{key} T"
     return ""
 
 

@@ -368,7 +368,8 @@ def ready_chosen_model(model, structure) -> tuple[LoadedModel, float]:
 
 def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel | str | Path = AUTO_MODEL,
                            fold: bool | None = None, force: bool = False, refine: str = "idempotent") -> Prediction:
-    """Predict the DM of a structure (an fdf, any ASE-readable file, or a :class:`Structure`) with ``model`` (a
+    """Predict the DM of a structure (an fdf, any ASE-readable file, ASE Atoms as ASE's Siesta runs them, or a
+    :class:`Structure`) with ``model`` (a
     loaded model, a model folder, a shipped model's name, or ``"auto"``: :func:`choose_model`).
 
     ``fold=None`` folds periodic images into the unit cell for Γ-only inputs (the
@@ -385,8 +386,7 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     Tr(D S) - N is kept as ``Prediction.electron_count_error``.
     """
     t0 = time.perf_counter()
-    if not isinstance(structure, Structure):
-        structure = read_structure(structure)
+    structure = _as_structure(structure)
     check_geometry(structure)
     model = resolve_auto_model(model, structure)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,7 @@ def check_geometry(structure: Structure, minimum: float = MIN_ATOM_DISTANCE) -> 
 
 # fdf keys that decide the basis and the electronic structure; compared with a model card.
 FDF_SETTING_KEYS = ("XC.functional", "XC.authors", "PAO.BasisSize", "PAO.EnergyShift", "Spin", "SpinPolarized",
-                    "MeshCutoff", "NetCharge")
+                    "NonCollinearSpin", "SpinOrbit", "MeshCutoff", "NetCharge")
 FDF_ENERGY_KEYS = ("PAO.EnergyShift", "MeshCutoff")
 
 
@@ -89,9 +90,34 @@ def normalized_fdf_key(key: str) -> str:
     return key.lower().replace(".", "").replace("_", "").replace("-", "")
 
 
+# SIESTA's fdf library (fdf/parse.F90) starts a comment at any of these outside a quoted string or a [list];
+# sisl 0.20 knows only "#" after a value ("MeshCutoff 200 Ry ! grid" read as the value "200 Ry ! grid").
+FDF_COMMENT_CHARS = "#!;"
+_FORTRAN_REAL = re.compile(r"(?<![\w.+-])([+-]?(?:\d+\.?\d*|\.\d+))[dD]([+-]?\d+)(?![\w.])")
+
+
+def fdf_line(line: str) -> str:
+    """An fdf line as SIESTA's fdf library reads it: its comment dropped (the line end kept), a UTF-8 byte-order
+    mark before it dropped (an editor's, which SIESTA skips), and Fortran exponents (``1.0d-5``, which SIESTA
+    reads and Python does not) written with ``e``."""
+    line = line.lstrip("\ufeff")
+    quote, in_list = "", False
+    for i, c in enumerate(line):
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "\"'`":
+            quote = c
+        elif c in "[]":
+            in_list = c == "["
+        elif c in FDF_COMMENT_CHARS and not in_list:
+            line = line[:i] + ("\n" if line.endswith("\n") else "")
+            break
+    return _FORTRAN_REAL.sub(r"\1e\2", line)
+
+
 def fdf_words(line: str) -> list[str]:
-    """The words of an fdf line, its ``#`` comment dropped."""
-    return line.split("#")[0].split()
+    """The words of an fdf line (:func:`fdf_line`: its comment dropped)."""
+    return fdf_line(line).split()
 
 
 def element_symbol(z: int) -> str | None:
@@ -206,7 +232,10 @@ def _is_fdf(path: Path) -> bool:
 
 @functools.cache
 def _fdf_sile_class():
-    """sisl's fdf reader with two fixes, written here because sisl 0.20 lacks them, and one shortcut:
+    """sisl's fdf reader with three fixes, written here because sisl 0.20 lacks them, and one shortcut:
+
+    - each line read as SIESTA's fdf library reads it (:func:`fdf_line`): a ``!`` or ``;`` comment after a value,
+      a byte-order mark, Fortran ``d`` exponents;
 
     - a block piped from a file (``%block X < file``) whose file holds the ``%block X`` / ``%endblock X`` lines
       itself: SIESTA's fdf library skips them (checked with SIESTA 4.1: the same coordinates), sisl read them as
@@ -218,6 +247,15 @@ def _fdf_sile_class():
     import sisl
 
     class FdfSile(sisl.io.siesta.fdfSileSiesta):
+        def readline(self, comment=False):
+            line = super().readline(comment)
+            return line if comment else fdf_line(line)
+
+        def text(self, label, default=None):
+            """A key's value as written (``get`` takes "y" or "no" for booleans: a SystemLabel ``y`` was True)."""
+            value = self._r_label(label)
+            return default if value is None or isinstance(value, list) else str(value).strip()
+
         def _r_label(self, label):
             value = super()._r_label(label)
             if isinstance(value, list) and value and value[0].split()[0].lower() == "%block":
@@ -485,15 +523,28 @@ def find_fdf(folder: Path) -> Path:
     return fdfs[0]
 
 
+# SIESTA keeps the first 64 characters of SystemLabel (files.f: label_length) and names its files by them.
+LABEL_LENGTH = 64
+
+
 def system_label(fdf: str | Path) -> str:
-    """The fdf's ``SystemLabel`` (SIESTA's default: ``siesta``)."""
-    return str(fdf_sile(fdf).get("SystemLabel", "siesta"))
+    """The fdf's ``SystemLabel`` as SIESTA names its files by it (default ``siesta``; at most 64 characters)."""
+    return (fdf_sile(fdf).text("SystemLabel") or "siesta")[:LABEL_LENGTH]
 
 
 def siesta_dm_path(fdf: str | Path) -> Path:
-    """The DM file a SIESTA run of ``fdf`` reads (``DM.UseSaveDM T``) and writes: ``<SystemLabel>.DM`` beside it."""
+    """The DM file a SIESTA run of ``fdf`` writes: ``<SystemLabel>.DM`` beside it (and reads, unless
+    :func:`siesta_dm_init_path` says otherwise)."""
     fdf = Path(fdf)
     return fdf.parent / f"{system_label(fdf)}.DM"
+
+
+def siesta_dm_init_path(fdf: str | Path) -> Path:
+    """The DM file a SIESTA run of ``fdf`` reads with ``DM.UseSaveDM T``: ``File.DM.Init`` where the fdf names one
+    (4.1's m_new_dm.F90; relative to the folder it runs in), else :func:`siesta_dm_path`."""
+    fdf = Path(fdf)
+    named = fdf_sile(fdf).text("File.DM.Init")
+    return fdf.parent / named if named else siesta_dm_path(fdf)
 
 
 def resolve_fdf(path: str | Path) -> Path:
@@ -535,7 +586,12 @@ def read_structure(path: str | Path) -> Structure:
                       cell=geom.cell if periodic else None, pbc=periodic)
         if fdf.get("AtomicCoordinatesFormat") is None:
             _warn_if_bohr_by_default(atoms, path)
-        return Structure(atoms, labels, str(path), read_fdf_settings(path))
+        settings = read_fdf_settings(path)
+        if "ghost_species" in settings:  # a ghost species no atom is of changes nothing
+            settings["ghost_species"] = [label for label in settings["ghost_species"] if label in labels]
+            if not settings["ghost_species"]:
+                del settings["ghost_species"]
+        return Structure(atoms, labels, str(path), settings)
     frames = read_frames(path)
     atoms = frames[-1]
     if len(frames) > 1:  # ASE's default; say so, since one DM per file is written

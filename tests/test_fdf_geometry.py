@@ -375,3 +375,96 @@ def test_an_fdf_without_species_block_or_with_a_missing_include_is_named(tmp_pat
         read_structure(tmp_path / "inc.fdf")
     (tmp_path / "settings.fdf").write_text("XC.functional LDA\n")
     assert read_structure(tmp_path / "inc.fdf").labels == ["O"]
+
+
+def _h2o_run_copy(tmp_path, name="run"):
+    """A copy of the h2o/0004 run (and the dataset's basis beside it, as the guard looks for it): its fdf."""
+    import shutil
+
+    from .conftest import dataset
+
+    h2o = dataset("h2o")
+    if not (tmp_path / "basis").exists():
+        shutil.copytree(h2o / "basis", tmp_path / "basis")
+    shutil.copytree(h2o / "0004", tmp_path / name, ignore=shutil.ignore_patterns("*.DM", "*.HSX"))
+    return tmp_path / name / "input.fdf"
+
+
+def _edited(fdf, edit):
+    fdf.write_text(edit(fdf.read_text()))
+    return fdf
+
+
+def test_an_fdf_is_read_as_siestas_fdf_library_reads_it(tmp_path, shipped):
+    """'!' and ';' start a comment after a value as '#' does (sisl knew only '#': a `MeshCutoff 200 Ry ! grid` was
+    a bare ValueError, a `PAO.BasisSize DZP ! c` a refusal, a `SystemLabel foo ! c` a DM named 'foo ! c.DM'); a
+    byte-order mark before the first key is skipped; Fortran exponents (1.5d0) are numbers. Each reads the same
+    structure, settings and DM as the plain fdf (checked against SIESTA 4.1's own reading of these lines)."""
+    import re
+
+    from siesta_dmguess.cli import default_dm_path
+    from siesta_dmguess.predict import predict_density_matrix
+
+    plain = _h2o_run_copy(tmp_path, "plain")
+    reference = predict_density_matrix(plain, shipped("water"))
+    comments = _edited(_h2o_run_copy(tmp_path, "comments"), lambda t: re.sub(
+        r"^(SystemLabel|MeshCutoff|PAO.BasisSize|XC.functional|LatticeConstant|AtomicCoordinatesFormat|DM.UseSaveDM)"
+        r"(.*)$", r"\1\2   ! a comment; with words", t, flags=re.M).replace(" 1\n %endblock", " 1 ; O\n %endblock"))
+    bom = _edited(_h2o_run_copy(tmp_path, "bom"), lambda t: "\ufeff" + t.replace("SystemLabel siesta", "SystemLabel bom"))
+    fortran = _edited(_h2o_run_copy(tmp_path, "fortran"), lambda t: re.sub(r"(?<![\d.])(\d+\.\d{10})(?=[ \n])",
+                                                                           lambda m: f"{float(m[1]) / 10:.11f}d1", t))
+    assert "d1 " in fortran.read_text()
+    for fdf, label in ((comments, "siesta"), (bom, "bom"), (fortran, "siesta")):
+        assert read_structure(fdf).fdf_settings == reference.structure.fdf_settings, fdf.parent.name
+        pred = predict_density_matrix(fdf, shipped("water"))
+        assert np.allclose(pred.values, reference.values, atol=1e-10), fdf.parent.name
+        assert default_dm_path(fdf) == fdf.parent / f"{label}.DM"
+
+
+@pytest.mark.parametrize("line, dm_name", [
+    ("SystemLabel " + "x" * 80, "x" * 64 + ".DM"),  # SIESTA names its files by the first 64 characters
+    ("SystemLabel y", "y.DM"),  # sisl's get took it for a boolean: True.DM
+    ("File.DM.Init start.DM", "start.DM")])  # SIESTA 4.1 reads this file instead of <SystemLabel>.DM
+def test_the_dm_is_written_where_siesta_reads_it(tmp_path, line, dm_name):
+    from siesta_dmguess.cli import default_dm_path
+
+    fdf = _edited(_h2o_run_copy(tmp_path), lambda t: line + "\n" + t.replace("SystemLabel siesta\n", ""))
+    assert default_dm_path(fdf) == fdf.parent / dm_name
+
+
+@pytest.mark.parametrize("lines, refused", [
+    ("Spin NP", None), ("Spin non-polarised", None), ("Spin none\nSpinPolarized T", None),
+    ("NonCollinearSpin T", "NonCollinearSpin T"), ("SpinOrbit .true.", "SpinOrbit T"),
+    ("SpinPolarized", "SpinPolarized T"), ("Spin P", "Spin P")])
+def test_spin_is_read_as_siesta_decides_it(tmp_path, shipped, lines, refused):
+    """SIESTA 4.1 (m_spin.F90): Spin decides where given (NP and non-polarised are unpolarized, which was refused);
+    without it the legacy NonCollinearSpin and SpinOrbit polarize the run too (they were let through), and a
+    logical key on its own is true."""
+    from siesta_dmguess.errors import ModelCompatibilityError
+    from siesta_dmguess.predict import predict_density_matrix
+
+    fdf = _edited(_h2o_run_copy(tmp_path), lambda t: t + lines + "\n")
+    if refused is None:
+        assert predict_density_matrix(fdf, shipped("water")).density_matrix.spin.is_unpolarized
+    else:
+        with pytest.raises(ModelCompatibilityError, match=f"asks for a {refused} calculation"):
+            predict_density_matrix(fdf, shipped("water"))
+
+
+def test_a_bare_dm_usesavedm_reads_the_dm_and_an_unused_ghost_species_is_no_ghost_atom(tmp_path, shipped):
+    from siesta_dmguess.predict import predict_density_matrix
+    from siesta_dmguess.siesta.templates import dm_read_note
+
+    fdf = _edited(_h2o_run_copy(tmp_path), lambda t: "DM.UseSaveDM\n" + t.replace(
+        "NumberOfSpecies 2", "NumberOfSpecies 3").replace(" 2 1 H\n", " 2 1 H\n 3 -1 H_ghost\n"))
+    assert dm_read_note(fdf, fdf.parent / "siesta.DM") is None
+    assert "ghost_species" not in read_structure(fdf).fdf_settings
+    predict_density_matrix(fdf, shipped("water"))  # not refused: no atom is a ghost
+
+
+def test_predict_takes_ase_atoms(shipped):
+    from siesta_dmguess.predict import predict_density_matrix
+
+    from .conftest import water_molecule
+
+    assert predict_density_matrix(water_molecule(), shipped("water")).density_matrix.geometry.na == 3

@@ -525,7 +525,7 @@ def test_an_output_folder_a_file_is_in_the_way_of_is_named(tmp_path, capsys, com
     assert main([command, str(data), "--out", str(tmp_path / out), *options]) == 2
     err = capsys.readouterr().err
     assert "afile" in err and ("a file is in the way of the output folder" in err or "cannot create the output "
-                               "folder (--out): Not a directory" in err), err
+                               "folder (--out): " in err), err
     assert (tmp_path / "afile").read_text() == "kept"
 
 

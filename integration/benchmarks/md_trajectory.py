@@ -62,7 +62,8 @@ def calculator_for(fdf: Path, model: str, guess: str, directory: Path) -> DMGues
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("fdf", type=Path, help="starting structure and SIESTA settings")
-    p.add_argument("--model", default="water")
+    p.add_argument("--model", default="auto", help="model of the ML guesses (default auto: the shipped model that "
+                   "covers the structure, as the calculator chooses it)")
     p.add_argument("--guess", default="ml+residual")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dt", type=float, default=0.5, help="time step in fs")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputFileError, SiestaError, SiestaNotFoundError
-from ..structure import fdf_words, normalized_fdf_key, species_block
+from ..structure import fdf_words, normalized_fdf_key, species_block, system_label
 from .output import SiestaOutput, parse_output
 
 
@@ -135,7 +135,7 @@ def run_siesta(fdf: str | Path, command: str | None = None, timeout: float | Non
         raise InputFileError("fdf file not found", fdf)
     check_pseudopotentials(fdf)
     exe = find_siesta(command)
-    label = fdf_value(fdf, "SystemLabel", "siesta")
+    label = system_label(fdf)
     out_file = fdf.parent / f"{label}.out"
     t0 = time.perf_counter()
     with open(fdf) as stdin, open(out_file, "w") as stdout:

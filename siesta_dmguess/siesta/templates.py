@@ -11,13 +11,14 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputFileError
-from ..structure import fdf_words, normalized_fdf_key, species_block
+from ..structure import fdf_words, normalized_fdf_key, species_block, system_label
 from .runner import fdf_value, species_labels
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
 # The keys of a run's starting DM, which a template replaces (normalized: structure.normalized_fdf_key).
 DM_INIT_KEYS = {normalized_fdf_key(k) for k in ("DM.UseSaveDM", "DM.AllowExtrapolation", "DM.History.Depth",
-                                                "DM.Init.File", "DM.FormattedFiles", "MD.UseSaveXV")}
+                                                "File.DM.Init", "DM.Init.File", "DM.FormattedFiles",
+                                                "MD.UseSaveXV")}  # File.DM.Init: 4.1 (m_new_dm.F90); DM.Init.File: 5
 
 
 def template_path(name: str) -> Path:
@@ -55,7 +56,8 @@ def _reads_saved_dm(fdf: Path) -> bool:
     a key's first value, as sisl's reader does)."""
     from ..structure import fdf_sile
 
-    return fdf_sile(fdf).get("DM.UseSaveDM", False) is True
+    value = fdf_sile(fdf).get("DM.UseSaveDM", False)
+    return value is True or value == ""  # a logical key on its own is true (SIESTA's fdf_boolean)
 
 
 def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
@@ -64,10 +66,10 @@ def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
     SIESTA reads ``<SystemLabel>.DM`` from the folder it runs in, and only with ``DM.UseSaveDM T`` (default F).
     A ``DM.UseSaveDM T`` appended after a ``F`` is ignored: the note says where to put it.
     """
-    from ..structure import siesta_dm_path
+    from ..structure import siesta_dm_init_path
 
     fdf, dm_path = Path(fdf), Path(dm_path)
-    expected = siesta_dm_path(fdf)
+    expected = siesta_dm_init_path(fdf)
     if dm_path.resolve() != expected.resolve():
         return f"SIESTA run from {fdf.parent} reads {expected}, not {dm_path}: copy it there before the run"
     if not _reads_saved_dm(fdf):
@@ -151,7 +153,7 @@ def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: st
     workdir.mkdir(parents=True, exist_ok=True)
     fdf = workdir / "input.fdf"
     fdf.write_text(apply_dm_init(src_fdf.read_text(), init))
-    label = fdf_value(fdf, "SystemLabel", "siesta")
+    label = system_label(fdf)
     for label_ in species_labels(fdf):
         for d in [src_fdf.parent, *map(Path, pseudo_dirs)]:
             if (d / f"{label_}.psf").is_file():
