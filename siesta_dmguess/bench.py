@@ -176,15 +176,19 @@ RESULT_FILE = "result.json"
 
 def measurement_identity(fdf_text: str, pseudo_dirs, loaded, siesta: list[str], **settings) -> dict:
     """What a benchmark result depends on: the fdf text (with the files it includes) and the pseudopotentials in
-    ``pseudo_dirs`` (which the runs copy; by sha256), the model (name and weights' sha256; None for no model), the
-    SIESTA command (as :func:`~siesta_dmguess.siesta.find_siesta` resolves it) and the benchmark's ``settings``. A
-    kept result is reused only where every one of them is the same (:func:`read_kept`)."""
+    ``pseudo_dirs`` (which the runs copy; by sha256), the model (name, weights' and config's sha256 and novelty
+    threshold; None for no model), the SIESTA command (as :func:`~siesta_dmguess.siesta.find_siesta` resolves it)
+    and the benchmark's ``settings``. A kept result is reused only where every one of them is the same
+    (:func:`read_kept`)."""
     from .card import sha256_file
 
     pseudos = {p.name: sha256_file(p) for folder in map(Path, pseudo_dirs) for p in sorted(folder.glob("*.psf"))}
+    model = {} if loaded is None else {  # the network its config builds and the flag level of its refusals too
+        "config_sha256": hashlib.sha256(json.dumps(loaded.config.to_dict(), sort_keys=True).encode()).hexdigest(),
+        "novelty_threshold": float(loaded.model.novelty_threshold)}
     return {"fdf_sha256": hashlib.sha256(fdf_text.encode()).hexdigest(), "pseudopotentials": pseudos,
             "model": Path(loaded.path).name if loaded is not None else None,
-            "weights_sha256": loaded.card.get("weights_sha256") if loaded is not None else None,
+            "weights_sha256": loaded.card.get("weights_sha256") if loaded is not None else None, **model,
             "siesta": siesta, **settings}
 
 
@@ -394,7 +398,8 @@ def markdown(report: dict) -> str:
         if r.get("fallback"):
             novelty += f", {r['fallback_kind']}: atomic guess used"
         structure = f"{r['name']} ({r['model']})" if several else r["name"]
-        lines.append(f"| {structure} | {r['natoms']} | {novelty} | {a['scf_iterations']} | {m['scf_iterations']} | "
+        unread = "" if r.get("fallback") or m["dm_read"] else " (DM not read)"
+        lines.append(f"| {structure} | {r['natoms']} | {novelty} | {a['scf_iterations']} | {m['scf_iterations']}{unread} | "
                      f"{a['scf_iterations'] - m['scf_iterations']} | {a['siesta_wall_s']:.2f} | "
                      f"{m['siesta_wall_s'] + m['prediction_s']:.2f} | "
                      f"{abs(m['total_energy_eV'] - a['total_energy_eV']):.1e} |")
@@ -412,6 +417,11 @@ def markdown(report: dict) -> str:
                  f"data, a k-sampling the model lacks, or no clear occupied space)"
                  if report.get("structures_fallback_atomic") else "")
               + "."]
+    unread = [r["name"] for r in report["per_structure"] if not r.get("fallback") and not r["ml"]["dm_read"]]
+    if unread:  # SIESTA started these from its atomic guess: their ML counts measure no prediction
+        lines += ["", f"**SIESTA did not read the predicted DM** in {len(unread)} run(s) (no \"Attempting to read DM "
+                  f"from file... Succeeded\" in its output), so their ML column is its own atomic guess: "
+                  f"{', '.join(unread)}."]
     if report.get("reused"):  # a resumed benchmark
         lines += ["", f"Reused from an earlier run of this benchmark, which finished them with the same fdf, model, "
                   f"settings and SIESTA ({len(report['reused'])}): {', '.join(report['reused'])}."]

@@ -611,7 +611,9 @@ def read_frames(path: str | Path) -> list[Atoms]:
     if path.is_dir():
         raise InputFileError("a folder, where a structure or trajectory file is expected", path)
     try:
-        frames = ase.io.read(str(path), index=":")
+        # parallel=False: under MPI (predict's ranks), ASE would read on rank 0 only and hand every rank that
+        # file, so each rank would predict rank 0's structure under its own file's name
+        frames = ase.io.read(str(path), index=":", parallel=False)
     except KeyError as exc:  # ASE's own message is the bare symbol, e.g. 'Xx'
         raise InputFileError(f"ASE cannot read this structure: unknown chemical symbol {exc}", path) from exc
     except Exception as exc:

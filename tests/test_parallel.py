@@ -119,3 +119,21 @@ def test_commands_that_do_not_share_their_work_refuse_to_run_under_mpirun(comman
     err = capsys.readouterr().err
     assert "3 processes" in err and f"'{command[0]}' does not share its work" in err
     assert ("SIESTA_COMMAND" in err) == (command[0] == "bench")
+
+
+def test_structure_files_are_read_by_each_rank_itself(tmp_path, monkeypatch):
+    """Under mpirun ASE reads a file on rank 0 and hands every rank that (its `parallel=True` default), so each
+    rank predicted rank 0's structure under its own file's name (`mpirun -n 2 siesta-dmguess predict a.xyz b.xyz`
+    wrote b.DM equal to a.DM) and an fdf on rank 0 beside an .xyz on rank 1 hung. Each rank reads its own files."""
+    import ase.io
+
+    from siesta_dmguess.structure import read_structure
+
+    from .conftest import water_molecule
+
+    calls = []
+    read = ase.io.read
+    monkeypatch.setattr(ase.io, "read", lambda *args, **kwargs: calls.append(kwargs) or read(*args, **kwargs))
+    water_molecule().write(tmp_path / "a.xyz")
+    read_structure(tmp_path / "a.xyz")
+    assert calls and all(kwargs.get("parallel") is False for kwargs in calls)

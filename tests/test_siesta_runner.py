@@ -418,6 +418,20 @@ def test_a_kept_bench_result_is_reused_only_where_it_was_measured_alike(tmp_path
     others.append(run_identity(run / "input.fdf", loaded, "idempotent", False, 1, ["/opt/siesta"]))
     tiny_model(tmp_path / "model2", novelty_threshold=1.0)  # other weights (tiny_model is seeded)
     others.append({**identity, "weights_sha256": load_model(tmp_path / "model2").card["weights_sha256"]})
+    # The same weights with another config.json (it builds another network) or another flag level of refusals:
+    # the results were reused before.
+    import json
+    import shutil
+
+    shutil.copytree(tmp_path / "model", tmp_path / "model3")
+    config = json.loads((tmp_path / "model3" / "config.json").read_text())
+    (tmp_path / "model3" / "config.json").write_text(json.dumps({**config, "mp_cutoff": 2.5}))
+    other = load_model(tmp_path / "model3")
+    assert other.card["weights_sha256"] == loaded.card["weights_sha256"]
+    others.append(run_identity(run / "input.fdf", other, "idempotent", False, 1, ["/opt/siesta"]) | {
+        "fdf_sha256": identity["fdf_sha256"], "pseudopotentials": identity["pseudopotentials"], "model": "model"})
+    other.model.novelty_threshold.fill_(123.0)
+    others.append({**identity, "novelty_threshold": 123.0})
     assert all(other != identity for other in others) and others[-3] != others[-2]
     assert all(finished_result(work, other) is None for other in others)
     assert finished_result(work, identity) == result  # still there for its own identity
@@ -427,6 +441,30 @@ def test_a_kept_bench_result_is_reused_only_where_it_was_measured_alike(tmp_path
         with caplog.at_level("INFO"):
             assert finished_result(work, identity) is None
         assert str(work / RESULT_FILE) in caplog.text
+
+
+def test_a_prediction_siesta_did_not_read_is_said_in_the_report(tmp_path):
+    """The JSON had dm_read false, but the table and the total claimed the ML guess's saving."""
+    from siesta_dmguess.bench import markdown, run_benchmark
+
+    data = water_run(tmp_path / "data" / "0000").parent
+    tiny_model(tmp_path / "model")
+    unread = GOOD.replace("Attempting to read DM from file... Succeeded...\n", "")
+    report = run_benchmark(data, tmp_path / "model", tmp_path / "out", split=None, progress=False,
+                           command=str(fake_siesta(tmp_path, unread)))
+    assert not report["all_dm_read"]
+    table = markdown(report)
+    assert "| 2 (DM not read) |" in table and "**SIESTA did not read the predicted DM** in 1 run(s)" in table
+    read = run_benchmark(data, tmp_path / "model", tmp_path / "out2", split=None, progress=False,
+                         command=str(fake_siesta(tmp_path, GOOD)))
+    assert "not read" not in markdown(read)
+
+
+def test_a_relative_siesta_command_is_run_from_any_folder(tmp_path, monkeypatch):
+    """`--siesta ./siesta` was found here, then not in the run's folder: a bare FileNotFoundError."""
+    exe = fake_siesta(tmp_path, GOOD)
+    monkeypatch.chdir(tmp_path)
+    assert find_siesta(f"./{exe.name} -flag") == [str(exe), "-flag"]
 
 
 def test_a_kept_trajectory_frame_whose_converged_dm_is_gone_is_run_again(tmp_path, caplog):

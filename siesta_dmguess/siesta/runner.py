@@ -52,8 +52,8 @@ def find_siesta(command: str | None = None) -> list[str]:
             tried.append(f"{where}: empty command {cmd!r}")
             continue
         exe = shutil.which(args[0]) or (args[0] if os.access(args[0], os.X_OK) and Path(args[0]).is_file() else None)
-        if exe:
-            return [exe] + args[1:]
+        if exe:  # absolute: SIESTA runs in the run's folder, where a relative ./siesta is not
+            return [os.path.abspath(exe)] + args[1:]
         if where != "PATH":
             raise SiestaNotFoundError(f"the SIESTA command given by {where} ({cmd!r}) is not an executable: "
                                       f"{args[0]!r} is neither a file with execute permission nor found on PATH")
