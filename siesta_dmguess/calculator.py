@@ -13,9 +13,9 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
   DM extrapolation plus the model's prediction of the change, weighted by how
   well it predicted the previous step, or the plain prediction where that is
   already at SIESTA's grid noise), ``"ml"`` (the prediction for every
-  geometry), ``"reuse"`` (SIESTA's
-  previous-step DM; as ASE's Siesta, none at the first step or after the atomic numbers change), ``"extrapolation"`` (SIESTA's DM extrapolation, applied
-  across ASE-driven steps) or ``"atomic"``; with k-points too. Where a step's
+  geometry), ``"reuse"`` (SIESTA's previous-step DM; as ASE's Siesta, none at the
+  first step or after the atomic numbers change), ``"extrapolation"`` (SIESTA's DM
+  extrapolation, applied across ASE-driven steps) or ``"atomic"``; with k-points too. Where a step's
   prediction is not used (below), ``"ml+residual"`` starts from the extrapolation
   alone once there is a history, ``"ml"`` from the atomic guess;
 * ``fallback``: ``"error"`` (default) or ``"atomic"``: what to do when the model

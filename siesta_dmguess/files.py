@@ -18,13 +18,12 @@ def atomic_write(path: str | Path, write, suffix: str = "", before_replace=None)
     format by extension (sisl). The file gets the permissions a plain write would (mkstemp's are 0600); on any
     failure the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
-    if path.is_dir():  # os.replace would fail only after the work, and a backup would move the folder aside
-        from .errors import InputFileError
-
-        raise InputFileError("a folder is in the way: a file is to be written here", path)
+    # A folder in the way (os.replace would fail only after the work, and a backup would move the folder aside)
+    # or no folder to write into: said before any work on the file.
+    check_output_file(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)  # sisl: format by end
-    except OSError as exc:  # a read-only or missing folder: said before any work on the file
+    except OSError as exc:  # a read-only folder
         raise _unwritable(path, exc) from exc
     os.close(fd)
     umask = os.umask(0)

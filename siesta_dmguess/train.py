@@ -24,8 +24,8 @@ from . import software_versions
 from .card import atomic_torch_save, save_model, sha256_file
 from .data import is_aliased, load_samples, run_basis, select_runs
 from .errors import DMGuessError, InputFileError
-from .files import make_output_folder
 from .evaluate import atom_batches, evaluate_samples
+from .files import make_output_folder
 from .model import STAGE_SETTINGS, DensityMatrixModel, ModelConfig, collate, fold_to_targets, onsite_reference
 
 log = logging.getLogger(__name__)
