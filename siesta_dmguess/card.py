@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputFileError, ModelCompatibilityError
-from .files import atomic_write
+from .files import atomic_write, atomic_write_set
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,6 @@ def ready_model(model, **load_options) -> tuple[LoadedModel, float]:
     return loaded, time.perf_counter() - t0
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def atomic_torch_save(obj, path: Path) -> None:
     """torch.save, atomically (model weights, training checkpoints)."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
@@ -132,24 +128,30 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 def save_model(model, out_dir: str | Path, card: dict) -> Path:
     """Write weights, config and card (json + md) into ``out_dir``; fills sha256, size and basis hashes."""
+    import io
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save({k: v.detach().to(torch.float32) for k, v in model.state_dict().items()}, out_dir / WEIGHTS)
+    buffer = io.BytesIO()  # in memory first: the card holds the weights' sha256, and the files are written as a set
+    torch.save({k: v.detach().to(torch.float32) for k, v in model.state_dict().items()}, buffer)
+    weights = buffer.getvalue()
     cfg = model.config.to_dict()
-    _atomic_write_text(out_dir / CONFIG, json.dumps(cfg, indent=1))
     basis = model.config.species_basis()
     card = dict(card)
     card.update({
         "format_version": FORMAT_VERSION,
-        "weights_sha256": sha256_file(out_dir / WEIGHTS),
-        "size_bytes": (out_dir / WEIGHTS).stat().st_size,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "size_bytes": len(weights),
         "species": list(model.config.species),
         "basis": {k: {"hash": b.hash, "orbitals": b.norb, "shells": b.describe(),
                       "cutoffs_ang": [round(s.radius, 5) for s in b.shells]} for k, b in basis.items()},
         "num_parameters": int(sum(p.numel() for p in model.parameters())),
     })
-    _atomic_write_text(out_dir / CARD, json.dumps(card, indent=1))
-    _atomic_write_text(out_dir / CARD_MD, card_markdown(card))
+    # As one set: a save interrupted midway (train --init M --add-stage --out M grows M in place) must leave M as
+    # it was or as it is now, never new weights beside the old card's sha256, which no loader accepts.
+    config_text = json.dumps(cfg, indent=1)
+    _write_card(out_dir, card, also={out_dir / WEIGHTS: lambda tmp: tmp.write_bytes(weights),
+                                     out_dir / CONFIG: lambda tmp: tmp.write_text(config_text)})
     return out_dir
 
 
@@ -168,9 +170,15 @@ def update_card(model_dir: str | Path, updates: dict) -> dict:
     path = Path(model_dir)
     card = read_card(path)
     card.update(updates)
-    _atomic_write_text(path / CARD, json.dumps(card, indent=1))
-    _atomic_write_text(path / CARD_MD, card_markdown(card))
+    _write_card(path, card)
     return card
+
+
+def _write_card(path: Path, card: dict, also: dict | None = None) -> None:
+    """card.json and card.md (and the files ``also`` maps to writers) as one set (:func:`atomic_write_set`)."""
+    texts = {CARD: json.dumps(card, indent=1), CARD_MD: card_markdown(card)}
+    atomic_write_set({**(also or {}),
+                      **{path / name: (lambda tmp, text=text: tmp.write_text(text)) for name, text in texts.items()}})
 
 
 def card_markdown(card: dict) -> str:

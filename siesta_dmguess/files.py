@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -17,28 +18,71 @@ def atomic_write(path: str | Path, write, suffix: str = "", before_replace=None)
     existing file) and rename it over ``path``. ``suffix`` ends the temporary name, for writers that choose the
     format by extension (sisl). The file gets the permissions a plain write would (mkstemp's are 0600); on any
     failure the temporary file is removed and ``path`` is left as it was."""
-    path = Path(path)
-    # A folder in the way (os.replace would fail only after the work, and a backup would move the folder aside)
-    # or no folder to write into: said before any work on the file.
-    check_output_file(path)
+    atomic_write_set({path: write}, suffix=suffix, before_replace=before_replace)
+
+
+def atomic_write_set(writes: dict, suffix: str = "", before_replace=None) -> None:
+    """:func:`atomic_write` for files that only make sense together (a model's weights and the card that holds
+    their sha256): each ``write(tmp)`` goes to a temporary file, then all are renamed into place with Ctrl-C and
+    SIGTERM held back until the last, so an interrupted save leaves the old set or the new one, never a mix (new
+    weights beside the old card: a model no loader accepts)."""
+    temporaries = {}
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)  # sisl: format by end
-    except OSError as exc:  # a read-only folder
-        raise _unwritable(path, exc) from exc
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        write(Path(tmp))
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except OSError as exc:  # a full disk, or a file or backup that may not be replaced
-        raise _unwritable(path, exc) from exc
+        for path, write in writes.items():
+            path = Path(path)
+            # A folder in the way (os.replace would fail only after the work, and a backup would move the folder
+            # aside) or no folder to write into: said before any work on the file.
+            check_output_file(path)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)  # sisl: by end
+            except OSError as exc:  # a read-only folder
+                raise _unwritable(path, exc) from exc
+            os.close(fd)
+            temporaries[path] = tmp
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            try:
+                write(Path(tmp))
+            except OSError as exc:  # a full disk
+                raise _unwritable(path, exc) from exc
+        with _signals_held():
+            try:
+                path = next(iter(temporaries))
+                if before_replace is not None:
+                    before_replace()
+                for path, tmp in temporaries.items():
+                    os.replace(tmp, path)
+            except OSError as exc:  # a backup, or a file, that may not be replaced
+                raise _unwritable(path, exc) from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in temporaries.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@contextmanager
+def _signals_held():
+    """Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then take effect as they would have. Python runs
+    signal handlers in the main thread whichever thread the signal arrives at (torch's threads, say), so the
+    handlers are swapped, not the signal mask; elsewhere than the main thread nothing is held."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not None}  # None: a handler set outside Python, which could not be put back
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def check_output_file(path: str | Path, image: bool = False) -> None:

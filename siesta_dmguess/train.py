@@ -232,6 +232,18 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                                  data_dirs[0])
         raise InputFileError("no training structures: every run is held out for validation or records another "
                              "split", data_dirs[0])
+    if not init:  # the species come from every run; one only in val runs (or past --max-train) would get
+        # untrained blocks and a novelty statistic of nothing, which scores its structures as familiar
+        untrained = sorted(set(species) - {species[k] for s in train_set for k in np.unique(s.species)})
+        if untrained:
+            raise InputFileError(f"species {untrained} are in no training structure (only in validation runs, or in "
+                                 f"runs past --max-train): give training runs of them, or leave their runs out",
+                                 data_dirs[0])
+    # Said before the DM training, not after it (its checkpoint, of a config with a ΔH head, would not resume).
+    if options.correction_epochs and not any(_gets_projection(s) for s in train_set):
+        raise InputFileError("--correction-epochs: no training structure gets the dense projection the ΔH head "
+                             "is trained through (Γ-only or molecular, even electron count; k-point runs are only "
+                             "charge-scaled): leave the option out for these data", data_dirs[0])
     previous, val_reference, onsite_stage = None, None, False
     if options.density_loss:  # the validation structures too: the model kept is the one with the best density
         attach_folded_overlap(train_set + val_set, basis)
@@ -617,14 +629,21 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
     return history
 
 
-def _projection_inputs(model, sample, overlap) -> dict | None:
-    """Everything the ΔH loss of one structure needs that does not change while ΔH trains (frozen DM model)."""
-    from .dm import flat_to_csr
+def _gets_projection(sample) -> bool:
+    """Whether predict projects this structure's DM (the dense idempotent projection the ΔH head acts through)."""
     from .refine import is_kpoint, projection_skipped
 
     lay = sample.layout
+    return not projection_skipped("idempotent", lay.no, is_kpoint(lay, sample.fold), float(lay.atomic.sum()))
+
+
+def _projection_inputs(model, sample, overlap) -> dict | None:
+    """Everything the ΔH loss of one structure needs that does not change while ΔH trains (frozen DM model)."""
+    from .dm import flat_to_csr
+
+    lay = sample.layout
     n_electrons = float(lay.atomic.sum())
-    if projection_skipped("idempotent", lay.no, is_kpoint(lay, sample.fold), n_electrons):
+    if not _gets_projection(sample):
         return None  # predict would not project this structure either
     batch = collate([sample], len(model.species), torch.float32, with_targets=False)
     with torch.no_grad():

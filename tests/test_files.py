@@ -64,3 +64,32 @@ def test_a_folder_in_the_way_is_named_before_anything_is_written_or_moved(tmp_pa
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "model.txt")]) == 2
     assert "model.txt: a file is in the way" in capsys.readouterr().err
     assert (tmp_path / "model.txt").read_text() == "a file"
+
+
+def test_a_set_of_files_is_replaced_whole_and_a_ctrl_c_midway_waits_for_the_last(tmp_path):
+    """A model's weights and the card holding their sha256: a save interrupted between the two left new weights
+    beside the old card, which no loader accepts (train --init M --add-stage --out M then lost M). A failure while
+    writing leaves every old file; a Ctrl-C while renaming is delivered after the last rename."""
+    import signal
+
+    from siesta_dmguess.files import atomic_write_set
+
+    a, b = tmp_path / "weights.pt", tmp_path / "card.json"
+    a.write_text("old a")
+    b.write_text("old b")
+
+    def fail(tmp):
+        raise KeyboardInterrupt  # Ctrl-C while the second file is written
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_set({a: lambda tmp: tmp.write_text("new a"), b: fail})
+    assert (a.read_text(), b.read_text()) == ("old a", "old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card.json", "weights.pt"]
+
+    def ctrl_c():  # as if the user pressed it just as the renames start
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_set({a: lambda tmp: tmp.write_text("new a"), b: lambda tmp: tmp.write_text("new b")},
+                         before_replace=ctrl_c)
+    assert (a.read_text(), b.read_text()) == ("new a", "new b")

@@ -446,3 +446,30 @@ def test_a_finished_model_is_not_replaced_by_a_run_that_cannot_resume_it(tmp_pat
     assert len(load_model(out).config.residual_stages) == 1
     train([dataset("h2o")], out, opts, TINY, resume=False)  # --restart: replaced on purpose
     assert load_model(out).config.residual_stages == []
+
+
+def test_species_in_no_training_structure_or_a_head_without_projections_are_refused_before_training(tmp_path):
+    """A species only in validation runs (or past --max-train) got a model that claimed it, with a novelty of
+    nothing that scored its structures as familiar; --correction-epochs on k-point data failed only after the
+    whole DM training, whose checkpoint (of a config with a ΔH head) no rerun without the option resumes."""
+    import shutil
+
+    h2o, si8 = dataset("h2o"), dataset("si8")
+    mixed = tmp_path / "mixed"
+    for data, runs in ((h2o, ("0000", "0001")), (si8, ("0004",))):
+        shutil.copytree(data / "basis", mixed / "basis", dirs_exist_ok=True)
+        for run in runs:
+            shutil.copytree(data / run, mixed / f"{data.name}-{run}")
+    (mixed / "si8-0004" / "run.json").write_text(json.dumps({"split": "val"}))
+    for name in ("h2o-0000", "h2o-0001"):
+        (mixed / name / "run.json").write_text(json.dumps({"split": "train"}))
+    with pytest.raises(InputFileError, match=r"species \['Si'\] are in no training structure"):
+        train([mixed], tmp_path / "m", TrainOptions(epochs=1, progress=False), TINY)
+    assert not (tmp_path / "m").exists()
+    kpoints = tmp_path / "si"
+    shutil.copytree(si8 / "basis", kpoints / "basis")
+    for run in ("0000", "0004"):
+        shutil.copytree(si8 / run, kpoints / run)
+    with pytest.raises(InputFileError, match="--correction-epochs: no training structure gets the dense projection"):
+        train([kpoints], tmp_path / "c", TrainOptions(epochs=1, correction_epochs=1, progress=False), TINY)
+    assert not (tmp_path / "c").exists()  # refused before the DM training wrote a checkpoint
