@@ -633,12 +633,13 @@ def summarize_trajectory(rows: list[dict], guesses, model: str, data: str) -> di
     walls = {g: sum(r[g]["siesta_wall_s"] + r[g]["prediction_s"] for r in rows) for g in guesses}
     base = totals.get("atomic")
     energies = {g: [r[g]["total_energy_eV"] for r in rows] for g in guesses}
-    ref = energies.get("atomic") or next(iter(energies.values()))
-    de = {g: max(abs(a - b) for a, b in zip(energies[g], ref)) for g in guesses}
+    reference = "atomic" if "atomic" in guesses else guesses[0]  # the energies every other guess is checked against
+    de = {g: None if g == reference else max(abs(a - b) for a, b in zip(energies[g], energies[reference]))
+          for g in guesses}
     return {"model": model, "data": data, "frames": len(rows), "guesses": list(guesses),
             "scf_iterations": totals, "wall_s_including_prediction": walls,
             "iterations_saved_vs_atomic": {g: (1 - totals[g] / base) if base else None for g in guesses},
-            "max_abs_energy_difference_eV": de,
+            "energy_reference": reference, "max_abs_energy_difference_eV": de,
             "all_converged": all(r[g]["converged"] for r in rows for g in guesses),
             "frames_fallback_atomic": sum(bool(r.get("fallback")) for r in rows), "per_frame": rows}
 
@@ -657,12 +658,14 @@ def trajectory_markdown(report: dict) -> str:
         lines.append(f"| {frame} | " + " | ".join(str(r[g]["scf_iterations"]) for g in guesses) + " |")
     lines.append("| **total** | " + " | ".join(f"**{report['scf_iterations'][g]}**" for g in guesses) + " |")
     saved = report["iterations_saved_vs_atomic"]
-    lines += ["", "| guess | SCF iterations | saved vs atomic | wall incl. prediction (s) | max abs(ΔE) vs atomic (eV) |",
-              "| --- | --- | --- | --- | --- |"]
+    reference = report.get("energy_reference", "atomic")
+    lines += ["", f"| guess | SCF iterations | saved vs atomic | wall incl. prediction (s) | max abs(ΔE) vs {reference} "
+              f"(eV) |", "| --- | --- | --- | --- | --- |"]
     for g in guesses:
         frac = f"{100 * saved[g]:.0f} %" if saved[g] is not None else "-"
+        de = report["max_abs_energy_difference_eV"][g]
         lines.append(f"| {g} | {report['scf_iterations'][g]} | {frac} | "
-                     f"{report['wall_s_including_prediction'][g]:.1f} | {report['max_abs_energy_difference_eV'][g]:.1e} |")
+                     f"{report['wall_s_including_prediction'][g]:.1f} | {'-' if de is None else f'{de:.1e}'} |")
     if report.get("startup_s"):
         lines += ["", f"The ML columns' wall times hold their predictions; the start-up, once per process "
                   f"({STARTUP}), took {report['startup_s']:.1f} s more."]

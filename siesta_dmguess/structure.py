@@ -179,6 +179,57 @@ def fdf_input_files(path: str | Path, missing: list | None = None) -> list[Path]
     return seen
 
 
+def inlined_fdf_text(path: str | Path) -> str:
+    """The fdf's text with what it reads in written in its place, as SIESTA's fdf library reads it (paths relative
+    to the fdf's folder, as :func:`fdf_input_files`): ``%include FILE`` by FILE's text, ``%block NAME < FILE`` by
+    the block with FILE's lines (less a ``%block``/``%endblock`` pair FILE may hold itself, which SIESTA skips),
+    ``KEY < FILE`` by KEY's line or block in FILE. A run made from it needs none of those files beside it (a copy
+    of the fdf in a run folder did), and the geometry it holds, wherever it was, is in the text to be replaced
+    (``fdf_with_geometry``)."""
+    path = Path(path)
+    return "\n".join(_inlined_lines(path, path.parent, depth=0)) + "\n"
+
+
+def _inlined_lines(file: Path, folder: Path, depth: int) -> list[str]:
+    if depth > 20:  # SIESTA's fdf library nests includes only so deep; a file including itself would loop
+        raise InputFileError("includes nest deeper than 20 files (a file that includes itself?)", file)
+    if not file.is_file():
+        raise InputFileError("reads in a file that does not exist: SIESTA would stop there", file)
+    lines = []
+    for line in file.read_text(errors="replace").splitlines():
+        words = fdf_words(line)
+        if len(words) >= 2 and words[0].lower() == "%include":
+            lines += _inlined_lines(folder / words[1], folder, depth + 1)
+        elif "<" in words[:-1] and words[0].lower() == "%block":
+            name, source = words[1], folder / words[words.index("<") + 1]
+            body = [l for l in _inlined_lines(source, folder, depth + 1) if fdf_words(l)]
+            if body and fdf_words(body[0])[0].lower() == "%block":
+                body = body[1:]
+            body = [l for l in body if fdf_words(l)[0].lower() != "%endblock"]
+            lines += [f"%block {name}", *body, f"%endblock {name}"]
+        elif "<" in words[:-1]:  # KEY (or several) read from another fdf
+            source = _inlined_lines(folder / words[words.index("<") + 1], folder, depth + 1)
+            for key in words[:words.index("<")]:
+                lines += _key_lines(source, key)
+        else:
+            lines.append(line)
+    return lines
+
+
+def _key_lines(lines: list[str], key: str) -> list[str]:
+    """The first line, or block, that sets ``key`` in ``lines`` (fdf keys ignore case, '.', '_' and '-')."""
+    want = normalized_fdf_key(key)
+    for k, line in enumerate(lines):
+        words = fdf_words(line)
+        if words and normalized_fdf_key(words[0]) == want:
+            return [line]
+        if len(words) > 1 and words[0].lower() == "%block" and normalized_fdf_key(words[1]) == want:
+            end = next((j for j in range(k + 1, len(lines)) if fdf_words(lines[j])[:1] and
+                        fdf_words(lines[j])[0].lower() == "%endblock"), len(lines) - 1)
+            return lines[k:end + 1]
+    return []
+
+
 def check_fdf_inputs(path: str | Path) -> None:
     """Error naming a file the fdf reads in (``%include``, ``< FILE``) that does not exist: SIESTA stops there,
     while sisl only warns and reads on without it."""
@@ -676,6 +727,26 @@ def periodic_cell(atoms: Atoms) -> np.ndarray | None:
     return atoms.cell.array if atoms.cell.rank == 3 else None
 
 
+# No atom of an MD or relaxation step moves this far (Å); two atoms of one element swapped in a file do.
+LARGEST_STEP = 1.0
+
+
+def _largest_jump(frames: list[Atoms]) -> tuple[int, int, float] | None:
+    """(frame, atom, distance) of the first step in which an atom moves more than LARGEST_STEP, across periodic
+    boundaries by the shortest way (a wrapped trajectory's jump by a lattice vector is no move), or None."""
+    from ase.geometry import find_mic
+
+    for t in range(1, len(frames)):
+        step = frames[t].positions - frames[t - 1].positions
+        cell, pbc = frames[t].cell, frames[t].pbc
+        if cell.rank == 3 and pbc.any():
+            step = find_mic(step, cell, pbc)[0]
+        moved = np.linalg.norm(step, axis=1)
+        if moved.max() > LARGEST_STEP:
+            return t, int(moved.argmax()), float(moved.max())
+    return None
+
+
 class FdfFrames:
     """Frames of a trajectory (ASE Atoms) as Structures in the species and settings of an fdf template.
 
@@ -685,7 +756,7 @@ class FdfFrames:
 
     def __init__(self, fdf_path: str | Path):
         self.path = resolve_fdf(fdf_path)  # a run folder stands for its fdf
-        self.text = self.path.read_text()
+        self.text = inlined_fdf_text(self.path)  # each frame's fdf is written elsewhere: with what it reads in
         self.label_of = {element_symbol(z): label for _, z, label in species_block(self.text)}
         self.settings = read_fdf_settings(self.path)
 
@@ -705,6 +776,12 @@ class FdfFrames:
         if missing:
             raise InputFileError(f"no species in its ChemicalSpeciesLabel block for the trajectory's element(s) "
                                  f"{missing} (it has {sorted(self.label_of)})", self.path)
+        jump = _largest_jump(frames)
+        if jump is not None:  # same elements, but atoms swapped (a re-sorted file) or frames far apart
+            t, i, d = jump
+            log.warning("%s: atom %d moves %.2f Å from frame %d to %d; the history guesses (reuse, extrapolation, "
+                        "ml+residual) follow each atom from frame to frame, and start far off where frames hold the "
+                        "atoms in another order or lie this far apart", source or "trajectory", i, d, t - 1, t)
 
     def structure(self, atoms: Atoms) -> Structure:
         structure = structure_as_siesta_runs(atoms, self.labels(atoms))

@@ -468,3 +468,63 @@ def test_predict_takes_ase_atoms(shipped):
     from .conftest import water_molecule
 
     assert predict_density_matrix(water_molecule(), shipped("water")).density_matrix.geometry.na == 3
+
+
+def test_an_fdf_that_reads_in_files_gives_frames_and_runs_with_all_its_settings(tmp_path):
+    """`%block LatticeVectors < cell.dat` made fdf_with_geometry drop every line up to the next %endblock (basis,
+    XC, mesh and SCF settings: frames ran with SIESTA's defaults); an `%include` was not copied into the run
+    folder (SIESTA stopped), and a geometry inside it would have stood beside the frame's. Runs are written with
+    what the fdf reads in inlined, and the same settings and structure as the fdf's own."""
+    import re
+
+    from siesta_dmguess.siesta.templates import fdf_with_geometry, prepare_run
+    from siesta_dmguess.structure import inlined_fdf_text, read_fdf_settings
+
+    fdf = _h2o_run_copy(tmp_path)
+    original = fdf.read_text()
+    lattice = re.search(r"%block LatticeVectors\n(.*?)%endblock LatticeVectors\n", original, re.S)
+    coordinates = re.search(r"%block AtomicCoordinatesAndAtomicSpecies\n.*?%endblock AtomicCoordinatesAndAtomicSpecies\n",
+                            original, re.S)
+    (fdf.parent / "cell.dat").write_text(lattice[1])
+    (fdf.parent / "geometry.fdf").write_text("AtomicCoordinatesFormat Ang\n" + coordinates[0])
+    (fdf.parent / "mesh.fdf").write_text("MeshCutoff 200 Ry\n")
+    text = (original.replace(lattice[0], "%block LatticeVectors < cell.dat\n").replace(coordinates[0], "")
+            .replace("AtomicCoordinatesFormat Ang\n", "").replace("MeshCutoff 200 Ry\n", "MeshCutoff < mesh.fdf\n"))
+    fdf.write_text(text + "%include geometry.fdf\n")
+    plain = _h2o_run_copy(tmp_path, "plain")
+    assert read_structure(fdf).fdf_settings == read_structure(plain).fdf_settings
+    inlined = inlined_fdf_text(fdf)
+    assert "<" not in inlined and "%include" not in inlined
+    moved = read_structure(plain).atoms.copy()
+    moved.positions += 0.1
+    frame = tmp_path / "frame" / "input.fdf"
+    frame.parent.mkdir()
+    frame.write_text(fdf_with_geometry(inlined, moved, ["O", "H", "H"]))
+    assert read_fdf_settings(frame) == read_fdf_settings(plain)
+    assert np.allclose(read_structure(frame).atoms.positions, moved.positions)
+    assert frame.read_text().count("%block AtomicCoordinatesAndAtomicSpecies") == 1
+    piped = original.replace(lattice[0], "%block LatticeVectors < cell.dat\n").replace(coordinates[0], "")
+    kept = fdf_with_geometry(piped + coordinates[0], moved, ["O", "H", "H"])  # settings between the two blocks
+    assert all(line in kept for line in ("PAO.BasisSize DZP", "XC.functional LDA", "MeshCutoff 200 Ry"))
+    run = prepare_run(fdf, tmp_path / "work", "atomic", pseudo_dirs=[tmp_path / "basis"])
+    assert read_structure(run).fdf_settings == read_structure(plain).fdf_settings
+    assert np.allclose(read_structure(run).atoms.positions, read_structure(plain).atoms.positions)
+
+
+def test_a_trajectory_whose_atoms_jump_is_said_before_it_runs(tmp_path, caplog):
+    """Two H swapped in one frame passed the check (same elements in the same order), and reuse and extrapolation
+    took 11 iterations where the atomic guess took 10, without a word. A wrapped atom's jump by a lattice vector
+    is no move."""
+    from siesta_dmguess.structure import FdfFrames
+
+    fdf = _h2o_run_copy(tmp_path)
+    first = read_structure(fdf).atoms
+    frames = [first.copy() for _ in range(3)]
+    frames[1].positions[0] += [12.0, 0.0, 0.0]  # O wrapped across the 12 Å box
+    with caplog.at_level("WARNING"):
+        FdfFrames(fdf).check_trajectory(frames, "md.traj")
+    assert "moves" not in caplog.text
+    frames[2].positions[[1, 2]] = frames[2].positions[[2, 1]]
+    with caplog.at_level("WARNING"):
+        FdfFrames(fdf).check_trajectory(frames, "md.traj")
+    assert "md.traj: atom 1 moves 1.5" in caplog.text and "from frame 1 to 2" in caplog.text

@@ -835,3 +835,22 @@ def test_bench_inputs_of_the_wrong_kind_are_named(tmp_path, capsys, run_dir, cas
                       "empty-trajectory": r"empty\.xyz: ASE cannot read",
                       "unknown-element": r"xx\.xyz: ASE cannot read this structure: unknown chemical symbol 'Xx'"}[case],
                      err), err
+
+
+def test_a_trajectory_report_names_the_energies_it_checks_against():
+    """Without the atomic guess the energy check ran against the first guess listed, under a "vs atomic" header,
+    and a single guess showed 0.0 eV against itself: a check that never ran, reading as passed."""
+    from siesta_dmguess.bench import summarize_trajectory, trajectory_markdown
+
+    def run(energy):
+        return {"scf_iterations": 5, "siesta_wall_s": 1.0, "prediction_s": 0.0, "total_energy_eV": energy,
+                "converged": True}
+
+    rows = [{"frame": t, "extrapolation": run(-465.0), "reuse": run(-465.0 + 2e-5 * t)} for t in range(3)]
+    report = summarize_trajectory(rows, ("extrapolation", "reuse"), "water", "md.traj") | {"name": "md"}
+    assert report["energy_reference"] == "extrapolation"
+    assert report["max_abs_energy_difference_eV"] == {"extrapolation": None, "reuse": pytest.approx(4e-5)}
+    table = trajectory_markdown(report)
+    assert "max abs(ΔE) vs extrapolation (eV)" in table and "| extrapolation | 15 | - | 3.0 | - |" in table
+    alone = summarize_trajectory(rows, ("reuse",), "water", "md.traj")
+    assert alone["max_abs_energy_difference_eV"] == {"reuse": None}

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputFileError
-from ..structure import fdf_words, normalized_fdf_key, species_block, system_label
+from ..structure import fdf_words, inlined_fdf_text, normalized_fdf_key, species_block, system_label
 from .runner import fdf_value, species_labels
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
@@ -122,7 +122,7 @@ def fdf_with_geometry(fdf_text: str, atoms, labels: list[str]) -> str:
             continue
         if (words and words[0].lower() == "%block" and len(words) > 1
                 and normalized_fdf_key(words[1]) in _GEOMETRY_BLOCKS):
-            skipping = True
+            skipping = "<" not in words  # a block read from a file (%block NAME < FILE) is this one line
             continue
         if words and normalized_fdf_key(words[0]) in _GEOMETRY_KEYS:
             continue
@@ -152,7 +152,7 @@ def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: st
         raise InputFileError("fdf file not found", src_fdf)
     workdir.mkdir(parents=True, exist_ok=True)
     fdf = workdir / "input.fdf"
-    fdf.write_text(apply_dm_init(src_fdf.read_text(), init))
+    fdf.write_text(apply_dm_init(inlined_fdf_text(src_fdf), init))  # what it reads in, in its text: not copied
     label = system_label(fdf)
     for label_ in species_labels(fdf):
         for d in [src_fdf.parent, *map(Path, pseudo_dirs)]:
