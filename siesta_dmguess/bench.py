@@ -531,7 +531,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
 
     unknown = [g for g in guesses if g not in GUESSES]
     if unknown or not guesses:  # before any SIESTA run, not midway through the trajectory
-        raise DMGuessError(f"unknown starting guesses {unknown}: choose from {', '.join(GUESSES)}")
+        raise DMGuessError(f"{f'unknown starting guesses {unknown}' if unknown else 'no starting guess given'}: "
+                           f"choose from {', '.join(GUESSES)}")
     repeated = sorted({g for g in guesses if list(guesses).count(g) > 1})
     if repeated:  # a second run of a history guess would start from the DM the first just converged
         raise DMGuessError(f"starting guesses given more than once: {', '.join(repeated)}")
@@ -675,8 +676,10 @@ def trajectory_markdown(report: dict) -> str:
                   f"guess, `ml+residual` from the history's extrapolation once there was one): "
                   f"{far[0]['fallback']}" + (" (and alike)." if len(far) > 1 else ".")]
     if report.get("reused"):  # a resumed benchmark
-        lines += ["", f"Frames {report['reused'][0]}–{report['reused'][-1]} were reused from an earlier run of this "
-                  f"benchmark, which finished them with the same frames, model, settings and SIESTA."]
+        first, last = report["reused"][0], report["reused"][-1]
+        which = f"Frame {first} was" if first == last else f"Frames {first}–{last} were"
+        lines += ["", f"{which} reused from an earlier run of this benchmark, which finished them with the same "
+                  f"frames, model, settings and SIESTA."]
     return "\n".join(lines + siesta_line(report)) + "\n"
 
 

@@ -244,6 +244,10 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         raise InputFileError("--correction-epochs: no training structure gets the dense projection the ΔH head "
                              "is trained through (Γ-only or molecular, even electron count; k-point runs are only "
                              "charge-scaled): leave the option out for these data", data_dirs[0])
+    if options.density_loss and not any(s.fold for s in train_set):  # it would silently be the element loss
+        raise InputFileError("--density-loss: no training structure is folded (Γ-only or molecular), so every "
+                             "structure would get the plain element loss: leave the option out for k-point runs",
+                             data_dirs[0])
     previous, val_reference, onsite_stage = None, None, False
     if options.density_loss:  # the validation structures too: the model kept is the one with the best density
         attach_folded_overlap(train_set + val_set, basis)

@@ -473,3 +473,5 @@ def test_species_in_no_training_structure_or_a_head_without_projections_are_refu
     with pytest.raises(InputFileError, match="--correction-epochs: no training structure gets the dense projection"):
         train([kpoints], tmp_path / "c", TrainOptions(epochs=1, correction_epochs=1, progress=False), TINY)
     assert not (tmp_path / "c").exists()  # refused before the DM training wrote a checkpoint
+    with pytest.raises(InputFileError, match="--density-loss: no training structure is folded"):  # silently MSE
+        train([kpoints], tmp_path / "d", TrainOptions(epochs=1, density_loss=True, progress=False), TINY)
