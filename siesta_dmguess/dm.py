@@ -336,7 +336,9 @@ def check_dm_file(path: str | Path) -> tuple[int, int]:
     numd(no_u), one listd record per row, then nspin * no_u value records. sisl
     hands the file to compiled Fortran that can crash the interpreter (or try a
     huge allocation) on a truncated or corrupt file, so the markers are checked
-    here first, in Python, without reading the values.
+    here first, in Python, and each row's columns (sisl reads a column 0 or a
+    repeated one without a word, adding its value onto another element); the
+    values themselves are checked once read (:func:`read_density_matrix`).
     """
     import struct
 
@@ -344,15 +346,15 @@ def check_dm_file(path: str | Path) -> tuple[int, int]:
     size = path.stat().st_size
     with open(path, "rb") as f:
 
-        def record(expect: int | None, what: str) -> bytes | None:
+        def record(expect: int | None, what: str, read: bool = True) -> bytes | None:
             head = f.read(4)
             if len(head) < 4:
                 raise InputFileError(f"the .DM file is truncated (missing {what})", path)
             n = struct.unpack("<i", head)[0]
             if n < 0 or f.tell() + n + 4 > size or (expect is not None and n != expect):
                 raise InputFileError(f"the .DM file is truncated or corrupt (bad record for {what})", path)
-            body = f.read(n) if expect is None or n <= 1 << 20 else None
-            if body is None:
+            body = f.read(n) if read else None
+            if not read:
                 f.seek(n, 1)
             if f.read(4) != head:
                 raise InputFileError(f"the .DM file is corrupt (record markers of {what} disagree)", path)
@@ -364,14 +366,22 @@ def check_dm_file(path: str | Path) -> tuple[int, int]:
         no, nspin = struct.unpack("<2i", header[:8])
         if not (0 < no < 10**8 and 0 < nspin <= 8):
             raise InputFileError(f"the .DM file is corrupt (header says {no} orbitals, {nspin} spins)", path)
+        nsc = struct.unpack("<3i", header[8:]) if len(header) == 20 else None
+        if nsc is not None and not all(0 < n < 10**3 and n % 2 == 1 for n in nsc):
+            raise InputFileError(f"the .DM file is corrupt (header says supercell {list(nsc)})", path)
+        columns = no * int(np.prod(nsc)) if nsc is not None else None  # (an old header without nsc: unknown)
         numd = np.frombuffer(record(4 * no, "numd"), dtype="<i4")
         if np.any(numd < 0):
             raise InputFileError("the .DM file is corrupt (negative row lengths)", path)
         for row in range(no):
-            record(4 * int(numd[row]), f"the columns of row {row + 1}")
+            cols = np.frombuffer(record(4 * int(numd[row]), f"the columns of row {row + 1}"), dtype="<i4")
+            if cols.size and (cols.min() < 1 or (columns is not None and cols.max() > columns)
+                              or np.unique(cols).size != cols.size):
+                raise InputFileError(f"the .DM file is corrupt (row {row + 1} has a column outside 1..{columns or 'no'} "
+                                     f"or the same column twice)", path)
         for _ in range(nspin):
             for row in range(no):
-                record(8 * int(numd[row]), f"the values of row {row + 1}")
+                record(8 * int(numd[row]), f"the values of row {row + 1}", read=False)
         if f.tell() != size:
             raise InputFileError("the .DM file has trailing data after the last record", path)
     return int(no), int(nspin)
@@ -386,7 +396,11 @@ def read_density_matrix(path: str | Path, geometry):
         raise InputFileError("density matrix file not found", path)
     if path.stat().st_size < 16:
         raise InputFileError("the .DM file is empty or truncated", path)
-    no, _ = check_dm_file(path)
+    no, nspin = check_dm_file(path)
+    if nspin != 1:  # taking one component of these (as sisl's tocsr(0) would) misleads without a word
+        raise InputFileError(f"the .DM holds {nspin} spin components (a spin-polarized, non-collinear or spin-orbit "
+                             "run); siesta_dmguess reads spin-unpolarized DMs only (docs/conventions.md, \"Spin\")",
+                             path)
     if no != geometry.no:
         raise InputFileError(f"the .DM has {no} orbitals but the structure has {geometry.no}", path)
     sile = sisl.get_sile(str(path))
@@ -399,6 +413,10 @@ def read_density_matrix(path: str | Path, geometry):
         raise InputFileError(f"the .DM file is truncated or corrupt ({type(exc).__name__}: {text})", path) from exc
     if dm.no != geometry.no:
         raise InputFileError(f"the .DM has {dm.no} orbitals but the structure has {geometry.no}", path)
+    values = dm._csr.data[..., 0]  # (sisl's sparse storage: its public tocsr builds a copy per spin)
+    if not np.isfinite(values).all():
+        raise InputFileError(f"the .DM holds {int((~np.isfinite(values)).sum())} values that are not finite numbers "
+                             "(NaN or inf)", path)
     return dm
 
 

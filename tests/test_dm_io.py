@@ -151,6 +151,69 @@ def test_corrupt_dm_is_rejected(tmp_path):
         read_density_matrix(bad, build_geometry(structure, basis))
 
 
+def _dm_records(path):
+    """The Fortran records of a .DM: (header, numd, column records, value records), as bytes."""
+    import struct
+
+    data, records, at = path.read_bytes(), [], 0
+    while at < len(data):
+        n = struct.unpack("<i", data[at:at + 4])[0]
+        records.append(data[at + 4:at + 4 + n])
+        at += n + 8
+    no = struct.unpack("<i", records[0][:4])[0]
+    return records[0], records[1], records[2:2 + no], records[2 + no:]
+
+
+def _write_records(path, header, numd, columns, values):
+    import struct
+
+    path.write_bytes(b"".join(struct.pack("<i", len(r)) + r + struct.pack("<i", len(r))
+                              for r in [header, numd, *columns, *values]))
+
+
+def _edited_dm(tmp_path, edit):
+    """h2o/0000's .DM with its records edited by ``edit(header, numd, columns, values)``, and its geometry."""
+    folder = _runs("h2o", 1)[0]
+    structure, basis, _, _ = load_run(folder)
+    records = [list(r) if isinstance(r, list) else r for r in _dm_records(folder / "siesta.DM")]
+    bad = tmp_path / "edited.DM"
+    _write_records(bad, *edit(*records))
+    return bad, build_geometry(structure, basis)
+
+
+def _with_column(columns, row, k, value):
+    cols = np.frombuffer(columns[row], dtype="<i4").copy()
+    cols[k] = value
+    return [*columns[:row], cols.tobytes(), *columns[row + 1:]]
+
+
+@pytest.mark.parametrize("edit, problem", [
+    # column 0 (Fortran counts from 1) or one twice: sisl added the element's value onto another one
+    (lambda h, n, c, v: (h, n, _with_column(c, 2, 1, 0), v), "row 3 has a column outside"),
+    (lambda h, n, c, v: (h, n, _with_column(c, 2, 1, int(np.frombuffer(c[2], "<i4")[0])), v), "the same column twice"),
+    # two spin components: the first was taken without a word
+    (lambda h, n, c, v: (h[:4] + np.int32(2).tobytes() + h[8:], n, c, v + v), "holds 2 spin components"),
+    # a NaN: evaluate printed MAE nan, train wrote a model with validation mae nan
+    (lambda h, n, c, v: (h, n, c, [np.full(len(v[0]) // 8, np.nan).tobytes(), *v[1:]]), "not finite numbers"),
+    (lambda h, n, c, v: (h[:8] + np.array([0, 1, 1], "<i4").tobytes(), n, c, v), r"supercell \[0, 1, 1\]")])
+def test_a_dm_sisl_would_read_wrong_is_refused(tmp_path, edit, problem):
+    bad, geometry = _edited_dm(tmp_path, edit)
+    with pytest.raises(InputFileError, match=f"edited.DM: .*{problem}"):
+        read_density_matrix(bad, geometry)
+
+
+def test_a_dm_of_many_orbitals_is_checked_not_skipped(tmp_path):
+    """Past 262144 orbitals the row-length record (4 bytes each) exceeded the 1 MB read, was skipped, and the
+    check ended in a bare TypeError."""
+    from siesta_dmguess.dm import check_dm_file
+
+    no = 300_000
+    header = np.array([no, 1, 1, 1, 1], "<i4").tobytes()
+    _write_records(tmp_path / "big.DM", header, np.ones(no, "<i4").tobytes(),
+                   [np.int32(k + 1).tobytes() for k in range(no)], [np.float64(1.0).tobytes()] * no)
+    assert check_dm_file(tmp_path / "big.DM") == (no, 1)
+
+
 def test_orbital_pattern_follows_the_atoms_not_the_frame():
     """The cut to SIESTA's orbital pairs depends on distances only: a rotated, translated and permuted copy of a
     box keeps the same elements of every block (float64 geometry, unfolded so each block is its own)."""
