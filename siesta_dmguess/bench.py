@@ -181,8 +181,10 @@ def measurement_identity(fdf_text: str, pseudo_dirs, loaded, siesta: list[str], 
     and the benchmark's ``settings``. A kept result is reused only where every one of them is the same
     (:func:`read_kept`)."""
     from .card import sha256_file
+    from .siesta.templates import PSEUDO_SUFFIXES
 
-    pseudos = {p.name: sha256_file(p) for folder in map(Path, pseudo_dirs) for p in sorted(folder.glob("*.psf"))}
+    pseudos = {p.name: sha256_file(p) for folder in map(Path, pseudo_dirs) for suffix in PSEUDO_SUFFIXES
+               for p in sorted(folder.glob(f"*{suffix}"))}
     model = {} if loaded is None else {  # the network its config builds and the flag level of its refusals too
         "config_sha256": hashlib.sha256(json.dumps(loaded.config.to_dict(), sort_keys=True).encode()).hexdigest(),
         "novelty_threshold": float(loaded.model.novelty_threshold)}
@@ -547,6 +549,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     if not images:
         raise InputFileError("the trajectory holds no frames", trajectory if not isinstance(trajectory, list) else None)
     frames_in_fdf = FdfFrames(fdf_template)
+    images = frames_in_fdf.in_cell(images, trajectory if not isinstance(trajectory, list) else None)
     frames_in_fdf.check_trajectory(images, trajectory if not isinstance(trajectory, list) else None)
     make_output_folder(out_dir)  # after the input checks: a refused trajectory leaves no folder behind
     loaded, startup_s = None, 0.0

@@ -119,7 +119,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
     from tqdm.auto import tqdm
 
     from .predict import predict_to_file
-    from .siesta.templates import dm_read_note, enable_dm_read
+    from .siesta.templates import dm_read_note, enable_dm_read, saved_geometry_note
     from .structure import resolve_fdf, siesta_dm_init_path
 
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
@@ -136,7 +136,11 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
             if args.charges:
                 _report_charges(pred, write=write)
             source = resolve_fdf(structure)
-            note = dm_read_note(source, out) if source.suffix.lower() == ".fdf" else None
+            is_fdf = source.suffix.lower() == ".fdf"
+            geometry_note = saved_geometry_note(source) if is_fdf else None
+            if geometry_note:
+                write(f"note: {geometry_note}")
+            note = dm_read_note(source, out) if is_fdf else None
             # the switch only where SIESTA looks for the DM: on with the DM elsewhere, it would read a stale one
             if note and args.edit_fdf and out.resolve() == siesta_dm_init_path(source).resolve():
                 backup = enable_dm_read(source)  # the note said the switch is off

@@ -303,7 +303,7 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
 
 def check_converged(rec: RunRecord) -> None:
     """Error if the run's record (index.json) or its SIESTA output (``*.out``, ``*.out.gz`` in the folder) says the
-    SCF did not converge. SIESTA writes its ``.DM`` at every iteration, so a run stopped at ``MaxSCFIterations``
+    SCF did not converge, or that the run moved its atoms (a relaxation or an MD: its .DM is the last geometry's). SIESTA writes its ``.DM`` at every iteration, so a run stopped at ``MaxSCFIterations``
     or killed midway leaves a ``.DM`` that looks like any other but is not the answer a model should learn, or
     be measured against. A folder without an output is taken as converged: the DM is all there is."""
     from .siesta.output import parse_output
@@ -312,10 +312,16 @@ def check_converged(rec: RunRecord) -> None:
         raise InputFileError("the run's record (index.json or run.json) says that SIESTA did not converge it, so "
                              "its .DM is not a converged density matrix: rerun it or leave the folder out", rec.folder)
     for output in sorted([*rec.folder.glob("*.out"), *rec.folder.glob("*.out.gz")]):
-        if not parse_output(output).converged:
+        parsed = parse_output(output)
+        if not parsed.converged:
             raise InputFileError(f"{output.name} does not say that SIESTA's SCF converged (it did not, or the "
                                  f"output stops before), so the .DM is not a converged density matrix: rerun it or "
                                  f"leave the folder out", rec.folder)
+        if len(parsed.scf_histories) > 1:  # the fdf holds the first geometry, the .DM the last one's
+            raise InputFileError(f"{output.name} holds {len(parsed.scf_histories)} geometry steps (a relaxation or "
+                                 f"MD run), so the .DM is the last step's and not the density matrix of the fdf's "
+                                 f"structure: use single-point runs (a final geometry, e.g. from <SystemLabel>"
+                                 f".STRUCT_OUT, run again), or leave the folder out", rec.folder)
 
 
 def check_dm_is_siestas(dm_path: Path) -> None:

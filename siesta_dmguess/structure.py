@@ -759,6 +759,23 @@ class FdfFrames:
         self.text = inlined_fdf_text(self.path)  # each frame's fdf is written elsewhere: with what it reads in
         self.label_of = {element_symbol(z): label for _, z, label in species_block(self.text)}
         self.settings = read_fdf_settings(self.path)
+        self.cell = periodic_cell(read_structure(self.path).atoms)  # None for a molecule in SIESTA's own cell
+
+    def in_cell(self, frames: list[Atoms], source=None) -> list[Atoms]:
+        """The frames, those without a cell in the fdf's lattice: SIESTA's own trajectories (``.ANI``, the
+        ``WriteCoorXmol`` ``.xyz``) hold coordinates only, and such a frame ran in SIESTA's automatic cell (a
+        crystal as an isolated cluster) where the run it came from had the fdf's."""
+        if self.cell is None or all(atoms.cell.rank == 3 for atoms in frames):
+            return frames
+        log.warning("%s: frames without a cell run in the lattice of %s", source or "trajectory", self.path)
+        framed = []
+        for atoms in frames:
+            if atoms.cell.rank < 3:
+                atoms = atoms.copy()
+                atoms.set_cell(self.cell)
+                atoms.pbc = True
+            framed.append(atoms)
+        return framed
 
     def labels(self, atoms: Atoms) -> list[str]:
         return [self.label_of.get(symbol, symbol) for symbol in atoms.get_chemical_symbols()]

@@ -528,3 +528,43 @@ def test_a_trajectory_whose_atoms_jump_is_said_before_it_runs(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         FdfFrames(fdf).check_trajectory(frames, "md.traj")
     assert "md.traj: atom 1 moves 1.5" in caplog.text and "from frame 1 to 2" in caplog.text
+
+
+def test_frames_without_a_cell_run_in_the_fdfs_lattice(tmp_path, caplog):
+    """SIESTA's own .ANI frames (and its WriteCoorXmol .xyz) carry no cell: each ran in SIESTA's automatic cell,
+    10.7 meV off the 12 Å box's energy for a water molecule, and a silicon crystal as an isolated cluster."""
+    from siesta_dmguess.structure import FdfFrames
+
+    fdf = _h2o_run_copy(tmp_path)
+    bare = read_structure(fdf).atoms.copy()
+    bare.set_cell(np.zeros((3, 3)))
+    bare.pbc = False
+    boxed = read_structure(fdf).atoms.copy()
+    boxed.set_cell(np.diag([10.0, 10.0, 10.0]))
+    with caplog.at_level("WARNING"):
+        framed = FdfFrames(fdf).in_cell([bare, boxed], "md.ANI")
+    assert np.allclose(framed[0].cell.array, np.diag([12.0, 12.0, 12.0])) and framed[0].pbc.all()
+    assert np.allclose(framed[1].cell.array, np.diag([10.0, 10.0, 10.0]))  # a frame's own cell is kept
+    assert "md.ANI: frames without a cell run in the lattice of" in caplog.text
+    assert bare.cell.rank == 0  # the caller's frames are not changed
+
+
+def test_predict_says_where_siesta_takes_its_atoms_from_a_saved_file(tmp_path, capsys):
+    """A relaxation continued with MD.UseSaveXV T runs from <SystemLabel>.XV: the DM predicted from the fdf's
+    coordinates took 8 SCF iterations there, the one predicted from the .XV 3; predict said nothing."""
+    import sisl
+
+    from siesta_dmguess.cli import main
+
+    fdf = _edited(_h2o_run_copy(tmp_path), lambda t: "MD.UseSaveXV T\n" + t)
+    assert main(["predict", str(fdf.parent), "--model", "water"]) == 0
+    assert "UseSaveXV" not in capsys.readouterr().out  # no .XV yet: SIESTA takes the fdf's atoms
+    from siesta_dmguess.structure import fdf_sile
+
+    geometry = fdf_sile(fdf).read_geometry()
+    sisl.get_sile(str(fdf.parent / "siesta.XV"), "w").write_geometry(geometry.translate([0.05, 0, 0]))
+    assert main(["predict", str(fdf.parent), "--model", "water"]) == 0
+    out = capsys.readouterr().out
+    assert "input.fdf sets MD.UseSaveXV T, so SIESTA takes its atoms from siesta.XV" in out
+    assert main(["predict", str(fdf.parent / "siesta.XV"), "--model", "water", "-o",
+                 str(fdf.parent / "siesta.DM")]) == 0  # the remedy it names works

@@ -854,3 +854,12 @@ def test_a_trajectory_report_names_the_energies_it_checks_against():
     assert "max abs(ΔE) vs extrapolation (eV)" in table and "| extrapolation | 15 | - | 3.0 | - |" in table
     alone = summarize_trajectory(rows, ("reuse",), "water", "md.traj")
     assert alone["max_abs_energy_difference_eV"] == {"reuse": None}
+
+
+def test_a_run_with_psml_pseudopotentials_is_prepared_with_them(tmp_path):
+    """bench refused a run whose oxygen came as O.psml ("pseudopotential for species 'O' not found"), which
+    predict, the runner and the calculator accept."""
+    run = water_run(tmp_path / "data" / "0000")
+    (run / "O.psf").rename(run / "O.psml")
+    fdf = prepare_run(run / "input.fdf", tmp_path / "work", "atomic")
+    assert sorted(p.name for p in fdf.parent.glob("*.ps*")) == ["H.psf", "O.psml"]

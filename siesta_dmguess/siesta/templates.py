@@ -15,6 +15,7 @@ from ..structure import fdf_words, inlined_fdf_text, normalized_fdf_key, species
 from .runner import fdf_value, species_labels
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
+PSEUDO_SUFFIXES = (".psf", ".psml")  # the pseudopotential files SIESTA reads for a species, in its order
 # The keys of a run's starting DM, which a template replaces (normalized: structure.normalized_fdf_key).
 DM_INIT_KEYS = {normalized_fdf_key(k) for k in ("DM.UseSaveDM", "DM.AllowExtrapolation", "DM.History.Depth",
                                                 "File.DM.Init", "DM.Init.File", "DM.FormattedFiles",
@@ -56,8 +57,13 @@ def _reads_saved_dm(fdf: Path) -> bool:
     a key's first value, as sisl's reader does)."""
     from ..structure import fdf_sile
 
-    value = fdf_sile(fdf).get("DM.UseSaveDM", False)
-    return value is True or value == ""  # a logical key on its own is true (SIESTA's fdf_boolean)
+    return _is_true(fdf_sile(fdf), "DM.UseSaveDM")
+
+
+def _is_true(sile, key: str) -> bool:
+    """A logical fdf key's value (default false): a key on its own is true (SIESTA's fdf_boolean)."""
+    value = sile.get(key, False)
+    return value is True or value == ""
 
 
 def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
@@ -77,6 +83,23 @@ def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
             "does not set DM.UseSaveDM (default F)"
         return (f"{fdf.name} {said}, so SIESTA will not read this DM: put 'DM.UseSaveDM T' on its first line "
                 "(fdf keeps a key's first value)")
+    return None
+
+
+def saved_geometry_note(fdf: Path) -> str | None:
+    """Where SIESTA run from ``fdf`` takes its atoms from a file rather than the fdf (``MD.UseSaveXV T`` with a
+    ``<SystemLabel>.XV`` beside it, as a relaxation is continued; ``MD.UseStructFile T`` with a ``.STRUCT_IN``),
+    what to do: a DM predicted from the fdf's coordinates is for another geometry (a continued relaxation took 8
+    SCF iterations from it, 3 from the DM predicted from the .XV)."""
+    from ..structure import fdf_sile, siesta_dm_init_path, system_label
+
+    fdf = Path(fdf)
+    sile, label = fdf_sile(fdf), system_label(fdf)
+    for key, suffix in (("MD.UseSaveXV", ".XV"), ("MD.UseStructFile", ".STRUCT_IN")):
+        saved = fdf.parent / f"{label}{suffix}"
+        if _is_true(sile, key) and saved.is_file():
+            return (f"{fdf.name} sets {key} T, so SIESTA takes its atoms from {saved.name}, not from the fdf: predict "
+                    f"from that file instead (siesta-dmguess predict {saved} -o {siesta_dm_init_path(fdf)})")
     return None
 
 
@@ -155,10 +178,10 @@ def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: st
     fdf.write_text(apply_dm_init(inlined_fdf_text(src_fdf), init))  # what it reads in, in its text: not copied
     label = system_label(fdf)
     for label_ in species_labels(fdf):
-        for d in [src_fdf.parent, *map(Path, pseudo_dirs)]:
-            if (d / f"{label_}.psf").is_file():
-                if (d / f"{label_}.psf").resolve() != (workdir / f"{label_}.psf").resolve():  # in place: kept
-                    shutil.copy(d / f"{label_}.psf", workdir / f"{label_}.psf")
+        for d, ext in ((d, ext) for d in [src_fdf.parent, *map(Path, pseudo_dirs)] for ext in PSEUDO_SUFFIXES):
+            if (d / f"{label_}{ext}").is_file():
+                if (d / f"{label_}{ext}").resolve() != (workdir / f"{label_}{ext}").resolve():  # in place: kept
+                    shutil.copy(d / f"{label_}{ext}", workdir / f"{label_}{ext}")
                 break
         else:
             raise InputFileError(f"pseudopotential for species {label_!r} not found (looked next to the fdf and "
