@@ -678,6 +678,12 @@ def trajectory_markdown(report: dict) -> str:
         lines += ["", f"{len(far)} of {report['frames']} frames got no ML prediction (`ml` started from the atomic "
                   f"guess, `ml+residual` from the history's extrapolation once there was one): "
                   f"{far[0]['fallback']}" + (" (and alike)." if len(far) > 1 else ".")]
+    unread = [f"{g} at frame {r['frame']}" for r in report["per_frame"] for g in guesses
+              if r[g]["guess"] != "atomic" and not r[g]["dm_read"]]
+    if unread:  # SIESTA started these from its atomic guess: their counts measure no guess
+        lines += ["", f"**SIESTA did not read the starting DM** in {len(unread)} run(s) (no \"Attempting to read DM "
+                  f"from file... Succeeded\" in its output), so their counts are its atomic guess's: "
+                  f"{', '.join(unread[:10])}" + (" ..." if len(unread) > 10 else "") + "."]
     if report.get("reused"):  # a resumed benchmark
         first, last = report["reused"][0], report["reused"][-1]
         which = f"Frame {first} was" if first == last else f"Frames {first}–{last} were"

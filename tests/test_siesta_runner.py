@@ -842,16 +842,19 @@ def test_a_trajectory_report_names_the_energies_it_checks_against():
     and a single guess showed 0.0 eV against itself: a check that never ran, reading as passed."""
     from siesta_dmguess.bench import summarize_trajectory, trajectory_markdown
 
-    def run(energy):
-        return {"scf_iterations": 5, "siesta_wall_s": 1.0, "prediction_s": 0.0, "total_energy_eV": energy,
-                "converged": True}
+    def run(energy, guess, read=True):
+        return {"guess": guess, "scf_iterations": 5, "siesta_wall_s": 1.0, "prediction_s": 0.0,
+                "total_energy_eV": energy, "converged": True, "dm_read": read}
 
-    rows = [{"frame": t, "extrapolation": run(-465.0), "reuse": run(-465.0 + 2e-5 * t)} for t in range(3)]
+    rows = [{"frame": t, "extrapolation": run(-465.0, "extrapolation" if t else "atomic", read=t > 0),
+             "reuse": run(-465.0 + 2e-5 * t, "reuse" if t else "atomic", read=t != 2)} for t in range(3)]
     report = summarize_trajectory(rows, ("extrapolation", "reuse"), "water", "md.traj") | {"name": "md"}
     assert report["energy_reference"] == "extrapolation"
     assert report["max_abs_energy_difference_eV"] == {"extrapolation": None, "reuse": pytest.approx(4e-5)}
     table = trajectory_markdown(report)
     assert "max abs(ΔE) vs extrapolation (eV)" in table and "| extrapolation | 15 | - | 3.0 | - |" in table
+    # a history guess whose DM SIESTA did not read is named (frame 0 starts from the atomic guess by design)
+    assert "**SIESTA did not read the starting DM** in 1 run(s)" in table and "reuse at frame 2." in table
     alone = summarize_trajectory(rows, ("reuse",), "water", "md.traj")
     assert alone["max_abs_energy_difference_eV"] == {"reuse": None}
 
