@@ -679,7 +679,7 @@ def trajectory_markdown(report: dict) -> str:
                   f"guess, `ml+residual` from the history's extrapolation once there was one): "
                   f"{far[0]['fallback']}" + (" (and alike)." if len(far) > 1 else ".")]
     unread = [f"{g} at frame {r['frame']}" for r in report["per_frame"] for g in guesses
-              if r[g]["guess"] != "atomic" and not r[g]["dm_read"]]
+              if r[g]["guess"] != "atomic" and not r[g].get("dm_read", True)]  # (reports before the field)
     if unread:  # SIESTA started these from its atomic guess: their counts measure no guess
         lines += ["", f"**SIESTA did not read the starting DM** in {len(unread)} run(s) (no \"Attempting to read DM "
                   f"from file... Succeeded\" in its output), so their counts are its atomic guess's: "
