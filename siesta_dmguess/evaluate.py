@@ -255,8 +255,8 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
     cfg = loaded.config
     result = {"model": str(loaded.path), "split": split, "refine": refine, "datasets": {}, "structures": [],
               "novelty_threshold": float(loaded.model.novelty_threshold)}
-    seen = set()
-    for d in data_dirs:
+    seen, datasets = set(), []
+    for d in data_dirs:  # every folder read and checked first: one the model does not cover is said before any work
         if Path(d).resolve() in seen:  # counted once in the means, as train reads a run once
             log.warning("%s: given more than once; evaluated once", d)
             continue
@@ -270,6 +270,8 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
 
             raise empty_split_error(d, used)
         check_runs_made_as(samples, loaded.card)  # an LDA model scored against GGA references would mean nothing
+        datasets.append((d, used, samples))
+    for d, used, samples in datasets:
         r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap, refine=refine)
         result["datasets"][str(d)] = r["summary"] | {"split": used or "all"}
         result["structures"].extend(r["structures"])

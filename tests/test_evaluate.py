@@ -342,3 +342,13 @@ def test_runs_whose_labels_are_not_the_models_species_are_evaluated_as_predict_m
     (labelled / "O.ion.xml").unlink()
     a, b = (evaluate("water", [folder], progress=False)["structures"][0] for folder in (plain.parent, labelled.parent))
     assert a["mae"] == b["mae"] and a["max_abs"] == b["max_abs"] and a["mae"] < 1e-3
+
+
+def test_a_folder_the_model_does_not_cover_is_said_before_any_evaluation(monkeypatch):
+    """`evaluate water h2o si8` evaluated h2o, then stopped on si8 with nothing reported."""
+    import siesta_dmguess.evaluate as evaluate_module
+    from siesta_dmguess.errors import ModelCompatibilityError
+
+    monkeypatch.setattr(evaluate_module, "evaluate_samples", lambda *a, **k: pytest.fail("evaluated first"))
+    with pytest.raises(ModelCompatibilityError, match="'Si'"):
+        evaluate_module.evaluate("water", [dataset("h2o"), dataset("si8")], split="val", progress=False)
