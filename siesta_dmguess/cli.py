@@ -120,7 +120,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
 
     from .predict import predict_to_file
     from .siesta.templates import dm_read_note, enable_dm_read, saved_geometry_note
-    from .structure import resolve_fdf, siesta_dm_init_path
+    from .structure import read_run_structure, resolve_fdf, siesta_dm_init_path
 
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
     write = tqdm.write if many else print  # beside the progress bar of a batch
@@ -130,14 +130,14 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
         try:  # the default output reads the structure's fdf (its SystemLabel): a bad one is this structure's error
             out = Path(args.output) if args.output else default_dm_path(structure)
             use = model.for_structure(structure, write) if isinstance(model, ModelsByName) else model
-            pred = predict_to_file(structure, out, model=use, overwrite=args.overwrite, fold=fold,
-                                   force=args.force, refine=args.refine)
+            source = resolve_fdf(structure)
+            is_fdf = source.suffix.lower() == ".fdf"
+            geometry_note = saved_geometry_note(source) if is_fdf else None  # SIESTA takes a .XV's atoms
+            pred = predict_to_file(read_run_structure(source) if geometry_note else structure, out, model=use,
+                                   overwrite=args.overwrite, fold=fold, force=args.force, refine=args.refine)
             _report_prediction(out, pred, write=write)
             if args.charges:
                 _report_charges(pred, write=write)
-            source = resolve_fdf(structure)
-            is_fdf = source.suffix.lower() == ".fdf"
-            geometry_note = saved_geometry_note(source) if is_fdf else None
             if geometry_note:
                 write(f"note: {geometry_note}")
             note = dm_read_note(source, out) if is_fdf else None

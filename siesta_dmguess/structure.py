@@ -11,7 +11,7 @@ import functools
 import logging
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -581,6 +581,52 @@ LABEL_LENGTH = 64
 def system_label(fdf: str | Path) -> str:
     """The fdf's ``SystemLabel`` as SIESTA names its files by it (default ``siesta``; at most 64 characters)."""
     return (fdf_sile(fdf).text("SystemLabel") or "siesta")[:LABEL_LENGTH]
+
+
+def fdf_true(sile, key: str) -> bool:
+    """A logical fdf key's value (default false): a key on its own is true (SIESTA's fdf_boolean)."""
+    value = sile.get(key, False)
+    return value is True or value == ""
+
+
+def saved_geometry_file(fdf: str | Path) -> tuple[str, Path] | None:
+    """(key, file) where SIESTA run from ``fdf`` takes its atoms from a file instead of the fdf: ``MD.UseSaveXV T``
+    with a ``<SystemLabel>.XV`` beside it (how a relaxation is continued), or ``MD.UseStructFile T`` with a
+    ``<SystemLabel>.STRUCT_IN``; else None."""
+    fdf = Path(fdf)
+    sile, label = fdf_sile(fdf), system_label(fdf)
+    for key, suffix in (("MD.UseSaveXV", ".XV"), ("MD.UseStructFile", ".STRUCT_IN")):
+        saved = fdf.parent / f"{label}{suffix}"
+        if fdf_true(sile, key) and saved.is_file():
+            return key, saved
+    return None
+
+
+def read_run_structure(fdf: str | Path) -> Structure:
+    """The structure a SIESTA run of ``fdf`` computes: :func:`read_structure`, with the atoms and cell of the file
+    :func:`saved_geometry_file` names where there is one (a continued relaxation ran from its .XV: the DM
+    predicted from the fdf's coordinates took it 8 SCF iterations, the one predicted from the .XV 3)."""
+    import sisl
+
+    structure = read_structure(fdf)
+    found = saved_geometry_file(fdf)
+    if found is None:
+        return structure
+    key, saved = found
+    try:
+        geometry = sisl.get_sile(str(saved)).read_geometry()
+    except Exception as exc:
+        raise InputFileError(f"cannot read the atoms SIESTA takes from it ({key} T): {type(exc).__name__}: {exc}",
+                             saved) from exc
+    numbers = [abs(int(geometry.atoms[ia].Z)) for ia in range(geometry.na)]
+    if numbers != [int(z) for z in structure.atoms.numbers]:
+        raise InputFileError(f"holds other atoms than the fdf ({geometry.na} atoms), which SIESTA takes with {key} "
+                             f"T", saved)
+    atoms = structure.atoms.copy()
+    atoms.positions = geometry.xyz
+    if structure.periodic:
+        atoms.set_cell(geometry.cell)
+    return replace(structure, atoms=atoms)
 
 
 def siesta_dm_path(fdf: str | Path) -> Path:

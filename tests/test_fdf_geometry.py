@@ -562,9 +562,20 @@ def test_predict_says_where_siesta_takes_its_atoms_from_a_saved_file(tmp_path, c
     from siesta_dmguess.structure import fdf_sile
 
     geometry = fdf_sile(fdf).read_geometry()
-    sisl.get_sile(str(fdf.parent / "siesta.XV"), "w").write_geometry(geometry.translate([0.05, 0, 0]))
+    stretched = geometry.copy()
+    stretched.xyz[1] += [0.05, 0.0, 0.0]  # one O-H bond longer
+    sisl.get_sile(str(fdf.parent / "siesta.XV"), "w").write_geometry(stretched)
     assert main(["predict", str(fdf.parent), "--model", "water"]) == 0
     out = capsys.readouterr().out
-    assert "input.fdf sets MD.UseSaveXV T, so SIESTA takes its atoms from siesta.XV" in out
-    assert main(["predict", str(fdf.parent / "siesta.XV"), "--model", "water", "-o",
-                 str(fdf.parent / "siesta.DM")]) == 0  # the remedy it names works
+    assert "input.fdf sets MD.UseSaveXV T, so SIESTA takes its atoms from siesta.XV: the DM is predicted for them" in out
+    from siesta_dmguess.dm import read_density_matrix
+    from siesta_dmguess.predict import predict_density_matrix
+
+    written = read_density_matrix(fdf.parent / "siesta.DM", predict_density_matrix(fdf, "water").density_matrix.geometry)
+    moved = predict_density_matrix(fdf.parent / "siesta.XV", "water").density_matrix
+    plain = predict_density_matrix(fdf, "water").density_matrix
+    assert abs(written.tocsr(0) - moved.tocsr(0)).max() < 1e-6 < abs(written.tocsr(0) - plain.tocsr(0)).max()
+    sisl.get_sile(str(fdf.parent / "siesta.XV"), "w").write_geometry(geometry.sub([0, 1]))  # another structure's
+    assert main(["predict", str(fdf.parent), "--model", "water"]) == 2
+    assert "siesta.XV: holds other atoms than the fdf (2 atoms), which SIESTA takes with MD.UseSaveXV T" in \
+        capsys.readouterr().err

@@ -55,15 +55,9 @@ def apply_dm_init(fdf_text: str, init: str) -> str:
 def _reads_saved_dm(fdf: Path) -> bool:
     """Whether a SIESTA run of ``fdf`` reads a saved DM: ``DM.UseSaveDM`` true at its first occurrence (fdf keeps
     a key's first value, as sisl's reader does)."""
-    from ..structure import fdf_sile
+    from ..structure import fdf_sile, fdf_true
 
-    return _is_true(fdf_sile(fdf), "DM.UseSaveDM")
-
-
-def _is_true(sile, key: str) -> bool:
-    """A logical fdf key's value (default false): a key on its own is true (SIESTA's fdf_boolean)."""
-    value = sile.get(key, False)
-    return value is True or value == ""
+    return fdf_true(fdf_sile(fdf), "DM.UseSaveDM")
 
 
 def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
@@ -87,20 +81,16 @@ def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
 
 
 def saved_geometry_note(fdf: Path) -> str | None:
-    """Where SIESTA run from ``fdf`` takes its atoms from a file rather than the fdf (``MD.UseSaveXV T`` with a
-    ``<SystemLabel>.XV`` beside it, as a relaxation is continued; ``MD.UseStructFile T`` with a ``.STRUCT_IN``),
-    what to do: a DM predicted from the fdf's coordinates is for another geometry (a continued relaxation took 8
-    SCF iterations from it, 3 from the DM predicted from the .XV)."""
-    from ..structure import fdf_sile, siesta_dm_init_path, system_label
+    """Where SIESTA run from ``fdf`` takes its atoms from a file rather than the fdf (:func:`saved_geometry_file`),
+    a note saying so: ``predict`` predicts for those atoms."""
+    from ..structure import saved_geometry_file
 
-    fdf = Path(fdf)
-    sile, label = fdf_sile(fdf), system_label(fdf)
-    for key, suffix in (("MD.UseSaveXV", ".XV"), ("MD.UseStructFile", ".STRUCT_IN")):
-        saved = fdf.parent / f"{label}{suffix}"
-        if _is_true(sile, key) and saved.is_file():
-            return (f"{fdf.name} sets {key} T, so SIESTA takes its atoms from {saved.name}, not from the fdf: predict "
-                    f"from that file instead (siesta-dmguess predict {saved} -o {siesta_dm_init_path(fdf)})")
-    return None
+    found = saved_geometry_file(Path(fdf))
+    if found is None:
+        return None
+    key, saved = found
+    return (f"{Path(fdf).name} sets {key} T, so SIESTA takes its atoms from {saved.name}: the DM is predicted for "
+            f"them, not for the fdf's coordinates")
 
 
 def enable_dm_read(fdf: Path) -> Path | None:
