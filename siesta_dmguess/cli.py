@@ -47,14 +47,14 @@ DESCRIPTION = "Learn, predict and benchmark SIESTA density matrices (units and c
 
 
 def default_dm_path(structure: str | Path) -> Path:
-    """Where ``predict`` writes without ``-o``: for an fdf, the file SIESTA reads with ``DM.UseSaveDM T`` next to it
-    (``<SystemLabel>.DM``, or the fdf's ``File.DM.Init``); for any other structure file, the same name with suffix
-    ``.DM``."""
-    from .structure import resolve_fdf, siesta_dm_init_path
+    """Where ``predict`` writes without ``-o``: for an fdf, the ``<SystemLabel>.DM`` next to it (the file SIESTA
+    reads with ``DM.UseSaveDM T``; where the fdf names another in ``File.DM.Init``, a note says so rather than write
+    into another run's folder); for any other structure file, the same name with suffix ``.DM``."""
+    from .structure import resolve_fdf, siesta_dm_path
 
     structure = resolve_fdf(structure)
     if structure.suffix.lower() == ".fdf" and structure.is_file():
-        return siesta_dm_init_path(structure)
+        return siesta_dm_path(structure)
     return structure.with_suffix(".DM")
 
 
@@ -406,8 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("structure", nargs="+", help="one or more fdf files, SIESTA run folders (their fdf) or files ASE reads (the model is loaded once)")
     add_model_argument(r)
     r.add_argument("-o", "--output", help="the .DM to write (default: <SystemLabel>.DM next to an fdf, where "
-                                          "SIESTA reads it with DM.UseSaveDM T, or the fdf's File.DM.Init; else "
-                                          "STRUCTURE with suffix .DM)")
+                                          "SIESTA reads it with DM.UseSaveDM T; else STRUCTURE with suffix .DM)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing .DM without a backup")
     r.add_argument("--edit-fdf", action="store_true",
                    help="for an fdf that would not make SIESTA read the DM: put 'DM.UseSaveDM T' on its first line "
@@ -485,7 +484,10 @@ def main(argv=None) -> int:
         print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a line saying what is kept, not a traceback through torch or SIESTA
-        print(f"siesta-dmguess: interrupted{INTERRUPTED_HINTS.get(args.command, '')}", file=sys.stderr)
+        hint = INTERRUPTED_HINTS.get(args.command, "")
+        if args.command == "train" and not (Path(args.out) / "checkpoint.pt").is_file():
+            hint = " before the first epoch finished: nothing was kept"
+        print(f"siesta-dmguess: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other command-line tools do
         # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail too.

@@ -93,26 +93,28 @@ def normalized_fdf_key(key: str) -> str:
 # SIESTA's fdf library (fdf/parse.F90) starts a comment at any of these outside a quoted string or a [list];
 # sisl 0.20 knows only "#" after a value ("MeshCutoff 200 Ry ! grid" read as the value "200 Ry ! grid").
 FDF_COMMENT_CHARS = "#!;"
-_FORTRAN_REAL = re.compile(r"(?<![\w.+-])([+-]?(?:\d+\.?\d*|\.\d+))[dD]([+-]?\d+)(?![\w.])")
+_FORTRAN_REAL = re.compile(r"(?<![\w.+\-/])([+-]?(?:\d+\.?\d*|\.\d+))[dD]([+-]?\d+)(?![\w./])")
 
 
-def fdf_line(line: str) -> str:
+def fdf_line(line: str, numbers: bool = True) -> str:
     """An fdf line as SIESTA's fdf library reads it: its comment dropped (the line end kept), a UTF-8 byte-order
-    mark before it dropped (an editor's, which SIESTA skips), and Fortran exponents (``1.0d-5``, which SIESTA
-    reads and Python does not) written with ``e``."""
+    mark before it dropped (an editor's, which SIESTA skips), and, with ``numbers``, Fortran exponents
+    (``1.0d-5``, which SIESTA reads and Python does not) written with ``e`` (not in a text value: a SystemLabel
+    ``1d3`` names SIESTA's files ``1d3.*``)."""
     line = line.lstrip("\ufeff")
-    quote, in_list = "", False
+    quote, in_list, in_token = "", False, False
     for i, c in enumerate(line):
         if quote:
             quote = "" if c == quote else quote
-        elif c in "\"'`":
+        elif c in "\"'`" and not in_token:  # a string starts at a token's start only (parse.F90)
             quote = c
         elif c in "[]":
             in_list = c == "["
         elif c in FDF_COMMENT_CHARS and not in_list:
             line = line[:i] + ("\n" if line.endswith("\n") else "")
             break
-    return _FORTRAN_REAL.sub(r"\1e\2", line)
+        in_token = not c.isspace()
+    return _FORTRAN_REAL.sub(r"\1e\2", line) if numbers else line
 
 
 def fdf_words(line: str) -> list[str]:
@@ -300,11 +302,15 @@ def _fdf_sile_class():
     class FdfSile(sisl.io.siesta.fdfSileSiesta):
         def readline(self, comment=False):
             line = super().readline(comment)
-            return line if comment else fdf_line(line)
+            return line if comment else fdf_line(line, numbers=not getattr(self, "_as_text", False))
 
         def text(self, label, default=None):
             """A key's value as written (``get`` takes "y" or "no" for booleans: a SystemLabel ``y`` was True)."""
-            value = self._r_label(label)
+            self._as_text = True
+            try:
+                value = self._r_label(label)
+            finally:
+                self._as_text = False
             return default if value is None or isinstance(value, list) else str(value).strip()
 
         def _r_label(self, label):
@@ -784,9 +790,9 @@ def _largest_jump(frames: list[Atoms]) -> tuple[int, int, float] | None:
 
     for t in range(1, len(frames)):
         step = frames[t].positions - frames[t - 1].positions
-        cell, pbc = frames[t].cell, frames[t].pbc
-        if cell.rank == 3 and pbc.any():
-            step = find_mic(step, cell, pbc)[0]
+        cell = frames[t].cell
+        if cell.rank == 3:  # SIESTA runs any full cell as periodic, whatever the frame's pbc says
+            step = find_mic(step, cell, True)[0]
         moved = np.linalg.norm(step, axis=1)
         if moved.max() > LARGEST_STEP:
             return t, int(moved.argmax()), float(moved.max())
@@ -805,7 +811,8 @@ class FdfFrames:
         self.text = inlined_fdf_text(self.path)  # each frame's fdf is written elsewhere: with what it reads in
         self.label_of = {element_symbol(z): label for _, z, label in species_block(self.text)}
         self.settings = read_fdf_settings(self.path)
-        self.cell = periodic_cell(read_structure(self.path).atoms)  # None for a molecule in SIESTA's own cell
+        self.cell = _fdf_cell(fdf_sile(self.path))  # None for a molecule in SIESTA's own cell (a template may hold
+        # no coordinates: the frames give them)
 
     def in_cell(self, frames: list[Atoms], source=None) -> list[Atoms]:
         """The frames, those without a cell in the fdf's lattice: SIESTA's own trajectories (``.ANI``, the

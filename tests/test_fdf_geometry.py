@@ -424,12 +424,27 @@ def test_an_fdf_is_read_as_siestas_fdf_library_reads_it(tmp_path, shipped):
 @pytest.mark.parametrize("line, dm_name", [
     ("SystemLabel " + "x" * 80, "x" * 64 + ".DM"),  # SIESTA names its files by the first 64 characters
     ("SystemLabel y", "y.DM"),  # sisl's get took it for a boolean: True.DM
-    ("File.DM.Init start.DM", "start.DM")])  # SIESTA 4.1 reads this file instead of <SystemLabel>.DM
+    ("SystemLabel 1d3", "1d3.DM"),  # a text value, not a Fortran number
+    ("SystemLabel it's ! a note", "it's.DM")])  # a quote inside a word starts no string (parse.F90)
 def test_the_dm_is_written_where_siesta_reads_it(tmp_path, line, dm_name):
     from siesta_dmguess.cli import default_dm_path
+    from siesta_dmguess.siesta.templates import dm_read_note
 
-    fdf = _edited(_h2o_run_copy(tmp_path), lambda t: line + "\n" + t.replace("SystemLabel siesta\n", ""))
+    fdf = _edited(_h2o_run_copy(tmp_path), lambda t: "DM.UseSaveDM T\n" + line + "\n" +
+                  t.replace("SystemLabel siesta\n", ""))
     assert default_dm_path(fdf) == fdf.parent / dm_name
+    assert dm_read_note(fdf, fdf.parent / dm_name) is None
+
+
+def test_a_dm_file_siesta_reads_instead_is_pointed_out_not_written(tmp_path):
+    """File.DM.Init makes SIESTA 4.1 read another file (m_new_dm.F90), often another run's converged DM: predict
+    writes <SystemLabel>.DM and its note names the file SIESTA reads."""
+    from siesta_dmguess.cli import default_dm_path
+    from siesta_dmguess.siesta.templates import dm_read_note
+
+    fdf = _edited(_h2o_run_copy(tmp_path), lambda t: "DM.UseSaveDM T\nFile.DM.Init ../prev/siesta.DM\n" + t)
+    assert default_dm_path(fdf) == fdf.parent / "siesta.DM"
+    assert "reads " + str(fdf.parent / "../prev/siesta.DM") in dm_read_note(fdf, fdf.parent / "siesta.DM")
 
 
 @pytest.mark.parametrize("lines, refused", [
@@ -579,3 +594,17 @@ def test_predict_says_where_siesta_takes_its_atoms_from_a_saved_file(tmp_path, c
     assert main(["predict", str(fdf.parent), "--model", "water"]) == 2
     assert "siesta.XV: holds other atoms than the fdf (2 atoms), which SIESTA takes with MD.UseSaveXV T" in \
         capsys.readouterr().err
+
+
+def test_a_trajectory_template_needs_no_coordinates_and_paths_keep_their_digits(tmp_path):
+    """The frames give the atoms: a template with species, lattice and settings only was refused when its cell
+    was read from its structure. An include path like ../0d1/x.fdf is no Fortran number."""
+    import re
+
+    from siesta_dmguess.structure import FdfFrames, fdf_line
+
+    fdf = _edited(_h2o_run_copy(tmp_path), lambda t: re.sub(
+        r"%block AtomicCoordinatesAndAtomicSpecies.*%endblock AtomicCoordinatesAndAtomicSpecies\n", "", t, flags=re.S))
+    assert np.allclose(FdfFrames(fdf).cell, np.diag([12.0, 12.0, 12.0]))
+    assert fdf_line("%include ../0d1/x.fdf\n") == "%include ../0d1/x.fdf\n"
+    assert fdf_line(" 1.5d0 -2.D-1 3\n") == " 1.5e0 -2.e-1 3\n"

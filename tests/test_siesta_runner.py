@@ -465,6 +465,7 @@ def test_a_relative_siesta_command_is_run_from_any_folder(tmp_path, monkeypatch)
     exe = fake_siesta(tmp_path, GOOD)
     monkeypatch.chdir(tmp_path)
     assert find_siesta(f"./{exe.name} -flag") == [str(exe), "-flag"]
+    assert find_siesta(f"{exe} -np 2 ./{exe.name}") == [str(exe), "-np", "2", str(exe)]  # mpirun ... ./siesta
 
 
 def test_a_kept_trajectory_frame_whose_converged_dm_is_gone_is_run_again(tmp_path, caplog):
@@ -569,7 +570,7 @@ def test_an_output_folder_a_file_is_in_the_way_of_is_named(tmp_path, capsys, com
 
 @pytest.mark.parametrize("command, hint", [("train", "checkpoint of the last finished epoch"),
                                            ("bench", "already run are kept"), ("predict", "")])
-def test_ctrl_c_is_one_line_saying_what_is_kept(monkeypatch, capsys, command, hint):
+def test_ctrl_c_is_one_line_saying_what_is_kept(monkeypatch, capsys, tmp_path, command, hint):
     from siesta_dmguess import cli
 
     def interrupted(args):
@@ -583,9 +584,16 @@ def test_ctrl_c_is_one_line_saying_what_is_kept(monkeypatch, capsys, command, hi
         return p
 
     monkeypatch.setattr(cli, "build_parser", patched)
+    monkeypatch.chdir(tmp_path)
+    if command == "train":  # a checkpoint is there to resume from
+        (tmp_path / "y").mkdir()
+        (tmp_path / "y" / "checkpoint.pt").write_bytes(b"")
     assert cli.main([command, "x", *(["--out", "y"] if command == "train" else [])]) == 130
     err = capsys.readouterr().err
     assert err.startswith("siesta-dmguess: interrupted") and hint in err and "Traceback" not in err
+    if command == "train":  # stopped while reading the data: nothing to resume
+        assert cli.main([command, "x", "--out", "z"]) == 130
+        assert "before the first epoch finished: nothing was kept" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, option, value", [

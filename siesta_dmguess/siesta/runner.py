@@ -27,6 +27,10 @@ def _ase_config_command() -> str | None:
         return None
 
 
+def _is_relative_executable(arg: str) -> bool:
+    return "/" in arg and not os.path.isabs(arg) and os.path.isfile(arg) and os.access(arg, os.X_OK)
+
+
 def find_siesta(command: str | None = None) -> list[str]:
     """The SIESTA command as an argument list.
 
@@ -52,8 +56,8 @@ def find_siesta(command: str | None = None) -> list[str]:
             tried.append(f"{where}: empty command {cmd!r}")
             continue
         exe = shutil.which(args[0]) or (args[0] if os.access(args[0], os.X_OK) and Path(args[0]).is_file() else None)
-        if exe:  # absolute: SIESTA runs in the run's folder, where a relative ./siesta is not
-            return [os.path.abspath(exe)] + args[1:]
+        if exe:  # absolute: SIESTA runs in the run's folder, where a relative ./siesta (or mpirun ... ./siesta) is not
+            return [os.path.abspath(exe)] + [os.path.abspath(a) if _is_relative_executable(a) else a for a in args[1:]]
         if where != "PATH":
             raise SiestaNotFoundError(f"the SIESTA command given by {where} ({cmd!r}) is not an executable: "
                                       f"{args[0]!r} is neither a file with execute permission nor found on PATH")
