@@ -131,7 +131,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
             out = Path(args.output) if args.output else default_dm_path(structure)
             use = model.for_structure(structure, write) if isinstance(model, ModelsByName) else model
             source = resolve_fdf(structure)
-            is_fdf = source.suffix.lower() == ".fdf"
+            is_fdf = source.suffix.lower() == ".fdf" and source.is_file()  # (a missing one: predict names it)
             geometry_note = saved_geometry_note(source) if is_fdf else None  # SIESTA takes a .XV's atoms
             pred = predict_to_file(read_run_structure(source) if geometry_note else structure, out, model=use,
                                    overwrite=args.overwrite, fold=fold, force=args.force, refine=args.refine)
