@@ -12,6 +12,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import InputFileError
+
 
 def atomic_write(path: str | Path, write, suffix: str = "", before_replace=None) -> None:
     """``write(tmp)`` to a temporary file next to ``path``, then ``before_replace()`` (e.g. keep a backup of the
@@ -27,6 +29,8 @@ def atomic_write_set(writes: dict, suffix: str = "", before_replace=None) -> Non
     SIGTERM held back until the last, so an interrupted save leaves the old set or the new one, never a mix (new
     weights beside the old card: a model no loader accepts)."""
     temporaries = {}
+    umask = os.umask(0)  # (read by setting it; put back at once)
+    os.umask(umask)
     try:
         for path, write in writes.items():
             path = Path(path)
@@ -39,8 +43,6 @@ def atomic_write_set(writes: dict, suffix: str = "", before_replace=None) -> Non
                 raise _unwritable(path, exc) from exc
             os.close(fd)
             temporaries[path] = tmp
-            umask = os.umask(0)
-            os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
             try:
                 write(Path(tmp))
@@ -88,8 +90,6 @@ def _signals_held():
 def check_output_file(path: str | Path, image: bool = False) -> None:
     """:func:`check_output_folder`, and error if a folder is in the way of the file or (``image``) its suffix is no
     image format matplotlib writes: checked before the work whose result it holds."""
-    from .errors import InputFileError
-
     check_output_folder(path)
     path = Path(path)
     if path.is_dir():
@@ -104,8 +104,6 @@ def check_output_file(path: str | Path, image: bool = False) -> None:
 
 
 def _unwritable(path: Path, exc: OSError):
-    from .errors import InputFileError
-
     return InputFileError(f"cannot write this file ({exc.strerror or exc})", path)
 
 
@@ -114,8 +112,6 @@ def check_output_folder(path: str | Path) -> None:
     makes the file, not when writing it)."""
     folder = Path(path).parent
     if not folder.is_dir():
-        from .errors import InputFileError
-
         raise InputFileError("the output folder does not exist", folder)
 
 
@@ -123,8 +119,6 @@ def make_output_folder(path: str | Path, option: str = "--out", create: bool = T
     """Create the output folder ``path`` (and its parents), or error naming it: a file in the way, or no right to
     create it. Called before the work whose results go there, not when the first result is written; with
     ``create=False`` only the file in the way is checked (for a folder made once its inputs are known good)."""
-    from .errors import InputFileError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputFileError(f"a file is in the way of the output folder ({option})", path)
