@@ -586,7 +586,12 @@ LABEL_LENGTH = 64
 
 def system_label(fdf: str | Path) -> str:
     """The fdf's ``SystemLabel`` as SIESTA names its files by it (default ``siesta``; at most 64 characters)."""
-    return (fdf_sile(fdf).text("SystemLabel") or "siesta")[:LABEL_LENGTH]
+    return _label(fdf_sile(fdf))
+
+
+def _label(sile) -> str:
+    """:func:`system_label` from an fdf already open (each opening reads the fdf again)."""
+    return (sile.text("SystemLabel") or "siesta")[:LABEL_LENGTH]
 
 
 def fdf_true(sile, key: str) -> bool:
@@ -600,7 +605,8 @@ def saved_geometry_file(fdf: str | Path) -> tuple[str, Path] | None:
     with a ``<SystemLabel>.XV`` beside it (how a relaxation is continued), or ``MD.UseStructFile T`` with a
     ``<SystemLabel>.STRUCT_IN``; else None."""
     fdf = Path(fdf)
-    sile, label = fdf_sile(fdf), system_label(fdf)
+    sile = fdf_sile(fdf)
+    label = _label(sile)
     for key, suffix in (("MD.UseSaveXV", ".XV"), ("MD.UseStructFile", ".STRUCT_IN")):
         saved = fdf.parent / f"{label}{suffix}"
         if fdf_true(sile, key) and saved.is_file():
@@ -646,8 +652,8 @@ def siesta_dm_init_path(fdf: str | Path) -> Path:
     """The DM file a SIESTA run of ``fdf`` reads with ``DM.UseSaveDM T``: ``File.DM.Init`` where the fdf names one
     (4.1's m_new_dm.F90; relative to the folder it runs in), else :func:`siesta_dm_path`."""
     fdf = Path(fdf)
-    named = fdf_sile(fdf).text("File.DM.Init")
-    return fdf.parent / named if named else siesta_dm_path(fdf)
+    sile = fdf_sile(fdf)
+    return fdf.parent / (sile.text("File.DM.Init") or f"{_label(sile)}.DM")
 
 
 def resolve_fdf(path: str | Path) -> Path:
