@@ -303,9 +303,10 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
 
 def check_converged(rec: RunRecord) -> None:
     """Error if the run's record (index.json) or its SIESTA output (``*.out``, ``*.out.gz`` in the folder) says the
-    SCF did not converge, or that the run moved its atoms (a relaxation or an MD: its .DM is the last geometry's). SIESTA writes its ``.DM`` at every iteration, so a run stopped at ``MaxSCFIterations``
-    or killed midway leaves a ``.DM`` that looks like any other but is not the answer a model should learn, or
-    be measured against. A folder without an output is taken as converged: the DM is all there is."""
+    SCF did not converge, or that the run moved its atoms (a relaxation or an MD: its .DM is the last geometry's).
+    SIESTA writes its ``.DM`` at every iteration, so a run stopped at ``MaxSCFIterations`` or killed midway leaves
+    a ``.DM`` that looks like any other but is not the answer a model should learn, or be measured against. A
+    folder without an output is taken as converged: the DM is all there is."""
     from .siesta.output import parse_output
 
     if rec.meta.get("converged") is False:

@@ -759,12 +759,12 @@ def _check_resume_options(ckpt: dict, options: TrainOptions, out_dir: Path) -> N
     changed = [f"--{k.replace('_', '-')} {saved[k]!r} (now {getattr(options, k)!r})"
                for k in RESUME_OPTIONS if k in saved and saved[k] != getattr(options, k)]
     if changed:
-        raise DMGuessError(f"{out_dir}: its checkpoint was trained with " + ", ".join(changed) + ": resume it with "
-                           "the same options, or give --restart to train afresh")
+        raise DMGuessError("its checkpoint was trained with " + ", ".join(changed) + ": resume it with the same "
+                           "options, or give --restart to train afresh", out_dir)
     done = ckpt["epoch"] + 1
     if done > options.epochs:
-        raise DMGuessError(f"{out_dir}: its checkpoint has trained {done} epochs, more than --epochs "
-                           f"{options.epochs}: give --epochs {done} or more to resume it, or --restart")
+        raise DMGuessError(f"its checkpoint has trained {done} epochs, more than --epochs {options.epochs}: give "
+                           f"--epochs {done} or more to resume it, or --restart", out_dir)
 
 
 def _read_checkpoint(path: Path) -> dict | None:
