@@ -43,6 +43,7 @@ class GuessResult:
     prediction_s: float = 0.0
     dDmax: list = field(default_factory=list)
     start_electron_error: float | None = None  # Tr[D S] - N of the starting DM, as SIESTA printed it
+    dm_tolerance: float | None = None  # the run's DM.Tolerance, as SIESTA printed it (the plot's stopping line)
     # With bench's ``repeat`` > 1: every run's SIESTA wall time, SCF iterations and prediction time. The fields
     # above are then those of the run with the median wall time, and prediction_s is the median prediction.
     wall_samples: list = field(default_factory=list)
@@ -107,7 +108,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
                                           out.total_energy_eV, run.wall_s, prediction_s,
                                           [s.dDmax for s in out.scf_history],
                                           None if out.start_dm_electrons is None
-                                          else out.start_dm_electrons - out.electrons))
+                                          else out.start_dm_electrons - out.electrons, out.dm_tolerance))
     results = {guess: median_run(runs) for guess, runs in samples.items()}
     return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback, fallback_kind,
                            Path(model.path).name if hasattr(model, "path") else str(model))
@@ -451,7 +452,11 @@ def plot(rows: list[StructureResult], path: Path, title: str = "") -> None:
     ax1.set_xticks(x, [r.name for r in rows], rotation=90, fontsize=7)
     ax1.set_ylabel("SCF iterations")
     ax1.legend()
-    ax2.axhline(1e-5, color="k", ls=":", lw=1, label="DM.Tolerance")
+    # The stopping line of the runs' own DM.Tolerance (SIESTA's echo of it), not a fixed 1e-5: a user's fdf may
+    # set another; one line per value if the structures differ.
+    tolerances = sorted({g.dm_tolerance for r in rows for g in r.results.values() if g.dm_tolerance})
+    for tolerance in tolerances:
+        ax2.axhline(tolerance, color="k", ls=":", lw=1, label=f"DM.Tolerance {tolerance:g}")
     ax2.set_xlabel("SCF iteration")
     ax2.set_ylabel("dDmax")
     ax2.legend()

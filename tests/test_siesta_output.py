@@ -22,6 +22,9 @@ def test_real_outputs_match_index(name):
         assert out.version == "master-post-4.1-268"
         assert out.scf_history[-1].dDmax <= 1e-5 < out.scf_history[0].dDmax  # printed with 6 decimals
         assert out.wall_s == pytest.approx(rec["siesta_wall_s"], rel=0.05, abs=0.05)
+        fdf_tolerance = next(line.split()[1] for line in (root / rec["id"] / "input.fdf").read_text().splitlines()
+                             if line.lower().startswith("dm.tolerance"))
+        assert out.dm_tolerance == pytest.approx(float(fdf_tolerance.lower().replace("d", "e")))
 
 
 def _text():
@@ -88,3 +91,23 @@ def test_multi_step_run_keeps_each_scf_cycle():
     out = parse_output(text + scf.replace("   scf:    9", "") )
     assert out.scf_iterations_per_step == [9, 8]
     assert out.scf_iterations == 8
+
+
+def test_the_bench_plot_draws_the_runs_own_dm_tolerance(tmp_path, monkeypatch):
+    """The dDmax panel's stopping line is the DM.Tolerance SIESTA printed, one line per value, none if unknown."""
+    import matplotlib.figure
+
+    from siesta_dmguess.bench import GuessResult, StructureResult, plot
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(
+        [line.get_label() for line in fig.axes[1].get_lines() if line.get_label().startswith("DM.Tolerance")]))
+
+    def row(name, tolerance):
+        return StructureResult(name, 3, {g: GuessResult(g, 3, True, g == "ml", -1.0, 1.0, dDmax=[1e-2, 1e-3, 1e-5],
+                                                        dm_tolerance=tolerance) for g in ("atomic", "ml")})
+
+    plot([row("a", 1e-4), row("b", 1e-4)], tmp_path / "p.png")
+    plot([row("a", 1e-4), row("b", 1e-6)], tmp_path / "p.png")
+    plot([row("a", None)], tmp_path / "p.png")
+    assert drawn == [["DM.Tolerance 0.0001"], ["DM.Tolerance 1e-06", "DM.Tolerance 0.0001"], []]

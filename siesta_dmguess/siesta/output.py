@@ -18,6 +18,7 @@ _EBS = re.compile(r"^siesta:\s+Ebs\s+=\s+(\S+)", re.M)
 _WALL = re.compile(r"Elapsed wall time \(sec\) =\s+(\S+)")
 _VERSION = re.compile(r"Siesta Version\s*:\s*(\S+)")
 _START_Q = re.compile(r"For starting DM, Qtot, Tr\[D\*S\] =\s+(\S+)\s+(\S+)")
+_DM_TOLERANCE = re.compile(r"^redata: DM tolerance for SCF\s*=\s*(\S+)", re.M)
 _DM_READ = re.compile(r"Attempting to read DM from file\.\.\.\s*(Succeeded|Failed)")
 
 
@@ -49,6 +50,7 @@ class SiestaOutput:
     # Electrons of the starting DM, Tr[D S], and the neutral count Qtot: a predicted DM's charge error.
     start_dm_electrons: float | None = None
     electrons: float | None = None
+    dm_tolerance: float | None = None  # DM.Tolerance as SIESTA echoed it: the dDmax at which the SCF stops
 
     @property
     def scf_iterations(self) -> int:
@@ -136,6 +138,7 @@ def parse_output(source: str | Path) -> SiestaOutput:
     version = _VERSION.search(text)
     last = histories[-1] if histories else []
     start_q = _START_Q.findall(text)
+    tolerance = _DM_TOLERANCE.search(text)
     return SiestaOutput(
         scf_history=last, scf_histories=histories,
         dm_read_from_file=bool(dm_reads) and dm_reads[0] == "Succeeded",
@@ -148,4 +151,5 @@ def parse_output(source: str | Path) -> SiestaOutput:
         job_completed="Job completed" in text,
         start_dm_electrons=_float(start_q[0][1]) if start_q else None,
         electrons=_float(start_q[0][0]) if start_q else None,
+        dm_tolerance=_float(tolerance.group(1)) if tolerance else None,
     )
