@@ -421,10 +421,7 @@ def markdown(report: dict) -> str:
                  if report.get("structures_fallback_atomic") else "")
               + "."]
     unread = [r["name"] for r in report["per_structure"] if not r.get("fallback") and not r["ml"]["dm_read"]]
-    if unread:  # SIESTA started these from its atomic guess: their ML counts measure no prediction
-        lines += ["", f"**SIESTA did not read the predicted DM** in {len(unread)} run(s) (no \"Attempting to read DM "
-                  f"from file... Succeeded\" in its output), so their ML column is its own atomic guess: "
-                  f"{', '.join(unread)}."]
+    lines += _unread_dm_note(unread, "predicted", "their ML column is its own atomic guess")
     if report.get("reused"):  # a resumed benchmark
         lines += ["", f"Reused from an earlier run of this benchmark, which finished them with the same fdf, model, "
                   f"settings and SIESTA ({len(report['reused'])}): {', '.join(report['reused'])}."]
@@ -432,6 +429,16 @@ def markdown(report: dict) -> str:
         lines += ["", f"Not run, the model does not cover them ({len(report['skipped'])}):", ""]
         lines += [f"- {run_id}: {reason}" for run_id, reason in report["skipped"].items()]
     return "\n".join(lines + siesta_line(report)) + "\n"
+
+
+def _unread_dm_note(unread: list[str], which: str, meaning: str) -> list[str]:
+    """The report's paragraph on runs whose output lacks SIESTA's "Succeeded" for reading the DM: SIESTA started
+    them from its atomic guess, so their counts measure no guess (the first ten named)."""
+    if not unread:
+        return []
+    return ["", f"**SIESTA did not read the {which} DM** in {len(unread)} run(s) (no \"Attempting to read DM from "
+            f"file... Succeeded\" in its output), so {meaning}: {', '.join(unread[:10])}"
+            + (" ..." if len(unread) > 10 else "") + "."]
 
 
 def plot(rows: list[StructureResult], path: Path, title: str = "") -> None:
@@ -685,10 +692,7 @@ def trajectory_markdown(report: dict) -> str:
                   f"{far[0]['fallback']}" + (" (and alike)." if len(far) > 1 else ".")]
     unread = [f"{g} at frame {r['frame']}" for r in report["per_frame"] for g in guesses
               if r[g]["guess"] != "atomic" and not r[g].get("dm_read", True)]  # (reports before the field)
-    if unread:  # SIESTA started these from its atomic guess: their counts measure no guess
-        lines += ["", f"**SIESTA did not read the starting DM** in {len(unread)} run(s) (no \"Attempting to read DM "
-                  f"from file... Succeeded\" in its output), so their counts are its atomic guess's: "
-                  f"{', '.join(unread[:10])}" + (" ..." if len(unread) > 10 else "") + "."]
+    lines += _unread_dm_note(unread, "starting", "their counts are its atomic guess's")
     if report.get("reused"):  # a resumed benchmark
         first, last = report["reused"][0], report["reused"][-1]
         which = f"Frame {first} was" if first == last else f"Frames {first}–{last} were"
