@@ -703,10 +703,19 @@ def read_structure(path: str | Path) -> Structure:
         return Structure(atoms, labels, str(path), settings)
     frames = read_frames(path)
     atoms = frames[-1]
+    if path.suffix == ".ANI":  # SIESTA writes no cell into it, so a crystal's frame would pass for a cluster
+        log.warning("%s is a SIESTA .ANI file, which holds no cell: predicting an isolated structure. For a "
+                    "periodic run, predict from its fdf, .XV or .STRUCT_OUT (or `bench %s --fdf FDF`, which puts "
+                    "each frame into the fdf's cell)", path, path.name)
     if len(frames) > 1:  # ASE's default; say so, since one DM per file is written
         log.warning("%s holds %d structures; predicting the last one. For every frame, split the file, or run "
                     "`siesta-dmguess bench TRAJ --fdf FDF` or the ASE calculator along it", path, len(frames))
     return structure_from_atoms(atoms, source=str(path))
+
+
+# SIESTA's own structure files that ASE reads but does not recognise by their suffix (it finds .XV and
+# .STRUCT_OUT itself): the other STRUCT files share .STRUCT_OUT's layout, and an .ANI is an xyz trajectory in Å.
+SIESTA_FILE_FORMATS = {".STRUCT_IN": "struct_out", ".STRUCT_NEXT_ITER": "struct_out", ".ANI": "xyz"}
 
 
 def read_frames(path: str | Path) -> list[Atoms]:
@@ -722,7 +731,7 @@ def read_frames(path: str | Path) -> list[Atoms]:
     try:
         # parallel=False: under MPI (predict's ranks), ASE would read on rank 0 only and hand every rank that
         # file, so each rank would predict rank 0's structure under its own file's name
-        frames = ase.io.read(str(path), index=":", parallel=False)
+        frames = ase.io.read(str(path), index=":", parallel=False, format=SIESTA_FILE_FORMATS.get(path.suffix))
     except KeyError as exc:  # ASE's own message is the bare symbol, e.g. 'Xx'
         raise InputFileError(f"ASE cannot read this structure: unknown chemical symbol {exc}", path) from exc
     except Exception as exc:

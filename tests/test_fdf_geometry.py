@@ -608,3 +608,34 @@ def test_a_trajectory_template_needs_no_coordinates_and_paths_keep_their_digits(
     assert np.allclose(FdfFrames(fdf).cell, np.diag([12.0, 12.0, 12.0]))
     assert fdf_line("%include ../0d1/x.fdf\n") == "%include ../0d1/x.fdf\n"
     assert fdf_line(" 1.5d0 -2.D-1 3\n") == " 1.5e0 -2.e-1 3\n"
+
+
+def test_siestas_own_structure_files_are_read_by_their_names(tmp_path, caplog):
+    """A .STRUCT_IN / .STRUCT_NEXT_ITER (ASE knows the layout only as .STRUCT_OUT) keeps its cell; an .ANI (an xyz
+    trajectory without a cell) is read frame by frame and its prediction is said to be of an isolated structure."""
+    import ase.io
+    import sisl
+    from ase.build import bulk
+
+    from siesta_dmguess.structure import read_frames
+
+    crystal = bulk("Si", "diamond", 5.43, cubic=True)
+    crystal.positions[0] += [0.05, -0.02, 0.01]
+    for suffix in (".STRUCT_IN", ".STRUCT_NEXT_ITER", ".STRUCT_OUT"):
+        path = tmp_path / f"si{suffix}"
+        sisl.Geometry.new(crystal).write(tmp_path / "x.STRUCT_OUT")  # sisl writes the layout by this name only
+        (tmp_path / "x.STRUCT_OUT").rename(path)
+        st = read_structure(path)
+        assert st.atoms.pbc.all() and np.allclose(st.atoms.cell, crystal.cell), suffix
+        assert np.allclose(st.atoms.positions, crystal.positions, atol=1e-6), suffix
+    water = Atoms("OH2", positions=[[1.0, 1.0, 1.0], [1.96, 1.0, 1.0], [0.76, 1.93, 1.0]])
+    moved = water.copy()
+    moved.positions[1, 0] += 0.1
+    ase.io.write(tmp_path / "x.xyz", [water, moved], format="xyz")
+    (tmp_path / "x.xyz").rename(tmp_path / "siesta.ANI")
+    frames = read_frames(tmp_path / "siesta.ANI")
+    assert [np.allclose(f.positions, a.positions) for f, a in zip(frames, (water, moved))] == [True, True]
+    caplog.clear()
+    st = read_structure(tmp_path / "siesta.ANI")
+    assert np.allclose(st.atoms.positions, moved.positions) and not st.atoms.pbc.any()
+    assert "holds no cell" in caplog.text and "siesta.ANI" in caplog.text
