@@ -396,6 +396,10 @@ def read_fdf_settings(path: str | Path) -> dict:
 _COMPARED_BASIS_KEYS = {normalized_fdf_key(k) for k in ("PAO.BasisSize", "PAO.EnergyShift", "PAO.BasisSizes")}
 
 
+_BARE_NUMBER_BASIS_KEYS = {normalized_fdf_key(k) for k in ("PAO.SoftPotential", "PAO.SoftInnerRadius", "PAO.SplitNorm",
+                                                           "PAO.SplitNormH")}
+
+
 def _basis_options(path: str | Path, fdf) -> tuple[dict[str, str], dict[str, str]]:
     """The fdf's other basis settings: every ``PAO.*`` key or block (split norms, soft confinement, polarization,
     a ``PAO.Basis`` block, ...) and ``User.Basis*`` (orbitals read from .ion files), each as sisl reads it ({name: value};
@@ -416,8 +420,13 @@ def _basis_options(path: str | Path, fdf) -> tuple[dict[str, str], dict[str, str
             if (key.startswith("pao") or key.startswith("userbasis")) and key not in _COMPARED_BASIS_KEYS:
                 names.setdefault(key, name)
     options = {}
-    for name in names.values():
-        value = fdf.get(name)
+    for key, name in names.items():
+        # SIESTA reads these with fdf_double (basis_specs.f), a bare number in its own units whatever word
+        # follows, where sisl would turn "40 Ry" into eV: keep the number as SIESTA reads it.
+        if key in _BARE_NUMBER_BASIS_KEYS:
+            value = _FORTRAN_REAL.sub(r"\1e\2", (fdf.text(name) or "").partition(" ")[0])
+        else:
+            value = fdf.get(name)
         if isinstance(value, list):  # a block
             value = "; ".join(" ".join(str(line).split()) for line in value)
         options[name] = " ".join(str(value).split())

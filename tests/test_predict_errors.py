@@ -203,11 +203,14 @@ XC.authors CA
     (lambda t: t.replace("XC.authors CA", "XC.authors PZ"), None),  # SIESTA reads CA and PZ as the same LDA
     (lambda t: t.replace("XC.functional LDA\nXC.authors CA\n", ""), None),  # SIESTA's default XC is that LDA
     # Other basis options, which the card's training fdfs did not set (a bare DZP prediction, before):
-    (lambda t: t + "PAO.SplitNorm 0.30\n", r"fdf sets PAO.SplitNorm \(0.3\), which shapes the basis"),
+    (lambda t: t + "PAO.SplitNorm 0.30\n", r"fdf sets PAO.SplitNorm \(0.30\), which shapes the basis"),
     (lambda t: t + "pao-soft-default T\n", "pao-soft-default"),  # fdf keys ignore case, '.', '-' and '_'
     # ... stated at SIESTA 4.1's defaults they are the run that leaves them out:
     (lambda t: t + "PAO.SplitNorm 0.150\nPAO.SoftDefault .false.\nPAO.BasisType split\n", None),
     (lambda t: t + "PAO.EnergyPolCutoff 272.11 eV\nPAO.OldStylePolorbs T\n", None),
+    # SIESTA reads PAO.SoftPotential as a bare number (fdf_double): a unit after it changes nothing
+    (lambda t: t + "PAO.SoftPotential 40 Ry\nPAO.SoftInnerRadius 0.9d0\n", None),
+    (lambda t: t + "PAO.SoftPotential 30 Ry\n", r"fdf sets PAO.SoftPotential \(30\)"),
     (lambda t: t + "PAO.EnergyPolCutoff 10 Ry\n", r"PAO.EnergyPolCutoff .* SIESTA's default \(20 Ry\)"),
     (lambda t: t + "%block PAO.Basis\nH 1\n n=1 0 1\n 0.0\n%endblock PAO.Basis\n", "fdf sets PAO.Basis"),
     (lambda t: t + "User.Basis T\n", "User.Basis"),
