@@ -228,13 +228,15 @@ def evaluate_samples(model, samples, dtype=torch.float32, overlap=None, refine: 
 
 def refine_flat(sample, flat: np.ndarray, overlap, mode: str = "idempotent",
                 correction: np.ndarray | None = None) -> tuple[np.ndarray, float, str]:
-    """Refine a flat prediction for the neutral electron count; returns (refined, raw Tr(D S) - N, what was done).
+    """Refine a flat prediction for the run's electron count (:func:`~siesta_dmguess.predict.expected_electrons`, as
+    predict does); returns (refined, raw Tr(D S) - N, what was done).
 
     ``correction``: the model's flat ΔH for the idempotent projection, if it has that head."""
+    from .predict import expected_electrons
     from .refine import refine
 
     s = overlap.flat(sample.structure, sample.layout)
-    n_expected = float(sample.layout.atomic.sum())
+    n_expected = expected_electrons(sample.structure, sample.layout.atomic.sum())
     done = refine(sample.layout, flat, s, n_expected, sample.fold, mode, correction)
     return done.values, done.electrons_raw - n_expected, done.applied
 

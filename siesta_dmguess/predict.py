@@ -191,11 +191,6 @@ class Prediction:
                 f"than {FAR_NOVELTY_FACTOR:.0f}x its flag level {self.novelty_threshold:.2f}), where predictions start "
                 f"SIESTA further from the answer than its atomic guess")
 
-    @property
-    def electrons_atomic_reference(self) -> float:
-        """Valence electrons of the neutral structure (sum of q0): what Tr(D S) should give."""
-        return float(self.sample.layout.atomic.sum())
-
 
 # ``--model auto`` (``model="auto"``): the shipped model is chosen from the structure (:func:`choose_model`).
 AUTO_MODEL = "auto"
@@ -401,7 +396,7 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
             raise InputFileError(f"{problem}; leave --fold at auto (or --force)", structure.source or None)
         warnings.append(problem)
         log.warning("--force: %s", problem)
-    n_expected = _expected_electrons(structure, loaded.basis)
+    n_expected = expected_electrons(structure, sample.layout.atomic.sum())
     sampling_reason = _sampling_reason(sample, loaded)
     # The ΔH head only steers the dense projection: skip it where that will not run (keeps large systems O(N)).
     wants_correction = loaded.overlap is not None and not projection_skipped(
@@ -486,14 +481,15 @@ def _sampling_reason(sample, loaded: LoadedModel) -> str:
                "; without an fdf the run is taken as Γ-only: for a k-point run, predict with --fold no"))
 
 
-def _expected_electrons(structure: Structure, basis) -> float:
-    """Valence electrons of the structure's atoms (sum of q0) minus the fdf's NetCharge."""
-    total = float(sum(basis[label].q0_total for label in structure.labels))
+def expected_electrons(structure: Structure, neutral: float) -> float:
+    """What Tr(D S) of the run's DM is: the neutral structure's valence electrons (``neutral``, the sum of its
+    atoms' q0, e.g. ``layout.atomic.sum()``) minus the fdf's NetCharge. predict, evaluate and train's ΔH head all
+    refine to this count."""
     net = structure.fdf_settings.get("NetCharge")
     try:
-        return total - float(str(net).split()[0]) if net is not None else total
+        return float(neutral) - float(str(net).split()[0]) if net is not None else float(neutral)
     except ValueError:
-        return total
+        return float(neutral)
 
 
 def predict_to_file(structure, out: str | Path, model=AUTO_MODEL, overwrite: bool = False, fold: bool | None = None,

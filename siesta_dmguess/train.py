@@ -635,18 +635,22 @@ def train_correction(model: DensityMatrixModel, train_set, val_set, overlap, opt
 
 def _gets_projection(sample) -> bool:
     """Whether predict projects this structure's DM (the dense idempotent projection the ΔH head acts through)."""
+    from .predict import expected_electrons
     from .refine import is_kpoint, projection_skipped
 
     lay = sample.layout
-    return not projection_skipped("idempotent", lay.no, is_kpoint(lay, sample.fold), float(lay.atomic.sum()))
+    return not projection_skipped("idempotent", lay.no, is_kpoint(lay, sample.fold),
+                                  expected_electrons(sample.structure, lay.atomic.sum()))
 
 
 def _projection_inputs(model, sample, overlap) -> dict | None:
     """Everything the ΔH loss of one structure needs that does not change while ΔH trains (frozen DM model)."""
     from .dm import flat_to_csr
 
+    from .predict import expected_electrons
+
     lay = sample.layout
-    n_electrons = float(lay.atomic.sum())
+    n_electrons = expected_electrons(sample.structure, lay.atomic.sum())
     if not _gets_projection(sample):
         return None  # predict would not project this structure either
     batch = collate([sample], len(model.species), torch.float32, with_targets=False)

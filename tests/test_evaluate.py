@@ -352,3 +352,26 @@ def test_a_folder_the_model_does_not_cover_is_said_before_any_evaluation(monkeyp
     monkeypatch.setattr(evaluate_module, "evaluate_samples", lambda *a, **k: pytest.fail("evaluated first"))
     with pytest.raises(ModelCompatibilityError, match="'Si'"):
         evaluate_module.evaluate("water", [dataset("h2o"), dataset("si8")], split="val", progress=False)
+
+
+@pytest.mark.parametrize("mode", ["charge", "idempotent"])
+def test_evaluate_refines_a_charged_run_to_its_electron_count_as_predict_does(h2o_sample, mode):
+    """A run with NetCharge holds N - NetCharge electrons: evaluate's refinement (and train's ΔH head) target that
+    count, as predict does, not the neutral one."""
+    from dataclasses import replace
+
+    from siesta_dmguess.data import run_basis
+    from siesta_dmguess.evaluate import refine_flat
+    from siesta_dmguess.overlap import OverlapCalculator, electron_count
+
+    overlap = OverlapCalculator(run_basis(dataset("h2o") / "0000", {"H", "O"}))
+    flat = h2o_sample.layout.atomic.astype(float)  # any DM: the isolated atoms'
+    s = overlap.flat(h2o_sample.structure, h2o_sample.layout)
+    for net, electrons in ((None, 8.0), ("1.0", 7.0), ("-2", 10.0)):
+        settings = dict(h2o_sample.structure.fdf_settings)
+        settings.pop("NetCharge", None)
+        if net is not None:
+            settings["NetCharge"] = net
+        sample = replace(h2o_sample, structure=replace(h2o_sample.structure, fdf_settings=settings))
+        refined, _, _ = refine_flat(sample, flat, overlap, mode)
+        assert electron_count(sample.layout, refined, s, sample.fold) == pytest.approx(electrons, abs=1e-8), net
