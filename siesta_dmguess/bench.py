@@ -570,9 +570,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
     histories = {g: TrajectoryHistory(depth) for g in guesses}
     frame_labels = [frames_in_fdf.labels(atoms) for atoms in images]
-    if loaded is not None:
-        basis = loaded.basis
-    else:
+    if loaded is None:  # the frames' geometry from the basis SIESTA reads (with a model: each prediction's)
         from .data import run_basis
 
         basis = run_basis(fdf_template.parent, {label for labels in frame_labels for label in labels})
@@ -587,11 +585,14 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         pred, predicted, prediction_s = None, None, 0.0
         if loaded is not None:
             t0 = time.perf_counter()
-            pred = predict_density_matrix(structure, loaded, refine=refine)  # folded unless the fdf has k-points
+            # folded unless the fdf has k-points; force: as for a dataset, even what the guard refuses
+            pred = predict_density_matrix(structure, loaded, refine=refine, force=force)
             prediction_s = time.perf_counter() - t0
             predicted = to_image_keyed(pred.density_matrix)
         overlap = pred.history_overlap if pred else None
-        geometry = build_geometry(structure, basis)
+        # The prediction's geometry has the model's basis under the fdf's labels (an `Ow` is the model's O);
+        # without a model, the basis SIESTA reads beside the fdf is keyed by those labels already.
+        geometry = pred.density_matrix.geometry if pred is not None else build_geometry(structure, basis)
         # Each frame's cell and orbitals' atoms: the histories follow atoms a wrapped trajectory moves across it.
         frame = {"cell": periodic_cell(atoms), "orbital_atom": geometry.o2a(np.arange(geometry.no))}
         frame_dir = out_dir / name / f"{t:04d}"

@@ -874,3 +874,33 @@ def test_a_run_with_psml_pseudopotentials_is_prepared_with_them(tmp_path):
     (run / "O.psf").rename(run / "O.psml")
     fdf = prepare_run(run / "input.fdf", tmp_path / "work", "atomic")
     assert sorted(p.name for p in fdf.parent.glob("*.ps*")) == ["H.psf", "O.psml"]
+
+
+def test_a_trajectory_whose_fdf_labels_species_otherwise_is_predicted_and_run(tmp_path):
+    """An fdf labelling oxygen `Ow` (its files named so) is the model's O along a trajectory too, as for predict
+    and a dataset benchmark: it stopped with "no basis for species ['Ow']" after the first prediction."""
+    import shutil
+
+    import ase.io
+
+    from siesta_dmguess.bench import run_trajectory_benchmark
+
+    from .conftest import dataset
+
+    src = dataset("h2o")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "input.fdf").write_text((src / "0004" / "input.fdf").read_text().replace(" 8 O\n", " 8 Ow\n"))
+    shutil.copy(src / "basis" / "O.psf", run / "Ow.psf")
+    shutil.copy(src / "basis" / "H.psf", run / "H.psf")
+    from siesta_dmguess.structure import read_structure
+
+    atoms = read_structure(run / "input.fdf").atoms
+    moved = atoms.copy()
+    moved.positions[1] += [0.02, 0.0, 0.0]
+    ase.io.write(tmp_path / "md.traj", [atoms, moved])
+    # A fake SIESTA: the run's <label>.DM, the starting DM the ml template put there, stands for the converged one.
+    report = run_trajectory_benchmark(tmp_path / "md.traj", run / "input.fdf", model="water", out_dir=tmp_path / "out",
+                                      guesses=("ml", "ml+residual"), command=str(fake_siesta(tmp_path, GOOD)),
+                                      progress=False)
+    assert report["frames"] == 2 and all(r["ml"]["dm_read"] is not False for r in report["per_frame"])
