@@ -32,7 +32,7 @@ def _cmd_train(args) -> int:
                            init=args.init, correction_epochs=args.correction_epochs, add_stage=args.add_stage,
                            correction_lr=args.correction_lr, density_loss=args.density_loss,
                            loss_power=args.loss_power)
-    command = "siesta-dmguess " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
+    command = "siesta-dmguess " + " ".join(shlex.quote(a) for a in args.argv)
     result = train(args.data_dirs, args.out, options, overrides, resume=not args.restart, command=command)
     summary = result.validation.get("summary", {})
     print(f"model written to {result.out_dir}")
@@ -440,12 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="?", help="with show: the model whose card to print")
     m.set_defaults(func=_cmd_models)
 
-    try:
-        from .bench import add_bench_parser
-    except ImportError:  # the benchmark module is optional for the core commands
-        pass
-    else:
-        add_bench_parser(sub)
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 
@@ -472,7 +469,9 @@ INTERRUPTED_HINTS = {
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as given, which train records in the model card
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         _refuse_duplicate_processes(args.command)

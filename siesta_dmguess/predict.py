@@ -511,6 +511,6 @@ def predict_to_file(structure, out: str | Path, model=AUTO_MODEL, overwrite: boo
             backup = move_to_backup(out)
             moved = f"; the existing {out.name} was moved to {backup.name} so that SIESTA does not read it"
         raise UnreliablePredictionError(f"{pred.refusal_reason}; no DM was written to {out}{moved} (--force writes "
-                                        "it)", pred.structure.source or structure, prediction=pred)
+                                        "it)", pred.structure.source or None, prediction=pred)
     write_density_matrix(pred.density_matrix, out, overwrite=overwrite)
     return pred

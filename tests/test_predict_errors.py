@@ -767,3 +767,16 @@ def test_a_fold_that_does_not_fit_the_runs_sampling_is_refused_unless_forced(shi
         predict_density_matrix(fdf, shipped(model), fold=fold)
     pred = predict_density_matrix(fdf, shipped(model), fold=fold, force=True)
     assert pred.folded is fold and any(problem in w for w in pred.warnings)
+
+
+def test_a_refused_prediction_of_ase_atoms_is_the_refusal_not_a_type_error(tmp_path, shipped):
+    """Atoms have no file to name: the refusal named ``Path(atoms)`` and ended in a TypeError."""
+    from ase import Atoms
+
+    from siesta_dmguess.errors import UnreliablePredictionError
+    from siesta_dmguess.predict import predict_to_file
+
+    broken = Atoms("OH2", positions=[[0, 0, 0], [2.4, 0, 0], [-0.24, 0.93, 0]])  # an O-H bond pulled to 2.4 Å
+    with pytest.raises(UnreliablePredictionError, match="no clear occupied space") as err:
+        predict_to_file(broken, tmp_path / "x.DM", model=shipped("water"))
+    assert err.value.path is None and not (tmp_path / "x.DM").exists()

@@ -475,3 +475,18 @@ def test_species_in_no_training_structure_or_a_head_without_projections_are_refu
     assert not (tmp_path / "c").exists()  # refused before the DM training wrote a checkpoint
     with pytest.raises(InputFileError, match="--density-loss: no training structure is folded"):  # silently MSE
         train([kpoints], tmp_path / "d", TrainOptions(epochs=1, density_loss=True, progress=False), TINY)
+
+
+def test_the_card_records_the_train_command_as_given_to_main(tmp_path, monkeypatch):
+    """The card's training command is the one `main` was given (it was the calling process's sys.argv: a script
+    or test calling `main([...])` recorded its own command line)."""
+    import siesta_dmguess.train as train_module
+    from siesta_dmguess.cli import main
+
+    given = []
+    monkeypatch.setattr(train_module, "train", lambda *a, command=None, **k: given.append(command) or
+                        (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr("sys.argv", ["pytest", "-k", "something"])
+    with pytest.raises(SystemExit):
+        main(["train", str(tmp_path), "--out", str(tmp_path / "my model"), "--epochs", "3"])
+    assert given == [f"siesta-dmguess train {tmp_path} --out '{tmp_path / 'my model'}' --epochs 3"]
