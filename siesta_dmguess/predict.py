@@ -383,8 +383,10 @@ def predict_density_matrix(structure: Structure | str | Path, model: LoadedModel
     t0 = time.perf_counter()
     structure = _as_structure(structure)
     check_geometry(structure)
-    model = resolve_auto_model(model, structure)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    if _is_auto(model):  # choose_model loaded the shipped models it tried once per process: reuse the chosen one
+        loaded = _shipped_model(choose_model(structure))
+    else:
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
     warnings = check_compatibility(structure, loaded, force=force)
     asked_fold = fold
     if fold is None:

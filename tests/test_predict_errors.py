@@ -780,3 +780,16 @@ def test_a_refused_prediction_of_ase_atoms_is_the_refusal_not_a_type_error(tmp_p
     with pytest.raises(UnreliablePredictionError, match="no clear occupied space") as err:
         predict_to_file(broken, tmp_path / "x.DM", model=shipped("water"))
     assert err.value.path is None and not (tmp_path / "x.DM").exists()
+
+
+def test_auto_loads_the_chosen_shipped_model_once_per_process(monkeypatch):
+    """``model="auto"`` chose through the cached shipped models, then loaded the chosen one from disk again, on
+    every call."""
+    import siesta_dmguess.predict as predict
+
+    loads = []
+    real = predict.load_model
+    monkeypatch.setattr(predict, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    for _ in range(2):
+        predict.predict_density_matrix(dataset("h2o") / "0004" / "input.fdf")
+    assert len(loads) <= 1  # none where an earlier test of this process loaded it
