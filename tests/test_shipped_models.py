@@ -43,6 +43,12 @@ def test_shipped_model_loads_and_predicts(name):
     assert np.abs(dense - dense.T).max() < 1e-6
     # A projected DM reports the gap it was projected across (a pure state has 1; the guard needs >= 0.5).
     assert pred.refinement != "idempotent" or 0.5 <= pred.occupation_gap <= 1.0 + 1e-9
+    # Each stage started from, and replaced, another model's weights: never its own (a card once said so).
+    stage = card["training"]
+    while isinstance(stage, dict):
+        started_from = {stage.get("init_model_sha256"), (stage.get("replaces") or {}).get("weights_sha256")}
+        assert card["weights_sha256"] not in started_from, name
+        stage = stage.get("init_model_training")
 
 
 def test_warm_up_leaves_the_first_prediction_only_its_own_work():
