@@ -201,13 +201,21 @@ def _cmd_evaluate(args) -> int:
             check_output_file(output, image=image)
     result = evaluate(args.model, args.data_dirs, split=split, out_json=args.json, progress=not args.quiet,
                       refine=args.refine)
+    for folder, d in result["datasets"].items():  # which runs were scored: auto takes the val split where recorded
+        left_out = d["runs_in_folder"] - d["structures"]
+        print(f"{folder}: {d['structures']} run(s)" + (f" of split {d['split']}" if d["split"] != "all" else "")
+              + (f"; {left_out} other run(s) left out (--split all takes them)" if left_out > 0 else ""))
+    threshold = result["novelty_threshold"]
     print(f"{'structure':<44} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'rho err':>9} "
-          f"{'raw dN':>10} {'novelty':>8}")
+          f"{'raw dN':>10} {'novelty':>9}")
     for m, name in zip(result["structures"], _display_names([m["name"] for m in result["structures"]])):
         dn = f"{m['raw_electron_count_error']:+.2e}" if "raw_electron_count_error" in m else "-"
         rho = f"{m['density_operator_error']:.2e}" if "density_operator_error" in m else "-"
+        flag = "*" if m.get("novelty", 0) > threshold else " "
         print(f"{name:<44} {m['natoms']:>5} {m['mae']:>10.3e} {m['max_abs']:>10.3e} "
-              f"{m['atomic_mae']:>10.3e} {rho:>9} {dn:>10} {m.get('novelty', 0):>8.2f}")
+              f"{m['atomic_mae']:>10.3e} {rho:>9} {dn:>10} {m.get('novelty', 0):>8.2f}{flag}")
+    print(f"(* novelty above the model's flag level {threshold:.2f}: predict calls the structure out of distribution; "
+          "rho err is the density-operator error, '-' where there is no .HSX or the run has k-points)")
     s = result["summary"]
     print(f"mean over {s['structures']} structures: MAE {s['mae']:.3e}, max |error| {s['max_abs']:.3e}; "
           f"atomic guess MAE {s['atomic_mae']:.3e} ({s['mae_ratio_atomic_over_model']:.1f}x the model's)")
@@ -223,7 +231,7 @@ def _cmd_evaluate(args) -> int:
         print(f"raw prediction's electron count |Tr(D S) - N| (before refinement): mean "
               f"{s['raw_electron_count_abs_error_mean']:.2e}, max {s['raw_electron_count_abs_error_max']:.2e}")
     if "refinements" in s:
-        print("written DMs refined: " + ", ".join(f"{n} {kind}" for kind, n in s["refinements"].items()))
+        print("DMs refined as predict writes them: " + ", ".join(f"{n} {kind}" for kind, n in s["refinements"].items()))
     if "electron_count_abs_error_mean" in s:
         print(f"written DM's electron count with SIESTA's S (.HSX) |Tr(D S) - N|: mean "
               f"{s['electron_count_abs_error_mean']:.2e}, max {s['electron_count_abs_error_max']:.2e}")

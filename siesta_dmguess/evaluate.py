@@ -250,7 +250,7 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
     Returns ``{"summary": ..., "structures": [...], "datasets": {dir: summary}}``.
     """
     from .card import load_model
-    from .data import load_samples, resolve_split
+    from .data import list_runs, load_samples, resolve_split
     from .guard import check_runs_made_as, model_species_of
 
     loaded = load_model(model_name_or_path)
@@ -275,7 +275,7 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
         datasets.append((d, used, samples))
     for d, used, samples in datasets:
         r = evaluate_samples(loaded.model, samples, overlap=loaded.overlap, refine=refine)
-        result["datasets"][str(d)] = r["summary"] | {"split": used or "all"}
+        result["datasets"][str(d)] = r["summary"] | {"split": used or "all", "runs_in_folder": len(list_runs(d))}
         result["structures"].extend(r["structures"])
     result["summary"] = summarize(result["structures"])
     if out_json:

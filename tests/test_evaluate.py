@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +376,27 @@ def test_evaluate_refines_a_charged_run_to_its_electron_count_as_predict_does(h2
         sample = replace(h2o_sample, structure=replace(h2o_sample.structure, fdf_settings=settings))
         refined, _, _ = refine_flat(sample, flat, overlap, mode)
         assert electron_count(sample.layout, refined, s, sample.fold) == pytest.approx(electrons, abs=1e-8), net
+
+
+def test_evaluate_says_which_runs_it_scored_and_marks_novel_structures(tmp_path, capsys):
+    """A folder of a train and a val run: the default split scores the val run alone, which was not said; a
+    novelty above the model's flag level was printed like any other."""
+    import json
+
+    from siesta_dmguess.cli import main
+
+    for run_id, split in (("0001", "train"), ("0004", "val")):
+        copy_run(dataset("h2o") / run_id, tmp_path / "mixed" / run_id)
+        (tmp_path / "mixed" / run_id / "run.json").write_text(json.dumps({"id": run_id, "split": split}))
+    assert main(["evaluate", "water", str(tmp_path / "mixed")]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'mixed'}: 1 run(s) of split val; 1 other run(s) left out (--split all takes them)" in out
+    assert main(["evaluate", "chno-molecules", str(tmp_path / "mixed"), "--split", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "left out" not in out and "2 run(s)" in out
+    rows = [line for line in out.splitlines() if line.startswith(("mixed", "0001", "0004")) or "/0004" in line]
+    threshold = float(re.search(r"flag level (\S+):", out).group(1))
+    assert len(rows) == 2 and any(line.endswith("*") for line in rows)  # water molecules are new to chno-molecules
+    for line in rows:  # each row's novelty carries the mark exactly where it is above the flag level
+        value = line.rstrip("*").split()[-1]
+        assert line.endswith("*") == (float(value) > threshold), line
