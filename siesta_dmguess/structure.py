@@ -640,14 +640,38 @@ def read_run_structure(fdf: str | Path) -> Structure:
         raise InputFileError(f"cannot read the atoms SIESTA takes from it ({key} T): {type(exc).__name__}: {exc}",
                              saved) from exc
     numbers = [abs(int(geometry.atoms[ia].Z)) for ia in range(geometry.na)]
-    if numbers != [int(z) for z in structure.atoms.numbers]:
-        raise InputFileError(f"holds other atoms than the fdf ({geometry.na} atoms), which SIESTA takes with {key} "
-                             f"T", saved)
+    problem = _other_atoms(structure, numbers)
+    if problem:
+        raise InputFileError(f"{problem}, which SIESTA takes with {key} T", saved)
+    return _with_positions(structure, geometry.xyz, geometry.cell)
+
+
+def _other_atoms(structure: Structure, numbers) -> str:
+    """Why atoms of these atomic numbers are not the fdf's atoms, in their order, or ""."""
+    if [int(z) for z in numbers] == [int(z) for z in structure.atoms.numbers]:
+        return ""
+    return f"holds other atoms than the fdf ({len(numbers)} atoms, the fdf {len(structure.atoms)})"
+
+
+def _with_positions(structure: Structure, positions, cell=None) -> Structure:
+    """The fdf's structure (labels, settings) with other positions and, for a periodic run, another cell."""
     atoms = structure.atoms.copy()
-    atoms.positions = geometry.xyz
-    if structure.periodic:
-        atoms.set_cell(geometry.cell)
+    atoms.positions = positions
+    if structure.periodic and cell is not None and np.linalg.matrix_rank(np.asarray(cell)) == 3:
+        atoms.set_cell(cell)
     return replace(structure, atoms=atoms)
+
+
+def _run_fdf_of(path: Path) -> Path | None:
+    """The fdf of the run that wrote SIESTA's structure file ``path`` (``<SystemLabel>.XV`` and the like): the
+    run folder's fdf whose SystemLabel is the file's name; None for any other file."""
+    if path.suffix not in (".XV", ".STRUCT_OUT", *SIESTA_FILE_FORMATS):
+        return None
+    try:
+        fdf = find_fdf(path.parent)
+    except InputFileError:
+        return None
+    return fdf if system_label(fdf) == path.stem else None
 
 
 def siesta_dm_path(fdf: str | Path) -> Path:
@@ -712,13 +736,22 @@ def read_structure(path: str | Path) -> Structure:
         return Structure(atoms, labels, str(path), settings)
     frames = read_frames(path)
     atoms = frames[-1]
+    if len(frames) > 1:  # ASE's default; say so, since one DM per file is written
+        log.warning("%s holds %d structures; predicting the last one. For every frame, split the file, or run "
+                    "`siesta-dmguess bench TRAJ --fdf FDF` or the ASE calculator along it", path, len(frames))
+    run_fdf = _run_fdf_of(path)
+    if run_fdf is not None:  # SIESTA's own file in its run folder: the run's settings (k-points, basis) apply
+        structure = read_structure(run_fdf)
+        problem = _other_atoms(structure, atoms.numbers)
+        if not problem:
+            log.info("%s: predicting its atoms with the settings of %s, the run that wrote it", path, run_fdf.name)
+            return replace(_with_positions(structure, atoms.positions, atoms.cell), source=str(path))
+        log.warning("%s %s (%s, beside it), so it is predicted on its own, without the run's settings", path,
+                    problem, run_fdf.name)
     if path.suffix == ".ANI":  # SIESTA writes no cell into it, so a crystal's frame would pass for a cluster
         log.warning("%s is a SIESTA .ANI file, which holds no cell: predicting an isolated structure. For a "
                     "periodic run, predict from its fdf, .XV or .STRUCT_OUT (or `bench %s --fdf FDF`, which puts "
                     "each frame into the fdf's cell)", path, path.name)
-    if len(frames) > 1:  # ASE's default; say so, since one DM per file is written
-        log.warning("%s holds %d structures; predicting the last one. For every frame, split the file, or run "
-                    "`siesta-dmguess bench TRAJ --fdf FDF` or the ASE calculator along it", path, len(frames))
     return structure_from_atoms(atoms, source=str(path))
 
 

@@ -592,7 +592,7 @@ def test_predict_says_where_siesta_takes_its_atoms_from_a_saved_file(tmp_path, c
     assert abs(written.tocsr(0) - moved.tocsr(0)).max() < 1e-6 < abs(written.tocsr(0) - plain.tocsr(0)).max()
     sisl.get_sile(str(fdf.parent / "siesta.XV"), "w").write_geometry(geometry.sub([0, 1]))  # another structure's
     assert main(["predict", str(fdf.parent), "--model", "water"]) == 2
-    assert "siesta.XV: holds other atoms than the fdf (2 atoms), which SIESTA takes with MD.UseSaveXV T" in \
+    assert "siesta.XV: holds other atoms than the fdf (2 atoms, the fdf 3), which SIESTA takes with MD.UseSaveXV T" in \
         capsys.readouterr().err
 
 
@@ -639,3 +639,37 @@ def test_siestas_own_structure_files_are_read_by_their_names(tmp_path, caplog):
     st = read_structure(tmp_path / "siesta.ANI")
     assert np.allclose(st.atoms.positions, moved.positions) and not st.atoms.pbc.any()
     assert "holds no cell" in caplog.text and "siesta.ANI" in caplog.text
+
+
+def test_siestas_structure_file_in_its_run_folder_is_predicted_with_the_runs_settings(tmp_path, caplog):
+    """A `siesta.XV` beside the k-point fdf that wrote it was taken as a Γ-only structure file: refused, and the
+    run's converged siesta.DM moved aside. It is the run's atoms: predicted with the fdf's k-points and labels."""
+    import shutil
+
+    import sisl
+
+    from siesta_dmguess.predict import predict_density_matrix
+    from siesta_dmguess.structure import fdf_sile
+
+    from .conftest import dataset
+
+    si8 = dataset("si8")
+    shutil.copytree(si8 / "basis", tmp_path / "basis")
+    shutil.copytree(si8 / "0004", tmp_path / "run", ignore=shutil.ignore_patterns("*.HSX"))
+    fdf = tmp_path / "run" / "input.fdf"
+    geometry = fdf_sile(fdf).read_geometry()
+    geometry.xyz[0] += [0.03, -0.02, 0.01]
+    for name in ("siesta.XV", "siesta.STRUCT_OUT"):
+        sisl.get_sile(str(tmp_path / "run" / name), "w").write_geometry(geometry)
+        structure = read_structure(tmp_path / "run" / name)
+        assert structure.fdf_settings.get("kgrid") == read_structure(fdf).fdf_settings["kgrid"], name
+        assert np.allclose(structure.atoms.positions, geometry.xyz, atol=1e-6), name
+        pred = predict_density_matrix(tmp_path / "run" / name, "silicon")
+        assert pred.refusal_reason == "" and pred.density_matrix.geometry.nsc.prod() > 1  # images kept: k-points
+    # A file of another label, or of other atoms, is a structure file on its own (with a warning for the latter)
+    sisl.get_sile(str(tmp_path / "run" / "other.XV"), "w").write_geometry(geometry)
+    assert "kgrid" not in read_structure(tmp_path / "run" / "other.XV").fdf_settings
+    sisl.get_sile(str(tmp_path / "run" / "siesta.XV"), "w").write_geometry(geometry.sub(range(7)))
+    caplog.clear()
+    assert "kgrid" not in read_structure(tmp_path / "run" / "siesta.XV").fdf_settings
+    assert "holds other atoms than the fdf (7 atoms, the fdf 8) (input.fdf, beside it)" in caplog.text
