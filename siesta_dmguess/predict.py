@@ -488,10 +488,12 @@ def expected_electrons(structure: Structure, neutral: float) -> float:
     atoms' q0, e.g. ``layout.atomic.sum()``) minus the fdf's NetCharge. predict, evaluate and train's ΔH head all
     refine to this count."""
     net = structure.fdf_settings.get("NetCharge")
-    try:
-        return float(neutral) - float(str(net).split()[0]) if net is not None else float(neutral)
-    except ValueError:
+    if net is None:
         return float(neutral)
+    try:
+        return float(neutral) - float(str(net).split()[0].lower().replace("d", "e"))
+    except (ValueError, IndexError):  # SIESTA stops on it too: the DM's electron count would be a guess
+        raise InputFileError(f"NetCharge {net!r} is not a number", structure.source or None) from None
 
 
 def predict_to_file(structure, out: str | Path, model=AUTO_MODEL, overwrite: bool = False, fold: bool | None = None,

@@ -94,8 +94,10 @@ def test_existing_dm_is_kept_as_backup(tmp_path):
     second = write_density_matrix(dm, target)
     assert second != backup and second.exists()  # a second backup never clobbers the first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["siesta.DM", "siesta.DM.bak", "siesta.DM.bak1"]
+    third = write_density_matrix(dm, target)
+    assert third not in (backup, second) and backup.read_bytes() == b"previous run's DM"  # nor the second
     write_density_matrix(dm, target, overwrite=True)
-    assert len(list(tmp_path.iterdir())) == 3  # overwrite: no new backup, no temporary left behind
+    assert len(list(tmp_path.iterdir())) == 4  # overwrite: no new backup, no temporary left behind
 
 
 def test_a_written_dm_gets_the_permissions_of_a_plain_write(tmp_path):
@@ -190,6 +192,7 @@ def _with_column(columns, row, k, value):
 @pytest.mark.parametrize("edit, problem", [
     # column 0 (Fortran counts from 1) or one twice: sisl added the element's value onto another one
     (lambda h, n, c, v: (h, n, _with_column(c, 2, 1, 0), v), "row 3 has a column outside"),
+    (lambda h, n, c, v: (h, n, _with_column(c, 2, 1, 23 + 1), v), r"row 3 has a column outside 1\.\.23 "),  # nsc 1
     (lambda h, n, c, v: (h, n, _with_column(c, 2, 1, int(np.frombuffer(c[2], "<i4")[0])), v), "the same column twice"),
     # two spin components: the first was taken without a word
     (lambda h, n, c, v: (h[:4] + np.int32(2).tobytes() + h[8:], n, c, v + v), "holds 2 spin components"),

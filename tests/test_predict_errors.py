@@ -793,3 +793,16 @@ def test_auto_loads_the_chosen_shipped_model_once_per_process(monkeypatch):
     for _ in range(2):
         predict.predict_density_matrix(dataset("h2o") / "0004" / "input.fdf")
     assert len(loads) <= 1  # none where an earlier test of this process loaded it
+
+
+def test_a_net_charge_that_is_no_number_is_an_error_naming_the_fdf(tmp_path, shipped):
+    """`NetCharge one` was read as a neutral run, without a word: the DM's electron count would be a guess."""
+    fdf = tmp_path / "water.fdf"
+    for value, electrons in (("1.0", 7.0), ("-1.d0", 9.0)):
+        fdf.write_text(f"NetCharge {value}\n" + WATER_FDF)
+        pred = predict_density_matrix(fdf, shipped("water"), refine="charge")
+        written = float(np.dot(pred.values, pred.overlap))  # Tr(D S) of the DM written: a molecule, no images
+        assert pred.electrons_expected == pytest.approx(electrons) and written == pytest.approx(electrons, abs=1e-6), value
+    fdf.write_text("NetCharge one\n" + WATER_FDF)
+    with pytest.raises(InputFileError, match=r"water.fdf: NetCharge 'one' is not a number"):
+        predict_density_matrix(fdf, shipped("water"))
