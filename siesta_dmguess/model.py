@@ -559,8 +559,9 @@ def onsite_reference(samples, species: list[str], basis: dict[str, SpeciesBasis]
             for y, sy in enumerate(b.shells):
                 if sx.l == sy.l:
                     blk = mean[starts[x]:starts[x + 1], starts[y]:starts[y + 1]]
-                    sign = np.diag(np.where(np.arange(-sx.l, sx.l + 1) % 2 == 0, 1.0, -1.0))
-                    c = np.trace(sign @ blk @ sign) / sx.size  # invariant part, in e3nn's basis
+                    # The rotation-invariant part: the trace, the same in SIESTA's basis as in e3nn's (the two
+                    # differ by an orthogonal change of basis, conventions.convert_blocks).
+                    c = np.trace(blk) / sx.size
                     ref[starts[x]:starts[x + 1], starts[y]:starts[y + 1]] = c * np.eye(sx.size)
         out[label] = ref.reshape(-1).tolist()
     return out

@@ -74,13 +74,13 @@ def blocks(model, atoms, correction=False):
     return out, sample
 
 
-def wigner_siesta(label, rot):
+def wigner_siesta(label, rot, basis=None):
     """Block-diagonal rotation of one atom's orbitals, in SIESTA's basis (handles improper rotations)."""
     det = np.linalg.det(rot)
     proper = rot * det  # the proper part; inversion acts as (-1)^l
     re3 = torch.tensor(rotation_to_e3nn(proper))
     mats = []
-    for s in water_basis()[label].shells:
+    for s in (basis or water_basis())[label].shells:
         d = o3.Irrep(s.l, (-1) ** s.l).D_from_matrix(re3).numpy() * (det ** s.l)
         mats.append(convert_blocks(d, shell_signs(s.l), shell_signs(s.l)))
     return block_diag(*mats)
@@ -309,3 +309,24 @@ def test_inference_in_chunks_of_edges_gives_the_same_dm(model):
             module.edge_chunk = chunk[id(module)]
     assert whole.keys() == chunked.keys()
     assert max(np.abs(whole[k] - chunked[k]).max() for k in whole) < 1e-12
+
+
+def test_the_fitted_onsite_reference_is_invariant_under_rotation():
+    """The on-site blocks a trained model starts from (the mean of the training DMs' invariant parts) rotate into
+    themselves: a mean block kept whole would tie every prediction to the training structures' orientation.
+    The random-weight models above have no such reference; every trained and shipped model has one."""
+    from siesta_dmguess.data import load_samples, run_basis
+    from siesta_dmguess.model import onsite_reference
+
+    from .conftest import dataset
+
+    path = dataset("h2o")
+    basis = run_basis(path / "0000", {"H", "O"})
+    samples = load_samples([path], ["H", "O"], basis, 4.0, split="train")[:6]
+    reference = onsite_reference(samples, ["H", "O"], basis)
+    rot = Rotation.random(random_state=11).as_matrix()
+    for label, values in reference.items():
+        block = np.asarray(values).reshape(basis[label].norb, basis[label].norb)
+        w = wigner_siesta(label, rot, basis)
+        assert np.abs(w @ block @ w.T - block).max() < 1e-12, label
+        assert np.abs(block).max() > 0.1  # a real reference, not zeros
