@@ -475,12 +475,13 @@ def _sampling_reason(sample, loaded: LoadedModel) -> str:
 
     if loaded.card.get("training", {}).get("aliased_sampling", True) or not is_aliased(sample):
         return ""
-    return (f"the run samples the crystal with a period of {sampling_period(sample):.2f} Å (its k-grid's supercell), "
-            f"shorter than the {dm_range(sample):.2f} Å its DM reaches, and model {loaded.path.name} was trained only "
-            f"on runs sampled more finely, whose DMs do not sum a pair over its images; there even the crystal's "
-            f"converged DM starts SIESTA no closer than its atomic guess (more k-points, or a larger cell, fix it)"
-            + ("" if "k_supercell_length" in sample.structure.fdf_settings else
-               "; without an fdf the run is taken as Γ-only: for a k-point run, predict with --fold no"))
+    sampling = (f"a sampling period of {sampling_period(sample):.2f} Å, shorter than the {dm_range(sample):.2f} Å its DM "
+                f"reaches, which model {loaded.path.name} never trained on: there even the crystal's converged DM "
+                f"starts SIESTA no closer than its atomic guess")
+    if "k_supercell_length" not in sample.structure.fdf_settings:  # a structure file: its k-points are unknown
+        return (f"a structure file has no k-points, so the run is taken as Γ-only ({sampling}); for a k-point run, "
+                f"predict with --fold no (or from the run's fdf)")
+    return f"the run's k-grid gives the crystal {sampling} (more k-points, or a larger cell, fix it)"
 
 
 def expected_electrons(structure: Structure, neutral: float) -> float:

@@ -551,10 +551,20 @@ def test_a_run_sampled_more_coarsely_than_the_models_training_runs_gets_no_dm(tm
     gamma.write_text(_diamond_fdf(""))
     k2.write_text(_diamond_fdf("%block kgrid_Monkhorst_Pack\n 2 0 0 0.0\n 0 2 0 0.0\n 0 0 2 0.0\n"
                                "%endblock kgrid_Monkhorst_Pack\n"))
-    with pytest.raises(UnreliablePredictionError, match=r"gamma.fdf: the run samples the crystal with a period of "
-                                                        r"5\.4\d .*more k-points, or a larger cell") as err:
+    with pytest.raises(UnreliablePredictionError, match=r"gamma.fdf: the run's k-grid gives the crystal a sampling "
+                                                        r"period of 5\.4\d .*more k-points, or a larger cell") as err:
         predict_to_file(gamma, tmp_path / "gamma.DM", model=shipped("silicon"))
     assert err.value.prediction.sampling_reason and not (tmp_path / "gamma.DM").exists()
+    # A structure file has no k-points: the error leads with that, and with what helps (--fold no)
+    import ase.io
+
+    from siesta_dmguess.structure import read_structure
+
+    ase.io.write(tmp_path / "si.cif", read_structure(gamma).atoms)
+    with pytest.raises(UnreliablePredictionError, match=r"si.cif: a structure file has no k-points, so the run is "
+                                                        r"taken as Γ-only .*; for a k-point run, predict with --fold no"):
+        predict_to_file(tmp_path / "si.cif", tmp_path / "si.DM", model=shipped("silicon"))
+    assert predict_to_file(tmp_path / "si.cif", tmp_path / "si.DM", model=shipped("silicon"), fold=False)
     assert predict_to_file(gamma, tmp_path / "gamma.DM", model=shipped("silicon"), force=True).folded
     assert not predict_to_file(k2, tmp_path / "k2.DM", model=shipped("silicon")).sampling_reason
 
