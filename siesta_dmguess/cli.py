@@ -71,12 +71,12 @@ class ModelsByName:
 
         self.announce, self.models = announce, AutoModels(warm=announce, optimize=optimize)
 
-    def for_structure(self, structure: str, write=print):
+    def for_structure(self, structure, write=print):
+        """The model for ``structure`` (a :class:`~siesta_dmguess.structure.Structure`)."""
         from .card import STARTUP
-        from .structure import read_structure
 
         known = len(self.models.loaded)
-        model = self.models.for_structure(read_structure(structure))
+        model = self.models.for_structure(structure)
         if self.announce and len(self.models.loaded) > known:
             write(f"model {model.path.name} ready in {self.models.startup_s[model.path.name]:.1f} s ({STARTUP})")
         return model
@@ -120,7 +120,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
 
     from .predict import predict_to_file
     from .siesta.templates import dm_read_note, enable_dm_read, saved_geometry_note
-    from .structure import read_run_structure, resolve_fdf, siesta_dm_init_path
+    from .structure import read_run_structure, read_structure, resolve_fdf, siesta_dm_init_path
 
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
     write = tqdm.write if many else print  # beside the progress bar of a batch
@@ -129,12 +129,14 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
     for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1):
         try:  # the default output reads the structure's fdf (its SystemLabel): a bad one is this structure's error
             out = Path(args.output) if args.output else default_dm_path(structure)
-            use = model.for_structure(structure, write) if isinstance(model, ModelsByName) else model
             source = resolve_fdf(structure)
-            is_fdf = source.suffix.lower() == ".fdf" and source.is_file()  # (a missing one: predict names it)
+            is_fdf = source.suffix.lower() == ".fdf" and source.is_file()  # (a missing one: read_structure names it)
             geometry_note = saved_geometry_note(source) if is_fdf else None  # SIESTA takes a .XV's atoms
-            pred = predict_to_file(read_run_structure(source) if geometry_note else structure, out, model=use,
-                                   overwrite=args.overwrite, fold=fold, force=args.force, refine=args.refine)
+            # read once: choosing the model and predicting both use it (its warnings said once)
+            read = read_run_structure(source) if geometry_note else read_structure(source)
+            use = model.for_structure(read, write) if isinstance(model, ModelsByName) else model
+            pred = predict_to_file(read, out, model=use, overwrite=args.overwrite, fold=fold, force=args.force,
+                                   refine=args.refine)
             _report_prediction(out, pred, write=write)
             if args.charges:
                 _report_charges(pred, write=write)

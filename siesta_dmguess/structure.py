@@ -704,7 +704,7 @@ def read_structure(path: str | Path) -> Structure:
     molecule in SIESTA's automatic cell, which no orbital crosses (:func:`_read_fdf_geometry`).
     """
     path = resolve_fdf(path)
-    if not path.is_file():
+    if not frame_selection(path)[0].is_file():
         raise InputFileError("structure file not found", path)
     if _is_fdf(path):
         check_fdf_inputs(path)
@@ -737,8 +737,9 @@ def read_structure(path: str | Path) -> Structure:
     frames = read_frames(path)
     atoms = frames[-1]
     if len(frames) > 1:  # ASE's default; say so, since one DM per file is written
-        log.warning("%s holds %d structures; predicting the last one. For every frame, split the file, or run "
-                    "`siesta-dmguess bench TRAJ --fdf FDF` or the ASE calculator along it", path, len(frames))
+        log.warning("%s holds %d structures; predicting the last one. For another, name it as %s@INDEX (%s@0 is "
+                    "the first); along all of them, run `siesta-dmguess bench TRAJ --fdf FDF` or the ASE calculator",
+                    path, len(frames), path.name, path.name)
     run_fdf = _run_fdf_of(path)
     if run_fdf is not None:  # SIESTA's own file in its run folder: the run's settings (k-points, basis) apply
         structure = read_structure(run_fdf)
@@ -760,12 +761,22 @@ def read_structure(path: str | Path) -> Structure:
 SIESTA_FILE_FORMATS = {".STRUCT_IN": "struct_out", ".STRUCT_NEXT_ITER": "struct_out", ".ANI": "xyz"}
 
 
+def frame_selection(path: str | Path) -> tuple[Path, str]:
+    """(file, index) of ASE's ``FILE@INDEX`` (``md.traj@-1``, ``md.traj@0:10``: frames of a trajectory, as
+    ``ase.io.read`` takes them), or (path, ":") for a plain path (and for an existing file whose name has an @)."""
+    path = Path(path)
+    base, at, index = str(path).rpartition("@")
+    if at and not path.exists() and Path(base).is_file():
+        return Path(base), index
+    return path, ":"
+
+
 def read_frames(path: str | Path) -> list[Atoms]:
     """Every frame of a file ASE reads (a structure or a trajectory), or an :class:`InputFileError` naming the
     file and the problem: missing, a folder, unreadable, or without atoms."""
     import ase.io
 
-    path = Path(path)
+    path, index = frame_selection(path)
     if not path.exists():
         raise InputFileError("file not found", path)
     if path.is_dir():
@@ -778,6 +789,18 @@ def read_frames(path: str | Path) -> list[Atoms]:
         raise InputFileError(f"ASE cannot read this structure: unknown chemical symbol {exc}", path) from exc
     except Exception as exc:
         raise InputFileError(f"ASE cannot read this structure ({type(exc).__name__}: {exc})", path) from exc
+    if index != ":":  # FILE@INDEX, chosen here so that a wrong index is said as such
+        from ase.io.formats import string2index
+
+        count = len(frames)
+        try:
+            chosen = string2index(index)
+            frames = frames[chosen] if isinstance(chosen, slice) else [frames[chosen]]
+            if not frames:
+                raise IndexError(index)
+        except (ValueError, IndexError, TypeError):
+            raise InputFileError(f"@{index} is no frame of its {count} (FILE@INDEX takes a frame, e.g. @0 or "
+                                 f"@-1, or a slice, e.g. @0:10)", path) from None
     if not frames or any(len(atoms) == 0 for atoms in frames):
         raise InputFileError("the file holds no atoms" if len(frames) <= 1 else "a frame of the file holds no atoms",
                              path)

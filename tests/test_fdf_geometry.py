@@ -673,3 +673,30 @@ def test_siestas_structure_file_in_its_run_folder_is_predicted_with_the_runs_set
     caplog.clear()
     assert "kgrid" not in read_structure(tmp_path / "run" / "siesta.XV").fdf_settings
     assert "holds other atoms than the fdf (7 atoms, the fdf 8) (input.fdf, beside it)" in caplog.text
+
+
+def test_a_frame_of_a_trajectory_is_chosen_as_ase_does_with_file_at_index(tmp_path, caplog):
+    """`predict md.traj@0` was "file not found": only the last frame of a trajectory could be predicted, and the
+    warning about it was said twice with --model auto."""
+    import ase.io
+
+    from siesta_dmguess.structure import read_frames
+
+    frames = []
+    for k in range(3):
+        atoms = Atoms("OH2", positions=[[1.0, 1.0, 1.0], [1.96 + 0.01 * k, 1.0, 1.0], [0.76, 1.93, 1.0]])
+        frames.append(atoms)
+    ase.io.write(tmp_path / "md.traj", frames)
+    traj = tmp_path / "md.traj"
+    for index, expected in (("0", [0]), ("-1", [2]), ("1:", [1, 2]), ("::2", [0, 2])):
+        got = read_frames(f"{traj}@{index}")
+        assert [round((f.positions[1, 0] - 1.96) / 0.01) for f in got] == expected, index
+    assert np.allclose(read_structure(f"{traj}@1").atoms.positions, frames[1].positions)
+    for index in ("7", "x", "5:9"):
+        with pytest.raises(InputFileError, match=rf"md.traj: @{index} is no frame of its 3"):
+            read_frames(f"{traj}@{index}")
+    caplog.clear()
+    from siesta_dmguess.cli import main
+
+    assert main(["predict", str(traj), "-o", str(tmp_path / "x.DM")]) == 0  # --model auto
+    assert caplog.text.count("holds 3 structures; predicting the last one") == 1
