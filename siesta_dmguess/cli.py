@@ -373,7 +373,7 @@ class PrintVersion(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siesta-dmguess", description=DESCRIPTION)
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug information")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument("--version", action=PrintVersion,
                    help=f"print the version of siesta-dmguess and of {', '.join(STACK)}, and exit")
     sub = p.add_subparsers(dest="command", required=True)
@@ -453,7 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
 
     add_bench_parser(sub)
+    for command in {id(parser): parser for parser in sub.choices.values()}.values():  # also after the command
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return p
+
+
+VERBOSE_HELP = "log this package's debug information (not that of sisl, torch and the like)"
 
 
 def _refuse_duplicate_processes(command: str) -> None:
@@ -482,7 +487,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command as given, which train records in the model card
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.verbose:  # ours only: sisl's DEBUG lines buried them (630 lines for one molecule)
+        logging.getLogger(__package__).setLevel(logging.DEBUG)
     try:
         _refuse_duplicate_processes(args.command)
         from .predict import torch_threads

@@ -28,3 +28,21 @@ def test_python_dash_m_runs_the_same_command():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.startswith("siesta-dmguess: error: no-such-file.xyz") and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("argv", [["-v", "models"], ["models", "-v"], ["models"]])
+def test_verbose_before_or_after_the_command_logs_this_package_only(argv, capsys):
+    """`predict -v` was refused (the option was the top level's only), and `-v` set the root logger to DEBUG:
+    sisl's own debug lines, hundreds per structure, buried the package's."""
+    import logging
+
+    package, root = logging.getLogger("siesta_dmguess"), logging.getLogger()
+    before = package.level, root.level
+    try:
+        assert main(argv) == 0
+        assert (package.level == logging.DEBUG) == ("-v" in argv)
+        assert not logging.getLogger("sisl").isEnabledFor(logging.DEBUG)
+    finally:
+        package.setLevel(before[0])
+        root.setLevel(before[1])
+    assert "water" in capsys.readouterr().out
