@@ -275,10 +275,7 @@ def _cmd_models(args) -> int:
         print("no shipped models found")
     for name in names:
         card = read_card(name)
-        xc = card.get("xc", {})
-        settings = ", ".join(f"{k} {v}" for k, v in card.get("siesta_settings", {}).items())
-        print(f"{name}: {', '.join(card.get('species', []))}; XC {xc.get('XC.functional', '?')} "
-              f"({xc.get('XC.authors', '?')}); {settings}")
+        print(f"{name}: {', '.join(card.get('species', []))}; {model_settings_summary(card)}")
         print(f"  validation DM MAE: {validation_mae_summary(card)}")
         print(f"  SCF iterations, atomic -> ML guess: {scf_saving_summary(card)}")
         for entry in card.get("basis", {}).values():
@@ -288,6 +285,22 @@ def _cmd_models(args) -> int:
               "unless the structure is far more novel to it than to another covering model, or its prediction "
               "from it would be refused where another's would not")
     return 0
+
+
+def model_settings_summary(card: dict) -> str:
+    """The settings a run must share with the model (those the guard compares: XC, basis size, energy shift, any
+    other basis option; SIESTA's default where the card records none), and the mesh it was trained at, which the
+    guard leaves free."""
+    from .guard import SIESTA_DEFAULTS
+
+    xc = card.get("xc", {})
+    recorded = card.get("siesta_settings", {})
+    shared = [f"XC {xc.get('XC.functional', '?')} ({xc.get('XC.authors', '?')})"]
+    for key in ("PAO.BasisSize", "PAO.EnergyShift"):
+        shared.append(f"{key} {recorded[key]}" if key in recorded else f"{key} {SIESTA_DEFAULTS[key]} (default)")
+    shared += [f"{key} {value}" for key, value in card.get("basis_options", {}).items()]
+    mesh = f"; trained at MeshCutoff {recorded['MeshCutoff']} (not checked)" if "MeshCutoff" in recorded else ""
+    return f"runs must use {', '.join(shared)}{mesh}"
 
 
 def scf_saving_summary(card: dict) -> str:

@@ -93,6 +93,16 @@ def test_models_cli_lists_and_shows(capsys):
     # ... and the SCF iterations its card measured, per held-out set
     bench = load_model("water", verify=False).card["scf_benchmark"]["water8"]
     assert f"water8 {bench['scf_iterations_atomic']} -> {bench['scf_iterations_ml']}" in listing
+    # ... and the settings the guard compares (the energy shift, which it checks, was missing; the mesh, which it
+    # does not, was listed among them)
+    from siesta_dmguess.guard import setting_problems
+
+    line = next(row for row in listing.splitlines() if row.startswith("water:"))
+    must, _, free = line.partition("; trained at ")
+    assert "PAO.EnergyShift 0.02 Ry" in must and "MeshCutoff" not in must and "MeshCutoff 200 Ry (not checked)" in free
+    card = load_model("water", verify=False).card
+    assert setting_problems({"PAO.EnergyShift": "0.01 Ry"}, card) and not setting_problems({"MeshCutoff": "80 Ry"},
+                                                                                           card)
     assert main(["models", "show", "water"]) == 0
     card = capsys.readouterr().out
     assert "Model card" in card
