@@ -170,14 +170,15 @@ def _report_prediction(out: Path, pred, write=print) -> None:
 
 
 def _report_charges(pred, write=print) -> None:
-    """One line per atom: index, species label and Mulliken net charge of the written DM (S from the basis)."""
+    """One line per atom: its number (from 1), species label and Mulliken net charge of the written DM (S from the
+    basis)."""
     try:
         charges = pred.mulliken_charges()
     except ValueError as exc:  # a model without radial functions has no S to weigh D with
         write(f"no Mulliken charges: {exc}")
         return
-    write("Mulliken net charges (e, positive = electron-poor; S from the basis):")
-    for k, (label, q) in enumerate(zip(pred.structure.labels, charges)):
+    write("Mulliken net charges (e, positive = electron-poor; S from the basis; atoms counted from 1 as SIESTA does):")
+    for k, (label, q) in enumerate(zip(pred.structure.labels, charges), start=1):
         write(f"{k:>6} {label:<6} {q:+.4f}")
     write(f"{'sum':>6} {'':<6} {charges.sum():+.4f}")
 

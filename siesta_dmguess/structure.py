@@ -55,14 +55,15 @@ def closest_pair(atoms: Atoms, within: float) -> tuple[int, int, np.ndarray, flo
 
 def check_geometry(structure: Structure, minimum: float = MIN_ATOM_DISTANCE) -> None:
     """Error naming the first atom (or the cell) without finite coordinates, or the closest pair of atoms
-    (periodic images included) if any two are closer than ``minimum`` Å."""
+    (periodic images included) if any two are closer than ``minimum`` Å. Atoms are counted from 1 in every
+    message, as SIESTA and an fdf's rows count them."""
     # A NaN or inf coordinate (a failed conversion, a blown-up MD step) passes every distance test and would
     # only surface as a linear-algebra failure deep in the refinement.
     positions = structure.atoms.positions
     bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
     if bad.size:
         i = int(bad[0])
-        raise InputFileError(f"atom {i} ({structure.labels[i]}) has coordinates that are not finite numbers "
+        raise InputFileError(f"atom {i + 1} ({structure.labels[i]}) has coordinates that are not finite numbers "
                              f"({', '.join(str(x) for x in positions[i])}); {bad.size} atom(s) in all",
                              structure.source or None)
     if structure.atoms.pbc.any() and not np.isfinite(structure.atoms.cell.array).all():
@@ -74,7 +75,7 @@ def check_geometry(structure: Structure, minimum: float = MIN_ATOM_DISTANCE) -> 
         i, j, shift, d = pair
         labels = structure.labels
         image = "" if not shift.any() else f" (its image in cell {tuple(int(x) for x in shift)})"
-        raise InputFileError(f"atoms {i} ({labels[i]}) and {j} ({labels[j]}){image} are {d:.3f} Å apart, closer "
+        raise InputFileError(f"atoms {i + 1} ({labels[i]}) and {j + 1} ({labels[j]}){image} are {d:.3f} Å apart, closer "
                              f"than the {minimum} Å of any real bond: an atom listed twice, or coordinates in another "
                              f"unit?", structure.source or None)
 
@@ -816,7 +817,7 @@ def _warn_if_bohr_by_default(atoms: Atoms, path: Path, shortest: float = 0.7) ->
         i, j, _, d = pair
         log.warning("%s has no AtomicCoordinatesFormat, so SIESTA reads its coordinates in Bohr (its default), "
                     "and atoms %d and %d are then %.2f Å apart: if they are in Å, add "
-                    "'AtomicCoordinatesFormat Ang'", path, i, j, d)
+                    "'AtomicCoordinatesFormat Ang'", path, i + 1, j + 1, d)
 
 
 def _fdf_labels(fdf, geom) -> list[str]:
@@ -931,7 +932,7 @@ class FdfFrames:
             t, i, d = jump
             log.warning("%s: atom %d moves %.2f Å from frame %d to %d; the history guesses (reuse, extrapolation, "
                         "ml+residual) follow each atom from frame to frame, and start far off where frames hold the "
-                        "atoms in another order or lie this far apart", source or "trajectory", i, d, t - 1, t)
+                        "atoms in another order or lie this far apart", source or "trajectory", i + 1, d, t - 1, t)
 
     def structure(self, atoms: Atoms) -> Structure:
         structure = structure_as_siesta_runs(atoms, self.labels(atoms))

@@ -542,7 +542,7 @@ def test_a_trajectory_whose_atoms_jump_is_said_before_it_runs(tmp_path, caplog):
     frames[2].positions[[1, 2]] = frames[2].positions[[2, 1]]
     with caplog.at_level("WARNING"):
         FdfFrames(fdf).check_trajectory(frames, "md.traj")
-    assert "md.traj: atom 1 moves 1.5" in caplog.text and "from frame 1 to 2" in caplog.text
+    assert "md.traj: atom 2 moves 1.5" in caplog.text and "from frame 1 to 2" in caplog.text
 
 
 def test_frames_without_a_cell_run_in_the_fdfs_lattice(tmp_path, caplog):

@@ -676,13 +676,13 @@ def test_atoms_on_one_site_are_a_clear_error_not_a_dm(model_dir, tmp_path, capsy
     out = tmp_path / "doubled.DM"
     assert main(["predict", str(doubled), "--model", str(model_dir), "-o", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "doubled.xyz" in err and "atoms 1 (H) and 3 (H)" in err and "0.000 Å apart" in err
+    assert "doubled.xyz" in err and "atoms 2 (H) and 4 (H)" in err and "0.000 Å apart" in err
     assert not out.exists()
     # Through a periodic boundary: an H 0.2 Å from the O's image in the next cell.
     crossing = Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [2.8, 0, 0]], cell=[3.0, 8.0, 8.0], pbc=True)
     from siesta_dmguess.structure import structure_from_atoms
 
-    with pytest.raises(InputFileError, match=r"atoms 0 \(O\) and 2 \(H\) \(its image in cell \(-1, 0, 0\)\) are 0.200 Å"):
+    with pytest.raises(InputFileError, match=r"atoms 1 \(O\) and 3 \(H\) \(its image in cell \(-1, 0, 0\)\) are 0.200 Å"):
         predict_density_matrix(structure_from_atoms(crossing), model=model_dir)
     # 0.6 Å is short but not on one site: predicted.
     close = Atoms("OHH", positions=[[0, 0, 0], [0.6, 0, 0], [-0.3, 0.9, 0]])
@@ -701,7 +701,7 @@ def test_coordinates_that_are_not_numbers_are_a_clear_error(model_dir, tmp_path,
     for model in (str(model_dir), "auto"):
         assert main(["predict", str(bad), "--model", model, "-o", str(tmp_path / "nan.DM")]) == 2
         err = capsys.readouterr().err
-        assert "nan.xyz" in err and "atom 1 (H) has coordinates that are not finite" in err and "Traceback" not in err
+        assert "nan.xyz" in err and "atom 2 (H) has coordinates that are not finite" in err and "Traceback" not in err
     assert not (tmp_path / "nan.DM").exists()
     box = Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [0, 0.96, 0]], cell=[[8, 0, 0], [0, 8, 0], [0, 0, np.inf]],
                 pbc=True)

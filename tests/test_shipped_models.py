@@ -280,7 +280,7 @@ def test_predict_prints_mulliken_charges(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in lines[lines.index(next(x for x in lines if x.startswith("Mulliken"))) + 1:]]
     printed = np.array([float(r[2]) for r in rows if r[0].isdigit()])
-    assert [r[1] for r in rows if r[0].isdigit()] == ["O", "H", "H"]
+    assert [(r[0], r[1]) for r in rows if r[0].isdigit()] == [("1", "O"), ("2", "H"), ("3", "H")]  # as SIESTA counts
     assert np.allclose(printed, siesta_mulliken_charges(folder), atol=2e-4)  # printed to 4 decimals
 
 
