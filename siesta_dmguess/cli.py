@@ -49,12 +49,16 @@ DESCRIPTION = "Learn, predict and benchmark SIESTA density matrices (units and c
 def default_dm_path(structure: str | Path) -> Path:
     """Where ``predict`` writes without ``-o``: for an fdf, the ``<SystemLabel>.DM`` next to it (the file SIESTA
     reads with ``DM.UseSaveDM T``; where the fdf names another in ``File.DM.Init``, a note says so rather than write
-    into another run's folder); for any other structure file, the same name with suffix ``.DM``."""
-    from .structure import resolve_fdf, siesta_dm_path
+    into another run's folder); for any other structure file, the same name with suffix ``.DM`` (a frame
+    ``md.traj@3``: ``md@3.DM``)."""
+    from .structure import frame_selection, resolve_fdf, siesta_dm_path
 
     structure = resolve_fdf(structure)
     if structure.suffix.lower() == ".fdf" and structure.is_file():
         return siesta_dm_path(structure)
+    file, index = frame_selection(structure)
+    if index != ":":  # one frame of a trajectory (md.traj@3): its own file, md@3.DM
+        return file.with_name(f"{file.stem}@{index}.DM")
     return structure.with_suffix(".DM")
 
 
@@ -126,7 +130,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
     write = tqdm.write if many else print  # beside the progress bar of a batch
     failed = 0
     # One bar, for a single process: under MPI the ranks' lines would cut it.
-    for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1):
+    for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1 or args.quiet):
         try:  # the default output reads the structure's fdf (its SystemLabel): a bad one is this structure's error
             out = Path(args.output) if args.output else default_dm_path(structure)
             source = resolve_fdf(structure)
@@ -150,7 +154,8 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
             elif note:
                 write(f"note: {note}")
         except DMGuessError as exc:  # the other structures of a batch still get their DMs
-            print(f"siesta-dmguess: error: {exc}", file=sys.stderr)
+            # on a line of its own: the progress bar shares stderr
+            (tqdm.write if many else print)(f"siesta-dmguess: error: {exc}", file=sys.stderr)
             failed += 1
     return failed
 
@@ -443,18 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "clear occupied space)")
     r.add_argument("--charges", action="store_true",
                    help="also print each atom's Mulliken net charge (e, positive = electron-poor) in the written DM")
+    r.add_argument("--quiet", action="store_true", help="no progress bar over several structures")
     add_refine_argument(r)
     add_threads_argument(r)
     r.set_defaults(func=_cmd_predict)
 
     e = sub.add_parser("evaluate", help="DM errors of a model on held-out SIESTA runs")
     e.add_argument("model", help="shipped model name or model folder")
-    e.add_argument("data_dirs", nargs="+")
+    e.add_argument("data_dirs", nargs="+", help="dataset folders of converged runs (fdf + .DM; .HSX for the "
+                                                 "density-operator and band-energy errors)")
     e.add_argument("--split", default="auto", help="split to evaluate: val, train, all, or auto (default): val "
                    "where the folder's index.json (or the runs' run.json) records a val split, else all runs")
     e.add_argument("--json", help="write all metrics to this JSON file")
     e.add_argument("--plot", help="write a PNG: MAE per structure vs the atomic guess, and MAE vs novelty score")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     add_refine_argument(e)
     add_threads_argument(e)
     e.set_defaults(func=_cmd_evaluate)

@@ -700,3 +700,24 @@ def test_a_frame_of_a_trajectory_is_chosen_as_ase_does_with_file_at_index(tmp_pa
 
     assert main(["predict", str(traj), "-o", str(tmp_path / "x.DM")]) == 0  # --model auto
     assert caplog.text.count("holds 3 structures; predicting the last one") == 1
+
+
+def test_a_batch_of_frames_writes_one_dm_each_and_says_errors_on_their_own_lines(tmp_path, capsys):
+    """`predict md.traj@0 md.traj@-1` wrote both to md.DM (the second backing up the first); an error of a batch
+    was printed into the progress bar's line; --quiet turns the bar off, as for train, evaluate and bench."""
+    import ase.io
+
+    from siesta_dmguess.cli import main
+
+    water = Atoms("OH2", positions=[[1.0, 1.0, 1.0], [1.96, 1.0, 1.0], [0.76, 1.93, 1.0]])
+    moved = water.copy()
+    moved.positions[1, 0] += 0.02
+    ase.io.write(tmp_path / "md.traj", [water, moved])
+    traj = tmp_path / "md.traj"
+    assert main(["predict", f"{traj}@0", str(tmp_path / "none.xyz"), f"{traj}@-1"]) == 2
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("*.DM*")) == ["md@-1.DM", "md@0.DM"]
+    assert any(line.startswith("siesta-dmguess: error: ") and "none.xyz" in line for line in err.splitlines())
+    assert "predict:" in err  # the bar
+    assert main(["predict", f"{traj}@0", f"{traj}@1", "--quiet", "--overwrite"]) == 0
+    assert "predict:" not in capsys.readouterr().err
