@@ -57,6 +57,9 @@ def list_shipped_models() -> list[str]:
 
 def resolve_model(name_or_path: str | Path) -> Path:
     """A model folder from a path or the name of a shipped model."""
+    if not str(name_or_path).strip():  # Path("") is ".", the current folder
+        raise ModelCompatibilityError(f"no model folder or shipped model named {str(name_or_path)!r} (shipped: "
+                                      f"{', '.join(list_shipped_models())})")
     p = Path(name_or_path)
     if (p / CONFIG).is_file():
         return p
@@ -66,9 +69,9 @@ def resolve_model(name_or_path: str | Path) -> Path:
     if p.is_dir():  # a folder, but not one `train` wrote (or one whose config.json is gone)
         raise ModelCompatibilityError(f"a folder without {CONFIG}, so not a model folder (`siesta-dmguess train` "
                                       f"writes {WEIGHTS}, {CONFIG} and {CARD}); shipped models: "
-                                      f"{list_shipped_models()}", p)
+                                      f"{', '.join(list_shipped_models())}", p)
     raise ModelCompatibilityError(f"no model folder or shipped model named {str(name_or_path)!r} "
-                                  f"(shipped: {list_shipped_models()})", p)
+                                  f"(shipped: {', '.join(list_shipped_models())})", p)
 
 
 @dataclass

@@ -117,7 +117,10 @@ def test_models_cli_errors_name_the_problem(capsys):
     assert main(["models", "water", "silicon"]) == 2
     assert "'list' or 'show NAME'" in capsys.readouterr().err
     assert main(["models", "nosuch"]) == 2
-    assert "no model folder or shipped model named 'nosuch'" in capsys.readouterr().err
+    assert "no model folder or shipped model named 'nosuch' (shipped: chno-molecules, silicon, water)" in \
+        capsys.readouterr().err  # listed as words, not as a Python list
+    assert main(["predict", "x.xyz", "--model", ""]) == 2  # an empty name was "." that is no model folder
+    assert "siesta-dmguess: error: no model folder or shipped model named ''" in capsys.readouterr().err
     assert main(["models", "list", "water"]) == 2  # the name used to be ignored
     assert "models list takes no name; to print the card of water: models show water" in capsys.readouterr().err
 

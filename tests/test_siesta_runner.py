@@ -161,6 +161,11 @@ def test_crash_is_a_clear_error(run_dir, tmp_path):
     with pytest.raises(SiestaError) as err:
         run_siesta(run_dir / "input.fdf", command=str(exe))
     assert "exit status 139" in str(err.value) and "water.out" in str(err.value)
+    assert "Segmentation fault" in str(err.value)  # its last lines
+    # A command that exits 0 and prints nothing: said as such (the message ended in "last lines:" and nothing)
+    with pytest.raises(SiestaError, match=r"SIESTA stopped before 'Job completed' \(exit status 0\) and printed "
+                                          r"nothing \(is the command SIESTA\?\)"):
+        run_siesta(run_dir / "input.fdf", command=str(fake_siesta(tmp_path, "")))
 
 
 def test_not_converged_is_an_error_unless_allowed(run_dir, tmp_path):

@@ -152,7 +152,9 @@ def run_siesta(fdf: str | Path, command: str | None = None, timeout: float | Non
     output = parse_output(out_file)
     tail = "\n".join(out_file.read_text(errors="replace").splitlines()[-8:] + (proc.stderr or "").splitlines()[-4:])
     if proc.returncode != 0 or not output.job_completed and not output.converged:
-        raise SiestaError(f"SIESTA failed (exit status {proc.returncode}); last lines:\n{tail}", out_file)
+        said = f"; last lines:\n{tail}" if tail.strip() else " and printed nothing (is the command SIESTA?)"
+        stopped = "failed" if proc.returncode != 0 else "stopped before 'Job completed'"
+        raise SiestaError(f"SIESTA {stopped} (exit status {proc.returncode}){said}", out_file)
     if not output.converged and not allow_unconverged:
         raise SiestaError(f"SCF did not converge after {output.scf_iterations} iterations", out_file)
     energy = output.total_energy_eV
