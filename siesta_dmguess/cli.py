@@ -91,8 +91,16 @@ def _cmd_predict(args) -> int:
     from .parallel import mpi_world
     from .predict import AUTO_MODEL, torch_threads
 
-    if args.output and len(args.structure) > 1:
-        raise DMGuessError("-o names one output file; with several structures each DM is written next to its input")
+    into = Path(args.output) if args.output and Path(args.output).is_dir() else None
+    if args.output and not into and len(args.structure) > 1:
+        raise DMGuessError("-o names one output file; with several structures, give a folder, or none to write each "
+                           "DM next to its input")
+    if into:  # two structures of a batch under one name would overwrite each other's DM (the first kept as backup)
+        names = [default_dm_path(structure).name for structure in args.structure]
+        clash = sorted({name for name in names if names.count(name) > 1})
+        if clash:
+            raise InputFileError(f"several structures would be written to {clash[0]} in it: predict them into "
+                                 f"separate folders, or next to their inputs (no -o)", into)
     world = mpi_world()  # under mpirun: this process's share of the structures (siesta_dmguess.parallel)
     structures = world.share(args.structure)
     # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
@@ -128,11 +136,13 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
 
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
     write = tqdm.write if many else print  # beside the progress bar of a batch
-    failed = 0
+    failed, told_how_siesta_reads = 0, False
     # One bar, for a single process: under MPI the ranks' lines would cut it.
     for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1 or args.quiet):
         try:  # the default output reads the structure's fdf (its SystemLabel): a bad one is this structure's error
             out = Path(args.output) if args.output else default_dm_path(structure)
+            if out.is_dir():  # -o FOLDER: each DM under its default name
+                out = out / default_dm_path(structure).name
             source = resolve_fdf(structure)
             is_fdf = source.suffix.lower() == ".fdf" and source.is_file()  # (a missing one: read_structure names it)
             geometry_note = saved_geometry_note(source) if is_fdf else None  # SIESTA takes a .XV's atoms
@@ -147,8 +157,13 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
             if geometry_note:
                 write(f"note: {geometry_note}")
             note = dm_read_note(source, out) if is_fdf else None
+            if not is_fdf and not told_how_siesta_reads:  # once per batch
+                told_how_siesta_reads = True
+                note = ("SIESTA reads <SystemLabel>.DM from the folder it runs in, with DM.UseSaveDM T, for atoms in "
+                        "this file's order: copy the DM there under that name (predicting from the run's fdf does "
+                        "this)")
             # the switch only where SIESTA looks for the DM: on with the DM elsewhere, it would read a stale one
-            if note and args.edit_fdf and out.resolve() == siesta_dm_init_path(source).resolve():
+            if note and args.edit_fdf and is_fdf and out.resolve() == siesta_dm_init_path(source).resolve():
                 backup = enable_dm_read(source)  # the note said the switch is off
                 write(f"{source}: put 'DM.UseSaveDM T' on its first line (original kept as {backup.name})")
             elif note:
@@ -434,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="predict the DM of a structure and write a SIESTA .DM")
     r.add_argument("structure", nargs="+", help="one or more fdf files, SIESTA run folders (their fdf) or files ASE reads (the model is loaded once)")
     add_model_argument(r)
-    r.add_argument("-o", "--output", help="the .DM to write (default: <SystemLabel>.DM next to an fdf, where "
-                                          "SIESTA reads it with DM.UseSaveDM T; else STRUCTURE with suffix .DM)")
+    r.add_argument("-o", "--output", help="the .DM to write, or an existing folder to write each DM into under its "
+                                          "default name (default: <SystemLabel>.DM next to an fdf, where SIESTA "
+                                          "reads it with DM.UseSaveDM T; else STRUCTURE with suffix .DM)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing .DM without a backup")
     r.add_argument("--edit-fdf", action="store_true",
                    help="for an fdf that would not make SIESTA read the DM: put 'DM.UseSaveDM T' on its first line "

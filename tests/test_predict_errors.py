@@ -345,6 +345,8 @@ def test_predict_cli_handles_several_structures_and_refuses_one_output_for_them(
     assert main(["predict", *paths, "--model", str(model_dir)]) == 0
     for path in paths:
         assert read_dm_orbital_count(path.replace(".xyz", ".DM")) == 23
+    # a structure file's DM is not where SIESTA looks: said once per batch
+    assert capsys.readouterr().out.count("note: SIESTA reads <SystemLabel>.DM from the folder it runs in") == 1
     assert main(["predict", *paths, "--model", str(model_dir), "-o", str(tmp_path / "one.DM")]) == 2
     assert "-o names one output file" in capsys.readouterr().err
 
@@ -480,11 +482,20 @@ def test_an_output_that_cannot_be_written_is_named_before_predicting(model_dir, 
     PermissionError (which also stopped a batch)."""
     import tempfile
 
-    (tmp_path / "folder.DM").mkdir()
-    monkeypatch.setattr("siesta_dmguess.predict.predict_density_matrix", lambda *a, **k: pytest.fail("predicted"))
-    assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(tmp_path / "folder.DM")]) == 2
-    assert "folder.DM: a folder is in the way" in capsys.readouterr().err
-    monkeypatch.undo()
+    (tmp_path / "folder.DM").mkdir()  # -o onto a folder writes into it, under the default name
+    assert main(["predict", str(xyz), "--model", str(model_dir), "-o", str(tmp_path / "folder.DM")]) == 0
+    assert read_dm_orbital_count(tmp_path / "folder.DM" / xyz.with_suffix(".DM").name) == 23
+    (tmp_path / "more").mkdir()
+    paths = water_files(tmp_path / "more", 2)
+    assert main(["predict", *paths, "--model", str(model_dir), "-o", str(tmp_path / "folder.DM")]) == 0
+    assert sorted(p.name for p in (tmp_path / "folder.DM").iterdir()) == sorted(
+        [xyz.with_suffix(".DM").name] + [Path(p).with_suffix(".DM").name for p in paths])
+    # ... but not two structures under one name
+    (tmp_path / "other").mkdir()
+    twin = tmp_path / "other" / Path(paths[0]).name
+    twin.write_text(Path(paths[0]).read_text())
+    assert main(["predict", paths[0], str(twin), "--model", str(model_dir), "-o", str(tmp_path / "folder.DM")]) == 2
+    assert "several structures would be written to" in capsys.readouterr().err
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
