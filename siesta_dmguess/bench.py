@@ -797,6 +797,9 @@ def _cmd_bench(args) -> int:
         if args.skip_incompatible:
             raise DMGuessError("--skip-incompatible applies to a dataset folder, not to a trajectory (--fdf): all "
                                "frames share one fdf, which the model covers or not")
+        if args.split != "auto":
+            raise DMGuessError("--split applies to a dataset folder, not to a trajectory (--fdf): every frame is run "
+                               "(--limit N runs the first N; TRAJ@START:STOP, as ASE names frames, others)")
         guesses = ",".join(GUESSES) if args.guesses is None else args.guesses  # "" is no guess, not all of them
         report = run_trajectory_benchmark(args.data_dir, args.fdf, args.model, args.out,
                                           tuple(g.strip() for g in guesses.split(",") if g.strip()),

@@ -534,6 +534,7 @@ def test_bench_rejects_a_repeat_on_a_trajectory(tmp_path, capsys):
 
 @pytest.mark.parametrize("options, named", [
     (["--fdf", "x.fdf", "--skip-incompatible"], "--skip-incompatible"),
+    (["--fdf", "x.fdf", "--split", "val"], "--split applies"),
     (["--depth", "2"], "--depth applies"), (["--guesses", "atomic,reuse"], "--guesses applies"),
     (["--depth", "3", "--guesses", "ml"], "--guesses and --depth apply")])
 def test_bench_refuses_options_of_the_other_kind_of_benchmark(tmp_path, capsys, options, named):
