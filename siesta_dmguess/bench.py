@@ -182,7 +182,7 @@ def measurement_identity(fdf_text: str, pseudo_dirs, loaded, siesta: list[str], 
     and the benchmark's ``settings``. A kept result is reused only where every one of them is the same
     (:func:`read_kept`)."""
     from .card import sha256_file
-    from .siesta.templates import PSEUDO_SUFFIXES
+    from .siesta.runner import PSEUDO_SUFFIXES
 
     pseudos = {p.name: sha256_file(p) for folder in map(Path, pseudo_dirs) for suffix in PSEUDO_SUFFIXES
                for p in sorted(folder.glob(f"*{suffix}"))}

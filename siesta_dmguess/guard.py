@@ -136,11 +136,13 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
                 problems.append(f"basis of {label!r} in {path.name} differs from the model's "
                                 f"{species_of[label]!r} ({b.describe()}, hash {b.hash} vs {model_basis.describe()}, "
                                 f"hash {model_basis.hash})")
+        from .siesta.runner import find_pseudopotential, pseudopotential_dirs
+
         digests = card.get("pseudopotentials", {})
-        for label in sorted(known):
-            psf = folder / f"{label}.psf"
+        for label in sorted(known):  # the file SIESTA would read: beside the fdf, else in Pseudo.Directory
+            psf = find_pseudopotential(label, pseudopotential_dirs(Path(structure.source)))
             digest = digests.get(species_of[label])
-            if digest and psf.is_file() and sha256_file(psf) != digest:
+            if digest and psf is not None and sha256_file(psf) != digest:
                 problems.append(f"pseudopotential {psf.name} differs from the one the model was trained with")
     problems += setting_problems(structure.fdf_settings, card)
     if problems and not force:

@@ -86,12 +86,14 @@ def dataset_basis(data_dirs, max_train: int = 0) -> dict:
 
 
 def _pseudopotential_checksums(data_dirs, species) -> dict:
+    from .siesta.runner import find_pseudopotential
+
     out = {}
     for d in data_dirs:
         for label in species:
-            for cand in (Path(d) / "basis" / f"{label}.psf", Path(d) / f"{label}.psf"):
-                if cand.is_file():
-                    out[label] = sha256_file(cand)
+            found = find_pseudopotential(label, [Path(d), Path(d) / "basis"], (".psf",))
+            if found is not None:
+                out[label] = sha256_file(found)
     return out
 
 

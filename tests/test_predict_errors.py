@@ -827,3 +827,22 @@ def test_a_net_charge_that_is_no_number_is_an_error_naming_the_fdf(tmp_path, shi
     fdf.write_text("NetCharge one\n" + WATER_FDF)
     with pytest.raises(InputFileError, match=r"water.fdf: NetCharge 'one' is not a number"):
         predict_density_matrix(fdf, shipped("water"))
+
+
+@pytest.mark.parametrize("where", ["beside", "Pseudo.Directory"])
+def test_a_pseudopotential_other_than_the_models_is_refused(tmp_path, shipped, where):
+    """The card's pseudopotential checksums guard the run's .psf where SIESTA reads it (beside the fdf, or in
+    Pseudo.Directory); no test exercised the check, which looked beside the fdf only."""
+    import shutil
+
+    fdf = tmp_path / "water.fdf"
+    folder = tmp_path if where == "beside" else tmp_path / "pseudos"
+    folder.mkdir(exist_ok=True)
+    fdf.write_text(WATER_FDF if where == "beside" else "Pseudo.Directory pseudos\n" + WATER_FDF)
+    for label in ("O", "H"):
+        shutil.copy(dataset("h2o") / "basis" / f"{label}.psf", folder / f"{label}.psf")
+    assert predict_density_matrix(fdf, shipped("water")).warnings == []  # the model's own pseudopotentials
+    (folder / "O.psf").write_text((folder / "O.psf").read_text().replace("\n", "\n ", 1))  # another file
+    with pytest.raises(ModelCompatibilityError, match="water.fdf: pseudopotential O.psf differs from the one the "
+                                                      "model was trained with"):
+        predict_density_matrix(fdf, shipped("water"))

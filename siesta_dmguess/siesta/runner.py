@@ -107,11 +107,26 @@ def species_labels(fdf: Path) -> list[str]:
     return [label for _, _, label in species_block(Path(fdf).read_text())]
 
 
+def pseudopotential_dirs(fdf: Path) -> list[Path]:
+    """Where a SIESTA run of ``fdf`` looks for its pseudopotentials: its folder, and ``Pseudo.Directory``."""
+    folder = Path(fdf).parent
+    pseudo_dir = fdf_value(fdf, "Pseudo.Directory")
+    return [folder] + ([folder / pseudo_dir] if pseudo_dir else [])
+
+
+PSEUDO_SUFFIXES = (".psf", ".psml")  # the pseudopotential files SIESTA reads for a species, in its order
+
+
+def find_pseudopotential(label: str, dirs, suffixes=PSEUDO_SUFFIXES) -> Path | None:
+    """The first ``<label><suffix>`` file in ``dirs`` (each folder tried with every suffix, in order), or None."""
+    return next((Path(d) / f"{label}{ext}" for d in dirs for ext in suffixes if (Path(d) / f"{label}{ext}").is_file()),
+                None)
+
+
 def check_pseudopotentials(fdf: Path) -> None:
     """Every species needs a .psf/.psml (or a ready .ion basis) next to the fdf or in Pseudo.Directory."""
     folder = Path(fdf).parent
-    pseudo_dir = fdf_value(fdf, "Pseudo.Directory")
-    dirs = [folder] + ([folder / pseudo_dir] if pseudo_dir else [])
+    dirs = pseudopotential_dirs(fdf)
     for label in species_labels(fdf):
         candidates = [d / f"{label}{ext}" for d in dirs for ext in (".psf", ".psml", ".ion", ".ion.xml", ".ion.nc")]
         if any(c.is_file() for c in candidates):

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from ..errors import InputFileError
 from ..structure import fdf_words, inlined_fdf_text, normalized_fdf_key, species_block, system_label
-from .runner import fdf_value, species_labels
+from .runner import PSEUDO_SUFFIXES, fdf_value, find_pseudopotential, species_labels
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
-PSEUDO_SUFFIXES = (".psf", ".psml")  # the pseudopotential files SIESTA reads for a species, in its order
 # The keys of a run's starting DM, which a template replaces (normalized: structure.normalized_fdf_key).
 DM_INIT_KEYS = {normalized_fdf_key(k) for k in ("DM.UseSaveDM", "DM.AllowExtrapolation", "DM.History.Depth",
                                                 "File.DM.Init", "DM.Init.File", "DM.FormattedFiles",
@@ -168,11 +167,10 @@ def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: st
     fdf.write_text(apply_dm_init(inlined_fdf_text(src_fdf), init))  # what it reads in, in its text: not copied
     label = system_label(fdf)
     for label_ in species_labels(fdf):
-        for d, ext in ((d, ext) for d in [src_fdf.parent, *map(Path, pseudo_dirs)] for ext in PSEUDO_SUFFIXES):
-            if (d / f"{label_}{ext}").is_file():
-                if (d / f"{label_}{ext}").resolve() != (workdir / f"{label_}{ext}").resolve():  # in place: kept
-                    shutil.copy(d / f"{label_}{ext}", workdir / f"{label_}{ext}")
-                break
+        found = find_pseudopotential(label_, [src_fdf.parent, *map(Path, pseudo_dirs)], PSEUDO_SUFFIXES)
+        if found is not None:
+            if found.resolve() != (workdir / found.name).resolve():  # in place: kept
+                shutil.copy(found, workdir / found.name)
         else:
             raise InputFileError(f"pseudopotential for species {label_!r} not found (looked next to the fdf and "
                                  f"in {[str(p) for p in pseudo_dirs]})", src_fdf.parent / f"{label_}.psf")
