@@ -216,7 +216,8 @@ def _record_of_folder(folder: Path) -> RunRecord:
 
 
 def run_basis(folder: Path, labels) -> dict[str, SpeciesBasis]:
-    """Basis of every species of a run: ``.ion.xml`` in the run folder, else in ``../basis``."""
+    """Basis of every species of a run: ``.ion.xml`` in the run folder, else in ``../basis`` (a dataset's shared
+    basis folder), else in ``<run>/basis``."""
     labels = sorted(set(labels))
     found = find_basis_files(folder, labels)
     for extra in (folder.parent / "basis", folder / "basis"):
@@ -225,8 +226,8 @@ def run_basis(folder: Path, labels) -> dict[str, SpeciesBasis]:
             found.update(find_basis_files(extra, rest))
     missing = [l for l in labels if l not in found]
     if missing:
-        raise InputFileError(f"no basis file for species {missing} (looked for {missing[0]}.ion.xml here and in "
-                             f"../basis)", folder)
+        raise InputFileError(f"no basis file for species {missing} (looked for {missing[0]}.ion.xml here, in "
+                             f"../basis and in basis/)", folder)
     return {l: read_species_basis(p) for l, p in found.items()}
 
 

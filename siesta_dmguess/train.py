@@ -1,9 +1,10 @@
 """Training: SIESTA run folders -> a model folder (weights, config, card).
 
-The loss is the mean squared error over the elements stored in each reference
-``.DM``, after folding the per-image prediction the way the reference is folded.
-Validation uses the datasets' own ``split`` (``index.json``); folders without one
-get a seeded random split. Training resumes from ``<out>/checkpoint.pt``.
+The loss compares the prediction with the elements stored in each reference ``.DM``, after folding the per-image
+prediction the way the reference is folded: their mean error to ``TrainOptions.loss_power`` (squared by default),
+or with ``density_loss`` the density-operator error; a residual stage (``add_stage``) fits what the frozen earlier
+networks leave over. Validation uses the datasets' own ``split`` (``index.json`` or each run's ``run.json``);
+folders without one get a seeded random split. Training resumes from ``<out>/checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ _POSITIVE = ("mp_cutoff", "num_layers", "num_radial", "radial_hidden", "avg_num_
 def _config_value_problem(key: str, value) -> str:
     """What is wrong with one ``--config`` value ("" if nothing), before a network is built from it (a negative
     cutoff ended in a bare ``math domain error``, a misspelt irreps string in e3nn's parser traceback)."""
-    from e3nn import o3
+    from .e3nn_modules import o3
 
     default = ModelConfig.__dataclass_fields__[key].default
     if isinstance(default, bool):

@@ -203,6 +203,9 @@ def test_templates_replace_dm_keys(run_dir, tmp_path):
     keys = [l.split()[0].lower() for l in text.splitlines() if l.strip() and not l.startswith("#")]
     assert keys.count("dm.usesavedm") == 1 and "DM.UseSaveDM T" in text
     assert "dm.use-save-dm" not in keys and "DM.UseSaveDM F" not in text
+    # keys that make SIESTA take its atoms from a saved file (not copied into the run): the runs use the fdf's
+    text = apply_dm_init(FDF + "MD.UseSaveXV T\nmd.use-struct-file T\n", "atomic")
+    assert "usesavexv" not in text.lower() and "struct" not in text.lower()
 
 
 def test_prepare_run_atomic_removes_stale_dm_and_ml_copies_it(run_dir, tmp_path):

@@ -137,7 +137,8 @@ def check_pseudopotentials(fdf: Path) -> None:
         if dangling:
             raise InputFileError(f"pseudopotential for species {label!r} not found: {dangling[0].name} links to "
                                  f"{os.readlink(dangling[0])}, which does not exist", dangling[0])
-        raise InputFileError(f"pseudopotential {label}.psf for species {label!r} not found next to the fdf",
+        raise InputFileError(f"pseudopotential {label}.psf (or .psml, or a basis {label}.ion*) for species {label!r} "
+                             f"not found next to the fdf" + (" nor in Pseudo.Directory" if len(dirs) > 1 else ""),
                              folder / f"{label}.psf")
 
 

@@ -15,10 +15,13 @@ from ..structure import fdf_words, inlined_fdf_text, normalized_fdf_key, species
 from .runner import PSEUDO_SUFFIXES, fdf_value, find_pseudopotential, species_labels
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
-# The keys of a run's starting DM, which a template replaces (normalized: structure.normalized_fdf_key).
+# The keys of a run's starting DM, which a template replaces (normalized: structure.normalized_fdf_key), and
+# those that make SIESTA take its atoms from a saved file instead of the fdf: the runs compare guesses for the
+# fdf's atoms, which the prediction is made for (and the saved file is not copied into them).
 DM_INIT_KEYS = {normalized_fdf_key(k) for k in ("DM.UseSaveDM", "DM.AllowExtrapolation", "DM.History.Depth",
                                                 "File.DM.Init", "DM.Init.File", "DM.FormattedFiles",
-                                                "MD.UseSaveXV")}  # File.DM.Init: 4.1 (m_new_dm.F90); DM.Init.File: 5
+                                                "MD.UseSaveXV", "MD.UseStructFile")}
+# (File.DM.Init: SIESTA 4.1, m_new_dm.F90; DM.Init.File: SIESTA 5)
 
 
 def template_path(name: str) -> Path:
