@@ -292,7 +292,8 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
             run_b = {names[label]: b for label, b in run_b.items()}
         check_basis_matches(run_b, basis, rec.folder)
         if dm is None:
-            raise InputFileError("the run folder has no converged .DM", rec.folder)
+            raise InputFileError("the run folder has no .DM (SIESTA's converged DM is the reference): run SIESTA "
+                                 "there, or leave the folder out", rec.folder)
         check_converged(rec)
         sample = prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
                                 meta={"split": rec.split, **rec.meta}, fold_reach=fold_reach)

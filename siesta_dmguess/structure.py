@@ -234,13 +234,15 @@ def _key_lines(lines: list[str], key: str) -> list[str]:
 
 
 def check_fdf_inputs(path: str | Path) -> None:
-    """Error naming a file the fdf reads in (``%include``, ``< FILE``) that does not exist: SIESTA stops there,
-    while sisl only warns and reads on without it."""
+    """Error naming a file the fdf reads in (``%include``, ``< FILE``) that does not exist (SIESTA stops there,
+    while sisl only warns and reads on without it), or one that reads itself in."""
     missing: list = []
     fdf_input_files(path, missing)
     if missing:
         file, named_in = missing[0]
         raise InputFileError(f"reads in {file}, which does not exist: SIESTA would stop there", named_in)
+    # A file that reads itself in (through others or not): sisl would follow it until it runs out of open files.
+    _inlined_lines(Path(path), Path(path).parent, depth=0)
 
 
 def check_fdf_text(path: str | Path) -> None:

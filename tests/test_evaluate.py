@@ -400,3 +400,15 @@ def test_evaluate_says_which_runs_it_scored_and_marks_novel_structures(tmp_path,
     for line in rows:  # each row's novelty carries the mark exactly where it is above the flag level
         value = line.rstrip("*").split()[-1]
         assert line.endswith("*") == (float(value) > threshold), line
+
+
+def test_a_run_without_a_dm_is_named_with_what_to_do(tmp_path, capsys):
+    """No test reached this error, which said "no converged .DM" of a folder with no .DM at all."""
+    from siesta_dmguess.cli import main
+
+    run = copy_run(dataset("h2o") / "0004", tmp_path / "set" / "0004")
+    (run / "siesta.DM").unlink()
+    assert main(["evaluate", "water", str(tmp_path / "set")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: the run folder has no .DM (SIESTA's converged DM is the reference)" in err
+    assert "Traceback" not in err

@@ -721,3 +721,25 @@ def test_a_batch_of_frames_writes_one_dm_each_and_says_errors_on_their_own_lines
     assert "predict:" in err  # the bar
     assert main(["predict", f"{traj}@0", f"{traj}@1", "--quiet", "--overwrite"]) == 0
     assert "predict:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["fractional-without-lattice", "includes-itself", "no-atoms"])
+def test_fdf_inputs_siesta_cannot_run_are_named(tmp_path, case):
+    """Error paths no test reached: each names the file and what is wrong (an fdf including itself was a bare
+    OSError: sisl followed it until it ran out of open files)."""
+    fdf = tmp_path / "run.fdf"
+    molecule = FDF.replace("LatticeConstant 1.0 Ang\n", "").replace(
+        FDF[FDF.index("%block LatticeVectors"):FDF.index("AtomicCoordinatesFormat")], "")
+    text, problem = {
+        "fractional-without-lattice": (molecule.replace("AtomicCoordinatesFormat Ang", "AtomicCoordinatesFormat "
+                                                        "Fractional"), "AtomicCoordinatesFormat Fractional needs a "
+                                                                       "lattice, and this fdf has no LatticeConstant"),
+        "includes-itself": ("%include run.fdf\n" + FDF, r"includes nest deeper than 20 files \(a file that includes "
+                                                        r"itself\?\)"),
+        "no-atoms": (FDF.replace(" 0.0 0.0 0.0 1\n", "").replace("NumberOfAtoms 1", "NumberOfAtoms 0"),
+                     "no atoms"),
+    }[case]
+    fdf.write_text(text)
+    with pytest.raises(InputFileError, match=problem) as err:
+        read_structure(fdf)
+    assert "run.fdf" in str(err.value)
