@@ -46,22 +46,6 @@ def _cmd_train(args) -> int:
 DESCRIPTION = "Learn, predict and benchmark SIESTA density matrices (units and conventions: docs/conventions.md)."
 
 
-def default_dm_path(structure: str | Path) -> Path:
-    """Where ``predict`` writes without ``-o``: for an fdf, the ``<SystemLabel>.DM`` next to it (the file SIESTA
-    reads with ``DM.UseSaveDM T``; where the fdf names another in ``File.DM.Init``, a note says so rather than write
-    into another run's folder); for any other structure file, the same name with suffix ``.DM`` (a frame
-    ``md.traj@3``: ``md@3.DM``)."""
-    from .structure import frame_selection, resolve_fdf, siesta_dm_path
-
-    structure = resolve_fdf(structure)
-    if structure.suffix.lower() == ".fdf" and structure.is_file():
-        return siesta_dm_path(structure)
-    file, index = frame_selection(structure)
-    if index != ":":  # one frame of a trajectory (md.traj@3): its own file, md@3.DM
-        return file.with_name(f"{file.stem}@{index}.DM")
-    return structure.with_suffix(".DM")
-
-
 OPTIMIZE_FROM_STRUCTURES = 30  # integration/benchmarks/model_load.py: break-even at 18-49 structures
 
 
@@ -90,6 +74,8 @@ def _cmd_predict(args) -> int:
     from .card import STARTUP, load_model, ready_model
     from .parallel import mpi_world
     from .predict import AUTO_MODEL, torch_threads
+
+    from .predict import default_dm_path
 
     into = Path(args.output) if args.output and Path(args.output).is_dir() else None
     if args.output and not into and len(args.structure) > 1:
@@ -124,54 +110,37 @@ def _cmd_predict(args) -> int:
 
 
 def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
-    """Predict and write each structure's DM (``predict``'s loop, on this MPI rank's share); returns how many got
-    none. A structure that cannot be predicted (unreadable, not covered by the model, refused by the guard) is
-    named with its reason, and the others of a batch still get their DMs: one bad file among a screening's
-    thousand should not cost the rest."""
+    """Predict and write each structure's DM (:func:`~siesta_dmguess.predict.predict_for_run`, on this MPI rank's
+    share); returns how many got none. A structure that cannot be predicted (unreadable, not covered by the model,
+    refused by the guard) is named with its reason, and the others of a batch still get their DMs: one bad file
+    among a screening's thousand should not cost the rest."""
     from tqdm.auto import tqdm
 
-    from .predict import predict_to_file
-    from .siesta.templates import dm_read_note, enable_dm_read, saved_geometry_note
-    from .structure import read_run_structure, read_structure, resolve_fdf, siesta_dm_init_path
+    from .predict import predict_for_run
 
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
     write = tqdm.write if many else print  # beside the progress bar of a batch
-    failed, told_how_siesta_reads = 0, False
+    failed, said = 0, set()
+    choose = (lambda structure: model.for_structure(structure, write)) if isinstance(model, ModelsByName) else model
     # One bar, for a single process: under MPI the ranks' lines would cut it.
     for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1 or args.quiet):
-        try:  # the default output reads the structure's fdf (its SystemLabel): a bad one is this structure's error
-            out = Path(args.output) if args.output else default_dm_path(structure)
-            if out.is_dir():  # -o FOLDER: each DM under its default name
-                out = out / default_dm_path(structure).name
-            source = resolve_fdf(structure)
-            is_fdf = source.suffix.lower() == ".fdf" and source.is_file()  # (a missing one: read_structure names it)
-            geometry_note = saved_geometry_note(source) if is_fdf else None  # SIESTA takes a .XV's atoms
-            # read once: choosing the model and predicting both use it (its warnings said once)
-            read = read_run_structure(source) if geometry_note else read_structure(source)
-            use = model.for_structure(read, write) if isinstance(model, ModelsByName) else model
-            pred = predict_to_file(read, out, model=use, overwrite=args.overwrite, fold=fold, force=args.force,
-                                   refine=args.refine)
-            _report_prediction(out, pred, write=write)
-            if args.charges:
-                _report_charges(pred, write=write)
-            if geometry_note:
-                write(f"note: {geometry_note}")
-            note = dm_read_note(source, out) if is_fdf else None
-            if not is_fdf and not told_how_siesta_reads:  # once per batch
-                told_how_siesta_reads = True
-                note = ("SIESTA reads <SystemLabel>.DM from the folder it runs in, with DM.UseSaveDM T, for atoms in "
-                        "this file's order: copy the DM there under that name (predicting from the run's fdf does "
-                        "this)")
-            # the switch only where SIESTA looks for the DM: on with the DM elsewhere, it would read a stale one
-            if note and args.edit_fdf and is_fdf and out.resolve() == siesta_dm_init_path(source).resolve():
-                backup = enable_dm_read(source)  # the note said the switch is off
-                write(f"{source}: put 'DM.UseSaveDM T' on its first line (original kept as {backup.name})")
-            elif note:
-                write(f"note: {note}")
+        try:
+            done = predict_for_run(structure, args.output, choose, overwrite=args.overwrite, fold=fold,
+                                   force=args.force, refine=args.refine, edit_fdf=args.edit_fdf)
         except DMGuessError as exc:  # the other structures of a batch still get their DMs
             # on a line of its own: the progress bar shares stderr
             (tqdm.write if many else print)(f"siesta-dmguess: error: {exc}", file=sys.stderr)
             failed += 1
+            continue
+        _report_prediction(done.out, done.prediction, write=write)
+        if args.charges:
+            _report_charges(done.prediction, write=write)
+        for note in done.notes:
+            if note not in said:  # a note the same for every structure (a structure file's) is said once
+                write(f"note: {note}")
+                said.add(note)
+        if done.fdf_backup:
+            write(f"{done.fdf}: put 'DM.UseSaveDM T' on its first line (original kept as {done.fdf_backup.name})")
     return failed
 
 

@@ -497,6 +497,77 @@ def expected_electrons(structure: Structure, neutral: float) -> float:
         raise InputFileError(f"NetCharge {net!r} is not a number", structure.source or None) from None
 
 
+def default_dm_path(structure: str | Path) -> Path:
+    """Where ``predict`` writes without ``-o``: for an fdf, the ``<SystemLabel>.DM`` next to it (the file SIESTA
+    reads with ``DM.UseSaveDM T``; where the fdf names another in ``File.DM.Init``, a note says so rather than write
+    into another run's folder); for any other structure file, the same name with suffix ``.DM`` (a frame
+    ``md.traj@3``: ``md@3.DM``)."""
+    from .structure import frame_selection, resolve_fdf, siesta_dm_path
+
+    structure = resolve_fdf(structure)
+    if structure.suffix.lower() == ".fdf" and structure.is_file():
+        return siesta_dm_path(structure)
+    file, index = frame_selection(structure)
+    if index != ":":  # one frame of a trajectory (md.traj@3): its own file, md@3.DM
+        return file.with_name(f"{file.stem}@{index}.DM")
+    return structure.with_suffix(".DM")
+
+
+# Said of a DM predicted from a structure file (not an fdf): the same for every such file.
+STRUCTURE_FILE_NOTE = ("SIESTA reads <SystemLabel>.DM from the folder it runs in, with DM.UseSaveDM T, for atoms in "
+                       "this file's order: copy the DM there under that name (predicting from the run's fdf does "
+                       "this)")
+
+
+@dataclass
+class RunPrediction:
+    """What :func:`predict_for_run` did: the prediction, the file written, and what the user should know (where
+    SIESTA takes the atoms from, whether and where it reads the DM, an fdf edited)."""
+
+    prediction: Prediction
+    out: Path
+    notes: list[str]
+    fdf: Path | None = None  # the run's fdf, where the structure is one
+    fdf_backup: Path | None = None  # with edit_fdf: the fdf was given DM.UseSaveDM T, its original kept here
+
+
+def predict_for_run(structure: str | Path, out: str | Path | None = None, model=AUTO_MODEL, overwrite: bool = False,
+                    fold: bool | None = None, force: bool = False, refine: str = "idempotent",
+                    edit_fdf: bool = False) -> RunPrediction:
+    """Predict the DM of a structure file or SIESTA run (an fdf or its folder) and write it for SIESTA: what
+    ``siesta-dmguess predict`` does for each structure it is given.
+
+    ``out``: the ``.DM`` to write, an existing folder to write it into under :func:`default_dm_path`'s name, or
+    None for that default (beside an fdf: the file SIESTA reads). An fdf whose run takes its atoms from a saved
+    file (``MD.UseSaveXV T`` and its ``.XV``) is predicted for those atoms. ``model``: a loaded model, a name or
+    folder, ``"auto"``, or a function of the :class:`Structure` that returns a loaded model (a batch choosing
+    each structure's). ``edit_fdf``: where the DM is where SIESTA looks but the fdf does not read it, put
+    ``DM.UseSaveDM T`` on the fdf's first line (the original kept as a backup). Errors as
+    :func:`predict_to_file`.
+    """
+    from .siesta.templates import dm_read_note, enable_dm_read, saved_geometry_note
+    from .structure import read_run_structure, resolve_fdf, siesta_dm_init_path
+
+    out = Path(out) if out is not None else default_dm_path(structure)
+    if out.is_dir():
+        out = out / default_dm_path(structure).name
+    source = resolve_fdf(structure)
+    is_fdf = source.suffix.lower() == ".fdf" and source.is_file()  # (a missing one: read_structure names it)
+    geometry_note = saved_geometry_note(source) if is_fdf else None  # SIESTA takes a .XV's atoms
+    # read once: choosing the model and predicting both use it (its warnings said once)
+    read = read_run_structure(source) if geometry_note else read_structure(source)
+    use = model(read) if callable(model) else model
+    pred = predict_to_file(read, out, model=use, overwrite=overwrite, fold=fold, force=force, refine=refine)
+    done = RunPrediction(pred, out, [geometry_note] if geometry_note else [], source if is_fdf else None)
+    note = dm_read_note(source, out) if is_fdf else STRUCTURE_FILE_NOTE
+    # the switch only where SIESTA looks for the DM: on with the DM elsewhere, it would read a stale one
+    if note and edit_fdf and is_fdf and out.resolve() == siesta_dm_init_path(source).resolve():
+        done.fdf_backup = enable_dm_read(source)  # the note said the switch is off
+    elif note:
+        done.notes.append(note)
+    return done
+
+
 def predict_to_file(structure, out: str | Path, model=AUTO_MODEL, overwrite: bool = False, fold: bool | None = None,
                     force: bool = False, refine: str = "idempotent") -> Prediction:
     """Predict and write ``out`` (a ``.DM``) atomically; an existing file is kept as a backup.

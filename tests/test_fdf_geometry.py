@@ -402,7 +402,7 @@ def test_an_fdf_is_read_as_siestas_fdf_library_reads_it(tmp_path, shipped):
     structure, settings and DM as the plain fdf (checked against SIESTA 4.1's own reading of these lines)."""
     import re
 
-    from siesta_dmguess.cli import default_dm_path
+    from siesta_dmguess.predict import default_dm_path
     from siesta_dmguess.predict import predict_density_matrix
 
     plain = _h2o_run_copy(tmp_path, "plain")
@@ -427,7 +427,7 @@ def test_an_fdf_is_read_as_siestas_fdf_library_reads_it(tmp_path, shipped):
     ("SystemLabel 1d3", "1d3.DM"),  # a text value, not a Fortran number
     ("SystemLabel it's ! a note", "it's.DM")])  # a quote inside a word starts no string (parse.F90)
 def test_the_dm_is_written_where_siesta_reads_it(tmp_path, line, dm_name):
-    from siesta_dmguess.cli import default_dm_path
+    from siesta_dmguess.predict import default_dm_path
     from siesta_dmguess.siesta.templates import dm_read_note
 
     fdf = _edited(_h2o_run_copy(tmp_path), lambda t: "DM.UseSaveDM T\n" + line + "\n" +
@@ -439,7 +439,7 @@ def test_the_dm_is_written_where_siesta_reads_it(tmp_path, line, dm_name):
 def test_a_dm_file_siesta_reads_instead_is_pointed_out_not_written(tmp_path):
     """File.DM.Init makes SIESTA 4.1 read another file (m_new_dm.F90), often another run's converged DM: predict
     writes <SystemLabel>.DM and its note names the file SIESTA reads."""
-    from siesta_dmguess.cli import default_dm_path
+    from siesta_dmguess.predict import default_dm_path
     from siesta_dmguess.siesta.templates import dm_read_note
 
     fdf = _edited(_h2o_run_copy(tmp_path), lambda t: "DM.UseSaveDM T\nFile.DM.Init ../prev/siesta.DM\n" + t)
