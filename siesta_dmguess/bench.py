@@ -108,10 +108,22 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
                                           out.total_energy_eV, run.wall_s, prediction_s,
                                           [s.dDmax for s in out.scf_history],
                                           None if out.start_dm_electrons is None
-                                          else out.start_dm_electrons - out.electrons, out.dm_tolerance))
+                                          else out.start_dm_electrons - out.electrons,
+                                          _dm_tolerance(fdf) or out.dm_tolerance))
     results = {guess: median_run(runs) for guess, runs in samples.items()}
     return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback, fallback_kind,
                            Path(model.path).name if hasattr(model, "path") else str(model))
+
+
+def _dm_tolerance(fdf: Path) -> float | None:
+    """The fdf's DM.Tolerance (SIESTA echoes it with 6 decimals only), or None where it leaves SIESTA's default."""
+    from .structure import fdf_sile
+
+    try:
+        value = fdf_sile(fdf).get("DM.Tolerance")
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def median_run(runs: list[GuessResult]) -> GuessResult:

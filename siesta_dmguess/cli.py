@@ -79,10 +79,15 @@ def _cmd_predict(args) -> int:
 
     into = Path(args.output) if args.output and Path(args.output).is_dir() else None
     if args.output and not into and len(args.structure) > 1:
-        raise DMGuessError("-o names one output file; with several structures, give a folder, or none to write each "
-                           "DM next to its input")
+        raise DMGuessError("-o names one output file; with several structures, give an existing folder, or none to "
+                           "write each DM next to its input")
     if into:  # two structures of a batch under one name would overwrite each other's DM (the first kept as backup)
-        names = [default_dm_path(structure).name for structure in args.structure]
+        names = []
+        for structure in args.structure:
+            try:
+                names.append(default_dm_path(structure).name)
+            except DMGuessError:  # this structure's own error, said when its turn comes; the others go on
+                pass
         clash = sorted({name for name in names if names.count(name) > 1})
         if clash:
             raise InputFileError(f"several structures would be written to {clash[0]} in it: predict them into "
@@ -203,7 +208,7 @@ def _cmd_evaluate(args) -> int:
     for m, name in zip(result["structures"], _display_names([m["name"] for m in result["structures"]])):
         dn = f"{m['raw_electron_count_error']:+.2e}" if "raw_electron_count_error" in m else "-"
         rho = f"{m['density_operator_error']:.2e}" if "density_operator_error" in m else "-"
-        flag = "*" if m.get("novelty", 0) > threshold else " "
+        flag = "*" if threshold > 0 and m.get("novelty", 0) > threshold else " "  # 0: a model with no flag level
         print(f"{name:<44} {m['natoms']:>5} {m['mae']:>10.3e} {m['max_abs']:>10.3e} "
               f"{m['atomic_mae']:>10.3e} {rho:>9} {dn:>10} {m.get('novelty', 0):>8.2f}{flag}")
     print(f"(* novelty above the model's flag level {threshold:.2f}: predict calls the structure out of distribution; "

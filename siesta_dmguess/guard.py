@@ -182,7 +182,8 @@ def setting_problems(settings: dict, card: dict, trained: str = "the model was t
     for key in sorted(set(got) | set(known)):
         default = BASIS_OPTION_DEFAULTS.get(key)
         run_value, card_value = (side[key][1] if key in side else default for side in (got, known))
-        if run_value is not None and card_value is not None and _same_option(run_value, card_value):
+        if run_value is not None and card_value is not None and (
+                _same_option(run_value, card_value) or _same_as_in_an_older_card(key, run_value, card_value)):
             continue
         if key not in known:
             problems.append(f"fdf sets {got[key][0]} ({_shortened(got[key][1])}), which shapes the basis; {trained} "
@@ -226,6 +227,17 @@ def _same_option(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return _close(a, b)
     return a == b
+
+
+def _same_as_in_an_older_card(key: str, run_value, card_value) -> bool:
+    """A bare-number basis option (``structure.BARE_NUMBER_BASIS_KEYS``: SIESTA reads ``PAO.SoftPotential 40 Ry``
+    as 40) against a card written before it was read so, which holds sisl's eV for a value given with "Ry"."""
+    from .structure import BARE_NUMBER_BASIS_KEYS
+
+    try:
+        return key in BARE_NUMBER_BASIS_KEYS and _close(float(run_value) * _EV_PER["ry"], float(card_value))
+    except ValueError:
+        return False
 
 
 def _close(a: float, b: float) -> bool:

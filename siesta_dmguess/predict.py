@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -492,9 +493,12 @@ def expected_electrons(structure: Structure, neutral: float) -> float:
     if net is None:
         return float(neutral)
     try:
-        return float(neutral) - float(str(net).split()[0].lower().replace("d", "e"))
+        charge = float(str(net).split()[0].lower().replace("d", "e"))
     except (ValueError, IndexError):  # SIESTA stops on it too: the DM's electron count would be a guess
-        raise InputFileError(f"NetCharge {net!r} is not a number", structure.source or None) from None
+        charge = float("nan")
+    if not np.isfinite(charge):
+        raise InputFileError(f"NetCharge {net!r} is not a number", structure.source or None)
+    return float(neutral) - charge
 
 
 def default_dm_path(structure: str | Path) -> Path:
@@ -546,23 +550,28 @@ def predict_for_run(structure: str | Path, out: str | Path | None = None, model=
     :func:`predict_to_file`.
     """
     from .siesta.templates import dm_read_note, enable_dm_read, saved_geometry_note
-    from .structure import read_run_structure, resolve_fdf, siesta_dm_init_path
+    from .structure import read_run_structure, resolve_fdf, run_fdf_of, siesta_dm_init_path
 
-    out = Path(out) if out is not None else default_dm_path(structure)
-    if out.is_dir():
-        out = out / default_dm_path(structure).name
+    if out is None:
+        out = default_dm_path(structure)
+    elif Path(out).is_dir() or str(out).endswith(("/", os.sep)):  # a folder: the DM under its default name in it
+        if not Path(out).is_dir():
+            raise InputFileError("no such folder to write the DM into", out)
+        out = Path(out) / default_dm_path(structure).name
+    out = Path(out)
     source = resolve_fdf(structure)
     is_fdf = source.suffix.lower() == ".fdf" and source.is_file()  # (a missing one: read_structure names it)
+    run_fdf = source if is_fdf else run_fdf_of(source)  # SIESTA's .XV in its run folder: that run reads the DM
     geometry_note = saved_geometry_note(source) if is_fdf else None  # SIESTA takes a .XV's atoms
     # read once: choosing the model and predicting both use it (its warnings said once)
     read = read_run_structure(source) if geometry_note else read_structure(source)
     use = model(read) if callable(model) else model
     pred = predict_to_file(read, out, model=use, overwrite=overwrite, fold=fold, force=force, refine=refine)
-    done = RunPrediction(pred, out, [geometry_note] if geometry_note else [], source if is_fdf else None)
-    note = dm_read_note(source, out) if is_fdf else STRUCTURE_FILE_NOTE
+    done = RunPrediction(pred, out, [geometry_note] if geometry_note else [], run_fdf)
+    note = dm_read_note(run_fdf, out) if run_fdf else STRUCTURE_FILE_NOTE
     # the switch only where SIESTA looks for the DM: on with the DM elsewhere, it would read a stale one
-    if note and edit_fdf and is_fdf and out.resolve() == siesta_dm_init_path(source).resolve():
-        done.fdf_backup = enable_dm_read(source)  # the note said the switch is off
+    if note and edit_fdf and run_fdf and out.resolve() == siesta_dm_init_path(run_fdf).resolve():
+        done.fdf_backup = enable_dm_read(run_fdf)  # the note said the switch is off
     elif note:
         done.notes.append(note)
     return done

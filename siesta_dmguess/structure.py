@@ -377,7 +377,9 @@ def read_fdf_settings(path: str | Path) -> dict:
             if value is not None:
                 out[key] = f"{value:.6g} Ry"  # 6 digits: the same energy written in eV or meV compares equal
             continue
-        value = fdf.get(key)
+        # NetCharge as written: sisl takes a word after it for a unit it cannot convert ("NetCharge 1 e"), where
+        # SIESTA reads the number (predict.expected_electrons)
+        value = fdf.text(key) if key == "NetCharge" else fdf.get(key)
         if value is not None:
             out[key] = " ".join(str(value).split())
     options, sizes = _basis_options(path, fdf)
@@ -399,7 +401,7 @@ def read_fdf_settings(path: str | Path) -> dict:
 _COMPARED_BASIS_KEYS = {normalized_fdf_key(k) for k in ("PAO.BasisSize", "PAO.EnergyShift", "PAO.BasisSizes")}
 
 
-_BARE_NUMBER_BASIS_KEYS = {normalized_fdf_key(k) for k in ("PAO.SoftPotential", "PAO.SoftInnerRadius", "PAO.SplitNorm",
+BARE_NUMBER_BASIS_KEYS = {normalized_fdf_key(k) for k in ("PAO.SoftPotential", "PAO.SoftInnerRadius", "PAO.SplitNorm",
                                                            "PAO.SplitNormH")}
 
 
@@ -426,8 +428,8 @@ def _basis_options(path: str | Path, fdf) -> tuple[dict[str, str], dict[str, str
     for key, name in names.items():
         # SIESTA reads these with fdf_double (basis_specs.f), a bare number in its own units whatever word
         # follows, where sisl would turn "40 Ry" into eV: keep the number as SIESTA reads it.
-        if key in _BARE_NUMBER_BASIS_KEYS:
-            value = _FORTRAN_REAL.sub(r"\1e\2", (fdf.text(name) or "").partition(" ")[0])
+        if key in BARE_NUMBER_BASIS_KEYS:
+            value = _FORTRAN_REAL.sub(r"\1e\2", ((fdf.text(name) or "").split() or ["(no value)"])[0])
         else:
             value = fdf.get(name)
         if isinstance(value, list):  # a block
@@ -665,9 +667,11 @@ def _with_positions(structure: Structure, positions, cell=None) -> Structure:
     return replace(structure, atoms=atoms)
 
 
-def _run_fdf_of(path: Path) -> Path | None:
-    """The fdf of the run that wrote SIESTA's structure file ``path`` (``<SystemLabel>.XV`` and the like): the
-    run folder's fdf whose SystemLabel is the file's name; None for any other file."""
+def run_fdf_of(path: str | Path) -> Path | None:
+    """The fdf of the run that wrote SIESTA's structure file ``path`` (``<SystemLabel>.XV`` and the like, or a frame
+    of its ``.ANI``, ``siesta.ANI@3``): the run folder's fdf whose SystemLabel is the file's name (as SIESTA names
+    it, case and all); None for any other file."""
+    path = frame_selection(path)[0]
     if path.suffix not in (".XV", ".STRUCT_OUT", *SIESTA_FILE_FORMATS):
         return None
     try:
@@ -739,11 +743,12 @@ def read_structure(path: str | Path) -> Structure:
         return Structure(atoms, labels, str(path), settings)
     frames = read_frames(path)
     atoms = frames[-1]
+    file = frame_selection(path)[0]
     if len(frames) > 1:  # ASE's default; say so, since one DM per file is written
         log.warning("%s holds %d structures; predicting the last one. For another, name it as %s@INDEX (%s@0 is "
                     "the first); along all of them, run `siesta-dmguess bench TRAJ --fdf FDF` or the ASE calculator",
-                    path, len(frames), path.name, path.name)
-    run_fdf = _run_fdf_of(path)
+                    path, len(frames), file.name, file.name)
+    run_fdf = run_fdf_of(path)
     if run_fdf is not None:  # SIESTA's own file in its run folder: the run's settings (k-points, basis) apply
         structure = read_structure(run_fdf)
         problem = _other_atoms(structure, atoms.numbers)
@@ -752,7 +757,7 @@ def read_structure(path: str | Path) -> Structure:
             return replace(_with_positions(structure, atoms.positions, atoms.cell), source=str(path))
         log.warning("%s %s (%s, beside it), so it is predicted on its own, without the run's settings", path,
                     problem, run_fdf.name)
-    if path.suffix == ".ANI":  # SIESTA writes no cell into it, so a crystal's frame would pass for a cluster
+    if file.suffix == ".ANI":  # SIESTA writes no cell into it, so a crystal's frame would pass for a cluster
         log.warning("%s is a SIESTA .ANI file, which holds no cell: predicting an isolated structure. For a "
                     "periodic run, predict from its fdf, .XV or .STRUCT_OUT (or `bench %s --fdf FDF`, which puts "
                     "each frame into the fdf's cell)", path, path.name)

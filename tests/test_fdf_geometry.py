@@ -743,3 +743,42 @@ def test_fdf_inputs_siesta_cannot_run_are_named(tmp_path, case):
     with pytest.raises(InputFileError, match=problem) as err:
         read_structure(fdf)
     assert "run.fdf" in str(err.value)
+
+
+def test_predict_for_run_on_siestas_files_and_outputs_of_every_kind(tmp_path, capsys):
+    """A frame of the run's own .ANI keeps the run's settings (siesta.ANI@0 lost them: its suffix was .ANI@0); a
+    run's .XV is told how *that run* reads the DM; a folder at the default output name is in the way unless -o names
+    it; -o into a folder that does not exist is refused; one bad structure does not stop a batch with -o FOLDER."""
+    import shutil
+
+    import ase.io
+
+    from siesta_dmguess.cli import main
+    from siesta_dmguess.predict import predict_for_run
+
+    fdf = _h2o_run_copy(tmp_path)
+    run = fdf.parent
+    atoms = read_structure(fdf).atoms
+    moved = atoms.copy()
+    moved.positions[1] += [0.02, 0.0, 0.0]
+    ase.io.write(tmp_path / "x.xyz", [atoms, moved], format="xyz")
+    shutil.move(tmp_path / "x.xyz", run / "siesta.ANI")
+    frame = read_structure(f"{run / 'siesta.ANI'}@0")
+    assert frame.atoms.pbc.all() and np.allclose(frame.atoms.cell, read_structure(fdf).atoms.cell)
+    assert np.allclose(frame.atoms.positions, atoms.positions)
+    # the .ANI's frame is the run's: the note is the run's (it reads siesta.DM), not the structure file's
+    done = predict_for_run(f"{run / 'siesta.ANI'}@1", model="water")
+    assert done.out == run / "siesta@1.DM" and done.fdf == fdf
+    assert any(f"reads {run / 'siesta.DM'}, not {run / 'siesta@1.DM'}" in note for note in done.notes), done.notes
+    # a folder where the default DM would go is in the way; -o FOLDER writes into it; a missing folder is said
+    (run / "siesta.DM").mkdir()
+    with pytest.raises(InputFileError, match="a folder is in the way"):
+        predict_for_run(fdf, model="water")
+    assert predict_for_run(fdf, run / "siesta.DM", model="water").out == run / "siesta.DM" / "siesta.DM"
+    with pytest.raises(InputFileError, match="no such folder to write the DM into"):
+        predict_for_run(fdf, f"{tmp_path / 'nowhere'}/", model="water")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "out").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), str(fdf), "-o", str(tmp_path / "out")]) == 2
+    assert (tmp_path / "out" / "siesta.DM").is_file()  # the good one was written
+    assert "empty: expected one .fdf in the run folder" in capsys.readouterr().err

@@ -211,6 +211,7 @@ XC.authors CA
     # SIESTA reads PAO.SoftPotential as a bare number (fdf_double): a unit after it changes nothing
     (lambda t: t + "PAO.SoftPotential 40 Ry\nPAO.SoftInnerRadius 0.9d0\n", None),
     (lambda t: t + "PAO.SoftPotential 30 Ry\n", r"fdf sets PAO.SoftPotential \(30\)"),
+    (lambda t: t + "PAO.SoftPotential\t40\tRy\n", None),  # tabs are blanks too
     (lambda t: t + "PAO.EnergyPolCutoff 10 Ry\n", r"PAO.EnergyPolCutoff .* SIESTA's default \(20 Ry\)"),
     (lambda t: t + "%block PAO.Basis\nH 1\n n=1 0 1\n 0.0\n%endblock PAO.Basis\n", "fdf sets PAO.Basis"),
     (lambda t: t + "User.Basis T\n", "User.Basis"),
@@ -819,14 +820,15 @@ def test_auto_loads_the_chosen_shipped_model_once_per_process(monkeypatch):
 def test_a_net_charge_that_is_no_number_is_an_error_naming_the_fdf(tmp_path, shipped):
     """`NetCharge one` was read as a neutral run, without a word: the DM's electron count would be a guess."""
     fdf = tmp_path / "water.fdf"
-    for value, electrons in (("1.0", 7.0), ("-1.d0", 9.0)):
+    for value, electrons in (("1.0", 7.0), ("-1.d0", 9.0), ("1 e", 7.0), ("1\t! comment", 7.0)):
         fdf.write_text(f"NetCharge {value}\n" + WATER_FDF)
         pred = predict_density_matrix(fdf, shipped("water"), refine="charge")
         written = float(np.dot(pred.values, pred.overlap))  # Tr(D S) of the DM written: a molecule, no images
         assert pred.electrons_expected == pytest.approx(electrons) and written == pytest.approx(electrons, abs=1e-6), value
-    fdf.write_text("NetCharge one\n" + WATER_FDF)
-    with pytest.raises(InputFileError, match=r"water.fdf: NetCharge 'one' is not a number"):
-        predict_density_matrix(fdf, shipped("water"))
+    for value in ("one", "nan"):
+        fdf.write_text(f"NetCharge {value}\n" + WATER_FDF)
+        with pytest.raises(InputFileError, match=rf"water.fdf: NetCharge '{value}' is not a number"):
+            predict_density_matrix(fdf, shipped("water"))
 
 
 @pytest.mark.parametrize("where", ["beside", "Pseudo.Directory"])
@@ -846,3 +848,13 @@ def test_a_pseudopotential_other_than_the_models_is_refused(tmp_path, shipped, w
     with pytest.raises(ModelCompatibilityError, match="water.fdf: pseudopotential O.psf differs from the one the "
                                                       "model was trained with"):
         predict_density_matrix(fdf, shipped("water"))
+
+
+def test_a_card_written_before_bare_number_options_holds_their_ev_value():
+    """Cards written before PAO.SoftPotential & co. were read as SIESTA's bare number hold sisl's eV for "40 Ry":
+    such a model still takes the runs it was trained on."""
+    from siesta_dmguess.guard import setting_problems
+
+    old_card = {"basis_options": {"PAO.SoftPotential": "544.2277249197482"}}
+    assert setting_problems({"basis_options": {"PAO.SoftPotential": "40"}}, old_card) == []
+    assert setting_problems({"basis_options": {"PAO.SoftPotential": "30"}}, old_card)

@@ -151,5 +151,6 @@ def parse_output(source: str | Path) -> SiestaOutput:
         job_completed="Job completed" in text,
         start_dm_electrons=_float(start_q[0][1]) if start_q else None,
         electrons=_float(start_q[0][0]) if start_q else None,
-        dm_tolerance=_float(tolerance.group(1)) if tolerance else None,
+        # printed with 6 decimals: a tolerance below 5e-7 reads as 0, which says nothing
+        dm_tolerance=(_float(tolerance.group(1)) or None) if tolerance else None,
     )
