@@ -480,8 +480,8 @@ def _sampling_reason(sample, loaded: LoadedModel) -> str:
                 f"reaches, which model {loaded.path.name} never trained on: there even the crystal's converged DM "
                 f"starts SIESTA no closer than its atomic guess")
     if "k_supercell_length" not in sample.structure.fdf_settings:  # a structure file: its k-points are unknown
-        return (f"a structure file has no k-points, so the run is taken as Γ-only ({sampling}); for a k-point run, "
-                f"predict with --fold no (or from the run's fdf)")
+        return (f"without an fdf (a structure file has no k-points) the run is taken as Γ-only ({sampling}); for a "
+                f"k-point run, predict with --fold no (or from the run's fdf)")
     return f"the run's k-grid gives the crystal {sampling} (more k-points, or a larger cell, fix it)"
 
 

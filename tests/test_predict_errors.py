@@ -573,8 +573,9 @@ def test_a_run_sampled_more_coarsely_than_the_models_training_runs_gets_no_dm(tm
     from siesta_dmguess.structure import read_structure
 
     ase.io.write(tmp_path / "si.cif", read_structure(gamma).atoms)
-    with pytest.raises(UnreliablePredictionError, match=r"si.cif: a structure file has no k-points, so the run is "
-                                                        r"taken as Γ-only .*; for a k-point run, predict with --fold no"):
+    with pytest.raises(UnreliablePredictionError, match=r"si.cif: without an fdf \(a structure file has no "
+                                                        r"k-points\) the run is taken as Γ-only .*; for a k-point run, "
+                                                        r"predict with --fold no"):
         predict_to_file(tmp_path / "si.cif", tmp_path / "si.DM", model=shipped("silicon"))
     assert predict_to_file(tmp_path / "si.cif", tmp_path / "si.DM", model=shipped("silicon"), fold=False)
     assert predict_to_file(gamma, tmp_path / "gamma.DM", model=shipped("silicon"), force=True).folded
