@@ -72,9 +72,12 @@ def main() -> None:
     p.add_argument("--relax", type=float, metavar="FMAX",
                    help="run a BFGS relaxation to max force FMAX (eV/Å) instead of MD")
     p.add_argument("--rattle", type=float, default=0.0, help="random displacement (Å, std) of the start")
-    p.add_argument("--out", type=Path, default=Path("md.traj"))
+    p.add_argument("--out", type=Path, default=Path("md.traj"), help="the trajectory to write (not an existing "
+                   "file: ASE would empty it before the first SIESTA run)")
     p.add_argument("--workdir", type=Path, default=Path("md_run"))
     args = p.parse_args()
+    if args.out.exists():
+        p.error(f"{args.out} exists already: give another --out (e.g. relax.traj for a relaxation), or remove it")
     args.fdf = resolve_fdf(args.fdf)  # a run folder stands for its fdf
 
     atoms = read_structure(args.fdf).atoms

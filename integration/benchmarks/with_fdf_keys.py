@@ -32,10 +32,23 @@ def main(argv=None):
                         help="an fdf line to set, e.g. 'DM.Tolerance 1.0d-4' (repeat for more)")
     parser.add_argument("--split", default="val", help="the runs to copy: val (default), train or all")
     args = parser.parse_args(argv)
+    bad = [item for item in args.set if len(item.split(None, 1)) != 2]
+    if bad:
+        parser.error(f"--set takes 'KEY VALUE', not {bad[0]!r}")
     settings = dict(item.split(None, 1) for item in args.set)
+    if not (args.dataset / "index.json").is_file():
+        parser.error(f"{args.dataset}: no index.json, so not a dataset folder")
     records = json.loads((args.dataset / "index.json").read_text())
     chosen = [r for r in records if args.split == "all" or r.get("split") == args.split]
+    if not chosen:
+        parser.error(f"{args.dataset}: no runs in split {args.split!r} (val, train or all)")
     target = args.out / args.dataset.name
+    # Never into the dataset it reads (OUT its parent folder rewrote the dataset's own fdfs), nor over an earlier
+    # copy, whose runs would mix with these
+    if target.resolve() == args.dataset.resolve() or args.dataset.resolve() in target.resolve().parents:
+        parser.error(f"{target} is the dataset {args.dataset} itself or inside it: give another OUT")
+    if target.exists():
+        parser.error(f"{target} exists already: give another OUT, or remove it")
     for rec in chosen:
         run = target / rec["id"]
         run.mkdir(parents=True, exist_ok=True)
