@@ -118,6 +118,9 @@ def main() -> None:
                    help="folder of the model folders (default: this checkout's models/, else the installed ones)")
     p.add_argument("--write", action="store_true", help="write the tables' numbers into the cards")
     args = p.parse_args()
+    if not args.results.is_dir() or not any(args.results.glob("bench_*.md")):
+        p.error(f"{args.results}: no bench_*.md tables in it (the folder of `siesta-dmguess bench` tables, "
+                "docs/results): nothing to check the cards against")
     if args.write:
         write(args.results, args.models)
     found = differences(args.results, args.models)
@@ -127,4 +130,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from study_args import run_script
+
+    run_script(main)

@@ -63,4 +63,6 @@ def _mark(low: float, high: float, cutoff: float, switch: float) -> str:
     return " *" if switch > 0 and high > cutoff - switch + 1e-9 else ""
 
 if __name__ == "__main__":
-    main()
+    from study_args import run_script
+
+    run_script(main)

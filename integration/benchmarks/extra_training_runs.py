@@ -359,4 +359,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from study_args import run_script
+
+    run_script(main)

@@ -186,4 +186,6 @@ def scf_from_learned_h(val, predicted_h, work: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from study_args import run_script
+
+    run_script(main)

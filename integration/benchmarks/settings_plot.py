@@ -89,4 +89,6 @@ def plot(points, sets, args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from study_args import run_script
+
+    run_script(main)

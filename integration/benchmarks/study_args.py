@@ -1,5 +1,6 @@
-"""The command line shared by the study scripts that set a model's raw prediction beside converged runs:
-``SCRIPT MODEL RUN [RUN ...]``. Imported by those scripts (run as ``python integration/benchmarks/SCRIPT``)."""
+"""The command line shared by the scripts of this folder (run as ``python integration/benchmarks/SCRIPT``):
+:func:`run_script`, which every script's ``main`` runs through, and ``SCRIPT MODEL RUN [RUN ...]`` of the study
+scripts that set a model's raw prediction beside converged runs."""
 
 from __future__ import annotations
 
@@ -18,3 +19,17 @@ def model_and_runs(doc: str):
     args = p.parse_args()
     warnings.filterwarnings("ignore", module="sisl")
     return load_model(args.model), args.runs
+
+
+def run_script(main) -> None:
+    """Run a script's ``main()``: a wrong input (a missing or unreadable file, a folder where a file is expected, a
+    run the package refuses, no SIESTA) ends in one line naming it, as ``siesta-dmguess`` says it, not in a
+    traceback."""
+    import sys
+
+    from siesta_dmguess.errors import DMGuessError
+
+    try:
+        main()
+    except (DMGuessError, OSError) as exc:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {exc}")

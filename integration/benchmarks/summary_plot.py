@@ -73,7 +73,7 @@ def plot(sets, trajectories, out: Path) -> None:
     for g, guess in enumerate(GUESSES):
         values = [100 * (trajectories[t]["atomic"] - trajectories[t].get(guess, trajectories[t]["atomic"]))
                   / trajectories[t]["atomic"] for t in names]
-        lowest = min(lowest, *values)
+        lowest = min([lowest, *values])  # (no trajectory tables: no values)
         ax2.barh(np.arange(len(names)) + (g - 1.5) * width, values, height=width, label=guess)
     ax2.set_yticks(np.arange(len(names)), names, fontsize=8)
     ax2.invert_yaxis()
@@ -91,7 +91,11 @@ def main() -> None:
     p.add_argument("results", type=Path, help="folder with bench_*.md tables (docs/results)")
     p.add_argument("--out", type=Path, default=Path("summary.png"))
     args = p.parse_args()
+    if not args.results.is_dir():
+        p.error(f"{args.results}: not a folder (the folder of bench_*.md tables, docs/results)")
     sets, trajectories = read_tables(args.results)
+    if not sets and not trajectories:
+        p.error(f"{args.results}: no bench_*.md tables of `siesta-dmguess bench` in it")
     for label, a, m in sets:
         print(f"{label:45s} {a:4d} → {m:4d}  {100 * (a - m) / a:5.1f} % saved")
     for name, totals in sorted(trajectories.items()):
@@ -101,4 +105,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from study_args import run_script
+
+    run_script(main)
