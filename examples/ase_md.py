@@ -16,8 +16,11 @@ from ase.md.verlet import VelocityVerlet
 
 from siesta_dmguess import DMGuessSiesta
 
-if len(sys.argv) != 2:
+if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
     sys.exit(f"usage: python {sys.argv[0]} PSEUDO_DIR   (the folder holding O.psf and H.psf)")
+missing = [f"{label}.psf" for label in ['O', 'H'] if not os.path.isfile(os.path.join(sys.argv[1], f"{label}.psf"))]
+if missing:  # said before SIESTA starts, not in its traceback
+    sys.exit(f"{sys.argv[1]}: no {', '.join(missing)} in it (usage: python {sys.argv[0]} PSEUDO_DIR)")
 atoms = read(os.path.join(os.path.dirname(__file__), "water.xyz"))
 atoms.set_velocities(np.random.default_rng(0).normal(0, 0.01, (len(atoms), 3)))
 atoms.calc = DMGuessSiesta(

@@ -7,6 +7,7 @@ PSEUDO_DIR holds Si.psf (e.g. ../shared/datasets/si8/basis). The settings are th
 was trained with (its card lists them); the cell starts 2 % too large, its atoms rattled by 0.05 Å.
 """
 
+import os
 import sys
 
 from ase import units
@@ -16,8 +17,11 @@ from ase.optimize import BFGS
 
 from siesta_dmguess import DMGuessSiesta
 
-if len(sys.argv) != 2:
+if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
     sys.exit(f"usage: python {sys.argv[0]} PSEUDO_DIR   (the folder holding Si.psf)")
+missing = [f"{label}.psf" for label in ['Si'] if not os.path.isfile(os.path.join(sys.argv[1], f"{label}.psf"))]
+if missing:  # said before SIESTA starts, not in its traceback
+    sys.exit(f"{sys.argv[1]}: no {', '.join(missing)} in it (usage: python {sys.argv[0]} PSEUDO_DIR)")
 atoms = bulk("Si", "diamond", a=5.43, cubic=True)
 atoms.rattle(0.05, seed=1)
 atoms.set_cell(atoms.cell * 1.02, scale_atoms=True)

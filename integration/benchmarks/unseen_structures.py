@@ -263,6 +263,10 @@ def main() -> None:
                                      "h2o-largebox,h2o-hot,h2o-warm")
     args = p.parse_args()
     sets = args.sets.split(",")
+    known = p.get_default("sets").split(",")
+    unknown = [name for name in sets if name not in known]
+    if unknown:  # each set is written by name below: an unknown one was passed over without a word
+        p.error(f"unknown set(s) {', '.join(unknown)}; the sets are {', '.join(known)}")
     # The random orientations of three sets, drawn in one fixed order whichever sets are written, so that a few
     # sets (--sets) are the same structures as in the full run (they once depended on the sets written before).
     rng = np.random.default_rng(11)
