@@ -26,6 +26,10 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=11)
     p.add_argument("--out", type=Path, default=Path("bond_scan.traj"))
     args = p.parse_args()
+    if args.frames < 2:
+        p.error("--frames must be at least 2 (the first frame is the unstretched bond)")
+    if args.out.exists():
+        p.error(f"{args.out} exists already: give another --out, or remove it")
     import ase.io
 
     from siesta_dmguess.structure import read_structure
@@ -36,7 +40,10 @@ def main() -> None:
         raise SystemExit(f"{args.fdf} has no {args.fixed} or no {args.moved} atom")
     a = symbols.index(args.fixed)
     distances = base.get_distances(a, range(len(base)))
-    b = min((i for i, s in enumerate(symbols) if s == args.moved and i != a), key=lambda i: distances[i])
+    partners = [i for i, s in enumerate(symbols) if s == args.moved and i != a]
+    if not partners:
+        raise SystemExit(f"{args.fdf} has no other {args.moved} atom than the fixed one")
+    b = min(partners, key=lambda i: distances[i])
     bond = base.positions[b] - base.positions[a]
     frames = []
     for f in np.linspace(1.0, args.to, args.frames):
@@ -45,7 +52,7 @@ def main() -> None:
         frames.append(atoms)
     args.out.parent.mkdir(parents=True, exist_ok=True)  # ase.io.write does not make the folder
     ase.io.write(args.out, frames)
-    print(f"wrote {args.out}: {args.fixed}{a}-{args.moved}{b} from {np.linalg.norm(bond):.3f} Å to "
+    print(f"wrote {args.out}: atoms {a + 1} ({args.fixed}) and {b + 1} ({args.moved}), counted from 1 as SIESTA does, from {np.linalg.norm(bond):.3f} Å to "
           f"{args.to * np.linalg.norm(bond):.3f} Å in {args.frames} frames")
 
 
