@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from study_args import child_output
 
 
 def one_setting(data_dir: Path, model: str, optimize: bool, structures: int) -> dict:
@@ -48,8 +49,8 @@ def cli_seconds(fdf: Path, model: str) -> float:
     """Wall time of ``siesta-dmguess predict FDF`` in a new process: what a shell script pays per structure."""
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "siesta_dmguess.cli", "predict", str(fdf), "--model", model,
-                        "-o", str(Path(tmp) / "out.DM")], check=True, capture_output=True)
+        child_output([sys.executable, "-m", "siesta_dmguess.cli", "predict", str(fdf), "--model", model,
+                      "-o", str(Path(tmp) / "out.DM")])
         return time.perf_counter() - t0
 
 
@@ -68,8 +69,7 @@ def main() -> None:
     for setting in ("optimized", "plain"):
         command = [sys.executable, __file__, str(args.data_dir), "--model", args.model,
                    "--structures", str(args.structures), "--one", setting]
-        out = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows[setting] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows[setting] = json.loads(child_output(command).strip().splitlines()[-1])
     print(f"{args.data_dir.name} with {args.model} (seconds; median over {args.structures - 1} predictions "
           "after the first)")
     print("| e3nn einsum optimization | imports | model load | first prediction | each further prediction |")

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
+
+from study_args import child_output
 
 
 def water_box(n_molecules: int, seed: int = 0):
@@ -88,8 +89,7 @@ def main() -> None:
     for n in args.sizes:
         command = [sys.executable, __file__, "--model", args.model, "--one", str(n), "--refine", args.refine]
         command += ["--edge-chunks", *map(str, args.edge_chunks)] if args.edge_chunks else []
-        out = subprocess.run(command, capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = json.loads(child_output(command).strip().splitlines()[-1])
         rows.append(r)
         print(f"{r['atoms']:>7} {r['pairs']:>9} {r['elements']:>12} {r['seconds']:>9.2f} "
               f"{r['seconds'] / r['atoms']:>9.2e} {r['peak_rss_mb']:>14.0f} {r['refinement']:>11}", flush=True)

@@ -33,3 +33,16 @@ def run_script(main) -> None:
         main()
     except (DMGuessError, OSError) as exc:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {exc}")
+
+
+def child_output(command: list[str]) -> str:
+    """The standard output of a child process (a script timing itself in a fresh interpreter); where it fails, its
+    own last error line, not a CalledProcessError that hides it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(it printed no error)"])[-1]
+        sys.exit(f"{Path(sys.argv[0]).name}: error: the child run failed (exit status {done.returncode}): {last}")
+    return done.stdout
