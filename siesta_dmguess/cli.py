@@ -520,6 +520,9 @@ def main(argv=None) -> int:
         # Python flushes stdout again at exit; point it at /dev/null so that flush cannot fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        if args.verbose:  # for this command only: a script calling main() again gets its own level back
+            logging.getLogger(__package__).setLevel(logging.NOTSET)
 
 
 if __name__ == "__main__":

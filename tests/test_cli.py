@@ -39,8 +39,17 @@ def test_verbose_before_or_after_the_command_logs_this_package_only(argv, capsys
     package, root = logging.getLogger("siesta_dmguess"), logging.getLogger()
     before = package.level, root.level
     try:
-        assert main(argv) == 0
-        assert (package.level == logging.DEBUG) == ("-v" in argv)
+        seen = []
+        import siesta_dmguess.cli as cli
+
+        real = cli._cmd_models
+        cli._cmd_models = lambda args: seen.append(package.level) or real(args)
+        try:
+            assert main(argv) == 0
+        finally:
+            cli._cmd_models = real
+        assert (seen == [logging.DEBUG]) == ("-v" in argv)
+        assert package.level == before[0]  # for that command only
         assert not logging.getLogger("sisl").isEnabledFor(logging.DEBUG)
     finally:
         package.setLevel(before[0])
