@@ -7,15 +7,15 @@ the largest DM change falls per iteration); then the same ratio pooled over ever
     python integration/benchmarks/first_change.py bench_h2o/bench_h2o.json bench_g2/bench_g2.json ...
 """
 import argparse
-import json
 import math
 import statistics
+
+from study_args import dataset_bench_report
 
 
 def ml_histories(path: str) -> list[list[float]]:
     """The dDmax history of every ML run in one `bench` JSON (single structures, not trajectories)."""
-    with open(path) as f:
-        return [s["ml"]["dDmax"] for s in json.load(f)["per_structure"] if s["ml"]["dDmax"]]
+    return [s["ml"]["dDmax"] for s in dataset_bench_report(path)["per_structure"] if s["ml"]["dDmax"]]
 
 
 def log_ratios(histories: list[list[float]]) -> list[float]:

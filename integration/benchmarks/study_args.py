@@ -46,3 +46,19 @@ def child_output(command: list[str]) -> str:
         last = (done.stderr.strip().splitlines() or ["(it printed no error)"])[-1]
         sys.exit(f"{Path(sys.argv[0]).name}: error: the child run failed (exit status {done.returncode}): {last}")
     return done.stdout
+
+
+def dataset_bench_report(path) -> dict:
+    """A ``bench_NAME.json`` of a dataset folder (``siesta-dmguess bench DATA_DIR``); one line naming the file
+    where it is no JSON or a trajectory's report (which has frames, not structures)."""
+    import json
+    import sys
+
+    try:
+        report = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {path}: not JSON ({exc}): give the bench_NAME.json files")
+    if "per_structure" not in report:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {path}: not the report of a dataset folder's benchmark "
+                 f"({'a trajectory' if 'per_frame' in report else 'no per_structure results'})")
+    return report

@@ -11,8 +11,9 @@ the start-up paid once. Nothing is rerun.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from study_args import dataset_bench_report
 
 
 def row(report: dict) -> str:
@@ -34,7 +35,7 @@ def main() -> None:
     print("| set | SIESTA, atomic guess | SIESTA, ML guess | predictions (mean) | in all, ML | start-up once |")
     print("| --- | --- | --- | --- | --- | --- |")
     for path in args.reports:
-        print(row(json.loads(path.read_text())))
+        print(row(dataset_bench_report(path)))
 
 
 if __name__ == "__main__":
