@@ -121,7 +121,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
     among a screening's thousand should not cost the rest."""
     from tqdm.auto import tqdm
 
-    from .predict import predict_for_run
+    from .predict import STRUCTURE_FILE_NOTE, predict_for_run
 
     fold = {"auto": None, "yes": True, "no": False}[args.fold]
     write = tqdm.write if many else print  # beside the progress bar of a batch
@@ -130,7 +130,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
     # One bar, for a single process: under MPI the ranks' lines would cut it.
     for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1 or args.quiet):
         try:
-            done = predict_for_run(structure, args.output, choose, overwrite=args.overwrite, fold=fold,
+            done = predict_for_run(structure, args.output or None, choose, overwrite=args.overwrite, fold=fold,
                                    force=args.force, refine=args.refine, edit_fdf=args.edit_fdf)
         except DMGuessError as exc:  # the other structures of a batch still get their DMs
             # on a line of its own: the progress bar shares stderr
@@ -141,7 +141,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
         if args.charges:
             _report_charges(done.prediction, write=write)
         for note in done.notes:
-            if note not in said:  # a note the same for every structure (a structure file's) is said once
+            if note != STRUCTURE_FILE_NOTE or note not in said:  # the same for every structure file: said once
                 write(f"note: {note}")
                 said.add(note)
         if done.fdf_backup:
@@ -499,8 +499,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # the command as given, which train records in the model card
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    package_log = logging.getLogger(__package__)
+    level = package_log.level
     if args.verbose:  # ours only: sisl's DEBUG lines buried them (630 lines for one molecule)
-        logging.getLogger(__package__).setLevel(logging.DEBUG)
+        package_log.setLevel(logging.DEBUG)
     try:
         _refuse_duplicate_processes(args.command)
         from .predict import torch_threads
@@ -521,8 +523,7 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     finally:
-        if args.verbose:  # for this command only: a script calling main() again gets its own level back
-            logging.getLogger(__package__).setLevel(logging.NOTSET)
+        package_log.setLevel(level)  # -v for this command only: a script calling main() keeps its own level
 
 
 if __name__ == "__main__":

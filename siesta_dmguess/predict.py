@@ -561,10 +561,12 @@ def predict_for_run(structure: str | Path, out: str | Path | None = None, model=
     out = Path(out)
     source = resolve_fdf(structure)
     is_fdf = source.suffix.lower() == ".fdf" and source.is_file()  # (a missing one: read_structure names it)
-    run_fdf = source if is_fdf else run_fdf_of(source)  # SIESTA's .XV in its run folder: that run reads the DM
     geometry_note = saved_geometry_note(source) if is_fdf else None  # SIESTA takes a .XV's atoms
     # read once: choosing the model and predicting both use it (its warnings said once)
     read = read_run_structure(source) if geometry_note else read_structure(source)
+    # SIESTA's .XV in its run folder, read with that run's settings (not where its atoms are another's): that run
+    # reads the DM
+    run_fdf = source if is_fdf else run_fdf_of(source) if read.fdf_settings else None
     use = model(read) if callable(model) else model
     pred = predict_to_file(read, out, model=use, overwrite=overwrite, fold=fold, force=force, refine=refine)
     done = RunPrediction(pred, out, [geometry_note] if geometry_note else [], run_fdf)

@@ -673,6 +673,11 @@ def test_siestas_structure_file_in_its_run_folder_is_predicted_with_the_runs_set
     caplog.clear()
     assert "kgrid" not in read_structure(tmp_path / "run" / "siesta.XV").fdf_settings
     assert "holds other atoms than the fdf (7 atoms, the fdf 8) (input.fdf, beside it)" in caplog.text
+    from siesta_dmguess.predict import predict_for_run
+
+    done = predict_for_run(tmp_path / "run" / "siesta.XV", tmp_path / "x.DM", model="silicon", fold=False,
+                           edit_fdf=True)
+    assert done.fdf is None and done.fdf_backup is None  # not that run's atoms: its fdf is left alone
 
 
 def test_a_frame_of_a_trajectory_is_chosen_as_ase_does_with_file_at_index(tmp_path, caplog):
@@ -782,3 +787,16 @@ def test_predict_for_run_on_siestas_files_and_outputs_of_every_kind(tmp_path, ca
     assert main(["predict", str(tmp_path / "empty"), str(fdf), "-o", str(tmp_path / "out")]) == 2
     assert (tmp_path / "out" / "siesta.DM").is_file()  # the good one was written
     assert "empty: expected one .fdf in the run folder" in capsys.readouterr().err
+
+
+def test_each_run_of_a_batch_gets_its_own_note_and_an_empty_output_is_none(tmp_path, capsys, monkeypatch):
+    """Notes name only the fdf's file name, so a batch of runs repeats them: each run's must still be said (only the
+    structure files' note, the same for all, is said once). `-o ''` wrote into the current folder."""
+    from siesta_dmguess.cli import main
+
+    fdfs = [_h2o_run_copy(tmp_path, name) for name in ("a", "b")]
+    assert main(["predict", *map(str, fdfs), "--model", "water", "--quiet"]) == 0
+    assert capsys.readouterr().out.count("so SIESTA will not read this DM") == 2
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", *map(str, fdfs), "--model", "water", "--quiet", "-o", "", "--overwrite"]) == 0
+    assert not (tmp_path / "siesta.DM").exists() and all((f.parent / "siesta.DM").is_file() for f in fdfs)

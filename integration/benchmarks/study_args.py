@@ -31,8 +31,8 @@ def run_script(main) -> None:
 
     try:
         main()
-    except (DMGuessError, OSError) as exc:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {exc}")
+    except (DMGuessError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {exc}")  # (any other error keeps its traceback: a bug)
 
 
 def child_output(command: list[str]) -> str:
@@ -42,9 +42,10 @@ def child_output(command: list[str]) -> str:
     import sys
 
     done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(it printed no error)"])[-1]
-        sys.exit(f"{Path(sys.argv[0]).name}: error: the child run failed (exit status {done.returncode}): {last}")
+    if done.returncode != 0:  # its own last lines (a traceback's location included), then the command
+        tail = "\n".join(done.stderr.strip().splitlines()[-20:]) or "(it printed no error)"
+        sys.exit(f"{tail}\n{Path(sys.argv[0]).name}: error: the child run failed (exit status {done.returncode}): "
+                 f"{' '.join(command)}")
     return done.stdout
 
 
