@@ -35,5 +35,5 @@ VelocityVerlet(atoms, 0.5 * units.fs).run(3)
 for step, record in enumerate(atoms.calc.history):
     print(f"step {step}: guess {record.guess}, {record.scf_iterations} SCF iterations "
           f"(atomic guess {record.atomic_scf_iterations}), prediction {record.prediction_s:.2f} s"
-          + (f" (and {record.startup_s:.1f} s of start-up, once: importing torch and sisl, loading the model, "
-             "the overlap tables)" if record.startup_s else ""))
+          + (f" (and {record.startup_s:.1f} s of start-up, once: loading and warming up the model, the overlap "
+             "tables)" if record.startup_s else ""))
