@@ -132,6 +132,11 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
         known = {label for label, species in species_of.items() if species is not None}
         for label, path in find_basis_files(folder, known).items():
             b, model_basis = read_species_basis(path), loaded.basis[species_of[label]]
+            if b.norb != model_basis.norb:  # no DM of the model's basis fits this run, --force or not
+                raise ModelCompatibilityError(
+                    f"basis of {label!r} in {path.name} has {b.norb} orbitals, the model's {species_of[label]!r} "
+                    f"{model_basis.norb} ({b.describe()} vs {model_basis.describe()}): a DM of the model's basis "
+                    f"cannot be read by this run, even with --force", structure.source)
             if not b.same_orbitals(model_basis):
                 problems.append(f"basis of {label!r} in {path.name} differs from the model's "
                                 f"{species_of[label]!r} ({b.describe()}, hash {b.hash} vs {model_basis.describe()}, "

@@ -859,3 +859,18 @@ def test_a_card_written_before_bare_number_options_holds_their_ev_value():
     old_card = {"basis_options": {"PAO.SoftPotential": "544.2277249197482"}}
     assert setting_problems({"basis_options": {"PAO.SoftPotential": "40"}}, old_card) == []
     assert setting_problems({"basis_options": {"PAO.SoftPotential": "30"}}, old_card)
+
+
+def test_a_run_basis_of_another_orbital_count_is_refused_even_with_force(model_dir, tmp_path, monkeypatch):
+    """--force wrote a DM of the model's 23 orbitals for a run whose basis has fewer: SIESTA cannot read it."""
+    import siesta_dmguess.guard as guard
+    from siesta_dmguess.basis import Shell, SpeciesBasis
+
+    (tmp_path / "input.fdf").write_text(WATER_FDF)
+    (tmp_path / "O.ion.xml").write_text("<ion></ion>")  # found by name; its reading is replaced below
+    single_zeta = SpeciesBasis("O", 8, (Shell(2, 0, 1, False, 1.0, 3.0), Shell(2, 1, 1, False, 1.0, 3.0)))
+    monkeypatch.setattr(guard, "read_species_basis", lambda path: single_zeta)
+    for force in (False, True):
+        with pytest.raises(ModelCompatibilityError, match=r"input.fdf: basis of 'O' in O.ion.xml has 4 orbitals, "
+                                                          r"the model's 'O' 13 .*even with --force"):
+            predict_density_matrix(tmp_path / "input.fdf", model_dir, force=force)
