@@ -91,6 +91,7 @@ def test_a_set_of_files_is_replaced_whole_and_a_ctrl_c_midway_waits_for_the_last
     import sys
 
     script = (f"import os, signal, pathlib\nfrom siesta_dmguess.files import atomic_write_set\n"
+              f"signal.signal(signal.SIGINT, signal.default_int_handler)  # a SIGINT ignored by the parent is not\n"
               f"a, b = pathlib.Path({str(a)!r}), pathlib.Path({str(b)!r})\n"
               f"try:\n"
               f"    atomic_write_set({{a: lambda t: t.write_text('new a'), b: lambda t: t.write_text('new b')}},\n"
