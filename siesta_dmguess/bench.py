@@ -85,6 +85,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
     from .siesta import prepare_run, run_siesta
 
     samples = {guess: [] for guess in guesses}
+    tolerance = _dm_tolerance(fdf)  # once: the same fdf for every run of the structure
     natoms, novelty, flagged, fallback, fallback_kind = 0, None, False, "", ""
     for guess in [g for _ in range(max(repeat, 1)) for g in guesses]:
         run_dir = workdir / guess
@@ -109,7 +110,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
                                           [s.dDmax for s in out.scf_history],
                                           None if out.start_dm_electrons is None
                                           else out.start_dm_electrons - out.electrons,
-                                          _dm_tolerance(fdf) or out.dm_tolerance))
+                                          tolerance or out.dm_tolerance))
     results = {guess: median_run(runs) for guess, runs in samples.items()}
     return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback, fallback_kind,
                            Path(model.path).name if hasattr(model, "path") else str(model))

@@ -144,9 +144,10 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
         from .siesta.runner import find_pseudopotential, pseudopotential_dirs
 
         digests = card.get("pseudopotentials", {})
-        for label in sorted(known):  # the file SIESTA would read: beside the fdf, else in Pseudo.Directory
+        dirs = pseudopotential_dirs(Path(structure.source))  # beside the fdf, else in Pseudo.Directory, as SIESTA
+        for label in sorted(known):
             # .psf only: the card's checksums are of .psf files (a .psml is another file, not another pseudopotential)
-            psf = find_pseudopotential(label, pseudopotential_dirs(Path(structure.source)), (".psf",))
+            psf = find_pseudopotential(label, dirs, (".psf",))
             digest = digests.get(species_of[label])
             if digest and psf is not None and sha256_file(psf) != digest:
                 problems.append(f"pseudopotential {psf.name} differs from the one the model was trained with")
