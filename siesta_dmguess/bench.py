@@ -118,7 +118,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
 
 def _dm_tolerance(fdf: Path) -> float | None:
     """The fdf's DM.Tolerance (SIESTA echoes it with 6 decimals only), or None where it leaves SIESTA's default."""
-    from .structure import fdf_sile
+    from .fdf import fdf_sile
 
     try:
         value = fdf_sile(fdf).get("DM.Tolerance")
@@ -210,7 +210,7 @@ def measurement_identity(fdf_text: str, pseudo_dirs, loaded, siesta: list[str], 
 
 def _with_included(fdf_text: str, fdf: Path) -> str:
     """``fdf_text`` (the fdf's own text, or "" for only its includes) followed by the files ``fdf`` includes."""
-    from .structure import fdf_input_files
+    from .fdf import fdf_input_files
 
     return fdf_text + "".join(f"\n{p.name}\n{p.read_text(errors='replace')}" for p in fdf_input_files(fdf)[1:])
 
@@ -492,7 +492,7 @@ def plot(rows: list[StructureResult], path: Path, title: str = "") -> None:
 def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, command) -> tuple:
     """Run SIESTA on one frame from ``start_dm`` (an image-keyed CSR, see :func:`~siesta_dmguess.dm.to_image_keyed`,
     or None: atomic guess); return (result, wall time, D_scf image-keyed, the converged .DM's path)."""
-    from .structure import siesta_dm_path
+    from .fdf import siesta_dm_path
     from .dm import from_image_keyed, read_density_matrix, to_image_keyed, write_density_matrix
     from .siesta import prepare_run, run_siesta
 
@@ -551,10 +551,11 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     from tqdm.auto import tqdm
 
     from .dm import build_geometry, to_image_keyed
+    from .fdf import resolve_fdf
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix, ready_chosen_model
     from .siesta.templates import fdf_with_geometry
-    from .structure import FdfFrames, periodic_cell, read_frames, resolve_fdf
+    from .structure import FdfFrames, periodic_cell, read_frames
 
     unknown = [g for g in guesses if g not in GUESSES]
     if unknown or not guesses:  # before any SIESTA run, not midway through the trajectory

@@ -124,8 +124,8 @@ def _siesta_command_line():
 def _warn_of_replaced_dm_keys(fdf_arguments: dict) -> None:
     """Say that the starting-guess keys among ``fdf_arguments`` (``DM.UseSaveDM F``, ``File.DM.Init``) are
     replaced at each step by the guess's template (integration/templates), rather than drop them silently."""
+    from .fdf import normalized_fdf_key
     from .siesta.templates import DM_INIT_KEYS
-    from .structure import normalized_fdf_key
 
     replaced = [k for k in fdf_arguments if normalized_fdf_key(k) in DM_INIT_KEYS]  # (keys in SIESTA's spelling)
     if replaced:
@@ -201,7 +201,7 @@ class DMGuessSiesta(Siesta):
         ``ghost_species``, which ASE writes for a ``Species(..., ghost=True)``, and the basis options and
         per-species sizes (``PAO.*`` fdf arguments, ASE's ``PAO.BasisSizes`` block). Before that fdf exists (a guess
         built by hand), from ``kpts`` alone (ASE writes no displacement)."""
-        from .structure import read_fdf_settings
+        from .fdf import read_fdf_settings
 
         fdf = self.getpath(ext="fdf")
         if Path(fdf).is_file():
@@ -217,7 +217,7 @@ class DMGuessSiesta(Siesta):
         spelling of their keys (fdf keys ignore case and '.', '_', '-')."""
         from ase.units import Ry
 
-        from .structure import FDF_SETTING_KEYS, normalized_fdf_key
+        from .fdf import FDF_SETTING_KEYS, normalized_fdf_key
 
         settings = {}
         xc = self["xc"]

@@ -20,8 +20,9 @@ from .basis import SpeciesBasis, atom_radii, find_basis_files, read_species_basi
 from .dm import (BlockLayout, build_geometry, build_layout, read_density_matrix, reference_lookup,
                  siesta_orbital_mask)
 from .errors import InputFileError
+from .fdf import find_fdf, siesta_dm_path
 from .graph import Edges, Neighbours, extend_for_folding, pattern_pairs, pattern_reach, radius_pairs
-from .structure import Structure, find_fdf, read_structure, siesta_dm_path
+from .structure import Structure, read_structure
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def prepare_sample(structure: Structure, basis: dict[str, SpeciesBasis], species
 def sampling_period(sample: Sample) -> float | None:
     """The period (Å) with which the run's k-sampling repeats the crystal (the shortest vector of SIESTA's k-grid
     supercell; for a Γ-only run, of the cell), or None for a molecule without periodic images."""
-    from .structure import shortest_period
+    from .fdf import shortest_period
 
     length = sample.structure.fdf_settings.get("k_supercell_length")
     if length is None and sample.fold and np.all(sample.structure.atoms.pbc):

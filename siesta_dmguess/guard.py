@@ -18,7 +18,8 @@ from pathlib import Path
 from .basis import find_basis_files, read_species_basis
 from .card import LoadedModel, sha256_file
 from .errors import ModelCompatibilityError
-from .structure import FDF_ENERGY_KEYS, Structure, element_symbol, normalized_fdf_key
+from .fdf import FDF_ENERGY_KEYS, normalized_fdf_key
+from .structure import Structure, element_symbol
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +238,9 @@ def _same_option(a, b) -> bool:
 
 
 def _same_as_in_an_older_card(key: str, run_value, card_value) -> bool:
-    """A bare-number basis option (``structure.BARE_NUMBER_BASIS_KEYS``: SIESTA reads ``PAO.SoftPotential 40 Ry``
+    """A bare-number basis option (``fdf.BARE_NUMBER_BASIS_KEYS``: SIESTA reads ``PAO.SoftPotential 40 Ry``
     as 40) against a card written before it was read so, which holds sisl's eV for a value given with "Ry"."""
-    from .structure import BARE_NUMBER_BASIS_KEYS
+    from .fdf import BARE_NUMBER_BASIS_KEYS
 
     try:
         return key in BARE_NUMBER_BASIS_KEYS and _close(float(run_value) * _EV_PER["ry"], float(card_value))

@@ -506,7 +506,8 @@ def default_dm_path(structure: str | Path) -> Path:
     reads with ``DM.UseSaveDM T``; where the fdf names another in ``File.DM.Init``, a note says so rather than write
     into another run's folder); for any other structure file, the same name with suffix ``.DM`` (a frame
     ``md.traj@3``: ``md@3.DM``)."""
-    from .structure import frame_selection, resolve_fdf, siesta_dm_path
+    from .fdf import resolve_fdf, siesta_dm_path
+    from .structure import frame_selection
 
     structure = resolve_fdf(structure)
     if structure.suffix.lower() == ".fdf" and structure.is_file():
@@ -549,8 +550,9 @@ def predict_for_run(structure: str | Path, out: str | Path | None = None, model=
     ``DM.UseSaveDM T`` on the fdf's first line (the original kept as a backup). Errors as
     :func:`predict_to_file`.
     """
+    from .fdf import resolve_fdf, siesta_dm_init_path
     from .siesta.templates import dm_read_note, enable_dm_read, saved_geometry_note
-    from .structure import read_run_structure, resolve_fdf, run_fdf_of, siesta_dm_init_path
+    from .structure import read_run_structure, run_fdf_of
 
     if out is None:
         out = default_dm_path(structure)

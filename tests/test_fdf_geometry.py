@@ -95,7 +95,7 @@ def test_a_trajectory_is_checked_before_any_frame_is_run(tmp_path):
 
 
 def test_monkhorst_pack_block_is_read_only_when_diagonal(tmp_path):
-    from siesta_dmguess.structure import read_monkhorst_pack
+    from siesta_dmguess.fdf import read_monkhorst_pack
 
     fdf = tmp_path / "k.fdf"
     fdf.write_text("%block kgrid_Monkhorst_Pack\n 4 0 0 0.5\n 0 2 0 0.0\n 0 0 3\n%endblock kgrid_Monkhorst_Pack\n")
@@ -109,7 +109,7 @@ def test_monkhorst_pack_block_is_read_only_when_diagonal(tmp_path):
 def test_energy_settings_are_read_in_rydberg_whatever_unit_the_fdf_uses(tmp_path):
     """Cards record MeshCutoff and PAO.EnergyShift as '<value> Ry' (sisl alone would give eV, unlabelled), so an
     fdf that writes the same energy in another unit matches the card."""
-    from siesta_dmguess.structure import read_fdf_settings
+    from siesta_dmguess.fdf import read_fdf_settings
 
     a, b = tmp_path / "a.fdf", tmp_path / "b.fdf"
     a.write_text("MeshCutoff 200 Ry\nPAO.EnergyShift 0.02 Ry\nXC.functional LDA\n")
@@ -351,7 +351,7 @@ def test_coordinates_left_in_bohr_by_default_are_pointed_out(tmp_path, caplog):
 def test_fdf_input_files_follows_includes_and_piped_blocks(tmp_path):
     """The files an fdf reads in: %include (also nested), a block or key piped from a file, none twice; a named
     file that is missing is left out."""
-    from siesta_dmguess.structure import fdf_input_files
+    from siesta_dmguess.fdf import fdf_input_files
 
     (tmp_path / "input.fdf").write_text("SystemLabel w\n%include common.fdf  # settings\n"
                                         "%block AtomicCoordinatesAndAtomicSpecies < coords.fdf\n"
@@ -492,8 +492,8 @@ def test_an_fdf_that_reads_in_files_gives_frames_and_runs_with_all_its_settings(
     what the fdf reads in inlined, and the same settings and structure as the fdf's own."""
     import re
 
+    from siesta_dmguess.fdf import inlined_fdf_text, read_fdf_settings
     from siesta_dmguess.siesta.templates import fdf_with_geometry, prepare_run
-    from siesta_dmguess.structure import inlined_fdf_text, read_fdf_settings
 
     fdf = _h2o_run_copy(tmp_path)
     original = fdf.read_text()
@@ -574,7 +574,7 @@ def test_predict_says_where_siesta_takes_its_atoms_from_a_saved_file(tmp_path, c
     fdf = _edited(_h2o_run_copy(tmp_path), lambda t: "MD.UseSaveXV T\n" + t)
     assert main(["predict", str(fdf.parent), "--model", "water"]) == 0
     assert "UseSaveXV" not in capsys.readouterr().out  # no .XV yet: SIESTA takes the fdf's atoms
-    from siesta_dmguess.structure import fdf_sile
+    from siesta_dmguess.fdf import fdf_sile
 
     geometry = fdf_sile(fdf).read_geometry()
     stretched = geometry.copy()
@@ -601,7 +601,8 @@ def test_a_trajectory_template_needs_no_coordinates_and_paths_keep_their_digits(
     was read from its structure. An include path like ../0d1/x.fdf is no Fortran number."""
     import re
 
-    from siesta_dmguess.structure import FdfFrames, fdf_line
+    from siesta_dmguess.fdf import fdf_line
+    from siesta_dmguess.structure import FdfFrames
 
     fdf = _edited(_h2o_run_copy(tmp_path), lambda t: re.sub(
         r"%block AtomicCoordinatesAndAtomicSpecies.*%endblock AtomicCoordinatesAndAtomicSpecies\n", "", t, flags=re.S))
@@ -648,8 +649,8 @@ def test_siestas_structure_file_in_its_run_folder_is_predicted_with_the_runs_set
 
     import sisl
 
+    from siesta_dmguess.fdf import fdf_sile
     from siesta_dmguess.predict import predict_density_matrix
-    from siesta_dmguess.structure import fdf_sile
 
     from .conftest import dataset
 

@@ -92,9 +92,9 @@ def run_variant(name: str, fdf_text: str, include: str | None, run: Path, out: P
                 baseline: bool) -> dict:
     """Predict the variant's DM and run SIESTA from it (and, with ``baseline``, from its atomic guess)."""
     from siesta_dmguess.errors import DMGuessError, SiestaError
+    from siesta_dmguess.fdf import species_block
     from siesta_dmguess.predict import predict_to_file
     from siesta_dmguess.siesta import prepare_run, run_siesta
-    from siesta_dmguess.structure import species_block
 
     src = out / name
     shutil.rmtree(src, ignore_errors=True)

@@ -55,10 +55,11 @@ def main() -> None:
 
     from siesta_dmguess.card import load_model
     from siesta_dmguess.errors import SiestaNotFoundError
+    from siesta_dmguess.fdf import find_fdf, siesta_dm_path
     from siesta_dmguess.predict import predict_density_matrix
     from siesta_dmguess.refine import nearest_idempotent
     from siesta_dmguess.siesta import find_siesta, prepare_run, run_siesta
-    from siesta_dmguess.structure import find_fdf, read_structure, siesta_dm_path
+    from siesta_dmguess.structure import read_structure
 
     try:
         find_siesta()

@@ -35,7 +35,7 @@ def kpoints_of(fdf: Path, lattice):
     Γ-centred grid shifted by d/n."""
     import sisl
 
-    from siesta_dmguess.structure import read_monkhorst_pack
+    from siesta_dmguess.fdf import read_monkhorst_pack
 
     sizes, displacements = read_monkhorst_pack(fdf) or ([1, 1, 1], [0.0, 0.0, 0.0])
     n, d = np.array(sizes), np.array(displacements)

@@ -37,9 +37,10 @@ except ImportError:  # older ASE
 
 
 from siesta_dmguess import DMGuessSiesta
+from siesta_dmguess.fdf import read_monkhorst_pack, resolve_fdf
 from siesta_dmguess.siesta import find_siesta
 from siesta_dmguess.siesta.runner import fdf_value
-from siesta_dmguess.structure import read_monkhorst_pack, read_structure, resolve_fdf
+from siesta_dmguess.structure import read_structure
 
 
 def calculator_for(fdf: Path, model: str, guess: str, directory: Path) -> DMGuessSiesta:

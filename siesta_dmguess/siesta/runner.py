@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputFileError, SiestaError, SiestaNotFoundError
-from ..structure import fdf_words, normalized_fdf_key, species_block, system_label
+from ..fdf import fdf_words, normalized_fdf_key, species_block, system_label
 from .output import SiestaOutput, parse_output
 
 

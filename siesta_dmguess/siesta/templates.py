@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputFileError
-from ..structure import fdf_words, inlined_fdf_text, normalized_fdf_key, species_block, system_label
+from ..fdf import fdf_words, inlined_fdf_text, normalized_fdf_key, species_block, system_label
 from .runner import PSEUDO_SUFFIXES, fdf_value, find_pseudopotential, species_labels
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
-# The keys of a run's starting DM, which a template replaces (normalized: structure.normalized_fdf_key), and
+# The keys of a run's starting DM, which a template replaces (normalized: fdf.normalized_fdf_key), and
 # those that make SIESTA take its atoms from a saved file instead of the fdf: the runs compare guesses for the
 # fdf's atoms, which the prediction is made for (and the saved file is not copied into them).
 DM_INIT_KEYS = {normalized_fdf_key(k) for k in ("DM.UseSaveDM", "DM.AllowExtrapolation", "DM.History.Depth",
@@ -57,7 +57,7 @@ def apply_dm_init(fdf_text: str, init: str) -> str:
 def _reads_saved_dm(fdf: Path) -> bool:
     """Whether a SIESTA run of ``fdf`` reads a saved DM: ``DM.UseSaveDM`` true at its first occurrence (fdf keeps
     a key's first value, as sisl's reader does)."""
-    from ..structure import fdf_sile, fdf_true
+    from ..fdf import fdf_sile, fdf_true
 
     return fdf_true(fdf_sile(fdf), "DM.UseSaveDM")
 
@@ -68,7 +68,7 @@ def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
     SIESTA reads ``<SystemLabel>.DM`` from the folder it runs in, and only with ``DM.UseSaveDM T`` (default F).
     A ``DM.UseSaveDM T`` appended after a ``F`` is ignored: the note says where to put it.
     """
-    from ..structure import siesta_dm_init_path
+    from ..fdf import siesta_dm_init_path
 
     fdf, dm_path = Path(fdf), Path(dm_path)
     expected = siesta_dm_init_path(fdf)
@@ -85,7 +85,7 @@ def dm_read_note(fdf: Path, dm_path: Path) -> str | None:
 def saved_geometry_note(fdf: Path) -> str | None:
     """Where SIESTA run from ``fdf`` takes its atoms from a file rather than the fdf (:func:`saved_geometry_file`),
     a note saying so: ``predict`` predicts for those atoms."""
-    from ..structure import saved_geometry_file
+    from ..fdf import saved_geometry_file
 
     found = saved_geometry_file(Path(fdf))
     if found is None:
