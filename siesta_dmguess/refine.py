@@ -18,7 +18,7 @@ fixes the count exactly.
 A model with a ΔH head (``ModelConfig.correction_head``) steers the projection: the
 occupied space is then that of the Hamiltonian-like -S P S + ΔH instead of -S P S
 (see :func:`nearest_idempotent`; trained through its differentiable twin,
-:func:`siesta_dmguess.train.projected_density_torch`).
+:func:`siesta_dmguess.correction.projected_density_torch`).
 
 The projection needs the dense Γ-point D and S (O(n_orb³)), so it applies to
 Γ-only and molecular DMs of up to :data:`MAX_DENSE_ORBITALS` orbitals with an

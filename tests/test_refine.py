@@ -145,7 +145,7 @@ def test_differentiable_projection_matches_numpy_and_its_gradient_is_exact():
     import torch
 
     from siesta_dmguess.refine import nearest_idempotent
-    from siesta_dmguess.train import projected_density_torch
+    from siesta_dmguess.correction import projected_density_torch
 
     s, d0 = pure_state(seed=10)  # d0's occupied natural occupations are exactly degenerate (all 2)
     dh = symmetric_noise(11, 0.02)
