@@ -221,6 +221,42 @@ def test_a_dm_that_predict_wrote_into_a_run_folder_is_refused_as_reference(tmp_p
     assert len(load()) == 1
 
 
+def test_the_refusal_names_the_backup_siestas_run_wrote_and_refuses_an_older_prediction_put_back(tmp_path):
+    """A probe predicted twice into a fresh folder, ran SIESTA, and predicted again: siesta.DM.bak then held the first
+    prediction and .bak1 SIESTA's DM, but the message said `mv siesta.DM.bak siesta.DM`; done so, evaluate took that
+    prediction as the reference (MAE 4e-9)."""
+    import os
+    import shutil
+
+    from siesta_dmguess.data import check_dm_is_siestas
+    from siesta_dmguess.errors import InputFileError
+
+    src = dataset("h2o") / "0004"
+    run = tmp_path / "run"
+    run.mkdir()
+    out = run / "siesta.out.gz"
+    shutil.copy(src / "siesta.out.gz", out)
+    end = out.stat().st_mtime
+    files = {"siesta.DM.bak": end - 3600,  # the first prediction, before SIESTA ran
+             "siesta.DM.bak1": end - 1,  # SIESTA's own, written at its last SCF iteration
+             "siesta.DM": end + 60}  # the prediction written after the run
+    for name, when in files.items():
+        shutil.copy(src / "siesta.DM", run / name)
+        os.utime(run / name, (when, when))
+    with pytest.raises(InputFileError, match=r"newer than .*\(mv siesta.DM.bak1 siesta.DM\)"):
+        check_dm_is_siestas(run / "siesta.DM")
+    os.replace(run / "siesta.DM.bak", run / "siesta.DM")  # the advice of before: the first prediction put back
+    with pytest.raises(InputFileError, match=r"older than the start of the run .*\(mv siesta.DM.bak1 siesta.DM\)"):
+        check_dm_is_siestas(run / "siesta.DM")
+    os.replace(run / "siesta.DM.bak1", run / "siesta.DM")  # SIESTA's DM put back: a reference
+    check_dm_is_siestas(run / "siesta.DM")
+    shutil.copy(src / "siesta.DM", run / "siesta.DM.bak")
+    os.utime(run / "siesta.DM.bak", (end - 3600, end - 3600))
+    os.utime(run / "siesta.DM", (end + 60, end + 60))  # no backup from the run: nothing to put back
+    with pytest.raises(InputFileError, match=r"No backup \(siesta.DM.bak\) was written during that run"):
+        check_dm_is_siestas(run / "siesta.DM")
+
+
 def test_copied_runs_keep_the_split_their_run_json_records_and_a_split_nobody_records_is_said(tmp_path, caplog):
     """Without index.json the runs' own run.json gives their split (``--split train`` took val runs before);
     where no run records one, a named split takes every run, with a warning instead of silently."""
