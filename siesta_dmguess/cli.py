@@ -75,23 +75,7 @@ def _cmd_predict(args) -> int:
     from .parallel import mpi_world
     from .predict import AUTO_MODEL, torch_threads
 
-    from .predict import default_dm_path
-
-    into = Path(args.output) if args.output and Path(args.output).is_dir() else None
-    if args.output and not into and len(args.structure) > 1:
-        raise DMGuessError("-o names one output file; with several structures, give an existing folder, or none to "
-                           "write each DM next to its input")
-    if into:  # two structures of a batch under one name would overwrite each other's DM (the first kept as backup)
-        names = []
-        for structure in args.structure:
-            try:
-                names.append(default_dm_path(structure).name)
-            except DMGuessError:  # this structure's own error, said when its turn comes; the others go on
-                pass
-        clash = sorted({name for name in names if names.count(name) > 1})
-        if clash:
-            raise InputFileError(f"several structures would be written to {clash[0]} in it: predict them into "
-                                 f"separate folders, or next to their inputs (no -o)", into)
+    _check_outputs(args.structure, args.output)
     world = mpi_world()  # under mpirun: this process's share of the structures (siesta_dmguess.parallel)
     structures = world.share(args.structure)
     # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
@@ -112,6 +96,35 @@ def _cmd_predict(args) -> int:
         print(f"siesta-dmguess: {failed} of {len(structures)} structures got no DM (each is named above)",
               file=sys.stderr)
     return 2 if failed else 0  # as main() does for any other error
+
+
+def _check_outputs(structures: list[str], output: str | None) -> None:
+    """Before any prediction: ``-o`` fits the structures (one file for one structure, else an existing folder),
+    and no two structures of the batch would be written to one file (each would overwrite the other's DM, the first
+    kept only as a backup): two with the same name into one ``-o`` folder, or two inputs of one run folder (its
+    ``.XV`` and ``.STRUCT_OUT``) beside them."""
+    from .predict import default_dm_path
+
+    into = Path(output) if output and Path(output).is_dir() else None
+    if output and not into:
+        if str(output).endswith(("/", os.sep)):
+            raise InputFileError("no such folder to write the DMs into", output)
+        if len(structures) > 1:
+            raise DMGuessError("-o names one output file; with several structures, give an existing folder, or none "
+                               "to write each DM next to its input")
+        return
+    written: dict[Path, str] = {}
+    for structure in structures:
+        try:
+            path = default_dm_path(structure)
+        except DMGuessError:  # this structure's own error, said when its turn comes; the others go on
+            continue
+        path = (into / path.name if into else path).resolve()
+        if path in written:
+            where = f"{path.name} in {into}" if into else str(path)
+            raise InputFileError(f"{written[path]} and {structure} would both be written to {where}: predict them "
+                                 f"into separate folders (-o), or one at a time", into or structure)
+        written[path] = structure
 
 
 def _predict_each(structures: list[str], args, model, many: bool, world) -> int:

@@ -176,13 +176,29 @@ def list_runs(data_dir: str | Path) -> list[RunRecord]:
             records = json.loads(index.read_text())
         except json.JSONDecodeError as exc:
             raise InputFileError(f"index.json is not valid JSON ({exc})", index) from exc
-        return [_indexed_record(data_dir, r, index) for r in _index_entries(records, index)]
+        listed = [_indexed_record(data_dir, r, index) for r in _index_entries(records, index)]
+        _say_unlisted_runs(index, {r.folder.name for r in listed})
+        return listed
     runs = sorted(p.parent for p in data_dir.glob("*/*.fdf"))
     if (data_dir / "input.fdf").is_file() or list(data_dir.glob("*.DM")):
         runs = [data_dir]
     if not runs:
         raise InputFileError("no run folders (sub-folders with an .fdf) found", data_dir)
     return [_record_of_folder(p) for p in sorted(set(runs))]
+
+
+_UNLISTED_SAID: set = set()
+
+
+def _say_unlisted_runs(index: Path, listed: set[str]) -> None:
+    """Warn (once per dataset) about run folders beside an ``index.json`` that it does not list: runs added to a
+    copy of a dataset were left out of evaluate, train and bench without a word."""
+    unlisted = sorted({p.parent.name for p in index.parent.glob("*/*.fdf")} - listed)
+    if unlisted and (index, tuple(unlisted)) not in _UNLISTED_SAID:
+        _UNLISTED_SAID.add((index, tuple(unlisted)))
+        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+        log.warning("%s does not list %d run folder(s) beside it (%s), so they are left out: add them to it, with "
+                    "their split, or give their folders on their own", index, len(unlisted), shown)
 
 
 def _index_entries(records, index: Path) -> list[dict]:

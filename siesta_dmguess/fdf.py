@@ -475,8 +475,14 @@ def system_label(fdf: str | Path) -> str:
 
 
 def _label(sile) -> str:
-    """:func:`system_label` from an fdf already open (each opening reads the fdf again)."""
-    return (sile.text("SystemLabel") or "siesta")[:LABEL_LENGTH]
+    """:func:`system_label` from an fdf already open (each opening reads the fdf again). A label with a space in it
+    is an error, as in SIESTA 4.1 (``reinit.F``: "SystemLabel must *NOT* contain any spaces!"), which would stop
+    before reading the DM written under that name."""
+    label = (sile.text("SystemLabel") or "siesta")[:LABEL_LENGTH]
+    if len(label.split()) > 1:
+        raise InputFileError(f"SystemLabel {label!r} contains spaces, which SIESTA refuses (it stops at start-up): "
+                             "use one word, e.g. " + "_".join(label.split()), Path(str(sile.file)))
+    return label
 
 
 def fdf_true(sile, key: str) -> bool:

@@ -551,6 +551,7 @@ def predict_for_run(structure: str | Path, out: str | Path | None = None, model=
     :func:`predict_to_file`.
     """
     from .fdf import resolve_fdf, siesta_dm_init_path
+    from .siesta.runner import check_pseudopotentials
     from .siesta.templates import dm_read_note, enable_dm_read, saved_geometry_note
     from .structure import read_run_structure, run_fdf_of
 
@@ -572,6 +573,11 @@ def predict_for_run(structure: str | Path, out: str | Path | None = None, model=
     use = model(read) if callable(model) else model
     pred = predict_to_file(read, out, model=use, overwrite=overwrite, fold=fold, force=force, refine=refine)
     done = RunPrediction(pred, out, [geometry_note] if geometry_note else [], run_fdf)
+    if run_fdf:  # what SIESTA needs besides the DM, said now rather than when SIESTA stops (bench checks it too)
+        try:
+            check_pseudopotentials(run_fdf)
+        except InputFileError as exc:
+            done.notes.append(f"SIESTA run from {run_fdf.parent} would stop before its first SCF step: {exc.message}")
     note = dm_read_note(run_fdf, out) if run_fdf else STRUCTURE_FILE_NOTE
     # the switch only where SIESTA looks for the DM: on with the DM elsewhere, it would read a stale one
     if note and edit_fdf and run_fdf and out.resolve() == siesta_dm_init_path(run_fdf).resolve():

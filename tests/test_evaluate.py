@@ -324,6 +324,30 @@ def test_a_malformed_index_json_is_named(tmp_path, index, problem):
         select_runs([tmp_path / "data"])
 
 
+def test_run_folders_an_index_json_does_not_list_are_said_once(tmp_path, caplog):
+    """A probe added a run to a copy of a dataset: evaluate, train and bench left it out without a word."""
+    import json
+    import logging
+
+    from siesta_dmguess.data import list_runs
+
+    for run in ("0001", "0002", "new"):
+        (tmp_path / "data" / run).mkdir(parents=True)
+        (tmp_path / "data" / run / "input.fdf").write_text("SystemLabel siesta\n")
+    (tmp_path / "data" / "basis").mkdir()  # no fdf: not a run
+    (tmp_path / "data" / "index.json").write_text(json.dumps([{"id": "0001", "split": "train"},
+                                                              {"id": "0002", "split": "val"}]))
+    with caplog.at_level(logging.WARNING, logger="siesta_dmguess"):
+        assert [r.id for r in list_runs(tmp_path / "data")] == ["0001", "0002"]
+        list_runs(tmp_path / "data")
+    said = [r.getMessage() for r in caplog.records if "does not list" in r.getMessage()]
+    assert len(said) == 1 and "index.json does not list 1 run folder(s) beside it (new)" in said[0], said
+    (tmp_path / "data" / "index.json").write_text(json.dumps([{"id": r} for r in ("0001", "0002", "new")]))
+    caplog.clear()
+    list_runs(tmp_path / "data")
+    assert not [r for r in caplog.records if "does not list" in r.getMessage()]
+
+
 @pytest.mark.parametrize("option", ["--json", "--plot"])
 def test_an_output_into_a_missing_folder_is_refused_before_evaluating(tmp_path, capsys, option):
     """It was a bare FileNotFoundError after the whole evaluation had run. The folder here holds no runs, so an

@@ -331,6 +331,20 @@ def test_predict_cli_writes_systemlabel_dm_next_to_an_fdf_and_keeps_the_old_one(
     assert (tmp_path / "water.DM.bak").read_bytes() == before  # the previous file is kept, not overwritten
 
 
+def test_a_systemlabel_with_spaces_is_refused_as_siesta_refuses_it(model_dir, tmp_path, capsys):
+    """A probe's ``SystemLabel my dimer run`` got ``my dimer run.DM`` and an edited fdf, and SIESTA 4.1 then stopped
+    at start-up ("SystemLabel must *NOT* contain any spaces!", reinit.F)."""
+    fdf = tmp_path / "input.fdf"
+    fdf.write_text(WATER_FDF.replace("SystemLabel water", "SystemLabel my dimer run"))
+    assert main(["predict", str(tmp_path), "--model", str(model_dir), "--edit-fdf"]) == 2
+    err = capsys.readouterr().err
+    assert "input.fdf" in err and "SystemLabel 'my dimer run' contains spaces" in err and "my_dimer_run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.fdf"]  # no DM, no edit
+    fdf.write_text(WATER_FDF.replace("SystemLabel water", "SystemLabel my_dimer_run  # a comment"))
+    assert main(["predict", str(tmp_path), "--model", str(model_dir)]) == 0
+    assert (tmp_path / "my_dimer_run.DM").is_file()
+
+
 def water_files(folder, n: int) -> list[str]:
     """``n`` slightly different water molecules written as xyz files."""
     paths = []
@@ -496,7 +510,14 @@ def test_an_output_that_cannot_be_written_is_named_before_predicting(model_dir, 
     twin = tmp_path / "other" / Path(paths[0]).name
     twin.write_text(Path(paths[0]).read_text())
     assert main(["predict", paths[0], str(twin), "--model", str(model_dir), "-o", str(tmp_path / "folder.DM")]) == 2
-    assert "several structures would be written to" in capsys.readouterr().err
+    assert f"would both be written to {Path(paths[0]).with_suffix('.DM').name} in" in capsys.readouterr().err
+    # nor two beside their inputs (a probe's siesta.XV and siesta.STRUCT_OUT of one run: one siesta.DM, predicted
+    # twice), and a folder -o that does not exist is said as such with several structures too
+    assert main(["predict", paths[0], paths[0], "--model", str(model_dir)]) == 2
+    assert "would both be written to" in capsys.readouterr().err
+    assert not Path(paths[0]).with_suffix(".DM").exists()
+    assert main(["predict", *paths, "--model", str(model_dir), "-o", str(tmp_path / "nowhere") + "/"]) == 2
+    assert "no such folder to write the DMs into" in capsys.readouterr().err
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -667,8 +688,13 @@ def test_predict_on_a_run_folder_writes_the_dm_siesta_reads_there(model_dir, tmp
                                                    atoms.get_chemical_symbols()))
     assert main(["predict", str(run), "--model", str(model_dir)]) == 0
     assert read_dm_orbital_count(run / "mol.DM") == 23 and not (tmp_path / "run.DM").exists()
-    # the fdf does not ask SIESTA to read it: predict says so (siesta.templates.dm_read_note)
-    assert "note: job.fdf does not set DM.UseSaveDM (default F)" in capsys.readouterr().out
+    # the fdf does not ask SIESTA to read it: predict says so (siesta.templates.dm_read_note); nor would SIESTA find
+    # its pseudopotentials (a probe's run without H.psf got its DM and no word of it; bench refused it)
+    out = capsys.readouterr().out
+    assert "note: job.fdf does not set DM.UseSaveDM (default F)" in out
+    assert f"note: SIESTA run from {run} would stop before its first SCF step: pseudopotential " in out
+    for label in ("H", "O"):
+        (run / f"{label}.psf").write_text("")  # found: nothing to say (only their presence is checked here)
     # --edit-fdf switches it on, but not when the DM goes elsewhere (SIESTA would then read a stale one)
     assert main(["predict", str(run), "--model", str(model_dir), "--edit-fdf", "-o", str(tmp_path / "x.DM")]) == 0
     assert not (run / "job.fdf.bak").exists() and "reads" in capsys.readouterr().out  # the note says where instead
