@@ -122,8 +122,10 @@ def _check_outputs(structures: list[str], output: str | None) -> None:
         path = (into / path.name if into else path).resolve()
         if path in written:
             where = f"{path.name} in {into}" if into else str(path)
-            raise InputFileError(f"{written[path]} and {structure} would both be written to {where}: predict them "
-                                 f"into separate folders (-o), or one at a time", into or structure)
+            advice = ("predict them into separate folders (-o FOLDER)" if into else
+                      "they are the same run's DM (or the same input twice): predict one of them, or the other with -o")
+            raise InputFileError(f"{written[path]} and {structure} would both be written to {where}: {advice}",
+                                 into or structure)
         written[path] = structure
 
 

@@ -197,8 +197,9 @@ def _say_unlisted_runs(index: Path, listed: set[str]) -> None:
     if unlisted and (index, tuple(unlisted)) not in _UNLISTED_SAID:
         _UNLISTED_SAID.add((index, tuple(unlisted)))
         shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
-        log.warning("%s does not list %d run folder(s) beside it (%s), so they are left out: add them to it, with "
-                    "their split, or give their folders on their own", index, len(unlisted), shown)
+        log.warning("%s does not list %d run folder(s) beside it (%s), so they are left out: if they belong to the "
+                    "dataset, add them to it with their split (or give their folders on their own)", index,
+                    len(unlisted), shown)
 
 
 def _index_entries(records, index: Path) -> list[dict]:
@@ -345,37 +346,26 @@ def check_converged(rec: RunRecord) -> None:
 
 
 def check_dm_is_siestas(dm_path: Path) -> None:
-    """Error if the run's ``.DM`` looks written by ``predict`` rather than by the SIESTA run whose output is in the
-    folder: a backup of it sits beside it (``predict`` keeps the DM it replaces as ``<name>.bak``, ``.bak1``, ...)
-    and it is newer than that output, or older than the run began (a backup of an earlier prediction put back).
-    ``predict RUN/`` on a converged run does exactly that, and a model evaluated or trained on the folder would then
-    be measured against its own prediction. The message names the backup SIESTA's run wrote, where one is."""
-    from .siesta.output import parse_output
-
+    """Error if the run's ``.DM`` looks written by ``predict`` rather than by SIESTA: a backup of it sits beside it
+    (``predict`` keeps the DM it replaces as ``<name>.bak``, ``.bak1``, ...) and it is newer than every SIESTA output
+    of the folder. ``predict RUN/`` on a converged run does exactly that, and a model evaluated or trained on the
+    folder would then be measured against its own prediction. The message names the backup to put back: the newest
+    one written before that output (SIESTA writes its ``.DM`` at every SCF iteration, its output last), not the
+    first, which after a prediction made before the run is that prediction."""
     backups = sorted(dm_path.parent.glob(dm_path.name + ".bak*"))
     if not backups:
         return
     outputs = [*dm_path.parent.glob("*.out"), *dm_path.parent.glob("*.out.gz")]
-    newest = max(outputs, key=lambda p: p.stat().st_mtime, default=None)
-    written = dm_path.stat().st_mtime
-    if newest is None:
-        raise InputFileError(f"a backup ({backups[0].name}) sits beside this .DM and the folder holds no SIESTA "
-                             "output: it looks written by `siesta-dmguess predict`, not converged by SIESTA. Rerun "
-                             "SIESTA in the folder", dm_path)
-    end = newest.stat().st_mtime  # SIESTA writes its .out last, its .DM at every SCF iteration before
-    wall = parse_output(newest).wall_s
-    begin = end - wall - 5.0 if wall is not None else None
-    if written <= end + 1.0 and (begin is None or written >= begin):
+    newest_output = max((p.stat().st_mtime for p in outputs), default=None)
+    if newest_output is not None and dm_path.stat().st_mtime <= newest_output + 1.0:
         return
-    during = [b for b in backups if b.stat().st_mtime <= end + 1.0 and (begin is None or b.stat().st_mtime >= begin)]
-    restore = (f"Put SIESTA's DM back (mv {max(during, key=lambda b: b.stat().st_mtime).name} {dm_path.name}) or rerun "
-               "SIESTA in the folder" if during else
-               f"No backup ({', '.join(b.name for b in backups)}) was written during that run either: rerun SIESTA in "
-               "the folder")
-    when = "newer than" if written > end + 1.0 else "older than the start of the run that wrote"
-    raise InputFileError(f"this .DM is {when} the folder's SIESTA output ({newest.name}) and backups of it sit "
-                         f"beside it: it looks written by `siesta-dmguess predict`, not converged by that run. "
-                         f"{restore}", dm_path)
+    before = [b for b in backups if newest_output is not None and b.stat().st_mtime <= newest_output + 1.0]
+    restore = (f"Put SIESTA's DM back (mv {max(before, key=lambda b: b.stat().st_mtime).name} {dm_path.name}) or "
+               "rerun SIESTA in the folder" if before else
+               f"No backup ({', '.join(b.name for b in backups)}) is older than the folder's SIESTA output either: "
+               "rerun SIESTA in the folder")
+    raise InputFileError(f"this .DM is newer than the folder's SIESTA output and a backup of it sits beside it: it "
+                         f"looks written by `siesta-dmguess predict`, not converged by SIESTA. {restore}", dm_path)
 
 
 def read_hsx_at(hsx: Path, dm_ref) -> tuple[np.ndarray | None, np.ndarray | None]:

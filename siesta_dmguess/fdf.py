@@ -474,14 +474,21 @@ def system_label(fdf: str | Path) -> str:
     return _label(fdf_sile(fdf))
 
 
+# fdf's token characters (fdf/parse.F90: letters, digits, $ % & * + - . / @ ^ _ | ~) and string/list delimiters;
+# anything else between a key and its value ("SystemLabel = water") separates tokens and is not part of the value.
+_VALUE_START = re.compile(r"^[^A-Za-z0-9$%&*+\-./@^_|~\"'`\[]+")
+
+
 def _label(sile) -> str:
-    """:func:`system_label` from an fdf already open (each opening reads the fdf again). A label with a space in it
-    is an error, as in SIESTA 4.1 (``reinit.F``: "SystemLabel must *NOT* contain any spaces!"), which would stop
-    before reading the DM written under that name."""
-    label = (sile.text("SystemLabel") or "siesta")[:LABEL_LENGTH]
-    if len(label.split()) > 1:
+    """:func:`system_label` from an fdf already open (each opening reads the fdf again), as SIESTA 4.1 takes it
+    (``reinit.F``): the value from its first token on, its first 64 characters, trailing blanks trimmed. One with a
+    space inside is an error, as in SIESTA ("SystemLabel must *NOT* contain any spaces!"), which would stop before
+    reading the DM written under that name."""
+    label = _VALUE_START.sub("", sile.text("SystemLabel") or "")[:LABEL_LENGTH].rstrip() or "siesta"
+    if " " in label:
+        one_word = "_".join(label.strip("\"'`").split())
         raise InputFileError(f"SystemLabel {label!r} contains spaces, which SIESTA refuses (it stops at start-up): "
-                             "use one word, e.g. " + "_".join(label.split()), Path(str(sile.file)))
+                             f"use one word, e.g. {one_word}", Path(str(sile.file)))
     return label
 
 

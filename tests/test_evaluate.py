@@ -221,7 +221,7 @@ def test_a_dm_that_predict_wrote_into_a_run_folder_is_refused_as_reference(tmp_p
     assert len(load()) == 1
 
 
-def test_the_refusal_names_the_backup_siestas_run_wrote_and_refuses_an_older_prediction_put_back(tmp_path):
+def test_the_refusal_names_the_backup_siestas_run_wrote_not_the_first(tmp_path):
     """A probe predicted twice into a fresh folder, ran SIESTA, and predicted again: siesta.DM.bak then held the first
     prediction and .bak1 SIESTA's DM, but the message said `mv siesta.DM.bak siesta.DM`; done so, evaluate took that
     prediction as the reference (MAE 4e-9)."""
@@ -245,15 +245,14 @@ def test_the_refusal_names_the_backup_siestas_run_wrote_and_refuses_an_older_pre
         os.utime(run / name, (when, when))
     with pytest.raises(InputFileError, match=r"newer than .*\(mv siesta.DM.bak1 siesta.DM\)"):
         check_dm_is_siestas(run / "siesta.DM")
-    os.replace(run / "siesta.DM.bak", run / "siesta.DM")  # the advice of before: the first prediction put back
-    with pytest.raises(InputFileError, match=r"older than the start of the run .*\(mv siesta.DM.bak1 siesta.DM\)"):
-        check_dm_is_siestas(run / "siesta.DM")
     os.replace(run / "siesta.DM.bak1", run / "siesta.DM")  # SIESTA's DM put back: a reference
     check_dm_is_siestas(run / "siesta.DM")
-    shutil.copy(src / "siesta.DM", run / "siesta.DM.bak")
-    os.utime(run / "siesta.DM.bak", (end - 3600, end - 3600))
-    os.utime(run / "siesta.DM", (end + 60, end + 60))  # no backup from the run: nothing to put back
-    with pytest.raises(InputFileError, match=r"No backup \(siesta.DM.bak\) was written during that run"):
+    later = end + 120  # the output compressed again a day later: SIESTA's DM is still older, still a reference
+    os.utime(out, (later, later))
+    check_dm_is_siestas(run / "siesta.DM")
+    os.utime(run / "siesta.DM.bak", (later + 60, later + 60))
+    os.utime(run / "siesta.DM", (later + 60, later + 60))  # no backup before the output: nothing to put back
+    with pytest.raises(InputFileError, match=r"No backup \(siesta.DM.bak\) is older than the folder's SIESTA"):
         check_dm_is_siestas(run / "siesta.DM")
 
 

@@ -343,6 +343,10 @@ def test_a_systemlabel_with_spaces_is_refused_as_siesta_refuses_it(model_dir, tm
     fdf.write_text(WATER_FDF.replace("SystemLabel water", "SystemLabel my_dimer_run  # a comment"))
     assert main(["predict", str(tmp_path), "--model", str(model_dir)]) == 0
     assert (tmp_path / "my_dimer_run.DM").is_file()
+    # fdf separates a key from its value by anything that is not a token character: SIESTA names its files water.*
+    fdf.write_text(WATER_FDF.replace("SystemLabel water", "SystemLabel = water"))
+    assert main(["predict", str(tmp_path), "--model", str(model_dir)]) == 0
+    assert (tmp_path / "water.DM").is_file()
 
 
 def water_files(folder, n: int) -> list[str]:
@@ -693,8 +697,8 @@ def test_predict_on_a_run_folder_writes_the_dm_siesta_reads_there(model_dir, tmp
     out = capsys.readouterr().out
     assert "note: job.fdf does not set DM.UseSaveDM (default F)" in out
     assert f"note: SIESTA run from {run} would stop before its first SCF step: pseudopotential " in out
-    for label in ("H", "O"):
-        (run / f"{label}.psf").write_text("")  # found: nothing to say (only their presence is checked here)
+    (run / "H.psf").write_text("")  # found: nothing to say (only their presence is checked here)
+    (run / "O.vps").write_text("")  # SIESTA 4.1 reads a .vps before a .psf (pseudopotential.f)
     # --edit-fdf switches it on, but not when the DM goes elsewhere (SIESTA would then read a stale one)
     assert main(["predict", str(run), "--model", str(model_dir), "--edit-fdf", "-o", str(tmp_path / "x.DM")]) == 0
     assert not (run / "job.fdf.bak").exists() and "reads" in capsys.readouterr().out  # the note says where instead

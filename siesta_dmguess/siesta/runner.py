@@ -128,7 +128,9 @@ def check_pseudopotentials(fdf: Path) -> None:
     folder = Path(fdf).parent
     dirs = pseudopotential_dirs(fdf)
     for label in species_labels(fdf):
-        candidates = [d / f"{label}{ext}" for d in dirs for ext in (".psf", ".psml", ".ion", ".ion.xml", ".ion.nc")]
+        # SIESTA 4.1 reads <label>.vps (unformatted) before <label>.psf (pseudopotential.f)
+        candidates = [d / f"{label}{ext}" for d in dirs
+                      for ext in (".vps", ".psf", ".psml", ".ion", ".ion.xml", ".ion.nc")]
         if any(c.is_file() for c in candidates):
             continue
         # ASE links every species' file into the run folder, even one it did not find (it then links the
