@@ -88,7 +88,7 @@ class GuessRecord:
     guess: str  # what was used: ml, ml+residual, reuse, extrapolation, atomic
     scf_iterations: int
     dm_read: bool
-    prediction_s: float
+    prediction_s: float  # building and writing the starting DM: the prediction, or a history guess's extrapolation
     scf_s: float
     atomic_scf_iterations: int | None = None
     reason: str = ""  # why a fallback happened
@@ -98,6 +98,14 @@ class GuessRecord:
     # Where SIESTA failed from the guess and the step was rerun from its atomic guess: the failed run's SCF
     # iterations (its time is in scf_s; scf_iterations is the rerun's). The step cost both.
     failed_scf_iterations: int = 0
+    novelty_threshold: float | None = None  # the model's flag level: above it the structure is flagged as novel
+
+    @property
+    def flagged_as_novel(self) -> bool | None:
+        """Whether the prediction's novelty is above its model's flag level (None without a prediction)."""
+        if self.novelty is None or self.novelty_threshold is None:
+            return None
+        return self.novelty > self.novelty_threshold
 
     @property
     def iterations_saved(self) -> int | None:
@@ -373,12 +381,30 @@ class DMGuessSiesta(Siesta):
         fdf.write_text(apply_dm_init(fdf.read_text(), init))
 
     # -- FileIOCalculator contract ------------------------------------------
+    OWN_SETTINGS = ("model", "guess", "fallback", "compare_baseline", "novelty_limit", "threads")
+
     def set(self, **kwargs):
         """ASE's ``set`` (which the constructor calls too), with ``pseudo_path`` made absolute: ASE 3.29 joins a
-        relative one to itself and links the pseudopotentials into the run folder by that relative path."""
+        relative one to itself and links the pseudopotentials into the run folder by that relative path. It also
+        takes this calculator's own settings (:attr:`OWN_SETTINGS`, e.g. ``calc.set(guess="reuse")``), checked as
+        the constructor checks them; none of them changes the converged results, so none resets them."""
+        own = {key: kwargs.pop(key) for key in self.OWN_SETTINGS if key in kwargs}
+        if own and hasattr(self, "guess"):  # the constructor sets its own after ASE's set
+            self._set_own(**own)
         if kwargs.get("pseudo_path"):
             kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
         return super().set(**kwargs)
+
+    def _set_own(self, **own) -> None:
+        if own.get("guess", self.guess) not in self.GUESSES:
+            raise ValueError(f"guess must be one of {self.GUESSES}, not {own['guess']!r}")
+        if own.get("fallback", self.fallback) not in ("error", "atomic"):
+            raise ValueError(f"fallback must be 'error' or 'atomic', not {own['fallback']!r}")
+        if "model" in own:  # loaded (and, under "auto", chosen) again at the next ML step
+            self.model_name = _checked_model(own.pop("model"))
+            self._loaded, self._loaded_for, self._auto_models = None, None, {}
+        for key, value in own.items():
+            setattr(self, key, value)
 
     def _remove_previous_pseudopotentials(self):
         """ASE links each species' pseudopotential into the run folder at every write, as ``O.1.psf`` or, where it
@@ -476,13 +502,15 @@ class DMGuessSiesta(Siesta):
                                         scf_s, baseline, self._reason,
                                         None if pred is None else pred.electron_count_error,
                                         None if pred is None else pred.novelty, startup_s=self._startup_s,
-                                        failed_scf_iterations=failed_iterations)
+                                        failed_scf_iterations=failed_iterations,
+                                        novelty_threshold=None if pred is None else pred.novelty_threshold)
         self.history.append(self.guess_record)
         self.results["guess"] = self.guess_record
 
     def todict(self, skip_default=True) -> dict:
         """ASE's parameters, with this calculator's own arguments, so that ``DMGuessSiesta(**calc.todict())``
-        makes the same calculator."""
+        makes a calculator with the same settings. As with ASE's own ``todict``, the run folder and label
+        (``directory``, ``label``) are not among them: pass them again, or the copy runs in the working directory."""
         own = {"model": self.model_name, "guess": self.guess, "fallback": self.fallback,
                "compare_baseline": self.compare_baseline, "novelty_limit": self.novelty_limit,
                "history_depth": self.trajectory.steps.maxlen, "threads": self.threads}

@@ -207,6 +207,22 @@ def test_todict_makes_the_same_calculator_and_replaced_dm_keys_are_said(model_di
     assert (again.model_name, again.guess, again.trajectory.steps.maxlen) == (str(model_dir), "extrapolation", 2)
 
 
+def test_set_takes_the_calculators_own_settings_and_checks_them(model_dir, tmp_path):
+    """``calc.set(guess="atomic")`` was ASE's "'set' does not take the keywords: ['guess']" (a probe)."""
+    c = calc(model_dir, tmp_path)
+    c._write_guess(water_molecule())
+    assert c._loaded is not None
+    c.set(guess="reuse", fallback="atomic", threads=1, compare_baseline=True)
+    assert (c.guess, c.fallback, c.threads, c.compare_baseline) == ("reuse", "atomic", 1, True)
+    with pytest.raises(ValueError, match="guess must be one of"):
+        c.set(guess="bogus")
+    with pytest.raises(ValueError, match="fallback must be"):
+        c.set(fallback="never")
+    assert (c.guess, c.fallback) == ("reuse", "atomic")  # a refused value changes nothing
+    c.set(model=str(model_dir))  # loaded again at the next ML step
+    assert c._loaded is None and c.model_name == str(model_dir)
+
+
 def test_threads_apply_to_the_prediction_only(model_dir, tmp_path, torch_thread_log):
     """``threads=1`` runs the calculator's prediction on one torch thread and restores torch's setting."""
     import torch
@@ -567,6 +583,9 @@ def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_di
     if ml_run == "converges":
         assert runs == [("ml", True)] and record.guess == "ml" and record.reason == ""
         assert record.failed_scf_iterations == 0
+        # whether the structure was flagged, without the model card (a probe had only the novelty score)
+        assert record.novelty_threshold == pytest.approx(float(atoms.calc._loaded.model.novelty_threshold))
+        assert record.flagged_as_novel == (record.novelty > record.novelty_threshold)
     else:  # the second run starts from SIESTA's atomic guess: no DM to read
         assert runs == [("ml", True), ("atomic", False)] and record.guess == "atomic"
         assert record.reason.startswith("SIESTA failed from the ml guess")
