@@ -254,6 +254,9 @@ def test_the_refusal_names_the_backup_siestas_run_wrote_not_the_first(tmp_path):
     os.utime(run / "siesta.DM", (later + 60, later + 60))  # no backup before the output: nothing to put back
     with pytest.raises(InputFileError, match=r"No backup \(siesta.DM.bak\) is older than the folder's SIESTA"):
         check_dm_is_siestas(run / "siesta.DM")
+    out.unlink()
+    with pytest.raises(InputFileError, match=r"the folder holds no SIESTA output .*Rerun SIESTA"):
+        check_dm_is_siestas(run / "siesta.DM")
 
 
 def test_copied_runs_keep_the_split_their_run_json_records_and_a_split_nobody_records_is_said(tmp_path, caplog):
