@@ -88,14 +88,23 @@ def dataset_basis(data_dirs, max_train: int = 0) -> dict:
 
 
 def _pseudopotential_checksums(data_dirs, species) -> dict:
+    """sha256 of each species' ``.psf`` in the data folders (beside the runs or in their ``basis/``), for the card.
+    Two folders with different pseudopotentials for one species are an error naming both: the model would learn
+    DMs of two different potentials, and its card could record only one (the guard then refused the other's runs)."""
     from .siesta.runner import find_pseudopotential
 
-    out = {}
+    out, where = {}, {}
     for d in data_dirs:
         for label in species:
             found = find_pseudopotential(label, [Path(d), Path(d) / "basis"], (".psf",))
-            if found is not None:
-                out[label] = sha256_file(found)
+            if found is None:
+                continue
+            checksum = sha256_file(found)
+            if label in out and out[label] != checksum:
+                raise InputFileError(f"differs from {where[label]}, the pseudopotential of species {label!r} in "
+                                     "another training folder: train on runs made with one pseudopotential per "
+                                     "species", found)
+            out[label], where[label] = checksum, found
     return out
 
 
@@ -211,6 +220,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
 
     basis = dataset_basis(data_dirs, options.max_train)
     species = sorted(basis, key=lambda l: (basis[l].Z, l))
+    pseudopotentials = _pseudopotential_checksums(data_dirs, species)  # before training: one per species
     overrides = dict(config_overrides or {})
     if options.correction_epochs:
         overrides["correction_head"] = True
@@ -296,9 +306,12 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
             rng = np.random.default_rng([options.seed, start_epoch])
             log.info("resuming from epoch %d", start_epoch)
     if resume and start_epoch == 0:
-        _check_no_model_replaced(out_dir, options.init)
-        if ckpt is not None:  # for another configuration: nothing to resume from it
-            log.warning("checkpoint in %s is for another configuration; starting afresh", out_dir)
+        _check_no_model_replaced(out_dir, options.init, cfg)
+        if ckpt is not None and ckpt.get("config") is not None:  # a stopped training of another configuration
+            raise DMGuessError(f"holds a stopped training (checkpoint.pt, {ckpt.get('epoch', -1) + 1} epochs) that "
+                               f"this run cannot resume: {_config_differences(ckpt['config'], cfg.to_dict())}. Run "
+                               f"the command that started it, or give another --out, or --restart to train afresh",
+                               out_dir)
 
     make_output_folder(out_dir)  # not before: a run refused for its data leaves no empty model folder behind
     bar = tqdm(range(start_epoch, options.epochs), desc="training", disable=not options.progress,
@@ -387,7 +400,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         "description": f"Equivariant DM model for {', '.join(species)} trained on {', '.join(d.name for d in data_dirs)}.",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **settings_record(samples[0].structure.fdf_settings if samples else {}),
-        "pseudopotentials": _pseudopotential_checksums(data_dirs, species),
+        "pseudopotentials": {label: pseudopotentials[label] for label in species if label in pseudopotentials},
         "training": {"data": [str(d) for d in data_dirs], "train_structures": len(train_set),
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
                      # whether any training run sampled its crystal more coarsely than its DM's range (predict.py)
@@ -563,18 +576,39 @@ def _onsite_target_mask(sample) -> np.ndarray:
     return mask
 
 
-def _check_no_model_replaced(out_dir: Path, init: str | None) -> None:
+def _check_no_model_replaced(out_dir: Path, init: str | None, cfg: ModelConfig) -> None:
     """Training afresh into a folder that holds a finished model would replace that model: refused unless asked for
     (``--restart``), or unless the folder is the ``--init`` model's own (``train --init M --add-stage --out M``
     grows M in place, as the shipped models were made). A typo in ``--out`` lost a model, before."""
-    from .card import WEIGHTS, resolve_model
+    from .card import CONFIG, WEIGHTS, resolve_model
 
     if not (out_dir / WEIGHTS).is_file():
         return
     if init and resolve_model(init).resolve() == out_dir.resolve():
         return
-    raise DMGuessError("holds a model that this training run cannot resume (another configuration or other data) "
-                       "and would replace: give another --out, or --restart to replace it", out_dir)
+    try:
+        why = _config_differences(json.loads((out_dir / CONFIG).read_text()), cfg.to_dict())
+    except (OSError, ValueError, AttributeError):
+        why = "its configuration cannot be read"
+    raise DMGuessError(f"holds a model that this training run cannot resume ({why}) and would replace: give "
+                       "another --out, or --restart to replace it", out_dir)
+
+
+# ModelConfig fields that train sets from the training data, not from the command line.
+_FROM_DATA = ("species", "basis", "onsite_reference", "avg_num_neighbors")
+
+
+def _config_differences(saved: dict, now: dict) -> str:
+    """What differs between a saved model configuration and this run's, in words (which options, or the data)."""
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    data = [k for k in differ if k in _FROM_DATA]
+    options = [k for k in differ if k not in _FROM_DATA]
+    words = []
+    if options:
+        words.append("other settings: " + ", ".join(f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in options))
+    if data:
+        words.append(f"other training data ({', '.join(data)} differ)")
+    return "; ".join(words) or "the same configuration, but no checkpoint to resume it from"
 
 
 # TrainOptions a resumed run must share with its checkpoint: the optimizer, the data and the score it kept its best

@@ -426,6 +426,48 @@ def test_runs_made_with_other_settings_are_refused_before_training(tmp_path, bas
                                                     add_stage=True), {})
 
 
+def test_a_stopped_training_is_not_thrown_away_by_a_run_that_cannot_resume_it(tmp_path, base):
+    """A probe ran a stopped 55-epoch training's command again with another --seed, or after adding a run: the
+    checkpoint was replaced with only a warning ("another configuration; starting afresh"). Refused now, saying
+    what differs; and so is a finished model, which said only "another configuration or other data"."""
+    import shutil
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(base, stopped)
+    for name in ("weights.pt", "config.json", "card.json", "card.md"):
+        (stopped / name).unlink(missing_ok=True)  # what a killed training leaves: its checkpoint
+    checkpoint = (stopped / "checkpoint.pt").read_bytes()
+    opts = dict(epochs=3, lr=1e-2, batch_atoms=12, progress=False)
+    with pytest.raises(DMGuessError, match=r"stopped training \(checkpoint.pt, 3 epochs\).*other settings: seed 0 "
+                                           r"\(now 5\).*--restart"):
+        train([dataset("h2o")], stopped, TrainOptions(**opts, max_train=8, seed=5), TINY)
+    with pytest.raises(DMGuessError, match=r"stopped training .*other training data \(.*onsite_reference"):
+        train([dataset("h2o")], stopped, TrainOptions(**opts, max_train=10), TINY)
+    assert (stopped / "checkpoint.pt").read_bytes() == checkpoint
+    with pytest.raises(DMGuessError, match=r"holds a model that this training run cannot resume \(other settings: "
+                                           r"num_layers"):
+        train([dataset("h2o")], base, TrainOptions(**opts, max_train=8), {**TINY, "num_layers": 3})
+
+
+def test_training_folders_with_different_pseudopotentials_for_one_species_are_refused_before_training(tmp_path):
+    """A probe trained on h2o and a copy of runs with another H.psf: the card recorded the last folder's checksum,
+    and the guard then refused the first folder's kind of run."""
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(dataset("h2o") / "basis", other / "basis")
+    for run in ("0000", "0004"):
+        shutil.copytree(dataset("h2o") / run, other / run)
+    (other / "index.json").write_text(json.dumps([{"id": "0000", "split": "train"}, {"id": "0004", "split": "val"}]))
+    psf = other / "basis" / "H.psf"
+    psf.write_text(psf.read_text() + "\n")  # another file: another checksum
+    with pytest.raises(InputFileError, match=r"other/basis/H.psf: differs from .*h2o/basis/H.psf, the "
+                                             r"pseudopotential of species 'H'"):
+        train([dataset("h2o"), other], tmp_path / "m", TrainOptions(epochs=1, batch_atoms=12, progress=False), TINY)
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_finished_model_is_not_replaced_by_a_run_that_cannot_resume_it(tmp_path, base):
     """--out naming a folder that holds another model (other data or configuration) is refused before training,
     unless --restart; growing the --init model in its own folder (--add-stage) is allowed."""
