@@ -75,7 +75,7 @@ def _cmd_predict(args) -> int:
     from .parallel import mpi_world
     from .predict import AUTO_MODEL, torch_threads
 
-    _check_outputs(args.structure, args.output)
+    args.structure = _check_outputs(args.structure, args.output)
     world = mpi_world()  # under mpirun: this process's share of the structures (siesta_dmguess.parallel)
     structures = world.share(args.structure)
     # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
@@ -98,13 +98,18 @@ def _cmd_predict(args) -> int:
     return 2 if failed else 0  # as main() does for any other error
 
 
-def _check_outputs(structures: list[str], output: str | None) -> None:
+def _check_outputs(structures: list[str], output: str | None) -> list[str]:
     """Before any prediction: ``-o`` fits the structures (one file for one structure, else an existing folder),
     and no two structures of the batch would be written to one file (each would overwrite the other's DM, the first
     kept only as a backup): two with the same name into one ``-o`` folder, or two inputs of one run folder (its
-    ``.XV`` and ``.STRUCT_OUT``) beside them."""
+    ``.XV`` and ``.STRUCT_OUT``) beside them. Returns the structures, each once (one given twice is predicted
+    once, as ``evaluate`` counts a folder given twice once)."""
     from .predict import default_dm_path
 
+    first_of: dict[Path, str] = {}
+    for structure in structures:
+        first_of.setdefault(Path(structure).resolve(), structure)
+    structures = list(first_of.values())
     into = Path(output) if output and Path(output).is_dir() else None
     if output and not into:
         if str(output).endswith(("/", os.sep)):
@@ -112,7 +117,7 @@ def _check_outputs(structures: list[str], output: str | None) -> None:
         if len(structures) > 1:
             raise DMGuessError("-o names one output file; with several structures, give an existing folder, or none "
                                "to write each DM next to its input")
-        return
+        return structures
     written: dict[Path, str] = {}
     for structure in structures:
         try:
@@ -123,10 +128,11 @@ def _check_outputs(structures: list[str], output: str | None) -> None:
         if path in written:
             where = f"{path.name} in {into}" if into else str(path)
             advice = ("predict them into separate folders (-o FOLDER)" if into else
-                      "they are the same run's DM (or the same input twice): predict one of them, or the other with -o")
+                      "they are the same run's DM: predict one of them, or the other with -o")
             raise InputFileError(f"{written[path]} and {structure} would both be written to {where}: {advice}",
                                  into or structure)
         written[path] = structure
+    return structures
 
 
 def _predict_each(structures: list[str], args, model, many: bool, world) -> int:

@@ -516,10 +516,15 @@ def test_an_output_that_cannot_be_written_is_named_before_predicting(model_dir, 
     assert main(["predict", paths[0], str(twin), "--model", str(model_dir), "-o", str(tmp_path / "folder.DM")]) == 2
     assert f"would both be written to {Path(paths[0]).with_suffix('.DM').name} in" in capsys.readouterr().err
     # nor two beside their inputs (a probe's siesta.XV and siesta.STRUCT_OUT of one run: one siesta.DM, predicted
-    # twice), and a folder -o that does not exist is said as such with several structures too
-    assert main(["predict", paths[0], paths[0], "--model", str(model_dir)]) == 2
+    # twice; here an .xyz and the same atoms as .extxyz), while one input given twice is predicted once (no .bak);
+    # a folder -o that does not exist is said as such with several structures too
+    twin = Path(paths[0]).with_suffix(".extxyz")
+    twin.write_text(Path(paths[0]).read_text())
+    assert main(["predict", paths[0], str(twin), "--model", str(model_dir)]) == 2
     assert "would both be written to" in capsys.readouterr().err
     assert not Path(paths[0]).with_suffix(".DM").exists()
+    assert main(["predict", paths[0], paths[0], "--model", str(model_dir)]) == 0
+    assert Path(paths[0]).with_suffix(".DM").exists() and not Path(paths[0]).with_suffix(".DM.bak").exists()
     assert main(["predict", *paths, "--model", str(model_dir), "-o", str(tmp_path / "nowhere") + "/"]) == 2
     assert "no such folder to write the DMs into" in capsys.readouterr().err
 

@@ -446,7 +446,10 @@ def test_predict_without_model_picks_one_per_structure_and_loads_each_once(tmp_p
     loads = []
     real_load = card.load_model
     monkeypatch.setattr(card, "load_model", lambda name, **kw: loads.append(name) or real_load(name, **kw))
-    assert main(["predict", *fdfs, fdfs[0]]) == 0  # the water run twice: its model is not loaded again
+    second = tmp_path / "h2o-second"  # another water run: its model is not loaded again
+    second.mkdir()
+    (second / "input.fdf").write_text((dataset("h2o") / "0009" / "input.fdf").read_text())
+    assert main(["predict", *fdfs, str(second / "input.fdf")]) == 0
     out = capsys.readouterr().out
     for name, model in runs.items():
         assert f"{tmp_path / name / 'siesta.DM'}:" in out
