@@ -115,12 +115,22 @@ def _split(records_samples, options: TrainOptions):
                     "%s", len(other), ", ".join(other[:5]) + (" ..." if len(other) > 5 else ""))
     train = [s for s in records_samples if s.meta.get("split") in ("train", "", None)]
     val = [s for s in records_samples if s.meta.get("split") == "val"]
+    rng = np.random.default_rng(options.seed)
     if not val:  # no split given: seeded random hold-out
-        rng = np.random.default_rng(options.seed)
         order = rng.permutation(len(train))
         n_val = max(1, int(round(options.val_fraction * len(train))))
         val = [train[k] for k in order[:n_val]]
         train = [train[k] for k in order[n_val:]]
+    else:
+        # Runs that record no split belong to every split (docs/models.md): beside a folder whose runs record a
+        # val split, a seeded share of them is held out too (else none of them, e.g. all the carbon of a batch,
+        # would be validated).
+        unrecorded = [s for s in train if s.meta.get("split") in ("", None)]
+        if unrecorded:
+            order = rng.permutation(len(unrecorded))
+            held = [unrecorded[k] for k in order[:max(1, int(round(options.val_fraction * len(unrecorded))))]]
+            val = val + held
+            train = [s for s in train if not any(s is h for h in held)]
     if options.max_train:
         train = train[: options.max_train]
     return train, val
@@ -213,6 +223,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     data_dirs = [Path(d) for d in data_dirs]
     out_dir = Path(out_dir)
     make_output_folder(out_dir, create=False)  # a file in the way is said at once; the folder is made below
+    _check_out_is_no_data_folder(out_dir, data_dirs)
     if options.threads:
         torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
@@ -574,6 +585,18 @@ def _onsite_target_mask(sample) -> np.ndarray:
     mask = np.zeros(sample.target_values.size, bool)
     mask[index[index >= 0]] = True
     return mask
+
+
+def _check_out_is_no_data_folder(out_dir: Path, data_dirs: list[Path]) -> None:
+    """Error if ``--out`` is a dataset or run folder (one of the training folders, or one holding ``index.json``, an
+    fdf or run folders): a probe's model went into its own training data, mixing model files with runs."""
+    if not out_dir.is_dir():
+        return
+    if any(out_dir.resolve() == d.resolve() for d in data_dirs):
+        raise DMGuessError("is one of the training data folders: give the model its own --out folder", out_dir)
+    if (out_dir / "index.json").is_file() or list(out_dir.glob("*.fdf")) or list(out_dir.glob("*/*.fdf")):
+        raise DMGuessError("holds SIESTA runs (an index.json, an fdf or run folders), not a model: give the model "
+                           "its own --out folder", out_dir)
 
 
 def _check_no_model_replaced(out_dir: Path, init: str | None, cfg: ModelConfig) -> None:

@@ -449,6 +449,41 @@ def test_a_stopped_training_is_not_thrown_away_by_a_run_that_cannot_resume_it(tm
         train([dataset("h2o")], base, TrainOptions(**opts, max_train=8), {**TINY, "num_layers": 3})
 
 
+def test_a_model_is_not_written_into_a_data_folder(tmp_path):
+    """A probe's `train DATA --out DATA` wrote the model's files among its runs."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset("h2o") / "0000", data / "0000")
+    shutil.copytree(dataset("h2o") / "0004", data / "0004")
+    opts = TrainOptions(epochs=1, batch_atoms=12, progress=False)
+    with pytest.raises(DMGuessError, match="data: is one of the training data folders"):
+        train([data], data, opts, TINY)
+    with pytest.raises(DMGuessError, match=r"0004: holds SIESTA runs"):
+        train([data / "0000"], data / "0004", opts, TINY)
+    assert sorted(p.name for p in data.iterdir()) == ["0000", "0004"]
+
+
+def test_runs_without_a_split_beside_a_val_split_are_partly_held_out_too():
+    """A probe trained on h2o (with a val split) and ten g2 runs that recorded none: all ten were trained on and
+    no carbon was validated, where docs/models.md says a seeded 20 % of such runs is held out."""
+    from types import SimpleNamespace
+
+    from siesta_dmguess.train import _split
+
+    runs = [SimpleNamespace(name=f"h2o/{k}", meta={"split": "train"}) for k in range(8)]
+    runs += [SimpleNamespace(name=f"h2o/v{k}", meta={"split": "val"}) for k in range(2)]
+    runs += [SimpleNamespace(name=f"g2/{k}", meta={"split": ""}) for k in range(10)]
+    train_set, val_set = _split(runs, TrainOptions(seed=3))
+    held = [s.name for s in val_set if s.name.startswith("g2/")]
+    assert len(held) == 2 and {s.name for s in val_set} >= {"h2o/v0", "h2o/v1"}
+    assert len(train_set) == 16 and not set(held) & {s.name for s in train_set}
+    assert all(s.name.startswith("h2o/") or s.name not in held for s in train_set)
+    # recorded splits alone are kept as they are
+    train_set, val_set = _split(runs[:10], TrainOptions(seed=3))
+    assert [s.name for s in val_set] == ["h2o/v0", "h2o/v1"] and len(train_set) == 8
+
+
 def test_training_folders_with_different_pseudopotentials_for_one_species_are_refused_before_training(tmp_path):
     """A probe trained on h2o and a copy of runs with another H.psf: the card recorded the last folder's checksum,
     and the guard then refused the first folder's kind of run."""
