@@ -172,25 +172,16 @@ class DMGuessSiesta(Siesta):
         if not args and kwargs.get("command") is None and kwargs.get("profile") is None:
             kwargs["command"], self._siesta_missing = _siesta_command_line()
         super().__init__(*args, **kwargs)
-        if guess not in self.GUESSES:
-            raise ValueError(f"guess must be one of {self.GUESSES}, not {guess!r}")
-        if fallback not in ("error", "atomic"):
-            raise ValueError(f"fallback must be 'error' or 'atomic', not {fallback!r}")
+        # checked as set() checks them; also sets _loaded, _loaded_for (the elements "auto" chose _loaded for) and
+        # _auto_models ("auto": the model chosen for each set of elements)
+        self._set_own(guess=guess, fallback=fallback, model=model, compare_baseline=compare_baseline,
+                      novelty_limit=novelty_limit, threads=threads)
         _warn_of_replaced_dm_keys(self["fdf_arguments"] or {})
         from .history import TrajectoryHistory
 
-        self.model_name = _checked_model(model)
-        self.guess = guess
-        self.fallback = fallback
-        self.compare_baseline = compare_baseline
-        self.novelty_limit = novelty_limit
-        self.threads = threads
         self.guess_record: GuessRecord | None = None
         self.history: list[GuessRecord] = []
         self.trajectory = TrajectoryHistory(history_depth)
-        self._loaded = None
-        self._loaded_for: frozenset | None = None  # the elements "auto" chose self._loaded for
-        self._auto_models: dict[frozenset, object] = {}  # "auto": the model chosen for each set of elements
         self._numbers = None  # atomic numbers of the last converged step: the system the history is of
         self._used = "atomic"
         self._prediction_s = self._startup_s = 0.0
@@ -389,16 +380,17 @@ class DMGuessSiesta(Siesta):
         takes this calculator's own settings (:attr:`OWN_SETTINGS`, e.g. ``calc.set(guess="reuse")``), checked as
         the constructor checks them; none of them changes the converged results, so none resets them."""
         own = {key: kwargs.pop(key) for key in self.OWN_SETTINGS if key in kwargs}
-        if own and hasattr(self, "guess"):  # the constructor sets its own after ASE's set
+        if own:
             self._set_own(**own)
         if kwargs.get("pseudo_path"):
             kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
         return super().set(**kwargs)
 
     def _set_own(self, **own) -> None:
-        if own.get("guess", self.guess) not in self.GUESSES:
+        """This calculator's own settings (:attr:`OWN_SETTINGS`), each checked before any is set."""
+        if "guess" in own and own["guess"] not in self.GUESSES:
             raise ValueError(f"guess must be one of {self.GUESSES}, not {own['guess']!r}")
-        if own.get("fallback", self.fallback) not in ("error", "atomic"):
+        if "fallback" in own and own["fallback"] not in ("error", "atomic"):
             raise ValueError(f"fallback must be 'error' or 'atomic', not {own['fallback']!r}")
         if "model" in own:  # loaded (and, under "auto", chosen) again at the next ML step
             self.model_name = _checked_model(own.pop("model"))
