@@ -75,7 +75,8 @@ def _cmd_predict(args) -> int:
     from .parallel import mpi_world
     from .predict import AUTO_MODEL, torch_threads
 
-    args.structure = _check_outputs(args.structure, args.output)
+    outputs = _check_outputs(args.structure, args.output)  # each structure once, with the DM file it gets
+    args.structure = list(outputs)
     world = mpi_world()  # under mpirun: this process's share of the structures (siesta_dmguess.parallel)
     structures = world.share(args.structure)
     # Once for all structures; e3nn's einsum optimization pays for its load time from about 30 predictions on.
@@ -91,19 +92,20 @@ def _cmd_predict(args) -> int:
         model = load_model(args.model, optimize=optimize)
     # Ranks sharing a machine split its cores (unless --threads says otherwise); torch would give each all of them.
     with torch_threads(0 if args.threads else world.threads()):
-        failed = _predict_each(structures, args, model, many=many, world=world)
+        failed = _predict_each(structures, outputs, args, model, many=many, world=world)
     if failed and many:
         print(f"siesta-dmguess: {failed} of {len(structures)} structures got no DM (each is named above)",
               file=sys.stderr)
     return 2 if failed else 0  # as main() does for any other error
 
 
-def _check_outputs(structures: list[str], output: str | None) -> list[str]:
+def _check_outputs(structures: list[str], output: str | None) -> dict[str, Path | None]:
     """Before any prediction: ``-o`` fits the structures (one file for one structure, else an existing folder),
     and no two structures of the batch would be written to one file (each would overwrite the other's DM, the first
     kept only as a backup): two with the same name into one ``-o`` folder, or two inputs of one run folder (its
-    ``.XV`` and ``.STRUCT_OUT``) beside them. Returns the structures, each once (one given twice is predicted
-    once, as ``evaluate`` counts a folder given twice once)."""
+    ``.XV`` and ``.STRUCT_OUT``) beside them. Returns each structure once (one given twice is predicted once, as
+    ``evaluate`` counts a folder given twice once) with the DM file it is written to, so that it is worked out
+    once; None where that fails, which the structure's own prediction then says."""
     from .predict import default_dm_path
 
     first_of: dict[Path, str] = {}
@@ -117,14 +119,18 @@ def _check_outputs(structures: list[str], output: str | None) -> list[str]:
         if len(structures) > 1:
             raise DMGuessError("-o names one output file; with several structures, give an existing folder, or none "
                                "to write each DM next to its input")
-        return structures
+        return {structure: Path(output) for structure in structures}
+    outputs: dict[str, Path | None] = {}
     written: dict[Path, str] = {}
     for structure in structures:
         try:
-            path = default_dm_path(structure)
+            outputs[structure] = default_dm_path(structure)
         except DMGuessError:  # this structure's own error, said when its turn comes; the others go on
+            outputs[structure] = None
             continue
-        path = (into / path.name if into else path).resolve()
+        if into:
+            outputs[structure] = into / outputs[structure].name
+        path = outputs[structure].resolve()
         if path in written:
             where = f"{path.name} in {into}" if into else str(path)
             advice = ("predict them into separate folders (-o FOLDER)" if into else
@@ -132,10 +138,10 @@ def _check_outputs(structures: list[str], output: str | None) -> list[str]:
             raise InputFileError(f"{written[path]} and {structure} would both be written to {where}: {advice}",
                                  into or structure)
         written[path] = structure
-    return structures
+    return outputs
 
 
-def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
+def _predict_each(structures: list[str], outputs: dict, args, model, many: bool, world) -> int:
     """Predict and write each structure's DM (:func:`~siesta_dmguess.predict.predict_for_run`, on this MPI rank's
     share); returns how many got none. A structure that cannot be predicted (unreadable, not covered by the model,
     refused by the guard) is named with its reason, and the others of a batch still get their DMs: one bad file
@@ -151,7 +157,7 @@ def _predict_each(structures: list[str], args, model, many: bool, world) -> int:
     # One bar, for a single process: under MPI the ranks' lines would cut it.
     for structure in tqdm(structures, desc="predict", disable=not many or world.size > 1 or args.quiet):
         try:
-            done = predict_for_run(structure, args.output or None, choose, overwrite=args.overwrite, fold=fold,
+            done = predict_for_run(structure, outputs[structure] or args.output or None, choose, overwrite=args.overwrite, fold=fold,
                                    force=args.force, refine=args.refine, edit_fdf=args.edit_fdf)
         except DMGuessError as exc:  # the other structures of a batch still get their DMs
             # on a line of its own: the progress bar shares stderr
