@@ -357,12 +357,12 @@ def check_dm_is_siestas(dm_path: Path) -> None:
         return
     outputs = [*dm_path.parent.glob("*.out"), *dm_path.parent.glob("*.out.gz")]
     newest_output = max((p.stat().st_mtime for p in outputs), default=None)
-    if newest_output is not None and dm_path.stat().st_mtime <= newest_output + 1.0:
-        return
     if newest_output is None:
         raise InputFileError(f"a backup ({backups[0].name}) sits beside this .DM and the folder holds no SIESTA output "
                              "(*.out): it looks written by `siesta-dmguess predict`, not converged by SIESTA. Rerun "
                              "SIESTA in the folder", dm_path)
+    if dm_path.stat().st_mtime <= newest_output + 1.0:
+        return
     before = [b for b in backups if b.stat().st_mtime <= newest_output + 1.0]
     restore = (f"Put SIESTA's DM back (mv {max(before, key=lambda b: b.stat().st_mtime).name} {dm_path.name}) or "
                "rerun SIESTA in the folder" if before else

@@ -130,7 +130,8 @@ def _split(records_samples, options: TrainOptions):
             order = rng.permutation(len(unrecorded))
             held = [unrecorded[k] for k in order[:max(1, int(round(options.val_fraction * len(unrecorded))))]]
             val = val + held
-            train = [s for s in train if not any(s is h for h in held)]
+            held_ids = {id(s) for s in held}
+            train = [s for s in train if id(s) not in held_ids]
     if options.max_train:
         train = train[: options.max_train]
     return train, val
@@ -594,7 +595,7 @@ def _check_out_is_no_data_folder(out_dir: Path, data_dirs: list[Path]) -> None:
         return
     if any(out_dir.resolve() == d.resolve() for d in data_dirs):
         raise DMGuessError("is one of the training data folders: give the model its own --out folder", out_dir)
-    if (out_dir / "index.json").is_file() or list(out_dir.glob("*.fdf")) or list(out_dir.glob("*/*.fdf")):
+    if (out_dir / "index.json").is_file() or any(out_dir.glob("*.fdf")) or any(out_dir.glob("*/*.fdf")):
         raise DMGuessError("holds SIESTA runs (an index.json, an fdf or run folders), not a model: give the model "
                            "its own --out folder", out_dir)
 
