@@ -301,7 +301,7 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
     """
     from tqdm.auto import tqdm
 
-    samples = []
+    samples, unconfirmed = [], []
     for rec in tqdm(select_runs(data_dirs, split, max_train), desc="reading runs", disable=not progress):
         structure, run_b, dm, hsx = load_run(rec.folder)
         if species_of is not None:
@@ -312,26 +312,35 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
         if dm is None:
             raise InputFileError("the run folder has no .DM (SIESTA's converged DM is the reference): run SIESTA "
                                  "there, or leave the folder out", rec.folder)
-        check_converged(rec)
+        if not check_converged(rec):
+            unconfirmed.append(rec.folder)
         sample = prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
                                 meta={"split": rec.split, **rec.meta}, fold_reach=fold_reach)
         if with_overlap and hsx is not None:
             sample.meta["overlap"], sample.meta["hamiltonian"] = read_hsx_at(hsx, dm)
         samples.append(sample)
+    if unconfirmed:  # said, not refused: a folder of DMs from elsewhere may be all a user has
+        shown = ", ".join(str(f) for f in unconfirmed[:3]) + (f" and {len(unconfirmed) - 3} more"
+                                                              if len(unconfirmed) > 3 else "")
+        log.warning("%d run folder(s) hold no SIESTA output (*.out, *.out.gz) and no record that SIESTA converged "
+                    "them (%s): their .DM is taken as converged, though a run stopped at MaxSCFIterations leaves "
+                    "one too. Keep SIESTA's output beside the .DM to have it checked", len(unconfirmed), shown)
     return samples
 
 
-def check_converged(rec: RunRecord) -> None:
+def check_converged(rec: RunRecord) -> bool:
     """Error if the run's record (index.json) or its SIESTA output (``*.out``, ``*.out.gz`` in the folder) says the
     SCF did not converge, or that the run moved its atoms (a relaxation or an MD: its .DM is the last geometry's).
     SIESTA writes its ``.DM`` at every iteration, so a run stopped at ``MaxSCFIterations`` or killed midway leaves
     a ``.DM`` that looks like any other but is not the answer a model should learn, or be measured against. A
-    folder without an output is taken as converged: the DM is all there is."""
+    folder without an output is taken as converged: the DM is all there is. Returns whether an output or the
+    record said that the SCF converged."""
     from .siesta.output import parse_output
 
     if rec.meta.get("converged") is False:
         raise InputFileError("the run's record (index.json or run.json) says that SIESTA did not converge it, so "
                              "its .DM is not a converged density matrix: rerun it or leave the folder out", rec.folder)
+    outputs = False
     for output in sorted([*rec.folder.glob("*.out"), *rec.folder.glob("*.out.gz")]):
         parsed = parse_output(output)
         if not parsed.converged:
@@ -343,6 +352,8 @@ def check_converged(rec: RunRecord) -> None:
                                  f"MD run), so the .DM is the last step's and not the density matrix of the fdf's "
                                  f"structure: use single-point runs (a final geometry, e.g. from <SystemLabel>"
                                  f".STRUCT_OUT, run again), or leave the folder out", rec.folder)
+        outputs = True
+    return outputs or rec.meta.get("converged") is True
 
 
 def check_dm_is_siestas(dm_path: Path) -> None:

@@ -155,9 +155,10 @@ def test_evaluate_table_names_runs_by_dataset_and_run_not_by_a_cut_absolute_path
     assert len(long) == 20 and long.startswith("…") and long.endswith("/0001")
 
 
-def test_a_run_siesta_did_not_converge_is_refused_as_reference(tmp_path):
+def test_a_run_siesta_did_not_converge_is_refused_as_reference(tmp_path, caplog):
     """SIESTA writes its .DM at every SCF iteration, so a run stopped before convergence leaves a .DM that is no
-    reference: the folder's SIESTA output, or the dataset's index.json, saying so is an error naming the run."""
+    reference: the folder's SIESTA output, or the dataset's index.json, saying so is an error naming the run. A run
+    with neither is used, with a warning that names it (it was taken as converged without a word)."""
     import gzip
     import json
     import shutil
@@ -172,7 +173,9 @@ def test_a_run_siesta_did_not_converge_is_refused_as_reference(tmp_path):
     basis = read_basis_folder(src.parent / "basis", ["H", "O"])
     load = lambda: load_samples([data], ["H", "O"], basis, 3.0)  # noqa: E731
     shutil.copy(src / "siesta.out.gz", run / "siesta.out.gz")  # SIESTA's own output of the run: converged
-    assert len(load()) == 1
+    with caplog.at_level("WARNING", logger="siesta_dmguess"):
+        assert len(load()) == 1
+    assert "no SIESTA output" not in caplog.text
     with gzip.open(src / "siesta.out.gz", "rt") as f:
         text = f.read()
     cut = text[:text.index("SCF cycle converged")]  # the same run, killed before its SCF converged
@@ -188,6 +191,15 @@ def test_a_run_siesta_did_not_converge_is_refused_as_reference(tmp_path):
     with pytest.raises(InputFileError, match=r"0004: siesta.out.gz holds 2 geometry steps \(a relaxation or MD"):
         load()
     (run / "siesta.out.gz").unlink()
+    with caplog.at_level("WARNING", logger="siesta_dmguess"):
+        assert len(load()) == 1
+    assert re.search(r"1 run folder\(s\) hold no SIESTA output .*\(\S*data/0004\): their .DM is taken as converged",
+                     caplog.text)
+    caplog.clear()
+    (data / "index.json").write_text(json.dumps([{"id": "0004", "converged": True}]))
+    with caplog.at_level("WARNING", logger="siesta_dmguess"):
+        assert len(load()) == 1
+    assert "no SIESTA output" not in caplog.text
     (data / "index.json").write_text(json.dumps([{"id": "0004", "converged": False}]))
     with pytest.raises(InputFileError, match=r"0004: the run's record \(index.json or run.json\) says that SIESTA did not converge"):
         load()
