@@ -282,12 +282,29 @@ class DensityMatrixModel(nn.Module):
 
     def novelty(self, batch, features: torch.Tensor | None = None) -> torch.Tensor:
         """Per-atom novelty: mean squared Mahalanobis distance of the atom's scalar features (≈1 in distribution).
-        ``features``: this network's ``node_features(batch)`` where the caller has them already."""
+        ``features``: this network's ``node_features(batch)`` where the caller has them already.
+
+        A residual stage keeps the statistics of the model it was added to (:func:`~siesta_dmguess.train.
+        add_residual_stage`), of the same features (that model is frozen): an atom is as novel as it is to the
+        data it is most familiar to, each score in units of this model's flag level. A model grown on other
+        data then still knows the data it was grown from."""
         with torch.no_grad():
             x = (self.node_features(batch) if features is None else features)[:, : self.num_scalars]
             species = batch["onehot"].argmax(dim=1)
-            d = x - self.novelty_mean[species]
-            return torch.einsum("ni,nij,nj->n", d, self.novelty_precision[species], d) / self.num_scalars
+            score = self._mahalanobis(x, species)
+            for stage in self.residuals:
+                if float(stage.novelty_threshold) > 0 and float(self.novelty_threshold) > 0:
+                    # a species the stage's statistics lack (fewer than two atoms of it) is novel to them
+                    eye = torch.eye(self.num_scalars, dtype=x.dtype, device=x.device)
+                    lacks = (stage.novelty_mean == 0).all(1) & (stage.novelty_precision == eye).all(2).all(1)
+                    other = stage._mahalanobis(x, species) * (self.novelty_threshold / stage.novelty_threshold)
+                    score = torch.where(lacks[species], score, torch.minimum(score, other))
+            return score
+
+    def _mahalanobis(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """Novelty of features ``x`` under this module's own statistics."""
+        d = x - self.novelty_mean[species]
+        return torch.einsum("ni,nij,nj->n", d, self.novelty_precision[species], d) / self.num_scalars
 
     def fit_novelty(self, batches, quantile: float = 0.995) -> None:
         """Fit per-species mean and (shrunk) covariance of atom features on training batches."""
@@ -303,7 +320,9 @@ class DensityMatrixModel(nn.Module):
             if x.shape[0] < 2:
                 continue
             self.novelty_mean[a], self.novelty_precision[a] = shrunk_gaussian(x)
-        scores = torch.cat([self.novelty(b) for b in batches])
+        with torch.no_grad():
+            scores = torch.cat([self._mahalanobis(self.node_features(b)[:, : self.num_scalars],
+                                                  b["onehot"].argmax(dim=1)) for b in batches])
         self.novelty_threshold.fill_(float(torch.quantile(scores, quantile)) if scores.numel() else 0.0)
 
     def node_features(self, batch, raw_stage: int | None = None) -> torch.Tensor:

@@ -289,6 +289,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         cfg = model.config
     elif init:
         model = init
+        for stage in model.residuals:  # fine-tuning changes the features their novelty statistics were of
+            stage.novelty_threshold.zero_()
     else:
         cfg.avg_num_neighbors = mean_neighbours(train_set, cfg.mp_cutoff)
         cfg.onsite_reference = onsite_reference(train_set, species, basis)
@@ -571,6 +573,10 @@ def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bo
         raise RuntimeError(f"residual stage {k} does not fit the model: {(unexpected + missing)[:5]}")
     for name, param in new.named_parameters():
         param.requires_grad_(name.startswith(f"residuals.{k}."))
+    # The stage keeps the novelty statistics of the model it is added to (of that frozen model's features): the
+    # training refits the model's own on the stage's data, and structures like the earlier data stay familiar.
+    for buffer in ("novelty_mean", "novelty_precision", "novelty_threshold"):
+        getattr(new.residuals[k], buffer).copy_(getattr(model, buffer))
     log.info("residual stage %d: output scale %.3e (RMS of the frozen model's training error)", k, rms)
     previous = {id(s): (torch.as_tensor(f, dtype=torch.float32),
                         torch.tensor(1.0 / max(float(np.sum(r**2)), 1e-30), dtype=torch.float32),

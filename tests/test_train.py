@@ -179,6 +179,31 @@ def test_residual_stage_starts_as_the_frozen_model_and_lowers_its_training_error
     assert all(torch.equal(v, old.model.state_dict()[k]) for k, v in frozen.items())
 
 
+def test_a_stage_grown_on_other_data_keeps_the_earlier_data_familiar(tmp_path, base):
+    """--init M --add-stage on other data: the novelty statistics are refitted on the new data, and the stage keeps
+    M's, so M's own structures stay as familiar as M found them (before, the grown model scored the h2o molecules
+    by the water8 boxes alone, and refused some of them as far outside its training data). Plain --init, which
+    changes the features, drops the kept statistics."""
+    from siesta_dmguess.evaluate import evaluate
+
+    def relative_novelty(model_dir):
+        result = evaluate(model_dir, [dataset("h2o")], split="val", progress=False)
+        return np.array([m["novelty"] for m in result["structures"]]) / result["novelty_threshold"]
+
+    grown = tmp_path / "grown"
+    train([dataset("water8")], grown, TrainOptions(epochs=1, lr=1e-3, batch_atoms=24, max_train=2, progress=False,
+                                                   init=str(base), add_stage=True))
+    before, after = relative_novelty(base), relative_novelty(grown)
+    assert np.all(after <= before * (1 + 1e-5))
+    model = load_model(grown).model
+    assert float(model.residuals[0].novelty_threshold) == pytest.approx(float(load_model(base).model.novelty_threshold))
+    assert not torch.equal(model.novelty_mean, load_model(base).model.novelty_mean)  # refitted on water8
+    tuned = tmp_path / "tuned"
+    train([dataset("water8")], tuned, TrainOptions(epochs=1, lr=1e-3, batch_atoms=24, max_train=2, progress=False,
+                                                   init=str(grown)))
+    assert float(load_model(tuned).model.residuals[0].novelty_threshold) == 0.0
+
+
 @pytest.mark.parametrize("options, message", [(dict(density_loss=True, loss_power=4), "use one of the two"),
                                               (dict(loss_power=0.5), "at least 1")])
 def test_conflicting_loss_options_are_a_clear_error(tmp_path, options, message):
