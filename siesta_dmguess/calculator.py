@@ -67,6 +67,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -129,6 +130,15 @@ def _siesta_command_line():
         return None, exc
 
 
+def _warn(message: str) -> None:
+    """Warn at the user's line: the first caller outside this package and ASE. A fixed ``stacklevel`` pointed
+    into ASE, whose depth varies (``atoms.get_potential_energy()``, an optimizer's step, an MD step)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("siesta_dmguess", "ase"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
 def _warn_of_replaced_dm_keys(fdf_arguments: dict) -> None:
     """Say that the starting-guess keys among ``fdf_arguments`` (``DM.UseSaveDM F``, ``File.DM.Init``) are
     replaced at each step by the guess's template (integration/templates), rather than drop them silently."""
@@ -137,8 +147,8 @@ def _warn_of_replaced_dm_keys(fdf_arguments: dict) -> None:
 
     replaced = [k for k in fdf_arguments if normalized_fdf_key(k) in DM_INIT_KEYS]  # (keys in SIESTA's spelling)
     if replaced:
-        warnings.warn(f"siesta-dmguess: fdf_arguments {replaced} are replaced at each step by the starting guess's "
-                      f"settings; guess='atomic' starts every step from SIESTA's atomic guess", stacklevel=3)
+        _warn(f"siesta-dmguess: fdf_arguments {replaced} are replaced at each step by the starting guess's "
+              f"settings; guess='atomic' starts every step from SIESTA's atomic guess")
 
 
 def _checked_model(model):
@@ -287,17 +297,17 @@ class DMGuessSiesta(Siesta):
             if self.fallback == "error":
                 raise
             self._reason = str(exc)
-            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {exc}", stacklevel=4)
+            _warn(f"siesta-dmguess: using SIESTA's atomic guess because {exc}")
             return None
         refusals = [reason for kind, reason in pred.refusals.items() if kind != "far" or self.novelty_limit is not None]
         if refusals:
             self._reason = refusals[0]
-            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess: {self._reason}", stacklevel=4)
+            _warn(f"siesta-dmguess: using SIESTA's atomic guess: {self._reason}")
             return None
         limit = pred.novelty_threshold if self.novelty_limit == "model" else self.novelty_limit
         if self.fallback == "atomic" and limit and pred.novelty > limit:
             self._reason = f"the structure looks unlike the model's training data (novelty {pred.novelty:.1f} > {limit:.1f})"
-            warnings.warn(f"siesta-dmguess: using SIESTA's atomic guess because {self._reason}", stacklevel=4)
+            _warn(f"siesta-dmguess: using SIESTA's atomic guess because {self._reason}")
             return None
         return pred
 
@@ -480,7 +490,7 @@ class DMGuessSiesta(Siesta):
             after = f" after {n} SCF iteration{'s' if n > 1 else ''}" if n else ""
             self._rerun_reason = (f"SIESTA failed from the {self._used} guess{after} ({failure}); rerun from its "
                                   f"atomic guess")
-            warnings.warn(f"siesta-dmguess: {self._rerun_reason}", stacklevel=2)
+            _warn(f"siesta-dmguess: {self._rerun_reason}")
             try:
                 super().calculate(atoms, properties, system_changes)
             finally:

@@ -58,8 +58,9 @@ def test_uncovered_species_is_an_error_by_default(model_dir, tmp_path):
 def test_fallback_to_atomic_guess_says_why(model_dir, tmp_path):
     nh3 = Atoms("NH3", positions=[[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], cell=[10] * 3, pbc=True)
     c = calc(model_dir, tmp_path, fallback="atomic")
-    with pytest.warns(UserWarning, match="atomic guess because .*'N'"):
+    with pytest.warns(UserWarning, match="atomic guess because .*'N'") as caught:
         c._write_guess(nh3)
+    assert [w.filename for w in caught] == [__file__]  # the caller's line (it pointed past it)
     assert c._used == "atomic" and "'N'" in c._reason
     assert not (tmp_path / "siesta.DM").exists()
 
@@ -577,8 +578,10 @@ def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_di
             atoms.get_potential_energy()
         assert runs == [("ml", True)]
         return
-    with pytest.warns(UserWarning) if ml_run != "converges" else _no_warning():
+    with pytest.warns(UserWarning) if ml_run != "converges" else _no_warning() as caught:
         assert atoms.get_potential_energy() == -465.67
+    if caught is not None:  # said at the user's line, not inside ASE's calculator
+        assert [w.filename for w in caught] == [__file__]
     record = atoms.calc.guess_record
     if ml_run == "converges":
         assert runs == [("ml", True)] and record.guess == "ml" and record.reason == ""
