@@ -35,7 +35,9 @@ def _cmd_train(args) -> int:
     command = "siesta-dmguess " + " ".join(shlex.quote(a) for a in args.argv)
     result = train(args.data_dirs, args.out, options, overrides, resume=not args.restart, command=command)
     summary = result.validation.get("summary", {})
-    print(f"model written to {result.out_dir}")
+    resumed = (f" (a stopped training continued from its checkpoint at epoch {result.resumed_at_epoch + 1}; "
+               "--restart trains afresh)" if result.resumed_at_epoch else "")
+    print(f"model written to {result.out_dir}{resumed}")
     if summary:
         print(f"validation ({summary['structures']} structures): DM MAE {summary['mae']:.3e} "
               f"(atomic guess {summary['atomic_mae']:.3e}, {summary['mae_ratio_atomic_over_model']:.1f}x better), "

@@ -63,6 +63,7 @@ class TrainResult:
     out_dir: Path
     validation: dict
     history: list = field(default_factory=list)
+    resumed_at_epoch: int = 0  # the epoch a stopped run's checkpoint continued from (0: trained from the start)
 
 
 def dataset_basis(data_dirs, max_train: int = 0) -> dict:
@@ -328,7 +329,8 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
                                out_dir)
 
     make_output_folder(out_dir)  # not before: a run refused for its data leaves no empty model folder behind
-    bar = tqdm(range(start_epoch, options.epochs), desc="training", disable=not options.progress,
+    bar = tqdm(range(start_epoch, options.epochs), disable=not options.progress,
+               desc=f"training (resumed at epoch {start_epoch + 1})" if start_epoch else "training",
                initial=start_epoch, total=options.epochs, file=sys.stderr)
     t0 = time.time()
     for epoch in bar:
@@ -430,7 +432,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     save_model(model, out_dir, card)
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     plot_history(history, out_dir / "training.png")
-    return TrainResult(out_dir, validation, history)
+    return TrainResult(out_dir, validation, history, start_epoch)
 
 
 def attach_folded_overlap(samples, basis) -> None:

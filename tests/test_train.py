@@ -43,7 +43,8 @@ def test_train_writes_model_learns_and_resumes(tmp_path):
     assert loaded.config.species == ["H", "O"]
     # Resume: asking for more epochs continues from the checkpoint instead of restarting.
     result2 = train([data], out, TrainOptions(**{**opts.__dict__, "epochs": 8}), TINY)
-    assert [h["epoch"] for h in result2.history] == list(range(8))
+    assert [h["epoch"] for h in result2.history] == list(range(8)) and result2.resumed_at_epoch == 6
+    assert result.resumed_at_epoch == 0
     assert result2.history[:6] == result.history
     assert not list(out.glob(".*.tmp"))  # checkpoint written atomically, no temporary left over
     # The longer run decays its learning rate to lr_final at its own end (it went on below it), and the card
