@@ -827,6 +827,20 @@ def test_a_fold_that_does_not_fit_the_runs_sampling_is_refused_unless_forced(shi
     assert pred.folded is fold and any(problem in w for w in pred.warnings)
 
 
+def test_a_fold_against_the_runs_sampling_leaves_its_folder_as_it_was(tmp_path):
+    """The --fold refusal is an error before any prediction: the run's converged DM stays, and no backup is made
+    (the README had said that it was moved to .bak, as for refused predictions)."""
+    src = dataset("water8") / "0004"
+    for f in ("input.fdf", "siesta.DM"):
+        shutil.copy(src / f, tmp_path / f)
+    for f in (src.parent / "basis").glob("*"):
+        shutil.copy(f, tmp_path / f.name)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["predict", str(tmp_path), "--model", "water", "--fold", "no", "--threads", "1"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "siesta.DM").read_bytes() == (src / "siesta.DM").read_bytes()
+
+
 def test_a_refused_prediction_of_ase_atoms_is_the_refusal_not_a_type_error(tmp_path, shipped):
     """Atoms have no file to name: the refusal named ``Path(atoms)`` and ended in a TypeError."""
     from ase import Atoms
