@@ -20,6 +20,11 @@ from .errors import DMGuessError, InputFileError
 from .files import check_output_file
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and the noun in its number: "1 structure", "3 structures"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _cmd_train(args) -> int:
     from .train import TrainOptions, train
 
@@ -39,7 +44,7 @@ def _cmd_train(args) -> int:
                "--restart trains afresh)" if result.resumed_at_epoch else "")
     print(f"model written to {result.out_dir}{resumed}")
     if summary:
-        print(f"validation ({summary['structures']} structures): DM MAE {summary['mae']:.3e} "
+        print(f"validation ({counted(summary['structures'], 'structure')}): DM MAE {summary['mae']:.3e} "
               f"(atomic guess {summary['atomic_mae']:.3e}, {summary['mae_ratio_atomic_over_model']:.1f}x better), "
               f"max |error| {summary['max_abs']:.3e}")
     return 0
@@ -96,7 +101,7 @@ def _cmd_predict(args) -> int:
     with torch_threads(0 if args.threads else world.threads()):
         failed = _predict_each(structures, outputs, args, model, many=many, world=world)
     if failed and many:
-        print(f"siesta-dmguess: {failed} of {len(structures)} structures got no DM (each is named above)",
+        print(f"siesta-dmguess: {failed} of {counted(len(structures), 'structure')} got no DM (each is named above)",
               file=sys.stderr)
     return 2 if failed else 0  # as main() does for any other error
 
@@ -243,7 +248,7 @@ def _cmd_evaluate(args) -> int:
     print(f"(* novelty above the model's flag level {threshold:.2f}: predict calls the structure out of distribution; "
           "rho err is the density-operator error, '-' where there is no .HSX or the run has k-points)")
     s = result["summary"]
-    print(f"mean over {s['structures']} structures: MAE {s['mae']:.3e}, max |error| {s['max_abs']:.3e}; "
+    print(f"mean over {counted(s['structures'], 'structure')}: MAE {s['mae']:.3e}, max |error| {s['max_abs']:.3e}; "
           f"atomic guess MAE {s['atomic_mae']:.3e} ({s['mae_ratio_atomic_over_model']:.1f}x the model's)")
     if "density_operator_error_mean" in s:
         print(f"density-operator error sqrt(Tr[(ΔD S)²]): mean {s['density_operator_error_mean']:.3e}; atomic guess "

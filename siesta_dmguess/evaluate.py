@@ -306,7 +306,7 @@ def plot_evaluation(result: dict, path: str | Path):
         ax2.legend()
     ax2.set_xlabel("novelty score (no reference needed)")
     ax2.set_ylabel("DM MAE")
-    fig.suptitle(f"{Path(result['model']).name}: {len(per)} structures")
+    fig.suptitle(f"{Path(result['model']).name}: {len(per)} structure{'' if len(per) == 1 else 's'}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

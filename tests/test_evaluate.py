@@ -141,7 +141,7 @@ def test_a_folder_without_index_or_val_split_is_evaluated_whole_and_an_empty_spl
     err = capsys.readouterr().err
     assert "mine" in err and "no runs in split 'val'; the runs record test (1), train (1); --split all" in err
     assert main(["evaluate", "water", str(tmp_path / "mine"), "--quiet", "--split", "test"]) == 0
-    assert "mean over 1 structures" in capsys.readouterr().out
+    assert "mean over 1 structure:" in capsys.readouterr().out
 
 
 def test_evaluate_table_names_runs_by_dataset_and_run_not_by_a_cut_absolute_path():
