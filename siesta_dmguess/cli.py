@@ -224,7 +224,7 @@ def _display_names(names: list[str], width: int = 44) -> list[str]:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, plot_evaluation
+    from .evaluate import HELD_OUT, evaluate, plot_evaluation
 
     split = None if args.split == "all" else args.split
     for output, image in ((args.json, False), (args.plot, True)):  # before the evaluation, not after it
@@ -234,7 +234,9 @@ def _cmd_evaluate(args) -> int:
                       refine=args.refine)
     for folder, d in result["datasets"].items():  # which runs were scored: auto takes the val split where recorded
         left_out = d["runs_in_folder"] - d["structures"]
-        print(f"{folder}: {d['structures']} run(s)" + (f" of split {d['split']}" if d["split"] != "all" else "")
+        which = {"all": "", HELD_OUT: f" {HELD_OUT} (the model trained on the others)"}.get(d["split"],
+                                                                                         f" of split {d['split']}")
+        print(f"{folder}: {d['structures']} run(s){which}"
               + (f"; {left_out} other run(s) left out (--split all takes them)" if left_out > 0 else ""))
     threshold = result["novelty_threshold"]
     print(f"{'structure':<44} {'atoms':>5} {'MAE':>10} {'max|err|':>10} {'atomic MAE':>10} {'rho err':>9} "
@@ -482,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("data_dirs", nargs="+", help="dataset folders of converged runs (fdf + .DM; .HSX for the "
                                                  "density-operator and band-energy errors)")
     e.add_argument("--split", default="auto", help="split to evaluate: val, train, all, or auto (default): val "
-                   "where the folder's index.json (or the runs' run.json) records a val split, else all runs")
+                   "where the folder's index.json (or the runs' run.json) records a val split, else the runs the model's "
+                   "training held out where its card lists them, else all runs")
     e.add_argument("--json", help="write all metrics to this JSON file")
     e.add_argument("--plot", help="write a PNG: MAE per structure vs the atomic guess, and MAE vs novelty score")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -241,10 +241,16 @@ def refine_flat(sample, flat: np.ndarray, overlap, mode: str = "idempotent",
     return done.values, done.electrons_raw - n_expected, done.applied
 
 
+# The split evaluate reports for runs that record none but that the model's training held out (its card lists them).
+HELD_OUT = "held out in training"
+
+
 def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json: str | Path | None = None,
              progress: bool = True, refine: str = "idempotent") -> dict:
     """Evaluate a model on the runs of one or more dataset folders (default ``"auto"``: their ``val`` split, or
-    all their runs where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`).
+    all their runs where index.json records none; see :func:`~siesta_dmguess.data.resolve_split`). Where the
+    runs record no split and the model's training held some of them out at random (its card's
+    ``training.held_out_runs``), ``"auto"`` takes those: the others were trained on.
 
     Each dataset folder is checked against the model's species, basis and settings (XC, spin) first.
     Returns ``{"summary": ..., "structures": [...], "datasets": {dir: summary}}``.
@@ -255,6 +261,7 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
 
     loaded = load_model(model_name_or_path)
     cfg = loaded.config
+    held_out = set(loaded.card.get("training", {}).get("held_out_runs", []))
     result = {"model": str(loaded.path), "split": split, "refine": refine, "datasets": {}, "structures": [],
               "novelty_threshold": float(loaded.model.novelty_threshold)}
     seen, datasets = set(), []
@@ -267,6 +274,9 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
         samples = load_samples([d], cfg.species, loaded.basis, cfg.message_cutoff, split=used, progress=progress,
                                with_overlap=True, fold_reach=cfg.fold_reach,
                                species_of=lambda structure: model_species_of(structure, loaded))
+        held = {str(Path(s.name).resolve()) for s in samples} & held_out
+        if split == "auto" and used is None and held:  # runs recording no split: those training held out
+            samples, used = [s for s in samples if str(Path(s.name).resolve()) in held], HELD_OUT
         if not samples:
             from .data import empty_split_error
 

@@ -419,6 +419,9 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         "pseudopotentials": {label: pseudopotentials[label] for label in species if label in pseudopotentials},
         "training": {"data": [str(d) for d in data_dirs], "train_structures": len(train_set),
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
+                     # the runs the seeded hold-out drew (their records name no split): evaluate scores these
+                     "held_out_runs": sorted(str(Path(s.name).resolve()) for s in val_set
+                                             if s.meta.get("split") != "val"),
                      # whether any training run sampled its crystal more coarsely than its DM's range (predict.py)
                      "aliased_sampling": any(is_aliased(s) for s in train_set),
                      # the --init model's training record and weights, so that a chain of runs names each start

@@ -1,6 +1,7 @@
 """Training end to end on a few shared structures: files, card, learning, resume."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,31 @@ def test_one_run_or_runs_of_another_split_are_said_so(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="siesta_dmguess.train"):
         train([one], tmp_path / "m2", opts, TINY)
     assert "1 run(s) record a split other than train or val" in caplog.text and "0001" in caplog.text
+
+
+def test_runs_held_out_at_random_are_in_the_card_and_what_evaluate_scores(tmp_path, capsys):
+    """In a folder whose runs record no split, train holds out a seeded share; the card lists them and evaluate
+    scores those by default. It scored every run, the trained-on ones too, with nothing to say so."""
+    import shutil
+
+    from siesta_dmguess.cli import main
+
+    data = dataset("h2o")
+    mine = tmp_path / "mine"
+    shutil.copytree(data / "basis", mine / "basis")
+    for run in ("0000", "0001", "0002", "0003", "0005"):
+        shutil.copytree(data / run, mine / run)
+        (mine / run / "run.json").unlink(missing_ok=True)
+    train([mine], tmp_path / "m", TrainOptions(epochs=1, lr=1e-2, batch_atoms=12, progress=False), TINY)
+    card = json.loads((tmp_path / "m" / "card.json").read_text())
+    held = card["training"]["held_out_runs"]
+    assert len(held) == card["training"]["val_structures"] == 1 and Path(held[0]).parent == mine.resolve()
+    assert main(["evaluate", str(tmp_path / "m"), str(mine), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "1 run(s) held out in training (the model trained on the others); 4 other run(s) left out" in out
+    assert "mean over 1 structure:" in out and Path(held[0]).name in out
+    assert main(["evaluate", str(tmp_path / "m"), str(mine), "--quiet", "--split", "all"]) == 0
+    assert "mean over 5 structures" in capsys.readouterr().out
 
 
 def test_truncated_checkpoint_is_reported_and_training_starts_afresh(tmp_path, caplog):
