@@ -330,7 +330,9 @@ def model_settings_summary(card: dict) -> str:
     for key in ("PAO.BasisSize", "PAO.EnergyShift"):
         shared.append(f"{key} {recorded[key]}" if key in recorded else f"{key} {SIESTA_DEFAULTS[key]} (default)")
     shared += [f"{key} {value}" for key, value in card.get("basis_options", {}).items()]
-    mesh = f"; trained at MeshCutoff {recorded['MeshCutoff']} (not checked)" if "MeshCutoff" in recorded else ""
+    meshes = recorded.get("MeshCutoff", [])  # one value, or a list where the training runs differed
+    meshes = ", ".join(meshes) if isinstance(meshes, list) else meshes
+    mesh = f"; trained at MeshCutoff {meshes} (not checked)" if meshes else ""
     return f"runs must use {', '.join(shared)}{mesh}"
 
 

@@ -415,7 +415,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
         "name": out_dir.name,
         "description": f"Equivariant DM model for {', '.join(species)} trained on {', '.join(d.name for d in data_dirs)}.",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **settings_record(samples[0].structure.fdf_settings if samples else {}),
+        **settings_record(samples[0].structure.fdf_settings if samples else {}, samples),
         "pseudopotentials": {label: pseudopotentials[label] for label in species if label in pseudopotentials},
         "training": {"data": [str(d) for d in data_dirs], "train_structures": len(train_set),
                      "val_structures": len(val_set), "options": asdict(options), "best_epoch": best["epoch"],
@@ -689,15 +689,21 @@ def _load_state(model, state: dict) -> None:
         raise RuntimeError(f"checkpoint does not match the model: {bad[:5]}")
 
 
-def settings_record(settings: dict) -> dict:
+def settings_record(settings: dict, samples=()) -> dict:
     """The card's record of the settings a run was made with (``read_fdf_settings``): XC, the basis settings
-    and, where the fdf sets any, its other basis options and per-species sizes (``predict`` compares them all)."""
+    and, where the fdf sets any, its other basis options and per-species sizes (``predict`` compares them all).
+    ``samples``: the training runs, whose MeshCutoff may differ (it is not checked, as it does not change the
+    basis): a list of their values then, where the first run's alone would misstate the others."""
     def pick(keys):
         return {k: settings[k] for k in keys if k in settings}
 
-    return {"xc": pick(("XC.functional", "XC.authors")),
-            "siesta_settings": pick(("PAO.BasisSize", "PAO.EnergyShift", "MeshCutoff", "Spin")),
-            **pick(("basis_options", "basis_sizes"))}
+    record = {"xc": pick(("XC.functional", "XC.authors")),
+              "siesta_settings": pick(("PAO.BasisSize", "PAO.EnergyShift", "MeshCutoff", "Spin")),
+              **pick(("basis_options", "basis_sizes"))}
+    meshes = sorted({str(s.structure.fdf_settings.get("MeshCutoff", "default")) for s in samples})
+    if len(meshes) > 1:
+        record["siesta_settings"]["MeshCutoff"] = meshes
+    return record
 
 
 def check_same_settings(samples, init_card: dict | None = None) -> None:

@@ -619,3 +619,22 @@ def test_the_card_records_the_train_command_as_given_to_main(tmp_path, monkeypat
     with pytest.raises(SystemExit):
         main(["train", str(tmp_path), "--out", str(tmp_path / "my model"), "--epochs", "3"])
     assert given == [f"siesta-dmguess train {tmp_path} --out '{tmp_path / 'my model'}' --epochs 3"]
+
+
+def test_the_card_records_every_mesh_cutoff_of_the_training_runs():
+    """MeshCutoff is left free (it does not change the basis), so runs of several meshes train one model: the card
+    listed the first run's alone. It lists them all where they differ, and `models` shows them."""
+    from types import SimpleNamespace
+
+    from siesta_dmguess.cli import model_settings_summary
+    from siesta_dmguess.train import settings_record
+
+    def run(mesh):
+        return SimpleNamespace(structure=SimpleNamespace(fdf_settings={"XC.functional": "LDA", "MeshCutoff": mesh}))
+
+    same = [run("200 Ry"), run("200 Ry")]
+    assert settings_record(same[0].structure.fdf_settings, same)["siesta_settings"] == {"MeshCutoff": "200 Ry"}
+    mixed = [run("300 Ry"), run("200 Ry"), run("300 Ry")]
+    card = settings_record(mixed[0].structure.fdf_settings, mixed)
+    assert card["siesta_settings"]["MeshCutoff"] == ["200 Ry", "300 Ry"]
+    assert model_settings_summary(card).endswith("trained at MeshCutoff 200 Ry, 300 Ry (not checked)")
