@@ -22,7 +22,7 @@ constructor arguments: species, basis_set, xc, kpts, fdf_arguments, ...) plus
   does not cover the structure (species, basis, settings) — the atomic guess is
   used with a warning that says why;
 * ``compare_baseline``: also run SIESTA from the atomic guess (in a sub-folder)
-  and record the iterations saved;
+  and record the iterations saved and the difference in converged energy;
 * ``novelty_limit``: with ``fallback="atomic"``, use the atomic guess when the
   structure's novelty score (see ``Prediction.novelty``) exceeds this value
   (``"model"``: the model card's threshold; ``None``: never). Whatever
@@ -100,6 +100,17 @@ class GuessRecord:
     # iterations (its time is in scf_s; scf_iterations is the rerun's). The step cost both.
     failed_scf_iterations: int = 0
     novelty_threshold: float | None = None  # the model's flag level: above it the structure is flagged as novel
+    # eV, SIESTA's converged total energy of this run and, with compare_baseline, of the atomic-guess run: a
+    # guess must not change the answer (|difference| within the SCF tolerance's, ~1e-6 eV measured)
+    total_energy: float | None = None
+    atomic_total_energy: float | None = None
+
+    @property
+    def energy_difference(self) -> float | None:
+        """eV: this run's converged total energy minus the atomic-guess run's (None without compare_baseline)."""
+        if self.total_energy is None or self.atomic_total_energy is None:
+            return None
+        return self.total_energy - self.atomic_total_energy
 
     @property
     def flagged_as_novel(self) -> bool | None:
@@ -501,11 +512,13 @@ class DMGuessSiesta(Siesta):
         baseline = self._run_baseline() if self.compare_baseline and self._used != "atomic" else None
         pred = self._prediction
         self.guess_record = GuessRecord(self._used, out.scf_iterations, out.dm_read_from_file, self._prediction_s,
-                                        scf_s, baseline, self._reason,
+                                        scf_s, None if baseline is None else baseline.scf_iterations, self._reason,
                                         None if pred is None else pred.electron_count_error,
                                         None if pred is None else pred.novelty, startup_s=self._startup_s,
                                         failed_scf_iterations=failed_iterations,
-                                        novelty_threshold=None if pred is None else pred.novelty_threshold)
+                                        novelty_threshold=None if pred is None else pred.novelty_threshold,
+                                        total_energy=out.total_energy_eV,
+                                        atomic_total_energy=None if baseline is None else baseline.total_energy_eV)
         self.history.append(self.guess_record)
         self.results["guess"] = self.guess_record
 
@@ -520,15 +533,15 @@ class DMGuessSiesta(Siesta):
         return {**super().todict(skip_default), **{k: v for k, v in own.items()  # a loaded model is no parameter
                                                    if isinstance(v, (str, int, float, bool, type(None)))}}
 
-    def _run_baseline(self) -> int:
-        """SIESTA from the atomic guess on the same input, in ``<directory>/baseline``."""
+    def _run_baseline(self):
+        """SIESTA from the atomic guess on the same input, in ``<directory>/baseline``: its parsed output."""
         from .siesta import prepare_run, run_siesta
 
         src = self.getpath(ext="fdf")
         work = Path(self.directory) / "baseline"
         pseudo_dirs = [Path(self.directory)]
         fdf = prepare_run(src, work, "atomic", pseudo_dirs=pseudo_dirs)
-        return run_siesta(fdf, command=self._siesta_command()).output.scf_iterations
+        return run_siesta(fdf, command=self._siesta_command()).output
 
     def _siesta_command(self):
         """The command this calculator runs SIESTA with (ASE profile), so the baseline uses the same binary."""
