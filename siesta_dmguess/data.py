@@ -393,12 +393,16 @@ def read_hsx_at(hsx: Path, dm_ref) -> tuple[np.ndarray | None, np.ndarray | None
 
     from .dm import values_at_stored
 
+    from .files import fortran_path
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), fortran_path(hsx) as readable:
             warnings.simplefilter("ignore")
-            sile = sisl.get_sile(str(hsx))
+            sile = sisl.get_sile(str(readable))
             overlap = sile.read_overlap(geometry=dm_ref.geometry)
             hamiltonian = sile.read_hamiltonian(geometry=dm_ref.geometry)
+    except InputFileError:
+        raise
     except Exception as exc:
         raise InputFileError(f"cannot read the overlap and Hamiltonian ({type(exc).__name__}: {exc})", hsx) from exc
     return values_at_stored(dm_ref, overlap), values_at_stored(dm_ref, hamiltonian)

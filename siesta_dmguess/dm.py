@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from .basis import SpeciesBasis, atom_radii
 from .conventions import orbital_signs
 from .errors import InputFileError
-from .files import atomic_write, check_output_file, move_to_backup
+from .files import atomic_write, check_output_file, fortran_path, move_to_backup
 from .graph import Edges, Neighbours, kb_member_pairs, kb_members, lookup_rows
 from .structure import Structure
 
@@ -403,9 +403,11 @@ def read_density_matrix(path: str | Path, geometry):
                              path)
     if no != geometry.no:
         raise InputFileError(f"the .DM has {no} orbitals but the structure has {geometry.no}", path)
-    sile = sisl.get_sile(str(path))
     try:
-        dm = sile.read_density_matrix(geometry=geometry)
+        with fortran_path(path) as readable:
+            dm = sisl.get_sile(str(readable)).read_density_matrix(geometry=geometry)
+    except InputFileError:
+        raise
     except Exception as exc:
         text = str(exc)
         if "orbitals" in text or "no_u" in text or "shape" in text:
@@ -458,6 +460,14 @@ def write_density_matrix(dm, path: str | Path, overwrite: bool = False) -> Path 
             backup = move_to_backup(path)
             log.warning("kept the existing %s as %s", path, backup)
 
-    atomic_write(path, lambda tmp: sisl.get_sile(tmp, mode="w").write_density_matrix(dm), suffix=".DM",
-                 before_replace=keep_existing)
+    def write(tmp: Path):
+        with fortran_path(tmp, write=True) as writable:
+            sisl.get_sile(str(writable), mode="w").write_density_matrix(dm)
+        try:  # sisl's Fortran writer does not report a failed write (a full disk): the file must read back whole
+            check_dm_file(tmp)
+        except InputFileError as exc:
+            raise InputFileError(f"the .DM could not be written whole ({exc.message}; is the disk full?); the "
+                                 "existing file, if any, is left as it was", path) from None
+
+    atomic_write(path, write, suffix=".DM", before_replace=keep_existing)
     return backup

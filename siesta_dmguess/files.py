@@ -38,7 +38,8 @@ def atomic_write_set(writes: dict, suffix: str = "", before_replace=None) -> Non
             # aside) or no folder to write into: said before any work on the file.
             check_output_file(path)
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)  # sisl: by end
+                # (the stem shortened: a name near the 255-byte limit would leave no room for the temporary's)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:60]}.", suffix=suffix, dir=path.parent)  # sisl: by end
             except OSError as exc:  # a read-only folder
                 raise _unwritable(path, exc) from exc
             os.close(fd)
@@ -61,6 +62,33 @@ def atomic_write_set(writes: dict, suffix: str = "", before_replace=None) -> Non
         for tmp in temporaries.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+@contextmanager
+def fortran_path(path: str | Path, write: bool = False):
+    """A name of ``path`` that sisl's compiled Fortran readers and writers (``.DM``, ``.HSX``) can open. f2py
+    passes the file name as ASCII: any other character failed with a bare ``TypeError`` ("function takes exactly 5
+    arguments"). Where ``path`` has one, reading goes through a link to it in an ASCII scratch folder, and
+    writing to a scratch file that is then copied to ``path``."""
+    import shutil
+
+    path = Path(path)
+    if str(path).isascii():
+        yield path
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="siesta-dmguess-"))
+    try:
+        if not str(scratch).isascii():
+            raise InputFileError("sisl's SIESTA file routines need ASCII file names, and the temporary folder has "
+                                 f"none ({scratch}) to work around this one's: rename it", path)
+        name = scratch / ("file" + (path.suffix if path.suffix.isascii() else ""))
+        if not write:
+            os.symlink(path.resolve(), name)
+        yield name
+        if write:
+            shutil.copyfile(name, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """DM sparsity pattern, .DM round trips, atomic writes with backups, and bad .DM files."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,43 @@ def test_existing_dm_is_kept_as_backup(tmp_path):
     assert third not in (backup, second) and backup.read_bytes() == b"previous run's DM"  # nor the second
     write_density_matrix(dm, target, overwrite=True)
     assert len(list(tmp_path.iterdir())) == 4  # overwrite: no new backup, no temporary left behind
+
+
+def test_a_dm_write_the_disk_cut_short_is_an_error_that_keeps_the_existing_dm(tmp_path, monkeypatch):
+    """sisl's Fortran writer says nothing when a write fails (a full disk): predict reported success over a
+    truncated .DM, with SIESTA's DM moved to .bak. The written file is now read back before it replaces any."""
+    import sisl
+
+    _, _, dm, _ = load_run(_runs("h2o", 1)[0])
+    target = tmp_path / "siesta.DM"
+    target.write_bytes(b"previous run's DM")
+    plain = sisl.io.siesta.dmSileSiesta.write_density_matrix
+
+    def cut_short(self, *args, **kwargs):  # what a full disk leaves: the first part of the file
+        plain(self, *args, **kwargs)
+        path = Path(str(self.file))
+        path.write_bytes(path.read_bytes()[:4096])
+
+    monkeypatch.setattr(sisl.io.siesta.dmSileSiesta, "write_density_matrix", cut_short)
+    with pytest.raises(InputFileError, match=r"siesta.DM: the .DM could not be written whole \(the .DM file is "
+                                             r"truncated.*is the disk full\?\)"):
+        write_density_matrix(dm, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["siesta.DM"] and target.read_bytes() == b"previous run's DM"
+
+
+def test_a_dm_is_written_and_read_at_a_path_that_is_not_ascii(tmp_path):
+    """sisl's Fortran routines take ASCII file names: any other character was a bare TypeError on writing, and
+    "truncated or corrupt" on reading a good file."""
+    _, _, dm, _ = load_run(_runs("h2o", 1)[0])
+    target = tmp_path / "wät er" / "eau·1.DM"
+    target.parent.mkdir()
+    write_density_matrix(dm, target)
+    back = read_density_matrix(target, dm.geometry)
+    assert np.array_equal(back.tocsr(0).toarray(), dm.tocsr(0).toarray())
+    assert [p.name for p in target.parent.iterdir()] == ["eau·1.DM"]  # no temporary left
+    long = tmp_path / ("a" * 248 + ".DM")  # a legal name; its temporary's was "File name too long"
+    write_density_matrix(dm, long)
+    assert long.is_file()
 
 
 def test_a_written_dm_gets_the_permissions_of_a_plain_write(tmp_path):
