@@ -318,6 +318,7 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
                                 meta={"split": rec.split, **rec.meta}, fold_reach=fold_reach)
         if with_overlap and hsx is not None:
             sample.meta["overlap"], sample.meta["hamiltonian"] = read_hsx_at(hsx, dm)
+            check_reference_electrons(sample, hsx)
         samples.append(sample)
     if unconfirmed:  # said, not refused: a folder of DMs from elsewhere may be all a user has
         shown = ", ".join(str(f) for f in unconfirmed[:3]) + (f" and {len(unconfirmed) - 3} more"
@@ -326,6 +327,24 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
                     "them (%s): their .DM is taken as converged, though a run stopped at MaxSCFIterations leaves "
                     "one too. Keep SIESTA's output beside the .DM to have it checked", len(unconfirmed), shown)
     return samples
+
+
+def check_reference_electrons(sample: Sample, hsx: Path) -> None:
+    """Error if the reference DM, with the run's S from its ``.HSX``, does not hold the structure's electrons. A
+    converged SIESTA DM gives Tr(D S) = N within 3e-7 (every shared run); a ``.DM`` or ``.HSX`` of another
+    structure, copied into the folder, was trained on or scored against without a word (7.80 of 8 electrons)."""
+    from .predict import expected_electrons
+
+    overlap = sample.meta.get("overlap")
+    if overlap is None:  # (an .HSX of other supercells: read_hsx_at says so by giving none)
+        return
+    electrons = expected_electrons(sample.structure, sample.layout.atomic.sum())
+    held = float(np.dot(sample.target_values, overlap))
+    if abs(held - electrons) > 1e-3 + 1e-6 * electrons:
+        raise InputFileError(f"the .DM with the .HSX's overlap holds Tr(D S) = {held:.4f} electrons, but the "
+                             f"structure has {electrons:g}: the .DM or the {hsx.name} is not of this run's structure "
+                             "(a converged SIESTA run gives it within 1e-6). Rerun SIESTA in the folder, or leave "
+                             "it out", Path(sample.name))
 
 
 def check_converged(rec: RunRecord) -> bool:

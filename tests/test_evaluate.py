@@ -205,6 +205,28 @@ def test_a_run_siesta_did_not_converge_is_refused_as_reference(tmp_path, caplog)
         load()
 
 
+@pytest.mark.parametrize("swapped", ["siesta.DM", "siesta.HSX"])
+def test_a_dm_or_hsx_of_another_structure_is_refused_as_reference(tmp_path, swapped):
+    """A .DM (or .HSX) copied from another run of the same molecule fits the orbitals, and was scored against and
+    trained on without a word (MAE "1.0x" the atomic guess's; 7.80 of 8 electrons). Tr(D S) with the run's S
+    gives it away: SIESTA's own pair holds N within 3e-7."""
+    import shutil
+
+    from siesta_dmguess.basis import read_basis_folder
+    from siesta_dmguess.data import load_samples
+    from siesta_dmguess.errors import InputFileError
+
+    src = dataset("h2o") / "0000"
+    run = copy_run(src, tmp_path / "data" / "0000")
+    basis = read_basis_folder(src.parent / "basis", ["H", "O"])
+    load = lambda: load_samples([tmp_path / "data"], ["H", "O"], basis, 3.0, with_overlap=True)  # noqa: E731
+    assert len(load()) == 1
+    shutil.copy(src.parent / "0005" / swapped, run / swapped)
+    with pytest.raises(InputFileError, match=r"0000: the .DM with the .HSX's overlap holds Tr\(D S\) = \d\.\d{4} "
+                                             r"electrons, but the structure has 8: the .DM or the siesta.HSX"):
+        load()
+
+
 def test_a_dm_that_predict_wrote_into_a_run_folder_is_refused_as_reference(tmp_path, capsys):
     """``predict RUN/`` keeps SIESTA's DM as siesta.DM.bak and writes its own; evaluate on the folder used to
     measure the model against its own prediction (MAE 6e-9). Rerunning SIESTA from it makes it a reference again."""
