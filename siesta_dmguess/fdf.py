@@ -288,6 +288,7 @@ def read_fdf_settings(path: str | Path) -> dict:
     unit the fdf used; absent keys omitted), and ``ghost_species``: the labels the ChemicalSpeciesLabel block
     gives a negative atomic number (SIESTA's ghost atoms: orbitals without nucleus or electrons)."""
     fdf = fdf_sile(path)
+    check_units(fdf)
     out = {}
     try:
         ghosts = [label for _, z, label in species_rows(fdf.get("ChemicalSpeciesLabel") or []) if z < 0]
@@ -367,9 +368,25 @@ def _basis_options(path: str | Path, fdf) -> tuple[dict[str, str], dict[str, str
     return options, sizes
 
 
+# Keys SIESTA reads with fdf_physical, which stops on a value without a unit ("no unit specified for ..."):
+# sisl took the number in the unit asked for (a LatticeConstant of 8 read as 8 Å; SIESTA's unit for it is Bohr).
+FDF_PHYSICAL_KEYS = ("LatticeConstant", "MeshCutoff", "PAO.EnergyShift")
+
+
+def check_units(fdf) -> None:
+    """Error, naming the fdf, for a key of :data:`FDF_PHYSICAL_KEYS` whose value has no unit."""
+    for key in FDF_PHYSICAL_KEYS:
+        words = (fdf.text(key) or "").split()
+        if len(words) == 1:
+            unit = "Ang" if key == "LatticeConstant" else "Ry"
+            raise InputFileError(f"{key} {words[0]} has no unit, and SIESTA stops on it (\"no unit specified for "
+                                 f"{key}\"): write one, e.g. {key} {words[0]} {unit}", Path(str(fdf.file)))
+
+
 def fdf_cell(fdf) -> np.ndarray | None:
     """The fdf's lattice vectors (Å) as SIESTA reads them (``redcel.F``), or None where SIESTA builds its
     automatic cell (no ``LatticeConstant``: a molecule) or the lattice cannot be read (a partial fdf)."""
+    check_units(fdf)
     try:
         alat = fdf.get("LatticeConstant", unit="Ang")
         if alat is None:
