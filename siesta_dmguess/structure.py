@@ -256,6 +256,12 @@ def read_structure(path: str | Path) -> Structure:
         log.warning("%s is a SIESTA .ANI file, which holds no cell: predicting an isolated structure. For a "
                     "periodic run, predict from its fdf, .XV or .STRUCT_OUT (or `bench %s --fdf FDF`, which puts "
                     "each frame into the fdf's cell)", path, path.name)
+    if atoms.pbc.any() and atoms.cell.rank < 3:  # a chain or slab without its vacuum vectors: SIESTA has no such
+        # cell (it runs three vectors, or a molecule in its own box); predicting a molecule would say nothing
+        raise InputFileError(f"periodic along {''.join('abc'[k] for k in np.flatnonzero(atoms.pbc))} (pbc "
+                             f"{[bool(x) for x in atoms.pbc]}) but its cell has {atoms.cell.rank} independent "
+                             "vector(s): SIESTA runs a cell of three. Give the cell its other vectors (vacuum for a "
+                             "chain or slab), or set pbc False for a molecule", path)
     return structure_from_atoms(atoms, source=str(path))
 
 

@@ -119,6 +119,29 @@ def test_structure_ase_cannot_read(model_dir, tmp_path):
     assert main(["predict", str(path), "--model", str(model_dir)]) == 2
 
 
+def test_a_periodic_direction_without_its_cell_vectors_is_a_clear_error(tmp_path):
+    """A chain (pbc along a, a cell of one vector) was predicted as an isolated molecule without a word; SIESTA runs
+    three vectors. The same chain with its vacuum vectors, or the molecule without pbc, is read."""
+    from ase.io import write
+
+    from siesta_dmguess.structure import read_structure
+
+    chain = water_molecule()
+    chain.set_cell([[3.2, 0, 0], [0, 0, 0], [0, 0, 0]])
+    chain.pbc = [True, False, False]
+    write(tmp_path / "chain.traj", chain)
+    with pytest.raises(InputFileError, match=r"chain.traj: periodic along a \(pbc \[True, False, False\]\) but "
+                                             r"its cell has 1 independent vector\(s\)"):
+        read_structure(tmp_path / "chain.traj")
+    chain.set_cell([3.2, 12, 12])
+    write(tmp_path / "full.traj", chain)
+    assert read_structure(tmp_path / "full.traj").periodic
+    chain.set_cell([[3.2, 0, 0], [0, 0, 0], [0, 0, 0]])
+    chain.pbc = False
+    write(tmp_path / "molecule.traj", chain)
+    assert not read_structure(tmp_path / "molecule.traj").periodic
+
+
 def test_multi_frame_file_predicts_its_last_frame_and_says_so(tmp_path, caplog):
     from ase.io import write
 
