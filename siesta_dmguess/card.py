@@ -55,15 +55,22 @@ def list_shipped_models() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / CARD).is_file()) if root.is_dir() else []
 
 
+_SAID: set = set()  # (what resolve_model warned about, once per process)
+
+
 def resolve_model(name_or_path: str | Path) -> Path:
     """A model folder from a path or the name of a shipped model."""
     if not str(name_or_path).strip():  # Path("") is ".", the current folder
         raise ModelCompatibilityError(f"no model folder or shipped model named {str(name_or_path)!r} (shipped: "
                                       f"{', '.join(list_shipped_models())})")
     p = Path(name_or_path)
-    if (p / CONFIG).is_file():
-        return p
     shipped = shipped_models_dir() / str(name_or_path)
+    if (p / CONFIG).is_file():
+        if (shipped / CONFIG).is_file() and p.resolve() != shipped.resolve() and (p.resolve(), shipped) not in _SAID:
+            _SAID.add((p.resolve(), shipped))  # a folder in the working directory named as a shipped model
+            log.warning("model %r: using the folder %s, not the shipped model of that name (give %s for that one)",
+                        str(name_or_path), p.resolve(), shipped)
+        return p
     if (shipped / CONFIG).is_file():
         return shipped
     if p.is_dir():  # a folder, but not one `train` wrote (or one whose config.json is gone)
@@ -227,6 +234,10 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = Tru
 
     path = resolve_model(name_or_path)
     card = read_card(path)
+    if not card and (path, CARD) not in _SAID:
+        _SAID.add((path, CARD))
+        log.warning("%s: the model folder has no %s, so its weights' sha256, XC functional and pseudopotentials "
+                    "cannot be checked against a run: copy the card with the model", path, CARD)
     try:
         config = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
     except (json.JSONDecodeError, TypeError) as exc:

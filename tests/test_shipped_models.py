@@ -456,3 +456,24 @@ def test_predict_without_model_picks_one_per_structure_and_loads_each_once(tmp_p
         assert any(line.startswith(str(tmp_path / name / "siesta.DM")) and line.rstrip().split("with ")[1]
                    .startswith(f"{model};") for line in out.splitlines())
     assert sorted(loads) == sorted(runs.values())
+
+
+def test_a_folder_named_as_a_shipped_model_or_without_a_card_is_said(tmp_path, monkeypatch, caplog):
+    """A model folder `water` in the working directory took the place of the shipped `water` without a word, and
+    a folder without its card loaded without its checks (weights' sha256, XC, pseudopotentials) being possible."""
+    import shutil
+
+    shutil.copytree(resolve_model("water"), tmp_path / "water")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="siesta_dmguess"):
+        assert resolve_model("water") == Path("water")
+    assert "model 'water': using the folder " + str(tmp_path / "water") + ", not the shipped model" in caplog.text
+    caplog.clear()
+    shutil.copytree(tmp_path / "water", tmp_path / "mine")
+    with caplog.at_level("WARNING", logger="siesta_dmguess"):
+        load_model("mine")
+    assert caplog.text == ""  # another name, with its card: nothing to say
+    (tmp_path / "mine" / CARD).unlink()
+    with caplog.at_level("WARNING", logger="siesta_dmguess"):
+        load_model("mine")
+    assert "mine: the model folder has no card.json, so its weights' sha256" in caplog.text
