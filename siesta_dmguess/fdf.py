@@ -278,6 +278,7 @@ def fdf_sile(path: str | Path):
     import sisl
 
     check_fdf_text(path)
+    check_fdf_inputs(path)  # (else sisl warns, with its reader's repr, at each read of the missing file)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sisl.SislWarning)
         return _fdf_sile_class()(str(path))
