@@ -182,6 +182,16 @@ def test_truncated_dm_is_rejected(tmp_path, cut):
     assert "bad.DM" in str(err.value) and ("truncated" in str(err.value) or "corrupt" in str(err.value))
 
 
+def test_a_dm_with_data_after_its_last_record_is_rejected(tmp_path):
+    """Two DMs joined, or a file written over a longer one: the records read whole, then more bytes follow."""
+    folder = _runs("h2o", 1)[0]
+    structure, basis, _, _ = load_run(folder)
+    bad = tmp_path / "long.DM"
+    bad.write_bytes((folder / "siesta.DM").read_bytes() + b"\0" * 8)
+    with pytest.raises(InputFileError, match="long.DM: the .DM file has trailing data after the last record"):
+        read_density_matrix(bad, build_geometry(structure, basis))
+
+
 def test_corrupt_dm_is_rejected(tmp_path):
     folder = _runs("h2o", 1)[0]
     structure, basis, _, _ = load_run(folder)

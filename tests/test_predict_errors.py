@@ -946,3 +946,30 @@ def test_a_run_basis_of_another_orbital_count_is_refused_even_with_force(model_d
         with pytest.raises(ModelCompatibilityError, match=r"input.fdf: basis of 'O' in O.ion.xml has 4 orbitals, "
                                                           r"the model's 'O' 13 .*even with --force"):
             predict_density_matrix(tmp_path / "input.fdf", model_dir, force=force)
+
+
+@pytest.mark.parametrize("edit", ["radial shape", "cutoff"])
+def test_a_basis_that_differs_in_one_orbital_alone_is_refused(tmp_path, edit):
+    """The basis hash holds every orbital's radius and radial shape: an O basis whose first orbital alone has
+    another shape (values 2 % larger, same cutoff) or a cutoff 0.01 Bohr longer is another basis. (Earlier tests
+    changed several things at once, so a hash that dropped either part passed them.)"""
+    import re
+
+    from siesta_dmguess.basis import read_species_basis
+    from siesta_dmguess.data import check_basis_matches
+
+    original = dataset("h2o") / "basis" / "O.ion.xml"
+    text = original.read_text()
+    if edit == "cutoff":
+        changed = text.replace("<cutoff>      3.30509334105 </cutoff>", "<cutoff>      3.31509334105 </cutoff>", 1)
+    else:
+        start, end = text.index("<data>"), text.index("</data>")
+        rows = re.sub(r"(?m)^(\s*\S+\s+)(\S+)", lambda m: f"{m[1]}{1.02 * float(m[2]):.11f}", text[start + 6:end])
+        changed = text[:start + 6] + rows + text[end:]
+    assert changed != text
+    (tmp_path / "O.ion.xml").write_text(changed)
+    ours, theirs = read_species_basis(tmp_path / "O.ion.xml"), read_species_basis(original)
+    assert [s.l for s in ours.shells] == [s.l for s in theirs.shells]  # the same shells: only the edit differs
+    assert ours.hash != theirs.hash
+    with pytest.raises(ModelCompatibilityError, match="basis of 'O' differs from the model's"):
+        check_basis_matches({"O": ours}, {"O": theirs}, tmp_path / "run")
