@@ -236,6 +236,8 @@ XC.authors CA
     (lambda t: t + "PAO.SoftPotential 30 Ry\n", r"fdf sets PAO.SoftPotential \(30\)"),
     (lambda t: t + "PAO.SoftPotential\t40\tRy\n", None),  # tabs are blanks too
     (lambda t: t + "PAO.EnergyPolCutoff 10 Ry\n", r"PAO.EnergyPolCutoff .* SIESTA's default \(20 Ry\)"),
+    (lambda t: t + "PAO.EnergyCutoff 20000 mRy\n", None),  # the default in another unit
+    (lambda t: t + "PAO.EnergyCutoff 1500 mRy\n", r"PAO.EnergyCutoff .* SIESTA's default \(20 Ry\)"),
     (lambda t: t + "%block PAO.Basis\nH 1\n n=1 0 1\n 0.0\n%endblock PAO.Basis\n", "fdf sets PAO.Basis"),
     (lambda t: t + "User.Basis T\n", "User.Basis"),
     # ASE's Siesta writes a PAO.BasisSizes block, one size per species, which overrides PAO.BasisSize:
