@@ -137,6 +137,9 @@ def _check_outputs(structures: list[str], output: str | None) -> dict[str, Path 
             continue
         if into:
             outputs[structure] = into / outputs[structure].name
+        elif outputs[structure].is_dir():  # a folder where SIESTA reads the DM: not one to write into (its own
+            outputs[structure] = None      # prediction says so; the DM went inside it, where SIESTA never looks)
+            continue
         path = outputs[structure].resolve()
         if path in written:
             where = f"{path.name} in {into}" if into else str(path)

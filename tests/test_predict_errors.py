@@ -975,3 +975,16 @@ def test_a_basis_that_differs_in_one_orbital_alone_is_refused(tmp_path, edit):
     assert ours.hash != theirs.hash
     with pytest.raises(ModelCompatibilityError, match="basis of 'O' differs from the model's"):
         check_basis_matches({"O": ours}, {"O": theirs}, tmp_path / "run")
+
+
+def test_a_folder_where_siesta_reads_the_dm_is_an_error_not_a_place_to_write(tmp_path, capsys):
+    """A folder named siesta.DM beside the fdf: the DM went inside it (siesta.DM/siesta.DM), with a note and exit
+    code 0, where SIESTA never looks."""
+    src = dataset("h2o") / "0004"
+    shutil.copy(src / "input.fdf", tmp_path / "input.fdf")
+    for f in (src.parent / "basis").glob("*.ion.xml"):
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "siesta.DM").mkdir()
+    assert main(["predict", str(tmp_path), "--model", "water", "--threads", "1"]) == 2
+    assert "siesta.DM: a folder is in the way" in capsys.readouterr().err
+    assert not list((tmp_path / "siesta.DM").iterdir())
