@@ -166,6 +166,16 @@ def test_crash_is_a_clear_error(run_dir, tmp_path):
     with pytest.raises(SiestaError, match=r"SIESTA stopped before 'Job completed' \(exit status 0\) and printed "
                                           r"nothing \(is the command SIESTA\?\)"):
         run_siesta(run_dir / "input.fdf", command=str(fake_siesta(tmp_path, "")))
+    # A program that writes bytes other than text (to stdout and stderr): its last lines are shown as text, not
+    # as terminal control codes, and its stderr does not stop the run with a UnicodeDecodeError
+    garbage = tmp_path / "garbage_siesta"
+    garbage.write_text(f"#!{sys.executable}\nimport sys\nsys.stdout.buffer.write(bytes(range(256)) * 2)\n"
+                       "sys.stderr.buffer.write(b'\\xff\\x1b[2J oops')\nsys.exit(1)\n")
+    garbage.chmod(garbage.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(SiestaError, match="exit status 1") as err:
+        run_siesta(run_dir / "input.fdf", command=str(garbage))
+    shown = str(err.value).split("last lines:", 1)[1]
+    assert "\x1b" not in shown and all(c.isprintable() or c in "\n\t" for c in shown) and "oops" in shown
 
 
 def test_not_converged_is_an_error_unless_allowed(run_dir, tmp_path):

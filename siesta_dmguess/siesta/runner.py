@@ -144,6 +144,13 @@ def check_pseudopotentials(fdf: Path) -> None:
                              folder / f"{label}.psf")
 
 
+def _printable(text: str, width: int = 200) -> str:
+    """SIESTA's last lines as a terminal can show them: other bytes than text (a crashed or wrong program's) as
+    '?', each line cut at ``width`` characters."""
+    lines = ("".join(c if c.isprintable() or c == "\t" else "?" for c in line) for line in text.splitlines())
+    return "\n".join(line if len(line) <= width else line[:width] + "..." for line in lines)
+
+
 def run_siesta(fdf: str | Path, command: str | None = None, timeout: float | None = None,
                allow_unconverged: bool = False) -> SiestaRun:
     """Run SIESTA on ``fdf`` in its folder (stdin = fdf, stdout = ``<SystemLabel>.out``) and parse the output.
@@ -163,12 +170,13 @@ def run_siesta(fdf: str | Path, command: str | None = None, timeout: float | Non
     with open(fdf) as stdin, open(out_file, "w") as stdout:
         try:
             proc = subprocess.run(exe, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, cwd=fdf.parent,
-                                  timeout=timeout, text=True)
+                                  timeout=timeout, text=True, errors="replace")
         except subprocess.TimeoutExpired as exc:
             raise SiestaError(f"SIESTA did not finish within {timeout} s", out_file) from exc
     wall = time.perf_counter() - t0
     output = parse_output(out_file)
-    tail = "\n".join(out_file.read_text(errors="replace").splitlines()[-8:] + (proc.stderr or "").splitlines()[-4:])
+    tail = _printable("\n".join(out_file.read_text(errors="replace").splitlines()[-8:]
+                                + (proc.stderr or "").splitlines()[-4:]))
     if proc.returncode != 0 or not output.job_completed and not output.converged:
         said = f"; last lines:\n{tail}" if tail.strip() else " and printed nothing (is the command SIESTA?)"
         stopped = "failed" if proc.returncode != 0 else "stopped before 'Job completed'"
