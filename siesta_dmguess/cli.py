@@ -144,7 +144,8 @@ def _check_outputs(structures: list[str], output: str | None) -> dict[str, Path 
         if path in written:
             where = f"{path.name} in {into}" if into else str(path)
             advice = ("predict them into separate folders (-o FOLDER)" if into else
-                      "they are the same run's DM: predict one of them, or the other with -o")
+                      "the same DM file (the files of one run, or of one name): predict one of them, or the other "
+                      "with -o FILE.DM")
             raise InputFileError(f"{written[path]} and {structure} would both be written to {where}: {advice}",
                                  into or structure)
         written[path] = structure

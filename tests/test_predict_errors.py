@@ -546,7 +546,7 @@ def test_an_output_that_cannot_be_written_is_named_before_predicting(model_dir, 
     twin = Path(paths[0]).with_suffix(".extxyz")
     twin.write_text(Path(paths[0]).read_text())
     assert main(["predict", paths[0], str(twin), "--model", str(model_dir)]) == 2
-    assert "would both be written to" in capsys.readouterr().err
+    assert "would both be written to" in capsys.readouterr().err  # (not "the same run's DM": they are two files)
     assert not Path(paths[0]).with_suffix(".DM").exists()
     assert main(["predict", paths[0], paths[0], "--model", str(model_dir)]) == 0
     assert Path(paths[0]).with_suffix(".DM").exists() and not Path(paths[0]).with_suffix(".DM.bak").exists()
