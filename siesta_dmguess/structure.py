@@ -230,6 +230,10 @@ def read_structure(path: str | Path) -> Structure:
                       cell=geom.cell if periodic else None, pbc=periodic)
         if fdf.get("AtomicCoordinatesFormat") is None:
             _warn_if_bohr_by_default(atoms, path)
+        rows = [r for r in fdf.get("AtomicCoordinatesAndAtomicSpecies") or [] if str(r).split()]
+        if len(rows) > len(atoms):  # SIESTA, and sisl, read NumberOfAtoms rows: a miscount drops atoms quietly
+            log.warning("%s: NumberOfAtoms is %d but AtomicCoordinatesAndAtomicSpecies has %d rows; SIESTA reads "
+                        "the first %d only, and so does this prediction", path, len(atoms), len(rows), len(atoms))
         settings = read_fdf_settings(path)
         if "ghost_species" in settings:  # a ghost species no atom is of changes nothing
             settings["ghost_species"] = [label for label in settings["ghost_species"] if label in labels]

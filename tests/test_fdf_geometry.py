@@ -810,3 +810,19 @@ def test_each_run_of_a_batch_gets_its_own_note_and_an_empty_output_is_none(tmp_p
     monkeypatch.chdir(tmp_path)
     assert main(["predict", *map(str, fdfs), "--model", "water", "--quiet", "-o", "", "--overwrite"]) == 0
     assert not (tmp_path / "siesta.DM").exists() and all((f.parent / "siesta.DM").is_file() for f in fdfs)
+
+
+def test_fewer_atoms_than_coordinate_rows_are_read_as_siesta_reads_them_and_said(tmp_path, caplog):
+    """SIESTA reads NumberOfAtoms rows of the coordinates block; a miscount dropped an H and predicted an OH
+    radical without a word."""
+    path = tmp_path / "water.fdf"
+    path.write_text(MOLECULE.format(lattice="").replace("NumberOfAtoms 3", "NumberOfAtoms 2"))
+    with caplog.at_level("WARNING", logger="siesta_dmguess"):
+        st = read_structure(path)
+    assert st.labels == ["O", "H"]
+    assert "water.fdf: NumberOfAtoms is 2 but AtomicCoordinatesAndAtomicSpecies has 3 rows" in caplog.text
+    caplog.clear()
+    path.write_text(MOLECULE.format(lattice=""))
+    with caplog.at_level("WARNING", logger="siesta_dmguess"):
+        assert len(read_structure(path).atoms) == 3
+    assert "NumberOfAtoms" not in caplog.text
