@@ -129,3 +129,9 @@ def test_tabulation_grids_are_converged(monkeypatch):
     finer = blocks()
     print(f"max |S - S(grids halved)| = {abs(default - finer).max():.1e} (max |S| {abs(default).max():.2f})")
     assert abs(default).max() > 0.1 and abs(default - finer).max() < 1e-8
+    # and the radial transforms' range: twice K_MAX at the same k step (K_MAX 25 moved S by 5e-6)
+    monkeypatch.setattr(overlap, "K_MAX", 2 * overlap.K_MAX)
+    monkeypatch.setattr(overlap, "N_K", 2 * overlap.N_K - 1)
+    wider = blocks()
+    print(f"max |S - S(K_MAX doubled)| = {abs(finer - wider).max():.1e}")
+    assert abs(finer - wider).max() < 1e-7
