@@ -40,7 +40,7 @@ def _cmd_train(args) -> int:
     command = "siesta-dmguess " + " ".join(shlex.quote(a) for a in args.argv)
     result = train(args.data_dirs, args.out, options, overrides, resume=not args.restart, command=command)
     summary = result.validation.get("summary", {})
-    resumed = (f" (a stopped training continued from its checkpoint at epoch {result.resumed_at_epoch + 1}; "
+    resumed = (f" (a stopped training continued from its checkpoint after {result.resumed_at_epoch} epochs; "
                "--restart trains afresh)" if result.resumed_at_epoch else "")
     print(f"model written to {result.out_dir}{resumed}")
     if summary:
@@ -137,8 +137,8 @@ def _check_outputs(structures: list[str], output: str | None) -> dict[str, Path 
             continue
         if into:
             outputs[structure] = into / outputs[structure].name
-        elif outputs[structure].is_dir():  # a folder where SIESTA reads the DM: not one to write into (its own
-            outputs[structure] = None      # prediction says so; the DM went inside it, where SIESTA never looks)
+        if outputs[structure].is_dir():  # a folder where the DM is to go: not one to write into (the structure's
+            outputs[structure] = None    # own prediction says so; the DM went inside it, where SIESTA never looks)
             continue
         path = outputs[structure].resolve()
         if path in written:
@@ -238,8 +238,7 @@ def _cmd_evaluate(args) -> int:
                       refine=args.refine)
     for folder, d in result["datasets"].items():  # which runs were scored: auto takes the val split where recorded
         left_out = d["runs_in_folder"] - d["structures"]
-        which = {"all": "", HELD_OUT: f" {HELD_OUT} (the model trained on the others)"}.get(d["split"],
-                                                                                         f" of split {d['split']}")
+        which = {"all": "", HELD_OUT: f" {HELD_OUT}"}.get(d["split"], f" of split {d['split']}")
         print(f"{folder}: {d['structures']} run(s){which}"
               + (f"; {left_out} other run(s) left out (--split all takes them)" if left_out > 0 else ""))
     threshold = result["novelty_threshold"]

@@ -336,15 +336,15 @@ def check_reference_electrons(sample: Sample, hsx: Path) -> None:
     from .predict import expected_electrons
 
     overlap = sample.meta.get("overlap")
-    if overlap is None:  # (an .HSX of other supercells: read_hsx_at says so by giving none)
+    if overlap is None:  # (no S at the reference's elements to check it with)
         return
     electrons = expected_electrons(sample.structure, sample.layout.atomic.sum())
     held = float(np.dot(sample.target_values, overlap))
     if abs(held - electrons) > 1e-3 + 1e-6 * electrons:
         raise InputFileError(f"the .DM with the .HSX's overlap holds Tr(D S) = {held:.4f} electrons, but the "
                              f"structure has {electrons:g}: the .DM or the {hsx.name} is not of this run's structure "
-                             "(a converged SIESTA run gives it within 1e-6). Rerun SIESTA in the folder, or leave "
-                             "it out", Path(sample.name))
+                             "(a converged SIESTA run gives it within 1e-6), or the run's charge is not its fdf's "
+                             "NetCharge. Rerun SIESTA in the folder, or leave it out", Path(sample.name))
 
 
 def check_converged(rec: RunRecord) -> bool:

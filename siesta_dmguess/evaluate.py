@@ -277,6 +277,10 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
         held = {str(Path(s.name).resolve()) for s in samples} & held_out
         if split == "auto" and used is None and held:  # runs recording no split: those training held out
             samples, used = [s for s in samples if str(Path(s.name).resolve()) in held], HELD_OUT
+        elif split == "auto" and used is None and Path(d).resolve().name in {Path(p).parent.name for p in held_out}:
+            log.warning("%s: the model's card lists runs held out from a folder of this name elsewhere (%s), none "
+                        "of them here: if this is that folder moved, every run is scored, the trained-on ones too",
+                        d, Path(sorted(held_out)[0]).parent)
         if not samples:
             from .data import empty_split_error
 

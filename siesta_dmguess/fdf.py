@@ -289,7 +289,6 @@ def read_fdf_settings(path: str | Path) -> dict:
     unit the fdf used; absent keys omitted), and ``ghost_species``: the labels the ChemicalSpeciesLabel block
     gives a negative atomic number (SIESTA's ghost atoms: orbitals without nucleus or electrons)."""
     fdf = fdf_sile(path)
-    check_units(fdf)
     out = {}
     try:
         ghosts = [label for _, z, label in species_rows(fdf.get("ChemicalSpeciesLabel") or []) if z < 0]
@@ -379,9 +378,9 @@ def check_units(fdf) -> None:
     for key in FDF_PHYSICAL_KEYS:
         words = (fdf.text(key) or "").split()
         if len(words) == 1:
-            unit = "Ang" if key == "LatticeConstant" else "Ry"
+            unit = "Bohr (or Ang)" if key == "LatticeConstant" else "Ry"
             raise InputFileError(f"{key} {words[0]} has no unit, and SIESTA stops on it (\"no unit specified for "
-                                 f"{key}\"): write one, e.g. {key} {words[0]} {unit}", Path(str(fdf.file)))
+                                 f"{key}\"): write the one meant, e.g. {key} {words[0]} {unit}", Path(str(fdf.file)))
 
 
 def fdf_cell(fdf) -> np.ndarray | None:

@@ -293,7 +293,8 @@ class DensityMatrixModel(nn.Module):
             species = batch["onehot"].argmax(dim=1)
             score = self._mahalanobis(x, species)
             for stage in self.residuals:
-                if float(stage.novelty_threshold) > 0 and float(self.novelty_threshold) > 0:
+                if float(stage.novelty_threshold) > 0 and float(self.novelty_threshold) > 0 \
+                        and stage.novelty_mean.shape == self.novelty_mean.shape:
                     # a species the stage's statistics lack (fewer than two atoms of it) is novel to them
                     eye = torch.eye(self.num_scalars, dtype=x.dtype, device=x.device)
                     lacks = (stage.novelty_mean == 0).all(1) & (stage.novelty_precision == eye).all(2).all(1)

@@ -16,7 +16,7 @@ import numpy as np
 from ase import Atoms
 
 from .errors import InputFileError
-from .fdf import (check_cell_spans_space, check_fdf_inputs, fdf_cell, fdf_sile, fdf_words, find_fdf, inlined_fdf_text,
+from .fdf import (check_cell_spans_space, fdf_cell, fdf_sile, fdf_words, find_fdf, inlined_fdf_text,
                   read_fdf_settings, resolve_fdf, saved_geometry_file, species_block, species_rows, system_label)
 
 log = logging.getLogger(__name__)
@@ -209,9 +209,8 @@ def read_structure(path: str | Path) -> Structure:
     if not frame_selection(path)[0].is_file():
         raise InputFileError("structure file not found", path)
     if _is_fdf(path):
-        check_fdf_inputs(path)
         try:
-            fdf = fdf_sile(path)
+            fdf = fdf_sile(path)  # (checks the files it reads in first)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 geom, periodic = _read_fdf_geometry(fdf, path)

@@ -330,7 +330,7 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
 
     make_output_folder(out_dir)  # not before: a run refused for its data leaves no empty model folder behind
     bar = tqdm(range(start_epoch, options.epochs), disable=not options.progress,
-               desc=f"training (resumed at epoch {start_epoch + 1})" if start_epoch else "training",
+               desc=f"training (resumed after {start_epoch} epochs)" if start_epoch else "training",
                initial=start_epoch, total=options.epochs, file=sys.stderr)
     t0 = time.time()
     for epoch in bar:
@@ -580,8 +580,10 @@ def add_residual_stage(model: DensityMatrixModel, train_set, keep_correction: bo
         param.requires_grad_(name.startswith(f"residuals.{k}."))
     # The stage keeps the novelty statistics of the model it is added to (of that frozen model's features): the
     # training refits the model's own on the stage's data, and structures like the earlier data stay familiar.
-    for buffer in ("novelty_mean", "novelty_precision", "novelty_threshold"):
-        getattr(new.residuals[k], buffer).copy_(getattr(model, buffer))
+    # (Not where the stage has other hidden irreps: its buffers are sized to its own features.)
+    if new.residuals[k].novelty_mean.shape == model.novelty_mean.shape:
+        for buffer in ("novelty_mean", "novelty_precision", "novelty_threshold"):
+            getattr(new.residuals[k], buffer).copy_(getattr(model, buffer))
     log.info("residual stage %d: output scale %.3e (RMS of the frozen model's training error)", k, rms)
     previous = {id(s): (torch.as_tensor(f, dtype=torch.float32),
                         torch.tensor(1.0 / max(float(np.sum(r**2)), 1e-30), dtype=torch.float32),
@@ -700,7 +702,8 @@ def settings_record(settings: dict, samples=()) -> dict:
     record = {"xc": pick(("XC.functional", "XC.authors")),
               "siesta_settings": pick(("PAO.BasisSize", "PAO.EnergyShift", "MeshCutoff", "Spin")),
               **pick(("basis_options", "basis_sizes"))}
-    meshes = sorted({str(s.structure.fdf_settings.get("MeshCutoff", "default")) for s in samples})
+    meshes = sorted({str(s.structure.fdf_settings.get("MeshCutoff", "300 Ry")) for s in samples},  # (4.1's default)
+                    key=lambda v: float(v.split()[0]))
     if len(meshes) > 1:
         record["siesta_settings"]["MeshCutoff"] = meshes
     return record

@@ -246,7 +246,7 @@ def test_fdf_lattice_follows_siestas_rules(tmp_path, lattice, cell):
     ("AtomicCoordinatesFormat ScaledByLatticeVectors\n", "needs a lattice"),
     ("LatticeConstant 1.0 Ang\n%block LatticeVectors\n 9.0 0.0\n%endblock LatticeVectors\n", "sisl cannot read"),
     # SIESTA stops on these ("no unit specified"); a LatticeConstant of 9 was read as 9 Å (SIESTA's unit is Bohr)
-    ("LatticeConstant 9.0\n", r"LatticeConstant 9.0 has no unit, and SIESTA stops on it .*LatticeConstant 9.0 Ang"),
+    ("LatticeConstant 9.0\n", r"LatticeConstant 9.0 has no unit, and SIESTA stops on it .*LatticeConstant 9.0 Bohr \(or Ang\)"),
     ("LatticeConstant 9.0 Ang\nMeshCutoff 200\n", "MeshCutoff 200 has no unit"),
     ("PAO.EnergyShift 0.02\n", "PAO.EnergyShift 0.02 has no unit"),
 ])

@@ -988,3 +988,7 @@ def test_a_folder_where_siesta_reads_the_dm_is_an_error_not_a_place_to_write(tmp
     assert main(["predict", str(tmp_path), "--model", "water", "--threads", "1"]) == 2
     assert "siesta.DM: a folder is in the way" in capsys.readouterr().err
     assert not list((tmp_path / "siesta.DM").iterdir())
+    (tmp_path / "out" / "siesta.DM").mkdir(parents=True)  # the same into an -o folder
+    assert main(["predict", str(tmp_path), "--model", "water", "--threads", "1", "-o", str(tmp_path / "out")]) == 2
+    assert "out/siesta.DM: a folder is in the way" in capsys.readouterr().err
+    assert not list((tmp_path / "out" / "siesta.DM").iterdir())

@@ -83,7 +83,7 @@ def test_one_run_or_runs_of_another_split_are_said_so(tmp_path, caplog):
     assert "1 run(s) record a split other than train or val" in caplog.text and "0001" in caplog.text
 
 
-def test_runs_held_out_at_random_are_in_the_card_and_what_evaluate_scores(tmp_path, capsys):
+def test_runs_held_out_at_random_are_in_the_card_and_what_evaluate_scores(tmp_path, capsys, caplog):
     """In a folder whose runs record no split, train holds out a seeded share; the card lists them and evaluate
     scores those by default. It scored every run, the trained-on ones too, with nothing to say so."""
     import shutil
@@ -102,9 +102,15 @@ def test_runs_held_out_at_random_are_in_the_card_and_what_evaluate_scores(tmp_pa
     assert len(held) == card["training"]["val_structures"] == 1 and Path(held[0]).parent == mine.resolve()
     assert main(["evaluate", str(tmp_path / "m"), str(mine), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "1 run(s) held out in training (the model trained on the others); 4 other run(s) left out" in out
+    assert "1 run(s) held out in training; 4 other run(s) left out" in out
     assert "mean over 1 structure:" in out and Path(held[0]).name in out
     assert main(["evaluate", str(tmp_path / "m"), str(mine), "--quiet", "--split", "all"]) == 0
+    assert "mean over 5 structures" in capsys.readouterr().out
+    moved = tmp_path / "elsewhere" / "mine"  # the card names the runs by path: a moved folder is said
+    shutil.copytree(mine, moved)
+    with caplog.at_level("WARNING", logger="siesta_dmguess"):
+        assert main(["evaluate", str(tmp_path / "m"), str(moved), "--quiet"]) == 0
+    assert "lists runs held out from a folder of this name elsewhere" in caplog.text
     assert "mean over 5 structures" in capsys.readouterr().out
 
 
@@ -222,9 +228,21 @@ def test_a_stage_grown_on_other_data_keeps_the_earlier_data_familiar(tmp_path, b
                                                    init=str(base), add_stage=True))
     before, after = relative_novelty(base), relative_novelty(grown)
     assert np.all(after <= before * (1 + 1e-5))
+    # ... while a structure unlike both data sets (a molecule squeezed to 0.55 Å bonds) is still flagged
+    from ase import Atoms
+
+    from siesta_dmguess.predict import predict_density_matrix
+
+    squeezed = Atoms("OH2", positions=[[0, 0, 0], [0.55, 0, 0], [-0.14, 0.53, 0]])
+    pred = predict_density_matrix(squeezed, str(grown), force=True)
+    assert pred.novelty > pred.novelty_threshold
     model = load_model(grown).model
     assert float(model.residuals[0].novelty_threshold) == pytest.approx(float(load_model(base).model.novelty_threshold))
     assert not torch.equal(model.novelty_mean, load_model(base).model.novelty_mean)  # refitted on water8
+    wide = tmp_path / "wide"  # a stage of its own width cannot hold the base's statistics: grown all the same
+    train([dataset("water8")], wide, TrainOptions(epochs=1, lr=1e-3, batch_atoms=24, max_train=2, progress=False,
+                                                  init=str(base), add_stage=True), {"hidden_irreps": "4x0e + 2x1o"})
+    assert float(load_model(wide).model.residuals[0].novelty_threshold) == 0.0
     tuned = tmp_path / "tuned"
     train([dataset("water8")], tuned, TrainOptions(epochs=1, lr=1e-3, batch_atoms=24, max_train=2, progress=False,
                                                    init=str(grown)))
@@ -634,7 +652,9 @@ def test_the_card_records_every_mesh_cutoff_of_the_training_runs():
 
     same = [run("200 Ry"), run("200 Ry")]
     assert settings_record(same[0].structure.fdf_settings, same)["siesta_settings"] == {"MeshCutoff": "200 Ry"}
-    mixed = [run("300 Ry"), run("200 Ry"), run("300 Ry")]
+    mixed = [run("1000 Ry"), run("200 Ry"), run("1000 Ry")]
     card = settings_record(mixed[0].structure.fdf_settings, mixed)
-    assert card["siesta_settings"]["MeshCutoff"] == ["200 Ry", "300 Ry"]
-    assert model_settings_summary(card).endswith("trained at MeshCutoff 200 Ry, 300 Ry (not checked)")
+    assert card["siesta_settings"]["MeshCutoff"] == ["200 Ry", "1000 Ry"]  # in order of size, not of text
+    assert model_settings_summary(card).endswith("trained at MeshCutoff 200 Ry, 1000 Ry (not checked)")
+    unset = [run("200 Ry"), SimpleNamespace(structure=SimpleNamespace(fdf_settings={}))]
+    assert settings_record({}, unset)["siesta_settings"]["MeshCutoff"] == ["200 Ry", "300 Ry"]  # SIESTA 4.1's default
