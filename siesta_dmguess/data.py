@@ -301,7 +301,7 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
     """
     from tqdm.auto import tqdm
 
-    samples, unconfirmed = [], []
+    samples, unconfirmed, calculator = [], [], None
     for rec in tqdm(select_runs(data_dirs, split, max_train), desc="reading runs", disable=not progress):
         structure, run_b, dm, hsx = load_run(rec.folder)
         if species_of is not None:
@@ -318,7 +318,9 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
                                 meta={"split": rec.split, **rec.meta}, fold_reach=fold_reach)
         if with_overlap and hsx is not None:
             sample.meta["overlap"], sample.meta["hamiltonian"] = read_hsx_at(hsx, dm)
-            check_reference_electrons(sample, hsx)
+        if with_overlap:
+            calculator = calculator or _overlap_calculator(basis)
+            check_reference_electrons(sample, hsx, calculator)
         samples.append(sample)
     if unconfirmed:  # said, not refused: a folder of DMs from elsewhere may be all a user has
         shown = ", ".join(str(f) for f in unconfirmed[:3]) + (f" and {len(unconfirmed) - 3} more"
@@ -329,22 +331,36 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
     return samples
 
 
-def check_reference_electrons(sample: Sample, hsx: Path) -> None:
-    """Error if the reference DM, with the run's S from its ``.HSX``, does not hold the structure's electrons. A
-    converged SIESTA DM gives Tr(D S) = N within 3e-7 (every shared run); a ``.DM`` or ``.HSX`` of another
-    structure, copied into the folder, was trained on or scored against without a word (7.80 of 8 electrons)."""
+def _overlap_calculator(basis: dict[str, SpeciesBasis]):
+    """S from the basis' radial functions (:mod:`~siesta_dmguess.overlap`), or False where a basis has none (an
+    ``.ion.nc`` read without them)."""
+    from .overlap import OverlapCalculator
+
+    return OverlapCalculator(basis) if all(b.radial_tables for b in basis.values()) else False
+
+
+def check_reference_electrons(sample: Sample, hsx: Path | None, calculator=None) -> None:
+    """Error if the reference DM does not hold the structure's electrons, Tr(D S) with the run's S from its
+    ``.HSX`` (SIESTA's own pair gives N within 3e-7 on every shared run) or, without one, with S computed from the
+    basis by ``calculator`` (within 4e-5). A ``.DM`` or ``.HSX`` of another structure, copied into the folder, was
+    trained on or scored against without a word (7.80 of 8 electrons)."""
+    from .evaluate import folded_to_reference
     from .predict import expected_electrons
 
-    overlap = sample.meta.get("overlap")
-    if overlap is None:  # (no S at the reference's elements to check it with)
+    overlap, where = sample.meta.get("overlap"), f"the {hsx.name}'s overlap" if hsx else ""
+    if overlap is None and calculator:  # (an .HSX of other supercells gives none: S from the basis instead)
+        overlap = folded_to_reference(sample, calculator.flat(sample.structure, sample.layout))
+        where = "S computed from the basis"
+    if overlap is None:
         return
     electrons = expected_electrons(sample.structure, sample.layout.atomic.sum())
     held = float(np.dot(sample.target_values, overlap))
     if abs(held - electrons) > 1e-3 + 1e-6 * electrons:
-        raise InputFileError(f"the .DM with the .HSX's overlap holds Tr(D S) = {held:.4f} electrons, but the "
-                             f"structure has {electrons:g}: the .DM or the {hsx.name} is not of this run's structure "
-                             "(a converged SIESTA run gives it within 1e-6), or the run's charge is not its fdf's "
-                             "NetCharge. Rerun SIESTA in the folder, or leave it out", Path(sample.name))
+        files = f"the .DM or the {hsx.name}" if hsx else "the .DM"
+        raise InputFileError(f"the .DM with {where} holds Tr(D S) = {held:.4f} electrons, but the structure has "
+                             f"{electrons:g}: {files} is not of this run's structure (a converged SIESTA run gives "
+                             "it within 1e-4), or the run's charge is not its fdf's NetCharge. Rerun SIESTA in the "
+                             "folder, or leave it out", Path(sample.name))
 
 
 def check_converged(rec: RunRecord) -> bool:

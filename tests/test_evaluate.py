@@ -205,11 +205,11 @@ def test_a_run_siesta_did_not_converge_is_refused_as_reference(tmp_path, caplog)
         load()
 
 
-@pytest.mark.parametrize("swapped", ["siesta.DM", "siesta.HSX"])
-def test_a_dm_or_hsx_of_another_structure_is_refused_as_reference(tmp_path, swapped):
+@pytest.mark.parametrize("swapped, hsx", [("siesta.DM", True), ("siesta.HSX", True), ("siesta.DM", False)])
+def test_a_dm_or_hsx_of_another_structure_is_refused_as_reference(tmp_path, swapped, hsx):
     """A .DM (or .HSX) copied from another run of the same molecule fits the orbitals, and was scored against and
     trained on without a word (MAE "1.0x" the atomic guess's; 7.80 of 8 electrons). Tr(D S) with the run's S
-    gives it away: SIESTA's own pair holds N within 3e-7."""
+    gives it away: SIESTA's own pair holds N within 3e-7, and S from the basis (a run without .HSX) within 4e-5."""
     import shutil
 
     from siesta_dmguess.basis import read_basis_folder
@@ -218,12 +218,16 @@ def test_a_dm_or_hsx_of_another_structure_is_refused_as_reference(tmp_path, swap
 
     src = dataset("h2o") / "0000"
     run = copy_run(src, tmp_path / "data" / "0000")
+    if not hsx:
+        (run / "siesta.HSX").unlink()
     basis = read_basis_folder(src.parent / "basis", ["H", "O"])
     load = lambda: load_samples([tmp_path / "data"], ["H", "O"], basis, 3.0, with_overlap=True)  # noqa: E731
     assert len(load()) == 1
     shutil.copy(src.parent / "0005" / swapped, run / swapped)
-    with pytest.raises(InputFileError, match=r"0000: the .DM with the .HSX's overlap holds Tr\(D S\) = \d\.\d{4} "
-                                             r"electrons, but the structure has 8: the .DM or the siesta.HSX"):
+    where = "the siesta.HSX's overlap" if hsx else "S computed from the basis"
+    files = "the .DM or the siesta.HSX" if hsx else "the .DM"
+    with pytest.raises(InputFileError, match=rf"0000: the .DM with {where} holds Tr\(D S\) = \d\.\d{{4}} "
+                                             rf"electrons, but the structure has 8: {files} is not of this run"):
         load()
 
 
