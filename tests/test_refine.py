@@ -256,3 +256,19 @@ def test_small_projections_run_on_one_blas_thread(monkeypatch, no, expected_thre
     outside = {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
     assert len(seen) == 1
     assert seen[0] == ({1} if expected_threads == 1 else outside)  # large matrices keep every thread
+
+
+def test_the_projection_takes_the_symmetric_part_of_d_and_s():
+    """The natural orbitals are those of (D + Dᵀ)/2 and (S + Sᵀ)/2: an antisymmetric part (float noise of a
+    model's DM, or of S from a file) changes nothing (a mutant that dropped the symmetrization passed the suite)."""
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(8, 8))
+    s = np.eye(8) + 0.1 * (a + a.T)  # a well-conditioned overlap
+    c = rng.normal(size=(8, 8))
+    d = c @ c.T / 8
+    antisymmetric = rng.normal(size=(8, 8))
+    antisymmetric -= antisymmetric.T
+    plain, gap = nearest_idempotent(d, s, 3)
+    noisy, noisy_gap = nearest_idempotent(d + 1e-2 * antisymmetric, s + 1e-3 * antisymmetric, 3)
+    assert np.abs(noisy - plain).max() < 1e-12 and noisy_gap == pytest.approx(gap, abs=1e-12)
+    assert np.trace(plain @ s) == pytest.approx(6.0)  # and it is the projector of 3 doubly occupied states
