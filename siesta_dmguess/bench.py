@@ -249,6 +249,13 @@ def read_kept(workdir: Path, identity: dict, rebuild):
         return None
 
 
+def forget_kept(workdir: Path) -> None:
+    """Remove a result kept in ``workdir`` before its runs are done again: a rerun stopped midway would leave it
+    beside runs it no longer describes, and a later resume would take it (a trajectory's history guesses then start
+    from the stopped run's DMs)."""
+    (workdir / RESULT_FILE).unlink(missing_ok=True)
+
+
 def save_result(workdir: Path, identity: dict, result: StructureResult) -> None:
     """Keep a finished structure's result beside its runs (:func:`save_kept`)."""
     save_kept(workdir, identity, asdict(result))
@@ -324,6 +331,7 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
     rows = []
     for run_id, loaded in tqdm(models.items(), desc=f"bench {name}", disable=not progress):
         if kept[run_id] is None:
+            forget_kept(out_dir / name / run_id)
             kept[run_id] = bench_structure(fdfs[run_id], out_dir / name / run_id, loaded, command=command,
                                            refine=refine, force=force, repeat=repeat)
             save_result(out_dir / name / run_id, identities[run_id], kept[run_id])
@@ -404,9 +412,15 @@ def siesta_line(report: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     from .card import STARTUP  # here, not at the top: card imports torch, which `--help` need not wait for
-    lines = [f"# SCF benchmark: {report_name(report)} with {Path(report['model']).name}", "",
-             "| structure | atoms | novelty | SCF it. atomic | SCF it. ML | saved | wall atomic (s) "
-             "| wall ML incl. prediction (s) | abs(ΔE) (eV) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"# SCF benchmark: {report_name(report)} with {Path(report['model']).name}", ""]
+    notes = ([f"Split `{report['split']}`: structures the model may have trained on."]
+             if report.get("split") == "train" else []) + \
+            ([f"Refinement `{report['refine']}` (the default is `idempotent`)."]
+             if report.get("refine", "idempotent") != "idempotent" else []) + \
+            (["`--force`: the predictions `predict` refuses are used too."] if report.get("forced") else [])
+    lines += [" ".join(notes), ""] if notes else []
+    lines += ["| structure | atoms | novelty | SCF it. atomic | SCF it. ML | saved | wall atomic (s) "
+              "| wall ML incl. prediction (s) | abs(ΔE) (eV) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     several = len({r.get("model") for r in report["per_structure"]}) > 1  # auto gave runs their own models
     for r in report["per_structure"]:
         a, m = r["atomic"], r["ml"]
@@ -617,7 +631,10 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
             reused.append(t)
             row = kept["row"]
         else:
+            forget_kept(frame_dir)
             row, dm_files = {"frame": t, "natoms": len(atoms)}, {}
+        if pred is not None:  # the prediction's uncertainty, as a dataset's report gives it
+            row["novelty"], row["flagged"] = pred.novelty, pred.out_of_distribution
         # A frame whose prediction is refused (Prediction.refusals) starts `ml` from the atomic guess, as the
         # calculator does.
         refusal = pred.refusal_reason if pred is not None and not force else ""
@@ -651,7 +668,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         log.warning("bench %s: %d of %d frames were finished by an earlier run in %s with the same frames, model, "
                     "settings and SIESTA; their results are reused and the histories rebuilt from their DMs",
                     name, len(reused), len(images), out_dir)
-    report = summarize_trajectory(rows, guesses, str(loaded.path) if loaded else "", str(trajectory)) | {
+    report = summarize_trajectory(rows, guesses, Path(loaded.path).name if loaded else "", str(trajectory)) | {
         "name": name, "refine": refine, "startup_s": startup_s, "reused": reused, "siesta": shlex.join(siesta)}
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(trajectory_markdown(report))
@@ -672,7 +689,8 @@ def summarize_trajectory(rows: list[dict], guesses, model: str, data: str) -> di
             "iterations_saved_vs_atomic": {g: (1 - totals[g] / base) if base else None for g in guesses},
             "energy_reference": reference, "max_abs_energy_difference_eV": de,
             "all_converged": all(r[g]["converged"] for r in rows for g in guesses),
-            "frames_fallback_atomic": sum(bool(r.get("fallback")) for r in rows), "per_frame": rows}
+            "frames_fallback_atomic": sum(bool(r.get("fallback")) for r in rows),
+            "frames_flagged_novel": sum(bool(r.get("flagged")) for r in rows), "per_frame": rows}
 
 
 def trajectory_markdown(report: dict) -> str:
@@ -680,14 +698,19 @@ def trajectory_markdown(report: dict) -> str:
 
     guesses = report["guesses"]
     model = f" with {Path(report['model']).name}" if report.get("model") else ""
+    novelty = any("novelty" in r for r in report["per_frame"])  # (reports before the field, or without a model)
     lines = [f"# SCF iterations along {report_name(report)} ({report['frames']} frames){model}", "",
-             "| frame | " + " | ".join(guesses) + " |", "| --- |" + " --- |" * len(guesses)]
+             "| frame | " + " | ".join(guesses) + (" | novelty |" if novelty else " |"),
+             "| --- |" + " --- |" * (len(guesses) + novelty)]
     for r in report["per_frame"]:
         frame = str(r["frame"])
         if r.get("fallback"):
             frame += f" ({r['fallback_kind']}: no ML prediction)"
-        lines.append(f"| {frame} | " + " | ".join(str(r[g]["scf_iterations"]) for g in guesses) + " |")
-    lines.append("| **total** | " + " | ".join(f"**{report['scf_iterations'][g]}**" for g in guesses) + " |")
+        flag = ("" if r.get("novelty") is None else f" {r['novelty']:.2f}" + (" (flagged)" if r["flagged"] else "")
+                + " |") if novelty else ""
+        lines.append(f"| {frame} | " + " | ".join(str(r[g]["scf_iterations"]) for g in guesses) + " |" + flag)
+    lines.append("| **total** | " + " | ".join(f"**{report['scf_iterations'][g]}**" for g in guesses)
+                 + (" | |" if novelty else " |"))
     saved = report["iterations_saved_vs_atomic"]
     reference = report.get("energy_reference", "atomic")
     lines += ["", f"| guess | SCF iterations | saved vs atomic | wall incl. prediction (s) | max abs(ΔE) vs {reference} "
@@ -700,6 +723,9 @@ def trajectory_markdown(report: dict) -> str:
     if report.get("startup_s"):
         lines += ["", f"The ML columns' wall times hold their predictions; the start-up, once per process "
                   f"({STARTUP}), took {report['startup_s']:.1f} s more."]
+    if novelty:
+        lines += ["", f"Flagged as novel (novelty above the model's flag level): {report.get('frames_flagged_novel', 0)} "
+                  f"of {report['frames']} frames."]
     far = [r for r in report["per_frame"] if r.get("fallback")]
     if far:
         lines += ["", f"{len(far)} of {report['frames']} frames got no ML prediction (`ml` started from the atomic "
@@ -751,11 +777,15 @@ def plot_trajectory(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4))
     frames = [r["frame"] for r in report["per_frame"]]
-    for k, g in enumerate(report["guesses"]):
-        ax.plot(frames, [r[g]["scf_iterations"] for r in report["per_frame"]], "o-", color=f"C{k}",
+    for k, g in enumerate(report["guesses"]):  # marker and line style per guess: equal counts stay visible
+        ax.plot(frames, [r[g]["scf_iterations"] for r in report["per_frame"]], marker="os^vD"[k % 5],
+                ls=["-", "--", ":", "-.", (0, (5, 1))][k % 5], fillstyle="none", color=f"C{k}",
                 label=f"{g} ({report['scf_iterations'][g]})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trajectory frame")
     ax.set_ylabel("SCF iterations")
     ax.set_ylim(bottom=0)

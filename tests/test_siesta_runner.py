@@ -320,6 +320,12 @@ def test_repeated_bench_alternates_guesses_and_keeps_the_median_run(tmp_path):
     assert single.results["ml"].wall_samples == [] and log.read_text().split()[-2:] == ["atomic", "ml"]
     single_report = summarize([single], "tiny", "data")
     assert single_report["wall_spread_max"] is None and "median-time" not in markdown(single_report)
+    # a report of training structures, another refinement or forced predictions says so above its table (it
+    # looked like any validation report: the settings were in its JSON alone)
+    assert "Split" not in markdown(single_report | {"split": "val", "refine": "idempotent"})
+    noted = markdown(single_report | {"split": "train", "refine": "charge", "forced": True})
+    assert ("Split `train`: structures the model may have trained on. Refinement `charge` (the default is "
+            "`idempotent`). `--force`: the predictions `predict` refuses are used too.") in noted
 
 
 def test_bench_checks_every_run_against_the_model_before_running_siesta(tmp_path):
@@ -923,3 +929,48 @@ def test_a_trajectory_whose_fdf_labels_species_otherwise_is_predicted_and_run(tm
                                       guesses=("ml", "ml+residual"), command=str(fake_siesta(tmp_path, GOOD)),
                                       progress=False)
     assert report["frames"] == 2 and all(r["ml"]["dm_read"] is not False for r in report["per_frame"])
+
+
+def test_a_structure_run_again_forgets_its_kept_result_first(tmp_path, monkeypatch):
+    """A rerun (other settings) stopped midway left the earlier run's result.json beside the runs it overwrote;
+    a later resume with the first settings took it, and a trajectory rebuilt its history from the stopped run's
+    DMs (39 iterations where a fresh run took 34)."""
+    import siesta_dmguess.bench as bench
+    from siesta_dmguess.bench import RESULT_FILE, run_benchmark, save_kept
+
+    from .conftest import dataset
+
+    kept = tmp_path / "out" / "h2o" / "0004" / RESULT_FILE
+    kept.parent.mkdir(parents=True)
+    save_kept(kept.parent, {"fdf_sha256": "of another run"}, {"name": "0004"})
+
+    def stopped(*args, **kwargs):
+        assert not kept.exists()  # forgotten before any run overwrites what it described
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "bench_structure", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(dataset("h2o"), model="water", out_dir=tmp_path / "out", limit=1, progress=False,
+                      command="/bin/true")
+    assert not kept.exists()
+
+
+def test_a_trajectory_table_gives_each_frames_novelty():
+    """The dataset report gave each structure's novelty and flag, the trajectory report none: a frame unlike the
+    model's data (an extra H, novelty 8.9 against 2.78) took more iterations from the ML guess without a hint."""
+    from siesta_dmguess.bench import summarize_trajectory, trajectory_markdown
+
+    def result(guess, iterations):
+        return {"guess": guess, "scf_iterations": iterations, "converged": True, "total_energy_eV": -465.0,
+                "siesta_wall_s": 1.0, "prediction_s": 0.1}
+
+    rows = [{"frame": 0, "atomic": result("atomic", 10), "ml": result("ml", 4), "novelty": 0.52, "flagged": False},
+            {"frame": 1, "atomic": result("atomic", 10), "ml": result("ml", 11), "novelty": 8.93, "flagged": True}]
+    table = trajectory_markdown(summarize_trajectory(rows, ("atomic", "ml"), "water", "md.traj"))
+    assert "| frame | atomic | ml | novelty |" in table and "| 0 | 10 | 4 | 0.52 |" in table
+    assert "| 1 | 10 | 11 | 8.93 (flagged) |" in table and "| **total** | **20** | **15** | |" in table
+    assert "Flagged as novel (novelty above the model's flag level): 1 of 2 frames." in table
+    for r in rows:  # a report without novelties (no model, or written before them) has no such column
+        del r["novelty"], r["flagged"]
+    plain = trajectory_markdown(summarize_trajectory(rows, ("atomic", "ml"), "", "md.traj"))
+    assert "novelty" not in plain and "| 1 | 10 | 11 |" in plain
