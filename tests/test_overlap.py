@@ -135,3 +135,20 @@ def test_tabulation_grids_are_converged(monkeypatch):
     wider = blocks()
     print(f"max |S - S(K_MAX doubled)| = {abs(finer - wider).max():.1e}")
     assert abs(finer - wider).max() < 1e-7
+
+
+def test_overlap_blocks_end_where_the_orbitals_stop_overlapping():
+    """Beyond r_a + r_b no orbital pair overlaps: the blocks are exactly zero there (the spline of the tabulated
+    integral would leave a tail), and not zero just inside (a mutant without the cut passed the suite)."""
+    from siesta_dmguess.card import resolve_model
+    from siesta_dmguess.model import ModelConfig
+    from siesta_dmguess.overlap import OverlapCalculator
+
+    config = json.loads((resolve_model("water") / "config.json").read_text())
+    basis = ModelConfig.from_dict(config).species_basis()
+    calc = OverlapCalculator(basis)
+    reach = basis["O"].max_radius + basis["H"].max_radius
+    direction = np.array([0.36, 0.48, 0.8])
+    outside = calc.table("O", "H").blocks(direction * (reach + 0.003))
+    inside = calc.table("O", "H").blocks(direction * (reach - 0.05))
+    assert np.all(outside == 0.0) and np.abs(inside).max() > 1e-8
