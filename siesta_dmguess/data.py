@@ -427,7 +427,6 @@ def read_hsx_at(hsx: Path, dm_ref) -> tuple[np.ndarray | None, np.ndarray | None
     import sisl
 
     from .dm import values_at_stored
-
     from .files import fortran_path
 
     try:

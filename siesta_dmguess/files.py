@@ -38,8 +38,9 @@ def atomic_write_set(writes: dict, suffix: str = "", before_replace=None) -> Non
             # aside) or no folder to write into: said before any work on the file.
             check_output_file(path)
             try:
-                # (the stem shortened: a name near the 255-byte limit would leave no room for the temporary's)
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:60]}.", suffix=suffix, dir=path.parent)  # sisl: by end
+                # (the stem shortened: a name near the 255-byte limit would leave no room for the temporary's;
+                # the suffix kept: sisl chooses the format by it)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:60]}.", suffix=suffix, dir=path.parent)
             except OSError as exc:  # a read-only folder
                 raise _unwritable(path, exc) from exc
             os.close(fd)
