@@ -187,6 +187,11 @@ def list_runs(data_dir: str | Path) -> list[RunRecord]:
     return [_record_of_folder(p) for p in sorted(set(runs))]
 
 
+def _first_of(items, most: int) -> str:
+    """The first ``most`` items, and how many more: "a, b, c and 4 more"."""
+    return ", ".join(map(str, items[:most])) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
 _UNLISTED_SAID: set = set()
 
 
@@ -196,10 +201,9 @@ def _say_unlisted_runs(index: Path, listed: set[str]) -> None:
     unlisted = sorted({p.parent.name for p in index.parent.glob("*/*.fdf")} - listed)
     if unlisted and (index, tuple(unlisted)) not in _UNLISTED_SAID:
         _UNLISTED_SAID.add((index, tuple(unlisted)))
-        shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
         log.warning("%s does not list %d run folder(s) beside it (%s), so they are left out: if they belong to the "
                     "dataset, add them to it with their split (or give their folders on their own)", index,
-                    len(unlisted), shown)
+                    len(unlisted), _first_of(unlisted, 5))
 
 
 def _index_entries(records, index: Path) -> list[dict]:
@@ -301,7 +305,10 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
     """
     from tqdm.auto import tqdm
 
-    samples, unconfirmed, calculator = [], [], None
+    from .overlap import overlap_calculator
+
+    samples, unconfirmed = [], []
+    calculator = overlap_calculator(basis) if with_overlap else None  # S for runs without an .HSX (tables lazy)
     for rec in tqdm(select_runs(data_dirs, split, max_train), desc="reading runs", disable=not progress):
         structure, run_b, dm, hsx = load_run(rec.folder)
         if species_of is not None:
@@ -319,24 +326,14 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
         if with_overlap and hsx is not None:
             sample.meta["overlap"], sample.meta["hamiltonian"] = read_hsx_at(hsx, dm)
         if with_overlap:
-            calculator = calculator or _overlap_calculator(basis)
             check_reference_electrons(sample, hsx, calculator)
         samples.append(sample)
     if unconfirmed:  # said, not refused: a folder of DMs from elsewhere may be all a user has
-        shown = ", ".join(str(f) for f in unconfirmed[:3]) + (f" and {len(unconfirmed) - 3} more"
-                                                              if len(unconfirmed) > 3 else "")
         log.warning("%d run folder(s) hold no SIESTA output (*.out, *.out.gz) and no record that SIESTA converged "
                     "them (%s): their .DM is taken as converged, though a run stopped at MaxSCFIterations leaves "
-                    "one too. Keep SIESTA's output beside the .DM to have it checked", len(unconfirmed), shown)
+                    "one too. Keep SIESTA's output beside the .DM to have it checked", len(unconfirmed),
+                    _first_of(unconfirmed, 3))
     return samples
-
-
-def _overlap_calculator(basis: dict[str, SpeciesBasis]):
-    """S from the basis' radial functions (:mod:`~siesta_dmguess.overlap`), or False where a basis has none (an
-    ``.ion.nc`` read without them)."""
-    from .overlap import OverlapCalculator
-
-    return OverlapCalculator(basis) if all(b.radial_tables for b in basis.values()) else False
 
 
 def check_reference_electrons(sample: Sample, hsx: Path | None, calculator=None) -> None:
@@ -347,11 +344,13 @@ def check_reference_electrons(sample: Sample, hsx: Path | None, calculator=None)
     from .evaluate import folded_to_reference
     from .predict import expected_electrons
 
-    overlap, where = sample.meta.get("overlap"), f"the {hsx.name}'s overlap" if hsx else ""
-    if overlap is None and calculator:  # (an .HSX of other supercells gives none: S from the basis instead)
+    overlap = sample.meta.get("overlap")
+    if overlap is not None:
+        where = f"the {hsx.name}'s overlap"
+    elif calculator is not None:  # no .HSX (or one of other supercells): S from the basis instead
         overlap = folded_to_reference(sample, calculator.flat(sample.structure, sample.layout))
         where = "S computed from the basis"
-    if overlap is None:
+    else:
         return
     electrons = expected_electrons(sample.structure, sample.layout.atomic.sum())
     held = float(np.dot(sample.target_values, overlap))

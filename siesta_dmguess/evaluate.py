@@ -274,9 +274,9 @@ def evaluate(model_name_or_path, data_dirs, split: str | None = "auto", out_json
         samples = load_samples([d], cfg.species, loaded.basis, cfg.message_cutoff, split=used, progress=progress,
                                with_overlap=True, fold_reach=cfg.fold_reach,
                                species_of=lambda structure: model_species_of(structure, loaded))
-        held = {str(Path(s.name).resolve()) for s in samples} & held_out
+        held = [s for s in samples if str(Path(s.name).resolve()) in held_out]
         if split == "auto" and used is None and held:  # runs recording no split: those training held out
-            samples, used = [s for s in samples if str(Path(s.name).resolve()) in held], HELD_OUT
+            samples, used = held, HELD_OUT
         elif split == "auto" and used is None and Path(d).resolve().name in {Path(p).parent.name for p in held_out}:
             log.warning("%s: the model's card lists runs held out from a folder of this name elsewhere (%s), none "
                         "of them here: if this is that folder moved, every run is scored, the trained-on ones too",

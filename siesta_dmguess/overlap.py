@@ -131,6 +131,12 @@ class OverlapTable:
         return out * sa_signs[None, :, None] * sb_signs[None, None, :]
 
 
+def overlap_calculator(basis: dict[str, SpeciesBasis]) -> "OverlapCalculator | None":
+    """An :class:`OverlapCalculator` for ``basis``, or None where a species' basis carries no radial functions
+    (an ``.ion.nc`` read without them): S cannot be computed then."""
+    return OverlapCalculator(basis) if all(b.radial_tables for b in basis.values()) else None
+
+
 class OverlapCalculator:
     """Overlap blocks for any structure with species from ``basis`` (tables built once per species pair)."""
 

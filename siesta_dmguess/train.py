@@ -117,19 +117,21 @@ def _split(records_samples, options: TrainOptions):
     train = [s for s in records_samples if s.meta.get("split") in ("train", "", None)]
     val = [s for s in records_samples if s.meta.get("split") == "val"]
     rng = np.random.default_rng(options.seed)
+
+    def hold_out(candidates):  # (a seeded share of the candidates, at least one; the rest), in the seeded order
+        order = rng.permutation(len(candidates))
+        n_val = max(1, int(round(options.val_fraction * len(candidates))))
+        return [candidates[k] for k in order[:n_val]], [candidates[k] for k in order[n_val:]]
+
     if not val:  # no split given: seeded random hold-out
-        order = rng.permutation(len(train))
-        n_val = max(1, int(round(options.val_fraction * len(train))))
-        val = [train[k] for k in order[:n_val]]
-        train = [train[k] for k in order[n_val:]]
+        val, train = hold_out(train)
     else:
         # Runs that record no split belong to every split (docs/models.md): beside a folder whose runs record a
         # val split, a seeded share of them is held out too (else none of them, e.g. all the carbon of a batch,
         # would be validated).
         unrecorded = [s for s in train if s.meta.get("split") in ("", None)]
         if unrecorded:
-            order = rng.permutation(len(unrecorded))
-            held = [unrecorded[k] for k in order[:max(1, int(round(options.val_fraction * len(unrecorded))))]]
+            held = hold_out(unrecorded)[0]
             val = val + held
             held_ids = {id(s) for s in held}
             train = [s for s in train if id(s) not in held_ids]
@@ -403,9 +405,9 @@ def train(data_dirs, out_dir, options: TrainOptions | None = None, config_overri
     model.eval()
     model.fit_novelty([collate(g, len(species), torch.float32, with_targets=False)
                        for g in atom_batches(train_set, 256, shuffle=False)])
-    from .overlap import OverlapCalculator
+    from .overlap import overlap_calculator
 
-    overlap = OverlapCalculator(basis) if all(b.radial_tables for b in basis.values()) else None
+    overlap = overlap_calculator(basis)
     if options.correction_epochs:
         if overlap is None:
             raise InputFileError("the ΔH head needs the basis' radial functions (.ion.xml) for S", data_dirs[0])
