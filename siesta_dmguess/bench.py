@@ -67,7 +67,8 @@ class StructureResult:
 
 
 def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), command=None,
-                    refine: str = "idempotent", force: bool = False, repeat: int = 1) -> StructureResult:
+                    refine: str = "idempotent", force: bool = False, repeat: int = 1,
+                    kept: dict | None = None) -> StructureResult:
     """Run SIESTA on one fdf with each guess; the ML guess is predicted from the fdf (refined with ``refine``).
 
     ``repeat`` > 1 runs every guess (prediction included) that many times, alternating the guesses so that a
@@ -79,15 +80,19 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
     its "ml" run starts from the atomic guess, as the ``predict`` command and the ASE calculator would; the
     reason is kept in ``StructureResult.fallback`` (in one word: ``fallback_kind``). ``force`` uses every
     prediction, to measure what the refused ones would do.
+
+    ``kept`` (guess -> :class:`GuessResult`) holds guesses measured before, which are not run again (the atomic
+    guess of a benchmark rerun with another model or refinement: :func:`run_benchmark`).
     """
     from .errors import UnreliablePredictionError
     from .predict import predict_to_file
     from .siesta import prepare_run, run_siesta
 
-    samples = {guess: [] for guess in guesses}
+    kept = kept or {}
+    samples = {guess: [] for guess in guesses if guess not in kept}
     tolerance = _dm_tolerance(fdf)  # once: the same fdf for every run of the structure
     natoms, novelty, flagged, fallback, fallback_kind = 0, None, False, "", ""
-    for guess in [g for _ in range(max(repeat, 1)) for g in guesses]:
+    for guess in [g for _ in range(max(repeat, 1)) for g in samples]:
         run_dir = workdir / guess
         prediction_s, dm_file, template = 0.0, None, guess
         if guess == "ml":
@@ -111,7 +116,7 @@ def bench_structure(fdf: Path, workdir: Path, model, guesses=("atomic", "ml"), c
                                           None if out.start_dm_electrons is None
                                           else out.start_dm_electrons - out.electrons,
                                           tolerance or out.dm_tolerance))
-    results = {guess: median_run(runs) for guess, runs in samples.items()}
+    results = {guess: kept[guess] if guess in kept else median_run(samples[guess]) for guess in guesses}
     return StructureResult(fdf.parent.name, natoms, results, novelty, flagged, fallback, fallback_kind,
                            Path(model.path).name if hasattr(model, "path") else str(model))
 
@@ -223,6 +228,13 @@ def run_identity(fdf: Path, loaded, refine: str, force: bool, repeat: int, siest
                                 loaded, siesta, refine=refine, force=force, repeat=repeat)
 
 
+def atomic_run_identity(fdf: Path, repeat: int, siesta: list[str]) -> dict:
+    """:func:`run_identity` of a structure's atomic-guess run alone: no model, refinement or ``force`` (a benchmark
+    rerun with another model or ``--refine`` reuses it)."""
+    return measurement_identity(_with_included(fdf.read_text(), fdf), (fdf.parent, fdf.parent.parent / "basis"),
+                                None, siesta, repeat=repeat, guess="atomic")
+
+
 def save_kept(workdir: Path, identity: dict, result: dict) -> None:
     """Keep a finished result beside its runs (written atomically: a killed job leaves none, not half of one)."""
     text = json.dumps({"identity": identity, "result": result}, indent=1)
@@ -288,7 +300,8 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
 
     With ``resume`` (the default) a structure whose result an earlier run of this benchmark kept in ``out_dir``
     is not run again where nothing it depends on changed (:func:`finished_result`); the report lists those
-    structures under ``reused``. ``resume=False`` runs every structure again."""
+    structures under ``reused``. A structure rerun because only the model, refinement or ``force`` changed keeps
+    its atomic-guess run (listed under ``atomic_reused``). ``resume=False`` runs every structure again."""
     from .siesta import find_siesta
 
     siesta = find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
@@ -328,18 +341,31 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
         log.warning("bench %s: %d of %d structures were finished by an earlier run in %s with the same fdf, model, "
                     "settings and SIESTA; their results are reused (--restart runs them again)", name, len(reused),
                     len(models), out_dir)
-    rows = []
+    rows, atomic_reused = [], []
     for run_id, loaded in tqdm(models.items(), desc=f"bench {name}", disable=not progress):
         if kept[run_id] is None:
-            forget_kept(out_dir / name / run_id)
-            kept[run_id] = bench_structure(fdfs[run_id], out_dir / name / run_id, loaded, command=command,
-                                           refine=refine, force=force, repeat=repeat)
-            save_result(out_dir / name / run_id, identities[run_id], kept[run_id])
+            workdir = out_dir / name / run_id
+            forget_kept(workdir)
+            # the atomic guess does not depend on the model or refinement: kept apart, reused where they changed
+            atomic_identity = atomic_run_identity(fdfs[run_id], repeat, siesta)
+            atomic = read_kept(workdir / "atomic", atomic_identity, lambda r: GuessResult(**r)) if resume else None
+            if atomic is None:
+                forget_kept(workdir / "atomic")
+            else:
+                atomic_reused.append(run_id)
+            kept[run_id] = bench_structure(fdfs[run_id], workdir, loaded, command=command, refine=refine,
+                                           force=force, repeat=repeat, kept={"atomic": atomic} if atomic else None)
+            if atomic is None:
+                save_kept(workdir / "atomic", atomic_identity, asdict(kept[run_id].results["atomic"]))
+            save_result(workdir, identities[run_id], kept[run_id])
         rows.append(kept[run_id])
     used = model_names(models.values())
     report = summarize(rows, used, str(data_dir), startup_s) | {
         "name": name, "refine": refine, "split": split or "all", "forced": force, "repeat": repeat, "skipped": skipped,
-        "reused": reused, "siesta": shlex.join(siesta)}
+        "reused": reused, "atomic_reused": atomic_reused, "siesta": shlex.join(siesta)}
+    if atomic_reused:
+        log.warning("bench %s: the atomic-guess runs of %d structures were kept from an earlier run in %s with the "
+                    "same fdf, SIESTA and --repeat (only their ML runs were redone)", name, len(atomic_reused), out_dir)
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(markdown(report))
     plot(rows, out_dir / f"bench_{name}.png", title=f"{name}: {used}")
@@ -452,6 +478,9 @@ def markdown(report: dict) -> str:
     if report.get("reused"):  # a resumed benchmark
         lines += ["", f"Reused from an earlier run of this benchmark, which finished them with the same fdf, model, "
                   f"settings and SIESTA ({len(report['reused'])}): {', '.join(report['reused'])}."]
+    if report.get("atomic_reused"):  # rerun with another model, refinement or --force
+        lines += ["", f"Atomic-guess runs kept from an earlier run with the same fdf, SIESTA and repeat count; only the "
+                  f"ML runs were redone ({len(report['atomic_reused'])}): {', '.join(report['atomic_reused'])}."]
     if report.get("skipped"):  # bench --skip-incompatible
         lines += ["", f"Not run, the model does not cover them ({len(report['skipped'])}):", ""]
         lines += [f"- {run_id}: {reason}" for run_id, reason in report["skipped"].items()]

@@ -201,6 +201,22 @@ def test_missing_pseudopotential_is_named_before_running(run_dir, tmp_path):
         run_siesta(run_dir / "input.fdf", command=str(fake_siesta(tmp_path, GOOD)))
 
 
+@pytest.mark.parametrize("init", ["atomic", "ml"])
+def test_a_run_that_cannot_be_prepared_leaves_no_folder_behind(run_dir, tmp_path, init):
+    """A missing pseudopotential (or, for the ML guess, a missing predicted DM) used to be found only after the
+    run folder and its fdf were written, leaving an empty run under bench's --out."""
+    (run_dir / "H.psf").unlink()
+    pred = tmp_path / "pred.DM"
+    pred.write_bytes(b"predicted")
+    with pytest.raises(InputFileError, match="species 'H' not found"):
+        prepare_run(run_dir / "input.fdf", tmp_path / "out" / "w", init, dm_file=pred)
+    assert not (tmp_path / "out").exists()
+    (run_dir / "H.psf").write_text("fake")
+    with pytest.raises(InputFileError, match="needs a predicted .DM"):
+        prepare_run(run_dir / "input.fdf", tmp_path / "out" / "w", "ml", dm_file=tmp_path / "absent.DM")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_dangling_pseudopotential_link_is_named_with_its_target(run_dir, tmp_path):
     (run_dir / "H.psf").unlink()
     (run_dir / "H.psml").symlink_to(tmp_path / "nowhere" / "H.psml")
@@ -408,6 +424,35 @@ def test_a_stopped_bench_continues_where_it_stopped(tmp_path, caplog):
     again = run_benchmark(tmp_path / "data", **kwargs)  # both finished: nothing runs, the same report
     assert len(log.read_text().split()) == 4 and again["reused"] == ["0000", "0001"]
     assert again["per_structure"] == resumed["per_structure"]
+
+
+def test_a_bench_rerun_with_another_refinement_redoes_only_the_ml_runs(tmp_path, caplog):
+    """The atomic guess does not depend on the model or the refinement, but a rerun with --refine charge (or
+    another model, or --force) ran it again for every structure, doubling the SIESTA time of such comparisons.
+    A changed fdf, another --repeat or --restart still runs it again."""
+    from siesta_dmguess.bench import markdown, run_benchmark
+
+    log, script = logging_siesta(tmp_path)
+    for run_id in ("0000", "0001"):
+        water_run(tmp_path / "data" / run_id)
+    tiny_model(tmp_path / "model")
+    kwargs = dict(model=tmp_path / "model", out_dir=tmp_path / "out", split=None, command=str(script), progress=False)
+    first = run_benchmark(tmp_path / "data", **kwargs)
+    assert log.read_text().split() == ["atomic", "ml"] * 2 and first["atomic_reused"] == []
+    with caplog.at_level("WARNING"):
+        charge = run_benchmark(tmp_path / "data", refine="charge", **kwargs)
+    assert log.read_text().split() == ["atomic", "ml"] * 2 + ["ml"] * 2
+    assert charge["atomic_reused"] == ["0000", "0001"] and charge["reused"] == []
+    assert charge["scf_iterations_atomic"] == first["scf_iterations_atomic"] and charge["refine"] == "charge"
+    assert "only their ML runs were redone" in caplog.text and "only the ML runs were redone (2)" in markdown(charge)
+    fdf = tmp_path / "data" / "0001" / "input.fdf"
+    fdf.write_text(fdf.read_text() + "MeshCutoff 200 Ry\n")  # another measurement: both of its runs again
+    changed = run_benchmark(tmp_path / "data", **kwargs)
+    assert log.read_text().split()[6:] == ["ml", "atomic", "ml"] and changed["atomic_reused"] == ["0000"]
+    run_benchmark(tmp_path / "data", repeat=2, **kwargs)
+    assert log.read_text().split()[9:] == ["atomic", "ml"] * 4
+    restarted = run_benchmark(tmp_path / "data", resume=False, **kwargs)
+    assert log.read_text().split()[17:] == ["atomic", "ml"] * 2 and restarted["atomic_reused"] == []
 
 
 def test_a_kept_bench_result_is_reused_only_where_it_was_measured_alike(tmp_path, caplog):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import InputFileError
 from ..fdf import fdf_words, inlined_fdf_text, normalized_fdf_key, species_block, system_label
-from .runner import PSEUDO_SUFFIXES, fdf_value, find_pseudopotential, species_labels
+from .runner import PSEUDO_SUFFIXES, fdf_value, find_pseudopotential
 
 TEMPLATES = ("atomic", "ml", "extrapolation")
 # The keys of a run's starting DM, which a template replaces (normalized: fdf.normalized_fdf_key), and
@@ -165,24 +165,26 @@ def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: st
     src_fdf, workdir = Path(src_fdf), Path(workdir)
     if not src_fdf.is_file():
         raise InputFileError("fdf file not found", src_fdf)
-    workdir.mkdir(parents=True, exist_ok=True)
-    fdf = workdir / "input.fdf"
-    fdf.write_text(apply_dm_init(inlined_fdf_text(src_fdf), init))  # what it reads in, in its text: not copied
-    label = system_label(fdf)
-    for label_ in species_labels(fdf):
+    if init == "ml" and (dm_file is None or not Path(dm_file).is_file()):
+        raise InputFileError("the ML initialisation needs a predicted .DM file", dm_file or workdir)
+    text = apply_dm_init(inlined_fdf_text(src_fdf), init)  # what it reads in, in its text: not copied
+    pseudos = []
+    for label_ in [label_ for _, _, label_ in species_block(text)]:  # all found before the folder is made
         found = find_pseudopotential(label_, [src_fdf.parent, *map(Path, pseudo_dirs)], PSEUDO_SUFFIXES)
-        if found is not None:
-            if found.resolve() != (workdir / found.name).resolve():  # in place: kept
-                shutil.copy(found, workdir / found.name)
-        else:
+        if found is None:
             raise InputFileError(f"pseudopotential for species {label_!r} not found (looked next to the fdf and "
                                  f"in {[str(p) for p in pseudo_dirs]})", src_fdf.parent / f"{label_}.psf")
-    dm_target = workdir / f"{label}.DM"
+        pseudos.append(found)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fdf = workdir / "input.fdf"
+    fdf.write_text(text)
+    for found in pseudos:
+        if found.resolve() != (workdir / found.name).resolve():  # in place: kept
+            shutil.copy(found, workdir / found.name)
+    dm_target = workdir / f"{system_label(fdf)}.DM"
     if init == "atomic":
         dm_target.unlink(missing_ok=True)
     elif init == "ml":
-        if dm_file is None or not Path(dm_file).is_file():
-            raise InputFileError("the ML initialisation needs a predicted .DM file", dm_file or workdir)
         if Path(dm_file).resolve() != dm_target.resolve():
             shutil.copy(dm_file, dm_target)
     return fdf
