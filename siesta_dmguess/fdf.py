@@ -374,13 +374,27 @@ FDF_PHYSICAL_KEYS = ("LatticeConstant", "MeshCutoff", "PAO.EnergyShift")
 
 
 def check_units(fdf) -> None:
-    """Error, naming the fdf, for a key of :data:`FDF_PHYSICAL_KEYS` whose value has no unit."""
+    """Error, naming the fdf (or the file it includes that holds the line), for a key of
+    :data:`FDF_PHYSICAL_KEYS` whose value has no unit."""
     for key in FDF_PHYSICAL_KEYS:
         words = (fdf.text(key) or "").split()
         if len(words) == 1:
             unit = "Bohr (or Ang)" if key == "LatticeConstant" else "Ry"
             raise InputFileError(f"{key} {words[0]} has no unit, and SIESTA stops on it (\"no unit specified for "
-                                 f"{key}\"): write the one meant, e.g. {key} {words[0]} {unit}", Path(str(fdf.file)))
+                                 f"{key}\"): write the one meant, e.g. {key} {words[0]} {unit}",
+                                 _file_defining(Path(str(fdf.file)), key, words))
+
+
+def _file_defining(fdf: Path, key: str, words: list[str]) -> Path:
+    """The first of the fdf's input files (:func:`fdf_input_files`) with the line ``key words``, else the fdf:
+    sisl gives a key's value but not the file it came from."""
+    wanted = [normalized_fdf_key(key), *words]
+    for path in fdf_input_files(fdf):
+        for line in path.read_text(errors="replace").splitlines():
+            found = fdf_words(line)
+            if found and [normalized_fdf_key(found[0]), *found[1:]] == wanted:
+                return path
+    return fdf
 
 
 def fdf_cell(fdf) -> np.ndarray | None:

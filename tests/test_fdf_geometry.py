@@ -258,6 +258,16 @@ def test_an_fdf_lattice_siesta_cannot_use_is_a_clear_error(tmp_path, lattice, me
     assert "water.fdf" in str(err.value)
 
 
+def test_a_value_without_unit_in_an_included_file_names_that_file(tmp_path):
+    """The error named the top fdf, where the key is not written."""
+    path = tmp_path / "water.fdf"
+    path.write_text(MOLECULE.format(lattice="%include grid.fdf\n"))
+    (tmp_path / "grid.fdf").write_text("# the grid\nmesh-cutoff   200\n")
+    with pytest.raises(InputFileError, match="MeshCutoff 200 has no unit") as err:
+        read_structure(path)
+    assert "grid.fdf" in str(err.value) and "water.fdf" not in str(err.value)
+
+
 def test_a_molecule_in_siestas_automatic_cell_is_predicted_as_isolated(tmp_path, shipped):
     """The automatic cell leaves a 10 % margin beyond every orbital, so SIESTA's DM has no image pairs: the
     prediction is that of the same molecule read from an .xyz (no cell), and the .DM is written Γ-only."""
