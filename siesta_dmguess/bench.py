@@ -554,18 +554,30 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
     return out, run.wall_s, to_image_keyed(read_density_matrix(dm_path, geometry)), dm_path
 
 
-def _kept_frame(frame_dir: Path, identity: dict, guesses, geometry) -> dict | None:
-    """A frame an earlier run of the same trajectory benchmark finished (:func:`read_kept`): its row and each
-    guess's converged DM, read back from the run (which the next frames' history guesses start from); None where
-    any of that is missing or was measured otherwise."""
+def _kept_run(run_dir: Path, identity: dict, geometry) -> tuple | None:
+    """One guess's run of a frame that an earlier run of the same trajectory benchmark finished
+    (:func:`read_kept`): (its result, its converged DM read back from the run, which the guess's next frames start
+    from); None where either is missing or it was measured otherwise."""
     from .dm import read_density_matrix, to_image_keyed
 
-    def rebuild(kept: dict) -> dict:
-        converged = {g: to_image_keyed(read_density_matrix(frame_dir / kept["dm_files"][g], geometry))
-                     for g in guesses}
-        return {"row": kept["row"], "converged": converged}
+    return read_kept(run_dir, identity, lambda kept: (
+        kept["result"], to_image_keyed(read_density_matrix(run_dir / kept["dm_file"], geometry))))
 
-    return read_kept(frame_dir, identity, rebuild)
+
+# The guesses that start from the same guess's converged DMs of the frames before (history.TrajectoryHistory).
+HISTORY_GUESSES = ("reuse", "extrapolation", "ml+residual")
+
+
+def _guess_identity(fdf_template: Path, pseudo_dirs, loaded, siesta: list[str], guess: str, depth: int,
+                    refine: str, force: bool) -> dict:
+    """:func:`measurement_identity` of one guess's runs along a trajectory, but for each frame's own fdf: the
+    template's included files, the pseudopotentials, SIESTA, and only the settings that guess depends on (the
+    model, refinement and ``force`` for the ML guesses, the depth for those built on a history), so that adding a
+    guess or changing the model reruns only the runs it changes."""
+    ml = guess.startswith("ml")
+    return measurement_identity(_with_included("", fdf_template), pseudo_dirs, loaded if ml else None, siesta,
+                                guess=guess, depth=depth if guess in ("extrapolation", "ml+residual") else None,
+                                refine=refine if ml else None, force=force if ml else None)
 
 
 def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="bench", guesses=GUESSES,
@@ -583,10 +595,12 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     prediction is refused (:attr:`~siesta_dmguess.predict.Prediction.refusals`) runs ``ml`` from the atomic guess
     and ``ml+residual`` from the history's extrapolation, as the calculator does, unless ``force``.
 
-    With ``resume`` (the default) the frames an earlier run of this benchmark finished in ``out_dir``, from the
-    first on and with nothing they depend on changed (:func:`measurement_identity`), are not run again: their
-    results and converged DMs are read back and the guesses' histories rebuilt from them, so that a stopped
-    benchmark continues where it stopped. The report lists them under ``reused``.
+    With ``resume`` (the default) the runs an earlier run of this benchmark finished in ``out_dir`` with nothing
+    they depend on changed (:func:`_guess_identity`; for a guess built on a history, also every earlier frame of
+    that guess) are not run again: their results and converged DMs are read back and the guesses' histories
+    rebuilt from them. So a stopped benchmark continues where it stopped, and one run again with another guess
+    added, or another model, runs only what that changes. The report lists the frames whose every guess was
+    reused under ``reused``, and the reused runs per guess under ``reused_runs``.
     """
     from .siesta import find_siesta
 
@@ -631,10 +645,10 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         from .data import run_basis
 
         basis = run_basis(fdf_template.parent, {label for labels in frame_labels for label in labels})
-    # What every frame's kept result depends on besides its own fdf (:func:`measurement_identity`), read once.
-    template_identity = measurement_identity(_with_included("", fdf_template), pseudo_dirs, loaded, siesta,
-                                             guesses=list(guesses), depth=depth, refine=refine, force=force)
-    rows, reused = [], []
+    # What each guess's kept runs depend on besides their frame's fdf (_guess_identity), read once.
+    guess_identities = {g: _guess_identity(fdf_template, pseudo_dirs, loaded, siesta, g, depth, refine, force)
+                        for g in guesses}
+    rows, reused, reused_runs = [], [], {g: 0 for g in guesses}
     for t, (atoms, labels) in enumerate(tqdm(list(zip(images, frame_labels)), desc=f"bench {name}",
                                              disable=not progress)):
         text = fdf_with_geometry(frames_in_fdf.text, atoms, labels)
@@ -653,15 +667,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         # Each frame's cell and orbitals' atoms: the histories follow atoms a wrapped trajectory moves across it.
         frame = {"cell": periodic_cell(atoms), "orbital_atom": geometry.o2a(np.arange(geometry.no))}
         frame_dir = out_dir / name / f"{t:04d}"
-        # A frame's history guesses start from the frames before it: reuse only an unbroken run from the first.
-        identity = {**template_identity, "frame_sha256": hashlib.sha256(text.encode()).hexdigest()}
-        kept = _kept_frame(frame_dir, identity, guesses, geometry) if resume and len(reused) == t else None
-        if kept is not None:
-            reused.append(t)
-            row = kept["row"]
-        else:
-            forget_kept(frame_dir)
-            row, dm_files = {"frame": t, "natoms": len(atoms)}, {}
+        frame_sha256 = hashlib.sha256(text.encode()).hexdigest()
+        row = {"frame": t, "natoms": len(atoms)}
         if pred is not None:  # the prediction's uncertainty, as a dataset's report gives it
             row["novelty"], row["flagged"] = pred.novelty, pred.out_of_distribution
         # A frame whose prediction is refused (Prediction.refusals) starts `ml` from the atomic guess, as the
@@ -670,35 +677,46 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         if refusal:
             row["fallback"], row["fallback_kind"] = refusal, pred.refusal_kind
             predicted = None  # and the ml+residual history records no prediction for it
+        kept_here = []
         for g in guesses:
             used = "extrapolation" if refusal and g == "ml+residual" else g  # as the calculator: the history alone
+            identity = {**guess_identities[g], "frame_sha256": frame_sha256}
+            # A history guess starts from its frames before: reuse only an unbroken run of it from the first.
+            unbroken = g not in HISTORY_GUESSES or reused_runs[g] == t
+            kept = _kept_run(frame_dir / g, identity, geometry) if resume and unbroken else None
+            kept_here.append(kept is not None)
             if kept is not None:
-                converged = kept["converged"][g]
+                row[g], converged = kept
+                reused_runs[g] += 1
             else:
+                forget_kept(frame_dir / g)
                 if refusal and g == "ml":
                     start = None
                 else:
                     start = histories[g].guess(used, atoms.positions, predicted,
                                                refine=pred.refined if pred else None, cell=frame["cell"])
                 out, wall, converged, dm_path = _run_frame(text, frame_dir / g, start, geometry, pseudo_dirs, command)
-                dm_files[g] = str(dm_path.relative_to(frame_dir))
                 row[g] = asdict(GuessResult(used if start is not None else "atomic", out.scf_iterations,
                                             out.converged, out.dm_read_from_file, out.total_energy_eV, wall,
                                             prediction_s if g.startswith("ml") else 0.0,
                                             [st.dDmax for st in out.scf_history]))
+                save_kept(frame_dir / g, identity, {"result": row[g],
+                                                    "dm_file": str(dm_path.relative_to(frame_dir / g))})
             if g == "ml+residual":  # the only guess built on past predictions; the others need converged DMs alone
                 histories[g].push(atoms.positions, converged, predicted, overlap, **frame)
             else:
                 histories[g].push(atoms.positions, converged, **frame)
-        if kept is None:
-            save_kept(frame_dir, identity, {"row": row, "dm_files": dm_files})
+        if len(reused) == t and all(kept_here):  # every guess of every frame up to here
+            reused.append(t)
         rows.append(row)
-    if reused:
-        log.warning("bench %s: %d of %d frames were finished by an earlier run in %s with the same frames, model, "
-                    "settings and SIESTA; their results are reused and the histories rebuilt from their DMs",
-                    name, len(reused), len(images), out_dir)
+    if any(reused_runs.values()):
+        log.warning("bench %s: %d of %d runs (%s) were finished by an earlier run in %s with the same frames, "
+                    "settings and SIESTA; their results are reused and the histories rebuilt from their DMs", name,
+                    sum(reused_runs.values()), len(images) * len(guesses),
+                    ", ".join(f"{g} {n}" for g, n in reused_runs.items() if n), out_dir)
     report = summarize_trajectory(rows, guesses, Path(loaded.path).name if loaded else "", str(trajectory)) | {
-        "name": name, "refine": refine, "startup_s": startup_s, "reused": reused, "siesta": shlex.join(siesta)}
+        "name": name, "refine": refine, "startup_s": startup_s, "reused": reused, "reused_runs": reused_runs,
+        "siesta": shlex.join(siesta)}
     (out_dir / f"bench_{name}.json").write_text(json.dumps(report, indent=1))
     (out_dir / f"bench_{name}.md").write_text(trajectory_markdown(report))
     plot_trajectory(report, out_dir / f"bench_{name}.png")
@@ -768,6 +786,10 @@ def trajectory_markdown(report: dict) -> str:
         which = f"Frame {first} was" if first == last else f"Frames {first}–{last} were"
         lines += ["", f"{which} reused from an earlier run of this benchmark, which finished them with the same "
                   f"frames, model, settings and SIESTA."]
+    partly = {g: n for g, n in report.get("reused_runs", {}).items() if n > len(report.get("reused", []))}
+    if partly:  # rerun with a guess added, or another model or refinement
+        lines += ["", "Runs reused from an earlier run of this benchmark with the same frames and the settings they "
+                  "depend on: " + ", ".join(f"{g} {n} of {report['frames']}" for g, n in partly.items()) + "."]
     return "\n".join(lines + siesta_line(report)) + "\n"
 
 

@@ -1,6 +1,7 @@
 """Finding and running SIESTA, with small fake `siesta` scripts for the failure modes."""
 
 import re
+import shutil
 import stat
 import sys
 import textwrap
@@ -540,19 +541,19 @@ def test_a_relative_siesta_command_is_run_from_any_folder(tmp_path, monkeypatch)
 def test_a_kept_trajectory_frame_whose_converged_dm_is_gone_is_run_again(tmp_path, caplog):
     """A frame's kept result is only half of it: the next frames' history guesses start from its converged DMs.
     Where one of those is gone or truncated, the frame is run again (a warning names the file)."""
-    from siesta_dmguess.bench import _kept_frame, save_kept
+    from siesta_dmguess.bench import _kept_run, save_kept
 
     identity = {"fdf_sha256": "abc", "siesta": ["/opt/siesta"]}
-    frame = tmp_path / "0001"
-    (frame / "atomic" / "run").mkdir(parents=True)
-    save_kept(frame, identity, {"row": {"frame": 1}, "dm_files": {"atomic": "atomic/run/water.DM"}})
+    run = tmp_path / "0001" / "atomic"
+    (run / "run").mkdir(parents=True)
+    save_kept(run, identity, {"result": {"scf_iterations": 9}, "dm_file": "run/water.DM"})
     for content in (None, b"\x00" * 8):
         if content is not None:
-            (frame / "atomic" / "run" / "water.DM").write_bytes(content)
+            (run / "run" / "water.DM").write_bytes(content)
         caplog.clear()
         with caplog.at_level("WARNING"):
-            assert _kept_frame(frame, identity, ("atomic",), geometry=None) is None
-        assert str(frame / "atomic" / "run" / "water.DM") in caplog.text
+            assert _kept_run(run, identity, geometry=None) is None
+        assert str(run / "run" / "water.DM") in caplog.text
 
 
 def test_bench_restart_runs_every_structure_again(tmp_path, monkeypatch):
@@ -974,6 +975,61 @@ def test_a_trajectory_whose_fdf_labels_species_otherwise_is_predicted_and_run(tm
                                       guesses=("ml", "ml+residual"), command=str(fake_siesta(tmp_path, GOOD)),
                                       progress=False)
     assert report["frames"] == 2 and all(r["ml"]["dm_read"] is not False for r in report["per_frame"])
+
+
+def test_a_trajectory_benchmark_run_again_redoes_only_the_runs_its_change_touches(tmp_path):
+    """Every frame was run again with every guess when one guess was added or the refinement changed (the frame's
+    kept result recorded the whole list of guesses): an added ml+residual cost the atomic, reuse and ml runs again.
+    Now each guess's runs are kept apart with what they depend on; a guess built on a history is still run again
+    from the first frame of it that is not kept."""
+    import ase.io
+
+    from siesta_dmguess.bench import run_trajectory_benchmark, trajectory_markdown
+    from siesta_dmguess.structure import read_structure
+
+    from .conftest import dataset
+
+    src = dataset("h2o") / "0004"
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(src / "input.fdf", run / "input.fdf")
+    for species in ("O", "H"):
+        shutil.copy(src.parent / "basis" / f"{species}.psf", run)
+    atoms = read_structure(run / "input.fdf").atoms
+    frames = [atoms.copy() for _ in range(3)]
+    for t, frame in enumerate(frames):
+        frame.positions[1] += [0.01 * t, 0.0, 0.0]
+    ase.io.write(tmp_path / "md.traj", frames)
+    log = tmp_path / "calls.log"
+    script = tmp_path / "siesta_with_dm"  # logs "frame guess"; SIESTA's converged DM stands for every run's
+    script.write_text(f"#!{sys.executable}\nimport os, shutil, sys\nsys.stdin.read()\n"
+                      f"here = os.path.abspath('.').split(os.sep)\n"
+                      f"open({str(log)!r}, 'a').write(here[-3] + ' ' + here[-2] + '\\n')\n"
+                      f"os.path.exists('siesta.DM') or shutil.copy({str(src / 'siesta.DM')!r}, 'siesta.DM')\n"
+                      f"sys.stdout.write({GOOD!r})\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+    def bench(guesses, **kwargs):
+        start = len(log.read_text().splitlines()) if log.exists() else 0
+        report = run_trajectory_benchmark(tmp_path / "md.traj", run / "input.fdf", model="water",
+                                          out_dir=tmp_path / "out", guesses=guesses, command=str(script),
+                                          progress=False, **kwargs)
+        return report, sorted(log.read_text().splitlines()[start:])
+
+    first, runs = bench(("atomic", "reuse", "ml"))
+    assert len(runs) == 9 and first["reused"] == []
+    added, runs = bench(("atomic", "reuse", "ml", "ml+residual"))
+    assert runs == ["0000 ml+residual", "0001 ml+residual", "0002 ml+residual"]
+    assert added["reused_runs"] == {"atomic": 3, "reuse": 3, "ml": 3, "ml+residual": 0} and added["reused"] == []
+    assert "Runs reused from an earlier run" in trajectory_markdown(added)
+    charge, runs = bench(("atomic", "reuse", "ml", "ml+residual"), refine="charge")
+    assert runs == sorted(f"{t:04d} {g}" for t in range(3) for g in ("ml", "ml+residual"))
+    (tmp_path / "out" / "md" / "0001" / "reuse" / "result.json").unlink()  # as a stop in that run would leave it
+    resumed, runs = bench(("atomic", "reuse", "ml", "ml+residual"), refine="charge")
+    assert runs == ["0001 reuse", "0002 reuse"]  # frame 2's reuse starts from frame 1's: run again
+    assert resumed["reused"] == [0] and resumed["per_frame"][2]["ml"] == charge["per_frame"][2]["ml"]
+    again, runs = bench(("atomic", "reuse", "ml", "ml+residual"), refine="charge")
+    assert runs == [] and again["reused"] == [0, 1, 2]
 
 
 def test_a_structure_run_again_forgets_its_kept_result_first(tmp_path, monkeypatch):
