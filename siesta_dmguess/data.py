@@ -407,6 +407,12 @@ def check_dm_is_siestas(dm_path: Path) -> None:
                              "(*.out): it looks written by `siesta-dmguess predict`, not converged by SIESTA. Rerun "
                              "SIESTA in the folder", dm_path)
     if dm_path.stat().st_mtime <= newest_output + 1.0:
+        times = [dm_path.stat().st_mtime, newest_output, *(b.stat().st_mtime for b in backups)]
+        if max(times) - min(times) <= 2.0:  # a folder copied without its file times (cp -r): no order to go by
+            log.warning("%s: a backup (%s) sits beside this .DM and both carry the time of the folder's SIESTA "
+                        "output (a folder copied without its file times?), so it cannot be told whether it is "
+                        "SIESTA's DM or one written by `siesta-dmguess predict`; it is taken as SIESTA's", dm_path,
+                        backups[0].name)
         return
     before = [b for b in backups if b.stat().st_mtime <= newest_output + 1.0]
     restore = (f"Put SIESTA's DM back (mv {max(before, key=lambda b: b.stat().st_mtime).name} {dm_path.name}) or "

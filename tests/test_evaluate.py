@@ -297,6 +297,30 @@ def test_the_refusal_names_the_backup_siestas_run_wrote_not_the_first(tmp_path):
         check_dm_is_siestas(run / "siesta.DM")
 
 
+def test_a_run_copied_without_its_file_times_is_said_to_be_ambiguous(tmp_path, caplog):
+    """`cp -r` of a folder where predict had written its DM (SIESTA's kept as .bak) gives every file the copy's
+    time: the prediction then passed as SIESTA's reference without a word."""
+    import os
+    import shutil
+
+    from siesta_dmguess.data import check_dm_is_siestas
+
+    src = dataset("h2o") / "0004"
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("siesta.out.gz", "siesta.DM", "siesta.DM.bak"):
+        shutil.copy(src / (name if name != "siesta.DM.bak" else "siesta.DM"), run / name)
+        os.utime(run / name, (1e9, 1e9))
+    with caplog.at_level("WARNING"):
+        check_dm_is_siestas(run / "siesta.DM")
+    assert "cannot be told whether it is SIESTA's DM" in caplog.text and "siesta.DM.bak" in caplog.text
+    os.utime(run / "siesta.DM.bak", (1e9 - 600, 1e9 - 600))  # a backup made well before SIESTA ran: no doubt
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_dm_is_siestas(run / "siesta.DM")
+    assert "cannot be told" not in caplog.text
+
+
 def test_copied_runs_keep_the_split_their_run_json_records_and_a_split_nobody_records_is_said(tmp_path, caplog):
     """Without index.json the runs' own run.json gives their split (``--split train`` took val runs before);
     where no run records one, a named split takes every run, with a warning instead of silently."""
