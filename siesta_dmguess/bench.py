@@ -668,6 +668,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
         frame = {"cell": periodic_cell(atoms), "orbital_atom": geometry.o2a(np.arange(geometry.no))}
         frame_dir = out_dir / name / f"{t:04d}"
         frame_sha256 = hashlib.sha256(text.encode()).hexdigest()
+        forget_kept(frame_dir)  # a whole frame's result, as earlier versions kept it: read no more (per guess now)
         row = {"frame": t, "natoms": len(atoms)}
         if pred is not None:  # the prediction's uncertainty, as a dataset's report gives it
             row["novelty"], row["flagged"] = pred.novelty, pred.out_of_distribution
