@@ -558,6 +558,8 @@ def main(argv=None) -> int:
         hint = INTERRUPTED_HINTS.get(args.command, "")
         if args.command == "train" and not (Path(args.out) / "checkpoint.pt").is_file():
             hint = " before the first epoch finished: nothing was kept"
+        elif args.command in ("train", "bench") and getattr(args, "restart", False):  # which would start afresh
+            hint = hint.replace("run the same command again", "run the same command without --restart")
         print(f"siesta-dmguess: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other command-line tools do

@@ -255,10 +255,15 @@ def run_basis(folder: Path, labels) -> dict[str, SpeciesBasis]:
 
 def load_run(folder: str | Path):
     """Read a run folder: (structure, basis, reference DM or None, HSX path or None). A ``.DM`` that ``predict``
-    wrote into the folder is no reference: an error (:func:`check_dm_is_siestas`)."""
+    wrote into the folder is no reference (:func:`check_dm_is_siestas`), and a run with ghost atoms no model's
+    data: errors."""
+    from .guard import ghost_problem
+
     folder = Path(folder)
     fdf = find_fdf(folder)
     structure = read_structure(fdf)
+    if ghost_problem(structure):  # train learned them as a species of their own, which predict then refused
+        raise InputFileError(f"{ghost_problem(structure)}: leave the run out", fdf)
     basis = run_basis(folder, structure.labels)
     dm_path = siesta_dm_path(fdf)
     dm = None
@@ -308,7 +313,7 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
     from .overlap import overlap_calculator
 
     samples, unconfirmed = [], []
-    calculator = overlap_calculator(basis) if with_overlap else None  # S for runs without an .HSX (tables lazy)
+    calculator = overlap_calculator(basis) if with_overlap else None  # S for the electron count (tables lazy)
     for rec in tqdm(select_runs(data_dirs, split, max_train), desc="reading runs", disable=not progress):
         structure, run_b, dm, hsx = load_run(rec.folder)
         if species_of is not None:
@@ -317,8 +322,13 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
             run_b = {names[label]: b for label, b in run_b.items()}
         check_basis_matches(run_b, basis, rec.folder)
         if dm is None:
-            raise InputFileError("the run folder has no .DM (SIESTA's converged DM is the reference): run SIESTA "
-                                 "there, or leave the folder out", rec.folder)
+            expected = siesta_dm_path(find_fdf(rec.folder)).name
+            others = sorted(p.name for p in rec.folder.glob("*.DM"))
+            raise InputFileError(f"the run folder has no {expected}, the .DM its fdf's SystemLabel names (SIESTA's "
+                                 "converged DM is the reference)" + (
+                                     f"; it holds {', '.join(others)}, of another SystemLabel: a run of another "
+                                     "fdf?" if others else "") + ": run SIESTA there, or leave the folder out",
+                                 rec.folder)
         if not check_converged(rec):
             unconfirmed.append(rec.folder)
         sample = prepare_sample(structure, basis, species, mp_cutoff, dm, name=str(rec.folder),
@@ -337,29 +347,29 @@ def load_samples(data_dirs, species: list[str], basis: dict[str, SpeciesBasis], 
 
 
 def check_reference_electrons(sample: Sample, hsx: Path | None, calculator=None) -> None:
-    """Error if the reference DM does not hold the structure's electrons, Tr(D S) with the run's S from its
-    ``.HSX`` (SIESTA's own pair gives N within 3e-7 on every shared run) or, without one, with S computed from the
-    basis by ``calculator`` (within 4e-5). A ``.DM`` or ``.HSX`` of another structure, copied into the folder, was
-    trained on or scored against without a word (7.80 of 8 electrons)."""
+    """Error if the reference DM does not hold the structure's electrons, Tr(D S) with S computed from the basis
+    at the fdf's geometry by ``calculator`` (SIESTA's own DM gives N within 4e-5 on every shared run) and, where
+    the run has an ``.HSX``, with its S (within 3e-7). A ``.DM`` or ``.HSX`` of another structure, copied into the
+    folder, was trained on or scored against without a word (7.80 of 8 electrons); a ``.DM`` and ``.HSX`` copied
+    together agree with each other, so the basis's S, which only the fdf's geometry gives, is checked first."""
     from .evaluate import folded_to_reference
     from .predict import expected_electrons
 
-    overlap = sample.meta.get("overlap")
-    if overlap is not None:
-        where = f"the {hsx.name}'s overlap"
-    elif calculator is not None:  # no .HSX (or one of other supercells): S from the basis instead
-        overlap = folded_to_reference(sample, calculator.flat(sample.structure, sample.layout))
-        where = "S computed from the basis"
-    else:
-        return
+    overlaps = {}
+    if calculator is not None:  # the fdf's geometry: a .DM and .HSX copied together from another run fail here
+        overlaps["S computed from the basis"] = folded_to_reference(sample, calculator.flat(sample.structure,
+                                                                                            sample.layout))
+    if sample.meta.get("overlap") is not None:  # (an .HSX of other supercells has none)
+        overlaps[f"the {hsx.name}'s overlap"] = sample.meta["overlap"]
     electrons = expected_electrons(sample.structure, sample.layout.atomic.sum())
-    held = float(np.dot(sample.target_values, overlap))
-    if abs(held - electrons) > 1e-3 + 1e-6 * electrons:
-        files = f"the .DM or the {hsx.name}" if hsx else "the .DM"
-        raise InputFileError(f"the .DM with {where} holds Tr(D S) = {held:.4f} electrons, but the structure has "
-                             f"{electrons:g}: {files} is not of this run's structure (a converged SIESTA run gives "
-                             "it within 1e-4), or the run's charge is not its fdf's NetCharge. Rerun SIESTA in the "
-                             "folder, or leave it out", Path(sample.name))
+    for where, overlap in overlaps.items():
+        held = float(np.dot(sample.target_values, overlap))
+        if abs(held - electrons) > 1e-3 + 1e-6 * electrons:
+            files = f"the .DM or the {hsx.name}" if hsx and where.endswith("overlap") else "the .DM"
+            raise InputFileError(f"the .DM with {where} holds Tr(D S) = {held:.4f} electrons, but the structure has "
+                                 f"{electrons:g}: {files} is not of this run's structure (a converged SIESTA run "
+                                 "gives it within 1e-4), or the run's charge is not its fdf's NetCharge. Rerun SIESTA "
+                                 "in the folder, or leave it out", Path(sample.name))
 
 
 def check_converged(rec: RunRecord) -> bool:
@@ -432,8 +442,9 @@ def read_hsx_at(hsx: Path, dm_ref) -> tuple[np.ndarray | None, np.ndarray | None
     import sisl
 
     from .dm import values_at_stored
-    from .files import fortran_path
+    from .files import check_fortran_records, fortran_path
 
+    check_fortran_records(hsx, ".HSX")
     try:
         with warnings.catch_warnings(), fortran_path(hsx) as readable:
             warnings.simplefilter("ignore")

@@ -93,6 +93,31 @@ def fortran_path(path: str | Path, write: bool = False):
 
 
 @contextmanager
+def check_fortran_records(path: str | Path, kind: str) -> int:
+    """Walk a Fortran sequential file's records (each framed by its byte count, 4 bytes before and after) to its
+    end; return how many there are. A file cut short or overwritten in part is an error naming it: sisl's Fortran
+    readers (.HSX) do not report one, they read a wrong size from it and abort the whole process ("Error allocating
+    28932898880 bytes"), which no ``except`` catches."""
+    path = Path(path)
+    size, count = path.stat().st_size, 0
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            head = f.read(4)
+            length = abs(int.from_bytes(head, "little", signed=True)) if len(head) == 4 else -1
+            # (a negative count marks one part of a record over 2 GiB, gfortran's subrecords)
+            if length < 0 or f.tell() + length + 4 > size:
+                raise InputFileError(f"the {kind} file is truncated or corrupt (record {count + 1} runs past its "
+                                     f"end, at byte {size})", path)
+            f.seek(length, 1)
+            if abs(int.from_bytes(f.read(4), "little", signed=True)) != length:
+                raise InputFileError(f"the {kind} file is corrupt (the byte counts framing record {count + 1} "
+                                     "disagree)", path)
+            count += 1
+    if count == 0:
+        raise InputFileError(f"the {kind} file is empty", path)
+    return count
+
+
 def _signals_held():
     """Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then take effect as they would have. Python runs
     signal handlers in the main thread whichever thread the signal arrives at (torch's threads, say), so the

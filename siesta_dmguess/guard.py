@@ -101,6 +101,16 @@ def shipped_models_covering(structure: Structure) -> list[str]:
     return [name for _, name in sorted(covering)]
 
 
+def ghost_problem(structure: Structure) -> str:
+    """What is wrong with a structure's ghost atoms ("" where it has none): no model learns them (``train`` and
+    ``evaluate`` refuse runs with them, ``predict`` structures)."""
+    ghosts = structure.fdf_settings.get("ghost_species")
+    if not ghosts:
+        return ""
+    return (f"species {ghosts} are ghost atoms (a negative atomic number in ChemicalSpeciesLabel: orbitals without "
+            "nucleus or electrons), which no model learns")
+
+
 def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool = False) -> list[str]:
     """Compare a structure (and its fdf folder) with a model card; error or (force) warnings naming the item."""
     problems = []
@@ -119,10 +129,8 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
         if species is not None and z_of[label] != loaded.basis[species].Z:
             problems.append(f"species {label!r} has atomic number {z_of[label]} in the structure, but the model's "
                             f"{species!r} has {loaded.basis[species].Z}")
-    ghosts = structure.fdf_settings.get("ghost_species")
-    if ghosts:
-        problems.append(f"species {ghosts} are ghost atoms (a negative atomic number in ChemicalSpeciesLabel: "
-                        "orbitals without nucleus or electrons), which no model has learned")
+    if ghost_problem(structure):
+        problems.append(ghost_problem(structure))
     spin = _spin_setting(structure.fdf_settings)
     if spin:
         problems.append(f"the fdf asks for a {spin} calculation; the models predict spin-unpolarized DMs only "

@@ -205,11 +205,13 @@ def test_a_run_siesta_did_not_converge_is_refused_as_reference(tmp_path, caplog)
         load()
 
 
-@pytest.mark.parametrize("swapped, hsx", [("siesta.DM", True), ("siesta.HSX", True), ("siesta.DM", False)])
+@pytest.mark.parametrize("swapped, hsx", [(["siesta.DM"], True), (["siesta.HSX"], True), (["siesta.DM"], False),
+                                          (["siesta.DM", "siesta.HSX"], True)])
 def test_a_dm_or_hsx_of_another_structure_is_refused_as_reference(tmp_path, swapped, hsx):
     """A .DM (or .HSX) copied from another run of the same molecule fits the orbitals, and was scored against and
-    trained on without a word (MAE "1.0x" the atomic guess's; 7.80 of 8 electrons). Tr(D S) with the run's S
-    gives it away: SIESTA's own pair holds N within 3e-7, and S from the basis (a run without .HSX) within 4e-5."""
+    trained on without a word (MAE "1.0x" the atomic guess's; 7.80 of 8 electrons). Tr(D S) gives it away: with S
+    from the basis at the fdf's geometry SIESTA's own DM holds N within 4e-5, with its .HSX's S within 3e-7. A .DM
+    and .HSX copied together agree with each other (the .HSX alone let them pass): the basis's S catches them."""
     import shutil
 
     from siesta_dmguess.basis import read_basis_folder
@@ -223,12 +225,34 @@ def test_a_dm_or_hsx_of_another_structure_is_refused_as_reference(tmp_path, swap
     basis = read_basis_folder(src.parent / "basis", ["H", "O"])
     load = lambda: load_samples([tmp_path / "data"], ["H", "O"], basis, 3.0, with_overlap=True)  # noqa: E731
     assert len(load()) == 1
-    shutil.copy(src.parent / "0005" / swapped, run / swapped)
-    where = "the siesta.HSX's overlap" if hsx else "S computed from the basis"
-    files = "the .DM or the siesta.HSX" if hsx else "the .DM"
+    for name in swapped:
+        shutil.copy(src.parent / "0005" / name, run / name)
+    only_hsx = swapped == ["siesta.HSX"]
+    where = "the siesta.HSX's overlap" if only_hsx else "S computed from the basis"
+    files = "the .DM or the siesta.HSX" if only_hsx else "the .DM"
     with pytest.raises(InputFileError, match=rf"0000: the .DM with {where} holds Tr\(D S\) = \d\.\d{{4}} "
                                              rf"electrons, but the structure has 8: {files} is not of this run"):
         load()
+
+
+@pytest.mark.parametrize("cut", ["head", "middle", "last byte", "empty", "appended"])
+def test_a_truncated_or_corrupt_hsx_is_a_clear_error_not_an_abort(tmp_path, cut):
+    """An .HSX cut short made sisl's Fortran reader read a wrong size and abort the process in about 2 runs of 5
+    ("Error allocating 28932898880 bytes", exit 1, no file named), which no except catches; its records are now
+    walked first."""
+    from siesta_dmguess.basis import read_basis_folder
+    from siesta_dmguess.data import load_samples
+    from siesta_dmguess.errors import InputFileError
+
+    src = dataset("h2o") / "0000"
+    run = copy_run(src, tmp_path / "data" / "0000")
+    data = (run / "siesta.HSX").read_bytes()
+    broken = {"head": data[:5000], "middle": data[:len(data) // 2], "last byte": data[:-1], "empty": b"",
+              "appended": data + b"\x07\x00\x00\x00abc"}[cut]
+    (run / "siesta.HSX").write_bytes(broken)
+    basis = read_basis_folder(src.parent / "basis", ["H", "O"])
+    with pytest.raises(InputFileError, match=r"siesta.HSX: the .HSX file is (truncated or corrupt|empty)"):
+        load_samples([tmp_path / "data"], ["H", "O"], basis, 3.0, with_overlap=True)
 
 
 def test_a_dm_that_predict_wrote_into_a_run_folder_is_refused_as_reference(tmp_path, capsys):
@@ -534,5 +558,31 @@ def test_a_run_without_a_dm_is_named_with_what_to_do(tmp_path, capsys):
     (run / "siesta.DM").unlink()
     assert main(["evaluate", "water", str(tmp_path / "set")]) == 2
     err = capsys.readouterr().err
-    assert f"{run}: the run folder has no .DM (SIESTA's converged DM is the reference)" in err
-    assert "Traceback" not in err
+    assert f"{run}: the run folder has no siesta.DM, the .DM its fdf's SystemLabel names" in err
+    assert "Traceback" not in err and "another SystemLabel" not in err
+    (run / "water.DM").write_bytes(b"")  # a run of the fdf as it was before its SystemLabel changed
+    assert main(["evaluate", "water", str(tmp_path / "set")]) == 2
+    assert "it holds water.DM, of another SystemLabel: a run of another fdf?" in capsys.readouterr().err
+
+
+def test_a_run_with_ghost_atoms_is_refused_for_training_and_evaluation(tmp_path):
+    """train learned ghost atoms as a species of their own (H_ghost, Z 1, no electrons), which predict then refused
+    as "which no model has learned"; evaluate with an ordinary model named a basis difference instead."""
+    from siesta_dmguess.basis import read_basis_folder
+    from siesta_dmguess.data import load_samples
+    from siesta_dmguess.errors import InputFileError
+
+    src = dataset("h2o") / "0004"
+    run = copy_run(src, tmp_path / "data" / "0004")
+    (run / "H_ghost.ion.xml").write_bytes((run / "H.ion.xml").read_bytes())
+    fdf = (run / "input.fdf").read_text()
+    fdf = fdf.replace("NumberOfSpecies 2", "NumberOfSpecies 3").replace(
+        "%endblock ChemicalSpeciesLabel", " 3 -1 H_ghost\n%endblock ChemicalSpeciesLabel")
+    lines = fdf.splitlines()
+    last = max(i for i, line in enumerate(lines) if line.strip().endswith(" 2"))  # the last coordinate row (H)
+    x, y, z = map(float, lines[last].split()[:3])
+    lines.insert(last + 1, f"  {x + 2.0:.6f} {y:.6f} {z:.6f} 3")
+    (run / "input.fdf").write_text("\n".join(lines).replace("NumberOfAtoms 3", "NumberOfAtoms 4") + "\n")
+    basis = read_basis_folder(src.parent / "basis", ["H", "O"])
+    with pytest.raises(InputFileError, match=r"input.fdf: species \['H_ghost'\] are ghost atoms .*leave the run out"):
+        load_samples([tmp_path / "data"], ["H", "O"], basis, 3.0)

@@ -665,6 +665,9 @@ def test_ctrl_c_is_one_line_saying_what_is_kept(monkeypatch, capsys, tmp_path, c
     if command == "train":  # stopped while reading the data: nothing to resume
         assert cli.main([command, "x", "--out", "z"]) == 130
         assert "before the first epoch finished: nothing was kept" in capsys.readouterr().err
+    if command in ("train", "bench"):  # the same command with --restart would start afresh, not resume
+        assert cli.main([command, "x", "--restart", *(["--out", "y"] if command == "train" else [])]) == 130
+        assert "run the same command without --restart" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, option, value", [
