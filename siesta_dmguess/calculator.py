@@ -79,7 +79,7 @@ from ase.calculators.siesta import Siesta
 
 from .errors import DMGuessError
 from .history import DEFAULT_DEPTH, GUESSES
-from .structure import periodic_cell
+from .structure import periodic_cell, reordered_atom
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,7 @@ class DMGuessSiesta(Siesta):
         self.history: list[GuessRecord] = []
         self.trajectory = TrajectoryHistory(history_depth)
         self._numbers = None  # atomic numbers of the last converged step: the system the history is of
+        self._converged_positions = None  # and its positions (a step far from them starts without history)
         self._used = "atomic"
         self._prediction_s = self._startup_s = 0.0
         self._reason = ""
@@ -330,6 +331,17 @@ class DMGuessSiesta(Siesta):
         self._prediction, self._predicted = None, None
         self._positions = atoms.positions.copy()
         same_system = self._numbers is not None and np.array_equal(self._numbers, atoms.numbers)
+        if same_system and self._converged_positions is not None:
+            # The history follows each atom by its index: atoms given in another order (or a structure far from
+            # the last) would start SIESTA far off (14 SCF iterations from ml+residual on a water box whose two H
+            # were swapped, 9 from the plain ML guess).
+            moved = reordered_atom(self._converged_positions, atoms)
+            if moved is not None:
+                same_system = False
+                if self.guess in ("reuse", "extrapolation", "ml+residual"):
+                    _warn(f"siesta-dmguess: atom {moved[0] + 1} moved {moved[1]:.2f} Å since the previous step, to "
+                          f"where another atom of its element stood (the atoms given in another order): the "
+                          f"{self.guess} guess starts without the earlier steps' DMs")
         if not same_system:  # other elements, or the same in another order: no earlier step is this system's
             self.trajectory.clear()
         if self.guess == "atomic":
@@ -371,6 +383,7 @@ class DMGuessSiesta(Siesta):
     def _record_converged(self) -> None:
         """Keep this step's converged DM (and prediction) for the next step's guess."""
         self._numbers = self.atoms.numbers.copy()  # the system SIESTA's .DM is now of (reuse)
+        self._converged_positions = self.atoms.positions.copy()
         if self.guess not in ("ml+residual", "extrapolation"):
             return
         from .dm import read_density_matrix, to_image_keyed
@@ -453,6 +466,10 @@ class DMGuessSiesta(Siesta):
         from .errors import InputFileError
         from .siesta.runner import check_pseudopotentials
 
+        if re.search(r"\s", self.prefix):  # ASE writes it as SystemLabel, and the shell splits its output's name
+            raise InputFileError(f"the calculator's label {self.prefix!r} contains spaces, which SIESTA refuses "
+                                 "(\"SystemLabel must *NOT* contain any spaces!\"): name the run without them (a "
+                                 "directory with spaces is fine)", Path(self.directory))
         self._remove_previous_pseudopotentials()
         before = {path.name: path.lstat().st_mtime_ns for path in self._ase_pseudopotential_files()}
         with self._absolute_fallback_pseudo_path():
@@ -492,8 +509,8 @@ class DMGuessSiesta(Siesta):
             failure = "" if out.converged else "the SCF did not converge"
         except CalculationFailed as exc:
             out = parse_output(output) if output.is_file() else None
-            if self._used == "atomic" or out is not None and out.version is None:
-                raise  # from its own guess, or SIESTA never started (an empty output: no program there)
+            if self._used == "atomic" or out is None or out.version is None:
+                raise  # from its own guess, or SIESTA never started (no output, or an empty one: no program there)
             failure = str(exc)
         if failure and self._used != "atomic":
             # A guess must never cost the answer: SIESTA's own start decides, as it would without this package.
@@ -509,7 +526,13 @@ class DMGuessSiesta(Siesta):
             out = parse_output(output)
         scf_s = time.perf_counter() - t0 - self._prediction_s - self._startup_s
         self._record_converged()
-        baseline = self._run_baseline() if self.compare_baseline and self._used != "atomic" else None
+        baseline = None
+        if self.compare_baseline and self._used != "atomic":
+            try:
+                baseline = self._run_baseline()
+            except (DMGuessError, OSError) as exc:  # a run for comparison only: the step itself converged
+                _warn(f"siesta-dmguess: the comparison run from SIESTA's atomic guess failed ({exc}); this step's "
+                      f"record has no atomic-guess count")
         pred = self._prediction
         self.guess_record = GuessRecord(self._used, out.scf_iterations, out.dm_read_from_file, self._prediction_s,
                                         scf_s, None if baseline is None else baseline.scf_iterations, self._reason,

@@ -92,7 +92,6 @@ def fortran_path(path: str | Path, write: bool = False):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-@contextmanager
 def check_fortran_records(path: str | Path, kind: str) -> int:
     """Walk a Fortran sequential file's records (each framed by its byte count, 4 bytes before and after) to its
     end; return how many there are. A file cut short or overwritten in part is an error naming it: sisl's Fortran
@@ -118,6 +117,7 @@ def check_fortran_records(path: str | Path, kind: str) -> int:
     return count
 
 
+@contextmanager
 def _signals_held():
     """Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then take effect as they would have. Python runs
     signal handlers in the main thread whichever thread the signal arrives at (torch's threads, say), so the

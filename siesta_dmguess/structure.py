@@ -391,6 +391,26 @@ def _largest_jump(frames: list[Atoms]) -> tuple[int, int, float] | None:
     return None
 
 
+def reordered_atom(previous_positions: np.ndarray, atoms: Atoms) -> tuple[int, float] | None:
+    """(atom, distance moved) of the first atom that moved more than LARGEST_STEP since ``previous_positions`` to
+    within half that of where an atom of its element stood (the same structure given in another order, which a
+    history followed atom by atom cannot use), or None. Distances across periodic boundaries the shortest way. A
+    large move elsewhere (a bond pulled apart) is no reordering: the history still starts closer than nothing."""
+    from ase.geometry import find_mic
+
+    periodic = atoms.cell.rank == 3  # SIESTA runs any full cell as periodic, whatever the frame's pbc says
+
+    def distances(vectors):
+        return np.linalg.norm(find_mic(vectors, atoms.cell, True)[0] if periodic else vectors, axis=-1)
+
+    moved = distances(atoms.positions - previous_positions)
+    for i in np.flatnonzero(moved > LARGEST_STEP):
+        same = np.flatnonzero(atoms.numbers == atoms.numbers[i])
+        if distances(previous_positions[same] - atoms.positions[i]).min() < LARGEST_STEP / 2:
+            return int(i), float(moved[i])
+    return None
+
+
 class FdfFrames:
     """Frames of a trajectory (ASE Atoms) as Structures in the species and settings of an fdf template.
 

@@ -173,6 +173,88 @@ def test_the_history_is_of_one_system_and_reuse_only_of_this_calculators_steps(m
     assert len(c.trajectory) == 0 and c._used == "atomic" and np.array_equal(c._numbers, water.numbers)
 
 
+def test_the_same_elements_given_in_another_order_start_without_the_history(model_dir, tmp_path):
+    """Only the atomic numbers were compared: a water whose two H were given the other way round (the same
+    structure) was started from the previous step's DM atom by atom, 14 SCF iterations on a water box where the
+    plain ML guess takes 9 and the atomic guess 12, without a word. A periodic atom wrapped across the cell has not
+    moved."""
+    import scipy.sparse as sp
+
+    water = water_molecule()
+    for guess in ("reuse", "extrapolation"):
+        c = calc(model_dir, tmp_path, guess=guess)
+        c._write_guess(water)
+        c.atoms = water.copy()
+        c._record_converged()  # as after a converged step: SIESTA's DM is there to reuse or extrapolate from
+        (tmp_path / "siesta.DM").write_text("SIESTA's")
+        if guess == "extrapolation":
+            c.trajectory.push(water.positions, sp.identity(23, format="csr"))
+        nudged = water.copy()
+        nudged.positions[1] += [0.05, 0.0, 0.0]
+        wrapped = water.copy()
+        wrapped.positions[2] += wrapped.cell[0]  # the same structure, an atom one lattice vector further
+        for same in (nudged, wrapped):
+            with _no_warning():
+                c._write_guess(same)
+            assert c._used == guess and len(c.trajectory) == (guess != "reuse")
+        with pytest.warns(UserWarning, match=rf"atom 2 moved 1\.\d\d Å since the previous step, to where another "
+                                             rf"atom of its element stood .*the {guess} guess starts without the "
+                                             "earlier steps' DMs"):
+            c._write_guess(water[[0, 2, 1]])
+        assert c._used == "atomic" and len(c.trajectory) == 0
+    c = calc(model_dir, tmp_path, guess="ml")  # a guess of no history: nothing to say
+    c._write_guess(water)
+    c.atoms = water.copy()
+    c._record_converged()
+    with _no_warning():
+        c._write_guess(water[[0, 2, 1]])
+    assert c._used == "ml"
+
+
+def test_a_label_with_a_space_is_an_error_before_anything_runs(model_dir, tmp_path):
+    """ASE writes the label as SystemLabel and as the output's name in the shell command: the shell failed to open
+    "my", the failure was blamed on the ML guess and SIESTA run again (or SIESTA stopped, "SystemLabel must *NOT*
+    contain any spaces!")."""
+    c = DMGuessSiesta(model=model_dir, label="my label", directory=str(tmp_path / "with space"), xc="CA",
+                      pseudo_qualifier="")
+    with pytest.raises(InputFileError, match="label 'my label' contains spaces, which SIESTA refuses"):
+        c.write_input(water_molecule())
+    assert not (tmp_path / "with space" / "my label.DM").exists()
+
+
+def test_a_failed_comparison_run_does_not_cost_the_step(model_dir, tmp_path, monkeypatch):
+    """compare_baseline's run from the atomic guess failing raised after the step had converged: the energy was
+    kept (the same atoms then returned it without running), but the step's record was lost and guess_record was
+    still the previous step's."""
+    from pathlib import Path
+
+    from ase.calculators.siesta import Siesta
+
+    from siesta_dmguess.errors import SiestaError
+
+    def write_input(self, atoms, properties=None, system_changes=None):
+        Path(self.getpath(ext="fdf")).write_text("SystemLabel siesta\n")
+
+    def execute(self):
+        Path(self.getpath(ext="out")).write_text(CONVERGED_OUTPUT)
+
+    def failing_baseline(self):
+        raise SiestaError("SIESTA failed (exit status 1)", Path(self.directory) / "baseline" / "siesta.out")
+
+    monkeypatch.setattr(Siesta, "write_input", write_input)
+    monkeypatch.setattr(Siesta, "execute", execute, raising=False)
+    monkeypatch.setattr(Siesta, "read_results", lambda self: self.results.update(energy=-465.67))
+    monkeypatch.setattr(DMGuessSiesta, "_run_baseline", failing_baseline)
+    monkeypatch.setenv("SIESTA_COMMAND", "/bin/true")
+    atoms = water_molecule()
+    atoms.calc = calc(model_dir, tmp_path, guess="ml", compare_baseline=True)
+    with pytest.warns(UserWarning, match=r"the comparison run from SIESTA's atomic guess failed \(.*exit status 1"):
+        assert atoms.get_potential_energy() == -465.67
+    record = atoms.calc.guess_record
+    assert record is not None and atoms.calc.history == [record] and record.guess == "ml"
+    assert record.atomic_scf_iterations is None and record.iterations_saved is None and record.scf_iterations == 2
+
+
 def test_the_model_is_checked_when_the_calculator_is_made(tmp_path):
     """A misspelt model with fallback="atomic" ran every step from the atomic guess, warning at each; a model that
     is no name or folder was a TypeError from pathlib at the first step."""
@@ -541,7 +623,7 @@ CONVERGED_OUTPUT = UNCONVERGED_OUTPUT.replace("siesta:         Total", "SCF cycl
                                                                     "siesta:         Total")
 
 
-@pytest.mark.parametrize("ml_run", ["converges", "does not converge", "crashes", "never starts"])
+@pytest.mark.parametrize("ml_run", ["converges", "does not converge", "crashes", "never starts", "no output"])
 def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_dir, tmp_path, monkeypatch, ml_run):
     """Where SIESTA fails from the ML guess (crashes, or stops unconverged with SCF.MustConverge F), the step is
     run again from SIESTA's atomic guess, as SIESTA alone would have run it, and the record says why; a failure
@@ -560,10 +642,13 @@ def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_di
         guess = "ml" if "DM.UseSaveDM T" in Path(self.getpath(ext="fdf")).read_text() else "atomic"
         runs.append((guess, Path(self._dm_path()).is_file()))
         if guess == "ml" and ml_run == "crashes" or guess == "atomic" and ml_run == "atomic crashes":
+            Path(self.getpath(ext="out")).write_text("Siesta Version  : fake-1.0\n")  # it started, then aborted
             raise CalculationFailed("siesta in . returned an error: 134")
         if ml_run == "never starts":  # the shell made the output, then found no program to run
             Path(self.getpath(ext="out")).write_text("")
             raise CalculationFailed("siesta in . returned an error: 127")
+        if ml_run == "no output":  # the shell could not even make it ("cannot open my": a label with a space)
+            raise CalculationFailed("siesta in . returned an error: 2")
         converged = guess == "atomic" or ml_run == "converges"
         Path(self.getpath(ext="out")).write_text(CONVERGED_OUTPUT if converged else UNCONVERGED_OUTPUT)
 
@@ -573,8 +658,8 @@ def test_a_failed_scf_from_the_guess_is_run_again_from_the_atomic_guess(model_di
     monkeypatch.setenv("SIESTA_COMMAND", "/bin/true")
     atoms = water_molecule()
     atoms.calc = calc(model_dir, tmp_path, guess="ml")
-    if ml_run == "never starts":  # no guess to blame, and no point in a second run: ASE's error, at once
-        with _no_warning(), pytest.raises(CalculationFailed, match="127"):
+    if ml_run in ("never starts", "no output"):  # no guess to blame, no point in a second run: ASE's error, at once
+        with _no_warning(), pytest.raises(CalculationFailed, match="127" if ml_run == "never starts" else "error: 2"):
             atoms.get_potential_energy()
         assert runs == [("ml", True)]
         return
