@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-VERBOSE_HELP = "log this package's debug information (not that of sisl, torch and the like)"
+VERBOSE_HELP = "log this package's detailed messages too (not those of sisl, torch and the like)"
 
 
 def _refuse_duplicate_processes(command: str) -> None:

@@ -227,6 +227,9 @@ def _fdf_sile_class():
     import sisl
 
     class FdfSile(sisl.io.siesta.fdfSileSiesta):
+        # sisl names a sile's logger after its class's module: sisl's, not ours (`-v` showed sisl's file handling)
+        __module__ = sisl.io.siesta.fdfSileSiesta.__module__
+
         def readline(self, comment=False):
             line = super().readline(comment)
             return line if comment else fdf_line(line, numbers=not getattr(self, "_as_text", False))

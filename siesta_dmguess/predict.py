@@ -179,6 +179,12 @@ class Prediction:
         if not self.pure_on_validation or self.occupation_gap is None or self.refinement == "idempotent" \
                 or self.occupation_gap >= MIN_OCCUPATION_GAP:
             return ""
+        net = -expected_electrons(self.structure, 0.0)  # the fdf's NetCharge
+        if net:  # the model's DM holds the neutral structure's states: the gap falls between two occupied ones
+            return (f"the fdf's NetCharge {net:g} leaves {self.electrons_expected:g} electrons, and the model's DM, "
+                    f"like the neutral structures it learned, has no clear occupied space for them (HOMO-LUMO "
+                    f"natural-occupation gap {self.occupation_gap:.3f} < {MIN_OCCUPATION_GAP}): charged structures "
+                    "are not what the models learned")
         return (f"the model's DM has no clear occupied space (HOMO-LUMO natural-occupation gap "
                 f"{self.occupation_gap:.3f} < {MIN_OCCUPATION_GAP}; a pure state has 1), as where a bond breaks: "
                 "such guesses saved SIESTA no iterations in total and cost some")

@@ -30,6 +30,24 @@ def test_python_dash_m_runs_the_same_command():
     assert done.stderr.startswith("siesta-dmguess: error: no-such-file.xyz") and "Traceback" not in done.stderr
 
 
+def test_verbose_predict_shows_no_line_of_sisls_file_handling(tmp_path, caplog):
+    """The package's fdf sile is a subclass of sisl's, and sisl names a sile's logger after its class's module: under
+    -v, 91 lines of sisl's "opening filehandle" for one water molecule (and none of the package's)."""
+    from .conftest import water_molecule
+
+    fdf = tmp_path / "water.fdf"
+    fdf.write_text("SystemLabel water\nNumberOfSpecies 2\n%block ChemicalSpeciesLabel\n 1 8 O\n 2 1 H\n"
+                   "%endblock ChemicalSpeciesLabel\nLatticeConstant 1.0 Ang\n%block LatticeVectors\n 12 0 0\n 0 12 0\n"
+                   " 0 0 12\n%endblock LatticeVectors\nAtomicCoordinatesFormat Ang\n"
+                   "%block AtomicCoordinatesAndAtomicSpecies\n" + "".join(
+                       f" {x:.5f} {y:.5f} {z:.5f} {1 if n == 8 else 2}\n"
+                       for (x, y, z), n in zip(water_molecule().positions, water_molecule().numbers))
+                   + "%endblock AtomicCoordinatesAndAtomicSpecies\n")
+    assert main(["predict", str(fdf), "--model", "water", "-o", str(tmp_path / "w.DM"), "-v", "--threads", "1"]) == 0
+    sisls = [r.name for r in caplog.records if "filehandle" in r.getMessage()]
+    assert not sisls, sisls[:3]
+
+
 @pytest.mark.parametrize("argv", [["-v", "models"], ["models", "-v"], ["models"]])
 def test_verbose_before_or_after_the_command_logs_this_package_only(argv, capsys):
     """`predict -v` was refused (the option was the top level's only), and `-v` set the root logger to DEBUG:

@@ -677,6 +677,23 @@ def test_a_breaking_bond_gets_no_dm_unless_forced(tmp_path, shipped):
     assert forced.refinement == "charge"  # the written DM: charge-scaled, as no projection applies
 
 
+def test_a_charged_water_without_clear_occupied_space_is_not_blamed_on_a_breaking_bond(tmp_path):
+    """NetCharge 2 on a water molecule: the model's DM holds the neutral molecule's four occupied states, so the gap
+    for three falls between two occupied ones, and the refusal said "as where a bond breaks"."""
+    from siesta_dmguess.errors import UnreliablePredictionError
+
+    from .conftest import dataset
+
+    src = dataset("h2o") / "0004"
+    (tmp_path / "input.fdf").write_text("NetCharge 2.0\n" + (src / "input.fdf").read_text())
+    for species in ("O", "H"):
+        (tmp_path / f"{species}.ion.xml").write_bytes((src.parent / "basis" / f"{species}.ion.xml").read_bytes())
+    with pytest.raises(UnreliablePredictionError, match=r"NetCharge 2 leaves 6 electrons, .*charged structures are "
+                                                        r"not what the models learned") as err:
+        predict_to_file(tmp_path / "input.fdf", tmp_path / "out.DM", model="water")
+    assert "bond" not in str(err.value)
+
+
 def test_only_a_failed_projection_is_a_mixed_state(model_dir, xyz, shipped):
     """The gap decides only where the projection was tried and found none; a pure prediction, or one that was
     never projected (k-points, odd electron counts, --refine charge), is used. So is any prediction of a model
