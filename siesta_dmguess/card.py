@@ -252,6 +252,8 @@ def load_model(name_or_path: str | Path, dtype=torch.float32, verify: bool = Tru
                                       path)
     if verify and card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
         raise ModelCompatibilityError("weights.pt does not match the sha256 in card.json (corrupt or altered)", path)
+    if verify and card and not card.get("weights_sha256"):  # (a folder without any card is said elsewhere)
+        log.warning("%s: its card.json records no weights_sha256, so weights.pt is loaded unchecked", path)
     import e3nn
 
     prev, prev_e3nn = torch.get_default_dtype(), e3nn.get_optimization_defaults()

@@ -473,7 +473,17 @@ def test_a_folder_named_as_a_shipped_model_or_without_a_card_is_said(tmp_path, m
     with caplog.at_level("WARNING", logger="siesta_dmguess"):
         load_model("mine")
     assert caplog.text == ""  # another name, with its card: nothing to say
+    import json
+
+    card = json.loads((tmp_path / "mine" / CARD).read_text())
+    del card["weights_sha256"]  # a card without the sha256 loaded its weights unchecked without a word
+    (tmp_path / "mine" / CARD).write_text(json.dumps(card))
+    with caplog.at_level("WARNING", logger="siesta_dmguess"):
+        load_model("mine")
+    assert "card.json records no weights_sha256, so weights.pt is loaded unchecked" in caplog.text
+    caplog.clear()
     (tmp_path / "mine" / CARD).unlink()
     with caplog.at_level("WARNING", logger="siesta_dmguess"):
         load_model("mine")
     assert "mine: the model folder has no card.json, so its weights' sha256" in caplog.text
+    assert "records no weights_sha256" not in caplog.text  # said once, as what it is
