@@ -418,7 +418,14 @@ class DMGuessSiesta(Siesta):
             self._set_own(**own)
         if kwargs.get("pseudo_path"):
             kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
-        return super().set(**kwargs)
+        before = dict(self.parameters) if hasattr(self, "trajectory") else None  # (the constructor's set: none)
+        changed = super().set(**kwargs)  # (ASE's Siesta.set returns nothing)
+        if before is not None and dict(self.parameters) != before:
+            # Another basis, XC or other run settings: the earlier steps' DMs are of another calculation (their
+            # orbitals, read back from the last run's .ion files, would not be the next run's: SIESTA drops them).
+            self.trajectory.clear()
+            self._numbers = self._converged_positions = None
+        return changed
 
     def _set_own(self, **own) -> None:
         """This calculator's own settings (:attr:`OWN_SETTINGS`), each checked before any is set."""

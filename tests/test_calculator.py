@@ -211,6 +211,25 @@ def test_the_same_elements_given_in_another_order_start_without_the_history(mode
     assert c._used == "ml"
 
 
+def test_changed_run_settings_start_without_the_history(model_dir, tmp_path):
+    """calc.set(basis_set="SZ") between two steps: the extrapolation was written in the previous run's basis (read
+    back from its .ion files), which SIESTA dropped, and the record still said guess=extrapolation."""
+    import scipy.sparse as sp
+
+    water = water_molecule()
+    c = calc(model_dir, tmp_path, guess="extrapolation")
+    c.atoms = water.copy()
+    c._positions = water.positions.copy()
+    c._record_converged()
+    c.trajectory.push(water.positions, sp.identity(23, format="csr"))
+    c.set(guess="extrapolation")  # this calculator's own settings change no run
+    assert len(c.trajectory) == 1
+    c.set(basis_set="SZ")
+    assert len(c.trajectory) == 0 and c._numbers is None
+    c._write_guess(water)
+    assert c._used == "atomic"
+
+
 def test_a_label_with_a_space_is_an_error_before_anything_runs(model_dir, tmp_path):
     """ASE writes the label as SystemLabel and as the output's name in the shell command: the shell failed to open
     "my", the failure was blamed on the ML guess and SIESTA run again (or SIESTA stopped, "SystemLabel must *NOT*
