@@ -77,6 +77,25 @@ def test_novelty_above_limit_falls_back(model_dir, tmp_path):
     with pytest.warns(UserWarning, match="novelty"):
         c._write_guess(water_molecule())
     assert c._used == "atomic" and "novelty" in c._reason
+    novelty = calc(model_dir, tmp_path)._predict(water_molecule()).novelty  # the limit is the novelty itself:
+    c = calc(model_dir, tmp_path, fallback="atomic", novelty_limit=1.01 * novelty)  # just above it, ML
+    with _no_warning():
+        c._write_guess(water_molecule())
+    assert c._used == "ml"
+    c.set(novelty_limit=0.99 * novelty)  # just below it, the atomic guess
+    with pytest.warns(UserWarning, match="novelty"):
+        c._write_guess(water_molecule())
+    assert c._used == "atomic"
+
+
+def test_the_dm_siesta_converged_at_the_previous_step_is_kept_as_prev(model_dir, tmp_path):
+    """Each ML step writes its guess over <label>.DM, SIESTA's DM of the step before: one copy of that is kept."""
+    c = calc(model_dir, tmp_path, guess="ml")
+    c._write_guess(water_molecule())
+    (tmp_path / "siesta.DM").write_bytes(b"SIESTA's converged DM of step 1")
+    c._write_guess(water_molecule())
+    assert (tmp_path / "siesta.DM.prev").read_bytes() == b"SIESTA's converged DM of step 1"
+    assert read_dm_orbital_count(tmp_path / "siesta.DM") == 23 and not list(tmp_path.glob("siesta.DM.bak*"))
 
 
 def test_far_out_of_distribution_falls_back_whatever_the_fallback_setting(tmp_path):

@@ -258,6 +258,27 @@ def test_an_fdf_lattice_siesta_cannot_use_is_a_clear_error(tmp_path, lattice, me
     assert "water.fdf" in str(err.value)
 
 
+def test_nested_includes_resolve_from_the_run_folder_and_a_piped_block_keeps_one_header(tmp_path):
+    """SIESTA's fdf library opens every included file relative to where SIESTA runs (the top fdf's folder), also
+    from inside an included file; a block piped from a file that holds its own %block line is that block once.
+    Neither was tested (mutants that resolved from the including file's folder, or kept both headers, passed)."""
+    from siesta_dmguess.fdf import fdf_input_files, inlined_fdf_text
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "nest.fdf").write_text("%include sub/a.fdf\n")
+    (tmp_path / "sub" / "a.fdf").write_text("%include b.fdf\n")
+    (tmp_path / "b.fdf").write_text("MeshCutoff 100 Ry\n")
+    (tmp_path / "sub" / "b.fdf").write_text("MeshCutoff 300 Ry\n")  # a decoy beside the including file
+    assert fdf_input_files(tmp_path / "nest.fdf") == [tmp_path / "nest.fdf", tmp_path / "sub" / "a.fdf",
+                                                      tmp_path / "b.fdf"]
+    assert inlined_fdf_text(tmp_path / "nest.fdf") == "MeshCutoff 100 Ry\n"
+    (tmp_path / "cell.fdf").write_text("%block LatticeVectors\n 1 0 0\n 0 1 0\n 0 0 1\n%endblock LatticeVectors\n")
+    (tmp_path / "in.fdf").write_text("LatticeConstant 5 Ang\n%block LatticeVectors < cell.fdf\n")
+    text = inlined_fdf_text(tmp_path / "in.fdf")
+    assert text.lower().count("%block latticevectors") == 1 and text.lower().count("%endblock") == 1
+    assert " 0 0 1\n" in text
+
+
 def test_a_value_without_unit_in_an_included_file_names_that_file(tmp_path):
     """The error named the top fdf, where the key is not written."""
     path = tmp_path / "water.fdf"

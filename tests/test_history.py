@@ -138,6 +138,46 @@ def test_weights_that_fail_on_the_next_step_give_way_to_the_plain_prediction():
     assert np.allclose(h.guess("ml+residual", line(3), predicted).toarray(), predicted.toarray())
 
 
+def test_a_fit_that_failed_its_held_out_step_is_not_used_even_when_it_changed():
+    """The held-out check, where the new fit is not the plain prediction anyway: a DM that barely changes (the
+    extrapolation alone fits) and a model error that flips sign on the last step. The fit then says (0, 1, 0), but
+    the full correction failed on that step, so the weights are the plain prediction's."""
+    def slow(t):
+        return matrix([[1.0 + 1e-4 * t, 0.2], [0.2, 1.5]])
+
+    h = TrajectoryHistory(depth=1)
+    error = matrix([[0.05, -0.02], [-0.02, 0.03]])
+    h.push(line(0), slow(0), slow(0) + error)
+    h.push(line(1), slow(1), slow(1) + error)
+    h.push(line(2), slow(2), slow(2) - error)
+    assert h.fitted == pytest.approx((0.0, 1.0, 0.0), abs=1e-6) and h.weights == (1.0, 0.0, 0.0)
+
+
+def test_the_density_inner_product_is_the_trace_of_both_errors_times_s():
+    """<A, B> = Tr[A S B S], not Tr[A B S S]: they differ unless the errors commute with S (the earlier test's
+    errors were eigenvectors of S)."""
+    from siesta_dmguess.history import error_gram
+
+    overlap = np.array([[1.0, 0.3, 0.1], [0.3, 1.0, 0.2], [0.1, 0.2, 1.0]])
+    e = np.random.default_rng(0).normal(size=(3, 3))
+    e = e + e.T
+    gram = error_gram([sp.csr_matrix(e)], sp.csr_matrix((3, 3)), sp.csr_matrix(overlap))
+    assert gram[0, 0] == pytest.approx(np.trace(e @ overlap @ e @ overlap), rel=1e-12)
+    assert abs(gram[0, 0] - np.trace(e @ e @ overlap @ overlap)) > 0.1
+
+
+def test_a_prediction_of_another_pattern_than_the_history_is_used_plainly_once_weights_are_fitted():
+    """A frame whose prediction has another shape than the history's DMs (an atom's orbitals changed): the guess
+    is the prediction itself, not None (no start at all)."""
+    h = TrajectoryHistory(depth=2)
+    error = matrix([[0.05, -0.02], [-0.02, 0.03]])
+    for t in range(3):
+        h.push(line(t), true_dm(t), true_dm(t) + error)
+    assert not h.uses_plain_prediction()
+    other = matrix(np.eye(3))
+    assert np.array_equal(h.guess("ml+residual", line(3), other).toarray(), np.eye(3))
+
+
 def test_a_prediction_already_within_the_grid_noise_is_kept_even_when_a_correction_would_fit():
     """A model error that stays put (the full correction would cancel it) but is tiny: below PLAIN_BELOW
     (relative to the converged DM) the next guess is the plain prediction; the same error ten thousand times

@@ -272,3 +272,9 @@ def test_the_projection_takes_the_symmetric_part_of_d_and_s():
     noisy, noisy_gap = nearest_idempotent(d + 1e-2 * antisymmetric, s + 1e-3 * antisymmetric, 3)
     assert np.abs(noisy - plain).max() < 1e-12 and noisy_gap == pytest.approx(gap, abs=1e-12)
     assert np.trace(plain @ s) == pytest.approx(6.0)  # and it is the projector of 3 doubly occupied states
+    # the ΔH head's correction too (a mutant adding it unsymmetrized passed the suite)
+    b = rng.normal(size=(8, 8))
+    correction = 0.05 * (b + b.T)
+    steered, _ = nearest_idempotent(d, s, 3, correction)
+    noisy, _ = nearest_idempotent(d, s, 3, correction + 0.05 * antisymmetric)
+    assert np.abs(noisy - steered).max() < 1e-10 and np.abs(steered - plain).max() > 1e-3

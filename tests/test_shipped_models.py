@@ -475,7 +475,13 @@ def test_a_folder_named_as_a_shipped_model_or_without_a_card_is_said(tmp_path, m
     assert caplog.text == ""  # another name, with its card: nothing to say
     import json
 
+    from siesta_dmguess.card import FORMAT_VERSION
+    from siesta_dmguess.errors import ModelCompatibilityError
+
     card = json.loads((tmp_path / "mine" / CARD).read_text())
+    (tmp_path / "mine" / CARD).write_text(json.dumps({**card, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(ModelCompatibilityError, match=f"model format {FORMAT_VERSION + 1} is newer than this package"):
+        load_model("mine")
     del card["weights_sha256"]  # a card without the sha256 loaded its weights unchecked without a word
     (tmp_path / "mine" / CARD).write_text(json.dumps(card))
     with caplog.at_level("WARNING", logger="siesta_dmguess"):

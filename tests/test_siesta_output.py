@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 import zlib
 
 import pytest
@@ -76,6 +77,27 @@ def test_a_gzipped_output_cut_short_is_read_as_far_as_it_goes(tmp_path):
     whole = tmp_path / "whole.out.gz"
     whole.write_bytes(packed)
     assert parse_output(whole) == parse_output(text)
+
+
+def test_what_a_run_says_anywhere_counts_and_the_starting_dm_is_the_first(tmp_path):
+    """Parts of the parser no test reached: a later geometry step's "SCF_NOT_CONV" makes the run unconverged
+    though an earlier step converged; an .out.gz of several gzip members (concatenated) is read whole; a DM
+    tolerance printed as 0.000000 says nothing; the starting DM's charge is the first one SIESTA printed (the DM
+    read from file), not a later step's."""
+    text = _text()
+    assert parse_output(text).converged
+    assert not parse_output(text + "\nSCF_NOT_CONV: SCF did not converge in maximum number of steps.\n").converged
+    half = text.index("   scf:    5")
+    members = tmp_path / "members.out.gz"
+    members.write_bytes(gzip.compress(text[:half].encode()) + gzip.compress(text[half:].encode()))
+    assert parse_output(members) == parse_output(text)
+    assert parse_output(text).dm_tolerance == 1e-5
+    zero = re.sub(r"(redata: DM tolerance for SCF\s*=\s*)\S+", r"\g<1>0.000000", text)
+    assert parse_output(zero).dm_tolerance is None
+    two = text + "\nFor starting DM, Qtot, Tr[D*S] =          8.00000000          7.50000000\n"
+    first = "For starting DM, Qtot, Tr[D*S] =          8.00000000          8.01000000\n"
+    out = parse_output(first + two)
+    assert out.start_dm_electrons == pytest.approx(8.01) and out.electrons == pytest.approx(8.0)
 
 
 def test_dm_read_succeeded_and_failed():

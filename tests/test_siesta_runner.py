@@ -196,6 +196,14 @@ def test_a_converged_output_without_scf_lines_or_a_finite_energy_is_no_result(ru
         run_siesta(run_dir / "input.fdf", command=str(exe))
 
 
+def test_a_converged_run_that_printed_no_job_completed_is_a_result(run_dir, tmp_path):
+    """SIESTA 4.1 prints "Job completed" last, after its timers; a converged run whose output ends before it (a
+    wrapper that cuts the tail, an MPI abort at finalization) still holds the answer, and is read as one."""
+    cut = GOOD.replace("Job completed\n", "")
+    run = run_siesta(run_dir / "input.fdf", command=str(fake_siesta(tmp_path, cut)))
+    assert run.output.converged and run.output.scf_iterations == 2 and not run.output.job_completed
+
+
 def test_missing_pseudopotential_is_named_before_running(run_dir, tmp_path):
     (run_dir / "H.psf").unlink()
     with pytest.raises(InputFileError, match="H.psf"):
