@@ -301,7 +301,8 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
     With ``resume`` (the default) a structure whose result an earlier run of this benchmark kept in ``out_dir``
     is not run again where nothing it depends on changed (:func:`finished_result`); the report lists those
     structures under ``reused``. A structure rerun because only the model, refinement or ``force`` changed keeps
-    its atomic-guess run (listed under ``atomic_reused``). ``resume=False`` runs every structure again."""
+    its atomic-guess run (listed under ``atomic_reused``; not with ``repeat`` > 1, whose runs alternate the
+    guesses). ``resume=False`` runs every structure again."""
     from .siesta import find_siesta
 
     siesta = find_siesta(command)  # a missing SIESTA is said at once, not after importing torch and loading the model
@@ -348,7 +349,9 @@ def run_benchmark(data_dir, model="auto", out_dir="bench", split: str | None = "
             forget_kept(workdir)
             # the atomic guess does not depend on the model or refinement: kept apart, reused where they changed
             atomic_identity = atomic_run_identity(fdfs[run_id], repeat, siesta)
-            atomic = read_kept(workdir / "atomic", atomic_identity, lambda r: GuessResult(**r)) if resume else None
+            # (not with --repeat: its runs alternate the guesses, so that a slow spell of the machine hits both)
+            atomic = read_kept(workdir / "atomic", atomic_identity, lambda r: GuessResult(**r)) \
+                if resume and repeat <= 1 else None
             if atomic is None:
                 forget_kept(workdir / "atomic")
             else:
@@ -554,14 +557,15 @@ def _run_frame(fdf_text: str, workdir: Path, start_dm, geometry, pseudo_dirs, co
     return out, run.wall_s, to_image_keyed(read_density_matrix(dm_path, geometry)), dm_path
 
 
-def _kept_run(run_dir: Path, identity: dict, geometry) -> tuple | None:
+def _kept_run(run_dir: Path, identity: dict, geometry, with_dm: bool = True) -> tuple | None:
     """One guess's run of a frame that an earlier run of the same trajectory benchmark finished
     (:func:`read_kept`): (its result, its converged DM read back from the run, which the guess's next frames start
-    from); None where either is missing or it was measured otherwise."""
+    from; None without ``with_dm``, for a guess built on no history); None where either is missing or it was
+    measured otherwise."""
     from .dm import read_density_matrix, to_image_keyed
 
     return read_kept(run_dir, identity, lambda kept: (
-        kept["result"], to_image_keyed(read_density_matrix(run_dir / kept["dm_file"], geometry))))
+        kept["result"], to_image_keyed(read_density_matrix(run_dir / kept["dm_file"], geometry)) if with_dm else None))
 
 
 # The guesses that start from the same guess's converged DMs of the frames before (history.TrajectoryHistory).
@@ -599,8 +603,8 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     they depend on changed (:func:`_guess_identity`; for a guess built on a history, also every earlier frame of
     that guess) are not run again: their results and converged DMs are read back and the guesses' histories
     rebuilt from them. So a stopped benchmark continues where it stopped, and one run again with another guess
-    added, or another model, runs only what that changes. The report lists the frames whose every guess was
-    reused under ``reused``, and the reused runs per guess under ``reused_runs``.
+    added, or another model, runs only what that changes. The report lists under ``reused`` the frames from the
+    first on whose every guess was reused, and the reused runs per guess under ``reused_runs``.
     """
     from .siesta import find_siesta
 
@@ -611,7 +615,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     from .fdf import resolve_fdf
     from .history import TrajectoryHistory
     from .predict import predict_density_matrix, ready_chosen_model
-    from .siesta.templates import fdf_with_geometry
+    from .siesta.templates import fdf_with_geometry, species_pseudopotentials
     from .structure import FdfFrames, periodic_cell, read_frames
 
     unknown = [g for g in guesses if g not in GUESSES]
@@ -634,11 +638,12 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
     frames_in_fdf = FdfFrames(fdf_template)
     images = frames_in_fdf.in_cell(images, trajectory if not isinstance(trajectory, list) else None)
     frames_in_fdf.check_trajectory(images, trajectory if not isinstance(trajectory, list) else None)
+    pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
+    species_pseudopotentials(frames_in_fdf.text, fdf_template, pseudo_dirs[1:])  # each run copies them: said now
     make_output_folder(out_dir)  # after the input checks: a refused trajectory leaves no folder behind
     loaded, startup_s = None, 0.0
     if any(g.startswith("ml") for g in guesses):
         loaded, startup_s = ready_chosen_model(model, fdf_template)  # "auto": chosen for the template's structure
-    pseudo_dirs = [fdf_template.parent, fdf_template.parent.parent / "basis", *map(Path, pseudo_dirs)]
     histories = {g: TrajectoryHistory(depth) for g in guesses}
     frame_labels = [frames_in_fdf.labels(atoms) for atoms in images]
     if loaded is None:  # the frames' geometry from the basis SIESTA reads (with a model: each prediction's)
@@ -684,7 +689,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
             identity = {**guess_identities[g], "frame_sha256": frame_sha256}
             # A history guess starts from its frames before: reuse only an unbroken run of it from the first.
             unbroken = g not in HISTORY_GUESSES or reused_runs[g] == t
-            kept = _kept_run(frame_dir / g, identity, geometry) if resume and unbroken else None
+            kept = _kept_run(frame_dir / g, identity, geometry, g in HISTORY_GUESSES) if resume and unbroken else None
             kept_here.append(kept is not None)
             if kept is not None:
                 row[g], converged = kept
@@ -705,7 +710,7 @@ def run_trajectory_benchmark(trajectory, fdf_template, model="auto", out_dir="be
                                                     "dm_file": str(dm_path.relative_to(frame_dir / g))})
             if g == "ml+residual":  # the only guess built on past predictions; the others need converged DMs alone
                 histories[g].push(atoms.positions, converged, predicted, overlap, **frame)
-            else:
+            elif g in HISTORY_GUESSES:  # (atomic and ml start from no history)
                 histories[g].push(atoms.positions, converged, **frame)
         if len(reused) == t and all(kept_here):  # every guess of every frame up to here
             reused.append(t)

@@ -75,6 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from ase.calculators.calculator import equal
 from ase.calculators.siesta import Siesta
 
 from .errors import DMGuessError
@@ -420,7 +421,7 @@ class DMGuessSiesta(Siesta):
             kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
         before = dict(self.parameters) if hasattr(self, "trajectory") else None  # (the constructor's set: none)
         changed = super().set(**kwargs)  # (ASE's Siesta.set returns nothing)
-        if before is not None and dict(self.parameters) != before:
+        if before is not None and not equal(dict(self.parameters), before):  # (ASE's equal: arrays too)
             # Another basis, XC or other run settings: the earlier steps' DMs are of another calculation (their
             # orbitals, read back from the last run's .ion files, would not be the next run's: SIESTA drops them).
             self.trajectory.clear()
@@ -473,10 +474,11 @@ class DMGuessSiesta(Siesta):
         from .errors import InputFileError
         from .siesta.runner import check_pseudopotentials
 
-        if re.search(r"\s", self.prefix):  # ASE writes it as SystemLabel, and the shell splits its output's name
-            raise InputFileError(f"the calculator's label {self.prefix!r} contains spaces, which SIESTA refuses "
-                                 "(\"SystemLabel must *NOT* contain any spaces!\"): name the run without them (a "
-                                 "directory with spaces is fine)", Path(self.directory))
+        if self.prefix is None or re.search(r"\s", self.prefix):  # ASE writes it as SystemLabel, and the shell splits its output's name
+            raise InputFileError(f"the calculator's label {self.prefix!r} " + (
+                "is no name: give the run one (label='siesta')" if self.prefix is None else
+                "contains spaces, which SIESTA refuses (\"SystemLabel must *NOT* contain any spaces!\"): name the "
+                "run without them (a directory with spaces is fine)"), Path(self.directory))
         self._remove_previous_pseudopotentials()
         before = {path.name: path.lstat().st_mtime_ns for path in self._ase_pseudopotential_files()}
         with self._absolute_fallback_pseudo_path():

@@ -262,8 +262,8 @@ def load_run(folder: str | Path):
     folder = Path(folder)
     fdf = find_fdf(folder)
     structure = read_structure(fdf)
-    if ghost_problem(structure):  # train learned them as a species of their own, which predict then refused
-        raise InputFileError(f"{ghost_problem(structure)}: leave the run out", fdf)
+    if ghosts := ghost_problem(structure):  # train learned them as a species of their own, which predict refused
+        raise InputFileError(f"{ghosts}: leave the run out", fdf)
     basis = run_basis(folder, structure.labels)
     dm_path = siesta_dm_path(fdf)
     dm = None
@@ -365,7 +365,9 @@ def check_reference_electrons(sample: Sample, hsx: Path | None, calculator=None)
     for where, overlap in overlaps.items():
         held = float(np.dot(sample.target_values, overlap))
         if abs(held - electrons) > 1e-3 + 1e-6 * electrons:
-            files = f"the .DM or the {hsx.name}" if hsx and where.endswith("overlap") else "the .DM"
+            # the basis's S, checked first, clears the .DM: then only the .HSX can be another run's
+            files = "the .DM" if not where.endswith("overlap") else f"the {hsx.name}" if calculator is not None \
+                else f"the .DM or the {hsx.name}"
             raise InputFileError(f"the .DM with {where} holds Tr(D S) = {held:.4f} electrons, but the structure has "
                                  f"{electrons:g}: {files} is not of this run's structure (a converged SIESTA run "
                                  "gives it within 1e-4), or the run's charge is not its fdf's NetCharge. Rerun SIESTA "
@@ -442,9 +444,9 @@ def read_hsx_at(hsx: Path, dm_ref) -> tuple[np.ndarray | None, np.ndarray | None
     import sisl
 
     from .dm import values_at_stored
-    from .files import check_fortran_records, fortran_path
+    from .files import fortran_path
 
-    check_fortran_records(hsx, ".HSX")
+    check_hsx_file(hsx)
     try:
         with warnings.catch_warnings(), fortran_path(hsx) as readable:
             warnings.simplefilter("ignore")
@@ -456,6 +458,46 @@ def read_hsx_at(hsx: Path, dm_ref) -> tuple[np.ndarray | None, np.ndarray | None
     except Exception as exc:
         raise InputFileError(f"cannot read the overlap and Hamiltonian ({type(exc).__name__}: {exc})", hsx) from exc
     return values_at_stored(dm_ref, overlap), values_at_stored(dm_ref, hamiltonian)
+
+
+def check_hsx_file(hsx: Path) -> None:
+    """Error naming the file if an ``.HSX`` of SIESTA 4.1's layout (``iohs.F``; sisl's "version 0") is cut short or
+    corrupt, before sisl reads it: sisl's Fortran reader then reads sizes from records that are not there and
+    aborts the whole process in about 2 runs of 5 (a file cut between two records passes a walk of its records).
+    The layout: sizes (no_u, no_s, nspin, nnz), gamma, [indxuo], numh, no_u rows of listh, nspin * no_u of H,
+    no_u of S, (Qtot, temp), no_u of xij, nspecies, (label, zval, no) per species, one record per orbital of each
+    species, na_u, isa. Files of sisl's later versions (a first record of one integer) are only walked."""
+    from .files import fortran_records
+
+    records = fortran_records(hsx, ".HSX")
+    with open(hsx, "rb") as f:
+        def ints(k: int) -> np.ndarray:
+            offset, length = records[k]
+            f.seek(offset)
+            return np.frombuffer(f.read(length), "<i4") if length % 4 == 0 else np.zeros(0, "<i4")
+
+        def need(k: int, what: str, length: int | None = None) -> None:
+            if k >= len(records) or (length is not None and records[k][1] != length):
+                found = "ends" if k >= len(records) else "is corrupt"
+                raise InputFileError(f"the .HSX file is truncated or corrupt (it {found} at {what}, record {k + 1} of "
+                                     f"{len(records)})", hsx)
+
+        if records[0][1] != 16:
+            return  # a later layout (or another program's): the walk above is all
+        no_u, no_s, nspin, nnz = (int(v) for v in ints(0))
+        if min(no_u, no_s, nspin, nnz) <= 0:
+            need(len(records), "its sizes")
+        need(1, "the gamma flag", 4)
+        k = 2 if ints(1)[0] else 3  # indxuo for k-point runs
+        need(k, "numh", 4 * no_u)
+        k += 1 + no_u * (nspin + 2) + 1 + no_u  # listh, H, S, (Qtot, temp), xij
+        need(k, "the species count", 4)
+        nspecies = int(ints(k)[0])
+        need(k + 1, "the species", 32 * nspecies if nspecies > 0 else -1)  # label*20, zval real*8, no
+        per_species = ints(k + 1).reshape(nspecies, 8)[:, 7]
+        k += 2 + int(per_species.sum())  # one record per orbital of each species
+        need(k, "the atom count", 4)
+        need(k + 1, "the atoms' species", 4 * int(ints(k)[0]))
 
 
 def check_basis_matches(run_basis_: dict[str, SpeciesBasis], model_basis: dict[str, SpeciesBasis], where) -> None:

@@ -92,29 +92,29 @@ def fortran_path(path: str | Path, write: bool = False):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def check_fortran_records(path: str | Path, kind: str) -> int:
+def fortran_records(path: str | Path, kind: str) -> list[tuple[int, int]]:
     """Walk a Fortran sequential file's records (each framed by its byte count, 4 bytes before and after) to its
-    end; return how many there are. A file cut short or overwritten in part is an error naming it: sisl's Fortran
-    readers (.HSX) do not report one, they read a wrong size from it and abort the whole process ("Error allocating
-    28932898880 bytes"), which no ``except`` catches."""
+    end; return each record's (offset of its data, byte count). A file cut short inside a record or overwritten in
+    part is an error naming it: sisl's Fortran readers (.HSX) do not report one, they read a wrong size from it
+    and abort the whole process ("Error allocating 28932898880 bytes"), which no ``except`` catches."""
     path = Path(path)
-    size, count = path.stat().st_size, 0
+    size, records = path.stat().st_size, []
     with open(path, "rb") as f:
         while f.tell() < size:
             head = f.read(4)
             length = abs(int.from_bytes(head, "little", signed=True)) if len(head) == 4 else -1
             # (a negative count marks one part of a record over 2 GiB, gfortran's subrecords)
             if length < 0 or f.tell() + length + 4 > size:
-                raise InputFileError(f"the {kind} file is truncated or corrupt (record {count + 1} runs past its "
-                                     f"end, at byte {size})", path)
+                raise InputFileError(f"the {kind} file is truncated or corrupt (record {len(records) + 1} runs past "
+                                     f"its end, at byte {size})", path)
+            records.append((f.tell(), length))
             f.seek(length, 1)
             if abs(int.from_bytes(f.read(4), "little", signed=True)) != length:
-                raise InputFileError(f"the {kind} file is corrupt (the byte counts framing record {count + 1} "
+                raise InputFileError(f"the {kind} file is corrupt (the byte counts framing record {len(records)} "
                                      "disagree)", path)
-            count += 1
-    if count == 0:
+    if not records:
         raise InputFileError(f"the {kind} file is empty", path)
-    return count
+    return records
 
 
 @contextmanager

@@ -129,8 +129,8 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
         if species is not None and z_of[label] != loaded.basis[species].Z:
             problems.append(f"species {label!r} has atomic number {z_of[label]} in the structure, but the model's "
                             f"{species!r} has {loaded.basis[species].Z}")
-    if ghost_problem(structure):
-        problems.append(ghost_problem(structure))
+    if ghosts := ghost_problem(structure):
+        problems.append(ghosts)
     spin = _spin_setting(structure.fdf_settings)
     if spin:
         problems.append(f"the fdf asks for a {spin} calculation; the models predict spin-unpolarized DMs only "

@@ -396,17 +396,29 @@ def reordered_atom(previous_positions: np.ndarray, atoms: Atoms) -> tuple[int, f
     within half that of where an atom of its element stood (the same structure given in another order, which a
     history followed atom by atom cannot use), or None. Distances across periodic boundaries the shortest way. A
     large move elsewhere (a bond pulled apart) is no reordering: the history still starts closer than nothing."""
+    from itertools import product
+
     from ase.geometry import find_mic
+    from scipy.spatial import cKDTree
 
     periodic = atoms.cell.rank == 3  # SIESTA runs any full cell as periodic, whatever the frame's pbc says
-
-    def distances(vectors):
-        return np.linalg.norm(find_mic(vectors, atoms.cell, True)[0] if periodic else vectors, axis=-1)
-
-    moved = distances(atoms.positions - previous_positions)
-    for i in np.flatnonzero(moved > LARGEST_STEP):
-        same = np.flatnonzero(atoms.numbers == atoms.numbers[i])
-        if distances(previous_positions[same] - atoms.positions[i]).min() < LARGEST_STEP / 2:
+    step = atoms.positions - previous_positions
+    moved = np.linalg.norm(find_mic(step, atoms.cell, True)[0] if periodic else step, axis=1)
+    candidates = np.flatnonzero(moved > LARGEST_STEP)
+    if not candidates.size:
+        return None
+    now, before = atoms.positions, np.asarray(previous_positions, float)
+    owner = np.arange(len(atoms))
+    if periodic:  # both wrapped into the cell, the earlier positions with their 26 neighbouring images
+        cell = atoms.cell.array
+        now = (atoms.cell.scaled_positions(now) % 1.0) @ cell
+        before = (atoms.cell.scaled_positions(before) % 1.0) @ cell
+        shifts = np.array(list(product((-1, 0, 1), repeat=3))) @ cell
+        before = (before[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
+        owner = np.tile(owner, len(shifts))
+    tree = cKDTree(before)  # one search for all moved atoms: O(N log N), not a distance per pair
+    for i, near in zip(candidates, tree.query_ball_point(now[candidates], LARGEST_STEP / 2)):
+        if np.any(atoms.numbers[owner[near]] == atoms.numbers[i]):
             return int(i), float(moved[i])
     return None
 

@@ -243,6 +243,13 @@ def test_changed_run_settings_start_without_the_history(model_dir, tmp_path):
     c.trajectory.push(water.positions, sp.identity(23, format="csr"))
     c.set(guess="extrapolation")  # this calculator's own settings change no run
     assert len(c.trajectory) == 1
+    import numpy as np
+
+    c.set(kpts=np.array([1, 1, 1]))  # an array among the settings: compared as ASE compares them (a bare
+    assert len(c.trajectory) == 0  # ValueError from dict comparison, after ASE had set it)
+    c.trajectory.push(water.positions, sp.identity(23, format="csr"))
+    c.set(kpts=np.array([1, 1, 1]))  # the same again: nothing changed
+    assert len(c.trajectory) == 1
     c.set(basis_set="SZ")
     assert len(c.trajectory) == 0 and c._numbers is None
     c._write_guess(water)
@@ -256,6 +263,9 @@ def test_a_label_with_a_space_is_an_error_before_anything_runs(model_dir, tmp_pa
     c = DMGuessSiesta(model=model_dir, label="my label", directory=str(tmp_path / "with space"), xc="CA",
                       pseudo_qualifier="")
     with pytest.raises(InputFileError, match="label 'my label' contains spaces, which SIESTA refuses"):
+        c.write_input(water_molecule())
+    c = DMGuessSiesta(model=model_dir, label=None, directory=str(tmp_path), xc="CA", pseudo_qualifier="")
+    with pytest.raises(InputFileError, match="label None is no name"):  # a bare TypeError from re.search
         c.write_input(water_molecule())
     assert not (tmp_path / "with space" / "my label.DM").exists()
 

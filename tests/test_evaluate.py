@@ -229,17 +229,20 @@ def test_a_dm_or_hsx_of_another_structure_is_refused_as_reference(tmp_path, swap
         shutil.copy(src.parent / "0005" / name, run / name)
     only_hsx = swapped == ["siesta.HSX"]
     where = "the siesta.HSX's overlap" if only_hsx else "S computed from the basis"
-    files = "the .DM or the siesta.HSX" if only_hsx else "the .DM"
+    files = "the siesta.HSX" if only_hsx else "the .DM"  # the basis's S, checked first, cleared the .DM
     with pytest.raises(InputFileError, match=rf"0000: the .DM with {where} holds Tr\(D S\) = \d\.\d{{4}} "
                                              rf"electrons, but the structure has 8: {files} is not of this run"):
         load()
 
 
-@pytest.mark.parametrize("cut", ["head", "middle", "last byte", "empty", "appended"])
+@pytest.mark.parametrize("cut", ["head", "middle", "last byte", "empty", "appended", "after the sizes",
+                                 "after H", "before the atoms' species"])
 def test_a_truncated_or_corrupt_hsx_is_a_clear_error_not_an_abort(tmp_path, cut):
     """An .HSX cut short made sisl's Fortran reader read a wrong size and abort the process in about 2 runs of 5
     ("Error allocating 28932898880 bytes", exit 1, no file named), which no except catches; its records are now
-    walked first."""
+    walked first, and a file cut between two records is checked against the layout SIESTA writes."""
+    from siesta_dmguess.files import fortran_records
+
     from siesta_dmguess.basis import read_basis_folder
     from siesta_dmguess.data import load_samples
     from siesta_dmguess.errors import InputFileError
@@ -247,8 +250,11 @@ def test_a_truncated_or_corrupt_hsx_is_a_clear_error_not_an_abort(tmp_path, cut)
     src = dataset("h2o") / "0000"
     run = copy_run(src, tmp_path / "data" / "0000")
     data = (run / "siesta.HSX").read_bytes()
+    ends = [offset + length + 4 for offset, length in fortran_records(run / "siesta.HSX", ".HSX")]  # after record k
+    no_u = 23  # a water molecule's DZP orbitals: the sizes, gamma, numh, then no_u rows each of listh, H, S
     broken = {"head": data[:5000], "middle": data[:len(data) // 2], "last byte": data[:-1], "empty": b"",
-              "appended": data + b"\x07\x00\x00\x00abc"}[cut]
+              "appended": data + b"\x07\x00\x00\x00abc", "after the sizes": data[:ends[0]],
+              "after H": data[:ends[2 + 2 * no_u]], "before the atoms' species": data[:ends[-3]]}[cut]
     (run / "siesta.HSX").write_bytes(broken)
     basis = read_basis_folder(src.parent / "basis", ["H", "O"])
     with pytest.raises(InputFileError, match=r"siesta.HSX: the .HSX file is (truncated or corrupt|empty)"):

@@ -460,8 +460,10 @@ def test_a_bench_rerun_with_another_refinement_redoes_only_the_ml_runs(tmp_path,
     assert log.read_text().split()[6:] == ["ml", "atomic", "ml"] and changed["atomic_reused"] == ["0000"]
     run_benchmark(tmp_path / "data", repeat=2, **kwargs)
     assert log.read_text().split()[9:] == ["atomic", "ml"] * 4
+    again = run_benchmark(tmp_path / "data", repeat=2, refine="charge", **kwargs)  # repeated runs alternate: no
+    assert log.read_text().split()[17:] == ["atomic", "ml"] * 4 and again["atomic_reused"] == []  # atomic reused
     restarted = run_benchmark(tmp_path / "data", resume=False, **kwargs)
-    assert log.read_text().split()[17:] == ["atomic", "ml"] * 2 and restarted["atomic_reused"] == []
+    assert log.read_text().split()[25:] == ["atomic", "ml"] * 2 and restarted["atomic_reused"] == []
 
 
 def test_a_kept_bench_result_is_reused_only_where_it_was_measured_alike(tmp_path, caplog):
@@ -1041,6 +1043,25 @@ def test_a_trajectory_benchmark_run_again_redoes_only_the_runs_its_change_touche
     assert resumed["reused"] == [0] and resumed["per_frame"][2]["ml"] == charge["per_frame"][2]["ml"]
     again, runs = bench(("atomic", "reuse", "ml", "ml+residual"), refine="charge")
     assert runs == [] and again["reused"] == [0, 1, 2]
+
+
+def test_a_trajectory_whose_fdf_lacks_a_pseudopotential_is_refused_before_anything_is_written(tmp_path):
+    """The missing H.psf was found at the first frame's first run, after the model had loaded and the frame was
+    predicted, named as a file under --out (out/md/0000/atomic/H.psf), and left that run's folder behind."""
+    import ase.io
+
+    from siesta_dmguess.bench import run_trajectory_benchmark
+
+    run = water_run(tmp_path / "run")
+    (run / "H.psf").unlink()
+    from .conftest import water_molecule
+
+    ase.io.write(tmp_path / "md.traj", [water_molecule(), water_molecule()])
+    log, script = logging_siesta(tmp_path)
+    with pytest.raises(InputFileError, match=r"run/H.psf: pseudopotential for species 'H' not found"):
+        run_trajectory_benchmark(tmp_path / "md.traj", run / "input.fdf", model="water", out_dir=tmp_path / "out",
+                                 guesses=("atomic", "ml"), command=str(script), progress=False)
+    assert not (tmp_path / "out").exists() and not log.exists()
 
 
 def test_a_structure_run_again_forgets_its_kept_result_first(tmp_path, monkeypatch):

@@ -155,6 +155,19 @@ def fdf_with_geometry(fdf_text: str, atoms, labels: list[str]) -> str:
     return "\n".join(kept + ["", "# --- siesta-dmguess: geometry ---", *block]) + "\n"
 
 
+def species_pseudopotentials(fdf_text: str, fdf: Path, pseudo_dirs=()) -> list[Path]:
+    """The pseudopotential of each species of ``fdf_text`` (the text of ``fdf``), looked for next to ``fdf`` and in
+    ``pseudo_dirs``; an error naming the first species without one."""
+    found = []
+    for _, _, label in species_block(fdf_text):
+        path = find_pseudopotential(label, [Path(fdf).parent, *map(Path, pseudo_dirs)], PSEUDO_SUFFIXES)
+        if path is None:
+            raise InputFileError(f"pseudopotential for species {label!r} not found (looked next to the fdf and "
+                                 f"in {[str(p) for p in pseudo_dirs]})", Path(fdf).parent / f"{label}.psf")
+        found.append(path)
+    return found
+
+
 def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: str | Path | None = None,
                 pseudo_dirs=()) -> Path:
     """Copy an fdf (with the DM-init block) and its pseudopotentials into ``workdir``; returns the new fdf.
@@ -168,13 +181,7 @@ def prepare_run(src_fdf: str | Path, workdir: str | Path, init: str, dm_file: st
     if init == "ml" and (dm_file is None or not Path(dm_file).is_file()):
         raise InputFileError("the ML initialisation needs a predicted .DM file", dm_file or workdir)
     text = apply_dm_init(inlined_fdf_text(src_fdf), init)  # what it reads in, in its text: not copied
-    pseudos = []
-    for label_ in [label_ for _, _, label_ in species_block(text)]:  # all found before the folder is made
-        found = find_pseudopotential(label_, [src_fdf.parent, *map(Path, pseudo_dirs)], PSEUDO_SUFFIXES)
-        if found is None:
-            raise InputFileError(f"pseudopotential for species {label_!r} not found (looked next to the fdf and "
-                                 f"in {[str(p) for p in pseudo_dirs]})", src_fdf.parent / f"{label_}.psf")
-        pseudos.append(found)
+    pseudos = species_pseudopotentials(text, src_fdf, pseudo_dirs)  # all found before the folder is made
     workdir.mkdir(parents=True, exist_ok=True)
     fdf = workdir / "input.fdf"
     fdf.write_text(text)
