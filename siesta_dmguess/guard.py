@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from .basis import find_basis_files, read_species_basis
 from .card import LoadedModel, sha256_file
 from .errors import ModelCompatibilityError
@@ -63,6 +65,23 @@ def _spin_setting(settings: dict) -> str:
         if key in settings and str(settings[key]).strip().lower() in TRUE_WORDS:
             return f"{key} T"
     return ""
+
+
+def _magnetic_file(structure: Structure) -> str:
+    """For a structure file (not an fdf) that gives atoms magnetic moments (ASE's initial_magmoms, or the moments
+    of a calculation it stores), the words that say so, as :func:`_spin_setting` names a spin setting; else "".
+    Such a file is meant for a spin-polarized run, which a predicted DM would start without moments (CH2: the
+    singlet, 0.33 eV above the triplet SIESTA finds from its atomic guess). The calculator's atoms are not checked
+    here: its own ``spin`` setting decides whether ASE writes their moments."""
+    if not structure.source or Path(str(structure.source)).suffix.lower() == ".fdf":
+        return ""
+    atoms = structure.atoms
+    moments = atoms.get_initial_magnetic_moments()
+    if not np.any(moments) and atoms.calc is not None and "magmoms" in getattr(atoms.calc, "results", {}):
+        moments = np.asarray(atoms.calc.results["magmoms"])
+    if not np.any(np.abs(moments) > 1e-8):
+        return ""
+    return f"magnetic moments (largest {np.abs(moments).max():g})"
 
 
 def model_species_of_labels(structure: Structure, model_species, model_z: dict | None = None) -> dict[str, str | None]:
@@ -132,9 +151,12 @@ def check_compatibility(structure: Structure, loaded: LoadedModel, force: bool =
     if ghosts := ghost_problem(structure):
         problems.append(ghosts)
     spin = _spin_setting(structure.fdf_settings)
+    unpolarized = ("the models predict spin-unpolarized DMs only (a start with no spin moment keeps SIESTA from a "
+                   "magnetic ground state: docs/conventions.md)")
     if spin:
-        problems.append(f"the fdf asks for a {spin} calculation; the models predict spin-unpolarized DMs only "
-                        "(a start with no spin moment keeps SIESTA from a magnetic ground state: docs/conventions.md)")
+        problems.append(f"the fdf asks for a {spin} calculation; {unpolarized}")
+    elif magnetic := _magnetic_file(structure):
+        problems.append(f"the structure file gives its atoms {magnetic}, for a spin-polarized run; {unpolarized}")
     card = loaded.card
     if structure.source and Path(structure.source).suffix.lower() == ".fdf":
         folder = Path(structure.source).parent

@@ -542,6 +542,17 @@ class RunPrediction:
     fdf_backup: Path | None = None  # with edit_fdf: the fdf was given DM.UseSaveDM T, its original kept here
 
 
+def _run_reading(out: Path) -> Path | None:
+    """The fdf of the run folder ``out`` is in where SIESTA would read ``out`` as its starting DM, or None."""
+    from .fdf import find_fdf, siesta_dm_init_path
+
+    try:
+        fdf = find_fdf(out.parent)
+        return fdf if siesta_dm_init_path(fdf).resolve() == out.resolve() else None
+    except InputFileError:  # no fdf there (or several): no run to compare with
+        return None
+
+
 def predict_for_run(structure: str | Path, out: str | Path | None = None, model=AUTO_MODEL, overwrite: bool = False,
                     fold: bool | None = None, force: bool = False, refine: str = "idempotent",
                     edit_fdf: bool = False) -> RunPrediction:
@@ -559,7 +570,7 @@ def predict_for_run(structure: str | Path, out: str | Path | None = None, model=
     from .fdf import resolve_fdf, siesta_dm_init_path
     from .siesta.runner import check_pseudopotentials
     from .siesta.templates import dm_read_note, enable_dm_read, saved_geometry_note
-    from .structure import read_run_structure, run_fdf_of
+    from .structure import as_atoms_of_run, read_run_structure, run_fdf_of
 
     if out is None:
         out = default_dm_path(structure)
@@ -576,6 +587,8 @@ def predict_for_run(structure: str | Path, out: str | Path | None = None, model=
     # SIESTA's .XV in its run folder, read with that run's settings (not where its atoms are another's): that run
     # reads the DM
     run_fdf = source if is_fdf else run_fdf_of(source) if read.fdf_settings else None
+    if run_fdf is None and (reader := _run_reading(out)) is not None:  # a file's DM written where a run reads it
+        read, run_fdf = as_atoms_of_run(read, reader), reader
     use = model(read) if callable(model) else model
     pred = predict_to_file(read, out, model=use, overwrite=overwrite, fold=fold, force=force, refine=refine)
     done = RunPrediction(pred, out, [geometry_note] if geometry_note else [], run_fdf)

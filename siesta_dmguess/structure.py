@@ -183,6 +183,32 @@ def _with_positions(structure: Structure, positions, cell=None) -> Structure:
     return replace(structure, atoms=atoms)
 
 
+def as_atoms_of_run(structure: Structure, fdf: Path) -> Structure:
+    """A structure file's atoms as the run of ``fdf`` will compute them: with that run's species labels and
+    settings (k-points, so the DM is folded or not as SIESTA reads it), and the fdf's cell where the file has
+    none. An error where the file holds other atoms than the run or the same in another order (a POSCAR groups
+    them by element): SIESTA would read a DM of the wrong atoms (21 SCF iterations on a `water8` box, 12 from its
+    atomic guess). A warning where they stand elsewhere: SIESTA runs the fdf's positions."""
+    from ase.geometry import find_mic
+
+    run = read_run_structure(fdf)
+    if [int(z) for z in structure.atoms.numbers] != [int(z) for z in run.atoms.numbers]:
+        raise InputFileError(f"the run {fdf} reads the DM written here, and this file holds other atoms than its fdf, "
+                             f"or the same in another order ({structure.atoms.get_chemical_formula()} against "
+                             f"{run.atoms.get_chemical_formula()}): SIESTA would start from a DM of other atoms. "
+                             f"Predict from the run itself (siesta-dmguess predict {fdf.parent}), or write the atoms "
+                             f"in the fdf's order", Path(structure.source) if structure.source else None)
+    cell = structure.atoms.cell if structure.atoms.cell.rank == 3 else None
+    moved = run.atoms.positions - structure.atoms.positions
+    if run.periodic:
+        moved = find_mic(moved, run.atoms.cell, True)[0]
+    largest = float(np.linalg.norm(moved, axis=1).max()) if len(moved) else 0.0
+    if largest > 0.1:
+        log.warning("%s: its atoms stand up to %.2f Å from those of %s, which SIESTA will run with the DM predicted "
+                    "for this file's", structure.source, largest, fdf)
+    return replace(_with_positions(run, structure.atoms.positions, cell), source=structure.source)
+
+
 def run_fdf_of(path: str | Path) -> Path | None:
     """The fdf of the run that wrote SIESTA's structure file ``path`` (``<SystemLabel>.XV`` and the like, or a frame
     of its ``.ANI``, ``siesta.ANI@3``): the run folder's fdf whose SystemLabel is the file's name (as SIESTA names

@@ -1009,3 +1009,55 @@ def test_a_folder_where_siesta_reads_the_dm_is_an_error_not_a_place_to_write(tmp
     assert main(["predict", str(tmp_path), "--model", "water", "--threads", "1", "-o", str(tmp_path / "out")]) == 2
     assert "out/siesta.DM: a folder is in the way" in capsys.readouterr().err
     assert not list((tmp_path / "out" / "siesta.DM").iterdir())
+
+
+def test_a_structure_files_dm_written_where_a_run_reads_it_is_of_that_run(tmp_path, caplog):
+    """`predict box.POSCAR -o RUN/siesta.DM`: a POSCAR groups the atoms by element, the run's fdf does not, and
+    SIESTA read the DM of atoms in another order without a word (21 SCF iterations on a water8 box; its atomic
+    guess 12, the DM in the fdf's order 9). The file's DM is now refused there; in the fdf's order it is predicted
+    with the run's settings and, for a file without a cell (an .xyz of a periodic box), the fdf's cell: the DM
+    predicted from the fdf itself."""
+    import ase.io
+
+    from siesta_dmguess.predict import predict_for_run
+    from siesta_dmguess.structure import read_structure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(dataset("water8") / "0004" / "input.fdf", run / "input.fdf")
+    atoms = read_structure(run / "input.fdf").atoms
+    by_element = sorted(range(len(atoms)), key=lambda i: atoms.numbers[i])
+    ase.io.write(tmp_path / "sorted.extxyz", atoms[by_element])
+    with pytest.raises(InputFileError, match=r"sorted.extxyz: the run .*input.fdf reads the DM written here, and this "
+                                             r"file holds other atoms than its fdf, or the same in another order"):
+        predict_for_run(tmp_path / "sorted.extxyz", run / "siesta.DM", model="water")
+    assert not (run / "siesta.DM").exists()
+    predict_for_run(tmp_path / "sorted.extxyz", tmp_path / "elsewhere.DM", model="water")  # no run reads it there
+    ase.io.write(tmp_path / "box.xyz", atoms, format="xyz")  # no cell
+    done = predict_for_run(tmp_path / "box.xyz", run / "siesta.DM", model="water")
+    assert done.fdf == run / "input.fdf"
+    own = predict_for_run(run / "input.fdf", tmp_path / "own.DM", model="water")
+    assert np.array_equal(done.prediction.values, own.prediction.values)
+    moved = atoms.copy()
+    moved.positions[0] += [0.3, 0, 0]
+    ase.io.write(tmp_path / "moved.extxyz", moved)
+    with caplog.at_level("WARNING"):
+        predict_for_run(tmp_path / "moved.extxyz", run / "siesta.DM", model="water", overwrite=True)
+    assert "its atoms stand up to 0.30 Å from those of" in caplog.text
+
+
+def test_a_structure_file_with_magnetic_moments_is_refused_as_a_spin_polarized_fdf_is(tmp_path):
+    """An extxyz (or .traj, .json) that gives its atoms initial magnetic moments is meant for a spin-polarized run;
+    its DM was written without a word and started SIESTA in the non-magnetic state (CH2: the singlet, 0.33 eV
+    above the triplet SIESTA reached from its atomic guess). Without moments it is predicted as before."""
+    import ase.io
+
+    atoms = water_molecule()
+    ase.io.write(tmp_path / "plain.extxyz", atoms)
+    atoms.set_initial_magnetic_moments([1.0, 0.0, 0.0])
+    ase.io.write(tmp_path / "magnetic.extxyz", atoms)
+    with pytest.raises(ModelCompatibilityError, match=r"magnetic.extxyz: the structure file gives its atoms magnetic "
+                                                      r"moments \(largest 1\), for a spin-polarized run"):
+        predict_to_file(tmp_path / "magnetic.extxyz", tmp_path / "magnetic.DM", model="water")
+    assert not (tmp_path / "magnetic.DM").exists()
+    predict_to_file(tmp_path / "plain.extxyz", tmp_path / "plain.DM", model="water")
