@@ -40,8 +40,11 @@ def _cmd_train(args) -> int:
     command = "siesta-dmguess " + " ".join(shlex.quote(a) for a in args.argv)
     result = train(args.data_dirs, args.out, options, overrides, resume=not args.restart, command=command)
     summary = result.validation.get("summary", {})
-    resumed = (f" (a stopped training continued from its checkpoint after {result.resumed_at_epoch} epochs; "
-               "--restart trains afresh)" if result.resumed_at_epoch else "")
+    resumed = "" if not result.resumed_at_epoch else (
+        f" (its checkpoint had finished all {result.resumed_at_epoch} epochs: nothing more was trained; --epochs N "
+        "trains on to N, --restart afresh)" if result.resumed_at_epoch >= options.epochs else
+        f" (a stopped training continued from its checkpoint after {result.resumed_at_epoch} epochs; --restart "
+        "trains afresh)")
     print(f"model written to {result.out_dir}{resumed}")
     if summary:
         print(f"validation ({counted(summary['structures'], 'structure')}): DM MAE {summary['mae']:.3e} "

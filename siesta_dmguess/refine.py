@@ -119,7 +119,7 @@ def projection_skipped(mode: str, n_orbitals: int, kpoint: bool, n_electrons: fl
     if mode != "idempotent":
         return f"refinement {mode!r} requested"
     if kpoint:
-        return "a k-point DM, and the projection works at Γ only"
+        return "a DM with its periodic images (a k-point run's), and the projection works on folded (Γ) DMs only"
     if n_orbitals > MAX_DENSE_ORBITALS:
         return f"{n_orbitals} orbitals > {MAX_DENSE_ORBITALS} (dense projection skipped to stay O(N))"
     if abs(n_electrons / 2 - round(n_electrons / 2)) > 1e-6:

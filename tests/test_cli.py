@@ -73,3 +73,18 @@ def test_verbose_before_or_after_the_command_logs_this_package_only(argv, capsys
         package.setLevel(before[0])
         root.setLevel(before[1])
     assert "water" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("epochs, said", [(2, "its checkpoint had finished all 2 epochs: nothing more was trained"),
+                                          (5, "a stopped training continued from its checkpoint after 2 epochs")])
+def test_train_run_again_says_whether_it_trained_on(monkeypatch, tmp_path, capsys, epochs, said):
+    """`train` run again on a finished model said "a stopped training continued from its checkpoint" though nothing
+    had stopped and no epoch ran."""
+    from types import SimpleNamespace
+
+    import siesta_dmguess.train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: SimpleNamespace(
+        out_dir=tmp_path / "m", resumed_at_epoch=2, validation={}))
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "m"), "--epochs", str(epochs)]) == 0
+    assert said in capsys.readouterr().out

@@ -743,7 +743,7 @@ def test_predict_on_a_run_folder_writes_the_dm_siesta_reads_there(model_dir, tmp
     # its pseudopotentials (a probe's run without H.psf got its DM and no word of it; bench refused it)
     out = capsys.readouterr().out
     assert "note: job.fdf does not set DM.UseSaveDM (default F)" in out
-    assert f"note: SIESTA run from {run} would stop before its first SCF step: pseudopotential " in out
+    assert f"note: SIESTA run from {run} would stop before its first SCF step: pseudopotentials " in out
     (run / "H.psf").write_text("")  # found: nothing to say (only their presence is checked here)
     (run / "O.vps").write_text("")  # SIESTA 4.1 reads a .vps before a .psf (pseudopotential.f)
     # --edit-fdf switches it on, but not when the DM goes elsewhere (SIESTA would then read a stale one)

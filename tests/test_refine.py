@@ -80,7 +80,7 @@ def test_periodic_images_fold_onto_the_projected_cell_matrix():
 
 @pytest.mark.parametrize("case, reason", [
     ("odd", "odd or fractional electron count"),
-    ("kpoint", "k-point DM"),
+    ("kpoint", "its periodic images (a k-point run's)"),
     ("nogap", "no clear gap"),
 ])
 def test_falls_back_to_charge_normalization_and_says_why(case, reason):

@@ -208,6 +208,9 @@ def test_missing_pseudopotential_is_named_before_running(run_dir, tmp_path):
     (run_dir / "H.psf").unlink()
     with pytest.raises(InputFileError, match="H.psf"):
         run_siesta(run_dir / "input.fdf", command=str(fake_siesta(tmp_path, GOOD)))
+    (run_dir / "O.psf").unlink()  # a folder copied without any: every one named, not only the first
+    with pytest.raises(InputFileError, match=r"pseudopotentials O.psf, H.psf \(or .psml.*for species 'O', 'H' not"):
+        run_siesta(run_dir / "input.fdf", command=str(fake_siesta(tmp_path, GOOD)))
 
 
 @pytest.mark.parametrize("init", ["atomic", "ml"])

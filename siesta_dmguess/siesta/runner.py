@@ -127,6 +127,7 @@ def check_pseudopotentials(fdf: Path) -> None:
     """Every species needs a .psf/.psml (or a ready .ion basis) next to the fdf or in Pseudo.Directory."""
     folder = Path(fdf).parent
     dirs = pseudopotential_dirs(fdf)
+    missing = []
     for label in species_labels(fdf):
         # SIESTA 4.1 reads <label>.vps (unformatted) before <label>.psf (pseudopotential.f)
         candidates = [d / f"{label}{ext}" for d in dirs
@@ -139,9 +140,13 @@ def check_pseudopotentials(fdf: Path) -> None:
         if dangling:
             raise InputFileError(f"pseudopotential for species {label!r} not found: {dangling[0].name} links to "
                                  f"{os.readlink(dangling[0])}, which does not exist", dangling[0])
-        raise InputFileError(f"pseudopotential {label}.psf (or .psml, or a basis {label}.ion*) for species {label!r} "
-                             f"not found next to the fdf" + (" nor in Pseudo.Directory" if len(dirs) > 1 else ""),
-                             folder / f"{label}.psf")
+        missing.append(label)
+    if missing:  # every one named at once: a folder copied without its pseudopotentials lacks them all
+        files = ", ".join(f"{label}.psf" for label in missing)
+        raise InputFileError(f"pseudopotential{'s' if len(missing) > 1 else ''} {files} (or .psml, or a basis "
+                             f"{missing[0]}.ion*) for species {', '.join(map(repr, missing))} not found next to the "
+                             f"fdf" + (" nor in Pseudo.Directory" if len(dirs) > 1 else ""),
+                             folder / f"{missing[0]}.psf")
 
 
 def _printable(text: str, width: int = 200) -> str:
