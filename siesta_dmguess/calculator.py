@@ -80,7 +80,7 @@ from ase.calculators.siesta import Siesta
 
 from .errors import DMGuessError
 from .history import DEFAULT_DEPTH, GUESSES
-from .structure import periodic_cell, reordered_atom
+from .structure import new_structure_reason, periodic_cell
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ class DMGuessSiesta(Siesta):
         self.history: list[GuessRecord] = []
         self.trajectory = TrajectoryHistory(history_depth)
         self._numbers = None  # atomic numbers of the last converged step: the system the history is of
-        self._converged_positions = None  # and its positions (a step far from them starts without history)
+        self._converged_positions = self._converged_cell = None  # and its positions and cell (a step far from
+        # them starts without history)
         self._used = "atomic"
         self._prediction_s = self._startup_s = 0.0
         self._reason = ""
@@ -333,16 +334,14 @@ class DMGuessSiesta(Siesta):
         self._positions = atoms.positions.copy()
         same_system = self._numbers is not None and np.array_equal(self._numbers, atoms.numbers)
         if same_system and self._converged_positions is not None:
-            # The history follows each atom by its index: atoms given in another order (or a structure far from
-            # the last) would start SIESTA far off (14 SCF iterations from ml+residual on a water box whose two H
-            # were swapped, 9 from the plain ML guess).
-            moved = reordered_atom(self._converged_positions, atoms)
-            if moved is not None:
+            # The history follows each atom by its index: atoms given in another order, or another structure,
+            # would start SIESTA far off (14 SCF iterations from ml+residual on a water box whose two H were
+            # swapped, 9 from the plain ML guess).
+            reason = new_structure_reason(self._converged_positions, self._converged_cell, atoms)
+            if reason:
                 same_system = False
                 if self.guess in ("reuse", "extrapolation", "ml+residual"):
-                    _warn(f"siesta-dmguess: atom {moved[0] + 1} moved {moved[1]:.2f} Å since the previous step, to "
-                          f"where another atom of its element stood (the atoms given in another order): the "
-                          f"{self.guess} guess starts without the earlier steps' DMs")
+                    _warn(f"siesta-dmguess: {reason}: the {self.guess} guess starts without the earlier steps' DMs")
         if not same_system:  # other elements, or the same in another order: no earlier step is this system's
             self.trajectory.clear()
         if self.guess == "atomic":
@@ -385,6 +384,7 @@ class DMGuessSiesta(Siesta):
         """Keep this step's converged DM (and prediction) for the next step's guess."""
         self._numbers = self.atoms.numbers.copy()  # the system SIESTA's .DM is now of (reuse)
         self._converged_positions = self.atoms.positions.copy()
+        self._converged_cell = None if (cell := periodic_cell(self.atoms)) is None else cell.copy()
         if self.guess not in ("ml+residual", "extrapolation"):
             return
         from .dm import read_density_matrix, to_image_keyed

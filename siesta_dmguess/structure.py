@@ -417,23 +417,39 @@ def _largest_jump(frames: list[Atoms]) -> tuple[int, int, float] | None:
     return None
 
 
-def reordered_atom(previous_positions: np.ndarray, atoms: Atoms) -> tuple[int, float] | None:
-    """(atom, distance moved) of the first atom that moved more than LARGEST_STEP since ``previous_positions`` to
-    within half that of where an atom of its element stood (the same structure given in another order, which a
-    history followed atom by atom cannot use), or None. Distances across periodic boundaries the shortest way. A
-    large move elsewhere (a bond pulled apart) is no reordering: the history still starts closer than nothing."""
+# A step in which this many atoms move more than LARGEST_STEP is to another structure (an isomer, an unrelated
+# frame), not a step along a trajectory: its history starts SIESTA further off than nothing (ethanol to dimethyl
+# ether: 14 SCF iterations from the previous DM, 12 from SIESTA's atomic guess; water8 frames 0004 to 0005, 4 of 24
+# atoms over 1 Å: 15 and 12). One atom pulled far (a bond breaking, a scan) still keeps it.
+FAR_STEP_ATOMS = 2
+
+
+def new_structure_reason(previous_positions: np.ndarray, previous_cell, atoms: Atoms) -> str:
+    """Why ``atoms`` are not the next step of a trajectory whose last step had ``previous_positions`` (in
+    ``previous_cell``; None for no cell), or "": the same elements given in another order (an atom that moved more
+    than LARGEST_STEP to within half that of where an atom of its element stood), or another structure altogether
+    (:data:`FAR_STEP_ATOMS`). A history followed atom by atom cannot use either. Periodic
+    moves are measured in the cell's fractions (a cell scaled with its atoms does not move them) and the shortest
+    way across it."""
     from itertools import product
 
-    from ase.geometry import find_mic
     from scipy.spatial import cKDTree
 
     periodic = atoms.cell.rank == 3  # SIESTA runs any full cell as periodic, whatever the frame's pbc says
-    step = atoms.positions - previous_positions
-    moved = np.linalg.norm(find_mic(step, atoms.cell, True)[0] if periodic else step, axis=1)
-    candidates = np.flatnonzero(moved > LARGEST_STEP)
-    if not candidates.size:
-        return None
-    now, before = atoms.positions, np.asarray(previous_positions, float)
+    previous_positions = np.asarray(previous_positions, float)
+    if periodic:
+        before = previous_positions @ np.linalg.inv(np.asarray(previous_cell, float)) \
+            if previous_cell is not None and np.linalg.matrix_rank(np.asarray(previous_cell)) == 3 \
+            else atoms.cell.scaled_positions(previous_positions)
+        fraction = atoms.cell.scaled_positions(atoms.positions) - before
+        step = (fraction - np.rint(fraction)) @ atoms.cell.array
+    else:
+        step = atoms.positions - previous_positions
+    moved = np.linalg.norm(step, axis=1)
+    far = np.flatnonzero(moved > LARGEST_STEP)
+    if not far.size:
+        return ""
+    now, before = atoms.positions, previous_positions
     owner = np.arange(len(atoms))
     if periodic:  # both wrapped into the cell, the earlier positions with their 26 neighbouring images
         cell = atoms.cell.array
@@ -442,11 +458,15 @@ def reordered_atom(previous_positions: np.ndarray, atoms: Atoms) -> tuple[int, f
         shifts = np.array(list(product((-1, 0, 1), repeat=3))) @ cell
         before = (before[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
         owner = np.tile(owner, len(shifts))
-    tree = cKDTree(before)  # one search for all moved atoms: O(N log N), not a distance per pair
-    for i, near in zip(candidates, tree.query_ball_point(now[candidates], LARGEST_STEP / 2)):
+    tree = cKDTree(before)  # one search for all far-moved atoms: O(N log N), not a distance per pair
+    for i, near in zip(far, tree.query_ball_point(now[far], LARGEST_STEP / 2) if far.size else []):
         if np.any(atoms.numbers[owner[near]] == atoms.numbers[i]):
-            return int(i), float(moved[i])
-    return None
+            return (f"atom {i + 1} moved {moved[i]:.2f} Å since the previous step, to where another atom of its "
+                    "element stood (the atoms given in another order)")
+    if far.size >= FAR_STEP_ATOMS:
+        return (f"{far.size} atoms moved more than {LARGEST_STEP:g} Å since the previous step (up to "
+                f"{moved.max():.2f} Å): another structure, not the next step of a trajectory")
+    return ""
 
 
 class FdfFrames:

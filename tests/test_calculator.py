@@ -230,6 +230,38 @@ def test_the_same_elements_given_in_another_order_start_without_the_history(mode
     assert c._used == "ml"
 
 
+def test_a_step_to_another_structure_is_told_from_a_step_along_a_trajectory():
+    """The history was carried into another structure with the same atom list (ethanol to dimethyl ether: 14 SCF
+    iterations from reuse or extrapolation, 12 from the atomic guess; two unrelated water8 frames: 15 and 12), and
+    where it was dropped the warning called them reordered atoms. A bond pulled apart (one atom far), a cell scaled
+    with its atoms, and atoms wrapped across the cell stay steps of one trajectory."""
+    import numpy as np
+    from ase import Atoms
+
+    from siesta_dmguess.structure import new_structure_reason
+
+    water = water_molecule()
+    assert new_structure_reason(water.positions, None, water) == ""
+    swapped = water[[0, 2, 1]]
+    assert "to where another atom of its element stood" in new_structure_reason(water.positions, None, swapped)
+    pulled = water.copy()
+    pulled.positions[1] += [1.1, 0.0, 0.0]
+    assert new_structure_reason(water.positions, None, pulled) == ""
+    other = water.copy()
+    other.positions[1:] += [[0.0, 1.3, 0.0], [0.0, -1.3, 0.0]]
+    assert "2 atoms moved more than 1 Å since the previous step" in new_structure_reason(water.positions, None, other)
+    box = Atoms("O8", scaled_positions=np.random.default_rng(0).random((8, 3)), cell=[30.0] * 3, pbc=True)
+    scaled = box.copy()
+    scaled.set_cell(box.cell * 1.05, scale_atoms=True)  # corner atoms move up to 2.6 Å, in the cell's fractions none
+    assert new_structure_reason(box.positions, box.cell.array, scaled) == ""
+    wrapped = box.copy()
+    wrapped.positions[:4] += box.cell[0]
+    assert new_structure_reason(box.positions, box.cell.array, wrapped) == ""
+    shuffled = box.copy()
+    shuffled.set_scaled_positions(np.random.default_rng(1).random((8, 3)))
+    assert "another structure" in new_structure_reason(box.positions, box.cell.array, shuffled)
+
+
 def test_changed_run_settings_start_without_the_history(model_dir, tmp_path):
     """calc.set(basis_set="SZ") between two steps: the extrapolation was written in the previous run's basis (read
     back from its .ion files), which SIESTA dropped, and the record still said guess=extrapolation."""
