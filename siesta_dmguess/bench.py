@@ -231,8 +231,7 @@ def run_identity(fdf: Path, loaded, refine: str, force: bool, repeat: int, siest
 def atomic_run_identity(fdf: Path, repeat: int, siesta: list[str]) -> dict:
     """:func:`run_identity` of a structure's atomic-guess run alone: no model, refinement or ``force`` (a benchmark
     rerun with another model or ``--refine`` reuses it)."""
-    return measurement_identity(_with_included(fdf.read_text(), fdf), (fdf.parent, fdf.parent.parent / "basis"),
-                                None, siesta, repeat=repeat, guess="atomic")
+    return run_identity(fdf, None, None, None, repeat, siesta) | {"guess": "atomic"}
 
 
 def save_kept(workdir: Path, identity: dict, result: dict) -> None:

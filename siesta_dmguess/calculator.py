@@ -420,13 +420,13 @@ class DMGuessSiesta(Siesta):
         if kwargs.get("pseudo_path"):
             kwargs["pseudo_path"] = os.path.abspath(kwargs["pseudo_path"])
         before = dict(self.parameters) if hasattr(self, "trajectory") else None  # (the constructor's set: none)
-        changed = super().set(**kwargs)  # (ASE's Siesta.set returns nothing)
+        result = super().set(**kwargs)
         if before is not None and not equal(dict(self.parameters), before):  # (ASE's equal: arrays too)
             # Another basis, XC or other run settings: the earlier steps' DMs are of another calculation (their
             # orbitals, read back from the last run's .ion files, would not be the next run's: SIESTA drops them).
             self.trajectory.clear()
-            self._numbers = self._converged_positions = None
-        return changed
+            self._numbers = self._converged_positions = self._converged_cell = None
+        return result
 
     def _set_own(self, **own) -> None:
         """This calculator's own settings (:attr:`OWN_SETTINGS`), each checked before any is set."""
@@ -474,7 +474,8 @@ class DMGuessSiesta(Siesta):
         from .errors import InputFileError
         from .siesta.runner import check_pseudopotentials
 
-        if self.prefix is None or re.search(r"\s", self.prefix):  # ASE writes it as SystemLabel, and the shell splits its output's name
+        # ASE writes the label as SystemLabel, and the shell command names the output by it
+        if self.prefix is None or re.search(r"\s", self.prefix):
             raise InputFileError(f"the calculator's label {self.prefix!r} " + (
                 "is no name: give the run one (label='siesta')" if self.prefix is None else
                 "contains spaces, which SIESTA refuses (\"SystemLabel must *NOT* contain any spaces!\"): name the "

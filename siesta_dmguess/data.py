@@ -355,19 +355,18 @@ def check_reference_electrons(sample: Sample, hsx: Path | None, calculator=None)
     from .evaluate import folded_to_reference
     from .predict import expected_electrons
 
-    overlaps = {}
+    checks = []  # (which S, S at the stored elements, which file is another run's where the count is wrong)
     if calculator is not None:  # the fdf's geometry: a .DM and .HSX copied together from another run fail here
-        overlaps["S computed from the basis"] = folded_to_reference(sample, calculator.flat(sample.structure,
-                                                                                            sample.layout))
+        checks.append(("S computed from the basis",
+                       folded_to_reference(sample, calculator.flat(sample.structure, sample.layout)), "the .DM"))
     if sample.meta.get("overlap") is not None:  # (an .HSX of other supercells has none)
-        overlaps[f"the {hsx.name}'s overlap"] = sample.meta["overlap"]
+        # the basis's S, checked first, clears the .DM: then only the .HSX can be another run's
+        checks.append((f"the {hsx.name}'s overlap", sample.meta["overlap"],
+                       f"the {hsx.name}" if calculator is not None else f"the .DM or the {hsx.name}"))
     electrons = expected_electrons(sample.structure, sample.layout.atomic.sum())
-    for where, overlap in overlaps.items():
+    for where, overlap, files in checks:
         held = float(np.dot(sample.target_values, overlap))
         if abs(held - electrons) > 1e-3 + 1e-6 * electrons:
-            # the basis's S, checked first, clears the .DM: then only the .HSX can be another run's
-            files = "the .DM" if not where.endswith("overlap") else f"the {hsx.name}" if calculator is not None \
-                else f"the .DM or the {hsx.name}"
             raise InputFileError(f"the .DM with {where} holds Tr(D S) = {held:.4f} electrons, but the structure has "
                                  f"{electrons:g}: {files} is not of this run's structure (a converged SIESTA run "
                                  "gives it within 1e-4), or the run's charge is not its fdf's NetCharge. Rerun SIESTA "
@@ -486,7 +485,7 @@ def check_hsx_file(hsx: Path) -> None:
             return  # a later layout (or another program's): the walk above is all
         no_u, no_s, nspin, nnz = (int(v) for v in ints(0))
         if min(no_u, no_s, nspin, nnz) <= 0:
-            need(len(records), "its sizes")
+            need(0, "its sizes", -1)  # (no record has length -1: "is corrupt")
         need(1, "the gamma flag", 4)
         k = 2 if ints(1)[0] else 3  # indxuo for k-point runs
         need(k, "numh", 4 * no_u)

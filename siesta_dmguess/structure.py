@@ -189,8 +189,6 @@ def as_atoms_of_run(structure: Structure, fdf: Path) -> Structure:
     none. An error where the file holds other atoms than the run or the same in another order (a POSCAR groups
     them by element): SIESTA would read a DM of the wrong atoms (21 SCF iterations on a `water8` box, 12 from its
     atomic guess). A warning where they stand elsewhere: SIESTA runs the fdf's positions."""
-    from ase.geometry import find_mic
-
     run = read_run_structure(fdf)
     if [int(z) for z in structure.atoms.numbers] != [int(z) for z in run.atoms.numbers]:
         raise InputFileError(f"the run {fdf} reads the DM written here, and this file holds other atoms than its fdf, "
@@ -199,10 +197,8 @@ def as_atoms_of_run(structure: Structure, fdf: Path) -> Structure:
                              f"Predict from the run itself (siesta-dmguess predict {fdf.parent}), or write the atoms "
                              f"in the fdf's order", Path(structure.source) if structure.source else None)
     cell = structure.atoms.cell if structure.atoms.cell.rank == 3 else None
-    moved = run.atoms.positions - structure.atoms.positions
-    if run.periodic:
-        moved = find_mic(moved, run.atoms.cell, True)[0]
-    largest = float(np.linalg.norm(moved, axis=1).max()) if len(moved) else 0.0
+    moved = _moves(run.atoms.positions - structure.atoms.positions, run.atoms.cell, run.periodic)
+    largest = float(moved.max()) if len(moved) else 0.0
     if largest > 0.1:
         log.warning("%s: its atoms stand up to %.2f Å from those of %s, which SIESTA will run with the DM predicted "
                     "for this file's", structure.source, largest, fdf)
@@ -401,17 +397,20 @@ def periodic_cell(atoms: Atoms) -> np.ndarray | None:
 LARGEST_STEP = 1.0
 
 
+def _moves(step: np.ndarray, cell, periodic: bool | None = None) -> np.ndarray:
+    """How far each atom moved by ``step`` (Å): where periodic (by default, in a full cell: SIESTA runs it periodic
+    whatever ``pbc`` says), the shortest way across the cell's boundaries."""
+    from ase.geometry import find_mic
+
+    periodic = cell.rank == 3 if periodic is None else periodic
+    return np.linalg.norm(find_mic(step, cell, True)[0] if periodic else step, axis=1)
+
+
 def _largest_jump(frames: list[Atoms]) -> tuple[int, int, float] | None:
     """(frame, atom, distance) of the first step in which an atom moves more than LARGEST_STEP, across periodic
     boundaries by the shortest way (a wrapped trajectory's jump by a lattice vector is no move), or None."""
-    from ase.geometry import find_mic
-
     for t in range(1, len(frames)):
-        step = frames[t].positions - frames[t - 1].positions
-        cell = frames[t].cell
-        if cell.rank == 3:  # SIESTA runs any full cell as periodic, whatever the frame's pbc says
-            step = find_mic(step, cell, True)[0]
-        moved = np.linalg.norm(step, axis=1)
+        moved = _moves(frames[t].positions - frames[t - 1].positions, frames[t].cell)
         if moved.max() > LARGEST_STEP:
             return t, int(moved.argmax()), float(moved.max())
     return None
@@ -449,17 +448,17 @@ def new_structure_reason(previous_positions: np.ndarray, previous_cell, atoms: A
     far = np.flatnonzero(moved > LARGEST_STEP)
     if not far.size:
         return ""
-    now, before = atoms.positions, previous_positions
+    now, sites = atoms.positions, previous_positions  # where the atoms are, and where they stood
     owner = np.arange(len(atoms))
-    if periodic:  # both wrapped into the cell, the earlier positions with their 26 neighbouring images
+    if periodic:  # both wrapped into the cell, the sites with their 26 neighbouring images
         cell = atoms.cell.array
         now = (atoms.cell.scaled_positions(now) % 1.0) @ cell
-        before = (atoms.cell.scaled_positions(before) % 1.0) @ cell
+        sites = (atoms.cell.scaled_positions(sites) % 1.0) @ cell
         shifts = np.array(list(product((-1, 0, 1), repeat=3))) @ cell
-        before = (before[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
+        sites = (sites[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
         owner = np.tile(owner, len(shifts))
-    tree = cKDTree(before)  # one search for all far-moved atoms: O(N log N), not a distance per pair
-    for i, near in zip(far, tree.query_ball_point(now[far], LARGEST_STEP / 2) if far.size else []):
+    tree = cKDTree(sites)  # one search for all far-moved atoms: O(N log N), not a distance per pair
+    for i, near in zip(far, tree.query_ball_point(now[far], LARGEST_STEP / 2)):
         if np.any(atoms.numbers[owner[near]] == atoms.numbers[i]):
             return (f"atom {i + 1} moved {moved[i]:.2f} Å since the previous step, to where another atom of its "
                     "element stood (the atoms given in another order)")
